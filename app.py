@@ -1,0 +1,54 @@
+"""CDK entry point: `-c env=<name>|all` picks environments; one Stage is built for each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import Aspects, App, Validations
+from cdk_nag import AwsSolutionsChecks, NIST80053R5Checks, WriteNagSuppressionsToCloudFormationAspect
+
+from kiln.config import ConfigError, load_settings, resolve_environments
+from stacks.stage import KilnStage
+
+ROOT = Path(__file__).resolve().parent
+
+
+def cdk_json_context() -> dict[str, Any]:
+    """The `context` of cdk.json. `cdk synth` passes it to the app; `python app.py` and
+    tests do not, so the app loads it itself and both judge the same template."""
+    context: dict[str, Any] = json.loads((ROOT / "cdk.json").read_text())["context"]
+    return context
+
+
+def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = None) -> App:
+    """The app with every selected environment's stage and the cdk-nag gates registered.
+
+    `context` overrides cdk.json's (as `-c key=value` does). Raises ConfigError for bad config.
+    """
+    app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
+    for name in resolve_environments(str(app.node.try_get_context("env"))):
+        stage = KilnStage(app, settings=load_settings(name))
+        # Aspects stop at a Stage boundary, so each stage gets its own: it copies every
+        # acknowledgement, with its reason, into the template's Metadata for auditors.
+        Aspects.of(stage).add(WriteNagSuppressionsToCloudFormationAspect())
+    # Any unacknowledged finding fails synth; acknowledgements sit on their resources.
+    Validations.of(app).add_plugins(AwsSolutionsChecks(app), NIST80053R5Checks(app))
+    return app
+
+
+def main() -> int:
+    try:
+        app = build_app()
+    except ConfigError as err:
+        print(f"kiln: synth stopped, the configuration needs a fix.\n{err}", file=sys.stderr)
+        return 1
+    app.synth()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""kiln's shared core: the settings schema for `config/`, naming, guardrails and the `kiln` tool."""

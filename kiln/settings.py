@@ -1,0 +1,192 @@
+"""The typed schema of one environment's settings, validated from `config/<env>.yaml`."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+Tier = Literal["dev", "staging", "prod"]
+RemovalPolicyName = Literal["retain", "destroy"]
+
+# The values CloudWatch Logs accepts for RetentionInDays.
+LOG_RETENTION_DAYS: tuple[int, ...] = (
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731,
+    1096, 1827, 2192, 2557, 2922, 3288, 3653,
+)  # fmt: skip
+
+ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{1,19}$"
+_REGION_PATTERN = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+
+PositiveDays = Annotated[int, Field(ge=1, le=36500)]
+
+
+class StrictModel(BaseModel):
+    """A frozen model that rejects unknown keys, so a typo in YAML fails instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SubnetLayout(StrictModel):
+    """Prefix lengths of the three subnet tiers, one subnet of each per availability zone."""
+
+    public_mask: int = Field(24, ge=16, le=28)
+    private_mask: int = Field(20, ge=16, le=28)
+    isolated_mask: int = Field(24, ge=16, le=28)
+
+
+class NetworkSettings(StrictModel):
+    """The VPC: its address range, subnet sizes and egress."""
+
+    vpc_cidr: str
+    nat_gateways: int = Field(ge=1, le=6)
+    subnets: SubnetLayout = SubnetLayout()
+    # Interface endpoints keep ECR/STS/Logs/SageMaker/KMS/Secrets Manager traffic off the NAT.
+    interface_endpoints: bool = True
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(value, strict=True)
+        except ValueError as err:
+            raise PydanticCustomError(
+                "cidr", "{value!r} is not an IPv4 network in CIDR form like 10.0.0.0/16 ({err})",
+                {"value": value, "err": str(err)},
+            ) from None
+        if not net.is_private:
+            raise PydanticCustomError(
+                "cidr", "{value} is not a private range; allowed: 10.0.0.0/8, 172.16.0.0/12, "
+                "192.168.0.0/16", {"value": value},
+            )
+        if not 16 <= net.prefixlen <= 24:
+            raise PydanticCustomError(
+                "cidr", "prefix /{p} is outside what a VPC allows here; allowed: /16 to /24",
+                {"p": net.prefixlen},
+            )
+        return value
+
+
+class DataLakeSettings(StrictModel):
+    """Lifecycle of the data lake's buckets (days; null means never)."""
+
+    raw_transition_to_infrequent_access_days: int | None = Field(30, ge=30, le=36500)
+    raw_expiration_days: PositiveDays | None = None
+    capture_expiration_days: PositiveDays | None = 90
+    checkpoint_expiration_days: PositiveDays | None = 30
+    noncurrent_version_expiration_days: PositiveDays = 30
+    access_logs_expiration_days: PositiveDays = 365
+
+    @model_validator(mode="after")
+    def _transition_before_expiration(self) -> DataLakeSettings:
+        transition, expiration = (
+            self.raw_transition_to_infrequent_access_days,
+            self.raw_expiration_days,
+        )
+        if transition is not None and expiration is not None and expiration <= transition:
+            raise PydanticCustomError(
+                "lifecycle",
+                "raw_expiration_days ({e}) must be greater than "
+                "raw_transition_to_infrequent_access_days ({t}), or null",
+                {"e": expiration, "t": transition},
+            )
+        return self
+
+
+class Settings(StrictModel):
+    """Everything that differs between environments. Field order matters: `tier` is read first."""
+
+    name: str = Field(pattern=ENV_NAME_PATTERN)
+    tier: Tier
+    project: str = Field("kiln", pattern=r"^[a-z][a-z0-9-]{1,19}$")
+    owner: str = Field(min_length=1, max_length=256)
+    account: str | None = Field(None, pattern=r"^\d{12}$")
+    region: str = Field(pattern=_REGION_PATTERN)
+    availability_zones: list[str] = Field(min_length=2, max_length=6)
+    termination_protection: bool
+    removal_policy: RemovalPolicyName
+    log_retention_days: int
+    network: NetworkSettings
+    data_lake: DataLakeSettings = DataLakeSettings()
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise PydanticCustomError(
+                "log_retention", "{value} is not a CloudWatch Logs retention; allowed: {allowed}",
+                {"value": value, "allowed": ", ".join(map(str, LOG_RETENTION_DAYS))},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems = [*self._zone_problems(), *self._capacity_problems(), *self._prod_problems()]
+        if problems:
+            raise PydanticCustomError("invariant", "\n  - ".join(problems))
+        return self
+
+    def _zone_problems(self) -> list[str]:
+        problems = []
+        if len(set(self.availability_zones)) != len(self.availability_zones):
+            problems.append(f"availability_zones: {self.availability_zones} repeats a zone")
+        for zone in self.availability_zones:
+            if not re.fullmatch(re.escape(self.region) + r"[a-z]", zone):
+                problems.append(
+                    f"availability_zones: {zone!r} is not a zone of region {self.region}; "
+                    f"allowed: {self.region}a, {self.region}b, ..."
+                )
+        if self.network.nat_gateways > len(self.availability_zones):
+            problems.append(
+                f"network.nat_gateways: {self.network.nat_gateways} exceeds the "
+                f"{len(self.availability_zones)} availability zones; allowed: 1 to "
+                f"{len(self.availability_zones)}"
+            )
+        return problems
+
+    def _capacity_problems(self) -> list[str]:
+        """Emulates the CDK's aligned, in-order subnet allocation to fail early and clearly."""
+        vpc = ipaddress.IPv4Network(self.network.vpc_cidr)
+        layout = self.network.subnets
+        cursor = 0
+        for mask in (layout.public_mask, layout.private_mask, layout.isolated_mask):
+            if mask < vpc.prefixlen:
+                return [
+                    f"network.subnets: a /{mask} subnet does not fit in the /{vpc.prefixlen} VPC"
+                ]
+            size = 2 ** (32 - mask)
+            for _ in self.availability_zones:
+                cursor = -(-cursor // size) * size + size
+        if cursor > vpc.num_addresses:
+            return [
+                f"network.subnets: {len(self.availability_zones)} zones of /{layout.public_mask} "
+                f"public, /{layout.private_mask} private and /{layout.isolated_mask} isolated "
+                f"subnets need {cursor} addresses but network.vpc_cidr {vpc} has "
+                f"{vpc.num_addresses}; use a larger VPC or smaller subnets"
+            ]
+        return []
+
+    def _prod_problems(self) -> list[str]:
+        if self.tier != "prod":
+            return []
+        problems = []
+        if not self.termination_protection:
+            problems.append("termination_protection: must be true in a prod-tier environment")
+        if self.removal_policy != "retain":
+            problems.append(
+                f"removal_policy: {self.removal_policy!r} is not allowed in a prod-tier "
+                "environment; allowed: 'retain'"
+            )
+        if self.network.nat_gateways < 2:
+            problems.append(
+                "network.nat_gateways: a prod-tier environment needs at least 2 NAT gateways "
+                "so that one zone's failure does not cut egress"
+            )
+        return problems
+
+    @property
+    def is_prod(self) -> bool:
+        return self.tier == "prod"

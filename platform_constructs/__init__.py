@@ -1,0 +1,1 @@
+"""Reusable L3 constructs that kiln's stacks are built from."""

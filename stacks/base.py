@@ -1,0 +1,46 @@
+"""The base every kiln stack derives from: environment, name, protection and tags from settings."""
+
+from __future__ import annotations
+
+from aws_cdk import Environment, Stack
+from constructs import Construct
+
+from kiln import naming
+from kiln.settings import Settings
+
+
+def standard_tags(settings: Settings) -> dict[str, str]:
+    """The tags every stack and resource carries (cost allocation, ownership, on-call)."""
+    return {"project": settings.project, "environment": settings.name, "owner": settings.owner}
+
+
+class KilnStack(Stack):
+    """A stack placed in the environment's account and region with its configured zones.
+
+    `availability_zones` comes from config instead of a context lookup, so synth never
+    needs AWS credentials.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        component: str,
+        description: str,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            env=Environment(account=settings.account, region=settings.region),
+            stack_name=naming.stack_name(settings, component),
+            description=description,
+            termination_protection=settings.termination_protection,
+            tags=standard_tags(settings),
+        )
+        self.settings = settings
+
+    @property
+    def availability_zones(self) -> list[str]:
+        return list(self.settings.availability_zones)

@@ -1,0 +1,108 @@
+"""The data lake stack: one KMS key and the raw, curated, artifacts and capture buckets."""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Duration
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from kiln import naming
+from kiln.settings import DataLakeSettings, Settings
+from platform_constructs.kms import PlatformKey
+from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
+from stacks.base import KilnStack
+from stacks.network import removal_policy
+
+# Prefixes inside the artifacts bucket that training writes and serving reads.
+CHECKPOINTS_PREFIX = "checkpoints/"
+MODELS_PREFIX = "models/"
+
+
+def _days(value: int | None) -> Duration | None:
+    return None if value is None else Duration.days(value)
+
+
+def zone_lifecycle_rules(lake: DataLakeSettings) -> dict[str, list[s3.LifecycleRule]]:
+    """Lifecycle rules per zone beyond the common ones (multipart abort, noncurrent expiry)."""
+    raw: list[s3.LifecycleRule] = []
+    if lake.raw_transition_to_infrequent_access_days is not None:
+        raw.append(
+            s3.LifecycleRule(
+                id="RawToInfrequentAccess",
+                transitions=[
+                    s3.Transition(
+                        storage_class=s3.StorageClass.INFREQUENT_ACCESS,
+                        transition_after=Duration.days(lake.raw_transition_to_infrequent_access_days),
+                    )
+                ],
+            )
+        )
+    if lake.raw_expiration_days is not None:
+        raw.append(s3.LifecycleRule(id="ExpireRaw", expiration=_days(lake.raw_expiration_days)))
+    artifacts = []
+    if lake.checkpoint_expiration_days is not None:
+        artifacts.append(
+            s3.LifecycleRule(
+                id="ExpireCheckpoints",
+                prefix=CHECKPOINTS_PREFIX,
+                expiration=_days(lake.checkpoint_expiration_days),
+            )
+        )
+    capture = []
+    if lake.capture_expiration_days is not None:
+        capture.append(
+            s3.LifecycleRule(id="ExpireCapture", expiration=_days(lake.capture_expiration_days))
+        )
+    return {"Raw": raw, "Curated": [], "Artifacts": artifacts, "Capture": capture}
+
+
+class DataLakeStack(KilnStack):
+    """Composes the data lake key, the access-log bucket and the four zone buckets.
+
+    Attributes: `key`, `access_logs`, and `raw`, `curated`, `artifacts`, `capture` (buckets).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            settings=settings,
+            component="data-lake",
+            description=f"kiln {settings.name}: data lake buckets (raw, curated, artifacts, "
+            "capture) and their KMS key",
+        )
+        lake = settings.data_lake
+        policy = removal_policy(settings)
+        noncurrent = Duration.days(lake.noncurrent_version_expiration_days)
+        self.key = PlatformKey(
+            self,
+            "DataLakeKey",
+            alias=naming.kms_alias(settings, "data-lake"),
+            description=f"kiln {settings.name}: encrypts the data lake buckets",
+            removal_policy=policy,
+        ).key
+        self.access_logs = AccessLogsBucket(
+            self,
+            "AccessLogs",
+            removal_policy=policy,
+            expiration=Duration.days(lake.access_logs_expiration_days),
+            noncurrent_version_expiration=noncurrent,
+        ).bucket
+        buckets: dict[str, s3.Bucket] = {}
+        for zone, rules in zone_lifecycle_rules(lake).items():
+            buckets[zone] = SecureBucket(
+                self,
+                zone,
+                encryption_key=self.key,
+                access_logs_bucket=self.access_logs,
+                access_logs_prefix=f"{zone.lower()}/",
+                removal_policy=policy,
+                noncurrent_version_expiration=noncurrent,
+                lifecycle_rules=rules,
+            ).bucket
+            CfnOutput(self, f"{zone}BucketName", value=buckets[zone].bucket_name)
+        self.raw = buckets["Raw"]
+        self.curated = buckets["Curated"]
+        self.artifacts = buckets["Artifacts"]
+        self.capture = buckets["Capture"]
+        CfnOutput(self, "DataLakeKeyArn", value=self.key.key_arn)

@@ -1,0 +1,30 @@
+"""One environment's stacks, composed and wired: the unit `app.py` builds per environment."""
+
+from __future__ import annotations
+
+from aws_cdk import Aspects, Environment, Stage, Tags
+from constructs import Construct
+
+from kiln.settings import Settings
+from platform_constructs.aspects import LogGroupRetention
+from stacks.base import standard_tags
+from stacks.data_lake import DataLakeStack
+from stacks.network import NetworkStack
+
+
+class KilnStage(Stage):
+    """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`."""
+
+    def __init__(self, scope: Construct, *, settings: Settings) -> None:
+        super().__init__(
+            scope,
+            settings.name,
+            env=Environment(account=settings.account, region=settings.region),
+        )
+        self.settings = settings
+        self.network = NetworkStack(self, "Network", settings=settings)
+        self.data_lake = DataLakeStack(self, "DataLake", settings=settings)
+
+        for key, value in standard_tags(settings).items():
+            Tags.of(self).add(key, value)
+        Aspects.of(self).add(LogGroupRetention(settings.log_retention_days))
