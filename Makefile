@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make synth      synthesize every stack of ENV=$(ENV) into cdk.out/ (offline)"
 	@echo "make synth-all  synthesize every environment in config/"
-	@echo "make test       install, then run the whole test suite"
+	@echo "make test       install, then run the linters and the whole test suite"
 	@echo "make lint       ruff and mypy"
 	@echo "make clean      remove cdk.out/ and caches (keeps .venv and node_modules)"
 
@@ -51,7 +51,7 @@ synth: install-infra
 synth-all: install-infra
 	npx cdk synth --quiet -c env=all
 
-test: install-dev
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev

@@ -8,10 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Aspects, App, Validations
-from cdk_nag import AwsSolutionsChecks, NIST80053R5Checks, WriteNagSuppressionsToCloudFormationAspect
+from aws_cdk import App, Aspects, Validations
+from cdk_nag import (
+    AwsSolutionsChecks,
+    NIST80053R5Checks,
+    WriteNagSuppressionsToCloudFormationAspect,
+)
 
-from kiln.config import ConfigError, load_settings, resolve_environments
+from kiln.config import CONFIG_DIR, ConfigError, load_settings, resolve_environments
 from stacks.stage import KilnStage
 
 ROOT = Path(__file__).resolve().parent
@@ -30,8 +34,10 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
     `context` overrides cdk.json's (as `-c key=value` does). Raises ConfigError for bad config.
     """
     app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
-    for name in resolve_environments(str(app.node.try_get_context("env"))):
-        stage = KilnStage(app, settings=load_settings(name))
+    # `-c configDir=...` lets a fork keep its environment files elsewhere.
+    config_dir = Path(app.node.try_get_context("configDir") or CONFIG_DIR)
+    for name in resolve_environments(str(app.node.try_get_context("env")), config_dir):
+        stage = KilnStage(app, settings=load_settings(name, config_dir))
         # Aspects stop at a Stage boundary, so each stage gets its own: it copies every
         # acknowledgement, with its reason, into the template's Metadata for auditors.
         Aspects.of(stage).add(WriteNagSuppressionsToCloudFormationAspect())

@@ -18,4 +18,3 @@ def stack_name(settings: Settings, component: str) -> str:
 def kms_alias(settings: Settings, purpose: str) -> str:
     """KMS alias of a key, e.g. `alias/kiln/dev/data-lake`."""
     return f"alias/{settings.project}/{settings.name}/{purpose}"
-

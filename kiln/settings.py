@@ -25,7 +25,7 @@ PositiveDays = Annotated[int, Field(ge=1, le=36500)]
 
 
 class StrictModel(BaseModel):
-    """A frozen model that rejects unknown keys, so a typo in YAML fails instead of being ignored."""
+    """A frozen model that rejects unknown keys: a typo in YAML fails instead of being ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -54,17 +54,21 @@ class NetworkSettings(StrictModel):
             net = ipaddress.IPv4Network(value, strict=True)
         except ValueError as err:
             raise PydanticCustomError(
-                "cidr", "{value!r} is not an IPv4 network in CIDR form like 10.0.0.0/16 ({err})",
+                "cidr",
+                "{value!r} is not an IPv4 network in CIDR form like 10.0.0.0/16 ({err})",
                 {"value": value, "err": str(err)},
             ) from None
         if not net.is_private:
             raise PydanticCustomError(
-                "cidr", "{value} is not a private range; allowed: 10.0.0.0/8, 172.16.0.0/12, "
-                "192.168.0.0/16", {"value": value},
+                "cidr",
+                "{value} is not a private range; allowed: 10.0.0.0/8, 172.16.0.0/12, "
+                "192.168.0.0/16",
+                {"value": value},
             )
         if not 16 <= net.prefixlen <= 24:
             raise PydanticCustomError(
-                "cidr", "prefix /{p} is outside what a VPC allows here; allowed: /16 to /24",
+                "cidr",
+                "prefix /{p} is outside what a VPC allows here; allowed: /16 to /24",
                 {"p": net.prefixlen},
             )
         return value
@@ -117,7 +121,8 @@ class Settings(StrictModel):
     def _retention(cls, value: int) -> int:
         if value not in LOG_RETENTION_DAYS:
             raise PydanticCustomError(
-                "log_retention", "{value} is not a CloudWatch Logs retention; allowed: {allowed}",
+                "log_retention",
+                "{value} is not a CloudWatch Logs retention; allowed: {allowed}",
                 {"value": value, "allowed": ", ".join(map(str, LOG_RETENTION_DAYS))},
             )
         return value

@@ -18,4 +18,6 @@ def retention_days(days: int) -> logs.RetentionDays:
     try:
         return _BY_DAYS[days]
     except KeyError:
-        raise ValueError(f"{days} is not a CloudWatch Logs retention; allowed: {list(_BY_DAYS)}") from None
+        raise ValueError(
+            f"{days} is not a CloudWatch Logs retention; allowed: {list(_BY_DAYS)}"
+        ) from None

@@ -59,15 +59,19 @@ class PlatformVpc(Construct):
             nat_gateways=nat_gateways,
             subnet_configuration=[
                 ec2.SubnetConfiguration(
-                    name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=public_mask,
+                    name="Public",
+                    subnet_type=ec2.SubnetType.PUBLIC,
+                    cidr_mask=public_mask,
                     map_public_ip_on_launch=False,
                 ),
                 ec2.SubnetConfiguration(
-                    name="Private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS,
+                    name="Private",
+                    subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS,
                     cidr_mask=private_mask,
                 ),
                 ec2.SubnetConfiguration(
-                    name="Isolated", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED,
+                    name="Isolated",
+                    subnet_type=ec2.SubnetType.PRIVATE_ISOLATED,
                     cidr_mask=isolated_mask,
                 ),
             ],
@@ -77,9 +81,11 @@ class PlatformVpc(Construct):
             },
         )
         for subnet in [
-            *self.vpc.public_subnets, *self.vpc.private_subnets, *self.vpc.isolated_subnets
+            *self.vpc.public_subnets,
+            *self.vpc.private_subnets,
+            *self.vpc.isolated_subnets,
         ]:
-            Validations.of(subnet.node.default_child).acknowledge(
+            Validations.of(subnet.node.find_child("Subnet")).acknowledge(
                 Acknowledgment(
                     id="CloudFormation-Validate::W3010",
                     reason="Zones come from config so synth needs no AWS lookup; the settings "
@@ -122,7 +128,11 @@ class PlatformVpc(Construct):
             roles=[self.flow_log_role],
             statements=[
                 iam.PolicyStatement(
-                    actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+                    actions=[
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                        "logs:DescribeLogStreams",
+                    ],
                     resources=[self.flow_log_group.log_group_arn],
                 )
             ],

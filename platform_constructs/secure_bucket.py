@@ -1,4 +1,4 @@
-"""S3 buckets with kiln's posture: encrypted, TLS-only, private, versioned, logged, with lifecycle."""
+"""S3 buckets with kiln's posture: encrypted, TLS-only, private, versioned, logged, lifecycled."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class AccessLogsBucket(Construct):
             ],
             removal_policy=removal_policy,
         )
-        Validations.of(self.bucket.node.default_child).acknowledge(
+        Validations.of(self.bucket.node.find_child("Resource")).acknowledge(
             Acknowledgment(
                 id="AwsSolutions-S1",
                 reason="This is the server access log target; logging it to itself would "
@@ -116,4 +116,4 @@ class SecureBucket(Construct):
             lifecycle_rules=[*_base_rules(noncurrent_version_expiration), *lifecycle_rules],
             removal_policy=removal_policy,
         )
-        Validations.of(self.bucket.node.default_child).acknowledge(_REPLICATION_ACK)
+        Validations.of(self.bucket.node.find_child("Resource")).acknowledge(_REPLICATION_ACK)

@@ -32,7 +32,9 @@ def zone_lifecycle_rules(lake: DataLakeSettings) -> dict[str, list[s3.LifecycleR
                 transitions=[
                     s3.Transition(
                         storage_class=s3.StorageClass.INFREQUENT_ACCESS,
-                        transition_after=Duration.days(lake.raw_transition_to_infrequent_access_days),
+                        transition_after=Duration.days(
+                            lake.raw_transition_to_infrequent_access_days
+                        ),
                     )
                 ],
             )

@@ -1,0 +1,145 @@
+"""Loading config files: the shipped ones are valid, and every mistake becomes one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.config import (
+    CONFIG_DIR,
+    ConfigError,
+    available_environments,
+    load_settings,
+    resolve_environments,
+)
+
+GOOD = """\
+tier: dev
+owner: team
+region: us-west-2
+availability_zones: [us-west-2a, us-west-2b]
+termination_protection: false
+removal_policy: destroy
+log_retention_days: 7
+network:
+  vpc_cidr: 10.1.0.0/16
+  nat_gateways: 1
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    (tmp_path / "sandbox.yaml").write_text(GOOD)
+    return tmp_path
+
+
+def write(config_dir: Path, text: str, name: str = "broken") -> str:
+    (config_dir / f"{name}.yaml").write_text(text)
+    return name
+
+
+def load_error(config_dir: Path, name: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(name, config_dir)
+    return str(caught.value)
+
+
+def test_shipped_environments_are_valid() -> None:
+    assert available_environments() == ["dev", "prod", "staging"]
+    tiers = {name: load_settings(name).tier for name in available_environments()}
+    assert tiers == {"dev": "dev", "staging": "staging", "prod": "prod"}
+
+
+def test_prod_config_keeps_prod_invariants() -> None:
+    prod = load_settings("prod")
+    assert prod.termination_protection and prod.removal_policy == "retain"
+
+
+def test_name_comes_from_the_file(config_dir: Path) -> None:
+    assert load_settings("sandbox", config_dir).name == "sandbox"
+
+
+def test_resolve_all_and_one(config_dir: Path) -> None:
+    write(config_dir, GOOD, "second")
+    assert resolve_environments("all", config_dir) == ["sandbox", "second"]
+    assert resolve_environments("second", config_dir) == ["second"]
+
+
+def test_unknown_environment_lists_the_available_ones(config_dir: Path) -> None:
+    message = load_error(config_dir, "qa")
+    assert "qa.yaml: no such environment" in message
+    assert "available: sandbox or 'all'" in message
+
+
+@pytest.mark.parametrize("name", ["Prod", "../dev", "x", "a b"])
+def test_invalid_environment_names(config_dir: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="is not valid"):
+        resolve_environments(name, config_dir)
+
+
+def test_all_is_not_a_single_environment(config_dir: Path) -> None:
+    assert "takes one environment name" in load_error(config_dir, "all")
+
+
+def test_empty_config_dir() -> None:
+    with pytest.raises(ConfigError, match="no environment files"):
+        resolve_environments("all", CONFIG_DIR / "does-not-exist")
+
+
+def test_yaml_syntax_error_names_file_line_and_column(config_dir: Path) -> None:
+    message = load_error(config_dir, write(config_dir, "tier: dev\nowner: [unclosed\n"))
+    assert "broken.yaml:3:1: not valid YAML" in message
+
+
+def test_duplicate_keys_are_rejected(config_dir: Path) -> None:
+    message = load_error(config_dir, write(config_dir, GOOD + "tier: prod\n"))
+    assert "duplicate key 'tier'" in message and "broken.yaml:" in message
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n"])
+def test_top_level_must_be_a_mapping(config_dir: Path, text: str) -> None:
+    assert "top level must be a mapping" in load_error(config_dir, write(config_dir, text))
+
+
+def test_empty_file_reports_required_fields(config_dir: Path) -> None:
+    message = load_error(config_dir, write(config_dir, ""))
+    assert "broken.yaml: invalid configuration:" in message
+    assert "  - region: required field is missing" in message
+
+
+def test_every_problem_is_one_line_naming_the_field(config_dir: Path) -> None:
+    text = (
+        GOOD.replace("removal_policy: destroy", "removal_policy: nuke").replace(
+            "nat_gateways: 1", "nat_gateways: 1\n  nat_gatways: 2"
+        )
+        + "log_retention: 3\n"
+    )
+    lines = load_error(config_dir, write(config_dir, text)).splitlines()
+    assert lines[0].endswith("broken.yaml: invalid configuration:")
+    assert "  - removal_policy: Input should be 'retain' or 'destroy' (got 'nuke')" in lines
+    assert any(
+        line.startswith("  - network.nat_gatways: unknown field; allowed here: vpc_cidr,")
+        for line in lines
+    )
+    assert any(
+        line.startswith("  - log_retention: unknown field; allowed here: tier, project, owner")
+        for line in lines
+    )
+
+
+def test_invariant_errors_read_as_fields(config_dir: Path) -> None:
+    text = GOOD.replace("tier: dev", "tier: prod")
+    message = load_error(config_dir, write(config_dir, text))
+    assert "  - termination_protection: must be true in a prod-tier environment" in message
+    assert "  - removal_policy: 'destroy' is not allowed in a prod-tier environment" in message
+
+
+def test_name_field_must_match_the_file(config_dir: Path) -> None:
+    message = load_error(config_dir, write(config_dir, GOOD + "name: other\n"))
+    assert "field 'name' is 'other'" in message
+
+
+def test_unreadable_file_is_a_config_error(config_dir: Path) -> None:
+    (config_dir / "folder.yaml").mkdir()
+    assert "cannot be read" in load_error(config_dir, "folder")

@@ -1,0 +1,171 @@
+"""The settings schema: every invariant and every kind of error, named by field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from kiln.settings import Settings
+
+VALID: dict[str, Any] = {
+    "name": "qa",
+    "tier": "staging",
+    "owner": "ml-platform",
+    "region": "eu-west-1",
+    "availability_zones": ["eu-west-1a", "eu-west-1b", "eu-west-1c"],
+    "termination_protection": True,
+    "removal_policy": "retain",
+    "log_retention_days": 90,
+    "network": {"vpc_cidr": "10.40.0.0/16", "nat_gateways": 2},
+}
+
+
+def settings(**changes: Any) -> dict[str, Any]:
+    """VALID with dotted-path changes applied, e.g. settings(**{"network.nat_gateways": 9})."""
+    data = copy.deepcopy(VALID)
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+def errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationError) as caught:
+        Settings.model_validate(data)
+    return [(".".join(map(str, e["loc"])), e["msg"]) for e in caught.value.errors()]
+
+
+def test_valid_settings_load_with_defaults() -> None:
+    loaded = Settings.model_validate(VALID)
+    assert loaded.network.subnets.private_mask == 20
+    assert loaded.data_lake.access_logs_expiration_days == 365
+    assert loaded.account is None
+    assert not loaded.is_prod
+
+
+def test_prod_tier_valid_when_invariants_hold() -> None:
+    loaded = Settings.model_validate(settings(tier="prod"))
+    assert loaded.is_prod
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"termination_protection": False}, "", "termination_protection: must be true"),
+        ({"removal_policy": "destroy"}, "", "removal_policy: 'destroy' is not allowed"),
+        ({"network.nat_gateways": 1}, "", "network.nat_gateways: a prod-tier environment"),
+    ],
+)
+def test_prod_invariants(changes: dict[str, Any], field: str, fragment: str) -> None:
+    problems = errors(settings(tier="prod", **changes))
+    assert len(problems) == 1
+    assert problems[0][0] == field
+    assert fragment in problems[0][1]
+
+
+def test_prod_invariants_are_reported_together() -> None:
+    (problem,) = errors(
+        settings(tier="prod", termination_protection=False, removal_policy="destroy")
+    )
+    assert "termination_protection" in problem[1] and "removal_policy" in problem[1]
+
+
+def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
+    loaded = Settings.model_validate(
+        settings(tier="dev", termination_protection=False, removal_policy="destroy")
+    )
+    assert loaded.removal_policy == "destroy"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"tier": "qa"}, "tier", "'dev', 'staging' or 'prod'"),
+        ({"removal_policy": "snapshot"}, "removal_policy", "'retain' or 'destroy'"),
+        ({"account": "1234"}, "account", "pattern"),
+        ({"region": "moon-1"}, "region", "pattern"),
+        ({"availability_zones": ["eu-west-1a"]}, "availability_zones", "at least 2"),
+        ({"log_retention_days": 31}, "log_retention_days", "allowed: 1, 3, 5"),
+        ({"owner": ""}, "owner", "at least 1 character"),
+        ({"network.vpc_cidr": "10.0.0.0/33"}, "network.vpc_cidr", "CIDR form"),
+        ({"network.vpc_cidr": "10.0.0.1/16"}, "network.vpc_cidr", "host bits set"),
+        ({"network.vpc_cidr": "8.8.0.0/16"}, "network.vpc_cidr", "not a private range"),
+        ({"network.vpc_cidr": "10.0.0.0/8"}, "network.vpc_cidr", "allowed: /16 to /24"),
+        ({"network.nat_gateways": 0}, "network.nat_gateways", "greater than or equal to 1"),
+        ({"network.nat_gateways": "two"}, "network.nat_gateways", "valid integer"),
+        ({"network.subnets.private_mask": 30}, "network.subnets.private_mask", "less than"),
+        (
+            {"data_lake.raw_transition_to_infrequent_access_days": 10},
+            "data_lake.raw_transition_to_infrequent_access_days",
+            "greater than or equal to 30",
+        ),
+        ({"data_lake.raw_expiration_days": 20}, "data_lake", "must be greater than"),
+        (
+            {"data_lake.access_logs_expiration_days": 0},
+            "data_lake.access_logs_expiration_days",
+            "greater than or equal to 1",
+        ),
+        ({"surprise": 1}, "surprise", "Extra inputs"),
+        ({"network.extra": 1}, "network.extra", "Extra inputs"),
+    ],
+)
+def test_bad_values_name_their_field(changes: dict[str, Any], field: str, fragment: str) -> None:
+    problems = errors(settings(**changes))
+    assert any(loc == field and fragment in msg for loc, msg in problems), problems
+
+
+def test_missing_required_fields_are_named() -> None:
+    data = settings()
+    del data["region"], data["network"]["vpc_cidr"]
+    locations = {loc for loc, _ in errors(data)}
+    assert {"region", "network.vpc_cidr"} <= locations
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"availability_zones": ["eu-west-1a", "eu-west-1a"]}, "repeats a zone"),
+        ({"availability_zones": ["eu-west-1a", "us-east-1b"]}, "not a zone of region eu-west-1"),
+        ({"network.nat_gateways": 4}, "network.nat_gateways: 4 exceeds the 3 availability zones"),
+        ({"network.vpc_cidr": "10.0.0.0/20"}, "need 17152 addresses"),
+        (
+            {
+                "network.vpc_cidr": "10.0.0.0/24",
+                "network.subnets.public_mask": 28,
+                "network.subnets.private_mask": 20,
+                "network.subnets.isolated_mask": 28,
+            },
+            "does not fit in the /24 VPC",
+        ),
+    ],
+)
+def test_cross_field_checks(changes: dict[str, Any], fragment: str) -> None:
+    problems = errors(settings(**changes))
+    assert any(fragment in msg for _, msg in problems), problems
+
+
+def test_smallest_layout_that_fits_is_accepted() -> None:
+    # 3 zones of /26, then /25 (aligned from 192 up to 256), then /25: 896 of 1024 addresses.
+    loaded = Settings.model_validate(
+        settings(
+            **{
+                "network.vpc_cidr": "10.0.0.0/22",
+                "network.subnets.public_mask": 26,
+                "network.subnets.private_mask": 25,
+                "network.subnets.isolated_mask": 25,
+            }
+        )
+    )
+    assert loaded.network.vpc_cidr == "10.0.0.0/22"
+
+
+def test_settings_are_immutable() -> None:
+    loaded = Settings.model_validate(VALID)
+    with pytest.raises(ValidationError):
+        loaded.region = "us-west-2"  # type: ignore[misc]
