@@ -1,0 +1,66 @@
+// The CPU kernels' table: plain C++ on raw pointers, with no torch header, so that the same
+// source (kernels_impl.h) can be compiled once per instruction set without the ISA-specific
+// copies of torch's inline functions clashing at link time.
+#pragma once
+
+#include <cstdint>
+
+namespace kiln::cpu {
+
+// Element types the kernels take. bf16 is passed as its 16 raw bits.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2 };
+
+// Every function works on the rows [r0, r1) (tokens for rotary, output columns for int8 linear)
+// so that the caller can split the work across threads. Strides are in elements.
+struct Kernels {
+  const char* name;
+
+  // z = x (+ residual); residual_out = z (stored in T); out = z * rsqrt(mean(z^2) + eps) * w.
+  // residual may be null (plain rms_norm: residual_out is then ignored). out may alias x and
+  // residual_out may alias residual (the in-place forms).
+  void (*add_rms_norm)(DType dt, int64_t r0, int64_t r1, int64_t n, double eps,
+                       const void* x, int64_t sx, const void* residual, int64_t sres,
+                       void* residual_out, int64_t sro, const void* weight, void* out, int64_t so);
+
+  // Backward of out = rms_norm(z) * w for rows [r0, r1): grad_z (+= grad_residual when given),
+  // and this chunk's sum of dw into dw_acc (float, or double for kFloat64; length n, accumulated).
+  void (*rms_norm_backward)(DType dt, int64_t r0, int64_t r1, int64_t n, double eps,
+                            const void* grad, int64_t sg, const void* z, int64_t sz,
+                            const void* weight, const void* grad_residual, int64_t sgr,
+                            void* grad_z, int64_t sgz, void* dw_acc);
+
+  // out[:, :d] = silu(x[:, :d]) * x[:, d:2d].
+  void (*silu_and_mul)(DType dt, int64_t r0, int64_t r1, int64_t d, const void* x, int64_t sx,
+                       void* out, int64_t so);
+
+  // grad_x[:, :d] = g * b * silu'(a); grad_x[:, d:] = g * silu(a), with a, b the halves of x.
+  void (*silu_and_mul_backward)(DType dt, int64_t r0, int64_t r1, int64_t d, const void* grad,
+                                int64_t sg, const void* x, int64_t sx, void* grad_x, int64_t sgx);
+
+  // In place on the tokens [t0, t1): rotates the first rot_dim features of every head of q and k
+  // by the angle of positions[t] (cos in cache[pos, :rot_dim/2], sin in cache[pos, rot_dim/2:]).
+  // neox: halves are rotated against each other; else adjacent pairs (GPT-J). inverse: by -angle.
+  void (*rotary)(DType dt, int64_t t0, int64_t t1, const int64_t* positions, void* q,
+                 int64_t sq_tok, int64_t sq_head, int64_t nq, void* k, int64_t sk_tok,
+                 int64_t sk_head, int64_t nk, int64_t rot_dim, const void* cache,
+                 int64_t s_cache, bool neox, bool inverse);
+
+  // Output columns [n0, n1) of out[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] (+ bias[n]) for
+  // m < M. x is float32 (already converted), w int8, scale float32; bias and out are of dt.
+  void (*int8_linear)(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
+                      const int8_t* w, int64_t sw, const float* scale, const void* bias,
+                      void* out, int64_t so);
+};
+
+// One table per instruction-set variant; the AVX ones exist on x86-64 only.
+#if defined(__x86_64__)
+#define KILN_HAVE_X86_VARIANTS 1
+#endif
+
+namespace generic { const Kernels& kernels(); }
+#if defined(KILN_HAVE_X86_VARIANTS)
+namespace avx2 { const Kernels& kernels(); }
+namespace avx512 { const Kernels& kernels(); }
+#endif
+
+}  // namespace kiln::cpu

@@ -1,0 +1,7 @@
+// The CPU kernels for AVX2 + FMA (256-bit vectors). The pragma, not a command-line flag, sets
+// the instruction set, so every file of the extension builds with the same flags.
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#define KILN_ISA avx2
+#include "kernels_impl.h"
+#endif

@@ -1,0 +1,7 @@
+// The CPU kernels for AVX-512 F/BW/VL/DQ. gcc 12 keeps 256-bit vectors even for AVX-512 targets
+// unless told to prefer 512; the pragma sets both, for this file only.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2,prefer-vector-width=512")
+#define KILN_ISA avx512
+#include "kernels_impl.h"
+#endif

@@ -1,0 +1,345 @@
+// The CPU kernels, written once and compiled once per instruction set: kernels_<isa>.cpp defines
+// KILN_ISA (the namespace) and includes this file under that variant's compiler flags.
+//
+// Rules that keep the variants apart in one shared library: no torch or standard-library header
+// with inline functions (a weak symbol compiled for AVX-512 could be picked for the AVX2 path),
+// everything but the exported table in an anonymous namespace, math through __builtin_*.
+// The loops are plain C++ under `#pragma omp simd`; the compiler vectorizes them to the
+// variant's width (AVX-512 needs -mprefer-vector-width=512 on gcc 12).
+#ifndef KILN_ISA
+#error "define KILN_ISA (the variant's namespace) before including kernels_impl.h"
+#endif
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace kiln::cpu::KILN_ISA {
+namespace {
+
+using bf16 = uint16_t;
+
+// The type arithmetic happens in: float for float32 and bfloat16, double for float64.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+
+template <typename T> inline T from_acc(acc_t<T> v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline double from_acc<double>(double v) { return v; }
+// Round to nearest even, as torch does; NaN stays a (quiet) NaN.
+template <> inline bf16 from_acc<bf16>(float v) {
+  uint32_t u = __builtin_bit_cast(uint32_t, v);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+inline float rsqrt_acc(float v) { return 1.0f / __builtin_sqrtf(v); }
+inline double rsqrt_acc(double v) { return 1.0 / __builtin_sqrt(v); }
+
+// exp for float in a form the vectorizer can use (libm's expf is a call). x = n*ln2 + r with
+// |r| <= ln2/2, exp(r) by its Taylor series to r^6 (error below 1e-7 relative), 2^n through the
+// exponent bits. Inputs are clamped to the range where the result is a normal float.
+inline float exp_acc(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - n * 0.693145751953125f;  // ln2 in two parts, so r keeps its low bits
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+inline double exp_acc(double x) { return __builtin_exp(x); }
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm, with or without the residual add
+
+template <typename T>
+void add_rms_norm_t(int64_t r0, int64_t r1, int64_t n, double eps, const T* x, int64_t sx,
+                    const T* res, int64_t sres, T* ro, int64_t sro, const T* w, T* out,
+                    int64_t so) {
+  using A = acc_t<T>;
+  const A inv_n = A(1) / static_cast<A>(n);
+  const A eps_a = static_cast<A>(eps);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * sx;
+    const T* z;
+    A ss = 0;
+    if (res != nullptr) {
+      const T* rr = res + r * sres;
+      T* ror = ro + r * sro;
+      // The sum of squares uses the residual as stored (rounded to T), as the reference does.
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) {
+        T zt = from_acc<T>(to_acc(xr[i]) + to_acc(rr[i]));
+        ror[i] = zt;
+        A zv = to_acc(zt);
+        ss += zv * zv;
+      }
+      z = ror;
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) {
+        A zv = to_acc(xr[i]);
+        ss += zv * zv;
+      }
+      z = xr;
+    }
+    const A rstd = rsqrt_acc(ss * inv_n + eps_a);
+    T* outr = out + r * so;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) outr[i] = from_acc<T>(to_acc(z[i]) * rstd * to_acc(w[i]));
+  }
+}
+
+template <typename T>
+void rms_norm_backward_t(int64_t r0, int64_t r1, int64_t n, double eps, const T* g, int64_t sg,
+                         const T* z, int64_t sz, const T* w, const T* gres, int64_t sgr, T* gz,
+                         int64_t sgz, acc_t<T>* dw) {
+  using A = acc_t<T>;
+  const A inv_n = A(1) / static_cast<A>(n);
+  const A eps_a = static_cast<A>(eps);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = g + r * sg;
+    const T* zr = z + r * sz;
+    A ss = 0, dot = 0;
+#pragma omp simd reduction(+ : ss, dot)
+    for (int64_t i = 0; i < n; ++i) {
+      A zv = to_acc(zr[i]);
+      ss += zv * zv;
+      dot += to_acc(gr[i]) * to_acc(w[i]) * zv;
+    }
+    const A rstd = rsqrt_acc(ss * inv_n + eps_a);
+    const A c = dot * rstd * rstd * rstd * inv_n;
+    T* gzr = gz + r * sgz;
+    if (gres != nullptr) {
+      const T* grr = gres + r * sgr;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        A gv = to_acc(gr[i]), zv = to_acc(zr[i]);
+        gzr[i] = from_acc<T>(gv * to_acc(w[i]) * rstd - zv * c + to_acc(grr[i]));
+        dw[i] += gv * zv * rstd;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        A gv = to_acc(gr[i]), zv = to_acc(zr[i]);
+        gzr[i] = from_acc<T>(gv * to_acc(w[i]) * rstd - zv * c);
+        dw[i] += gv * zv * rstd;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// silu_and_mul
+
+template <typename T>
+void silu_and_mul_t(int64_t r0, int64_t r1, int64_t d, const T* x, int64_t sx, T* out,
+                    int64_t so) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* a = x + r * sx;
+    const T* b = a + d;
+    T* o = out + r * so;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      A av = to_acc(a[i]);
+      A silu = av / (A(1) + exp_acc(-av));
+      o[i] = from_acc<T>(silu * to_acc(b[i]));
+    }
+  }
+}
+
+template <typename T>
+void silu_and_mul_backward_t(int64_t r0, int64_t r1, int64_t d, const T* g, int64_t sg,
+                             const T* x, int64_t sx, T* gx, int64_t sgx) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = g + r * sg;
+    const T* a = x + r * sx;
+    const T* b = a + d;
+    T* ga = gx + r * sgx;
+    T* gb = ga + d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      A av = to_acc(a[i]), bv = to_acc(b[i]), gv = to_acc(gr[i]);
+      A s = A(1) / (A(1) + exp_acc(-av));
+      A silu = av * s;
+      ga[i] = from_acc<T>(gv * bv * s * (A(1) + av * (A(1) - s)));
+      gb[i] = from_acc<T>(gv * silu);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rotary embedding
+
+template <typename T>
+inline void rotate_head(T* p, const T* cos, const T* sin, int64_t half, bool neox, float sign) {
+  using A = acc_t<T>;
+  const A sg = static_cast<A>(sign);
+  if (neox) {
+    T* p2 = p + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      A c = to_acc(cos[i]), s = sg * to_acc(sin[i]);
+      A x1 = to_acc(p[i]), x2 = to_acc(p2[i]);
+      p[i] = from_acc<T>(x1 * c - x2 * s);
+      p2[i] = from_acc<T>(x2 * c + x1 * s);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      A c = to_acc(cos[i]), s = sg * to_acc(sin[i]);
+      A x1 = to_acc(p[2 * i]), x2 = to_acc(p[2 * i + 1]);
+      p[2 * i] = from_acc<T>(x1 * c - x2 * s);
+      p[2 * i + 1] = from_acc<T>(x2 * c + x1 * s);
+    }
+  }
+}
+
+template <typename T>
+void rotary_t(int64_t t0, int64_t t1, const int64_t* positions, T* q, int64_t sq_tok,
+              int64_t sq_head, int64_t nq, T* k, int64_t sk_tok, int64_t sk_head, int64_t nk,
+              int64_t rot_dim, const T* cache, int64_t s_cache, bool neox, bool inverse) {
+  const int64_t half = rot_dim / 2;
+  const float sign = inverse ? -1.0f : 1.0f;
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* cos = cache + positions[t] * s_cache;
+    const T* sin = cos + half;
+    for (int64_t h = 0; h < nq; ++h) rotate_head(q + t * sq_tok + h * sq_head, cos, sin, half, neox, sign);
+    for (int64_t h = 0; h < nk; ++h) rotate_head(k + t * sk_tok + h * sk_head, cos, sin, half, neox, sign);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// weight-only int8 linear (decode: few rows, bound by reading the weights once)
+
+template <typename T>
+void int8_linear_t(int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
+                   const int8_t* w, int64_t sw, const float* scale, const T* bias, T* out,
+                   int64_t so) {
+  int64_t n = n0;
+  // Four output columns at a time: four independent sums keep the FMA units busy and each x
+  // element loaded serves four weight rows.
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* w0 = w + n * sw;
+    const int8_t* w1 = w0 + sw;
+    const int8_t* w2 = w1 + sw;
+    const int8_t* w3 = w2 + sw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t k = 0; k < K; ++k) {
+        float xv = xm[k];
+        a0 += xv * static_cast<float>(w0[k]);
+        a1 += xv * static_cast<float>(w1[k]);
+        a2 += xv * static_cast<float>(w2[k]);
+        a3 += xv * static_cast<float>(w3[k]);
+      }
+      float acc[4] = {a0 * scale[n], a1 * scale[n + 1], a2 * scale[n + 2], a3 * scale[n + 3]};
+      T* o = out + m * so + n;
+      for (int j = 0; j < 4; ++j) {
+        float v = acc[j] + (bias != nullptr ? to_acc(bias[n + j]) : 0.0f);
+        o[j] = from_acc<T>(v);
+      }
+    }
+  }
+  for (; n < n1; ++n) {
+    const int8_t* wn = w + n * sw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < K; ++k) a += xm[k] * static_cast<float>(wn[k]);
+      float v = a * scale[n] + (bias != nullptr ? to_acc(bias[n]) : 0.0f);
+      out[m * so + n] = from_acc<T>(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// type-erased entry points (the table holds these)
+
+#define KILN_DISPATCH(dt, CALL)                  \
+  switch (dt) {                                  \
+    case DType::kFloat32: { using T = float; CALL; break; }  \
+    case DType::kBFloat16: { using T = bf16; CALL; break; }  \
+    case DType::kFloat64: { using T = double; CALL; break; } \
+  }
+
+void add_rms_norm(DType dt, int64_t r0, int64_t r1, int64_t n, double eps, const void* x,
+                  int64_t sx, const void* res, int64_t sres, void* ro, int64_t sro,
+                  const void* w, void* out, int64_t so) {
+  KILN_DISPATCH(dt, add_rms_norm_t<T>(r0, r1, n, eps, static_cast<const T*>(x), sx,
+                                      static_cast<const T*>(res), sres, static_cast<T*>(ro), sro,
+                                      static_cast<const T*>(w), static_cast<T*>(out), so))
+}
+
+void rms_norm_backward(DType dt, int64_t r0, int64_t r1, int64_t n, double eps, const void* g,
+                       int64_t sg, const void* z, int64_t sz, const void* w, const void* gres,
+                       int64_t sgr, void* gz, int64_t sgz, void* dw) {
+  KILN_DISPATCH(dt, rms_norm_backward_t<T>(r0, r1, n, eps, static_cast<const T*>(g), sg,
+                                           static_cast<const T*>(z), sz,
+                                           static_cast<const T*>(w),
+                                           static_cast<const T*>(gres), sgr,
+                                           static_cast<T*>(gz), sgz,
+                                           static_cast<acc_t<T>*>(dw)))
+}
+
+void silu_and_mul(DType dt, int64_t r0, int64_t r1, int64_t d, const void* x, int64_t sx,
+                  void* out, int64_t so) {
+  KILN_DISPATCH(dt, silu_and_mul_t<T>(r0, r1, d, static_cast<const T*>(x), sx,
+                                      static_cast<T*>(out), so))
+}
+
+void silu_and_mul_backward(DType dt, int64_t r0, int64_t r1, int64_t d, const void* g,
+                           int64_t sg, const void* x, int64_t sx, void* gx, int64_t sgx) {
+  KILN_DISPATCH(dt, silu_and_mul_backward_t<T>(r0, r1, d, static_cast<const T*>(g), sg,
+                                               static_cast<const T*>(x), sx,
+                                               static_cast<T*>(gx), sgx))
+}
+
+void rotary(DType dt, int64_t t0, int64_t t1, const int64_t* positions, void* q, int64_t sq_tok,
+            int64_t sq_head, int64_t nq, void* k, int64_t sk_tok, int64_t sk_head, int64_t nk,
+            int64_t rot_dim, const void* cache, int64_t s_cache, bool neox, bool inverse) {
+  KILN_DISPATCH(dt, rotary_t<T>(t0, t1, positions, static_cast<T*>(q), sq_tok, sq_head, nq,
+                                static_cast<T*>(k), sk_tok, sk_head, nk, rot_dim,
+                                static_cast<const T*>(cache), s_cache, neox, inverse))
+}
+
+void int8_linear(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
+                 const int8_t* w, int64_t sw, const float* scale, const void* bias, void* out,
+                 int64_t so) {
+  KILN_DISPATCH(dt, int8_linear_t<T>(n0, n1, M, K, x, w, sw, scale,
+                                     static_cast<const T*>(bias), static_cast<T*>(out), so))
+}
+
+#undef KILN_DISPATCH
+
+#define KILN_STR2(x) #x
+#define KILN_STR(x) KILN_STR2(x)
+
+const Kernels kTable = {
+    KILN_STR(KILN_ISA), &add_rms_norm, &rms_norm_backward, &silu_and_mul,
+    &silu_and_mul_backward, &rotary, &int8_linear,
+};
+
+}  // namespace
+
+const Kernels& kernels() { return kTable; }
+
+}  // namespace kiln::cpu::KILN_ISA

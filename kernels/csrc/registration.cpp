@@ -1,0 +1,55 @@
+// Every schema of the kiln namespace, in one place. Device code registers implementations
+// (TORCH_LIBRARY_IMPL) in csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; kernels/ops.py adds
+// the fake (meta) kernels and the autograd formulas.
+//
+// Each op has a functional form returning new tensors (what training and torch.compile use) and
+// in-place or write-into-`out` forms that return nothing (what decode uses: no allocation).
+// Mutated arguments are annotated (a!) so that torch.compile functionalizes them correctly.
+#include <torch/library.h>
+
+TORCH_LIBRARY(kiln, m) {
+  // out = x * rsqrt(mean(x^2, -1) + eps) * weight, in float32 arithmetic for bfloat16.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_out(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  // Gradient of rms_norm(z) * weight: (grad_z [+ grad_residual], grad_weight).
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor z, Tensor weight, float eps, "
+      "Tensor? grad_residual=None) -> (Tensor, Tensor)");
+
+  // residual_out = x + residual; out = rms_norm(residual_out) * weight. Returns (out, residual_out).
+  m.def(
+      "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) "
+      "-> (Tensor, Tensor)");
+  // In place: residual += x; x = rms_norm(residual) * weight.
+  m.def(
+      "fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // residual += x; out = rms_norm(residual) * weight.
+  m.def(
+      "fused_add_rms_norm_out(Tensor x, Tensor(a!) residual, Tensor weight, float eps, "
+      "Tensor(b!) out) -> ()");
+
+  // x = [gate, up] on the last dimension; out = silu(gate) * up.
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("silu_and_mul_out(Tensor x, Tensor(a!) out) -> ()");
+  m.def("silu_and_mul_backward(Tensor grad, Tensor x) -> Tensor");
+
+  // positions [*T] int64; query [*T, Hq, D]; key [*T, Hk, D]; cos_sin_cache [max_pos, rot_dim]
+  // holding cos in [:, :rot_dim/2] and sin in [:, rot_dim/2:]. The first rot_dim features of
+  // every head are rotated: as halves (is_neox) or as adjacent pairs (GPT-J).
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, "
+      "bool is_neox=True) -> (Tensor, Tensor)");
+  m.def(
+      "rotary_embedding_(Tensor positions, Tensor(a!) query, Tensor(b!) key, "
+      "Tensor cos_sin_cache, bool is_neox=True) -> ()");
+  m.def(
+      "rotary_embedding_backward(Tensor positions, Tensor grad_query, Tensor grad_key, "
+      "Tensor cos_sin_cache, bool is_neox=True) -> (Tensor, Tensor)");
+
+  // Weight-only int8: out = (x @ weight.T) * scale + bias, weight int8 [N, K] with one float32
+  // scale per output feature. Inference only (no autograd).
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_linear_out(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor(a!) out) "
+      "-> ()");
+}

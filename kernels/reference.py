@@ -1,0 +1,167 @@
+"""Pure-PyTorch versions of every kiln op: the tests' truth and the fallback without the extension.
+
+Arithmetic is in float32 for bfloat16 inputs (float64 stays float64) with one rounding at the end,
+as the kernels do. Functions named with a trailing underscore or `_out` mutate their arguments
+exactly as the compiled ops do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight."""
+    xf = _acc(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * _acc(weight)).to(x.dtype)
+
+
+def rms_norm_out(x: Tensor, weight: Tensor, eps: float, out: Tensor) -> None:
+    out.copy_(rms_norm(x, weight, eps))
+
+
+def rms_norm_backward(
+    grad: Tensor, z: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients of rms_norm(z) * weight with respect to z (plus grad_residual) and weight."""
+    zf, gf, wf = _acc(z), _acc(grad), _acc(weight)
+    n = z.shape[-1]
+    rstd = torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + eps)
+    gw = gf * wf
+    dot = (gw * zf).sum(-1, keepdim=True)
+    grad_z = gw * rstd - zf * dot * rstd.pow(3) / n
+    if grad_residual is not None:
+        grad_z = grad_z + _acc(grad_residual)
+    grad_w = (gf * zf * rstd).reshape(-1, n).sum(0)
+    return grad_z.to(z.dtype), grad_w.to(weight.dtype)
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual); the sum is rounded to the input dtype first."""
+    residual_out = (_acc(x) + _acc(residual)).to(x.dtype)
+    return rms_norm(residual_out, weight, eps), residual_out
+
+
+def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    """In place: residual += x; x = rms_norm(residual) * weight."""
+    out, residual_out = fused_add_rms_norm(x, residual, weight, eps)
+    residual.copy_(residual_out)
+    x.copy_(out)
+
+
+def fused_add_rms_norm_out(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, out: Tensor
+) -> None:
+    """residual += x; out = rms_norm(residual) * weight."""
+    normed, residual_out = fused_add_rms_norm(x, residual, weight, eps)
+    residual.copy_(residual_out)
+    out.copy_(normed)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """silu(gate) * up, where x = [gate, up] on the last dimension."""
+    d = x.shape[-1] // 2
+    xf = _acc(x)
+    return (torch.nn.functional.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+
+
+def silu_and_mul_out(x: Tensor, out: Tensor) -> None:
+    out.copy_(silu_and_mul(x))
+
+
+def silu_and_mul_backward(grad: Tensor, x: Tensor) -> Tensor:
+    d = x.shape[-1] // 2
+    xf, gf = _acc(x), _acc(grad)
+    a, b = xf[..., :d], xf[..., d:]
+    s = torch.sigmoid(a)
+    grad_a = gf * b * s * (1 + a * (1 - s))
+    grad_b = gf * a * s
+    return torch.cat([grad_a, grad_b], dim=-1).to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, is_neox: bool) -> Tensor:
+    """Rotates the first 2*cos.shape[-1] features of x ([..., H, D]); cos/sin are [..., 1, R/2]."""
+    half = cos.shape[-1]
+    rot = x[..., : 2 * half]
+    if is_neox:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, x[..., 2 * half :]], dim=-1)
+
+
+def rotary_embedding(
+    positions: Tensor,
+    query: Tensor,
+    key: Tensor,
+    cos_sin_cache: Tensor,
+    is_neox: bool = True,
+    inverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """RoPE on query [*T, Hq, D] and key [*T, Hk, D] at positions [*T] from a [max_pos, R] cache."""
+    half = cos_sin_cache.shape[-1] // 2
+    cs = _acc(cos_sin_cache[positions]).unsqueeze(-2)  # [*T, 1, R]
+    cos, sin = cs[..., :half], cs[..., half:]
+    if inverse:
+        sin = -sin
+    q = _rotate(_acc(query), cos, sin, is_neox).to(query.dtype)
+    k = _rotate(_acc(key), cos, sin, is_neox).to(key.dtype)
+    return q, k
+
+
+def rotary_embedding_(
+    positions: Tensor, query: Tensor, key: Tensor, cos_sin_cache: Tensor, is_neox: bool = True
+) -> None:
+    q, k = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    query.copy_(q)
+    key.copy_(k)
+
+
+def rotary_embedding_backward(
+    positions: Tensor, grad_query: Tensor, grad_key: Tensor, cos_sin_cache: Tensor,
+    is_neox: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The rotation is orthogonal: its gradient is the rotation by the opposite angle."""
+    return rotary_embedding(positions, grad_query, grad_key, cos_sin_cache, is_neox, inverse=True)
+
+
+def rope_cache(
+    max_position: int, rot_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The [max_position, rot_dim] table the rotary op reads: cos in the first half, sin after."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-feature int8: weight [N, K] -> (int8 [N, K], float32 scale [N])."""
+    wf = weight.float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(x @ weight.T) * scale (+ bias), weight int8 [N, K], scale float32 [N]."""
+    y = (x.float() @ weight.float().t()) * scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def int8_linear_out(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, out: Tensor
+) -> None:
+    out.copy_(int8_linear(x, weight, scale, bias))
