@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from app import cdk_json_context
 from kiln.settings import LOG_RETENTION_DAYS, Settings
+from platform_constructs.aspects import LogGroupRetention
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
@@ -170,3 +171,13 @@ def test_schema_subnet_capacity_check_agrees_with_the_cdk(cidr: str) -> None:
     """The schema rejects exactly the layouts the CDK's allocator cannot place."""
     for masks in itertools.product((24, 25, 26), (20, 22, 24, 25), (24, 26)):
         assert schema_accepts(cidr, masks) == cdk_accepts(cidr, masks), (cidr, masks)
+
+
+def test_log_group_retention_aspect_fills_only_missing_retention() -> None:
+    stack = new_stack()
+    logs.CfnLogGroup(stack, "Unset")
+    logs.CfnLogGroup(stack, "Set", retention_in_days=7)
+    cdk.Aspects.of(stack).add(LogGroupRetention(90))
+    groups = Template.from_stack(stack).find_resources("AWS::Logs::LogGroup")
+    retention = {key: g["Properties"]["RetentionInDays"] for key, g in groups.items()}
+    assert retention == {"Unset": 90, "Set": 7}

@@ -1,0 +1,49 @@
+"""`kiln envs`: validates every environment file and shows where they differ."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kiln.cli import differences, flatten, main
+from kiln.config import CONFIG_DIR, load_settings
+
+
+def test_flatten_nested_settings() -> None:
+    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [3]}}}) == {"a": 1, "b.c": 2, "b.d.e": [3]}
+
+
+def test_differences_lists_only_fields_that_differ() -> None:
+    dev, prod = load_settings("dev"), load_settings("prod")
+    rows = dict(differences([dev, prod]))
+    assert rows["removal_policy"] == ["destroy", "retain"]
+    assert rows["network.nat_gateways"] == [1, 3]
+    assert "region" not in rows and "owner" not in rows and "name" not in rows
+
+
+def test_envs_lists_in_tier_order_and_shows_differences(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[1:4]] == ["dev", "staging", "prod"]
+    header = next(line for line in out if line.startswith("differs"))
+    assert header.split() == ["differs", "dev", "staging", "prod"]
+    assert any(line.split() == ["removal_policy", "destroy", "retain", "retain"] for line in out)
+
+
+def test_envs_fails_on_an_invalid_file_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(CONFIG_DIR, tmp_path / "config")
+    (tmp_path / "config" / "qa.yaml").write_text("tier: qa\n")
+    assert main(["envs", "--config-dir", str(tmp_path / "config")]) == 1
+    captured = capsys.readouterr()
+    assert "INVALID" in captured.err and "qa.yaml: invalid configuration:" in captured.err
+    assert "1 of 4 environment files are invalid" in captured.err
+    assert "staging" in captured.out  # the valid ones are still listed
+
+
+def test_envs_with_no_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs", "--config-dir", str(tmp_path)]) == 1
+    assert "no environment files" in capsys.readouterr().err
