@@ -5,10 +5,11 @@
 
 #include <cstdint>
 
+#include "../kernel_types.h"
+
 namespace kiln::cpu {
 
-// Element types the kernels take. bf16 is passed as its 16 raw bits.
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2 };
+using kiln::DType;
 
 // Every function works on the rows [r0, r1) (tokens for rotary, output columns for int8 linear)
 // so that the caller can split the work across threads. Strides are in elements.
