@@ -67,9 +67,10 @@ def main() -> None:
             kiln.append(synth_seconds(REPO, ["-c", f"env={options.env}"], Path(tmp) / f"k{run}"))
             floor.append(synth_seconds(floor_app, [], Path(tmp) / f"f{run}"))
     k, f = statistics.median(kiln), statistics.median(floor)
-    print(f"{'app':<28}{'median s':>10}{'runs':>30}")
-    print(f"{'kiln env=' + options.env:<28}{k:>10.2f}{'  '.join(f'{t:.2f}' for t in kiln):>30}")
-    print(f"{'one-bucket app (floor)':<28}{f:>10.2f}{'  '.join(f'{t:.2f}' for t in floor):>30}")
+    rows = [(f"kiln env={options.env}", k, kiln), ("one-bucket app (floor)", f, floor)]
+    print(f"{'app':<26}{'median s':>9}   runs (s)")
+    for name, median, runs in rows:
+        print(f"{name:<26}{median:>9.2f}   {'  '.join(f'{t:.2f}' for t in runs)}")
     print(f"ratio kiln / floor: {k / f:.2f}x")
 
 
