@@ -1,1 +1,1 @@
-"""kiln's custom PyTorch operators: `kernels.ops` is the face callers use, `kernels.reference` the truth."""
+"""kiln's custom PyTorch operators: callers use `kernels.ops`; `kernels.reference` is the truth."""

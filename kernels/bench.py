@@ -2,7 +2,7 @@
 
     python -m kernels.bench                 # every op, shapes [1|64|2048, 4096], fp32 and bf16
     python -m kernels.bench --ops fused_add_rms_norm_ --no-compile
-    python -m kernels.bench --alloc         # functional (allocating) vs `out` forms, glibc vs tcmalloc
+    python -m kernels.bench --alloc         # allocating vs `out` forms, glibc vs tcmalloc
 
 Each figure is the best of five timed batches (this machine is shared); ratios compare figures of
 the same run. `probe` is a tensor copy that moves the bytes the op must move at least (reads plus
@@ -85,7 +85,11 @@ def eager_fused_inplace(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> No
 
 
 def cases_fused_inplace(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    x, r, w = torch.randn(rows, HIDDEN, dtype=dt), torch.randn(rows, HIDDEN, dtype=dt), torch.randn(HIDDEN, dtype=dt)
+    x, r, w = (
+        torch.randn(rows, HIDDEN, dtype=dt),
+        torch.randn(rows, HIDDEN, dtype=dt),
+        torch.randn(HIDDEN, dtype=dt),
+    )
     op = torch.ops.kiln.fused_add_rms_norm_.default
     nbytes = 4 * x.numel() * x.element_size()
     return (
@@ -144,7 +148,9 @@ def cases_silu(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
     )
 
 
-def eager_rotary_inplace(pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor) -> None:
+def eager_rotary_inplace(
+    pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor
+) -> None:
     half = cache.shape[-1] // 2
     cs = cache[pos].unsqueeze(-2)
     cos, sin = cs[..., :half], cs[..., half:]
@@ -196,24 +202,34 @@ def cases_linear_dense(rows: int, dt: torch.dtype) -> Callable[[], object]:
 OPS: dict[str, tuple[str, Callable, Callable | None, tuple[int, ...]]] = {
     "fused_add_rms_norm_": (
         "fused_add_rms_norm_ (in place: residual += x; x = rms_norm(residual) * w); bytes 4*N",
-        cases_fused_inplace, eager_fused_inplace, ROWS,
+        cases_fused_inplace,
+        eager_fused_inplace,
+        ROWS,
     ),
     "fused_add_rms_norm_train": (
         "fused_add_rms_norm forward+backward (grads of x, residual, w); bytes 8*N",
-        cases_fused_train, eager_fused_train, ROWS,
+        cases_fused_train,
+        eager_fused_train,
+        ROWS,
     ),
     "silu_and_mul_out": (
         "silu_and_mul_out (x [rows, 2*4096] -> out [rows, 4096]); bytes 3*N",
-        cases_silu, eager_silu_out, ROWS,
+        cases_silu,
+        eager_silu_out,
+        ROWS,
     ),
     "rotary_embedding_": (
         "rotary_embedding_ (in place; q 32x128, k 8x128 heads per row, neox); bytes 2*(q+k)",
-        cases_rotary, eager_rotary_inplace, ROWS,
+        cases_rotary,
+        eager_rotary_inplace,
+        ROWS,
     ),
     "int8_linear_out": (
         "int8_linear_out (x [rows, 4096] @ int8 [4096, 4096]); bytes weights + x + out;"
         " eager/compile = dequantize + matmul",
-        cases_int8, eager_int8_linear, (1, 64),
+        cases_int8,
+        eager_int8_linear,
+        (1, 64),
     ),
 }
 
@@ -266,7 +282,11 @@ def run_op(name: str, use_compile: bool, budget: float, isas: list[str]) -> None
 def run_alloc(budget: float) -> None:
     """The allocating functional form against the `out` form: the gap is the allocator's cost."""
     rows, dt = 2048, torch.float32
-    x, r, w = torch.randn(rows, HIDDEN, dtype=dt), torch.randn(rows, HIDDEN, dtype=dt), torch.randn(HIDDEN, dtype=dt)
+    x, r, w = (
+        torch.randn(rows, HIDDEN, dtype=dt),
+        torch.randn(rows, HIDDEN, dtype=dt),
+        torch.randn(HIDDEN, dtype=dt),
+    )
     out = torch.empty_like(x)
     functional = torch.ops.kiln.fused_add_rms_norm.default
     into = torch.ops.kiln.fused_add_rms_norm_out.default
@@ -287,7 +307,9 @@ def run_alloc(budget: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ops", nargs="*", choices=sorted(OPS), default=list(OPS))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")

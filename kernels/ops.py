@@ -73,7 +73,10 @@ def _load() -> tuple[Path | None, str]:
         return path, ""
     if errors:
         return None, "could not load " + "; ".join(errors)
-    return None, "not built (run `pip install --no-build-isolation -e ./kernels`, or `make kernels`)"
+    return (
+        None,
+        "not built (run `pip install --no-build-isolation -e ./kernels`, or `make kernels`)",
+    )
 
 
 LIBRARY_PATH, UNAVAILABLE_REASON = _load()
@@ -187,9 +190,7 @@ if HAVE_EXTENSION:
         grad_x, grad_w = torch.ops.kiln.rms_norm_backward(grad, x, weight, ctx.eps, None)
         return grad_x, grad_w, None
 
-    torch.library.register_autograd(
-        "kiln::rms_norm", _rms_norm_bwd, setup_context=_rms_norm_setup
-    )
+    torch.library.register_autograd("kiln::rms_norm", _rms_norm_bwd, setup_context=_rms_norm_setup)
 
     def _fused_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         _, _, weight, eps = inputs

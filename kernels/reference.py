@@ -45,7 +45,7 @@ def rms_norm_backward(
 def fused_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """(rms_norm(x + residual) * weight, x + residual); the sum is rounded to the input dtype first."""
+    """(rms_norm(x + residual) * weight, x + residual), the sum rounded to x's dtype first."""
     residual_out = (_acc(x) + _acc(residual)).to(x.dtype)
     return rms_norm(residual_out, weight, eps), residual_out
 
@@ -128,7 +128,10 @@ def rotary_embedding_(
 
 
 def rotary_embedding_backward(
-    positions: Tensor, grad_query: Tensor, grad_key: Tensor, cos_sin_cache: Tensor,
+    positions: Tensor,
+    grad_query: Tensor,
+    grad_key: Tensor,
+    cos_sin_cache: Tensor,
     is_neox: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The rotation is orthogonal: its gradient is the rotation by the opposite angle."""
@@ -136,7 +139,10 @@ def rotary_embedding_backward(
 
 
 def rope_cache(
-    max_position: int, rot_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
+    max_position: int,
+    rot_dim: int,
+    base: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """The [max_position, rot_dim] table the rotary op reads: cos in the first half, sin after."""

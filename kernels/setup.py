@@ -10,15 +10,12 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-from pathlib import Path
 
+import torch
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-import torch
-
-HERE = Path(__file__).resolve().parent
 CSRC = "csrc"  # relative: setuptools wants relative source paths
 
 # Two compile jobs unless told otherwise: the development machines have two shared cores.
@@ -61,7 +58,7 @@ def extension():  # type: ignore[no-untyped-def]
     if want_cuda():
         return CUDAExtension(
             "kernels._C",
-            CPU_SOURCES + [f"{CSRC}/cuda/ops_cuda.cpp", f"{CSRC}/cuda/kernels.cu"],
+            [*CPU_SOURCES, f"{CSRC}/cuda/ops_cuda.cpp", f"{CSRC}/cuda/kernels.cu"],
             extra_compile_args={"cxx": [*CXX_FLAGS, "-DKILN_WITH_CUDA"], "nvcc": NVCC_FLAGS},
             extra_link_args=LINK_FLAGS,
         )
