@@ -119,7 +119,8 @@ class PredictionEvent(BaseModel):
 
     @field_serializer("request_received_at", "response_completed_at")
     def _timestamp(self, value: datetime) -> str:
-        return value.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+        # isoformat always writes the 6 fraction digits here; "+00:00" becomes "Z".
+        return value.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
     def with_raw_text(
         self,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from kiln.events import (
     MAX_TEXT_CHARS,
     SCHEMA_VERSION,
+    TIMESTAMP_FORMAT,
     PayloadField,
     PredictionEvent,
     payload_fields,
@@ -49,6 +50,15 @@ def test_json_round_trip_is_equal_and_compact_utf8() -> None:
     payload = json.loads(data)
     assert payload["schema_version"] == SCHEMA_VERSION
     assert payload["request_received_at"] == "2026-03-01T12:00:00.250000Z"
+
+
+def test_timestamps_have_one_fixed_width_format() -> None:
+    on_the_second = RECEIVED.replace(microsecond=0)
+    payload = json.loads(PredictionEvent(**fields(request_received_at=on_the_second)).to_json())
+    assert payload["request_received_at"] == "2026-03-01T12:00:00.000000Z"
+    for key in ("request_received_at", "response_completed_at"):
+        parsed = datetime.strptime(payload[key], TIMESTAMP_FORMAT)
+        assert len(payload[key]) == 27 and parsed.year == 2026
 
 
 def test_raw_text_round_trips_as_utf8_where_allowed() -> None:
