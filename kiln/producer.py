@@ -254,7 +254,13 @@ class EventProducer:
         self.token: MskIamToken | None = None
 
         conf = config.librdkafka_config()
-        conf.update(on_delivery=self._on_delivery, error_cb=self._on_error, logger=log)
+        # librdkafka's own log lines (a refused connection at ERROR on every retry) get a logger
+        # of their own, so operators can quiet them without losing ours.
+        conf.update(
+            on_delivery=self._on_delivery,
+            error_cb=self._on_error,
+            logger=logging.getLogger(f"{__name__}.librdkafka"),
+        )
         if config.auth == "iam":
             assert config.region is not None  # the config's validator guarantees it
             self.token = MskIamToken(config.region)

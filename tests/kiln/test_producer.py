@@ -259,9 +259,10 @@ def test_undeliverable_events_fail_after_the_delivery_timeout(unreachable: str) 
     producer = EventProducer(plaintext(unreachable, delivery_timeout_ms=1_000))
     for i in range(5):
         assert producer.publish(make_event(i))
+    assert producer.publish("not an event") is False  # type: ignore[arg-type]
     wait_for(lambda: producer.stats().failed == 5, "delivery timeouts")
     assert producer.close(timeout=1.0) == ProducerStats(
-        published=5, delivered=0, failed=5, dropped=0, pending=0
+        published=5, delivered=0, failed=5, dropped=1, pending=0
     )
 
 
