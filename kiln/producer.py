@@ -288,20 +288,20 @@ class EventProducer:
                 self._producer.produce(self.config.topic, value=value, key=key)
             except BufferError:
                 self._dropped += 1
-                full = True
-            except Exception:
+                refused = None
+            except Exception as err:
                 # Too large, or a fatal idempotence error: the caller still must not fail.
                 self._dropped += 1
-                full = False
+                refused = err
             else:
                 self._published += 1
                 return True
-        if full:
+        if refused is None:
             self._warn(
                 "full", "event queue full (%d events): dropping", self.config.max_queued_events
             )
         else:
-            self._warn("produce", "an event was refused by librdkafka: dropping", exc_info=True)
+            self._warn("produce", "an event was refused by librdkafka: dropping", exc_info=refused)
         return False
 
     def stats(self) -> ProducerStats:
@@ -320,9 +320,9 @@ class EventProducer:
     def close(self, timeout: float = 10.0) -> ProducerStats:
         """Stops accepting events, waits up to `timeout` s for queued ones, fails the rest."""
         with self._lock:
-            if self._closed:
-                return self.stats()
-            self._closed = True
+            already_closed, self._closed = self._closed, True
+        if already_closed:
+            return self.stats()
         deadline = time.monotonic() + timeout
         self._stop.set()
         self._poller.join()
@@ -371,7 +371,9 @@ class EventProducer:
         self._warn(kind, message, exc_info=True)
         return False
 
-    def _warn(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
+    def _warn(
+        self, kind: str, message: str, *args: object, exc_info: BaseException | bool = False
+    ) -> None:
         now = time.monotonic()
         if now - self._last_warning.get(kind, -_WARN_INTERVAL_S) >= _WARN_INTERVAL_S:
             self._last_warning[kind] = now

@@ -253,6 +253,7 @@ def test_full_queue_drops_and_counts_without_blocking(unreachable: str) -> None:
     assert final == ProducerStats(published=10, delivered=0, failed=10, dropped=1_990, pending=0)
     assert producer.publish(make_event(0)) is False  # closed: dropped, never raised
     assert producer.stats().dropped == 1_991
+    assert producer.close().dropped == 1_991  # closing twice is harmless
 
 
 def test_undeliverable_events_fail_after_the_delivery_timeout(unreachable: str) -> None:
@@ -264,6 +265,21 @@ def test_undeliverable_events_fail_after_the_delivery_timeout(unreachable: str) 
     assert producer.close(timeout=1.0) == ProducerStats(
         published=5, delivered=0, failed=5, dropped=1, pending=0
     )
+
+
+def test_an_event_librdkafka_refuses_is_dropped_and_logged(
+    unreachable: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = plaintext(unreachable)
+    config = config.model_copy(
+        update={"overrides": {**config.overrides, "message.max.bytes": 1000}}
+    )
+    producer = EventProducer(config)
+    big = make_event(1).with_raw_text(prompt_text="x" * 2_000, allowed=True)
+    with caplog.at_level(logging.WARNING, logger="kiln.producer"):
+        assert producer.publish(big) is False
+    assert producer.close(timeout=0.1).dropped == 1
+    assert "refused by librdkafka" in caplog.text and "MSG_SIZE_TOO_LARGE" in caplog.text
 
 
 def test_broker_outage_loses_no_acknowledged_event_and_duplicates_none(
