@@ -5,7 +5,8 @@
 // with inline functions (a weak symbol compiled for AVX-512 could be picked for the AVX2 path),
 // everything but the exported table in an anonymous namespace, math through __builtin_*.
 // The loops are plain C++ under `#pragma omp simd`; the compiler vectorizes them to the
-// variant's width (AVX-512 needs -mprefer-vector-width=512 on gcc 12).
+// variant's width (AVX-512 needs prefer-vector-width=512 on gcc 12). Build with
+// -fno-trapping-math: without it gcc will not if-convert the clamps in exp for AVX2.
 #ifndef KILN_ISA
 #error "define KILN_ISA (the variant's namespace) before including kernels_impl.h"
 #endif
@@ -31,11 +32,13 @@ inline float to_acc(bf16 v) { return __builtin_bit_cast(float, static_cast<uint3
 template <typename T> inline T from_acc(acc_t<T> v);
 template <> inline float from_acc<float>(float v) { return v; }
 template <> inline double from_acc<double>(double v) { return v; }
-// Round to nearest even, as torch does; NaN stays a (quiet) NaN.
+// Round to nearest even, as torch does; NaN stays a (quiet) NaN. Branch-free with a mask: a
+// select here kept gcc from vectorizing some AVX2 loops.
 template <> inline bf16 from_acc<bf16>(float v) {
-  uint32_t u = __builtin_bit_cast(uint32_t, v);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan_mask = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
+  return static_cast<bf16>((rounded & ~nan_mask) | (0x7fc0u & nan_mask));
 }
 
 inline float rsqrt_acc(float v) { return 1.0f / __builtin_sqrtf(v); }
@@ -45,7 +48,8 @@ inline double rsqrt_acc(double v) { return 1.0 / __builtin_sqrt(v); }
 // |r| <= ln2/2, exp(r) by its Taylor series to r^6 (error below 1e-7 relative), 2^n through the
 // exponent bits. Inputs are clamped to the range where the result is a normal float.
 inline float exp_acc(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + kRound) - kRound;
   float r = x - n * 0.693145751953125f;  // ln2 in two parts, so r keeps its low bits
@@ -62,6 +66,30 @@ inline float exp_acc(float x) {
 }
 inline double exp_acc(double x) { return __builtin_exp(x); }
 
+// Sums f(i) over [0, n) into kSumBlock partial sums: several vector registers of independent
+// adds, where one `omp simd reduction` accumulator would wait on each add's latency. f may also
+// store; it is called once for each i.
+constexpr int64_t kSumBlock = 64;
+
+template <typename A, typename F>
+inline void blocked_sums(int64_t n, A* s0, A* s1, F&& f) {
+  A p0[kSumBlock] = {}, p1[kSumBlock] = {};
+  int64_t i = 0;
+  for (; i + kSumBlock <= n; i += kSumBlock) {
+#pragma omp simd
+    for (int64_t j = 0; j < kSumBlock; ++j) f(i + j, p0[j], p1[j]);
+  }
+  A t0 = 0, t1 = 0;
+#pragma omp simd reduction(+ : t0, t1)
+  for (int64_t j = i; j < n; ++j) f(j, t0, t1);
+  for (int64_t j = 0; j < kSumBlock; ++j) {
+    t0 += p0[j];
+    t1 += p1[j];
+  }
+  *s0 = t0;
+  *s1 = t1;
+}
+
 // ---------------------------------------------------------------------------------------------
 // rms_norm, with or without the residual add
 
@@ -75,25 +103,23 @@ void add_rms_norm_t(int64_t r0, int64_t r1, int64_t n, double eps, const T* x, i
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * sx;
     const T* z;
-    A ss = 0;
+    A ss = 0, unused = 0;
     if (res != nullptr) {
       const T* rr = res + r * sres;
       T* ror = ro + r * sro;
       // The sum of squares uses the residual as stored (rounded to T), as the reference does.
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) {
+      blocked_sums(n, &ss, &unused, [&](int64_t i, A& acc, A&) {
         T zt = from_acc<T>(to_acc(xr[i]) + to_acc(rr[i]));
         ror[i] = zt;
         A zv = to_acc(zt);
-        ss += zv * zv;
-      }
+        acc += zv * zv;
+      });
       z = ror;
     } else {
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) {
+      blocked_sums(n, &ss, &unused, [&](int64_t i, A& acc, A&) {
         A zv = to_acc(xr[i]);
-        ss += zv * zv;
-      }
+        acc += zv * zv;
+      });
       z = xr;
     }
     const A rstd = rsqrt_acc(ss * inv_n + eps_a);
@@ -114,12 +140,11 @@ void rms_norm_backward_t(int64_t r0, int64_t r1, int64_t n, double eps, const T*
     const T* gr = g + r * sg;
     const T* zr = z + r * sz;
     A ss = 0, dot = 0;
-#pragma omp simd reduction(+ : ss, dot)
-    for (int64_t i = 0; i < n; ++i) {
+    blocked_sums(n, &ss, &dot, [&](int64_t i, A& ss_i, A& dot_i) {
       A zv = to_acc(zr[i]);
-      ss += zv * zv;
-      dot += to_acc(gr[i]) * to_acc(w[i]) * zv;
-    }
+      ss_i += zv * zv;
+      dot_i += to_acc(gr[i]) * to_acc(w[i]) * zv;
+    });
     const A rstd = rsqrt_acc(ss * inv_n + eps_a);
     const A c = dot * rstd * rstd * rstd * inv_n;
     T* gzr = gz + r * sgz;
