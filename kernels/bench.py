@@ -1,12 +1,14 @@
 """Benchmark of the kiln ops against torch eager, torch.compile and a same-traffic copy, in one run.
 
-    python -m kernels.bench                 # every op, shapes [1|64|2048, 4096], fp32 and bf16
+    python -m kernels.bench                  # every op, rows 1 / 64 / 2048 of 4096, fp32 and bf16
     python -m kernels.bench --ops fused_add_rms_norm_ --no-compile
-    python -m kernels.bench --alloc         # allocating vs `out` forms, glibc vs tcmalloc
+    python -m kernels.bench --alloc          # allocating vs `out` forms, glibc malloc vs tcmalloc
 
-Each figure is the best of five timed batches (this machine is shared); ratios compare figures of
-the same run. `probe` is a tensor copy that moves the bytes the op must move at least (reads plus
-writes), so `bw/probe` is the fraction of the copy's bandwidth that the op reaches.
+Each time is the best of five batches (the machines are shared; the best is the least disturbed).
+Ratios compare times of the same run: x_eager = eager / ours, x_compile = compile / ours,
+bw/probe = probe / ours where `probe` is a tensor copy moving the bytes the op must move at least
+(its reads plus its writes), i.e. the fraction of copy bandwidth the op reaches; avx2/best = the
+AVX2 variant's time over the default variant's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,21 +31,23 @@ EPS = 1e-6
 HIDDEN = 4096
 ROWS = (1, 64, 2048)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HEAD = 128  # rotary: 32 query heads and 8 key heads of 128 per token (hidden 4096, GQA)
+HEAD = 128  # rotary: 32 query heads and 8 key heads of 128 per row (hidden 4096, GQA)
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
+Fn = Callable[[], object]
 
-def best_time(fn: Callable[[], object], budget: float) -> float:
-    """Seconds per call: the best of five batches sized to take about budget/5 each."""
+
+def best_time(fn: Fn, budget: float) -> float:
+    """Seconds per call: the best of five batches, each sized to take about budget / 5."""
     for _ in range(3):
         fn()
-    n = 1
-    while True:
+    n, dt = 1, 0.0
+    while n < 1 << 20:
         t = time.perf_counter()
         for _ in range(n):
             fn()
         dt = time.perf_counter() - t
-        if dt >= budget / 20 or n >= 1 << 20:
+        if dt >= budget / 20:
             break
         n *= 4
     n = max(1, int(n * (budget / 5) / max(dt, 1e-9)))
@@ -56,27 +60,27 @@ def best_time(fn: Callable[[], object], budget: float) -> float:
     return best
 
 
-def probe(nbytes: int) -> Callable[[], object]:
-    """A copy reading nbytes/2 and writing nbytes/2."""
-    half = max(1, nbytes // 2)
-    src = torch.ones(half, dtype=torch.uint8)
+def probe(nbytes: int) -> Fn:
+    """A copy that reads nbytes / 2 and writes nbytes / 2."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
 
 
 @dataclass
 class Case:
-    shape: str
-    dtype: str
-    nbytes: int
-    ours: Callable[[], object]
-    eager: Callable[[], object]
-    compiled: Callable[[], object] | None
-    times: dict[str, float] = field(default_factory=dict)
+    nbytes: int  # the bytes the op must read and write at least
+    ours: Fn
+    eager: Fn
+    compiled: Fn | None
+
+
+def rand(*shape: int, dt: torch.dtype, grad: bool = False) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dt).requires_grad_(grad)
 
 
 # ------------------------------------------------------------------------------------------------
-# the ops, each as (ours, eager, compile-able eager) over fresh inputs
+# fused_add_rms_norm_ (decode and inference: in place)
 
 
 def eager_fused_inplace(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> None:
@@ -84,20 +88,26 @@ def eager_fused_inplace(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> No
     x.copy_(F.rms_norm(r, (r.shape[-1],), w, EPS))
 
 
-def cases_fused_inplace(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    x, r, w = (
-        torch.randn(rows, HIDDEN, dtype=dt),
-        torch.randn(rows, HIDDEN, dtype=dt),
-        torch.randn(HIDDEN, dtype=dt),
-    )
+def compile_fused_inplace(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What torch.compile can do here: inductor in torch 2.13 fails (KeyError 'buf1') on a graph
+    mutating both x and r, so this one updates r in place and returns the output as a new tensor."""
+    r.add_(x)
+    return F.rms_norm(r, (r.shape[-1],), w, EPS)
+
+
+def case_fused_inplace(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
+    x, r, w = rand(rows, HIDDEN, dt=dt), rand(rows, HIDDEN, dt=dt), rand(HIDDEN, dt=dt)
     op = torch.ops.kiln.fused_add_rms_norm_.default
-    nbytes = 4 * x.numel() * x.element_size()
-    return (
-        nbytes,
+    return Case(
+        4 * x.numel() * x.element_size(),  # read x, r; write r, x
         lambda: op(x, r, w, EPS),
         lambda: eager_fused_inplace(x, r, w),
         (lambda: compiled(x, r, w)) if compiled else None,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_add_rms_norm forward + backward (training)
 
 
 def eager_fused_train(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tuple:
@@ -105,29 +115,33 @@ def eager_fused_train(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tupl
     return F.rms_norm(z, (z.shape[-1],), w, EPS), z
 
 
-def cases_fused_train(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=dt).requires_grad_()
+def case_fused_train(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
+    x, r, w = (
+        rand(rows, HIDDEN, dt=dt, grad=True),
+        rand(rows, HIDDEN, dt=dt, grad=True),
+        rand(HIDDEN, dt=dt, grad=True),
+    )
+    g_out, g_res = rand(rows, HIDDEN, dt=dt), rand(rows, HIDDEN, dt=dt)
 
-    x, r, w = leaf(rows, HIDDEN), leaf(rows, HIDDEN), leaf(HIDDEN)
-    g1, g2 = torch.randn(rows, HIDDEN, dtype=dt), torch.randn(rows, HIDDEN, dtype=dt)
-
-    def step(fwd: Callable) -> Callable[[], object]:
+    def step(fwd: Callable) -> Fn:
         def run() -> object:
             out, z = fwd(x, r, w)
-            return torch.autograd.grad([out, z], [x, r, w], [g1, g2])
+            return torch.autograd.grad([out, z], [x, r, w], [g_out, g_res])
 
         return run
 
-    ours = torch.ops.kiln.fused_add_rms_norm.default
-    # forward reads x, r and writes out, z; backward reads g_out, g_res, z and writes grad_z
-    nbytes = 8 * x.numel() * x.element_size()
-    return (
-        nbytes,
-        step(lambda a, b, c: ours(a, b, c, EPS)),
+    op = torch.ops.kiln.fused_add_rms_norm.default
+    return Case(
+        # forward: read x, r, write out, z; backward: read g_out, g_res, z, write grad_z
+        8 * x.numel() * x.element_size(),
+        step(lambda a, b, c: op(a, b, c, EPS)),
         step(eager_fused_train),
         step(compiled) if compiled else None,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# silu_and_mul_out
 
 
 def eager_silu_out(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -135,17 +149,24 @@ def eager_silu_out(x: torch.Tensor, out: torch.Tensor) -> None:
     torch.mul(F.silu(x[..., :d]), x[..., d:], out=out)
 
 
-def cases_silu(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    x = torch.randn(rows, 2 * HIDDEN, dtype=dt)
-    out = torch.empty(rows, HIDDEN, dtype=dt)
+def compile_silu(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def case_silu(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
+    x, out = rand(rows, 2 * HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt)
     op = torch.ops.kiln.silu_and_mul_out.default
-    nbytes = 3 * out.numel() * out.element_size()
-    return (
-        nbytes,
+    return Case(
+        3 * out.numel() * out.element_size(),  # read gate and up, write out
         lambda: op(x, out),
         lambda: eager_silu_out(x, out),
-        (lambda: compiled(x, out)) if compiled else None,
+        (lambda: compiled(x)) if compiled else None,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# rotary_embedding_
 
 
 def eager_rotary_inplace(
@@ -159,150 +180,163 @@ def eager_rotary_inplace(
         t.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
 
 
-def cases_rotary(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    q = torch.randn(rows, HIDDEN // HEAD, HEAD, dtype=dt)
-    k = torch.randn(rows, HIDDEN // HEAD // 4, HEAD, dtype=dt)
+def case_rotary(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
+    q = rand(rows, HIDDEN // HEAD, HEAD, dt=dt)
+    k = rand(rows, HIDDEN // HEAD // 4, HEAD, dt=dt)
     cache = reference.rope_cache(4096, HEAD, dtype=dt)
     pos = torch.randint(0, 4096, (rows,))
     op = torch.ops.kiln.rotary_embedding_.default
-    nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-    return (
-        nbytes,
+    return Case(
+        2 * (q.numel() + k.numel()) * q.element_size(),  # read and write q and k
         lambda: op(pos, q, k, cache, True),
         lambda: eager_rotary_inplace(pos, q, k, cache),
         (lambda: compiled(pos, q, k, cache)) if compiled else None,
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# int8_linear_out (decode)
+
+
 def eager_int8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x @ wq.to(x.dtype).t()) * scale.to(x.dtype)
 
 
-def cases_int8(rows: int, dt: torch.dtype, compiled: Callable | None) -> tuple:
-    x = torch.randn(rows, HIDDEN, dtype=dt)
+def case_int8(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
+    x, out = rand(rows, HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt)
     wq, scale = reference.quantize_int8(torch.randn(HIDDEN, HIDDEN))
-    out = torch.empty(rows, HIDDEN, dtype=dt)
     op = torch.ops.kiln.int8_linear_out.default
-    nbytes = wq.numel() + 2 * x.numel() * x.element_size()
-    return (
-        nbytes,
+    return Case(
+        wq.numel() + 2 * x.numel() * x.element_size(),  # the int8 weights, x and out
         lambda: op(x, wq, scale, None, out),
         lambda: eager_int8_linear(x, wq, scale),
         (lambda: compiled(x, wq, scale)) if compiled else None,
     )
 
 
-def cases_linear_dense(rows: int, dt: torch.dtype) -> Callable[[], object]:
-    """What int8 replaces: F.linear with the weights in the activation dtype."""
-    x = torch.randn(rows, HIDDEN, dtype=dt)
-    w = torch.randn(HIDDEN, HIDDEN, dtype=dt)
+def dense_linear(rows: int, dt: torch.dtype) -> Fn:
+    """What the int8 op replaces: F.linear with weights in the activation dtype."""
+    x, w = rand(rows, HIDDEN, dt=dt), rand(HIDDEN, HIDDEN, dt=dt)
     return lambda: F.linear(x, w)
 
 
-OPS: dict[str, tuple[str, Callable, Callable | None, tuple[int, ...]]] = {
-    "fused_add_rms_norm_": (
-        "fused_add_rms_norm_ (in place: residual += x; x = rms_norm(residual) * w); bytes 4*N",
-        cases_fused_inplace,
-        eager_fused_inplace,
-        ROWS,
+@dataclass
+class OpBench:
+    title: str
+    make: Callable[[int, torch.dtype, Callable | None], Case]
+    compile_fn: Callable
+    rows: tuple[int, ...] = ROWS
+
+
+OPS: dict[str, OpBench] = {
+    "fused_add_rms_norm_": OpBench(
+        "fused_add_rms_norm_: in place, residual += x; x = rms_norm(residual) * w. bytes 4N. "
+        "compile: r in place, new output (see compile_fused_inplace)",
+        case_fused_inplace,
+        compile_fused_inplace,
     ),
-    "fused_add_rms_norm_train": (
-        "fused_add_rms_norm forward+backward (grads of x, residual, w); bytes 8*N",
-        cases_fused_train,
+    "fused_add_rms_norm_train": OpBench(
+        "fused_add_rms_norm forward + backward (grads of x, residual, weight). bytes 8N",
+        case_fused_train,
         eager_fused_train,
-        ROWS,
     ),
-    "silu_and_mul_out": (
-        "silu_and_mul_out (x [rows, 2*4096] -> out [rows, 4096]); bytes 3*N",
-        cases_silu,
-        eager_silu_out,
-        ROWS,
+    "silu_and_mul_out": OpBench(
+        "silu_and_mul_out: x [rows, 2*4096] -> out [rows, 4096]. bytes 3N (N = out). "
+        "compile: functional",
+        case_silu,
+        compile_silu,
     ),
-    "rotary_embedding_": (
-        "rotary_embedding_ (in place; q 32x128, k 8x128 heads per row, neox); bytes 2*(q+k)",
-        cases_rotary,
+    "rotary_embedding_": OpBench(
+        "rotary_embedding_: in place on q (32x128) and k (8x128) per row, neox. bytes 2(q+k)",
+        case_rotary,
         eager_rotary_inplace,
-        ROWS,
     ),
-    "int8_linear_out": (
-        "int8_linear_out (x [rows, 4096] @ int8 [4096, 4096]); bytes weights + x + out;"
-        " eager/compile = dequantize + matmul",
-        cases_int8,
+    "int8_linear_out": OpBench(
+        "int8_linear_out: x [rows, 4096] @ int8 W [4096, 4096] * scale. bytes W + x + out. "
+        "eager and compile: dequantize + matmul; fp_linear: F.linear with dense weights",
+        case_int8,
         eager_int8_linear,
         (1, 64),
     ),
 }
 
 
-def fmt_us(t: float | None) -> str:
-    return "-" if t is None else f"{t * 1e6:9.1f}"
+def us(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e6:.1f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a / b:6.2f}"
+    return "-" if a is None or b is None else f"{a / b:.2f}"
 
 
-def run_op(name: str, use_compile: bool, budget: float, isas: list[str]) -> None:
-    title, make, eager_fn, rows_list = OPS[name]
-    compiled = torch.compile(eager_fn, fullgraph=True) if use_compile else None
-    second_isa = "avx2" if "avx2" in isas and isas[0] != "avx2" else None
-    print(f"\n## {title}")
-    head = (
-        f"{'shape':<12}{'dtype':<6}{'ours_us':>9} {f'{second_isa}_us' if second_isa else '':>9} "
-        f"{'eager_us':>9} {'compile_us':>10} {'probe_us':>9} {'ours_GB/s':>9} {'probe_GB/s':>10} "
-        f"{'bw/probe':>8} {'x_eager':>8} {'x_compile':>9}"
-        + (f" {second_isa + '/' + isas[0]:>12}" if second_isa else "")
-        + (f" {'fp_linear_us':>12}" if name == "int8_linear_out" else "")
-    )
-    print(head)
-    for rows in rows_list:
+def run_op(name: str, use_compile: bool, budget: float, second_isa: str | None) -> None:
+    bench = OPS[name]
+    compiled = torch.compile(bench.compile_fn, fullgraph=True) if use_compile else None
+    columns = [
+        "shape",
+        "dtype",
+        "ours_us",
+        "eager_us",
+        "compile_us",
+        "probe_us",
+        "ours_GB/s",
+        "probe_GB/s",
+        "bw/probe",
+        "x_eager",
+        "x_compile",
+    ]
+    if second_isa:
+        columns += [f"{second_isa}_us", f"{second_isa}/best"]
+    if name == "int8_linear_out":
+        columns += ["fp_linear_us", "x_fp_linear"]
+    print(f"\n## {bench.title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for rows in bench.rows:
         for dname, dt in DTYPES.items():
-            nbytes, ours, eager, comp = make(rows, dt, compiled)
-            t_ours = best_time(ours, budget)
-            t_isa = None
+            case = bench.make(rows, dt, compiled)
+            t_ours = best_time(case.ours, budget)
+            t_eager = best_time(case.eager, budget)
+            t_comp = best_time(case.compiled, budget) if case.compiled else None
+            t_probe = best_time(probe(case.nbytes), budget)
+            cells = [
+                f"[{rows}, {HIDDEN}]",
+                dname,
+                us(t_ours),
+                us(t_eager),
+                us(t_comp),
+                us(t_probe),
+                f"{case.nbytes / t_ours / 1e9:.1f}",
+                f"{case.nbytes / t_probe / 1e9:.1f}",
+                ratio(t_probe, t_ours),
+                ratio(t_eager, t_ours),
+                ratio(t_comp, t_ours),
+            ]
             if second_isa:
                 with ops.use_cpu_isa(second_isa):
-                    t_isa = best_time(ours, budget)
-            t_eager = best_time(eager, budget)
-            t_comp = best_time(comp, budget) if comp else None
-            t_probe = best_time(probe(nbytes), budget)
-            line = (
-                f"{f'[{rows}, {HIDDEN}]':<12}{dname:<6}{fmt_us(t_ours)} {fmt_us(t_isa) if t_isa else '':>9} "
-                f"{fmt_us(t_eager)} {fmt_us(t_comp):>10} {fmt_us(t_probe)} "
-                f"{nbytes / t_ours / 1e9:9.1f} {nbytes / t_probe / 1e9:10.1f} "
-                f"{ratio(t_probe, t_ours):>8} {ratio(t_eager, t_ours):>8} {ratio(t_comp, t_ours):>9}"
-            )
-            if second_isa:
-                line += f" {ratio(t_isa, t_ours):>12}"
+                    t_isa = best_time(case.ours, budget)
+                cells += [us(t_isa), ratio(t_isa, t_ours)]
             if name == "int8_linear_out":
-                line += f" {fmt_us(best_time(cases_linear_dense(rows, dt), budget)):>12}"
-            print(line, flush=True)
+                t_fp = best_time(dense_linear(rows, dt), budget)
+                cells += [us(t_fp), ratio(t_fp, t_ours)]
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
-def run_alloc(budget: float) -> None:
-    """The allocating functional form against the `out` form: the gap is the allocator's cost."""
-    rows, dt = 2048, torch.float32
-    x, r, w = (
-        torch.randn(rows, HIDDEN, dtype=dt),
-        torch.randn(rows, HIDDEN, dtype=dt),
-        torch.randn(HIDDEN, dtype=dt),
-    )
+def run_alloc(budget: float) -> str:
+    """The allocating functional forms against the `out` forms at [2048, 4096] fp32."""
+    x, r = rand(2048, HIDDEN, dt=torch.float32), rand(2048, HIDDEN, dt=torch.float32)
+    w = rand(HIDDEN, dt=torch.float32)
     out = torch.empty_like(x)
-    functional = torch.ops.kiln.fused_add_rms_norm.default
-    into = torch.ops.kiln.fused_add_rms_norm_out.default
-    rn = torch.ops.kiln.rms_norm.default
-    rn_out = torch.ops.kiln.rms_norm_out.default
-    t_f = best_time(lambda: functional(x, r, w, EPS), budget)
-    t_o = best_time(lambda: into(x, r, w, EPS, out), budget)
-    t_rf = best_time(lambda: rn(x, w, EPS), budget)
-    t_ro = best_time(lambda: rn_out(x, w, EPS, out), budget)
+    kiln = torch.ops.kiln
+    t_fused = best_time(lambda: kiln.fused_add_rms_norm.default(x, r, w, EPS), budget)
+    t_fused_out = best_time(lambda: kiln.fused_add_rms_norm_out.default(x, r, w, EPS, out), budget)
+    t_norm = best_time(lambda: kiln.rms_norm.default(x, w, EPS), budget)
+    t_norm_out = best_time(lambda: kiln.rms_norm_out.default(x, w, EPS, out), budget)
     t_eager = best_time(lambda: F.rms_norm(x, (HIDDEN,), w, EPS), budget)
-    preload = os.environ.get("LD_PRELOAD", "") or "glibc malloc"
-    print(
-        f"[2048, 4096] fp32, allocator {preload}: fused_add_rms_norm {t_f * 1e6:.0f} us "
-        f"(out form {t_o * 1e6:.0f} us, x{t_f / t_o:.2f}); rms_norm {t_rf * 1e6:.0f} us "
-        f"(out form {t_ro * 1e6:.0f} us, x{t_rf / t_ro:.2f}); eager F.rms_norm {t_eager * 1e6:.0f} us",
-        flush=True,
+    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+    return (
+        f"| {allocator} | {us(t_fused)} | {us(t_fused_out)} | {ratio(t_fused, t_fused_out)} | "
+        f"{us(t_norm)} | {us(t_norm_out)} | {ratio(t_norm, t_norm_out)} | {us(t_eager)} |"
     )
 
 
@@ -314,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
     parser.add_argument("--alloc", action="store_true", help="only the allocator comparison")
+    parser.add_argument("--alloc-row", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args(argv)
     if not ops.HAVE_EXTENSION:
@@ -321,22 +356,46 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.alloc_row:  # one row of the allocator table, in a process with LD_PRELOAD set
+        print(run_alloc(args.budget))
+        return 0
     isas = ops.cpu_isas()
+    load = os.getloadavg()[0]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU variant {ops.cpu_isa()} "
-        f"(available: {', '.join(isas)}), allocator {os.environ.get('LD_PRELOAD') or 'glibc malloc'}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU variant "
+        f"{ops.cpu_isa()} (built and supported: {', '.join(isas)}), "
+        f"allocator {os.environ.get('LD_PRELOAD') or 'glibc malloc'}, load average {load:.2f}"
     )
     if args.alloc:
-        run_alloc(args.budget)
-        if "tcmalloc" not in os.environ.get("LD_PRELOAD", "") and Path(TCMALLOC).exists():
-            env = dict(os.environ, LD_PRELOAD=TCMALLOC)
-            cmd = [sys.executable, "-m", "kernels.bench", "--alloc", "--budget", str(args.budget)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            print(out.strip().splitlines()[-1])
+        print(
+            "\n## per-call allocation: functional (new outputs) vs `out` forms, [2048, 4096] fp32"
+        )
+        print(
+            "| allocator | fused_add_rms_norm_us | fused_add_rms_norm_out_us | ratio "
+            "| rms_norm_us | rms_norm_out_us | ratio | eager F.rms_norm_us |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for preload in ("", TCMALLOC):
+            if preload and not Path(preload).exists():
+                print(f"(no {preload}: apt-get install libtcmalloc-minimal4)")
+                continue
+            env = dict(os.environ, LD_PRELOAD=preload)
+            cmd = [
+                sys.executable,
+                "-m",
+                "kernels.bench",
+                "--alloc-row",
+                "--budget",
+                str(args.budget),
+            ]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            print(done.stdout.strip().splitlines()[-1], flush=True)
         return 0
-    with torch.inference_mode(False):
-        for name in args.ops:
-            run_op(name, not args.no_compile, args.budget, isas)
+    second = "avx2" if "avx2" in isas and ops.cpu_isa() != "avx2" else None
+    for name in args.ops:
+        run_op(name, not args.no_compile, args.budget, second)
     return 0
 
 

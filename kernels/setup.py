@@ -37,7 +37,12 @@ if platform.machine() in ("x86_64", "AMD64"):
 # -fno-trapping-math: lets gcc vectorize the selects in the kernels' exp for AVX2 (no FP traps
 # are used anywhere).
 CXX_FLAGS = [
-    "-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fvisibility=hidden", "-Wno-unknown-pragmas",
+    "-O3",
+    "-g0",
+    "-fopenmp",
+    "-fno-trapping-math",
+    "-fvisibility=hidden",
+    "-Wno-unknown-pragmas",
 ]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-g0"]
 LINK_FLAGS = ["-fopenmp", "-Wl,--as-needed"]
