@@ -32,8 +32,9 @@ $(VENV)/.infra-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[infra]'
 	touch $@
 
+# Tests exercise every role: the infrastructure, the workloads (torch, Kafka client) and tools.
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.infra-installed
-	$(BIN)/pip install -q -e '.[infra,dev]'
+	$(BIN)/pip install -q -e '.[infra,ml,dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json $(VENV)/.infra-installed

@@ -20,6 +20,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in values.items():
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, item in enumerate(value):
+                flat.update(flatten(item, f"{prefix}{key}[{index}]."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -118,11 +118,92 @@ def kms_buckets_use_bucket_keys(stack: SynthesizedStack, settings: Settings) -> 
     return violations
 
 
+def msk_iam_and_tls_only(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """MSK clusters admit IAM-authenticated clients only, over TLS, with TLS between brokers."""
+    del settings
+    violations = []
+    for logical_id, cluster in stack.resources_of_type("AWS::MSK::Cluster").items():
+        props = cluster.get("Properties", {})
+        auth = props.get("ClientAuthentication", {})
+        transit = props.get("EncryptionInfo", {}).get("EncryptionInTransit", {})
+        problems = []
+        if auth.get("Sasl", {}).get("Iam", {}).get("Enabled") is not True:
+            problems.append("IAM client authentication is not enabled")
+        if auth.get("Unauthenticated", {}).get("Enabled") is True:
+            problems.append("unauthenticated access is enabled")
+        if auth.get("Sasl", {}).get("Scram", {}).get("Enabled") is True or auth.get("Tls"):
+            problems.append("an authentication method other than IAM is enabled")
+        # MSK's default for ClientBroker is TLS; only an explicit plaintext mode is a violation.
+        if transit.get("ClientBroker", "TLS") != "TLS":
+            problems.append(f"client-broker encryption is {transit['ClientBroker']}, not TLS")
+        if transit.get("InCluster") is False:
+            problems.append("traffic between brokers is not encrypted")
+        violations += [
+            Violation("msk-iam-tls-only", stack.stack_name, logical_id, p) for p in problems
+        ]
+    return violations
+
+
+def warehouse_private_and_encrypted(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """Redshift is never publicly accessible and always KMS-encrypted with our key."""
+    del settings
+    violations = []
+    for logical_id, resource in stack.resources_of_type(
+        "AWS::RedshiftServerless::Workgroup",
+        "AWS::Redshift::Cluster",
+        "AWS::RedshiftServerless::Namespace",
+    ).items():
+        props = resource.get("Properties", {})
+        kind = resource["Type"]
+        problems = []
+        if (
+            kind != "AWS::RedshiftServerless::Namespace"
+            and props.get("PubliclyAccessible") is not False
+        ):
+            problems.append("PubliclyAccessible is not explicitly false")
+        if kind == "AWS::Redshift::Cluster" and props.get("Encrypted") is not True:
+            problems.append("Encrypted is not true")
+        if kind != "AWS::RedshiftServerless::Workgroup" and not props.get("KmsKeyId"):
+            problems.append("no customer-managed KmsKeyId")
+        violations += [
+            Violation("warehouse-private-encrypted", stack.stack_name, logical_id, p)
+            for p in problems
+        ]
+    return violations
+
+
+def firehose_uses_kms(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """Firehose deliveries to S3 encrypt what they write with a KMS key."""
+    del settings
+    violations = []
+    for logical_id, stream in stack.resources_of_type(
+        "AWS::KinesisFirehose::DeliveryStream"
+    ).items():
+        props = stream.get("Properties", {})
+        for key in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
+            if key not in props:
+                continue
+            encryption = props[key].get("EncryptionConfiguration", {})
+            if not encryption.get("KMSEncryptionConfig", {}).get("AWSKMSKeyARN"):
+                violations.append(
+                    Violation(
+                        "firehose-kms",
+                        stack.stack_name,
+                        logical_id,
+                        f"{key} writes S3 objects without a KMS key",
+                    )
+                )
+    return violations
+
+
 GUARDRAILS: tuple[Guardrail, ...] = (
     data_stores_retained,
     termination_protected,
     required_tags,
     kms_buckets_use_bucket_keys,
+    msk_iam_and_tls_only,
+    warehouse_private_and_encrypted,
+    firehose_uses_kms,
 )
 
 

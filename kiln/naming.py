@@ -18,3 +18,19 @@ def stack_name(settings: Settings, component: str) -> str:
 def kms_alias(settings: Settings, purpose: str) -> str:
     """KMS alias of a key, e.g. `alias/kiln/dev/data-lake`."""
     return f"alias/{settings.project}/{settings.name}/{purpose}"
+
+
+# The data lake's zones; their buckets are named so that other stacks, the `kiln` tool and
+# SageMaker can address them without reading CloudFormation outputs.
+LAKE_ZONES = ("raw", "curated", "artifacts", "capture", "access-logs")
+
+
+def bucket_name(settings: Settings, zone: str, *, account: str, region: str) -> str:
+    """`<project>-<env>-<zone>-<account>-<region>`: globally unique per account and region.
+
+    `account` and `region` are the deploy-time values (CloudFormation pseudo parameters in
+    templates); the settings schema checks the longest name fits S3's 63 characters.
+    """
+    if zone not in LAKE_ZONES:
+        raise ValueError(f"unknown data lake zone {zone!r}; zones: {', '.join(LAKE_ZONES)}")
+    return f"{prefix(settings)}-{zone}-{account}-{region}"

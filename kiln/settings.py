@@ -55,7 +55,7 @@ class NetworkSettings(StrictModel):
         except ValueError as err:
             raise PydanticCustomError(
                 "cidr",
-                "{value!r} is not an IPv4 network in CIDR form like 10.0.0.0/16 ({err})",
+                "'{value}' is not an IPv4 network in CIDR form like 10.0.0.0/16 ({err})",
                 {"value": value, "err": str(err)},
             ) from None
         if not net.is_private:
@@ -100,6 +100,113 @@ class DataLakeSettings(StrictModel):
         return self
 
 
+class ServerlessWarehouseSettings(StrictModel):
+    """Redshift Serverless capacity in RPUs (8 to 1024, in steps of 8)."""
+
+    base_capacity: int = Field(8, ge=8, le=1024, multiple_of=8)
+    max_capacity: int = Field(64, ge=8, le=5632, multiple_of=8)
+
+    @model_validator(mode="after")
+    def _max_at_least_base(self) -> ServerlessWarehouseSettings:
+        if self.max_capacity < self.base_capacity:
+            raise PydanticCustomError(
+                "capacity",
+                "max_capacity ({m}) must be at least base_capacity ({b})",
+                {"m": self.max_capacity, "b": self.base_capacity},
+            )
+        return self
+
+
+class ProvisionedWarehouseSettings(StrictModel):
+    """A provisioned Redshift cluster: RA3 node type and count."""
+
+    node_type: Literal["ra3.large", "ra3.xlplus", "ra3.4xlarge", "ra3.16xlarge"] = "ra3.large"
+    nodes: int = Field(2, ge=1, le=128)
+
+
+class WarehouseSettings(StrictModel):
+    """The Redshift warehouse: Serverless by default, a provisioned cluster when asked."""
+
+    kind: Literal["serverless", "provisioned"] = "serverless"
+    database: str = Field("analytics", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    # Not `admin`/`awsuser`: well-known names are the first ones guessed.
+    admin_username: str = Field("kiln_admin", pattern=r"^[a-z][a-z0-9_]{0,126}$")
+    serverless: ServerlessWarehouseSettings = ServerlessWarehouseSettings()
+    provisioned: ProvisionedWarehouseSettings = ProvisionedWarehouseSettings()
+    snapshot_retention_days: int = Field(7, ge=1, le=35)
+
+    @field_validator("admin_username")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in {"admin", "awsuser", "rdsadmin", "root", "postgres"}:
+            raise PydanticCustomError(
+                "reserved",
+                "'{value}' is a default or reserved name; choose another",
+                {"value": value},
+            )
+        return value
+
+
+class TopicSettings(StrictModel):
+    """A Kafka topic created by CloudFormation."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")
+    partitions: int = Field(ge=1, le=1000)
+    retention_hours: int = Field(168, ge=1, le=8760)
+
+
+class FirehoseSettings(StrictModel):
+    """Delivery of one topic from MSK to the raw zone."""
+
+    topic: str = "prediction-events"
+    buffer_interval_seconds: int = Field(300, ge=0, le=900)
+    buffer_size_mib: int = Field(64, ge=1, le=128)
+
+
+class StreamingSettings(StrictModel):
+    """The MSK cluster (one broker per zone per `brokers_per_zone`), its topics, Firehose."""
+
+    kafka_version: str = Field(pattern=r"^\d+\.\d+\.(\d+|x)(\.kraft)?$")
+    broker_instance_type: str = Field(pattern=r"^(kafka|express)\.[a-z0-9]+\.[a-z0-9]+$")
+    brokers_per_zone: int = Field(1, ge=1, le=10)
+    broker_storage_gib: int = Field(100, ge=1, le=16384)
+    topics: list[TopicSettings] = Field(min_length=1)
+    firehose: FirehoseSettings = FirehoseSettings()
+
+    @field_validator("broker_instance_type")
+    @classmethod
+    def _private_connectivity_capable(cls, value: str) -> str:
+        # Firehose reads MSK through multi-VPC private connectivity, which t3.small lacks.
+        if value == "kafka.t3.small":
+            raise PydanticCustomError(
+                "broker",
+                "kafka.t3.small cannot serve Firehose (no multi-VPC private "
+                "connectivity); allowed: kafka.m5.large, kafka.m7g.large or larger",
+                {},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _topics(self) -> StreamingSettings:
+        names = [t.name for t in self.topics]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("topics", "topics: names repeat: {n}", {"n": names})
+        if self.firehose.topic not in names:
+            raise PydanticCustomError(
+                "topics",
+                "firehose.topic '{t}' is not a declared topic; declared: {n}",
+                {"t": self.firehose.topic, "n": ", ".join(names)},
+            )
+        return self
+
+
+class EventSettings(StrictModel):
+    """What prediction events may carry."""
+
+    # Raw prompts and completions are user data: off unless the environment's owner opts in.
+    allow_raw_text: bool = False
+
+
 class Settings(StrictModel):
     """Everything that differs between environments. Field order matters: `tier` is read first."""
 
@@ -115,6 +222,9 @@ class Settings(StrictModel):
     log_retention_days: int
     network: NetworkSettings
     data_lake: DataLakeSettings = DataLakeSettings()
+    warehouse: WarehouseSettings = WarehouseSettings()
+    streaming: StreamingSettings
+    events: EventSettings = EventSettings()
 
     @field_validator("log_retention_days")
     @classmethod
@@ -129,10 +239,27 @@ class Settings(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        problems = [*self._zone_problems(), *self._capacity_problems(), *self._prod_problems()]
+        problems = [
+            *self._name_problems(),
+            *self._zone_problems(),
+            *self._capacity_problems(),
+            *self._data_plane_problems(),
+            *self._prod_problems(),
+        ]
         if problems:
             raise PydanticCustomError("invariant", "\n  - ".join(problems))
         return self
+
+    def _name_problems(self) -> list[str]:
+        # The longest bucket name: <project>-<env>-access-logs-<12-digit account>-<region>.
+        longest = len(f"{self.project}-{self.name}-access-logs-123456789012-{self.region}")
+        if longest > 63:
+            return [
+                f"project: with environment {self.name!r} and region {self.region} the data "
+                f"lake's bucket names reach {longest} characters, over S3's 63; shorten the "
+                "project or environment name"
+            ]
+        return []
 
     def _zone_problems(self) -> list[str]:
         problems = []
@@ -174,6 +301,21 @@ class Settings(StrictModel):
             ]
         return []
 
+    def _data_plane_problems(self) -> list[str]:
+        problems = []
+        zones = len(self.availability_zones)
+        if self.warehouse.kind == "serverless" and zones < 3:
+            problems.append(
+                f"availability_zones: Redshift Serverless needs subnets in 3 zones, this "
+                f"environment has {zones}; add a zone or set warehouse.kind: provisioned"
+            )
+        if zones > 3:
+            problems.append(
+                f"availability_zones: MSK places brokers in 2 or 3 zones, this environment "
+                f"has {zones}; list 2 or 3"
+            )
+        return problems
+
     def _prod_problems(self) -> list[str]:
         if self.tier != "prod":
             return []
@@ -195,3 +337,13 @@ class Settings(StrictModel):
     @property
     def is_prod(self) -> bool:
         return self.tier == "prod"
+
+    @property
+    def broker_count(self) -> int:
+        """Brokers in the MSK cluster: always a multiple of the zone count."""
+        return self.streaming.brokers_per_zone * len(self.availability_zones)
+
+    @property
+    def kafka_replication_factor(self) -> int:
+        """3 where there are 3 or more brokers; otherwise every broker holds a replica."""
+        return min(3, self.broker_count)

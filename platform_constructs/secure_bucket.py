@@ -43,6 +43,7 @@ class AccessLogsBucket(Construct):
         scope: Construct,
         construct_id: str,
         *,
+        bucket_name: str | None = None,
         removal_policy: RemovalPolicy,
         expiration: Duration,
         noncurrent_version_expiration: Duration,
@@ -51,6 +52,7 @@ class AccessLogsBucket(Construct):
         self.bucket = s3.Bucket(
             self,
             "Bucket",
+            bucket_name=bucket_name,
             encryption=s3.BucketEncryption.S3_MANAGED,
             enforce_ssl=True,
             minimum_tls_version=1.2,
@@ -92,6 +94,7 @@ class SecureBucket(Construct):
         scope: Construct,
         construct_id: str,
         *,
+        bucket_name: str | None = None,
         encryption_key: kms.IKey,
         access_logs_bucket: s3.IBucket,
         access_logs_prefix: str,
@@ -103,6 +106,7 @@ class SecureBucket(Construct):
         self.bucket = s3.Bucket(
             self,
             "Bucket",
+            bucket_name=bucket_name,
             encryption=s3.BucketEncryption.KMS,
             encryption_key=encryption_key,
             bucket_key_enabled=True,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from aws_cdk import Environment, Stack
+from aws_cdk import Environment, RemovalPolicy, Stack
 from constructs import Construct
 
 from kiln import naming
 from kiln.settings import Settings
+
+
+def removal_policy(settings: Settings) -> RemovalPolicy:
+    """RETAIN unless the environment opts into DESTROY (the schema forbids that in prod)."""
+    return RemovalPolicy.DESTROY if settings.removal_policy == "destroy" else RemovalPolicy.RETAIN
 
 
 def standard_tags(settings: Settings) -> dict[str, str]:

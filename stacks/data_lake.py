@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import CfnOutput, Duration
+from aws_cdk import Aws, CfnOutput, Duration
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
@@ -10,8 +10,7 @@ from kiln import naming
 from kiln.settings import DataLakeSettings, Settings
 from platform_constructs.kms import PlatformKey
 from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
-from stacks.base import KilnStack
-from stacks.network import removal_policy
+from stacks.base import KilnStack, removal_policy
 
 # Prefixes inside the artifacts bucket that training writes and serving reads.
 CHECKPOINTS_PREFIX = "checkpoints/"
@@ -58,6 +57,22 @@ def zone_lifecycle_rules(lake: DataLakeSettings) -> dict[str, list[s3.LifecycleR
     return {"Raw": raw, "Curated": [], "Artifacts": artifacts, "Capture": capture}
 
 
+def lake_bucket_name(settings: Settings, zone: str) -> str:
+    """A zone bucket's name in a template: account and region are filled in at deploy."""
+    return naming.bucket_name(settings, zone, account=Aws.ACCOUNT_ID, region=Aws.REGION)
+
+
+def lake_bucket(scope: Construct, settings: Settings, zone: str) -> s3.IBucket:
+    """A reference to a zone bucket by name, for stacks that read or write the lake.
+
+    By name rather than by passing the Bucket across stacks: its ARN then holds only
+    pseudo parameters, so IAM statements and their reviews read plainly. Stacks using it
+    declare their dependency on the data lake stack.
+    """
+    construct_id = "".join(part.title() for part in zone.split("-")) + "ZoneBucket"
+    return s3.Bucket.from_bucket_name(scope, construct_id, lake_bucket_name(settings, zone))
+
+
 class DataLakeStack(KilnStack):
     """Composes the data lake key, the access-log bucket and the four zone buckets.
 
@@ -86,6 +101,7 @@ class DataLakeStack(KilnStack):
         self.access_logs = AccessLogsBucket(
             self,
             "AccessLogs",
+            bucket_name=lake_bucket_name(settings, "access-logs"),
             removal_policy=policy,
             expiration=Duration.days(lake.access_logs_expiration_days),
             noncurrent_version_expiration=noncurrent,
@@ -95,6 +111,7 @@ class DataLakeStack(KilnStack):
             buckets[zone] = SecureBucket(
                 self,
                 zone,
+                bucket_name=lake_bucket_name(settings, zone.lower()),
                 encryption_key=self.key,
                 access_logs_bucket=self.access_logs,
                 access_logs_prefix=f"{zone.lower()}/",

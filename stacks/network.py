@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import CfnOutput, RemovalPolicy
+from aws_cdk import CfnOutput
 from constructs import Construct
 
 from kiln import naming
@@ -10,12 +10,7 @@ from kiln.settings import Settings
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.network import WORKLOAD_INTERFACE_ENDPOINTS, PlatformVpc
-from stacks.base import KilnStack
-
-
-def removal_policy(settings: Settings) -> RemovalPolicy:
-    """RETAIN unless the environment opts into DESTROY (the schema forbids that in prod)."""
-    return RemovalPolicy.DESTROY if settings.removal_policy == "destroy" else RemovalPolicy.RETAIN
+from stacks.base import KilnStack, removal_policy
 
 
 class NetworkStack(KilnStack):

@@ -10,10 +10,13 @@ from platform_constructs.aspects import LogGroupRetention
 from stacks.base import standard_tags
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
+from stacks.streaming import StreamingStack
+from stacks.warehouse import WarehouseStack
 
 
 class KilnStage(Stage):
-    """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`."""
+    """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`,
+    `streaming`, `warehouse`."""
 
     def __init__(self, scope: Construct, *, settings: Settings) -> None:
         super().__init__(
@@ -24,6 +27,26 @@ class KilnStage(Stage):
         self.settings = settings
         self.network = NetworkStack(self, "Network", settings=settings)
         self.data_lake = DataLakeStack(self, "DataLake", settings=settings)
+        self.streaming = StreamingStack(
+            self,
+            "Streaming",
+            settings=settings,
+            vpc=self.network.vpc,
+            log_key=self.network.log_key,
+            lake_key=self.data_lake.key,
+        )
+        self.warehouse = WarehouseStack(
+            self,
+            "Warehouse",
+            settings=settings,
+            vpc=self.network.vpc,
+            log_key=self.network.log_key,
+            lake_key=self.data_lake.key,
+            msk=self.streaming.msk,
+        )
+        # Both address lake buckets by name, so the order is declared rather than implied.
+        self.streaming.add_stack_dependency(self.data_lake)
+        self.warehouse.add_stack_dependency(self.data_lake)
 
         for key, value in standard_tags(settings).items():
             Tags.of(self).add(key, value)

@@ -11,7 +11,7 @@ from kiln.config import available_environments
 
 REPO = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = available_environments()
-COMPONENTS = ("network", "data-lake")
+COMPONENTS = ("network", "data-lake", "streaming", "warehouse")
 
 
 @dataclass(frozen=True)

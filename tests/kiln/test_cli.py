@@ -13,6 +13,7 @@ from kiln.config import CONFIG_DIR, load_settings
 
 def test_flatten_nested_settings() -> None:
     assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [3]}}}) == {"a": 1, "b.c": 2, "b.d.e": [3]}
+    assert flatten({"t": [{"n": "x"}, {"n": "y"}]}) == {"t[0].n": "x", "t[1].n": "y"}
 
 
 def test_differences_lists_only_fields_that_differ() -> None:

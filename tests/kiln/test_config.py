@@ -18,13 +18,17 @@ GOOD = """\
 tier: dev
 owner: team
 region: us-west-2
-availability_zones: [us-west-2a, us-west-2b]
+availability_zones: [us-west-2a, us-west-2b, us-west-2c]
 termination_protection: false
 removal_policy: destroy
 log_retention_days: 7
 network:
   vpc_cidr: 10.1.0.0/16
   nat_gateways: 1
+streaming:
+  kafka_version: 3.8.x
+  broker_instance_type: kafka.m7g.large
+  topics: [{name: prediction-events, partitions: 3}]
 """
 
 

@@ -20,6 +20,11 @@ VALID: dict[str, Any] = {
     "removal_policy": "retain",
     "log_retention_days": 90,
     "network": {"vpc_cidr": "10.40.0.0/16", "nat_gateways": 2},
+    "streaming": {
+        "kafka_version": "3.8.x",
+        "broker_instance_type": "kafka.m7g.large",
+        "topics": [{"name": "prediction-events", "partitions": 6}],
+    },
 }
 
 
@@ -111,6 +116,58 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
             "data_lake.access_logs_expiration_days",
             "greater than or equal to 1",
         ),
+        ({"warehouse.kind": "redshift"}, "warehouse.kind", "'serverless' or 'provisioned'"),
+        ({"warehouse.admin_username": "awsuser"}, "warehouse.admin_username", "reserved"),
+        ({"warehouse.admin_username": "Admin!"}, "warehouse.admin_username", "pattern"),
+        (
+            {"warehouse.serverless.base_capacity": 12},
+            "warehouse.serverless.base_capacity",
+            "multiple of 8",
+        ),
+        (
+            {"warehouse.serverless.max_capacity": 8, "warehouse.serverless.base_capacity": 16},
+            "warehouse.serverless",
+            "must be at least base_capacity",
+        ),
+        (
+            {"warehouse.provisioned.node_type": "dc2.large"},
+            "warehouse.provisioned.node_type",
+            "'ra3.large'",
+        ),
+        (
+            {"warehouse.snapshot_retention_days": 0},
+            "warehouse.snapshot_retention_days",
+            "greater than or equal to 1",
+        ),
+        ({"streaming.kafka_version": "latest"}, "streaming.kafka_version", "pattern"),
+        (
+            {"streaming.broker_instance_type": "kafka.t3.small"},
+            "streaming.broker_instance_type",
+            "multi-VPC private connectivity",
+        ),
+        ({"streaming.topics": []}, "streaming.topics", "at least 1"),
+        (
+            {"streaming.topics": [{"name": "a b", "partitions": 1}]},
+            "streaming.topics.0.name",
+            "pattern",
+        ),
+        (
+            {"streaming.topics": [{"name": "a", "partitions": 0}]},
+            "streaming.topics.0.partitions",
+            "greater than or equal to 1",
+        ),
+        (
+            {"streaming.topics": [{"name": "a", "partitions": 3}, {"name": "a", "partitions": 3}]},
+            "streaming",
+            "names repeat",
+        ),
+        ({"streaming.firehose.topic": "other"}, "streaming", "not a declared topic"),
+        (
+            {"streaming.firehose.buffer_interval_seconds": 901},
+            "streaming.firehose.buffer_interval_seconds",
+            "less than or equal to 900",
+        ),
+        ({"events.allow_raw_text": "maybe"}, "events.allow_raw_text", "valid boolean"),
         ({"surprise": 1}, "surprise", "Extra inputs"),
         ({"network.extra": 1}, "network.extra", "Extra inputs"),
     ],
@@ -118,6 +175,38 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
 def test_bad_values_name_their_field(changes: dict[str, Any], field: str, fragment: str) -> None:
     problems = errors(settings(**changes))
     assert any(loc == field and fragment in msg for loc, msg in problems), problems
+
+
+def test_serverless_warehouse_needs_three_zones() -> None:
+    two_zones = {"availability_zones": ["eu-west-1a", "eu-west-1b"]}
+    problems = errors(settings(**two_zones))
+    assert any("Redshift Serverless needs subnets in 3 zones" in msg for _, msg in problems)
+    provisioned = Settings.model_validate(
+        settings(**two_zones, **{"warehouse.kind": "provisioned"})
+    )
+    assert provisioned.warehouse.kind == "provisioned"
+
+
+def test_msk_takes_two_or_three_zones() -> None:
+    zones = [f"eu-west-1{z}" for z in "abcd"]
+    problems = errors(settings(availability_zones=zones))
+    assert any("MSK places brokers in 2 or 3 zones" in msg for _, msg in problems)
+
+
+@pytest.mark.parametrize(
+    ("zones", "per_zone", "brokers", "rf"), [(2, 1, 2, 2), (3, 1, 3, 3), (3, 2, 6, 3), (2, 2, 4, 3)]
+)
+def test_broker_count_and_replication(zones: int, per_zone: int, brokers: int, rf: int) -> None:
+    loaded = Settings.model_validate(
+        settings(
+            **{
+                "availability_zones": [f"eu-west-1{z}" for z in "abc"[:zones]],
+                "warehouse.kind": "provisioned",
+                "streaming.brokers_per_zone": per_zone,
+            }
+        )
+    )
+    assert (loaded.broker_count, loaded.kafka_replication_factor) == (brokers, rf)
 
 
 def test_missing_required_fields_are_named() -> None:

@@ -152,6 +152,11 @@ def schema_accepts(cidr: str, masks: tuple[int, int, int]) -> bool:
                 "termination_protection": False,
                 "removal_policy": "destroy",
                 "log_retention_days": 7,
+                "streaming": {
+                    "kafka_version": "3.8.x",
+                    "broker_instance_type": "kafka.m7g.large",
+                    "topics": [{"name": "prediction-events", "partitions": 3}],
+                },
                 "network": {
                     "vpc_cidr": cidr,
                     "nat_gateways": 1,

@@ -13,9 +13,12 @@ from kiln.config import load_settings
 from kiln.guardrails import (
     check,
     data_stores_retained,
+    firehose_uses_kms,
     kms_buckets_use_bucket_keys,
+    msk_iam_and_tls_only,
     required_tags,
     termination_protected,
+    warehouse_private_and_encrypted,
 )
 from kiln.settings import Settings
 from tests.support import Synthesis
@@ -56,7 +59,7 @@ KMS_BUCKET = {
 def test_every_synthesized_stack_passes(
     synthesis: Synthesis, settings_by_env: dict[str, Settings]
 ) -> None:
-    assert len(synthesis.stacks) == 2 * len(settings_by_env)
+    assert len(synthesis.stacks) == 4 * len(settings_by_env)
     violations = [
         str(v) for s in synthesis.stacks for v in check(s, settings_by_env[s.environment])
     ]
@@ -112,11 +115,122 @@ def test_kms_buckets_use_bucket_keys() -> None:
     assert kms_buckets_use_bucket_keys(stack({"L": sse_s3}), PROD) == []
 
 
+MSK = {
+    "Type": "AWS::MSK::Cluster",
+    "Properties": {
+        "ClientAuthentication": {
+            "Sasl": {"Iam": {"Enabled": True}},
+            "Unauthenticated": {"Enabled": False},
+        },
+        "EncryptionInfo": {"EncryptionInTransit": {"ClientBroker": "TLS", "InCluster": True}},
+    },
+}
+
+
+def with_props(resource: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(resource)
+    node = changed["Properties"]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+    return changed
+
+
+def test_msk_iam_and_tls_only() -> None:
+    assert msk_iam_and_tls_only(stack({"K": MSK}), PROD) == []
+    cases = {
+        "IAM client authentication is not enabled": with_props(
+            MSK, ["ClientAuthentication", "Sasl"], None
+        ),
+        "unauthenticated access is enabled": with_props(
+            MSK, ["ClientAuthentication", "Unauthenticated", "Enabled"], True
+        ),
+        "an authentication method other than IAM is enabled": with_props(
+            MSK, ["ClientAuthentication", "Sasl", "Scram"], {"Enabled": True}
+        ),
+        "client-broker encryption is TLS_PLAINTEXT, not TLS": with_props(
+            MSK, ["EncryptionInfo", "EncryptionInTransit", "ClientBroker"], "TLS_PLAINTEXT"
+        ),
+        "traffic between brokers is not encrypted": with_props(
+            MSK, ["EncryptionInfo", "EncryptionInTransit", "InCluster"], False
+        ),
+    }
+    for message, cluster in cases.items():
+        (violation,) = msk_iam_and_tls_only(stack({"K": cluster}), PROD)
+        assert violation.message == message
+
+
+WORKGROUP = {
+    "Type": "AWS::RedshiftServerless::Workgroup",
+    "Properties": {"PubliclyAccessible": False},
+}
+NAMESPACE = {"Type": "AWS::RedshiftServerless::Namespace", "Properties": {"KmsKeyId": "k"}}
+CLUSTER = {
+    "Type": "AWS::Redshift::Cluster",
+    "Properties": {"PubliclyAccessible": False, "Encrypted": True, "KmsKeyId": "k"},
+}
+
+
+def test_warehouse_private_and_encrypted() -> None:
+    good = stack({"W": WORKGROUP, "N": NAMESPACE, "C": CLUSTER})
+    assert warehouse_private_and_encrypted(good, PROD) == []
+    public = stack(
+        {
+            "W": with_props(WORKGROUP, ["PubliclyAccessible"], True),
+            "C": with_props(CLUSTER, ["PubliclyAccessible"], None),
+        }
+    )
+    assert sorted(v.resource for v in warehouse_private_and_encrypted(public, PROD)) == ["C", "W"]
+    unencrypted = stack(
+        {
+            "N": with_props(NAMESPACE, ["KmsKeyId"], None),
+            "C": with_props(CLUSTER, ["Encrypted"], False),
+        }
+    )
+    messages = sorted(v.message for v in warehouse_private_and_encrypted(unencrypted, PROD))
+    assert messages == ["Encrypted is not true", "no customer-managed KmsKeyId"]
+
+
+FIREHOSE = {
+    "Type": "AWS::KinesisFirehose::DeliveryStream",
+    "Properties": {
+        "ExtendedS3DestinationConfiguration": {
+            "EncryptionConfiguration": {"KMSEncryptionConfig": {"AWSKMSKeyARN": "arn:key"}}
+        }
+    },
+}
+
+
+def test_firehose_uses_kms() -> None:
+    assert firehose_uses_kms(stack({"F": FIREHOSE}), PROD) == []
+    plain = with_props(
+        FIREHOSE,
+        ["ExtendedS3DestinationConfiguration", "EncryptionConfiguration"],
+        {"NoEncryptionConfig": "NoEncryption"},
+    )
+    (violation,) = firehose_uses_kms(stack({"F": plain}), PROD)
+    assert violation.rule == "firehose-kms"
+
+
 @pytest.mark.parametrize("env", ["dev", "staging", "prod"])
 def test_check_runs_every_guardrail(env: str) -> None:
-    bad = stack({"B": {"Type": "AWS::S3::Bucket"}}, termination_protection=False, tags={})
+    bad = stack(
+        {
+            "B": {"Type": "AWS::S3::Bucket"},
+            "K": with_props(MSK, ["ClientAuthentication", "Sasl"], None),
+            "W": with_props(WORKGROUP, ["PubliclyAccessible"], True),
+            "F": with_props(
+                FIREHOSE, ["ExtendedS3DestinationConfiguration", "EncryptionConfiguration"], None
+            ),
+        },
+        termination_protection=False,
+        tags={},
+    )
     rules = {v.rule for v in check(bad, load_settings(env))}
-    expected = {"required-tags"}
+    expected = {"required-tags", "msk-iam-tls-only", "warehouse-private-encrypted", "firehose-kms"}
     if env != "dev":
         expected |= {"data-stores-retained", "termination-protected"}
     assert rules == expected

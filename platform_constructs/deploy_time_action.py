@@ -1,0 +1,168 @@
+"""A custom resource that runs one of kiln's Python handlers at deploy time, inside the VPC."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import Acknowledgment, CustomResource, Duration, RemovalPolicy, Validations
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import custom_resources as cr
+from constructs import Construct
+
+from platform_constructs.nag import acknowledge_provider_framework
+
+HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
+RUNTIME = lambda_.Runtime.PYTHON_3_14
+
+# Creating and deleting the network interfaces of a VPC function cannot be scoped to resources.
+_ENI_STATEMENT = iam.PolicyStatement(
+    actions=[
+        "ec2:CreateNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DeleteNetworkInterface",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+    ],
+    resources=["*"],
+)
+
+
+class DeployTimeAction(Construct):
+    """Runs `handlers/<module>.py` (`on_event`, and `is_complete` when `poll` is set) through
+    the CDK's custom-resource Provider framework.
+
+    The handler functions run in the VPC's private subnets behind a security group that only
+    sends HTTPS, log to one KMS-encrypted log group, and use a role holding exactly the
+    given `statements` (plus its logs and network interfaces) as a customer-managed policy;
+    `acknowledgements` for findings those statements raise go on that policy.
+    Exposes `functions`, `role`, `policy`, `security_group`, `log_group`, `provider`, `resource`.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        module: str,
+        resource_type: str,
+        description: str,
+        properties: Mapping[str, Any],
+        statements: Sequence[iam.PolicyStatement],
+        vpc: ec2.IVpc,
+        log_key: kms.IKey,
+        log_retention: logs.RetentionDays,
+        removal_policy: RemovalPolicy,
+        acknowledgements: Sequence[Acknowledgment] = (),
+        poll: bool = False,
+        timeout_minutes: int = 14,
+        total_timeout_hours: int = 2,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        if not (HANDLERS_DIR / f"{module}.py").exists():
+            raise ValueError(f"no handler module {module!r} in {HANDLERS_DIR}")
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            encryption_key=log_key,
+            retention=log_retention,
+            removal_policy=removal_policy,
+        )
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            allow_all_outbound=False,
+            description=f"{description}: HTTPS to AWS APIs only",
+        )
+        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "AWS APIs")
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{description}: deploy-time handler",
+        )
+        self.policy = iam.ManagedPolicy(
+            self,
+            "Policy",
+            roles=[self.role],
+            statements=[
+                iam.PolicyStatement(
+                    actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                    resources=[self.log_group.log_group_arn],
+                ),
+                _ENI_STATEMENT,
+                *statements,
+            ],
+        )
+        Validations.of(self.policy).acknowledge(
+            Acknowledgment(
+                id="AwsSolutions-IAM5[Resource::*]",
+                reason="A VPC Lambda function's network-interface actions (ec2:Create/Describe/"
+                "DeleteNetworkInterface) do not support resource-level permissions.",
+            ),
+            *acknowledgements,
+        )
+        entry_points = {"OnEvent": "on_event", **({"IsComplete": "is_complete"} if poll else {})}
+        # The role gets no grants from the CDK: everything it may do is in `policy` above.
+        fixed_role = self.role.without_policy_updates()
+        self.functions: dict[str, lambda_.Function] = {
+            name: lambda_.Function(
+                self,
+                name,
+                description=f"{description} ({entry})",
+                runtime=RUNTIME,
+                handler=f"{module}.{entry}",
+                code=lambda_.Code.from_asset(str(HANDLERS_DIR), exclude=["__pycache__", "*.pyc"]),
+                timeout=Duration.minutes(timeout_minutes),
+                memory_size=256,
+                role=fixed_role,
+                vpc=vpc,
+                vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                security_groups=[self.security_group],
+                log_group=self.log_group,
+                # Deploys are serial: one at a time is enough, and it caps a runaway loop.
+                reserved_concurrent_executions=2,
+            )
+            for name, entry in entry_points.items()
+        }
+        for function in self.functions.values():
+            Validations.of(function).acknowledge(
+                Acknowledgment(
+                    id="NIST.800.53.R5-LambdaDLQ",
+                    reason="Invoked synchronously by the custom-resource framework, which "
+                    "reports any failure to CloudFormation; there is no async event to keep.",
+                )
+            )
+        self.provider = cr.Provider(
+            self,
+            "Provider",
+            on_event_handler=self.functions["OnEvent"],
+            is_complete_handler=self.functions.get("IsComplete"),
+            query_interval=Duration.minutes(1) if poll else None,
+            total_timeout=Duration.hours(total_timeout_hours) if poll else None,
+            vpc=vpc,
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            security_groups=[self.security_group],
+            log_group=self.log_group,
+            disable_waiter_state_machine_logging=False if poll else None,
+            waiter_state_machine_log_options=cr.LogOptions(
+                destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=False
+            )
+            if poll
+            else None,
+        )
+        acknowledge_provider_framework(self.provider, list(self.functions.values()))
+        self.resource = CustomResource(
+            self,
+            "Resource",
+            service_token=self.provider.service_token,
+            resource_type=resource_type,
+            properties=dict(properties),
+        )

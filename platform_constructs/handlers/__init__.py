@@ -1,0 +1,1 @@
+"""Lambda handlers of kiln's deploy-time custom resources (packaged as Lambda code assets)."""
