@@ -22,6 +22,7 @@ DATA_STORE_TYPES = frozenset(
         "AWS::RedshiftServerless::Namespace",
         "AWS::Redshift::Cluster",
         "AWS::MSK::Cluster",
+        "AWS::MSK::Topic",
         "AWS::SecretsManager::Secret",
     }
 )

@@ -162,7 +162,10 @@ class MskCluster(Construct):
                 revision=self.configuration.attr_latest_revision_revision,
             ),
         )
+        # Topics hold the data and the configuration is in use by the cluster: all three
+        # follow the environment's removal policy together.
         self.cluster.apply_removal_policy(removal_policy)
+        self.configuration.apply_removal_policy(removal_policy)
         self.arn = self.cluster.attr_arn
         self.topics: dict[str, msk.CfnTopic] = {}
         for index, topic in enumerate(topics):
@@ -175,6 +178,7 @@ class MskCluster(Construct):
                 replication_factor=replication_factor,
                 configs=topic_configs(topic, replication_factor),
             )
+            self.topics[topic.name].apply_removal_policy(removal_policy)
         self.firehose_access: DeployTimeAction | None = None
 
     def topic_arn(self, topic: str) -> str:
