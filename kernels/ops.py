@@ -296,6 +296,8 @@ def _cdll() -> ctypes.CDLL:
     lib.kiln_cpu_isas_supported.restype = ctypes.c_char_p
     lib.kiln_set_cpu_isa.argtypes = [ctypes.c_char_p]
     lib.kiln_set_cpu_isa.restype = ctypes.c_int
+    lib.kiln_time_decode_call_us.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.kiln_time_decode_call_us.restype = ctypes.c_double
     return lib
 
 
@@ -326,3 +328,9 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_isa(previous)
+
+
+def time_decode_call_from_cpp(n: int = 4096, iters: int = 20000) -> float:
+    """Microseconds per fused_add_rms_norm_ call on a [1, n] float32 row, called through the
+    dispatcher from C++ (no Python binding): the op's own cost, for the benchmark."""
+    return float(_cdll().kiln_time_decode_call_us(n, iters))

@@ -3,10 +3,13 @@
 // chosen at load time. at::parallel_for is an inline `#pragma omp parallel` compiled here with
 // -fopenmp; the library links libgomp by the soname torch already loaded, so both share one pool.
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -194,5 +197,24 @@ __attribute__((visibility("default"))) int kiln_set_cpu_isa(const char* name) {
   if (!kiln::isa_supported(*k)) return 2;
   kiln::g_active.store(k, std::memory_order_relaxed);
   return 0;
+}
+
+// For the benchmark: microseconds per call of kiln::fused_add_rms_norm_ on one [1, n] float32 row
+// when called through the dispatcher from C++ (as TorchScript or inductor's C++ wrapper call it),
+// which leaves out the Python binding's cost.
+__attribute__((visibility("default"))) double kiln_time_decode_call_us(int64_t n, int64_t iters) {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("kiln::fused_add_rms_norm_", "")
+                .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  at::Tensor x = at::ones({1, n}), r = at::ones({1, n}), w = at::ones({n});
+  for (int64_t i = 0; i < 100; ++i) op.call(x, r, w, 1e-6);
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < iters; ++i) op.call(x, r, w, 1e-6);
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double, std::micro>(t1 - t0).count() / iters);
+  }
+  return best;
 }
 }
