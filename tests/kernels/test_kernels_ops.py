@@ -114,6 +114,22 @@ def test_norms_non_contiguous(kops: Any, cpu_variant: str, kind: str, dtype: Any
     close(r, want_res)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norms_propagate_nan_and_inf(kops: Any, cpu_variant: str, dtype: Any) -> None:
+    x, r, w = randn(4, 33, dtype=dtype), randn(4, 33, dtype=dtype), randn(33, dtype=dtype)
+    x[0, 3], x[1, 32], r[2, 0] = float("nan"), float("inf"), float("-inf")
+    x[3, 5] = torch.finfo(dtype).max  # the sum rounds up to inf
+    r[3, 5] = torch.finfo(dtype).max
+    want_out, want_res = ref.fused_add_rms_norm(x, r, w, EPS)
+    out, res = torch.ops.kiln.fused_add_rms_norm(x, r, w, EPS)
+    torch.testing.assert_close(res, want_res, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(out.isnan(), want_out.isnan())
+    assert out[0].isnan().all()  # one NaN makes the whole row's rstd NaN
+    torch.testing.assert_close(
+        torch.ops.kiln.rms_norm(x, w, EPS), ref.rms_norm(x, w, EPS), equal_nan=True, **TOL[dtype]
+    )
+
+
 @pytest.mark.parametrize("shape", [(1, 7), (3, 17), (5, 4096), (300, 96), (2, 3, 100)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_residual_grad", [False, True])
@@ -152,10 +168,12 @@ def test_silu_and_mul(kops: Any, cpu_variant: str, shape: tuple[int, ...], dtype
     close(torch.ops.kiln.silu_and_mul_backward(g, x), ref.silu_and_mul_backward(g, x))
 
 
-def test_silu_and_mul_extremes(kops: Any, cpu_variant: str) -> None:
-    x = torch.tensor([[-1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e4] + [1.0] * 9])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_and_mul_extremes(kops: Any, cpu_variant: str, dtype: Any) -> None:
+    gate = [-1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e4, float("nan"), float("inf")]
+    x = torch.tensor([gate + [1.0] * len(gate)], dtype=dtype)
     torch.testing.assert_close(
-        torch.ops.kiln.silu_and_mul(x), ref.silu_and_mul(x), rtol=1e-5, atol=1e-6
+        torch.ops.kiln.silu_and_mul(x), ref.silu_and_mul(x), rtol=1e-5, atol=1e-6, equal_nan=True
     )
 
 
