@@ -13,8 +13,8 @@ The trainer's contract: every pod runs `torchrun ... -m <module> <trainer args>`
 
 plus `FI_PROVIDER=efa` (and `FI_EFA_USE_DEVICE_RDMA=1` on GPUDirect RDMA types) when the pods
 get EFA interfaces. Objects are plain dicts; `to_yaml` writes them as one multi-document YAML.
-Remove a run with `kubectl delete job,service -l kiln.dev/training-job=<name> -n <namespace>`:
-the Job's TTL removes the Job and its pods, not the Service.
+Remove an operator-less run with `kubectl delete job,service -l kiln.dev/training-job=<name>
+-n <namespace>`: the Job's TTL removes the Job and its pods, not the Service.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
@@ -77,7 +77,8 @@ class TrainingJobError(ValueError):
         super().__init__("\n".join(f"{arg}: {message}" for arg, message in self.problems))
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    """An int that is not a bool (True would otherwise pass as 1 node)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -120,10 +121,9 @@ def _image_problem(image: object) -> str | None:
         return f"give an image reference such as {example}"
     # Every node must run the same code: a moving tag could differ between pods of one run.
     if "@" in image:
-        digest = image.split("@", 1)[1]
-        return (
-            None if _DIGEST.fullmatch(digest) else f"{image!r}: the digest is not sha256:<64 hex>"
-        )
+        if _DIGEST.fullmatch(image.split("@", 1)[1]):
+            return None
+        return f"{image!r}: the digest is not sha256:<64 hex>"
     last = image.rsplit("/", 1)[-1]
     if ":" not in last:
         return f"{image!r} has no tag; pin a version tag or a digest (@sha256:...)"
@@ -138,7 +138,7 @@ def _image_problem(image: object) -> str | None:
 def _whole_problem(value: object, low: int, optional: bool = False) -> str | None:
     if optional and value is None:
         return None
-    if _is_int(value) and isinstance(value, int) and value >= low:
+    if _is_int(value) and value >= low:
         return None
     unset = ", or unset" if optional else ""
     return f"must be a whole number of at least {low}{unset}; got {value!r}"
@@ -212,7 +212,8 @@ class TrainingJobSpec:
     shm_size_gib: int | None = None
     # Worker-group restarts torchrun makes in place (re-rendezvous, resume from checkpoint).
     max_restarts: int = 3
-    # Pods of a run can start minutes apart (node scale-up, a large image pull).
+    # Pods of a run can start minutes apart (node scale-up, a large image pull): how long they
+    # wait for pod 0's store and for each other before torchrun gives up (and the pod fails).
     rendezvous_timeout_seconds: int = 1800
     # SIGTERM gives the trainer this long to write a checkpoint (a spot notice is 120 s).
     termination_grace_seconds: int = 120
@@ -382,6 +383,7 @@ def torchrun_command(spec: TrainingJobSpec, *, rendezvous_endpoint: str) -> list
     No `--node_rank`: c10d assigns node ranks in rendezvous order and torchrun ignores (and
     warns about) the flag for every backend but `static`.
     """
+    timeout = spec.rendezvous_timeout_seconds
     return [
         "torchrun",
         f"--nnodes={spec.nodes}",
@@ -389,7 +391,9 @@ def torchrun_command(spec: TrainingJobSpec, *, rendezvous_endpoint: str) -> list
         "--rdzv_backend=c10d",
         f"--rdzv_endpoint={rendezvous_endpoint}",
         f"--rdzv_id={spec.name}",
-        f"--rdzv_conf=join_timeout={spec.rendezvous_timeout_seconds}",
+        # read_timeout also bounds the wait for pod 0's store: its 60 s default would fail the
+        # other pods, and spend the Job's backoffLimit, whenever pod 0 starts late.
+        f"--rdzv_conf=join_timeout={timeout},read_timeout={timeout}",
         f"--max_restarts={spec.max_restarts}",
         "-m",
         spec.module,

@@ -184,7 +184,7 @@ def test_torchrun_command_line_of_an_indexed_job() -> None:
         "--rdzv_backend=c10d",
         "--rdzv_endpoint=llama-pretrain-0.llama-pretrain.training.svc.cluster.local:29400",
         "--rdzv_id=llama-pretrain",
-        "--rdzv_conf=join_timeout=1800",
+        "--rdzv_conf=join_timeout=1800,read_timeout=1800",
         "--max_restarts=3",
         "-m",
         "training.train",
