@@ -295,8 +295,9 @@ class TrainingJobSpec:
         efa = instance.efa_interfaces
         if self._multi_node and (efa * gpus) % have:
             whole = ", ".join(str(d) for d in _divisors(have) if (efa * d) % have == 0)
+            interfaces = f"{efa} EFA interface{'s' if efa > 1 else ''}"
             message = (
-                f"{gpus} on {instance.name} ({have} GPUs sharing {efa} EFA interfaces) leaves "
+                f"{gpus} on {instance.name} ({have} GPUs sharing {interfaces}) leaves "
                 f"each pod a fraction of an interface; a multi-node run needs whole ones: "
                 f"allowed: {whole}"
             )

@@ -431,7 +431,8 @@ BAD = [
     (
         {"instance_type": "g5.12xlarge", "gpus_per_node": 2},
         "gpus_per_node",
-        "allowed: 4",
+        "(4 GPUs sharing 1 EFA interface) leaves each pod a fraction of an interface; a "
+        "multi-node run needs whole ones: allowed: 4",
     ),
     (
         {"instance_type": "m7i.large"},
