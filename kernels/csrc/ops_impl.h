@@ -27,9 +27,6 @@ inline DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// Up to this many rows the int8 kernel streams the weights once (decode); above it a dequantized
-// copy and torch's matmul (prefill, compute-bound) win.
-constexpr int64_t kInt8GemvMaxRows = 8;
 
 template <typename B>
 struct Ops {
@@ -344,7 +341,9 @@ struct Ops {
     const int64_t K = x.size(-1), N = w.size(0);
     const int64_t M = K == 0 ? x.numel() : x.numel() / K;
     if (M == 0 || N == 0) return;
-    if (M > kInt8GemvMaxRows || K == 0) {
+    // Up to B::kInt8KernelMaxRows rows the kernel streams the int8 weights (decode, small
+    // batches); above, a dequantized copy and torch's matmul (prefill, compute-bound) win.
+    if (M > B::kInt8KernelMaxRows || K == 0) {
       at::Tensor y = at::matmul(x, w.to(x.scalar_type()).t());
       y.mul_(scale.to(x.scalar_type()));
       if (bias.has_value()) y.add_(*bias);

@@ -261,7 +261,7 @@ def test_rotary_on_fused_qkv_views(kops: Any, cpu_variant: str, dtype: Any) -> N
 # weight-only int8 linear
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 40, 70])  # 70: past the kernel, dequantize + matmul
 @pytest.mark.parametrize("n_k", [(1, 1), (37, 33), (64, 256), (130, 1000)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

@@ -349,34 +349,60 @@ void rotary_t(int64_t t0, int64_t t1, const int64_t* positions, T* q, int64_t sq
 // weight-only int8 linear (decode: few rows, bound by reading the weights once)
 
 template <typename T>
+inline void int8_store(T* o, const float* acc, const float* scale, const T* bias, int64_t n,
+                       int cols) {
+  for (int j = 0; j < cols; ++j) {
+    o[j] = from_acc<T>(acc[j] * scale[n + j] + (bias != nullptr ? to_acc(bias[n + j]) : 0.0f));
+  }
+}
+
+template <typename T>
 void int8_linear_t(int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
                    const int8_t* w, int64_t sw, const float* scale, const T* bias, T* out,
                    int64_t so) {
   int64_t n = n0;
-  // Four output columns at a time: four independent sums keep the FMA units busy and each x
-  // element loaded serves four weight rows.
+  // Four output features at a time: each x element loaded serves four weight rows, and four
+  // rows of x at a time: each weight converted to float serves four rows. The 16 sums are
+  // independent, which keeps the multiply-add units busy.
   for (; n + 4 <= n1; n += 4) {
     const int8_t* w0 = w + n * sw;
     const int8_t* w1 = w0 + sw;
     const int8_t* w2 = w1 + sw;
     const int8_t* w3 = w2 + sw;
-    for (int64_t m = 0; m < M; ++m) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      const float* x0 = x + m * K;
+      const float* x1 = x0 + K;
+      const float* x2 = x1 + K;
+      const float* x3 = x2 + K;
+      float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+      float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, \
+                               a31, a32, a33)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v0 = w0[k], v1 = w1[k], v2 = w2[k], v3 = w3[k];
+        a00 += x0[k] * v0; a01 += x0[k] * v1; a02 += x0[k] * v2; a03 += x0[k] * v3;
+        a10 += x1[k] * v0; a11 += x1[k] * v1; a12 += x1[k] * v2; a13 += x1[k] * v3;
+        a20 += x2[k] * v0; a21 += x2[k] * v1; a22 += x2[k] * v2; a23 += x2[k] * v3;
+        a30 += x3[k] * v0; a31 += x3[k] * v1; a32 += x3[k] * v2; a33 += x3[k] * v3;
+      }
+      const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                               {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+      for (int i = 0; i < 4; ++i) int8_store(out + (m + i) * so + n, acc[i], scale, bias, n, 4);
+    }
+    for (; m < M; ++m) {
       const float* xm = x + m * K;
       float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
       for (int64_t k = 0; k < K; ++k) {
-        float xv = xm[k];
+        const float xv = xm[k];
         a0 += xv * static_cast<float>(w0[k]);
         a1 += xv * static_cast<float>(w1[k]);
         a2 += xv * static_cast<float>(w2[k]);
         a3 += xv * static_cast<float>(w3[k]);
       }
-      float acc[4] = {a0 * scale[n], a1 * scale[n + 1], a2 * scale[n + 2], a3 * scale[n + 3]};
-      T* o = out + m * so + n;
-      for (int j = 0; j < 4; ++j) {
-        float v = acc[j] + (bias != nullptr ? to_acc(bias[n + j]) : 0.0f);
-        o[j] = from_acc<T>(v);
-      }
+      const float acc[4] = {a0, a1, a2, a3};
+      int8_store(out + m * so + n, acc, scale, bias, n, 4);
     }
   }
   for (; n < n1; ++n) {
@@ -386,8 +412,7 @@ void int8_linear_t(int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
       float a = 0;
 #pragma omp simd reduction(+ : a)
       for (int64_t k = 0; k < K; ++k) a += xm[k] * static_cast<float>(wn[k]);
-      float v = a * scale[n] + (bias != nullptr ? to_acc(bias[n]) : 0.0f);
-      out[m * so + n] = from_acc<T>(v);
+      int8_store(out + m * so + n, &a, scale, bias, n, 1);
     }
   }
 }

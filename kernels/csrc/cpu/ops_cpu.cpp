@@ -89,6 +89,9 @@ int64_t grain_rows(int64_t row_elems) {
 struct CpuBackend {
   static constexpr c10::DeviceType kDevice = c10::kCPU;
   using Guard = NoGuard;
+  // Measured at [M, 4096] x [4096, 4096]: the 4x4-blocked kernel beats dequantize + matmul up to
+  // about 64 rows here.
+  static constexpr int64_t kInt8KernelMaxRows = 64;
 
   static void add_rms_norm(DType dt, int64_t rows, int64_t n, double eps, const void* x,
                            int64_t sx, const void* res, int64_t sres, void* ro, int64_t sro,

@@ -21,6 +21,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 struct CudaBackend {
   static constexpr c10::DeviceType kDevice = c10::kCUDA;
   using Guard = c10::cuda::CUDAGuard;
+  static constexpr int64_t kInt8KernelMaxRows = 8;  // the warp-per-feature kernel's limit
 
   static void add_rms_norm(DType dt, int64_t rows, int64_t n, double eps, const void* x,
                            int64_t sx, const void* res, int64_t sres, void* ro, int64_t sro,
