@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln import training_job
 from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_settings
 from kiln.settings import Settings, Tier
 
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     envs.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
     envs.set_defaults(handler=cmd_envs)
+    job = commands.add_parser(
+        "training-job", help="render a multi-node torchrun training run as Kubernetes YAML"
+    )
+    training_job.add_arguments(job)
+    job.set_defaults(handler=training_job.render_command)
     return parser
 
 

@@ -197,6 +197,81 @@ def firehose_uses_kms(stack: SynthesizedStack, settings: Settings) -> list[Viola
     return violations
 
 
+def eks_endpoint_private(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """EKS API endpoints are private outside dev; a dev public endpoint is CIDR-restricted."""
+    violations = []
+    for logical_id, cluster in stack.resources_of_type("AWS::EKS::Cluster").items():
+        vpc_config = cluster.get("Properties", {}).get("ResourcesVpcConfig", {})
+        public = vpc_config.get("EndpointPublicAccess", True)  # EKS's default is public
+        if public and settings.tier != "dev":
+            violations.append(
+                Violation(
+                    "eks-endpoint-private",
+                    stack.stack_name,
+                    logical_id,
+                    f"public API endpoint in a {settings.tier}-tier environment",
+                )
+            )
+        elif public and "0.0.0.0/0" in vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"]):
+            violations.append(
+                Violation(
+                    "eks-endpoint-private",
+                    stack.stack_name,
+                    logical_id,
+                    "public API endpoint open to 0.0.0.0/0",
+                )
+            )
+    return violations
+
+
+def gpu_nodes_tainted(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """GPU node groups carry `nvidia.com/gpu=true:NoSchedule`, so only pods that ask for GPUs
+    (and tolerate it) land on the expensive nodes."""
+    del settings
+    wanted = {"Key": "nvidia.com/gpu", "Value": "true", "Effect": "NO_SCHEDULE"}
+    return [
+        Violation(
+            "gpu-nodes-tainted",
+            stack.stack_name,
+            logical_id,
+            f"GPU node group ({group['Properties'].get('AmiType')}) lacks the taint "
+            "nvidia.com/gpu=true:NoSchedule",
+        )
+        for logical_id, group in stack.resources_of_type("AWS::EKS::Nodegroup").items()
+        if "NVIDIA" in str(group.get("Properties", {}).get("AmiType", "")).upper()
+        and wanted not in group["Properties"].get("Taints", [])
+    ]
+
+
+def imdsv2_required(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """Nodes answer only IMDSv2: every node group has a launch template, and every launch
+    template requires session tokens (a node group without one allows IMDSv1)."""
+    del settings
+    violations = [
+        Violation(
+            "imdsv2-required",
+            stack.stack_name,
+            logical_id,
+            "node group without a launch template (EKS then allows IMDSv1)",
+        )
+        for logical_id, group in stack.resources_of_type("AWS::EKS::Nodegroup").items()
+        if "LaunchTemplate" not in group.get("Properties", {})
+    ]
+    for logical_id, template in stack.resources_of_type("AWS::EC2::LaunchTemplate").items():
+        data = template.get("Properties", {}).get("LaunchTemplateData", {})
+        tokens = data.get("MetadataOptions", {}).get("HttpTokens", "optional")
+        if tokens != "required":
+            violations.append(
+                Violation(
+                    "imdsv2-required",
+                    stack.stack_name,
+                    logical_id,
+                    f"MetadataOptions.HttpTokens is {tokens}, so IMDSv1 is allowed",
+                )
+            )
+    return violations
+
+
 GUARDRAILS: tuple[Guardrail, ...] = (
     data_stores_retained,
     termination_protected,
@@ -205,6 +280,9 @@ GUARDRAILS: tuple[Guardrail, ...] = (
     msk_iam_and_tls_only,
     warehouse_private_and_encrypted,
     firehose_uses_kms,
+    eks_endpoint_private,
+    gpu_nodes_tainted,
+    imdsv2_required,
 )
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kiln.gpu_instances import GPU_INSTANCES
+
 Tier = Literal["dev", "staging", "prod"]
 RemovalPolicyName = Literal["retain", "destroy"]
 
@@ -200,6 +202,109 @@ class StreamingSettings(StrictModel):
         return self
 
 
+class NodePoolSettings(StrictModel):
+    """Size of a managed node group."""
+
+    min_size: int = Field(ge=0, le=1000)
+    desired_size: int = Field(ge=0, le=1000)
+    max_size: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NodePoolSettings:
+        if not self.min_size <= self.desired_size <= self.max_size:
+            raise PydanticCustomError(
+                "sizes",
+                "sizes must satisfy min_size <= desired_size <= max_size; got {a} <= {b} <= {c}",
+                {"a": self.min_size, "b": self.desired_size, "c": self.max_size},
+            )
+        return self
+
+
+class SystemNodeSettings(NodePoolSettings):
+    """The on-demand node group for cluster services (CoreDNS, device plugins, ...)."""
+
+    instance_type: str = Field("m7i.large", pattern=r"^[a-z0-9]+\.[a-z0-9]+$")
+
+
+class GpuNodeSettings(NodePoolSettings):
+    """The GPU node group training pods run on (tainted `nvidia.com/gpu=true:NoSchedule`)."""
+
+    instance_types: list[str] = Field(min_length=1, max_length=10)
+    capacity: Literal["on_demand", "spot"] = "on_demand"
+    root_volume_gib: int = Field(200, ge=50, le=16384)
+
+
+class ComputeSettings(StrictModel):
+    """The EKS cluster: version, endpoint access, node groups, pinned add-ons and plugins."""
+
+    kubernetes_version: str = Field(pattern=r"^1\.(2[89]|3[0-6])$")
+    # Non-empty opens a public endpoint to these CIDRs beside the private one (dev only).
+    public_endpoint_cidrs: list[str] = []
+    # IAM roles or users given cluster-admin access entries (nobody else has standing access).
+    admin_principal_arns: list[str] = Field([], max_length=20)
+    system_nodes: SystemNodeSettings
+    gpu_nodes: GpuNodeSettings
+    # EKS managed add-on versions, pinned (aws eks describe-addon-versions lists them).
+    addons: dict[Literal["vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent"], str]
+    nvidia_device_plugin_version: str = Field(pattern=r"^v\d+\.\d+\.\d+$")
+    efa_device_plugin_version: str = Field(pattern=r"^v\d+\.\d+\.\d+$")
+    training_namespace: str = Field("training", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    trainer_service_account: str = Field("trainer", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+    @field_validator("public_endpoint_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                net = ipaddress.ip_network(cidr, strict=True)
+            except ValueError as err:
+                raise PydanticCustomError(
+                    "cidr",
+                    "'{cidr}' is not a network in CIDR form ({err})",
+                    {"cidr": cidr, "err": str(err)},
+                ) from None
+            if net.prefixlen == 0:
+                raise PydanticCustomError(
+                    "cidr",
+                    "'{cidr}' opens the endpoint to the whole internet; list your "
+                    "office or VPN ranges instead",
+                    {"cidr": cidr},
+                )
+        return value
+
+    @field_validator("admin_principal_arns")
+    @classmethod
+    def _principals(cls, value: list[str]) -> list[str]:
+        for arn in value:
+            if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+", arn):
+                raise PydanticCustomError(
+                    "principal",
+                    "'{arn}' is not an IAM role or user ARN like "
+                    "arn:aws:iam::123456789012:role/platform-admins",
+                    {"arn": arn},
+                )
+        return value
+
+    @field_validator("addons")
+    @classmethod
+    def _all_addons(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = {"vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent"} - set(value)
+        if missing:
+            raise PydanticCustomError(
+                "addons",
+                "pin a version for every managed add-on; missing: {m}",
+                {"m": ", ".join(sorted(missing))},
+            )
+        for name, version in value.items():
+            if not re.fullmatch(r"v\d+\.\d+\.\d+-eksbuild\.\d+", version):
+                raise PydanticCustomError(
+                    "addons",
+                    "{n}: '{v}' is not an EKS add-on version like v1.19.2-eksbuild.1",
+                    {"n": name, "v": version},
+                )
+        return value
+
+
 class EventSettings(StrictModel):
     """What prediction events may carry."""
 
@@ -224,6 +329,7 @@ class Settings(StrictModel):
     data_lake: DataLakeSettings = DataLakeSettings()
     warehouse: WarehouseSettings = WarehouseSettings()
     streaming: StreamingSettings
+    compute: ComputeSettings
     events: EventSettings = EventSettings()
 
     @field_validator("log_retention_days")
@@ -244,6 +350,7 @@ class Settings(StrictModel):
             *self._zone_problems(),
             *self._capacity_problems(),
             *self._data_plane_problems(),
+            *self._compute_problems(),
             *self._prod_problems(),
         ]
         if problems:
@@ -316,6 +423,35 @@ class Settings(StrictModel):
             )
         return problems
 
+    def _compute_problems(self) -> list[str]:
+        compute = self.compute
+        problems = []
+        if compute.public_endpoint_cidrs and self.tier != "dev":
+            problems.append(
+                f"compute.public_endpoint_cidrs: a {self.tier}-tier cluster keeps its endpoint "
+                "private; remove the CIDRs (reach it from the VPC or through a VPN)"
+            )
+        unknown = [t for t in compute.gpu_nodes.instance_types if t not in GPU_INSTANCES]
+        if unknown:
+            problems.append(
+                f"compute.gpu_nodes.instance_types: {', '.join(unknown)} not supported; "
+                f"allowed: {', '.join(sorted(GPU_INSTANCES))}"
+            )
+            return problems
+        efa = {GPU_INSTANCES[t].efa_interfaces > 0 for t in compute.gpu_nodes.instance_types}
+        if len(efa) > 1:
+            problems.append(
+                "compute.gpu_nodes.instance_types: mixes types with and without EFA; one node "
+                "group gets one launch template, so list only EFA types or only non-EFA types"
+            )
+        interfaces = {GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types}
+        if len(interfaces) > 1:
+            problems.append(
+                "compute.gpu_nodes.instance_types: EFA types with different interface counts "
+                f"({sorted(interfaces)}) cannot share one launch template"
+            )
+        return problems
+
     def _prod_problems(self) -> list[str]:
         if self.tier != "prod":
             return []
@@ -326,6 +462,11 @@ class Settings(StrictModel):
             problems.append(
                 f"removal_policy: {self.removal_policy!r} is not allowed in a prod-tier "
                 "environment; allowed: 'retain'"
+            )
+        if self.compute.gpu_nodes.capacity == "spot":
+            problems.append(
+                "compute.gpu_nodes.capacity: spot is not allowed in a prod-tier environment; "
+                "allowed: 'on_demand'"
             )
         if self.network.nat_gateways < 2:
             problems.append(

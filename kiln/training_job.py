@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
+from kiln import cluster_manifests
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
 
 Operator = Literal["none", "kubeflow"]
@@ -43,8 +44,8 @@ COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 RESERVED_ENV = frozenset({CHECKPOINT_DIR_ENV, OUTPUT_DIR_ENV, JOB_NAME_ENV, COMPLETION_INDEX_ENV})
 
 # What the compute stack puts on the GPU node group (taint and labels).
-GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
-NODE_POOL_LABEL = ("kiln.dev/node-pool", "gpu")
+GPU_TOLERATION = {**cluster_manifests.GPU_TAINT, "operator": "Equal"}
+NODE_POOL_LABEL = cluster_manifests.GPU_POOL_LABEL
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -459,7 +460,7 @@ def _pod_template(
             NODE_POOL_LABEL[0]: NODE_POOL_LABEL[1],
             INSTANCE_TYPE_LABEL: spec.instance_type,
         },
-        "tolerations": [dict(GPU_TAINT)],
+        "tolerations": [dict(GPU_TOLERATION)],
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [
             {

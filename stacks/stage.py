@@ -8,6 +8,7 @@ from constructs import Construct
 from kiln.settings import Settings
 from platform_constructs.aspects import LogGroupRetention
 from stacks.base import standard_tags
+from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
 from stacks.streaming import StreamingStack
@@ -16,7 +17,7 @@ from stacks.warehouse import WarehouseStack
 
 class KilnStage(Stage):
     """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`,
-    `streaming`, `warehouse`."""
+    `streaming`, `warehouse`, `compute`."""
 
     def __init__(self, scope: Construct, *, settings: Settings) -> None:
         super().__init__(
@@ -44,9 +45,17 @@ class KilnStage(Stage):
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
         )
-        # Both address lake buckets by name, so the order is declared rather than implied.
-        self.streaming.add_stack_dependency(self.data_lake)
-        self.warehouse.add_stack_dependency(self.data_lake)
+        self.compute = ComputeStack(
+            self,
+            "Compute",
+            settings=settings,
+            vpc=self.network.vpc,
+            log_key=self.network.log_key,
+            lake_key=self.data_lake.key,
+        )
+        # These address lake buckets by name, so the order is declared rather than implied.
+        for stack in (self.streaming, self.warehouse, self.compute):
+            stack.add_stack_dependency(self.data_lake)
 
         for key, value in standard_tags(settings).items():
             Tags.of(self).add(key, value)

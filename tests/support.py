@@ -10,8 +10,49 @@ from kiln.assembly import SynthesizedStack
 from kiln.config import available_environments
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def minimal_settings(**top_level: Any) -> dict[str, Any]:
+    """A valid environment's settings with every required field and nothing optional."""
+    settings: dict[str, Any] = {
+        "name": "qa",
+        "tier": "staging",
+        "owner": "ml-platform",
+        "region": "eu-west-1",
+        "availability_zones": ["eu-west-1a", "eu-west-1b", "eu-west-1c"],
+        "termination_protection": True,
+        "removal_policy": "retain",
+        "log_retention_days": 90,
+        "network": {"vpc_cidr": "10.40.0.0/16", "nat_gateways": 2},
+        "streaming": {
+            "kafka_version": "3.8.x",
+            "broker_instance_type": "kafka.m7g.large",
+            "topics": [{"name": "prediction-events", "partitions": 6}],
+        },
+        "compute": {
+            "kubernetes_version": "1.34",
+            "system_nodes": {"min_size": 2, "desired_size": 2, "max_size": 3},
+            "gpu_nodes": {
+                "instance_types": ["g5.2xlarge"],
+                "min_size": 0,
+                "desired_size": 0,
+                "max_size": 2,
+            },
+            "addons": {
+                "vpc-cni": "v1.20.4-eksbuild.1",
+                "coredns": "v1.12.3-eksbuild.1",
+                "kube-proxy": "v1.34.1-eksbuild.2",
+                "eks-pod-identity-agent": "v1.3.9-eksbuild.3",
+            },
+            "nvidia_device_plugin_version": "v0.17.4",
+            "efa_device_plugin_version": "v0.5.6",
+        },
+    }
+    return {**settings, **top_level}
+
+
 ENVIRONMENTS = available_environments()
-COMPONENTS = ("network", "data-lake", "streaming", "warehouse")
+COMPONENTS = ("network", "data-lake", "streaming", "warehouse", "compute")
 
 
 @dataclass(frozen=True)

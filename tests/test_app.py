@@ -117,7 +117,7 @@ def test_cdk_cli_synthesizes_every_environment_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for env in ("dev", "staging", "prod"):
         templates = sorted(p.name for p in (out / f"assembly-{env}").glob("*.template.json"))
-        assert len(templates) == 4, templates
+        assert len(templates) == 5, templates
 
     failing = subprocess.run(
         [str(cdk), "synth", "--quiet", "-c", "env=qa", "--output", str(tmp_path / "bad")],

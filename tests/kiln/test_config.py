@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kiln.config import (
     CONFIG_DIR,
@@ -13,23 +14,19 @@ from kiln.config import (
     load_settings,
     resolve_environments,
 )
+from tests.support import minimal_settings
 
-GOOD = """\
-tier: dev
-owner: team
-region: us-west-2
-availability_zones: [us-west-2a, us-west-2b, us-west-2c]
-termination_protection: false
-removal_policy: destroy
-log_retention_days: 7
-network:
-  vpc_cidr: 10.1.0.0/16
-  nat_gateways: 1
-streaming:
-  kafka_version: 3.8.x
-  broker_instance_type: kafka.m7g.large
-  topics: [{name: prediction-events, partitions: 3}]
-"""
+# A valid file: every required field, in YAML (the name comes from the file name).
+GOOD = yaml.safe_dump(
+    {
+        k: v
+        for k, v in minimal_settings(
+            tier="dev", termination_protection=False, removal_policy="destroy"
+        ).items()
+        if k != "name"
+    },
+    sort_keys=False,
+)
 
 
 @pytest.fixture
@@ -115,7 +112,7 @@ def test_empty_file_reports_required_fields(config_dir: Path) -> None:
 def test_every_problem_is_one_line_naming_the_field(config_dir: Path) -> None:
     text = (
         GOOD.replace("removal_policy: destroy", "removal_policy: nuke").replace(
-            "nat_gateways: 1", "nat_gateways: 1\n  nat_gatways: 2"
+            "nat_gateways: 2", "nat_gateways: 2\n  nat_gatways: 2"
         )
         + "log_retention: 3\n"
     )

@@ -9,23 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from kiln.settings import Settings
+from tests.support import minimal_settings
 
-VALID: dict[str, Any] = {
-    "name": "qa",
-    "tier": "staging",
-    "owner": "ml-platform",
-    "region": "eu-west-1",
-    "availability_zones": ["eu-west-1a", "eu-west-1b", "eu-west-1c"],
-    "termination_protection": True,
-    "removal_policy": "retain",
-    "log_retention_days": 90,
-    "network": {"vpc_cidr": "10.40.0.0/16", "nat_gateways": 2},
-    "streaming": {
-        "kafka_version": "3.8.x",
-        "broker_instance_type": "kafka.m7g.large",
-        "topics": [{"name": "prediction-events", "partitions": 6}],
-    },
-}
+VALID: dict[str, Any] = minimal_settings()
 
 
 def settings(**changes: Any) -> dict[str, Any]:

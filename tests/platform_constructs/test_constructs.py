@@ -17,6 +17,7 @@ from platform_constructs.aspects import LogGroupRetention
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
+from tests.support import minimal_settings
 
 ZONES = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
 
@@ -143,28 +144,16 @@ def cdk_accepts(cidr: str, masks: tuple[int, int, int]) -> bool:
 def schema_accepts(cidr: str, masks: tuple[int, int, int]) -> bool:
     try:
         Settings.model_validate(
-            {
-                "name": "probe",
-                "tier": "dev",
-                "owner": "o",
-                "region": "eu-west-1",
-                "availability_zones": ZONES,
-                "termination_protection": False,
-                "removal_policy": "destroy",
-                "log_retention_days": 7,
-                "streaming": {
-                    "kafka_version": "3.8.x",
-                    "broker_instance_type": "kafka.m7g.large",
-                    "topics": [{"name": "prediction-events", "partitions": 3}],
-                },
-                "network": {
+            minimal_settings(
+                tier="dev",
+                network={
                     "vpc_cidr": cidr,
                     "nat_gateways": 1,
                     "subnets": dict(
                         zip(("public_mask", "private_mask", "isolated_mask"), masks, strict=True)
                     ),
                 },
-            }
+            )
         )
     except ValidationError:
         return False

@@ -13,7 +13,10 @@ from kiln.config import load_settings
 from kiln.guardrails import (
     check,
     data_stores_retained,
+    eks_endpoint_private,
     firehose_uses_kms,
+    gpu_nodes_tainted,
+    imdsv2_required,
     kms_buckets_use_bucket_keys,
     msk_iam_and_tls_only,
     required_tags,
@@ -59,7 +62,7 @@ KMS_BUCKET = {
 def test_every_synthesized_stack_passes(
     synthesis: Synthesis, settings_by_env: dict[str, Settings]
 ) -> None:
-    assert len(synthesis.stacks) == 4 * len(settings_by_env)
+    assert len(synthesis.stacks) == 5 * len(settings_by_env)
     violations = [
         str(v) for s in synthesis.stacks for v in check(s, settings_by_env[s.environment])
     ]
@@ -213,6 +216,60 @@ def test_firehose_uses_kms() -> None:
     )
     (violation,) = firehose_uses_kms(stack({"F": plain}), PROD)
     assert violation.rule == "firehose-kms"
+
+
+EKS = {
+    "Type": "AWS::EKS::Cluster",
+    "Properties": {
+        "ResourcesVpcConfig": {"EndpointPrivateAccess": True, "EndpointPublicAccess": False}
+    },
+}
+GPU_GROUP = {
+    "Type": "AWS::EKS::Nodegroup",
+    "Properties": {
+        "AmiType": "AL2023_x86_64_NVIDIA",
+        "LaunchTemplate": {"Id": "lt"},
+        "Taints": [{"Key": "nvidia.com/gpu", "Value": "true", "Effect": "NO_SCHEDULE"}],
+    },
+}
+TEMPLATE = {
+    "Type": "AWS::EC2::LaunchTemplate",
+    "Properties": {"LaunchTemplateData": {"MetadataOptions": {"HttpTokens": "required"}}},
+}
+
+
+def test_eks_endpoint_private() -> None:
+    assert eks_endpoint_private(stack({"C": EKS}), PROD) == []
+    public = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], True)
+    (violation,) = eks_endpoint_private(stack({"C": public}), PROD)
+    assert violation.message == "public API endpoint in a prod-tier environment"
+    restricted = with_props(public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["203.0.113.0/24"])
+    assert eks_endpoint_private(stack({"C": restricted}), DEV) == []
+    (violation,) = eks_endpoint_private(stack({"C": public}), DEV)  # no CIDRs: open to all
+    assert violation.message == "public API endpoint open to 0.0.0.0/0"
+    unset = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], None)
+    assert len(eks_endpoint_private(stack({"C": unset}), PROD)) == 1  # EKS defaults to public
+
+
+def test_gpu_nodes_tainted() -> None:
+    assert gpu_nodes_tainted(stack({"G": GPU_GROUP}), PROD) == []
+    untainted = with_props(GPU_GROUP, ["Taints"], [])
+    (violation,) = gpu_nodes_tainted(stack({"G": untainted}), PROD)
+    assert violation.rule == "gpu-nodes-tainted"
+    system = with_props(untainted, ["AmiType"], "AL2023_x86_64_STANDARD")
+    assert gpu_nodes_tainted(stack({"S": system}), PROD) == []
+
+
+def test_imdsv2_required() -> None:
+    assert imdsv2_required(stack({"G": GPU_GROUP, "T": TEMPLATE}), PROD) == []
+    optional = with_props(
+        TEMPLATE, ["LaunchTemplateData", "MetadataOptions", "HttpTokens"], "optional"
+    )
+    (violation,) = imdsv2_required(stack({"T": optional}), PROD)
+    assert violation.message == "MetadataOptions.HttpTokens is optional, so IMDSv1 is allowed"
+    bare_group = with_props(GPU_GROUP, ["LaunchTemplate"], None)
+    (violation,) = imdsv2_required(stack({"G": bare_group}), PROD)
+    assert "without a launch template" in violation.message
 
 
 @pytest.mark.parametrize("env", ["dev", "staging", "prod"])

@@ -40,6 +40,8 @@ EXPECTED_ACKNOWLEDGED_RULES = {
     },
     "streaming": {*_PROVIDER_FRAMEWORK, "AwsSolutions-KDF1", "AwsSolutions-SF2"},
     "warehouse": _PROVIDER_FRAMEWORK,
+    # IAM4 there also covers the EKS cluster and node roles' AWS-managed policies.
+    "compute": _PROVIDER_FRAMEWORK,
 }
 # Every wildcard resource acknowledged (AwsSolutions-IAM5), as patterns: anything else fails.
 ALLOWED_WILDCARDS = [
@@ -50,7 +52,17 @@ ALLOWED_WILDCARDS = [
     r"arn:aws:s3:::kiln-[a-z]+-raw-<AWS::AccountId>-<AWS::Region>/(events|errors)/[a-z.-]+/\*",
     r"arn:aws:s3:::kiln-[a-z]+-(raw|curated)-<AWS::AccountId>-<AWS::Region>/\*",
     r"arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:redshift!\*",
+    r"arn:aws:s3:::kiln-[a-z]+-artifacts-<AWS::AccountId>-<AWS::Region>/(checkpoints|models)/\*",
 ]
+# Every AWS-managed policy acknowledged (AwsSolutions-IAM4).
+ALLOWED_MANAGED_POLICIES = {
+    "service-role/AWSLambdaBasicExecutionRole",
+    "service-role/AWSLambdaVPCAccessExecutionRole",
+    "AmazonEKSClusterPolicy",
+    "AmazonEKSWorkerNodePolicy",
+    "AmazonEC2ContainerRegistryReadOnly",
+    "AmazonEKS_CNI_Policy",
+}
 
 
 def findings(synthesis: Synthesis, severity: str) -> list[str]:
@@ -84,6 +96,15 @@ def test_acknowledgements_are_the_reviewed_set_and_give_reasons(synthesis: Synth
         assert rules == EXPECTED_ACKNOWLEDGED_RULES[component], stack.stack_name
         for ack in acknowledged:
             assert len(ack.reason) >= 40, f"{stack.stack_name}/{ack.logical_id}: {ack}"
+
+
+def test_acknowledged_managed_policies_are_the_reviewed_ones(synthesis: Synthesis) -> None:
+    prefix = "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
+    for stack in synthesis.stacks:
+        for ack in stack.acknowledgements:
+            if ack.rule.startswith("AwsSolutions-IAM4"):
+                assert ack.rule.startswith(prefix), ack.rule
+                assert ack.rule.removeprefix(prefix)[:-1] in ALLOWED_MANAGED_POLICIES, ack.rule
 
 
 def test_acknowledged_wildcards_are_the_reviewed_ones(synthesis: Synthesis) -> None:

@@ -1,0 +1,268 @@
+"""An EKS cluster for GPU training: private control plane, system and GPU managed node groups."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from aws_cdk import Acknowledgment, RemovalPolicy, Validations
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from kiln import cluster_manifests
+
+GPU_TAINT = eks.TaintSpec(
+    effect=eks.TaintEffect.NO_SCHEDULE,
+    key=cluster_manifests.GPU_TAINT["key"],
+    value=cluster_manifests.GPU_TAINT["value"],
+)
+GPU_POOL_LABELS = dict([cluster_manifests.GPU_POOL_LABEL])
+SYSTEM_POOL_LABELS = dict([cluster_manifests.SYSTEM_POOL_LABEL])
+CONTROL_PLANE_LOGS = [
+    eks.ClusterLoggingTypes.API,
+    eks.ClusterLoggingTypes.AUDIT,
+    eks.ClusterLoggingTypes.AUTHENTICATOR,
+    eks.ClusterLoggingTypes.CONTROLLER_MANAGER,
+    eks.ClusterLoggingTypes.SCHEDULER,
+]
+# EKS worker nodes need these AWS-managed policies; AWS keeps them current with EKS.
+_NODE_POLICIES = (
+    "AmazonEKSWorkerNodePolicy",
+    "AmazonEC2ContainerRegistryReadOnly",
+    "AmazonEKS_CNI_Policy",
+)
+
+
+@dataclass(frozen=True)
+class NodePool:
+    """A managed node group's shape."""
+
+    instance_types: Sequence[str]
+    min_size: int
+    desired_size: int
+    max_size: int
+    root_volume_gib: int
+    spot: bool = False
+    # EFA interfaces per node (0: none); with EFA the pool sits in one zone in a cluster
+    # placement group, as NCCL over EFA wants.
+    efa_interfaces: int = 0
+
+
+def _acknowledge_managed_policies(role: iam.IRole, policies: Sequence[str], reason: str) -> None:
+    Validations.of(role).acknowledge(
+        *[
+            Acknowledgment(
+                id=f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]",
+                reason=reason,
+            )
+            for name in policies
+        ]
+    )
+
+
+class GpuCluster(Construct):
+    """EKS (`aws_eks_v2`, no kubectl provider) with:
+
+    - the Kubernetes version pinned, secrets encrypted with `secrets_key`, all control-plane
+      log types in a KMS-encrypted, retained log group, access entries (no aws-auth ConfigMap),
+      a private endpoint (plus a public one restricted to `public_endpoint_cidrs` when given);
+    - managed add-ons at pinned versions;
+    - a small on-demand system node group and a GPU node group (`AL2023_x86_64_NVIDIA`,
+      tainted `nvidia.com/gpu=true:NoSchedule`, labelled `kiln.dev/node-pool=gpu`), both on
+      launch templates that require IMDSv2 and encrypt the root volume; EFA interfaces and a
+      cluster placement group where the GPU type has EFA.
+
+    Exposes `cluster`, `log_group`, `system_nodes`, `gpu_nodes`, `gpu_launch_template`,
+    `placement_group` (or None), `addons`.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        name: str,
+        vpc: ec2.IVpc,
+        kubernetes_version: str,
+        public_endpoint_cidrs: Sequence[str],
+        secrets_key: kms.IKey,
+        log_key: kms.IKey,
+        log_retention: logs.RetentionDays,
+        removal_policy: RemovalPolicy,
+        system_pool: NodePool,
+        gpu_pool: NodePool,
+        addons: Mapping[str, str],
+        admin_principal_arns: Sequence[str] = (),
+    ) -> None:
+        super().__init__(scope, construct_id)
+        # EKS writes control-plane logs to this exact name; made here so it is encrypted,
+        # has a retention and follows the removal policy instead of living forever.
+        self.log_group = logs.LogGroup(
+            self,
+            "ControlPlaneLogs",
+            log_group_name=f"/aws/eks/{name}/cluster",
+            encryption_key=log_key,
+            retention=log_retention,
+            removal_policy=removal_policy,
+        )
+        endpoint = (
+            eks.EndpointAccess.PUBLIC_AND_PRIVATE.only_from(*public_endpoint_cidrs)
+            if public_endpoint_cidrs
+            else eks.EndpointAccess.PRIVATE
+        )
+        private_subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS)
+        self.cluster = eks.Cluster(
+            self,
+            "Cluster",
+            cluster_name=name,
+            version=eks.KubernetesVersion.of(kubernetes_version),
+            vpc=vpc,
+            vpc_subnets=[private_subnets],
+            endpoint_access=endpoint,
+            secrets_encryption_key=secrets_key,
+            cluster_logging=CONTROL_PLANE_LOGS,
+            # Nodes come from the groups below, not EKS Auto Mode or default capacity.
+            default_capacity=0,
+            default_capacity_type=eks.DefaultCapacityType.NODEGROUP,
+            # Admins are listed explicitly; the deploying role gets no standing access.
+            bootstrap_cluster_creator_admin_permissions=False,
+            # Networking, DNS and proxy come only as the pinned managed add-ons below.
+            bootstrap_self_managed_addons=False,
+            removal_policy=removal_policy,
+        )
+        self.cluster.node.add_dependency(self.log_group)
+        _acknowledge_managed_policies(
+            self.cluster.role,
+            ["AmazonEKSClusterPolicy"],
+            "The EKS cluster role needs AmazonEKSClusterPolicy; AWS maintains it with EKS.",
+        )
+        for index, principal in enumerate(admin_principal_arns):
+            self.cluster.grant_access(
+                f"Admin{index}",
+                principal,
+                [
+                    eks.AccessPolicy.from_access_policy_name(
+                        "AmazonEKSClusterAdminPolicy", access_scope_type=eks.AccessScopeType.CLUSTER
+                    )
+                ],
+            )
+        self.addons = {
+            addon_name: eks.Addon(
+                self,
+                "".join(p.title() for p in addon_name.split("-")),
+                # jsii's Cluster implements ICluster; its Python typing does not say so.
+                cluster=cast(eks.ICluster, self.cluster),
+                addon_name=addon_name,
+                addon_version=version,
+                # EKS would otherwise keep a field an operator changed by hand.
+                preserve_on_delete=False,
+            )
+            for addon_name, version in addons.items()
+        }
+        self.placement_group: ec2.CfnPlacementGroup | None = None
+        if gpu_pool.efa_interfaces:
+            self.placement_group = ec2.CfnPlacementGroup(self, "GpuPlacement", strategy="cluster")
+        self.system_nodes = self._node_group(
+            "SystemNodes",
+            system_pool,
+            vpc=vpc,
+            labels=SYSTEM_POOL_LABELS,
+            taints=[],
+            ami_type=eks.NodegroupAmiType.AL2023_X86_64_STANDARD,
+        )[0]
+        self.gpu_nodes, self.gpu_launch_template = self._node_group(
+            "GpuNodes",
+            gpu_pool,
+            vpc=vpc,
+            labels=GPU_POOL_LABELS,
+            taints=[GPU_TAINT],
+            ami_type=eks.NodegroupAmiType.AL2023_X86_64_NVIDIA,
+        )
+        # Nodes join only once pod networking exists; CoreDNS needs a node to run on.
+        for group in (self.system_nodes, self.gpu_nodes):
+            for addon_name in ("vpc-cni", "kube-proxy"):
+                if addon_name in self.addons:
+                    group.node.add_dependency(self.addons[addon_name])
+        if "coredns" in self.addons:
+            self.addons["coredns"].node.add_dependency(self.system_nodes)
+
+    def _launch_template(self, construct_id: str, pool: NodePool) -> ec2.CfnLaunchTemplate:
+        data = ec2.CfnLaunchTemplate.LaunchTemplateDataProperty(
+            metadata_options=ec2.CfnLaunchTemplate.MetadataOptionsProperty(
+                http_tokens="required",  # IMDSv2 only
+                # One hop: pods (a hop further away) cannot reach node credentials; they get
+                # their own through EKS Pod Identity.
+                http_put_response_hop_limit=1,
+                http_endpoint="enabled",
+            ),
+            block_device_mappings=[
+                ec2.CfnLaunchTemplate.BlockDeviceMappingProperty(
+                    device_name="/dev/xvda",
+                    ebs=ec2.CfnLaunchTemplate.EbsProperty(
+                        volume_size=pool.root_volume_gib,
+                        volume_type="gp3",
+                        encrypted=True,
+                        delete_on_termination=True,
+                    ),
+                )
+            ],
+            network_interfaces=[
+                # The first card carries the primary interface; EFA traffic needs the
+                # cluster security group, which admits all traffic among its members.
+                ec2.CfnLaunchTemplate.NetworkInterfaceProperty(
+                    network_card_index=card,
+                    device_index=0 if card == 0 else 1,
+                    interface_type="efa",
+                    groups=[self.cluster.cluster_security_group_id],
+                    delete_on_termination=True,
+                )
+                for card in range(pool.efa_interfaces)
+            ]
+            or None,
+            placement=ec2.CfnLaunchTemplate.PlacementProperty(group_name=self.placement_group.ref)
+            if pool.efa_interfaces and self.placement_group
+            else None,
+        )
+        return ec2.CfnLaunchTemplate(self, construct_id, launch_template_data=data)
+
+    def _node_group(
+        self,
+        construct_id: str,
+        pool: NodePool,
+        *,
+        vpc: ec2.IVpc,
+        labels: Mapping[str, str],
+        taints: Sequence[eks.TaintSpec],
+        ami_type: eks.NodegroupAmiType,
+    ) -> tuple[eks.Nodegroup, ec2.CfnLaunchTemplate]:
+        template = self._launch_template(f"{construct_id}Template", pool)
+        subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnets
+        # EFA nodes share one zone (a cluster placement group cannot span zones).
+        selection = ec2.SubnetSelection(subnets=subnets[:1] if pool.efa_interfaces else subnets)
+        group = self.cluster.add_nodegroup_capacity(
+            construct_id,
+            instance_types=[ec2.InstanceType(t) for t in pool.instance_types],
+            ami_type=ami_type,
+            capacity_type=eks.CapacityType.SPOT if pool.spot else eks.CapacityType.ON_DEMAND,
+            min_size=pool.min_size,
+            desired_size=pool.desired_size,
+            max_size=pool.max_size,
+            labels=dict(labels),
+            taints=list(taints),
+            subnets=selection,
+            launch_template_spec=eks.LaunchTemplateSpec(
+                id=template.ref, version=template.attr_latest_version_number
+            ),
+        )
+        _acknowledge_managed_policies(
+            group.role,
+            _NODE_POLICIES,
+            "EKS worker nodes need these AWS-managed policies (kubelet, image pulls, VPC CNI); "
+            "AWS maintains them with EKS. Pods get their own roles through Pod Identity.",
+        )
+        return group, template

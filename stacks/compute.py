@@ -1,0 +1,215 @@
+"""The compute stack: EKS with GPU nodes, its deploy-time objects, and the trainer's identity."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import CfnOutput, Stack, Validations
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from constructs import Construct
+
+from kiln import cluster_manifests, naming
+from kiln.gpu_instances import GPU_INSTANCES
+from kiln.settings import Settings
+from platform_constructs.deploy_time_action import DeployTimeAction
+from platform_constructs.eks import GpuCluster, NodePool
+from platform_constructs.kms import PlatformKey
+from platform_constructs.logs import retention_days
+from platform_constructs.nag import wildcard_resource
+from stacks.base import KilnStack, removal_policy
+from stacks.data_lake import CHECKPOINTS_PREFIX, MODELS_PREFIX, lake_bucket
+
+
+class ComputeStack(KilnStack):
+    """Composes the cluster key, the GPU cluster, the in-cluster objects (device plugins,
+    training namespace and service account) and the trainer's Pod Identity role.
+
+    Attributes: `key`, `gpu_cluster`, `manifests` (DeployTimeAction), `trainer_role`.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        vpc: ec2.IVpc,
+        log_key: kms.IKey,
+        lake_key: kms.IKey,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            settings=settings,
+            component="compute",
+            description=f"kiln {settings.name}: EKS cluster with GPU nodes for training",
+        )
+        compute = settings.compute
+        policy = removal_policy(settings)
+        retention = retention_days(settings.log_retention_days)
+        gpu_type = GPU_INSTANCES[compute.gpu_nodes.instance_types[0]]
+        self.key = PlatformKey(
+            self,
+            "ClusterKey",
+            alias=naming.kms_alias(settings, "eks"),
+            description=f"kiln {settings.name}: encrypts Kubernetes secrets",
+            removal_policy=policy,
+        ).key
+        gpu = compute.gpu_nodes
+        system = compute.system_nodes
+        self.gpu_cluster = GpuCluster(
+            self,
+            "Eks",
+            name=naming.prefix(settings),
+            vpc=vpc,
+            kubernetes_version=compute.kubernetes_version,
+            public_endpoint_cidrs=compute.public_endpoint_cidrs,
+            secrets_key=self.key,
+            log_key=log_key,
+            log_retention=retention,
+            removal_policy=policy,
+            system_pool=NodePool(
+                instance_types=[system.instance_type],
+                min_size=system.min_size,
+                desired_size=system.desired_size,
+                max_size=system.max_size,
+                root_volume_gib=50,
+            ),
+            gpu_pool=NodePool(
+                instance_types=gpu.instance_types,
+                min_size=gpu.min_size,
+                desired_size=gpu.desired_size,
+                max_size=gpu.max_size,
+                root_volume_gib=gpu.root_volume_gib,
+                spot=gpu.capacity == "spot",
+                efa_interfaces=gpu_type.efa_interfaces,
+            ),
+            addons={str(name): version for name, version in compute.addons.items()},
+            admin_principal_arns=compute.admin_principal_arns,
+        )
+        cluster = self.gpu_cluster.cluster
+        self.trainer_role = self._trainer_identity(settings, cluster, lake_key)
+        manifests = cluster_manifests.cluster_manifests(
+            namespace=compute.training_namespace,
+            service_account=compute.trainer_service_account,
+            nvidia_version=compute.nvidia_device_plugin_version,
+            efa_version=compute.efa_device_plugin_version if gpu_type.efa_interfaces else None,
+            region=Stack.of(self).region,
+        )
+        self.manifests = DeployTimeAction(
+            self,
+            "ClusterObjects",
+            module="kubernetes_apply",
+            resource_type="Custom::KubernetesObjects",
+            description=f"kiln {settings.name}: device plugins and training namespace",
+            properties={"ClusterName": cluster.cluster_name, "Manifests": json.dumps(manifests)},
+            statements=[
+                iam.PolicyStatement(
+                    actions=["eks:DescribeCluster"], resources=[cluster.cluster_arn]
+                )
+            ],
+            vpc=vpc,
+            log_key=log_key,
+            log_retention=retention,
+            removal_policy=policy,
+        )
+        # The handler applies objects as a cluster admin, over the private endpoint.
+        cluster.grant_access(
+            "ClusterObjectsApplier",
+            self.manifests.role.role_arn,
+            [
+                eks.AccessPolicy.from_access_policy_name(
+                    "AmazonEKSClusterAdminPolicy", access_scope_type=eks.AccessScopeType.CLUSTER
+                )
+            ],
+        )
+        cluster.cluster_security_group.add_ingress_rule(
+            self.manifests.security_group, ec2.Port.tcp(443), "Deploy-time object applier"
+        )
+        self.manifests.resource.node.add_dependency(self.gpu_cluster.system_nodes)
+        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
+        CfnOutput(self, "TrainingNamespace", value=compute.training_namespace)
+        CfnOutput(self, "TrainerServiceAccount", value=compute.trainer_service_account)
+        CfnOutput(self, "TrainerRoleArn", value=self.trainer_role.role_arn)
+
+    def _trainer_identity(
+        self, settings: Settings, cluster: eks.Cluster, lake_key: kms.IKey
+    ) -> iam.Role:
+        """The role the trainer's pods get through EKS Pod Identity: read the curated zone,
+        read and write the artifacts bucket's checkpoint and model prefixes, use the lake key;
+        nothing else."""
+        compute = settings.compute
+        role = iam.Role(
+            self,
+            "TrainerRole",
+            assumed_by=iam.SessionTagsPrincipal(iam.ServicePrincipal("pods.eks.amazonaws.com")),
+            description=f"kiln {settings.name}: training pods (Pod Identity)",
+        )
+        curated = lake_bucket(self, settings, "curated")
+        artifacts = lake_bucket(self, settings, "artifacts")
+        writable = [artifacts.arn_for_objects(f"{p}*") for p in (CHECKPOINTS_PREFIX, MODELS_PREFIX)]
+        policy = iam.ManagedPolicy(
+            self,
+            "TrainerPolicy",
+            roles=[role],
+            statements=[
+                iam.PolicyStatement(
+                    actions=["s3:ListBucket", "s3:GetBucketLocation"],
+                    resources=[curated.bucket_arn],
+                ),
+                iam.PolicyStatement(
+                    actions=["s3:GetObject"], resources=[curated.arn_for_objects("*")]
+                ),
+                iam.PolicyStatement(
+                    actions=["s3:ListBucket"],
+                    resources=[artifacts.bucket_arn],
+                    conditions={
+                        "StringLike": {"s3:prefix": [f"{CHECKPOINTS_PREFIX}*", f"{MODELS_PREFIX}*"]}
+                    },
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "s3:GetObject",
+                        "s3:PutObject",
+                        "s3:DeleteObject",
+                        "s3:AbortMultipartUpload",
+                    ],
+                    resources=writable,
+                ),
+                iam.PolicyStatement(
+                    actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                    resources=[lake_key.key_arn],
+                    conditions={
+                        "StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}
+                    },
+                ),
+            ],
+        )
+        Validations.of(policy).acknowledge(
+            wildcard_resource(
+                self,
+                curated.arn_for_objects("*"),
+                "Training reads any object of the curated zone (its datasets).",
+            ),
+            *[
+                wildcard_resource(
+                    self,
+                    arn,
+                    "Training writes checkpoints and the model "
+                    "artifact under its own prefixes of the artifacts bucket.",
+                )
+                for arn in writable
+            ],
+        )
+        eks.CfnPodIdentityAssociation(
+            self,
+            "TrainerPodIdentity",
+            cluster_name=cluster.cluster_name,
+            namespace=compute.training_namespace,
+            service_account=compute.trainer_service_account,
+            role_arn=role.role_arn,
+        )
+        return role
