@@ -4,7 +4,8 @@
     python -m kernels.bench --ops fused_add_rms_norm_ --no-compile
     python -m kernels.bench --alloc          # allocating vs `out` forms, glibc malloc vs tcmalloc
 
-Each time is the best of five batches (the machines are shared; the best is the least disturbed).
+Each time is the best of five batches, the candidates of a row measured in turn (the machines
+are shared: the best batch is the least disturbed one, and a burst hits all candidates alike).
 Ratios compare times of the same run: x_eager = eager / ours, x_compile = compile / ours,
 bw/probe = probe / ours where `probe` is a tensor copy moving the bytes the op must move at least
 (its reads plus its writes), i.e. the fraction of copy bandwidth the op reaches; avx2/best = the
@@ -37,8 +38,8 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 Fn = Callable[[], object]
 
 
-def best_time(fn: Fn, budget: float) -> float:
-    """Seconds per call: the best of five batches, each sized to take about budget / 5."""
+def _batch_size(fn: Fn, budget: float) -> int:
+    """Calls per batch, so that a batch takes about budget / 5."""
     for _ in range(3):
         fn()
     n, dt = 1, 0.0
@@ -50,13 +51,37 @@ def best_time(fn: Fn, budget: float) -> float:
         if dt >= budget / 20:
             break
         n *= 4
-    n = max(1, int(n * (budget / 5) / max(dt, 1e-9)))
-    best = float("inf")
+    return max(1, int(n * (budget / 5) / max(dt, 1e-9)))
+
+
+def best_times(fns: dict[str, tuple[Fn, str | None]], budget: float) -> dict[str, float]:
+    """Seconds per call of each (fn, CPU variant or None): five rounds of one batch of each in
+    turn, the best batch of each. Interleaved, a burst of another tenant's work on a shared
+    machine lands on all candidates of a round rather than on one candidate's every batch."""
+
+    def run(fn: Fn, isa: str | None, n: int) -> float:
+        previous = ops.cpu_isa()
+        if isa:
+            ops.set_cpu_isa(isa)
+        try:
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t) / n
+        finally:
+            ops.set_cpu_isa(previous)
+
+    sizes = {}
+    for name, (fn, isa) in fns.items():
+        if isa:
+            with ops.use_cpu_isa(isa):
+                sizes[name] = _batch_size(fn, budget)
+        else:
+            sizes[name] = _batch_size(fn, budget)
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
+        for name, (fn, isa) in fns.items():
+            best[name] = min(best[name], run(fn, isa, sizes[name]))
     return best
 
 
@@ -319,30 +344,36 @@ def run_op(
             if case.compiled:
                 case.compiled()  # compile outside the quiet window
             wait_for_quiet(quiet)
-            t_ours = best_time(case.ours, budget)
-            t_eager = best_time(case.eager, budget)
-            t_comp = best_time(case.compiled, budget) if case.compiled else None
-            t_probe = best_time(probe(case.nbytes), budget)
+            fns: dict[str, tuple[Fn, str | None]] = {
+                "ours": (case.ours, None),
+                "eager": (case.eager, None),
+                "probe": (probe(case.nbytes), None),
+            }
+            if case.compiled:
+                fns["compile"] = (case.compiled, None)
+            if second_isa:
+                fns["isa"] = (case.ours, second_isa)
+            if name == "int8_linear_out":
+                fns["fp_linear"] = (dense_linear(rows, dt), None)
+            t = best_times(fns, budget)
+            t_ours, t_probe, t_comp = t["ours"], t["probe"], t.get("compile")
             cells = [
                 f"[{rows}, {HIDDEN}]",
                 dname,
                 us(t_ours),
-                us(t_eager),
+                us(t["eager"]),
                 us(t_comp),
                 us(t_probe),
                 f"{case.nbytes / t_ours / 1e9:.1f}",
                 f"{case.nbytes / t_probe / 1e9:.1f}",
                 ratio(t_probe, t_ours),
-                ratio(t_eager, t_ours),
+                ratio(t["eager"], t_ours),
                 ratio(t_comp, t_ours),
             ]
             if second_isa:
-                with ops.use_cpu_isa(second_isa):
-                    t_isa = best_time(case.ours, budget)
-                cells += [us(t_isa), ratio(t_isa, t_ours)]
+                cells += [us(t["isa"]), ratio(t["isa"], t_ours)]
             if name == "int8_linear_out":
-                t_fp = best_time(dense_linear(rows, dt), budget)
-                cells += [us(t_fp), ratio(t_fp, t_ours)]
+                cells += [us(t["fp_linear"]), ratio(t["fp_linear"], t_ours)]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -353,23 +384,22 @@ def run_decode_latency(budget: float) -> None:
     small_x, small_r = rand(1, 16, dt=torch.float32), rand(1, 16, dt=torch.float32)
     overload = torch.ops.kiln.fused_add_rms_norm_.default
     add_ = torch.ops.aten.add_.Tensor
+    t = best_times(
+        {
+            "ours": (lambda: overload(x, r, w, EPS), None),
+            "aten": (lambda: add_(small_x, small_r), None),
+            "method": (lambda: small_x.add_(small_r), None),
+        },
+        budget,
+    )
     rows = [
-        (
-            "kiln fused_add_rms_norm_ [1, 4096] fp32, from Python (torch.ops...default)",
-            best_time(lambda: overload(x, r, w, EPS), budget),
-        ),
+        ("kiln fused_add_rms_norm_ [1, 4096] fp32, from Python (torch.ops...default)", t["ours"]),
         (
             "kiln fused_add_rms_norm_ [1, 4096] fp32, from C++ through the dispatcher",
             ops.time_decode_call_from_cpp(HIDDEN) * 1e-6,
         ),
-        (
-            "floor: torch.ops.aten.add_.Tensor on [1, 16] from Python (any op pays this)",
-            best_time(lambda: add_(small_x, small_r), budget),
-        ),
-        (
-            "floor: Tensor.add_ method on [1, 16] from Python",
-            best_time(lambda: small_x.add_(small_r), budget),
-        ),
+        ("floor: torch.ops.aten.add_.Tensor on [1, 16] from Python (any op pays this)", t["aten"]),
+        ("floor: Tensor.add_ method on [1, 16] from Python", t["method"]),
     ]
     print("\n## one-row decode call latency")
     print("| call | us |")
@@ -384,11 +414,18 @@ def run_alloc(budget: float) -> str:
     w = rand(HIDDEN, dt=torch.float32)
     out = torch.empty_like(x)
     kiln = torch.ops.kiln
-    t_fused = best_time(lambda: kiln.fused_add_rms_norm.default(x, r, w, EPS), budget)
-    t_fused_out = best_time(lambda: kiln.fused_add_rms_norm_out.default(x, r, w, EPS, out), budget)
-    t_norm = best_time(lambda: kiln.rms_norm.default(x, w, EPS), budget)
-    t_norm_out = best_time(lambda: kiln.rms_norm_out.default(x, w, EPS, out), budget)
-    t_eager = best_time(lambda: F.rms_norm(x, (HIDDEN,), w, EPS), budget)
+    t = best_times(
+        {
+            "fused": (lambda: kiln.fused_add_rms_norm.default(x, r, w, EPS), None),
+            "fused_out": (lambda: kiln.fused_add_rms_norm_out.default(x, r, w, EPS, out), None),
+            "norm": (lambda: kiln.rms_norm.default(x, w, EPS), None),
+            "norm_out": (lambda: kiln.rms_norm_out.default(x, w, EPS, out), None),
+            "eager": (lambda: F.rms_norm(x, (HIDDEN,), w, EPS), None),
+        },
+        budget,
+    )
+    t_fused, t_fused_out, t_norm, t_norm_out = t["fused"], t["fused_out"], t["norm"], t["norm_out"]
+    t_eager = t["eager"]
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     return (
         f"| {allocator} | {us(t_fused)} | {us(t_fused_out)} | {ratio(t_fused, t_fused_out)} | "
