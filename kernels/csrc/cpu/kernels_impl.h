@@ -146,8 +146,26 @@ void add_rms_norm_t(int64_t r0, int64_t r1, int64_t n, double eps, const T* x, i
     }
     const A rstd = rsqrt_acc(ss * inv_n + eps_a);
     T* outr = out + r * so;
+    // This pass works from cache; meanwhile the next row's x and residual are fetched, so that
+    // memory stays busy (the hardware prefetcher alone idles here).
+    const char* next_x = r + 1 < r1 ? reinterpret_cast<const char*>(xr + sx) : nullptr;
+    const char* next_r =
+        r + 1 < r1 && res != nullptr ? reinterpret_cast<const char*>(res + (r + 1) * sres) : nullptr;
+    int64_t i = 0;
+    for (; i + kSumBlock <= n; i += kSumBlock) {
+      if (next_x != nullptr) {
+        for (int64_t b = 0; b < kSumBlock * static_cast<int64_t>(sizeof(T)); b += 64) {
+          __builtin_prefetch(next_x + i * sizeof(T) + b);
+          if (next_r != nullptr) __builtin_prefetch(next_r + i * sizeof(T) + b);
+        }
+      }
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) outr[i] = from_acc<T>(to_acc(z[i]) * rstd * to_acc(w[i]));
+      for (int64_t j = i; j < i + kSumBlock; ++j) {
+        outr[j] = from_acc<T>(to_acc(z[j]) * rstd * to_acc(w[j]));
+      }
+    }
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) outr[j] = from_acc<T>(to_acc(z[j]) * rstd * to_acc(w[j]));
   }
 }
 
