@@ -305,6 +305,90 @@ class ComputeSettings(StrictModel):
         return value
 
 
+MODEL_ARTIFACT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
+
+
+class DeploymentSettings(StrictModel):
+    """How a new model version reaches traffic: blue/green with canary or linear shifting."""
+
+    traffic: Literal["canary", "linear"] = "canary"
+    # The canary's size, or each linear step's, in % of the new fleet (a canary is <= 50%).
+    step_percent: int = Field(10, ge=1, le=50)
+    # Baking time after each shift while the rollback alarms watch.
+    wait_minutes: int = Field(10, ge=0, le=60)
+    # How long the old fleet stays after the last shift (instant rollback until then).
+    termination_wait_minutes: int = Field(5, ge=0, le=60)
+    max_deployment_minutes: int = Field(120, ge=10, le=240)
+
+
+class RollbackAlarmSettings(StrictModel):
+    """Thresholds of the alarms that roll a deployment back (and page on-call)."""
+
+    error_rate_percent: float = Field(1.0, gt=0, le=100)
+    latency_p99_ms: int = Field(2000, ge=1, le=600_000)
+    evaluation_minutes: int = Field(3, ge=1, le=60)
+
+
+class ScheduledScaleDownSettings(StrictModel):
+    """Outside these UTC hours on weekdays (and all weekend) the endpoint runs at 1 instance."""
+
+    work_start_hour_utc: int = Field(7, ge=0, le=23)
+    work_end_hour_utc: int = Field(19, ge=1, le=24)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduledScaleDownSettings:
+        if self.work_end_hour_utc <= self.work_start_hour_utc:
+            raise PydanticCustomError(
+                "hours",
+                "work_end_hour_utc ({e}) must be after work_start_hour_utc ({s})",
+                {"e": self.work_end_hour_utc, "s": self.work_start_hour_utc},
+            )
+        return self
+
+
+class AutoscalingSettings(StrictModel):
+    """Target tracking on invocations per instance."""
+
+    min_instances: int = Field(ge=1, le=100)
+    max_instances: int = Field(ge=1, le=100)
+    target_invocations_per_instance: int = Field(ge=1, le=100_000)
+    scale_in_cooldown_seconds: int = Field(600, ge=0, le=3600)
+    scale_out_cooldown_seconds: int = Field(60, ge=0, le=3600)
+    scheduled_scale_down: ScheduledScaleDownSettings | None = None
+
+
+class ServingSettings(StrictModel):
+    """The SageMaker real-time endpoint: what it serves, on what, and how it changes."""
+
+    # The model.tar.gz to serve; `-c modelArtifact=s3://...` overrides it at deploy time.
+    # Without one, the serving stack holds the role, image and alarms but no endpoint.
+    model_artifact: str | None = Field(None, pattern=MODEL_ARTIFACT_PATTERN)
+    instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+    initial_instance_count: int = Field(ge=1, le=100)
+    data_capture_percent: int = Field(20, ge=0, le=100)
+    container_startup_timeout_seconds: int = Field(600, ge=60, le=3600)
+    model_download_timeout_seconds: int = Field(600, ge=60, le=3600)
+    deployment: DeploymentSettings = DeploymentSettings()
+    alarms: RollbackAlarmSettings = RollbackAlarmSettings()
+    autoscaling: AutoscalingSettings
+
+    @model_validator(mode="after")
+    def _capacity(self) -> ServingSettings:
+        scaling = self.autoscaling
+        if not scaling.min_instances <= self.initial_instance_count <= scaling.max_instances:
+            raise PydanticCustomError(
+                "capacity",
+                "initial_instance_count ({i}) must lie within autoscaling "
+                "min_instances ({lo}) .. max_instances ({hi})",
+                {
+                    "i": self.initial_instance_count,
+                    "lo": scaling.min_instances,
+                    "hi": scaling.max_instances,
+                },
+            )
+        return self
+
+
 class EventSettings(StrictModel):
     """What prediction events may carry."""
 
@@ -330,6 +414,7 @@ class Settings(StrictModel):
     warehouse: WarehouseSettings = WarehouseSettings()
     streaming: StreamingSettings
     compute: ComputeSettings
+    serving: ServingSettings
     events: EventSettings = EventSettings()
 
     @field_validator("log_retention_days")
@@ -467,6 +552,17 @@ class Settings(StrictModel):
             problems.append(
                 "compute.gpu_nodes.capacity: spot is not allowed in a prod-tier environment; "
                 "allowed: 'on_demand'"
+            )
+        serving = self.serving
+        if serving.initial_instance_count < 2 or serving.autoscaling.min_instances < 2:
+            problems.append(
+                "serving: a prod-tier endpoint runs at least 2 instances (one per zone "
+                "survives an instance or zone failure); set initial_instance_count and "
+                "autoscaling.min_instances to 2 or more"
+            )
+        if serving.autoscaling.scheduled_scale_down is not None:
+            problems.append(
+                "serving.autoscaling.scheduled_scale_down: not allowed in a prod-tier environment"
             )
         if self.network.nat_gateways < 2:
             problems.append(

@@ -47,6 +47,15 @@ def minimal_settings(**top_level: Any) -> dict[str, Any]:
             "nvidia_device_plugin_version": "v0.17.4",
             "efa_device_plugin_version": "v0.5.6",
         },
+        "serving": {
+            "instance_type": "ml.g5.xlarge",
+            "initial_instance_count": 2,
+            "autoscaling": {
+                "min_instances": 2,
+                "max_instances": 3,
+                "target_invocations_per_instance": 50,
+            },
+        },
     }
     return {**settings, **top_level}
 

@@ -51,6 +51,17 @@ def test_prod_tier_valid_when_invariants_hold() -> None:
         ({"termination_protection": False}, "", "termination_protection: must be true"),
         ({"removal_policy": "destroy"}, "", "removal_policy: 'destroy' is not allowed"),
         ({"network.nat_gateways": 1}, "", "network.nat_gateways: a prod-tier environment"),
+        ({"compute.gpu_nodes.capacity": "spot"}, "", "compute.gpu_nodes.capacity: spot is not"),
+        (
+            {"serving.initial_instance_count": 1, "serving.autoscaling.min_instances": 1},
+            "",
+            "serving: a prod-tier endpoint runs at least 2 instances",
+        ),
+        (
+            {"serving.autoscaling.scheduled_scale_down": {}},
+            "",
+            "scheduled_scale_down: not allowed in a prod-tier",
+        ),
     ],
 )
 def test_prod_invariants(changes: dict[str, Any], field: str, fragment: str) -> None:
@@ -154,6 +165,56 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
             "less than or equal to 900",
         ),
         ({"events.allow_raw_text": "maybe"}, "events.allow_raw_text", "valid boolean"),
+        ({"serving.model_artifact": "s3://b/model.zip"}, "serving.model_artifact", "pattern"),
+        ({"serving.instance_type": "g5.xlarge"}, "serving.instance_type", "pattern"),
+        (
+            {"serving.deployment.traffic": "all"},
+            "serving.deployment.traffic",
+            "'canary' or 'linear'",
+        ),
+        (
+            {"serving.deployment.step_percent": 60},
+            "serving.deployment.step_percent",
+            "less than or equal to 50",
+        ),
+        ({"serving.initial_instance_count": 5}, "serving", "must lie within autoscaling"),
+        (
+            {
+                "serving.autoscaling.scheduled_scale_down": {
+                    "work_start_hour_utc": 9,
+                    "work_end_hour_utc": 8,
+                }
+            },
+            "serving.autoscaling.scheduled_scale_down",
+            "must be after work_start_hour_utc",
+        ),
+        ({"compute.kubernetes_version": "1.20"}, "compute.kubernetes_version", "pattern"),
+        (
+            {"compute.public_endpoint_cidrs": ["0.0.0.0/0"]},
+            "compute.public_endpoint_cidrs",
+            "whole internet",
+        ),
+        (
+            {"compute.admin_principal_arns": ["admin"]},
+            "compute.admin_principal_arns",
+            "not an IAM role or user ARN",
+        ),
+        (
+            {"compute.addons": {"vpc-cni": "v1.20.4-eksbuild.1"}},
+            "compute.addons",
+            "missing: coredns, eks-pod-identity-agent, kube-proxy",
+        ),
+        ({"compute.addons.coredns": "latest"}, "compute.addons", "not an EKS add-on version"),
+        (
+            {"compute.gpu_nodes.min_size": 3},
+            "compute.gpu_nodes",
+            "min_size <= desired_size <= max_size",
+        ),
+        (
+            {"compute.gpu_nodes.capacity": "reserved"},
+            "compute.gpu_nodes.capacity",
+            "'on_demand' or 'spot'",
+        ),
         ({"surprise": 1}, "surprise", "Extra inputs"),
         ({"network.extra": 1}, "network.extra", "Extra inputs"),
     ],
@@ -171,6 +232,38 @@ def test_serverless_warehouse_needs_three_zones() -> None:
         settings(**two_zones, **{"warehouse.kind": "provisioned"})
     )
     assert provisioned.warehouse.kind == "provisioned"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"compute.gpu_nodes.instance_types": ["g5.2xlarge", "p4d.24xlarge"]}, "mixes types with"),
+        (
+            {"compute.gpu_nodes.instance_types": ["p4d.24xlarge", "p5.48xlarge"]},
+            "different interface counts",
+        ),
+        ({"compute.gpu_nodes.instance_types": ["x9.huge"]}, "x9.huge not supported; allowed: g5."),
+        (
+            {"compute.public_endpoint_cidrs": ["203.0.113.0/24"]},
+            "a staging-tier cluster keeps its endpoint private",
+        ),
+    ],
+)
+def test_compute_cross_field_checks(changes: dict[str, Any], fragment: str) -> None:
+    problems = errors(settings(**changes))
+    assert any(fragment in msg for _, msg in problems), problems
+
+
+def test_dev_may_open_a_restricted_public_endpoint() -> None:
+    loaded = Settings.model_validate(
+        settings(
+            tier="dev",
+            termination_protection=False,
+            removal_policy="destroy",
+            **{"compute.public_endpoint_cidrs": ["203.0.113.0/24"]},
+        )
+    )
+    assert loaded.compute.public_endpoint_cidrs == ["203.0.113.0/24"]
 
 
 def test_msk_takes_two_or_three_zones() -> None:

@@ -1,0 +1,373 @@
+"""A SageMaker real-time endpoint with deployment guardrails, rollback alarms and autoscaling."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from aws_cdk import Acknowledgment, Aws, Duration, Validations
+from aws_cdk import aws_applicationautoscaling as appscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sagemaker as sagemaker
+from constructs import Construct
+
+from platform_constructs.nag import wildcard_resource
+
+VARIANT = "AllTraffic"  # blue/green needs the same variant name in every endpoint config
+KAFKA_IAM_PORT = 9098
+
+
+@dataclass(frozen=True)
+class TrafficShifting:
+    """Blue/green traffic shifting: `canary` (one step, then the rest) or `linear` steps."""
+
+    mode: str  # "canary" | "linear"
+    step_percent: int
+    wait_minutes: int
+    termination_wait_minutes: int
+    max_deployment_minutes: int
+
+
+@dataclass(frozen=True)
+class RollbackThresholds:
+    error_rate_percent: float
+    latency_p99_ms: int
+    evaluation_minutes: int
+
+
+@dataclass(frozen=True)
+class Scaling:
+    min_instances: int
+    max_instances: int
+    target_invocations_per_instance: int
+    scale_in_cooldown_seconds: int
+    scale_out_cooldown_seconds: int
+    # UTC (start, end) hours of the working day; outside them the endpoint runs 1 instance.
+    working_hours_utc: tuple[int, int] | None = None
+
+
+def s3_object_arn(uri: str) -> str:
+    """`s3://bucket/key` -> `arn:<partition>:s3:::bucket/key`."""
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return f"arn:{Aws.PARTITION}:s3:::{uri[5:]}"
+
+
+class RollbackAlarms(Construct):
+    """The alarms a deployment rolls back on, on the endpoint variant's own metrics:
+    the 5XX error rate (%) and the p99 model latency; they also notify `actions` (on-call)
+    when they fire and when they clear. Exposes `error_rate`, `latency_p99`, `all`."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        endpoint_name: str,
+        thresholds: RollbackThresholds,
+        actions: Sequence[cloudwatch.IAlarmAction],
+    ) -> None:
+        super().__init__(scope, construct_id)
+        dimensions = {"EndpointName": endpoint_name, "VariantName": VARIANT}
+        period = Duration.minutes(1)
+
+        def metric(name: str, statistic: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace="AWS/SageMaker",
+                metric_name=name,
+                dimensions_map=dimensions,
+                statistic=statistic,
+                period=period,
+            )
+
+        error_rate = cloudwatch.MathExpression(
+            expression="IF(invocations > 0, 100 * errors / invocations, 0)",
+            using_metrics={
+                "errors": metric("Invocation5XXErrors", "Sum"),
+                "invocations": metric("Invocations", "Sum"),
+            },
+            label="5XX error rate (%)",
+            period=period,
+        )
+        self.error_rate = cloudwatch.Alarm(
+            self,
+            "ErrorRate",
+            alarm_description=f"{endpoint_name}: 5XX error rate above "
+            f"{thresholds.error_rate_percent}% (rolls a deployment back)",
+            metric=error_rate,
+            threshold=thresholds.error_rate_percent,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=thresholds.evaluation_minutes,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.latency_p99 = cloudwatch.Alarm(
+            self,
+            "LatencyP99",
+            alarm_description=f"{endpoint_name}: p99 model latency above "
+            f"{thresholds.latency_p99_ms} ms (rolls a deployment back)",
+            # SageMaker reports ModelLatency in microseconds.
+            metric=metric("ModelLatency", "p99"),
+            threshold=thresholds.latency_p99_ms * 1000,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=thresholds.evaluation_minutes,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.all = [self.error_rate, self.latency_p99]
+        for alarm in self.all:
+            alarm.add_alarm_action(*actions)
+            alarm.add_ok_action(*actions)
+
+
+class GuardedEndpoint(Construct):
+    """Model + EndpointConfig + Endpoint for one model artifact.
+
+    The model runs the `image_uri` container in the private subnets behind a security group
+    that sends only HTTPS (VPC endpoints, the S3 gateway) and Kafka-over-IAM inside the VPC,
+    with an execution role that may read the artifact and the image, decrypt with
+    `artifact_key`, write its logs, metrics and data capture, plus `extra_statements`. The
+    endpoint config encrypts the ML volume with `volume_key` and captures `capture_percent`
+    of requests and responses to `capture_bucket` (KMS). A new artifact is a new model and
+    config: the endpoint update then runs blue/green with the given traffic shifting and
+    rolls back by itself when a rollback alarm fires. Target tracking scales the variant.
+
+    Exposes `role`, `policy`, `security_group`, `model`, `config`, `endpoint`,
+    `scalable_target`.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        endpoint_name: str,
+        image_uri: str,
+        image_repository: ecr.IRepository,
+        model_artifact: str,
+        artifact_key: kms.IKey,
+        volume_key: kms.IKey,
+        vpc: ec2.IVpc,
+        vpc_cidr: str,
+        instance_type: str,
+        initial_instance_count: int,
+        capture_bucket: s3.IBucket,
+        capture_percent: int,
+        startup_timeout_seconds: int,
+        download_timeout_seconds: int,
+        shifting: TrafficShifting,
+        rollback_alarms: Sequence[cloudwatch.IAlarm],
+        scaling: Scaling,
+        environment: Mapping[str, str],
+        extra_statements: Sequence[iam.PolicyStatement] = (),
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            allow_all_outbound=False,
+            description=f"{endpoint_name}: HTTPS (VPC endpoints, S3) and Kafka in the VPC only",
+        )
+        # HTTPS to any address: the S3 gateway endpoint's prefix list has no id offline;
+        # the private subnets route S3 through that endpoint, other AWS APIs to interface ones.
+        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS")
+        self.security_group.add_egress_rule(
+            ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(KAFKA_IAM_PORT), "MSK (IAM over TLS)"
+        )
+        self.role = iam.Role(
+            self,
+            "ExecutionRole",
+            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            description=f"{endpoint_name}: SageMaker model execution",
+        )
+        capture_prefix = f"endpoints/{endpoint_name}"
+        logs_arn = (
+            f"arn:{Aws.PARTITION}:logs:{Aws.REGION}:{Aws.ACCOUNT_ID}:log-group:"
+            f"/aws/sagemaker/Endpoints/{endpoint_name}:*"
+        )
+        capture_objects = capture_bucket.arn_for_objects(f"{capture_prefix}/*")
+        self.policy = iam.ManagedPolicy(
+            self,
+            "ExecutionPolicy",
+            roles=[self.role],
+            statements=[
+                iam.PolicyStatement(
+                    actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)]
+                ),
+                iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects]),
+                iam.PolicyStatement(
+                    actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[artifact_key.key_arn]
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "ecr:BatchGetImage",
+                        "ecr:GetDownloadUrlForLayer",
+                        "ecr:BatchCheckLayerAvailability",
+                    ],
+                    resources=[image_repository.repository_arn],
+                ),
+                # The three actions below take no resource ARN (AWS documents "*").
+                iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
+                iam.PolicyStatement(
+                    actions=["cloudwatch:PutMetricData"],
+                    resources=["*"],
+                    conditions={
+                        "StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/Endpoints"}
+                    },
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "ec2:CreateNetworkInterface",
+                        "ec2:CreateNetworkInterfacePermission",
+                        "ec2:DeleteNetworkInterface",
+                        "ec2:DeleteNetworkInterfacePermission",
+                        "ec2:DescribeNetworkInterfaces",
+                        "ec2:DescribeVpcs",
+                        "ec2:DescribeDhcpOptions",
+                        "ec2:DescribeSubnets",
+                        "ec2:DescribeSecurityGroups",
+                    ],
+                    resources=["*"],
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "logs:CreateLogGroup",
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                        "logs:DescribeLogStreams",
+                    ],
+                    resources=[logs_arn],
+                ),
+                *extra_statements,
+            ],
+        )
+        Validations.of(self.policy).acknowledge(
+            Acknowledgment(
+                id="AwsSolutions-IAM5[Resource::*]",
+                reason="ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by a "
+                "namespace condition) and the VPC network-interface actions take no resource "
+                "ARN; every other statement names its resources.",
+            ),
+            wildcard_resource(
+                self,
+                capture_objects,
+                "Data capture writes objects whose keys "
+                "SageMaker generates, under this endpoint's own prefix.",
+            ),
+            wildcard_resource(
+                self,
+                logs_arn,
+                "The log streams of this endpoint's own log "
+                "group, which SageMaker names per instance.",
+            ),
+        )
+        subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
+        self.model = sagemaker.CfnModel(
+            self,
+            "Model",
+            execution_role_arn=self.role.role_arn,
+            primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
+                image=image_uri,
+                model_data_url=model_artifact,
+                environment=dict(environment),
+            ),
+            vpc_config=sagemaker.CfnModel.VpcConfigProperty(
+                subnets=subnets,
+                security_group_ids=[self.security_group.security_group_id],
+            ),
+        )
+        # The role's permissions must exist before SageMaker validates the model with it.
+        self.model.node.add_dependency(self.policy)
+        self.config = sagemaker.CfnEndpointConfig(
+            self,
+            "Config",
+            kms_key_id=volume_key.key_arn,
+            production_variants=[
+                sagemaker.CfnEndpointConfig.ProductionVariantProperty(
+                    variant_name=VARIANT,
+                    model_name=self.model.attr_model_name,
+                    instance_type=instance_type,
+                    initial_instance_count=initial_instance_count,
+                    initial_variant_weight=1,
+                    container_startup_health_check_timeout_in_seconds=startup_timeout_seconds,
+                    model_data_download_timeout_in_seconds=download_timeout_seconds,
+                )
+            ],
+            data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
+                enable_capture=capture_percent > 0,
+                initial_sampling_percentage=max(capture_percent, 1),
+                destination_s3_uri=f"s3://{capture_bucket.bucket_name}/{capture_prefix}",
+                kms_key_id=artifact_key.key_arn,
+                capture_options=[
+                    sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode="Input"),
+                    sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode="Output"),
+                ],
+                capture_content_type_header=sagemaker.CfnEndpointConfig.CaptureContentTypeHeaderProperty(
+                    json_content_types=["application/json"],
+                ),
+            ),
+        )
+        step = sagemaker.CfnEndpoint.CapacitySizeProperty(
+            type="CAPACITY_PERCENT", value=shifting.step_percent
+        )
+        self.endpoint = sagemaker.CfnEndpoint(
+            self,
+            "Endpoint",
+            endpoint_name=endpoint_name,
+            endpoint_config_name=self.config.attr_endpoint_config_name,
+            deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
+                blue_green_update_policy=sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
+                    traffic_routing_configuration=sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
+                        type=shifting.mode.upper(),
+                        canary_size=step if shifting.mode == "canary" else None,
+                        linear_step_size=step if shifting.mode == "linear" else None,
+                        wait_interval_in_seconds=shifting.wait_minutes * 60,
+                    ),
+                    termination_wait_in_seconds=shifting.termination_wait_minutes * 60,
+                    maximum_execution_timeout_in_seconds=shifting.max_deployment_minutes * 60,
+                ),
+                auto_rollback_configuration=sagemaker.CfnEndpoint.AutoRollbackConfigProperty(
+                    alarms=[
+                        sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name)
+                        for alarm in rollback_alarms
+                    ]
+                ),
+            ),
+        )
+        self.scalable_target = appscaling.ScalableTarget(
+            self,
+            "Scaling",
+            service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
+            resource_id=f"endpoint/{endpoint_name}/variant/{VARIANT}",
+            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            min_capacity=scaling.min_instances,
+            max_capacity=scaling.max_instances,
+        )
+        self.scalable_target.node.add_dependency(self.endpoint)
+        self.scalable_target.scale_to_track_metric(
+            "InvocationsPerInstance",
+            target_value=scaling.target_invocations_per_instance,
+            predefined_metric=appscaling.PredefinedMetric.SAGEMAKER_VARIANT_INVOCATIONS_PER_INSTANCE,
+            scale_in_cooldown=Duration.seconds(scaling.scale_in_cooldown_seconds),
+            scale_out_cooldown=Duration.seconds(scaling.scale_out_cooldown_seconds),
+        )
+        if scaling.working_hours_utc is not None:
+            start, end = scaling.working_hours_utc
+            self.scalable_target.scale_on_schedule(
+                "EveningScaleDown",
+                schedule=appscaling.Schedule.cron(
+                    hour=str(end % 24), minute="0", week_day="MON-FRI"
+                ),
+                min_capacity=1,
+                max_capacity=1,
+            )
+            self.scalable_target.scale_on_schedule(
+                "MorningScaleUp",
+                schedule=appscaling.Schedule.cron(hour=str(start), minute="0", week_day="MON-FRI"),
+                min_capacity=scaling.min_instances,
+                max_capacity=scaling.max_instances,
+            )
