@@ -34,3 +34,18 @@ def bucket_name(settings: Settings, zone: str, *, account: str, region: str) -> 
     if zone not in LAKE_ZONES:
         raise ValueError(f"unknown data lake zone {zone!r}; zones: {', '.join(LAKE_ZONES)}")
     return f"{prefix(settings)}-{zone}-{account}-{region}"
+
+
+def endpoint_name(settings: Settings) -> str:
+    """The SageMaker endpoint's name: fixed, so alarms and clients can name it before it exists."""
+    return f"{prefix(settings)}-llm"
+
+
+def delivery_stream_name(settings: Settings) -> str:
+    """The Firehose stream from MSK to the raw zone (alarms find its metrics by this name)."""
+    return f"{prefix(settings)}-raw-delivery"
+
+
+def nodegroup_name(settings: Settings, pool: str) -> str:
+    """A managed node group's name; its Auto Scaling group is `eks-<this>-<uuid>`."""
+    return f"{prefix(settings)}-{pool}"

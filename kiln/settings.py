@@ -389,6 +389,13 @@ class ServingSettings(StrictModel):
         return self
 
 
+class ObservabilitySettings(StrictModel):
+    """Who hears the alarms."""
+
+    # Each address gets an SNS subscription to confirm; leave empty to subscribe by hand.
+    alert_emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]] = []
+
+
 class EventSettings(StrictModel):
     """What prediction events may carry."""
 
@@ -415,6 +422,7 @@ class Settings(StrictModel):
     streaming: StreamingSettings
     compute: ComputeSettings
     serving: ServingSettings
+    observability: ObservabilitySettings = ObservabilitySettings()
     events: EventSettings = EventSettings()
 
     @field_validator("log_retention_days")

@@ -96,6 +96,7 @@ class GpuCluster(Construct):
         removal_policy: RemovalPolicy,
         system_pool: NodePool,
         gpu_pool: NodePool,
+        nodegroup_names: tuple[str, str] | None = None,
         addons: Mapping[str, str],
         admin_principal_arns: Sequence[str] = (),
     ) -> None:
@@ -167,6 +168,7 @@ class GpuCluster(Construct):
         self.placement_group: ec2.CfnPlacementGroup | None = None
         if gpu_pool.efa_interfaces:
             self.placement_group = ec2.CfnPlacementGroup(self, "GpuPlacement", strategy="cluster")
+        system_name, gpu_name = nodegroup_names or (None, None)
         self.system_nodes = self._node_group(
             "SystemNodes",
             system_pool,
@@ -174,6 +176,7 @@ class GpuCluster(Construct):
             labels=SYSTEM_POOL_LABELS,
             taints=[],
             ami_type=eks.NodegroupAmiType.AL2023_X86_64_STANDARD,
+            name=system_name,
         )[0]
         self.gpu_nodes, self.gpu_launch_template = self._node_group(
             "GpuNodes",
@@ -182,6 +185,7 @@ class GpuCluster(Construct):
             labels=GPU_POOL_LABELS,
             taints=[GPU_TAINT],
             ami_type=eks.NodegroupAmiType.AL2023_X86_64_NVIDIA,
+            name=gpu_name,
         )
         # Nodes join only once pod networking exists; CoreDNS needs a node to run on.
         for group in (self.system_nodes, self.gpu_nodes):
@@ -239,6 +243,7 @@ class GpuCluster(Construct):
         labels: Mapping[str, str],
         taints: Sequence[eks.TaintSpec],
         ami_type: eks.NodegroupAmiType,
+        name: str | None,
     ) -> tuple[eks.Nodegroup, ec2.CfnLaunchTemplate]:
         template = self._launch_template(f"{construct_id}Template", pool)
         subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnets
@@ -246,6 +251,7 @@ class GpuCluster(Construct):
         selection = ec2.SubnetSelection(subnets=subnets[:1] if pool.efa_interfaces else subnets)
         group = self.cluster.add_nodegroup_capacity(
             construct_id,
+            nodegroup_name=name,
             instance_types=[ec2.InstanceType(t) for t in pool.instance_types],
             ami_type=ami_type,
             capacity_type=eks.CapacityType.SPOT if pool.spot else eks.CapacityType.ON_DEMAND,

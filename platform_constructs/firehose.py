@@ -35,6 +35,7 @@ class MskToS3Delivery(Construct):
         *,
         cluster: MskCluster,
         topic: str,
+        stream_name: str,
         bucket: s3.IBucket,
         bucket_key: kms.IKey,
         buffer_interval_seconds: int,

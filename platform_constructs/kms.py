@@ -13,7 +13,8 @@ class PlatformKey(Construct):
 
     `cloudwatch_logs=True` lets the regional Logs service use the key for this account's
     log groups only (the encryption context names the log group), which is what encrypted
-    log groups need.
+    log groups need. `alarm_notifications=True` lets CloudWatch alarms of this account publish
+    to SNS topics encrypted with the key.
     """
 
     def __init__(
@@ -25,6 +26,7 @@ class PlatformKey(Construct):
         description: str,
         removal_policy: RemovalPolicy,
         cloudwatch_logs: bool = False,
+        alarm_notifications: bool = False,
     ) -> None:
         super().__init__(scope, construct_id)
         self.key = kms.Key(
@@ -56,5 +58,15 @@ class PlatformKey(Construct):
                             )
                         }
                     },
+                )
+            )
+        if alarm_notifications:
+            self.key.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid="AllowCloudWatchAlarmsToPublishToEncryptedTopics",
+                    principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                    actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                    resources=["*"],
+                    conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
                 )
             )

@@ -88,6 +88,10 @@ class ComputeStack(KilnStack):
                 efa_interfaces=gpu_type.efa_interfaces,
             ),
             addons={str(name): version for name, version in compute.addons.items()},
+            nodegroup_names=(
+                naming.nodegroup_name(settings, "system"),
+                naming.nodegroup_name(settings, "gpu"),
+            ),
             admin_principal_arns=compute.admin_principal_arns,
         )
         cluster = self.gpu_cluster.cluster

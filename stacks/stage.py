@@ -11,13 +11,14 @@ from stacks.base import standard_tags
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
+from stacks.observability import ObservabilityStack
 from stacks.streaming import StreamingStack
 from stacks.warehouse import WarehouseStack
 
 
 class KilnStage(Stage):
     """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`,
-    `streaming`, `warehouse`, `compute`."""
+    `streaming`, `warehouse`, `compute`, `observability`."""
 
     def __init__(self, scope: Construct, *, settings: Settings) -> None:
         super().__init__(
@@ -53,6 +54,7 @@ class KilnStage(Stage):
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
         )
+        self.observability = ObservabilityStack(self, "Observability", settings=settings)
         # These address lake buckets by name, so the order is declared rather than implied.
         for stack in (self.streaming, self.warehouse, self.compute):
             stack.add_stack_dependency(self.data_lake)

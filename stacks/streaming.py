@@ -75,6 +75,7 @@ class StreamingStack(KilnStack):
             "RawDelivery",
             cluster=self.msk,
             topic=streaming.firehose.topic,
+            stream_name=naming.delivery_stream_name(settings),
             bucket=lake_bucket(self, settings, "raw"),
             bucket_key=lake_key,
             buffer_interval_seconds=streaming.firehose.buffer_interval_seconds,

@@ -62,7 +62,7 @@ KMS_BUCKET = {
 def test_every_synthesized_stack_passes(
     synthesis: Synthesis, settings_by_env: dict[str, Settings]
 ) -> None:
-    assert len(synthesis.stacks) == 5 * len(settings_by_env)
+    assert len(synthesis.stacks) == 6 * len(settings_by_env)
     violations = [
         str(v) for s in synthesis.stacks for v in check(s, settings_by_env[s.environment])
     ]

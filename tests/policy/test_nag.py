@@ -42,6 +42,7 @@ EXPECTED_ACKNOWLEDGED_RULES = {
     "warehouse": _PROVIDER_FRAMEWORK,
     # IAM4 there also covers the EKS cluster and node roles' AWS-managed policies.
     "compute": _PROVIDER_FRAMEWORK,
+    "observability": set(),
 }
 # Every wildcard resource acknowledged (AwsSolutions-IAM5), as patterns: anything else fails.
 ALLOWED_WILDCARDS = [

@@ -1,0 +1,286 @@
+"""The observability stack: the on-call topic, the alarms, and one dashboard per environment."""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Duration
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from constructs import Construct
+
+from kiln import naming
+from kiln.settings import Settings
+from platform_constructs.endpoint import VARIANT, RollbackAlarms, RollbackThresholds
+from platform_constructs.kms import PlatformKey
+from stacks.base import KilnStack, removal_policy
+
+PERIOD = Duration.minutes(1)
+
+
+def _metric(
+    namespace: str, name: str, dimensions: dict[str, str], statistic: str, label: str | None = None
+) -> cloudwatch.Metric:
+    return cloudwatch.Metric(
+        namespace=namespace,
+        metric_name=name,
+        dimensions_map=dimensions,
+        statistic=statistic,
+        period=PERIOD,
+        label=label,
+    )
+
+
+def _search(expression: str, statistic: str, label: str) -> cloudwatch.MathExpression:
+    """A dashboard-only series found by a metric SEARCH (for dimensions named at run time)."""
+    return cloudwatch.MathExpression(
+        expression=f"SEARCH('{expression}', '{statistic}', 60)",
+        label=label,
+        period=PERIOD,
+        using_metrics={},
+    )
+
+
+class ObservabilityStack(KilnStack):
+    """Composes the KMS-encrypted on-call topic, the endpoint's rollback alarms (which the
+    serving stack's deployment guardrails use), the data-plane alarms, and the dashboard.
+
+    Attributes: `key`, `topic`, `rollback_alarms`, `alarms`, `dashboard`.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            settings=settings,
+            component="observability",
+            description=f"kiln {settings.name}: alarms, on-call topic and dashboard",
+        )
+        self.key = PlatformKey(
+            self,
+            "AlertsKey",
+            alias=naming.kms_alias(settings, "alerts"),
+            description=f"kiln {settings.name}: encrypts the on-call topic",
+            removal_policy=removal_policy(settings),
+            alarm_notifications=True,
+        ).key
+        self.topic = sns.Topic(
+            self,
+            "OnCall",
+            display_name=f"kiln {settings.name} alarms",
+            master_key=self.key,
+            enforce_ssl=True,
+        )
+        for email in settings.observability.alert_emails:
+            self.topic.add_subscription(subscriptions.EmailSubscription(email))
+        notify = cw_actions.SnsAction(self.topic)
+        endpoint = naming.endpoint_name(settings)
+        alarms = settings.serving.alarms
+        self.rollback_alarms = RollbackAlarms(
+            self,
+            "EndpointRollback",
+            endpoint_name=endpoint,
+            thresholds=RollbackThresholds(
+                error_rate_percent=alarms.error_rate_percent,
+                latency_p99_ms=alarms.latency_p99_ms,
+                evaluation_minutes=alarms.evaluation_minutes,
+            ),
+            actions=[notify],
+        )
+        cluster = naming.prefix(settings)
+        firehose = settings.streaming.firehose
+        stream_name = naming.delivery_stream_name(settings)
+        freshness = _metric(
+            "AWS/Firehose",
+            "DeliveryToS3.DataFreshness",
+            {"DeliveryStreamName": stream_name},
+            "Maximum",
+            "data freshness (s)",
+        )
+        self.alarms: list[cloudwatch.Alarm] = [
+            cloudwatch.Alarm(
+                self,
+                "FirehoseFreshness",
+                alarm_description=f"{stream_name}: raw-zone delivery is more than 3 buffer "
+                "intervals behind",
+                metric=freshness,
+                threshold=max(3 * firehose.buffer_interval_seconds, 900),
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                evaluation_periods=5,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            *[
+                cloudwatch.Alarm(
+                    self,
+                    f"BrokerDisk{broker}",
+                    alarm_description=f"{cluster} broker {broker}: data disk above 80%",
+                    metric=_metric(
+                        "AWS/Kafka",
+                        "KafkaDataLogsDiskUsed",
+                        {"Cluster Name": cluster, "Broker ID": str(broker)},
+                        "Maximum",
+                    ),
+                    threshold=80,
+                    comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                    evaluation_periods=5,
+                    treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                )
+                for broker in range(1, settings.broker_count + 1)
+            ],
+        ]
+        for alarm in self.alarms:
+            alarm.add_alarm_action(notify)
+            alarm.add_ok_action(notify)
+        self.dashboard = self._dashboard(settings, endpoint, cluster, freshness)
+        CfnOutput(self, "OnCallTopicArn", value=self.topic.topic_arn)
+        CfnOutput(self, "DashboardName", value=self.dashboard.dashboard_name)
+
+    def _dashboard(
+        self, settings: Settings, endpoint: str, cluster: str, freshness: cloudwatch.Metric
+    ) -> cloudwatch.Dashboard:
+        variant = {"EndpointName": endpoint, "VariantName": VARIANT}
+
+        def sagemaker(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+            return _metric("AWS/SageMaker", name, variant, statistic, label)
+
+        host = {"EndpointName": endpoint, "VariantName": VARIANT}
+        warehouse = (
+            [
+                _metric(
+                    "AWS/Redshift-Serverless",
+                    "ComputeCapacity",
+                    {"Workgroup": cluster},
+                    "Average",
+                    "RPUs",
+                ),
+                _metric(
+                    "AWS/Redshift-Serverless",
+                    "QueriesCompletedPerSecond",
+                    {"Workgroup": cluster},
+                    "Average",
+                    "queries/s",
+                ),
+            ]
+            if settings.warehouse.kind == "serverless"
+            else [
+                _metric(
+                    "AWS/Redshift",
+                    "CPUUtilization",
+                    {"ClusterIdentifier": cluster},
+                    "Average",
+                    "CPU %",
+                )
+            ]
+        )
+        dashboard = cloudwatch.Dashboard(
+            self,
+            "Dashboard",
+            dashboard_name=f"{cluster}-platform",
+            default_interval=Duration.hours(3),
+        )
+        dashboard.add_widgets(
+            cloudwatch.TextWidget(
+                markdown=f"# kiln {settings.name}\nEndpoint `{endpoint}`, "
+                f"MSK `{cluster}`, EKS `{cluster}`",
+                width=24,
+                height=1,
+            ),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Endpoint invocations",
+                width=6,
+                left=[
+                    sagemaker("Invocations", "Sum", "invocations"),
+                    sagemaker("InvocationsPerInstance", "Sum", "per instance"),
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Endpoint latency (µs)",
+                width=6,
+                left=[
+                    sagemaker("ModelLatency", "p50", "model p50"),
+                    sagemaker("ModelLatency", "p99", "model p99"),
+                    sagemaker("OverheadLatency", "p99", "overhead p99"),
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Endpoint errors",
+                width=6,
+                left=[
+                    sagemaker("Invocation4XXErrors", "Sum", "4XX"),
+                    sagemaker("Invocation5XXErrors", "Sum", "5XX"),
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Endpoint instances (GPU use per host)",
+                width=6,
+                left=[
+                    _search(
+                        f"{{/aws/sagemaker/Endpoints,EndpointName,VariantName,Host}} "
+                        f'MetricName="GPUUtilization" EndpointName="{endpoint}"',
+                        "Average",
+                        "GPU % by host",
+                    ),
+                ],
+                right=[
+                    _metric(
+                        "/aws/sagemaker/Endpoints",
+                        "CPUUtilization",
+                        host,
+                        "SampleCount",
+                        "hosts reporting",
+                    )
+                ],
+            ),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="MSK bytes in",
+                width=6,
+                left=[
+                    _search(
+                        f'{{AWS/Kafka,"Cluster Name","Broker ID"}} MetricName="BytesInPerSec" '
+                        f'"Cluster Name"="{cluster}"',
+                        "Average",
+                        "bytes/s by broker",
+                    )
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="MSK consumer lag",
+                width=6,
+                left=[
+                    _search(
+                        f'{{AWS/Kafka,"Cluster Name","Consumer Group",Topic}} '
+                        f'MetricName="SumOffsetLag" "Cluster Name"="{cluster}"',
+                        "Maximum",
+                        "offset lag by group",
+                    )
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Firehose delivery freshness (s)", width=6, left=[freshness]
+            ),
+            cloudwatch.GraphWidget(title="Redshift (streaming ingestion)", width=6, left=warehouse),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="GPU node group size",
+                width=12,
+                left=[
+                    _search(
+                        "{AWS/AutoScaling,AutoScalingGroupName} MetricName="
+                        f'"GroupInServiceInstances" "eks-{naming.nodegroup_name(settings, "gpu")}"',
+                        "Maximum",
+                        "in-service GPU nodes",
+                    )
+                ],
+            ),
+            cloudwatch.AlarmStatusWidget(
+                title="Alarms",
+                width=12,
+                alarms=[*self.rollback_alarms.all, *self.alarms],
+            ),
+        )
+        return dashboard
