@@ -15,7 +15,13 @@ from cdk_nag import (
     WriteNagSuppressionsToCloudFormationAspect,
 )
 
-from kiln.config import CONFIG_DIR, ConfigError, load_settings, resolve_environments
+from kiln.config import (
+    CONFIG_DIR,
+    ConfigError,
+    load_settings,
+    resolve_environments,
+    with_model_artifact,
+)
 from stacks.stage import KilnStage
 
 ROOT = Path(__file__).resolve().parent
@@ -36,8 +42,16 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
     app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
     # `-c configDir=...` lets a fork keep its environment files elsewhere.
     config_dir = Path(app.node.try_get_context("configDir") or CONFIG_DIR)
-    for name in resolve_environments(str(app.node.try_get_context("env")), config_dir):
-        stage = KilnStage(app, settings=load_settings(name, config_dir))
+    # `-c modelArtifact=s3://.../model.tar.gz` rolls that model out (one environment at a time).
+    artifact = app.node.try_get_context("modelArtifact")
+    names = resolve_environments(str(app.node.try_get_context("env")), config_dir)
+    if artifact and len(names) != 1:
+        raise ConfigError("-c modelArtifact applies to one environment; pick it with -c env=<name>")
+    for name in names:
+        settings = load_settings(name, config_dir)
+        if artifact:
+            settings = with_model_artifact(settings, str(artifact))
+        stage = KilnStage(app, settings=settings)
         # Aspects stop at a Stage boundary, so each stage gets its own: it copies every
         # acknowledgement, with its reason, into the template's Metadata for auditors.
         Aspects.of(stage).add(WriteNagSuppressionsToCloudFormationAspect())

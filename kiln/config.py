@@ -101,6 +101,13 @@ def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
         raise ConfigError(format_validation_error(shown, err)) from None
 
 
+# Our own error types already quote the offending value in their message.
+_SELF_EXPLAINING = {
+    "invariant", "lifecycle", "log_retention", "cidr", "artifact", "reserved", "broker",
+    "topics", "capacity", "sizes", "addons", "principal", "hours",
+}
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One paragraph: the file, then each problem as `field: what is wrong (got ...)`."""
     lines = [f"{source}: invalid configuration:"]
@@ -112,7 +119,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
             message = f"unknown field; allowed here: {', '.join(allowed)}"
         elif problem["type"] == "missing":
             message = "required field is missing"
-        elif problem["type"] not in {"invariant", "lifecycle", "log_retention", "cidr"}:
+        elif problem["type"] not in _SELF_EXPLAINING:
             message = f"{message} (got {problem['input']!r})"
         lines.append(f"  - {location}: {message}" if location else f"  - {message}")
     return "\n".join(lines)
@@ -137,3 +144,15 @@ def _display(path: Path) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def with_model_artifact(
+    settings: Settings, artifact: str, source: str = "-c modelArtifact"
+) -> Settings:
+    """`settings` serving `artifact` instead of the configured model (validated the same way)."""
+    data = settings.model_dump()
+    data["serving"]["model_artifact"] = artifact
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None

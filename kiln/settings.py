@@ -362,7 +362,7 @@ class ServingSettings(StrictModel):
 
     # The model.tar.gz to serve; `-c modelArtifact=s3://...` overrides it at deploy time.
     # Without one, the serving stack holds the role, image and alarms but no endpoint.
-    model_artifact: str | None = Field(None, pattern=MODEL_ARTIFACT_PATTERN)
+    model_artifact: str | None = None
     instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     initial_instance_count: int = Field(ge=1, le=100)
     data_capture_percent: int = Field(20, ge=0, le=100)
@@ -371,6 +371,16 @@ class ServingSettings(StrictModel):
     deployment: DeploymentSettings = DeploymentSettings()
     alarms: RollbackAlarmSettings = RollbackAlarmSettings()
     autoscaling: AutoscalingSettings
+
+    @field_validator("model_artifact")
+    @classmethod
+    def _artifact(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(MODEL_ARTIFACT_PATTERN, value):
+            raise PydanticCustomError(
+                "artifact", "'{value}' is not an S3 URI of a model archive; allowed: "
+                "s3://<bucket>/<key>.tar.gz (what training writes)", {"value": value},
+            )
+        return value
 
     @model_validator(mode="after")
     def _capacity(self) -> ServingSettings:

@@ -130,3 +130,15 @@ def test_cdk_cli_synthesizes_every_environment_offline(tmp_path: Path) -> None:
     assert failing.returncode != 0
     assert "qa.yaml: no such environment" in failing.stderr
     assert "Traceback" not in failing.stderr
+
+
+def test_model_artifact_from_context_is_validated() -> None:
+    assert_clean_failure(
+        run_app({"env": "dev", "modelArtifact": "s3://bucket/model.zip"}),
+        "-c modelArtifact: invalid configuration:",
+        "serving.model_artifact: 's3://bucket/model.zip' is not an S3 URI of a model archive",
+    )
+    assert_clean_failure(
+        run_app({"env": "all", "modelArtifact": "s3://bucket/models/v1/model.tar.gz"}),
+        "-c modelArtifact applies to one environment",
+    )

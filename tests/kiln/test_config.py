@@ -144,3 +144,14 @@ def test_name_field_must_match_the_file(config_dir: Path) -> None:
 def test_unreadable_file_is_a_config_error(config_dir: Path) -> None:
     (config_dir / "folder.yaml").mkdir()
     assert "cannot be read" in load_error(config_dir, "folder")
+
+
+def test_with_model_artifact_overrides_and_validates() -> None:
+    from kiln.config import with_model_artifact
+
+    dev = load_settings("dev")
+    uri = "s3://kiln-dev-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
+    assert with_model_artifact(dev, uri).serving.model_artifact == uri
+    assert dev.serving.model_artifact is None  # the original is untouched (frozen)
+    with pytest.raises(ConfigError, match="is not an S3 URI of a model archive"):
+        with_model_artifact(dev, "s3://bucket/model")
