@@ -1,4 +1,4 @@
-"""The trained model on disk: a directory of safetensors weights, config and tokenizer, and its tarball.
+"""The trained model on disk: safetensors weights, config and tokenizer in a directory or tarball.
 
 The directory (what SageMaker unpacks into /opt/ml/model for the inference container):
 

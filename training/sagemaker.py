@@ -1,4 +1,4 @@
-"""The SageMaker training contract: /opt/ml paths, SM_* variables, hyperparameters.json, torchrun launch.
+"""The SageMaker training contract: /opt/ml paths, SM_* variables, hyperparameters, torchrun.
 
 SageMaker starts the image as `<entrypoint> train`. Without the sagemaker-training toolkit in the
 image no SM_* variables are set, so everything is read from the /opt/ml tree as well:
@@ -64,7 +64,7 @@ def root(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def detected(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process runs as a SageMaker training job (SM_* variables or the /opt/ml tree)."""
+    """Whether this runs as a SageMaker training job (SM_* variables or the /opt/ml tree)."""
     if "SM_MODEL_DIR" in environ or "SM_TRAINING_ENV" in environ:
         return True
     return (root(environ) / "input" / "config" / "hyperparameters.json").is_file()
@@ -132,7 +132,7 @@ def load(environ: Mapping[str, str] = os.environ) -> SageMakerEnv:
 
 
 def hyperparameter_args(hps: Mapping[str, Any]) -> list[str]:
-    """{"max_steps": 10, "tie-embeddings": True} -> ["--max-steps", "10", "--tie-embeddings", "true"]."""
+    """{"max_steps": 10, "compile": True} -> ["--max-steps", "10", "--compile", "true"]."""
     args = []
     for key, value in hps.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,4 +1,4 @@
-"""Local directories and S3 prefixes behind one small interface, for data, checkpoints and output."""
+"""Local directories and S3 prefixes behind one small interface (checkpoints and output)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A byte-level tokenizer: ids 0-255 are bytes, special tokens follow, saved as JSON with the model."""
+"""A byte-level tokenizer: ids 0-255 are bytes, then special tokens; saved with the model."""
 
 from __future__ import annotations
 

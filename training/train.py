@@ -1,4 +1,4 @@
-"""The training entry point: `python -m training.train [ARGS]`, alone, under torchrun, or on SageMaker.
+"""The training entry point, `python -m training.train [ARGS]`: alone, under torchrun, on SageMaker.
 
 Metrics go to stdout as JSON lines (rank 0 only), one object per event: `start`, `train`
 (`train_loss`, `lr`, `grad_norm`, `tokens_per_s`), `val` (`val_loss`, `val_perplexity`),
