@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Shard:
-    key: str  # path relative to the root, or the S3 key
+    key: str  # path relative to the directory or the S3 prefix
     size: int
 
 
@@ -144,7 +144,8 @@ class S3Source:
                     if any(p.startswith(".") for p in parts[:-1]) or key.endswith("/"):
                         continue
                     if _wanted(parts[-1], self.suffixes):
-                        shards.append(Shard(key, int(obj["Size"])))
+                        # Relative keys: a copy of the data under another prefix splits alike.
+                        shards.append(Shard(key[len(self.prefix) :], int(obj["Size"])))
         except ClientError as err:
             raise DataError(f"cannot list {self.uri}: {err}") from err
         return sorted(shards, key=lambda s: s.key)
@@ -152,7 +153,9 @@ class S3Source:
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        obj = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        obj = self.client.get_object(
+            Bucket=self.bucket, Key=self.prefix + key, Range=f"bytes={start}-{end - 1}"
+        )
         return bytes(obj["Body"].read())
 
 
