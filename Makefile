@@ -14,7 +14,7 @@ export CDK_DISABLE_CLI_TELEMETRY := true
 ENV ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: help install install-infra install-dev synth synth-all test lint format typecheck clean
+.PHONY: help install install-infra install-dev kernels synth synth-all test lint format clean bench-kernels
 
 help:
 	@echo "make synth      synthesize every stack of ENV=$(ENV) into cdk.out/ (offline)"
@@ -41,9 +41,16 @@ node_modules/.installed: package.json package-lock.json $(VENV)/.infra-installed
 	$(BIN)/npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The C++ kernels build against the venv's torch; rebuilt when their sources change.
+KERNEL_SOURCES := $(shell find kernels/csrc -type f) kernels/setup.py kernels/pyproject.toml
+$(VENV)/.kernels-built: $(KERNEL_SOURCES) $(VENV)/.dev-installed
+	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e ./kernels
+	touch $@
+
 install-infra: $(VENV)/.infra-installed node_modules/.installed
-install-dev: install-infra $(VENV)/.dev-installed
+install-dev: install-infra $(VENV)/.dev-installed $(VENV)/.kernels-built
 install: install-dev
+kernels: $(VENV)/.kernels-built
 
 synth: install-infra
 	npx cdk synth --quiet -c env=$(ENV)
@@ -52,8 +59,12 @@ synth: install-infra
 synth-all: install-infra
 	npx cdk synth --quiet -c env=all
 
+# KILN_REQUIRE_KERNELS: a kernel test fails, rather than skips, if the extension did not build.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	KILN_REQUIRE_KERNELS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-kernels: kernels
+	$(BIN)/python -m kernels.bench
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -65,4 +76,5 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache kernels/build kernels/*.egg-info
+	rm -f kernels/_C*.so $(VENV)/.kernels-built

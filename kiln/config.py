@@ -103,8 +103,19 @@ def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
 
 # Our own error types already quote the offending value in their message.
 _SELF_EXPLAINING = {
-    "invariant", "lifecycle", "log_retention", "cidr", "artifact", "reserved", "broker",
-    "topics", "capacity", "sizes", "addons", "principal", "hours",
+    "invariant",
+    "lifecycle",
+    "log_retention",
+    "cidr",
+    "artifact",
+    "reserved",
+    "broker",
+    "topics",
+    "capacity",
+    "sizes",
+    "addons",
+    "principal",
+    "hours",
 }
 
 

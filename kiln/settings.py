@@ -377,8 +377,10 @@ class ServingSettings(StrictModel):
     def _artifact(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(MODEL_ARTIFACT_PATTERN, value):
             raise PydanticCustomError(
-                "artifact", "'{value}' is not an S3 URI of a model archive; allowed: "
-                "s3://<bucket>/<key>.tar.gz (what training writes)", {"value": value},
+                "artifact",
+                "'{value}' is not an S3 URI of a model archive; allowed: "
+                "s3://<bucket>/<key>.tar.gz (what training writes)",
+                {"value": value},
             )
         return value
 
