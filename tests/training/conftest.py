@@ -25,6 +25,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]
         if name.startswith(("SM_", "KILN_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KILN_SAGEMAKER_ROOT", str(tmp_path / "no-sagemaker"))
+    # Default outputs (runs/<job>) land in the test's directory, never in the repository.
+    monkeypatch.chdir(tmp_path)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"
@@ -38,7 +40,7 @@ def run_trainer(clean_env: dict[str, str]) -> Callable[..., Run]:
     def run(args: list[str], launcher: list[str] | None = None, timeout: float = 120) -> Run:
         cmd = (launcher or [sys.executable, "-m", "training.train"]) + args
         proc = subprocess.run(
-            cmd, cwd=REPO, env=clean_env, capture_output=True, text=True, timeout=timeout
+            cmd, cwd=Path.cwd(), env=clean_env, capture_output=True, text=True, timeout=timeout
         )
         return Run(proc.returncode, parse_events(proc.stdout), proc.stderr)
 
