@@ -115,12 +115,15 @@ def test_sigterm_then_resume_follows_the_uninterrupted_run_exactly(
 
 
 def test_a_finished_run_restarted_only_exports(
-    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
+    corpus: Path, tmp_path: Path, clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = [*TINY, "--data", str(corpus), "--max-steps", "3", "--checkpoint-dir", str(tmp_path)]
-    assert run_trainer(args).returncode == 0
-    again = run_trainer(args)
-    assert again.returncode == 0 and not again.of("train") and again.of("model")
+    assert train.main(args) == 0
+    capsys.readouterr()
+    assert train.main(args) == 0
+    again = parse_events(capsys.readouterr().out)
+    assert not [e for e in again if e["event"] == "train"]
+    assert [e["step"] for e in again if e["event"] == "model"] == [3]
 
 
 def test_s3_data_checkpoints_and_output_through_moto(
@@ -154,14 +157,17 @@ def test_s3_data_checkpoints_and_output_through_moto(
 
 
 def test_environment_variables_of_the_eks_job(
-    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run], clean_env: dict[str, str]
+    corpus: Path,
+    tmp_path: Path,
+    clean_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    clean_env["KILN_CHECKPOINT_DIR"] = str(tmp_path / "ck")
-    clean_env["KILN_OUTPUT_DIR"] = str(tmp_path / "out")
-    clean_env["KILN_JOB_NAME"] = "llama-7"
-    run = run_trainer([*TINY, "--data", str(corpus), "--max-steps", "2"])
-    assert run.returncode == 0, run.stderr
-    assert {e["job"] for e in run.events} == {"llama-7"}
+    monkeypatch.setenv("KILN_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    monkeypatch.setenv("KILN_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("KILN_JOB_NAME", "llama-7")
+    assert train.main([*TINY, "--data", str(corpus), "--max-steps", "2"]) == 0
+    assert {e["job"] for e in parse_events(capsys.readouterr().out)} == {"llama-7"}
     assert (tmp_path / "ck" / "latest.json").is_file()
     assert (tmp_path / "out" / "model.tar.gz").is_file()
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
