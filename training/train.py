@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step"
     )
-    t.add_argument("--max-steps", type=_positive(int), default=1000)
+    t.add_argument("--max-steps", type=_positive(int), default=600)
     t.add_argument(
         "--max-minutes",
         type=float,
