@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--eval-every",
         type=_non_negative_int,
-        default=200,
+        default=100,
         help="steps between validations (0: only at the end)",
     )
     e.add_argument(
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--checkpoint-every",
         type=_non_negative_int,
-        default=500,
+        default=200,
         help="steps between checkpoints (0: only on SIGTERM and at the end)",
     )
     e.add_argument("--keep-checkpoints", type=_positive(int), default=2)
