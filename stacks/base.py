@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from aws_cdk import Environment, RemovalPolicy, Stack
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import Environment, IgnoreMode, RemovalPolicy, Stack
 from constructs import Construct
 
 from kiln import naming
 from kiln.settings import Settings
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_context(folders: list[str]) -> dict[str, Any]:
+    """DockerImageAsset options whose build context (the repository) holds only `folders`:
+    the image's hash, and so its rebuilds, follow only what it copies."""
+    return {
+        "ignore_mode": IgnoreMode.DOCKER,
+        "exclude": [
+            "*",
+            *(f"!{folder}" for folder in folders),
+            "**/__pycache__",
+            "**/*.so",
+            "**/*.egg-info",
+            "kernels/build",
+        ],
+    }
 
 
 def removal_policy(settings: Settings) -> RemovalPolicy:

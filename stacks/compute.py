@@ -6,6 +6,7 @@ import json
 
 from aws_cdk import CfnOutput, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -19,7 +20,7 @@ from platform_constructs.eks import GpuCluster, NodePool
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.nag import wildcard_resource
-from stacks.base import KilnStack, removal_policy
+from stacks.base import REPO, KilnStack, image_context, removal_policy
 from stacks.data_lake import CHECKPOINTS_PREFIX, MODELS_PREFIX, lake_bucket
 
 
@@ -27,7 +28,8 @@ class ComputeStack(KilnStack):
     """Composes the cluster key, the GPU cluster, the in-cluster objects (device plugins,
     training namespace and service account) and the trainer's Pod Identity role.
 
-    Attributes: `key`, `gpu_cluster`, `manifests` (DeployTimeAction), `trainer_role`.
+    Attributes: `key`, `gpu_cluster`, `manifests` (DeployTimeAction), `trainer_role`,
+    `training_image` (built from training/Dockerfile on deploy, pushed to the CDK's ECR).
     """
 
     def __init__(
@@ -95,6 +97,14 @@ class ComputeStack(KilnStack):
             admin_principal_arns=compute.admin_principal_arns,
         )
         cluster = self.gpu_cluster.cluster
+        self.training_image = ecr_assets.DockerImageAsset(
+            self,
+            "TrainingImage",
+            directory=str(REPO),
+            file="training/Dockerfile",
+            platform=ecr_assets.Platform.LINUX_AMD64,
+            **image_context(["kernels", "training"]),
+        )
         self.trainer_role = self._trainer_identity(settings, cluster, lake_key)
         manifests = cluster_manifests.cluster_manifests(
             namespace=compute.training_namespace,
@@ -138,6 +148,7 @@ class ComputeStack(KilnStack):
         CfnOutput(self, "TrainingNamespace", value=compute.training_namespace)
         CfnOutput(self, "TrainerServiceAccount", value=compute.trainer_service_account)
         CfnOutput(self, "TrainerRoleArn", value=self.trainer_role.role_arn)
+        CfnOutput(self, "TrainingImageUri", value=self.training_image.image_uri)
 
     def _trainer_identity(
         self, settings: Settings, cluster: eks.Cluster, lake_key: kms.IKey

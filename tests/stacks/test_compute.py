@@ -216,3 +216,21 @@ def test_in_cluster_objects_applied_by_a_scoped_admin_over_the_private_endpoint(
             "Description": "Deploy-time object applier",
         },
     )
+
+
+def test_training_image_is_built_on_deploy_for_amd64_from_training_and_kernels(
+    synthesis: Synthesis, env: str
+) -> None:
+    stack = synthesis.stack(env, "compute")
+    assets_file = synthesis.outdir / f"assembly-{env}" / f"{stack.artifact_id}.assets.json"
+    images = json.loads(assets_file.read_text())["dockerImages"]
+    (image,) = images.values()
+    source = image["source"]
+    assert source["dockerFile"] == "training/Dockerfile"
+    assert source["platform"] == "linux/amd64"
+    context = synthesis.outdir / f"assembly-{env}" / source["directory"]
+    if not context.exists():  # nested assemblies keep assets in the root cloud assembly
+        context = synthesis.outdir / source["directory"]
+    assert sorted(p.name for p in context.iterdir()) == ["kernels", "training"]
+    assert not list(context.rglob("*.so")) and not list(context.rglob("__pycache__"))
+    compute(synthesis, env).has_output("TrainingImageUri", Match.any_value())

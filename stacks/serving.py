@@ -1,0 +1,149 @@
+"""The serving stack: the inference image, and the guarded SageMaker endpoint of one model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from aws_cdk import CfnOutput, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from constructs import Construct
+
+from kiln import naming
+from kiln.settings import Settings
+from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
+from platform_constructs.kms import PlatformKey
+from platform_constructs.msk import MskCluster
+from stacks.base import KilnStack, removal_policy
+from stacks.data_lake import lake_bucket
+
+REPO = Path(__file__).resolve().parent.parent
+# The image's build context is the repository (it needs kernels/, training/ and inference/);
+# everything else stays out so unrelated edits do not rebuild it.
+IMAGE_CONTEXT_EXCLUDES = [
+    ".git",
+    ".venv",
+    "node_modules",
+    "cdk.out",
+    "**/__pycache__",
+    "**/*.so",
+    "**/build",
+    "tests",
+    "config",
+    "stacks",
+    "platform_constructs",
+    "docs",
+    "scripts",
+    "*.md",
+]
+
+
+def model_version(artifact: str) -> str:
+    """A readable version for events and logs: the artifact's parent folder, e.g. `v7`."""
+    parts = artifact.removeprefix("s3://").split("/")
+    return parts[-2] if len(parts) > 2 else parts[-1].removesuffix(".tar.gz")
+
+
+class ServingStack(KilnStack):
+    """Composes the serving key, the inference image (built on deploy) and, when a model
+    artifact is configured, the guarded endpoint that serves it and publishes prediction
+    events to MSK.
+
+    Attributes: `key`, `image`, `endpoint` (GuardedEndpoint, or None before a model exists).
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        vpc: ec2.IVpc,
+        lake_key: kms.IKey,
+        msk: MskCluster,
+        rollback_alarms: Sequence[cloudwatch.IAlarm],
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            settings=settings,
+            component="serving",
+            description=f"kiln {settings.name}: inference image and SageMaker endpoint",
+        )
+        serving = settings.serving
+        self.key = PlatformKey(
+            self,
+            "ServingKey",
+            alias=naming.kms_alias(settings, "serving"),
+            description=f"kiln {settings.name}: encrypts the endpoint's ML storage volumes",
+            removal_policy=removal_policy(settings),
+        ).key
+        self.image = ecr_assets.DockerImageAsset(
+            self,
+            "InferenceImage",
+            directory=str(REPO),
+            file="inference/Dockerfile",
+            platform=ecr_assets.Platform.LINUX_AMD64,
+            exclude=IMAGE_CONTEXT_EXCLUDES,
+        )
+        name = naming.endpoint_name(settings)
+        self.endpoint: GuardedEndpoint | None = None
+        if serving.model_artifact is not None:
+            topic = settings.streaming.firehose.topic
+            scaling = serving.autoscaling
+            schedule = scaling.scheduled_scale_down
+            self.endpoint = GuardedEndpoint(
+                self,
+                "Endpoint",
+                endpoint_name=name,
+                image_uri=self.image.image_uri,
+                image_repository=self.image.repository,
+                model_artifact=serving.model_artifact,
+                artifact_key=lake_key,
+                volume_key=self.key,
+                vpc=vpc,
+                vpc_cidr=settings.network.vpc_cidr,
+                instance_type=serving.instance_type,
+                initial_instance_count=serving.initial_instance_count,
+                capture_bucket=lake_bucket(self, settings, "capture"),
+                capture_percent=serving.data_capture_percent,
+                startup_timeout_seconds=serving.container_startup_timeout_seconds,
+                download_timeout_seconds=serving.model_download_timeout_seconds,
+                shifting=TrafficShifting(
+                    mode=serving.deployment.traffic,
+                    step_percent=serving.deployment.step_percent,
+                    wait_minutes=serving.deployment.wait_minutes,
+                    termination_wait_minutes=serving.deployment.termination_wait_minutes,
+                    max_deployment_minutes=serving.deployment.max_deployment_minutes,
+                ),
+                rollback_alarms=rollback_alarms,
+                scaling=Scaling(
+                    min_instances=scaling.min_instances,
+                    max_instances=scaling.max_instances,
+                    target_invocations_per_instance=scaling.target_invocations_per_instance,
+                    scale_in_cooldown_seconds=scaling.scale_in_cooldown_seconds,
+                    scale_out_cooldown_seconds=scaling.scale_out_cooldown_seconds,
+                    working_hours_utc=(schedule.work_start_hour_utc, schedule.work_end_hour_utc)
+                    if schedule
+                    else None,
+                ),
+                environment={
+                    "KILN_MODEL_VERSION": model_version(serving.model_artifact),
+                    "KILN_ENDPOINT_NAME": name,
+                    "KILN_EVENTS_CLUSTER_ARN": msk.arn,
+                    "KILN_EVENTS_TOPIC": topic,
+                    "KILN_EVENTS_REGION": Stack.of(self).region,
+                    "KILN_ALLOW_RAW_TEXT": str(settings.events.allow_raw_text).lower(),
+                },
+                extra_statements=[
+                    *msk.write_statements([topic]),
+                    iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),
+                ],
+            )
+            CfnOutput(self, "ModelArtifact", value=serving.model_artifact)
+        CfnOutput(self, "EndpointName", value=name)
+        CfnOutput(self, "ImageUri", value=self.image.image_uri)
