@@ -11,7 +11,6 @@ from constructs import Construct
 from kiln import naming
 from kiln.settings import Settings
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 
