@@ -1,0 +1,1 @@
+"""kiln's model server: the SageMaker container contract over a continuous-batching engine."""

@@ -1,0 +1,51 @@
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling seeded per request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def greedy(logits: Tensor) -> list[int]:
+    """The highest-scoring token of each row (the lowest id among ties, as argmax does)."""
+    return [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperatures: Sequence[float],
+    top_ks: Sequence[int | None],
+    top_ps: Sequence[float | None],
+    generators: Sequence[torch.Generator],
+) -> list[int]:
+    """One token per row of `logits` [B, V], each row with its own settings and generator.
+
+    The rows are filtered together (row-wise operations: a row's result does not depend on the
+    others), and each row draws one uniform number from its own generator, so a request's
+    tokens depend only on its seed and its logits, not on what shares its batch.
+    """
+    vocab = logits.shape[-1]
+    scaled = logits.float() / torch.tensor(temperatures, dtype=torch.float32).unsqueeze(1)
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(vocab).unsqueeze(0)
+    k = torch.tensor([vocab if k is None else k for k in top_ks]).unsqueeze(1)
+    ordered = ordered.masked_fill(rank >= k, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    p = torch.tensor([1.0 if p is None else p for p in top_ps], dtype=torch.float32).unsqueeze(1)
+    # Keep the smallest prefix whose mass reaches p: a token stays if the mass before it is < p
+    # (so the first token always stays).
+    before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill(before >= p, 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    draws = torch.tensor(
+        [float(torch.rand(1, generator=g)) for g in generators], dtype=torch.float32
+    ).unsqueeze(1)
+    # The first position whose cumulative mass exceeds the draw (scaled to the kept mass).
+    index = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+    # Rounding can land on a dropped position past the kept prefix: step back onto kept mass.
+    kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
+    index = torch.minimum(index, kept)
+    return [int(t) for t in order.gather(1, index).squeeze(1).tolist()]

@@ -1,0 +1,121 @@
+"""The /invocations request body, its validation, and the JSON errors clients get back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# SageMaker's own limit on an InvokeEndpoint payload.
+MAX_BODY_BYTES = 6 * 1024 * 1024
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 128
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
+# Used when a request names no max_new_tokens (within what the context leaves).
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class RequestError(Exception):
+    """A request the server refuses; rendered as `{"error": {"code", "message"[, "field"]}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class Parameters(BaseModel):
+    """Generation parameters; strict: `5.0` is not an integer and `true` is not a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    # 0 means greedy decoding; top_k and top_p apply only when sampling (temperature > 0).
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+        for s in items:
+            if not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+        return list(items)
+
+
+class Invocation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
+
+    inputs: str
+    parameters: Parameters = Field(default_factory=Parameters)
+
+
+def _describe(error: Any) -> tuple[str, str]:
+    """(field, message) for one pydantic error, in the request's own terms."""
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent, _, name = loc.rpartition(".")
+        known = Parameters.model_fields if parent == "parameters" else Invocation.model_fields
+        where = "parameter" if parent == "parameters" else "field"
+        return loc, f"unknown {where} {name!r}; known: {', '.join(known)}"
+    if error["type"] == "missing":
+        return loc, f"{loc} is required"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if isinstance(value, int | float) and len(repr(value)) <= 40:
+        message = f"{message} (got {value!r})"
+    return loc, f"{loc}: {message}"
+
+
+def parse_invocation(body: bytes) -> Invocation:
+    """The validated request, or a RequestError (400) naming the first problems."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as err:
+        raise RequestError(400, "invalid_json", f"body is not UTF-8: {err.reason}") from err
+    except json.JSONDecodeError as err:
+        raise RequestError(
+            400,
+            "invalid_json",
+            f"body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
+        ) from err
+    if not isinstance(data, dict):
+        raise RequestError(
+            400,
+            "invalid_request",
+            f'body must be a JSON object like {{"inputs": "..."}}, got {type(data).__name__}',
+        )
+    try:
+        return Invocation.model_validate(data)
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors(include_url=False)]
+        raise RequestError(
+            400,
+            "invalid_parameter",
+            "; ".join(message for _, message in problems[:5]),
+            field=problems[0][0],
+        ) from err
