@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -165,6 +164,3 @@ def _as(weight: Tensor, like: Tensor) -> Tensor:
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross entropy in float32 (bf16 logits would round the loss)."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-LossFn = Callable[[Tensor, Tensor], Tensor]

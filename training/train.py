@@ -420,7 +420,11 @@ class Trainer:
         model: nn.Module = torch.compile(base) if args.compile else base
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # No buffer changes during training (the RoPE table is a constant): skip the
+            # per-step broadcast of buffers.
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, broadcast_buffers=False
+            )
         decay = [p for p in base.parameters() if p.dim() >= 2]
         no_decay = [p for p in base.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
