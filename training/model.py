@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,8 @@ class Attention(nn.Module):
             is_causal=True,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        out: Tensor = self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return out
 
 
 class MLP(nn.Module):
@@ -82,7 +83,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, ops: Any) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out: Tensor = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -139,18 +141,19 @@ class LlamaModel(nn.Module):
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         ops, eps = self.ops, self.config.rms_norm_eps
         residual = self.embed_tokens(input_ids)
-        norms = [w for layer in self.layers for w in (layer.attn_norm, layer.mlp_norm)]
-        norms.append(self.norm)
+        blocks = cast(list[Block], list(self.layers))
+        norms = [w for b in blocks for w in (b.attn_norm.weight, b.mlp_norm.weight)]
+        norms.append(self.norm.weight)
         # Each sublayer's output is added to the residual and normed by the next norm in one op.
-        x = ops.rms_norm(residual, _as(norms[0].weight, residual), eps)
-        for i, layer in enumerate(self.layers):
-            a = layer.attn(x, positions, self.rope, ops)
+        x = ops.rms_norm(residual, _as(norms[0], residual), eps)
+        for i, block in enumerate(blocks):
+            a = block.attn(x, positions, self.rope, ops)
             x, residual = ops.fused_add_rms_norm(
-                a.to(residual.dtype), residual, _as(norms[2 * i + 1].weight, residual), eps
+                a.to(residual.dtype), residual, _as(norms[2 * i + 1], residual), eps
             )
-            m = layer.mlp(x, ops)
+            m = block.mlp(x, ops)
             x, residual = ops.fused_add_rms_norm(
-                m.to(residual.dtype), residual, _as(norms[2 * i + 2].weight, residual), eps
+                m.to(residual.dtype), residual, _as(norms[2 * i + 2], residual), eps
             )
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)

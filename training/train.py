@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -417,7 +417,7 @@ class Trainer:
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         base = LlamaModel(cfg, ops=args.ops).to(self.device)
-        model: nn.Module = torch.compile(base) if args.compile else base
+        model = cast(nn.Module, torch.compile(base)) if args.compile else base
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # No buffer changes during training (the RoPE table is a constant): skip the
