@@ -95,7 +95,8 @@ class StreamText:
     def _safe_end(self) -> int:
         held = 0
         for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.data)), held, -1):
+            # A whole stop string too: the engine ends the sequence on it, and it is left out.
+            for n in range(min(len(stop), len(self.data)), held, -1):
                 if self.data.endswith(stop[:n]):
                     held = n
                     break
@@ -174,8 +175,10 @@ def create_app(
             loop.call_soon_threadsafe(dispatch, updates)
 
         def failed(err: BaseException) -> None:
+            # One line, whatever the error's own layout: log searches find it whole.
+            message = " ".join(str(err).split())
             log.error(
-                "model load failed from %s: %s: %s", engine.model_dir, type(err).__name__, err
+                "model load failed from %s: %s: %s", engine.model_dir, type(err).__name__, message
             )
             if on_engine_failure is not None:
                 on_engine_failure(err)
@@ -255,7 +258,7 @@ def create_app(
                 + ")",
                 field="parameters.max_new_tokens",
             )
-        vocab = tokenizer.vocab_size
+        vocab = engine.vocab_size
         if p.top_k is not None and p.top_k > vocab:
             raise RequestError(
                 400,

@@ -23,13 +23,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from inference import sampling
 from inference.decoder import Decoder
-from training.artifact import load_model_dir, read_config
-from training.tokenizer import ByteTokenizer
+from training.artifact import WEIGHTS_FILE, load_model_dir, read_config
+from training.config import ModelConfig
+from training.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be served; the message names the file at fault."""
+
+
+def read_model_files(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config, after checking that the tokenizer and weights load, naming the bad file.
+
+    `load_model_dir` raises the safetensors or torch error alone, which says what is wrong but
+    not in which file.
+    """
+    cfg, raw = read_config(model_dir)  # ArtifactError names config.json
+    tokenizer_file = model_dir / TOKENIZER_FILE
+    try:
+        ByteTokenizer.load(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{tokenizer_file}: {type(err).__name__}: {err}") from err
+    weights = model_dir / raw.get("weights", WEIGHTS_FILE)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+    except Exception as err:
+        raise ModelLoadError(f"{weights}: {type(err).__name__}: {err}") from err
+    if not names:
+        raise ModelLoadError(f"{weights} holds no tensors")
+    return cfg, raw
 
 
 class QueueFullError(RuntimeError):
@@ -138,6 +167,7 @@ class Engine:
         self.tokenizer: ByteTokenizer | None = None
         self.decoder: Decoder | None = None
         self.max_seq_len = 0
+        self.vocab_size = 0
         self.model_info: dict[str, Any] = {}
         self.batch_invariant: bool | None = None
         self._running: list[Sequence] = []
@@ -234,7 +264,7 @@ class Engine:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         device = self._device()
-        cfg, raw = read_config(self.model_dir)
+        cfg, raw = read_model_files(self.model_dir)
         model, tokenizer = load_model_dir(self.model_dir)
         # float32 on CPU (bit-exact batching, and fp32 GEMMs are the fast path there); the
         # saved dtype on GPUs, where bf16/fp16 halve the memory traffic of decode.
@@ -245,6 +275,7 @@ class Engine:
         del model
         self.tokenizer = tokenizer
         self.max_seq_len = cfg.max_seq_len
+        self.vocab_size = cfg.vocab_size
         self.model_info = {
             "config": cfg.to_dict(),
             "dtype": str(dtype).removeprefix("torch."),

@@ -94,9 +94,14 @@ def _describe(error: Any) -> tuple[str, str]:
 def parse_invocation(body: bytes) -> Invocation:
     """The validated request, or a RequestError (400) naming the first problems."""
     try:
-        data = json.loads(body)
+        # Decoded first: json.loads would guess UTF-16 or UTF-32 from bytes; JSON is UTF-8.
+        text = body.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise RequestError(400, "invalid_json", f"body is not UTF-8: {err.reason}") from err
+        raise RequestError(
+            400, "invalid_json", f"body is not UTF-8: {err.reason} at byte {err.start}"
+        ) from err
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise RequestError(
             400,
