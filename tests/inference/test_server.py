@@ -79,8 +79,9 @@ def test_stop_string_ends_generation_and_is_left_out(server: Server, stream: boo
     tokens = tokens_of(invoke(server.port, "stop here", stream=True, max_new_tokens=60))
     stop = printable_pair(tokens)
     # Where the stop string first appears in the text (special tokens add no bytes).
-    text = bytearray()
-    for used, token in enumerate(tokens, start=1):
+    text, used = bytearray(), 0
+    for token in tokens:
+        used += 1
         text += bytes([token]) if token < 256 else b""
         if text.endswith(stop.encode()):
             break

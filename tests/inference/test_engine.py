@@ -1,0 +1,181 @@
+"""The engine in-process: the KV-cache decoder against training's model, invariance, sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.app import StreamText
+from inference.decoder import Decoder, TiledLinear
+from inference.engine import (
+    EngineSettings,
+    FinishReason,
+    QueueFullError,
+    SamplingParams,
+    Sequence,
+    running_engine,
+)
+from inference.sampling import greedy, sample
+from tests.inference.support import TINY, write_model
+from training.config import ModelConfig
+from training.model import LlamaModel
+
+
+def model(cfg: ModelConfig, seed: int = 0) -> LlamaModel:
+    torch.manual_seed(seed)
+    m = LlamaModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_prefill_and_decode_match_the_training_model(tied: bool) -> None:
+    cfg = dataclasses.replace(TINY, tie_embeddings=tied, max_seq_len=128)
+    m = model(cfg)
+    ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = m(ids.unsqueeze(0))[0]
+        dec = Decoder(m, slots=4, device=torch.device("cpu"), dtype=torch.float32)
+        # Prefill 30 tokens in two chunks into slot 2, then decode one token at a time.
+        dec.prefill(2, ids[:20])
+        last = dec.prefill(2, ids[20:30], start=20)
+        torch.testing.assert_close(last, full[29], rtol=1e-4, atol=1e-4)
+        for pos in range(30, 60):
+            logits = dec.decode(torch.tensor([2]), torch.tensor([pos]), ids[pos : pos + 1])
+            torch.testing.assert_close(logits[0], full[pos], rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_logits_do_not_depend_on_its_batch() -> None:
+    """Bitwise: alone in slot 0, or in slot 5 among up to 31 others of other lengths."""
+    cfg = dataclasses.replace(TINY, max_seq_len=512)
+    gen = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        dec = Decoder(model(cfg), slots=32, device=torch.device("cpu"), dtype=torch.float32)
+        assert dec.check_invariance()
+        prompt = torch.randint(0, 256, (40,), generator=gen)
+        dec.prefill(0, prompt[:39])
+        alone = dec.decode(torch.tensor([0]), torch.tensor([39]), prompt[39:])[0]
+        for batch in (2, 7, 8, 9, 31, 32):
+            slots = list(range(batch))
+            lengths = torch.randint(1, 400, (batch,), generator=gen).tolist()
+            target = 5 % batch
+            for s, n in zip(slots, lengths, strict=True):
+                if s != target:
+                    dec.prefill(s, torch.randint(0, 256, (n,), generator=gen))
+            dec.prefill(target, prompt[:39])
+            lengths[target] = 39
+            tokens = torch.randint(0, 256, (batch,), generator=gen)
+            tokens[target] = prompt[39]
+            logits = dec.decode(torch.tensor(slots), torch.tensor(lengths), tokens)
+            assert torch.equal(logits[target], alone), f"differs in a batch of {batch}"
+
+
+def test_tiled_linear_is_exact_and_position_independent() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 40, generator=gen)
+    linear = TiledLinear(weight, tile=8, max_rows=32)
+    x = torch.randn(32, 40, generator=gen)
+    for rows in (1, 3, 8, 9, 32):
+        torch.testing.assert_close(linear(x[:rows]), x[:rows] @ weight.T)
+    assert linear.check_invariance()
+
+
+def test_sampling_rows_are_independent_and_seeded() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 50, generator=gen)
+
+    def draw(rows: list[int], seed: int) -> list[int]:
+        return sample(
+            logits[rows],
+            temperatures=[0.8] * len(rows),
+            top_ks=[20] * len(rows),
+            top_ps=[0.9] * len(rows),
+            generators=[torch.Generator().manual_seed(seed + r) for r in rows],
+        )
+
+    together = draw(list(range(6)), 10)
+    assert [draw([r], 10)[0] for r in range(6)] == together
+    assert draw(list(range(6)), 10) == together
+    # top_k=1, or a tiny top_p, leaves only the best token: sampling becomes greedy.
+    for top_k, top_p in ((1, None), (None, 1e-6)):
+        picked = sample(
+            logits,
+            temperatures=[1.0] * 6,
+            top_ks=[top_k] * 6,
+            top_ps=[top_p] * 6,
+            generators=[torch.Generator().manual_seed(i) for i in range(6)],
+        )
+        assert picked == greedy(logits)
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    g = torch.Generator().manual_seed(5)
+    counts = [0, 0, 0, 0]
+    for _ in range(3000):
+        kw = {"temperatures": [1.0], "top_ks": [None], "top_ps": [None], "generators": [g]}
+        counts[sample(logits, **kw)[0]] += 1  # type: ignore[arg-type]
+    assert counts[3] == 0
+    assert abs(counts[0] / 3000 - 0.5) < 0.05 and abs(counts[2] / 3000 - 0.2) < 0.04
+    # top_p=0.75 keeps 0.5 and 0.3 only.
+    kept = {
+        sample(logits, temperatures=[1.0], top_ks=[None], top_ps=[0.75], generators=[g])[0]
+        for _ in range(300)
+    }
+    assert kept == {0, 1}
+
+
+def test_stream_text_holds_back_stop_prefixes_and_split_characters() -> None:
+    stream = StreamText((b"END",))
+    pieces = [stream.push(t) for t in b"abEN"]
+    assert "".join(pieces) == "ab"  # "EN" may begin "END"
+    pieces += [stream.push(t) for t in b"Dx"]
+    assert stream.push(300) == ""  # a special token adds no text
+    assert "".join(pieces) + stream.finish(FinishReason.LENGTH) == "abENDx"
+    stop = StreamText((b"END", b"\n"))
+    out = "".join(stop.push(t) for t in "é-EN".encode())  # é is two bytes
+    out += "".join(stop.push(t) for t in b"D")
+    assert out + stop.finish(FinishReason.STOP) == "é-"
+    half = StreamText(())
+    assert half.push("é".encode()[0]) == ""  # half a character waits for the rest
+    assert half.push("é".encode()[1]) == "é"
+
+
+@pytest.fixture(scope="module")
+def engine_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("engine") / "tiny")
+
+
+def test_engine_queue_bound_and_cancel(engine_model: Path) -> None:
+    settings = EngineSettings(max_batch=2, max_queue=1, warmup=False)
+    with running_engine(engine_model, settings) as client:
+        engine = client.engine
+        results: list[FinishReason | None] = []
+        long = SamplingParams(max_new_tokens=1500)
+        threads = [
+            threading.Thread(target=lambda: results.append(client.generate("x", long).finish))
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while engine.stats().running + engine.stats().waiting < 3:
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.001)
+        with pytest.raises(QueueFullError):
+            engine.submit(Sequence(prompt=[257, 1], params=long, deadline=1e18))
+        for seq in list(engine._running) + list(engine._waiting):
+            engine.cancel(seq)
+        for t in threads:
+            t.join(30)
+        assert results == [FinishReason.CANCELLED] * 3
+        done = client.generate("after", SamplingParams(max_new_tokens=5))
+        assert done.finish is FinishReason.LENGTH and len(done.tokens) == 5
