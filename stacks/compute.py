@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import CfnOutput, Stack, Validations
+from aws_cdk import Acknowledgment, CfnOutput, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_eks_v2 as eks
@@ -106,6 +106,9 @@ class ComputeStack(KilnStack):
             **image_context(["kernels", "training"]),
         )
         self.trainer_role = self._trainer_identity(settings, cluster, lake_key)
+        self.sagemaker_training_role, self.training_security_group = self._sagemaker_training(
+            settings, vpc
+        )
         manifests = cluster_manifests.cluster_manifests(
             namespace=compute.training_namespace,
             service_account=compute.trainer_service_account,
@@ -166,6 +169,8 @@ class ComputeStack(KilnStack):
         curated = lake_bucket(self, settings, "curated")
         artifacts = lake_bucket(self, settings, "artifacts")
         writable = [artifacts.arn_for_objects(f"{p}*") for p in (CHECKPOINTS_PREFIX, MODELS_PREFIX)]
+        # One policy, two identities: pods on EKS and SageMaker training jobs read and write
+        # the same lake paths.
         policy = iam.ManagedPolicy(
             self,
             "TrainerPolicy",
@@ -227,4 +232,104 @@ class ComputeStack(KilnStack):
             service_account=compute.trainer_service_account,
             role_arn=role.role_arn,
         )
+        self.trainer_policy = policy
         return role
+
+    def _sagemaker_training(
+        self, settings: Settings, vpc: ec2.IVpc
+    ) -> tuple[iam.Role, ec2.SecurityGroup]:
+        """The execution role and network of SageMaker training jobs (`kiln train --on
+        sagemaker`): the trainer's lake access plus what SageMaker needs to run the image."""
+        role = iam.Role(
+            self,
+            "SageMakerTrainingRole",
+            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            description=f"kiln {settings.name}: SageMaker training jobs",
+        )
+        self.trainer_policy.attach_to_role(role)
+        group = ec2.SecurityGroup(
+            self,
+            "TrainingSecurityGroup",
+            vpc=vpc,
+            allow_all_outbound=False,
+            description=f"kiln {settings.name}: SageMaker training (HTTPS out, hosts together)",
+        )
+        group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS (S3, ECR, APIs)")
+        # Distributed training: the job's hosts talk to each other (rendezvous, NCCL).
+        group.add_ingress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
+        group.add_egress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
+        logs_arn = (
+            f"arn:{self.partition}:logs:{self.region}:{self.account}:"
+            "log-group:/aws/sagemaker/TrainingJobs:*"
+        )
+        runtime = iam.ManagedPolicy(
+            self,
+            "SageMakerTrainingPolicy",
+            roles=[role],
+            statements=[
+                iam.PolicyStatement(
+                    actions=[
+                        "ecr:BatchGetImage",
+                        "ecr:GetDownloadUrlForLayer",
+                        "ecr:BatchCheckLayerAvailability",
+                    ],
+                    resources=[self.training_image.repository.repository_arn],
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "logs:CreateLogGroup",
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                        "logs:DescribeLogStreams",
+                    ],
+                    resources=[logs_arn],
+                ),
+                # These take no resource ARN (AWS documents "*").
+                iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
+                iam.PolicyStatement(
+                    actions=["cloudwatch:PutMetricData"],
+                    resources=["*"],
+                    conditions={
+                        "StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}
+                    },
+                ),
+                iam.PolicyStatement(
+                    actions=[
+                        "ec2:CreateNetworkInterface",
+                        "ec2:CreateNetworkInterfacePermission",
+                        "ec2:DeleteNetworkInterface",
+                        "ec2:DeleteNetworkInterfacePermission",
+                        "ec2:DescribeNetworkInterfaces",
+                        "ec2:DescribeVpcs",
+                        "ec2:DescribeDhcpOptions",
+                        "ec2:DescribeSubnets",
+                        "ec2:DescribeSecurityGroups",
+                    ],
+                    resources=["*"],
+                ),
+            ],
+        )
+        Validations.of(runtime).acknowledge(
+            Acknowledgment(
+                id="AwsSolutions-IAM5[Resource::*]",
+                reason="ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by a "
+                "namespace condition) and the VPC network-interface actions take no resource "
+                "ARN; every other statement names its resources.",
+            ),
+            wildcard_resource(
+                self,
+                logs_arn,
+                "The log streams of SageMaker training jobs, "
+                "which SageMaker names per job and host.",
+            ),
+        )
+        CfnOutput(self, "SageMakerTrainingRoleArn", value=role.role_arn)
+        CfnOutput(self, "TrainingSecurityGroupId", value=group.security_group_id)
+        CfnOutput(
+            self,
+            "TrainingSubnetIds",
+            value=",".join(
+                vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
+            ),
+        )
+        return role, group

@@ -234,3 +234,30 @@ def test_training_image_is_built_on_deploy_for_amd64_from_training_and_kernels(
     assert sorted(p.name for p in context.iterdir()) == ["kernels", "training"]
     assert not list(context.rglob("*.so")) and not list(context.rglob("__pycache__"))
     compute(synthesis, env).has_output("TrainingImageUri", Match.any_value())
+
+
+def test_sagemaker_training_role_shares_the_trainer_lake_policy(
+    synthesis: Synthesis, env: str
+) -> None:
+    stack = synthesis.stack(env, "compute")
+    policies = stack.resources_of_type("AWS::IAM::ManagedPolicy")
+    (lake,) = [p for k, p in policies.items() if k.startswith("TrainerPolicy")]
+    attached = {r["Ref"] for r in lake["Properties"]["Roles"]}
+    assert any(r.startswith("TrainerRole") for r in attached)
+    assert any(r.startswith("SageMakerTrainingRole") for r in attached)
+    (runtime,) = [p for k, p in policies.items() if k.startswith("SageMakerTrainingPolicy")]
+    text = json.dumps(runtime["Properties"]["PolicyDocument"])
+    assert "/aws/sagemaker/TrainingJobs" in text and "ecr:BatchGetImage" in text
+    template = compute(synthesis, env)
+    template.has_resource_properties(
+        "AWS::IAM::Role",
+        {
+            "AssumeRolePolicyDocument": {
+                "Statement": [
+                    Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})
+                ]
+            }
+        },
+    )
+    for output in ("SageMakerTrainingRoleArn", "TrainingSecurityGroupId", "TrainingSubnetIds"):
+        template.has_output(output, Match.any_value())
