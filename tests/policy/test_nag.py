@@ -54,6 +54,9 @@ ALLOWED_WILDCARDS = [
     r"arn:aws:s3:::kiln-[a-z]+-(raw|curated)-<AWS::AccountId>-<AWS::Region>/\*",
     r"arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:redshift!\*",
     r"arn:aws:s3:::kiln-[a-z]+-artifacts-<AWS::AccountId>-<AWS::Region>/(checkpoints|models)/\*",
+    r"arn:(aws|<AWS::Partition>):logs:(us-east-1|<AWS::Region>):<AWS::AccountId>:log-group:"
+    r"/aws/sagemaker/(TrainingJobs|Endpoints/kiln-[a-z]+-llm):\*",
+    r"arn:aws:s3:::kiln-[a-z]+-capture-<AWS::AccountId>-<AWS::Region>/endpoints/kiln-[a-z]+-llm/\*",
 ]
 # Every AWS-managed policy acknowledged (AwsSolutions-IAM4).
 ALLOWED_MANAGED_POLICIES = {
