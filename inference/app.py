@@ -278,6 +278,7 @@ def create_app(
             ),
             deadline=deadline,
             context=handle,
+            stream=handle.streaming,
         )
 
     def result_body(seq: Sequence, text: str) -> dict[str, Any]:

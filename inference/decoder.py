@@ -8,10 +8,13 @@ untied head), so the logits match the training model's to float tolerance.
 Batch invariance: a sequence's logits must not depend on which other sequences share its decode
 step (greedy output identical alone and among 32 requests). Two things would break it:
 
-- A GEMM's kernel (and so its summation order) changes with the row count: MKL sums one row, 2-10
-  rows and more rows three different ways. Decode projections therefore run in tiles of one
-  fixed row count (`TiledLinear`); `Decoder.check_invariance` verifies at load time that a
-  row's result is then independent of its position and its neighbours.
+- A GEMM's kernel (and so its summation order) changes with the row count: MKL's plain sgemm
+  sums one row, 2-10 rows and more rows three different ways. Decode projections therefore use
+  MKL's packed GEMM, which sums a row the same way for every row count from 2 up, at a few padded
+  row counts (`RowLinear`: 2, 8, 32, ...; a lone sequence pays for 2 rows, not for the batch).
+  `Decoder.check_invariance` verifies at load time that a row's result does not depend on its
+  position, its neighbours or the row count; where it does (another CPU, a GPU), every step runs
+  at one fixed row count instead.
 - Attention runs over each slot's cache up to a shared length (the batch's longest, rounded up);
   positions past a sequence's own length are masked to exact zeros, which leave its sums as they
   are. The invariance tests cover both.
@@ -37,72 +40,77 @@ log = logging.getLogger(__name__)
 # Attention lengths are rounded up to a multiple of this, so the shapes a decode step sees (and
 # the work it wastes on masked positions) stay few.
 ATTENTION_BLOCK = 64
-# Rows per decode GEMM on CPU: a lone sequence costs ~0.8 ms of projections per step on two
-# cores here at 8 rows (vs ~2 ms at 32), and 32 sequences cost four tiles (~3.1 ms, vs ~2 ms).
-DECODE_TILE_CPU = 8
 
 
 def _mkl_packing_available() -> bool:
     return hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-class TiledLinear:
-    """`x [B, K] @ weight.T` computed in tiles of exactly `tile` rows (the last one padded).
+def row_buckets(max_rows: int) -> list[int]:
+    """The padded row counts of decode GEMMs: 2, 8, 32, ... (x4 apart), capped by max_rows."""
+    buckets, rows = [], 2
+    while rows < max_rows:
+        buckets.append(rows)
+        rows *= 4
+    return [*buckets, max(max_rows, 2)]
 
-    A GEMM's kernel choice (and so its summation order) depends on the row count; at one fixed
-    tile shape every row is summed the same way wherever it sits, so a sequence's result does
-    not depend on how many others share its step. Small tiles keep a lone request fast (it pays
-    for `tile` rows, not for the whole batch); on CPU the weight is pre-packed for the tile
-    (MKL's packed GEMM, which torch.compile also uses for fp32 linears).
+
+class RowLinear:
+    """`x [B, K] @ weight.T` for decode, padded to a fixed row count so a row's sums never change.
+
+    With `buckets` [2, 8, 32] a step of 5 rows runs at 8. On CPU each bucket has the weight
+    pre-packed for its row count (MKL's packed GEMM, which torch.compile also uses for fp32
+    linears): it is faster than the plain GEMM at these shapes, and it sums every row the same
+    way at every row count >= 2. Elsewhere there is one bucket, the largest.
     """
 
-    def __init__(self, weight: Tensor, tile: int, max_rows: int) -> None:
-        self.weight, self.tile = weight, tile
-        self.packed: Tensor | None = None
+    def __init__(self, weight: Tensor, buckets: list[int]) -> None:
+        self.weight = weight
         cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.packed: dict[int, Tensor] = {}
         if cpu_fp32 and _mkl_packing_available():
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, tile)
-        tiles = -(-max_rows // tile)
+            self.packed = {
+                rows: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for rows in buckets
+            }
+        else:
+            buckets = buckets[-1:]
+        self.buckets = buckets
         self._input = torch.zeros(
-            tiles * tile, weight.shape[1], device=weight.device, dtype=weight.dtype
+            buckets[-1], weight.shape[1], device=weight.device, dtype=weight.dtype
         )
 
-    def _one(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.tile)
-        return F.linear(x, self.weight)
-
     def __call__(self, x: Tensor) -> Tensor:
-        b, tile = x.shape[0], self.tile
-        rows = -(-b // tile) * tile
+        b = x.shape[0]
+        rows = next(r for r in self.buckets if r >= b)
         if rows == b:
             padded = x.contiguous()
         else:
             # Rows past b keep whatever an earlier step left there: finite, and never read back.
             padded = self._input[:rows]
             padded[:b].copy_(x)
-        if rows == tile:
-            return self._one(padded)[:b]
-        parts = [self._one(padded[i : i + tile]) for i in range(0, rows, tile)]
-        return torch.cat(parts)[:b]
+        packed = self.packed.get(rows)
+        if packed is not None:
+            out = torch.ops.mkl._mkl_linear(padded, packed, self.weight, None, rows)
+        else:
+            out = F.linear(padded, self.weight)
+        return out[:b]
 
-    def check_invariance(self, trials: int = 4) -> bool:
-        """Whether a row's result is bitwise the same wherever it sits and whatever is beside it."""
+    def check_invariance(self) -> bool:
+        """Whether a row's result is bitwise the same at every row count, position and company."""
         gen = torch.Generator(device="cpu").manual_seed(0)
-        k, rows = self.weight.shape[1], self._input.shape[0]
+        k = self.weight.shape[1]
         probe = torch.randn(1, k, generator=gen).to(self.weight)
-        alone = self(probe)
-        for trial in range(trials):
-            others = torch.randn(rows, k, generator=gen).to(self.weight)
+        alone = self(probe)[0]
+        for trial, rows in enumerate(self.buckets + self.buckets):
+            batch = torch.randn(rows, k, generator=gen).to(self.weight)
             position = (trial * 7919) % rows
-            others[position] = probe[0]
-            batch = others[: max(position + 1, rows - trial)]
-            if not torch.equal(self(batch)[position], alone[0]):
+            batch[position] = probe[0]
+            if not torch.equal(self(batch)[position], alone):
                 return False
         return True
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerWeights:
     attn_norm: Tensor
     qkv: Tensor
@@ -110,11 +118,11 @@ class LayerWeights:
     mlp_norm: Tensor
     gate_up: Tensor
     down: Tensor
-    # The same projections for decode steps, in fixed-size row tiles.
-    qkv_rows: TiledLinear
-    o_rows: TiledLinear
-    gate_up_rows: TiledLinear
-    down_rows: TiledLinear
+    # The same projections for decode steps (q rows pre-scaled by 1/sqrt(head_dim)).
+    qkv_rows: RowLinear | None = None
+    o_rows: RowLinear | None = None
+    gate_up_rows: RowLinear | None = None
+    down_rows: RowLinear | None = None
 
 
 class Decoder:
@@ -127,45 +135,13 @@ class Decoder:
         slots: int,
         device: torch.device,
         dtype: torch.dtype,
-        decode_tile: int | None = None,
+        buckets: list[int] | None = None,
     ) -> None:
         cfg: ModelConfig = model.config
         self.config = cfg
         self.device, self.dtype = device, dtype
         self.slots = slots
         self.ops: Any = load_ops("kiln")
-
-        # CPU: small tiles, so a lone sequence pays for a few rows; GPU: one tile for the whole
-        # batch (rows are nearly free there, kernel launches are not).
-        tile = decode_tile or (DECODE_TILE_CPU if device.type == "cpu" else slots)
-        self.decode_tile = tile
-
-        def w(t: Tensor) -> Tensor:
-            return t.detach().to(device=device, dtype=dtype).contiguous()
-
-        self.layers = []
-        for layer in model.layers:
-            qkv, o = w(layer.attn.qkv_proj.weight), w(layer.attn.o_proj.weight)
-            gate_up, down = w(layer.mlp.gate_up_proj.weight), w(layer.mlp.down_proj.weight)
-            self.layers.append(
-                LayerWeights(
-                    attn_norm=w(layer.attn_norm.weight),
-                    qkv=qkv,
-                    o=o,
-                    mlp_norm=w(layer.mlp_norm.weight),
-                    gate_up=gate_up,
-                    down=down,
-                    qkv_rows=TiledLinear(qkv, tile, slots),
-                    o_rows=TiledLinear(o, tile, slots),
-                    gate_up_rows=TiledLinear(gate_up, tile, slots),
-                    down_rows=TiledLinear(down, tile, slots),
-                )
-            )
-        self.embed = w(model.embed_tokens.weight)
-        self.head = self.embed if model.lm_head is None else w(model.lm_head.weight)
-        self.head_rows = TiledLinear(self.head, tile, slots)
-        self.final_norm = w(model.norm.weight)
-        self.rope = model.rope.to(device=device, dtype=dtype).contiguous()
         self.eps = cfg.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -174,16 +150,63 @@ class Decoder:
         )
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.scale = cfg.head_dim**-0.5
+
+        def w(t: Tensor) -> Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.layers = [
+            LayerWeights(
+                attn_norm=w(layer.attn_norm.weight),
+                qkv=w(layer.attn.qkv_proj.weight),
+                o=w(layer.attn.o_proj.weight),
+                mlp_norm=w(layer.mlp_norm.weight),
+                gate_up=w(layer.mlp.gate_up_proj.weight),
+                down=w(layer.mlp.down_proj.weight),
+            )
+            for layer in model.layers
+        ]
+        self.embed = w(model.embed_tokens.weight)
+        self.head = self.embed if model.lm_head is None else w(model.lm_head.weight)
+        self.final_norm = w(model.norm.weight)
+        self.rope = model.rope.to(device=device, dtype=dtype).contiguous()
+        self._build_decode_linears(buckets or row_buckets(slots))
         shape = (slots, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
 
-    def check_invariance(self) -> bool:
-        """Whether every decode projection gives a row the same result wherever it sits."""
+    def _build_decode_linears(self, buckets: list[int]) -> None:
+        q_rows = self.num_heads * self.head_dim
+        self.buckets = buckets
+        for layer in self.layers:
+            # Scaling q's rows here saves a pass over every score in each decode step.
+            scaled_qkv = layer.qkv.clone()
+            scaled_qkv[:q_rows] *= self.scale
+            layer.qkv_rows = RowLinear(scaled_qkv, buckets)
+            layer.o_rows = RowLinear(layer.o, buckets)
+            layer.gate_up_rows = RowLinear(layer.gate_up, buckets)
+            layer.down_rows = RowLinear(layer.down, buckets)
+        self.head_rows = RowLinear(self.head, buckets)
+
+    def _decode_linears(self) -> list[RowLinear]:
         linears = [self.head_rows]
         for layer in self.layers:
-            linears += [layer.qkv_rows, layer.o_rows, layer.gate_up_rows, layer.down_rows]
-        return all(linear.check_invariance() for linear in linears)
+            linears += [layer.qkv_rows, layer.o_rows, layer.gate_up_rows, layer.down_rows]  # type: ignore[list-item]
+        return linears
+
+    def check_invariance(self) -> bool:
+        """Whether decode projections give a row the same result in any batch; if the several
+        row counts do not (another CPU, another BLAS), falls back to one row count."""
+        if all(linear.check_invariance() for linear in self._decode_linears()):
+            return True
+        if len(self.buckets) > 1:
+            log.warning(
+                "decode GEMMs sum rows differently at %s rows here: using %d rows for every step",
+                self.buckets,
+                self.slots,
+            )
+            self._build_decode_linears([self.slots])
+            return all(linear.check_invariance() for linear in self._decode_linears())
+        return False
 
     @property
     def max_seq_len(self) -> int:
@@ -257,29 +280,34 @@ class Decoder:
         bias = torch.zeros(span, length, device=self.device, dtype=self.dtype)
         bias.masked_fill_(masked, float("-inf"))
         bias = bias.view(span, 1, 1, length)
+        # Rows of the caches viewed as [slots * kv_heads * max_seq_len, head_dim] that this
+        # step writes: one index_copy_ per cache instead of advanced-index assignment.
+        heads = torch.arange(self.num_kv_heads, device=self.device) * self.max_seq_len
+        rows = (slots * (self.num_kv_heads * self.max_seq_len) + positions).unsqueeze(1) + heads
+        rows = rows.flatten()
 
         residual = F.embedding(token_ids, self.embed)
         x = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv_rows(x).view(b, -1, self.head_dim)
+            qkv = layer.qkv_rows(x).view(b, -1, self.head_dim)  # type: ignore[misc]
             q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
             ops.rotary_embedding_(positions, q, k, self.rope, True)
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[slots, :, positions] = k
-            vc[slots, :, positions] = v
+            kc.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
+            vc.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
             query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
             if not dense:
                 full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
                 full[slots] = query
                 query = full
             scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2))
-            scores.mul_(self.scale).add_(bias)
+            scores.add_(bias)
             out = torch.matmul(torch.softmax(scores, dim=-1), vc[:span, :, :length])
             if not dense:
                 out = out[slots]
-            a = layer.o_rows(out.reshape(b, -1))
+            a = layer.o_rows(out.reshape(b, -1))  # type: ignore[misc]
             ops.fused_add_rms_norm_(a, residual, layer.mlp_norm, eps)
-            m = layer.down_rows(ops.silu_and_mul(layer.gate_up_rows(a)))
+            m = layer.down_rows(ops.silu_and_mul(layer.gate_up_rows(a)))  # type: ignore[misc]
             ops.fused_add_rms_norm_(m, residual, self._next_norm(i), eps)
             x = m
         return self.head_rows(x).float()

@@ -100,6 +100,9 @@ class Sequence:
     deadline: float  # time.monotonic() after which the request is retired with TIMEOUT
     # Anything the caller wants back in its notify callback (the HTTP layer's handle).
     context: Any = None
+    # Whether the caller wants each token as it comes; otherwise only the end is notified, which
+    # spares the event loop a wake-up per step.
+    stream: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -475,12 +478,14 @@ class Engine:
         if len(seq.tokens) >= seq.params.max_new_tokens:
             self._retire_with(seq, token, FinishReason.LENGTH, updates)
             return
-        updates.append(Update(seq, (token,), None))
+        if seq.stream:
+            updates.append(Update(seq, (token,), None))
 
     def _retire_with(
         self, seq: Sequence, token: int, reason: FinishReason, updates: list[Update]
     ) -> None:
-        updates.append(Update(seq, (token,), None))
+        if seq.stream:
+            updates.append(Update(seq, (token,), None))
         self._retire(seq, reason, updates)
 
     def _fail_all(self, reason: FinishReason) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inference.app import StreamText
-from inference.decoder import Decoder, TiledLinear
+from inference.decoder import Decoder, RowLinear
 from inference.engine import (
     EngineSettings,
     FinishReason,
@@ -78,10 +78,10 @@ def test_a_rows_logits_do_not_depend_on_its_batch() -> None:
             assert torch.equal(logits[target], alone), f"differs in a batch of {batch}"
 
 
-def test_tiled_linear_is_exact_and_position_independent() -> None:
+def test_row_linear_is_exact_and_position_independent() -> None:
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(96, 40, generator=gen)
-    linear = TiledLinear(weight, tile=8, max_rows=32)
+    linear = RowLinear(weight, [2, 8, 32])
     x = torch.randn(32, 40, generator=gen)
     for rows in (1, 3, 8, 9, 32):
         torch.testing.assert_close(linear(x[:rows]), x[:rows] @ weight.T)

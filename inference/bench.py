@@ -1,0 +1,251 @@
+"""Serving benchmark: tokens/s and latency at several concurrencies vs transformers' generate().
+
+`python -m inference.bench` trains a small model with the training code (a short run of
+`training.train`, unless `--model-dir` names a trained one), starts the server on a loopback
+port, drives it with a bounded load generator (a fixed number of requests per concurrency
+level, each with the same max_new_tokens), then runs Hugging Face transformers'
+`LlamaForCausalLM.generate()` on the same weights (exported with `training.export_hf`), one
+prompt at a time, with the same thread count. It prints one markdown table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Code-like prompts (the default training corpus is the standard library's source).
+PROMPTS = [
+    "def main():\n    ",
+    "import os\nimport sys\n\n",
+    "class Reader:\n    def __init__(self, path):\n        ",
+    "    for line in lines:\n        if ",
+    "# Copyright",
+    "    return self.",
+    '"""Utilities for',
+    "    except ValueError:\n        ",
+]
+
+
+@dataclass
+class Level:
+    name: str
+    concurrency: int
+    requests: int
+    tokens: int
+    wall_s: float
+    latencies: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def train_model(out: Path, steps: int, threads: int) -> Path:
+    """A short run of the training entry point; returns its model directory."""
+    cmd = [
+        sys.executable, "-m", "training.train",
+        "--model", "small",
+        "--max-steps", str(steps),
+        "--warmup-steps", str(max(1, steps // 10)),
+        "--eval-every", "0",
+        "--checkpoint-every", "0",
+        "--threads", str(threads),
+        "--output-dir", str(out),
+        "--job-name", "bench",
+    ]  # fmt: skip
+    print(f"training: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILN_CHECKPOINT_DIR": str(out / "ckpt")}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    return out / "model"
+
+
+def post(port: int, prompt: str, max_new_tokens: int) -> tuple[float, int, str]:
+    body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = json.loads(response.read())
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"server answered {response.status}: {data}")
+    return time.perf_counter() - t0, data["usage"]["completion_tokens"], data["generated_text"]
+
+
+def drive(port: int, concurrency: int, requests: int, max_new_tokens: int) -> Level:
+    """`requests` requests, at most `concurrency` in flight, each client sending back to back."""
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        nonlocal tokens
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            latency, n, _ = post(port, PROMPTS[i % len(PROMPTS)], max_new_tokens)
+            with lock:
+                latencies.append(latency)
+                tokens += n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    return Level(f"kiln, concurrency {concurrency}", concurrency, requests, tokens, wall, latencies)
+
+
+def start_server(model_dir: Path, threads: int, max_batch: int, log: Path) -> tuple[Any, int]:
+    cmd = [
+        sys.executable, "-m", "inference.serve",
+        "--model-dir", str(model_dir),
+        "--host", "127.0.0.1", "--port", "0",
+        "--threads", str(threads),
+        "--max-batch", str(max_batch),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_EVENTS")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+    handle = log.open("wb")
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=handle)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "model loaded" in text and "running on http://127.0.0.1:" in text:
+            port = int(text.split("running on http://127.0.0.1:")[1].split()[0])
+            return process, port
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+def hf_baseline(
+    hf_dir: Path, prompts: list[str], max_new_tokens: int, threads: int
+) -> tuple[Level, list[str]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from training.tokenizer import ByteTokenizer
+
+    torch.set_num_threads(threads)
+    tok = ByteTokenizer()
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    latencies, texts, tokens = [], [], 0
+    with torch.inference_mode():
+        warm = torch.tensor([tok.encode(prompts[0], add_bos=True)])
+        model.generate(warm, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
+        t_all = time.perf_counter()
+        for prompt in prompts:
+            ids = torch.tensor([tok.encode(prompt, add_bos=True)])
+            t0 = time.perf_counter()
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_id,
+                eos_token_id=tok.eos_id,
+            )
+            latencies.append(time.perf_counter() - t0)
+            new = out[0, ids.shape[1] :].tolist()
+            tokens += len(new)
+            texts.append(bytes(t for t in new if t < 256).decode("utf-8", errors="replace"))
+        wall = time.perf_counter() - t_all
+    level = Level("transformers generate(), batch 1", 1, len(prompts), tokens, wall, latencies)
+    return level, texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m inference.bench", description=__doc__)
+    p.add_argument("--model-dir", help="a trained kiln model directory (default: train one)")
+    p.add_argument("--train-steps", type=int, default=60, help="steps of the training run")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--hf-prompts", type=int, default=4, help="prompts for the baseline")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, ours and the baseline")
+    args = p.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    if model_dir is None:
+        model_dir = train_model(work / "run", args.train_steps, args.threads)
+    sys.path.insert(0, str(REPO))
+    from training.export_hf import export
+
+    hf_dir = export(model_dir, work / "hf")
+    load_before = os.getloadavg()
+
+    process, port = start_server(model_dir, args.threads, max(levels), work / "server.log")
+    try:
+        post(port, PROMPTS[0], 8)  # warm the HTTP path
+        ours = {}
+        for c in levels:
+            requests = max(4, c * args.requests_per_client)
+            ours[c] = drive(port, c, requests, args.max_new_tokens)
+            print(f"done: concurrency {c}", file=sys.stderr, flush=True)
+        kiln_texts = [post(port, prompt, args.max_new_tokens)[2] for prompt in PROMPTS]
+    finally:
+        process.terminate()
+        process.wait(60)
+    baseline, hf_texts = hf_baseline(
+        hf_dir, PROMPTS[: args.hf_prompts], args.max_new_tokens, args.threads
+    )
+    load_after = os.getloadavg()
+
+    one = ours[levels[0]].tokens_per_s if levels[0] == 1 else None
+    print(
+        f"\nmodel: {model_dir} (small preset); max_new_tokens {args.max_new_tokens}, greedy; "
+        f"{args.threads} torch thread(s); loopback HTTP for kiln, in-process for transformers"
+    )
+    print(f"1-minute load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+          f"on {os.cpu_count()} CPUs")  # fmt: skip
+    print("\n| run | requests | tokens | tokens/s | p50 latency s | p99 latency s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [baseline, *ours.values()]
+    for level in rows:
+        if level is baseline:
+            ratio = "1.00x (baseline)"
+        elif level.concurrency == 1:
+            ratio = f"{level.tokens_per_s / baseline.tokens_per_s:.2f}x transformers"
+        else:
+            ratio = f"{level.tokens_per_s / one:.2f}x kiln c=1" if one else ""
+        print(
+            f"| {level.name} | {level.requests} | {level.tokens} | {level.tokens_per_s:.1f} | "
+            f"{level.percentile(0.5):.3f} | {level.percentile(0.99):.3f} | {ratio} |"
+        )
+    same = sum(a == b for a, b in zip(kiln_texts, hf_texts, strict=False))
+    print(
+        f"\ngreedy text identical to transformers' for {same} of {len(hf_texts)} prompts "
+        f"(fp32 both; mean latency kiln c=1 {statistics.mean(ours[levels[0]].latencies):.3f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
