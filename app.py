@@ -1,4 +1,5 @@
-"""CDK entry point: `-c env=<name>|all` picks environments; one Stage is built for each."""
+"""CDK entry point: `-c env=<name>|all` picks environments (one Stage each); `-c env=pipeline`
+builds the delivery pipeline instead."""
 
 from __future__ import annotations
 
@@ -14,14 +15,19 @@ from cdk_nag import (
     NIST80053R5Checks,
     WriteNagSuppressionsToCloudFormationAspect,
 )
+from constructs import Construct
 
 from kiln.config import (
     CONFIG_DIR,
+    PIPELINE_SELECTOR,
     ConfigError,
+    load_delivery,
     load_settings,
     resolve_environments,
     with_model_artifact,
 )
+from kiln.settings import Settings
+from stacks.delivery import DeliveryStack
 from stacks.stage import KilnStage
 
 ROOT = Path(__file__).resolve().parent
@@ -42,22 +48,53 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
     app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
     # `-c configDir=...` lets a fork keep its environment files elsewhere.
     config_dir = Path(app.node.try_get_context("configDir") or CONFIG_DIR)
-    # `-c modelArtifact=s3://.../model.tar.gz` rolls that model out (one environment at a time).
-    artifact = app.node.try_get_context("modelArtifact")
-    names = resolve_environments(str(app.node.try_get_context("env")), config_dir)
-    if artifact and len(names) != 1:
-        raise ConfigError("-c modelArtifact applies to one environment; pick it with -c env=<name>")
-    for name in names:
-        settings = load_settings(name, config_dir)
-        if artifact:
-            settings = with_model_artifact(settings, str(artifact))
-        stage = KilnStage(app, settings=settings)
-        # Aspects stop at a Stage boundary, so each stage gets its own: it copies every
-        # acknowledgement, with its reason, into the template's Metadata for auditors.
-        Aspects.of(stage).add(WriteNagSuppressionsToCloudFormationAspect())
+    selector = str(app.node.try_get_context("env"))
+    if selector == PIPELINE_SELECTOR:
+        add_pipeline(app, config_dir)
+    else:
+        # `-c modelArtifact=s3://.../model.tar.gz` rolls that model out (one environment).
+        artifact = app.node.try_get_context("modelArtifact")
+        names = resolve_environments(selector, config_dir)
+        if artifact and len(names) != 1:
+            raise ConfigError(
+                "-c modelArtifact applies to one environment; pick it with -c env=<name>"
+            )
+        for name in names:
+            settings = load_settings(name, config_dir)
+            if artifact:
+                settings = with_model_artifact(settings, str(artifact))
+            add_stage(app, settings)
     # Any unacknowledged finding fails synth; acknowledgements sit on their resources.
     Validations.of(app).add_plugins(AwsSolutionsChecks(app), NIST80053R5Checks(app))
     return app
+
+
+def add_stage(scope: Construct, settings: Settings) -> KilnStage:
+    """One environment's stage, with its acknowledgements copied into the templates."""
+    stage = KilnStage(scope, settings=settings)
+    # Aspects stop at a Stage boundary, so each stage gets its own: it copies every
+    # acknowledgement, with its reason, into the template's Metadata for auditors.
+    Aspects.of(stage).add(WriteNagSuppressionsToCloudFormationAspect())
+    return stage
+
+
+def add_pipeline(app: App, config_dir: Path) -> DeliveryStack:
+    """`-c env=pipeline`: the delivery stack, its stages inside (config/delivery.yaml)."""
+    delivery = load_delivery(config_dir)
+    if not delivery.enabled:
+        raise ConfigError(
+            "config/delivery.yaml: enabled is false; set it to true (with connection_arn) to "
+            "synthesize the delivery pipeline"
+        )
+    stack = DeliveryStack(
+        app,
+        "Delivery",
+        delivery=delivery,
+        environments=[load_settings(e, config_dir) for e in delivery.environments],
+        make_stage=add_stage,
+    )
+    Aspects.of(stack).add(WriteNagSuppressionsToCloudFormationAspect())
+    return stack
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kiln.settings import ENV_NAME_PATTERN, Settings
+from kiln.settings import ENV_NAME_PATTERN, DeliverySettings, Settings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 ALL_ENVIRONMENTS = "all"
@@ -41,9 +41,15 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
+# config/<name>.yaml files that are not environments.
+DELIVERY = "delivery"
+PIPELINE_SELECTOR = "pipeline"
+RESERVED_NAMES = frozenset({DELIVERY, PIPELINE_SELECTOR, ALL_ENVIRONMENTS})
+
+
 def available_environments(config_dir: Path = CONFIG_DIR) -> list[str]:
     """The environment names that have a config file, sorted."""
-    return sorted(p.stem for p in config_dir.glob("*.yaml"))
+    return sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem not in RESERVED_NAMES)
 
 
 def resolve_environments(selector: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -53,6 +59,10 @@ def resolve_environments(selector: str, config_dir: Path = CONFIG_DIR) -> list[s
         if not available:
             raise ConfigError(f"{_display(config_dir)}: no environment files (*.yaml) found")
         return available
+    if selector in RESERVED_NAMES:
+        raise ConfigError(
+            f"{selector!r} is not an environment; available: {', '.join(available)} or 'all'"
+        )
     if not re.fullmatch(ENV_NAME_PATTERN, selector):
         raise ConfigError(
             f"environment name {selector!r} is not valid: use lower-case letters, digits and "
@@ -67,11 +77,8 @@ def resolve_environments(selector: str, config_dir: Path = CONFIG_DIR) -> list[s
     return [selector]
 
 
-def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
-    """Reads and validates one environment's file. Raises ConfigError naming file and field."""
-    if resolve_environments(name, config_dir) != [name]:
-        raise ConfigError(f"load_settings takes one environment name, not {name!r}")
-    path = config_dir / f"{name}.yaml"
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping, or a ConfigError naming the file and the problem."""
     shown = _display(path)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
@@ -90,6 +97,31 @@ def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
         raise ConfigError(
             f"{shown}: the top level must be a mapping of settings, not {type(raw).__name__}"
         )
+    return raw
+
+
+def load_delivery(config_dir: Path = CONFIG_DIR) -> DeliverySettings:
+    """`config/delivery.yaml`: the pipeline's settings; its environments must exist."""
+    path = config_dir / f"{DELIVERY}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{_display(path)}: missing; copy the example in the README")
+    try:
+        delivery = DeliverySettings.model_validate(_read_mapping(path))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(_display(path), err, DeliverySettings)) from None
+    missing = [e for e in delivery.environments if e not in available_environments(config_dir)]
+    if missing:
+        raise ConfigError(f"{_display(path)}: environments {missing} have no config file")
+    return delivery
+
+
+def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
+    """Reads and validates one environment's file. Raises ConfigError naming file and field."""
+    if resolve_environments(name, config_dir) != [name]:
+        raise ConfigError(f"load_settings takes one environment name, not {name!r}")
+    path = config_dir / f"{name}.yaml"
+    shown = _display(path)
+    raw = _read_mapping(path)
     if "name" in raw and raw["name"] != name:
         raise ConfigError(
             f"{shown}: field 'name' is {raw['name']!r} but the file is for environment "
@@ -119,14 +151,16 @@ _SELF_EXPLAINING = {
 }
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(
+    source: str, err: ValidationError, model: type[BaseModel] = Settings
+) -> str:
     """One paragraph: the file, then each problem as `field: what is wrong (got ...)`."""
     lines = [f"{source}: invalid configuration:"]
     for problem in err.errors(include_url=False):
         location = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            allowed = _fields_at(Settings, problem["loc"][:-1])
+            allowed = _fields_at(model, problem["loc"][:-1])
             message = f"unknown field; allowed here: {', '.join(allowed)}"
         elif problem["type"] == "missing":
             message = "required field is missing"

@@ -604,3 +604,39 @@ class Settings(StrictModel):
     def kafka_replication_factor(self) -> int:
         """3 where there are 3 or more brokers; otherwise every broker holds a replica."""
         return min(3, self.broker_count)
+
+
+class DeliverySettings(StrictModel):
+    """The optional CDK Pipelines delivery (`config/delivery.yaml`): test, then deploy the
+    listed environments in order, with a manual approval before the ones that ask for it."""
+
+    enabled: bool = False
+    account: str | None = Field(None, pattern=r"^\d{12}$")
+    region: str = Field("us-east-1", pattern=_REGION_PATTERN)
+    repository: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+    branch: str = Field("main", min_length=1)
+    # A CodeConnections (CodeStar) connection to the repository host, made once by hand.
+    connection_arn: str | None = Field(
+        None,
+        pattern=r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}:connection/[\w-]+$",
+    )
+    environments: list[str] = Field(min_length=1)
+    manual_approval_before: list[str] = []
+    smoke_prompt: str = Field("def fibonacci(n):", min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeliverySettings:
+        problems = []
+        if self.enabled and self.connection_arn is None:
+            problems.append(
+                "connection_arn: required when enabled (create a CodeConnections "
+                "connection to the repository host first)"
+            )
+        unknown = [e for e in self.manual_approval_before if e not in self.environments]
+        if unknown:
+            problems.append(f"manual_approval_before: {unknown} are not in environments")
+        if len(set(self.environments)) != len(self.environments):
+            problems.append("environments: an environment is listed twice")
+        if problems:
+            raise PydanticCustomError("invariant", "\n  - ".join(problems))
+        return self

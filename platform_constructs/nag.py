@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from aws_cdk import Acknowledgment, Stack, Validations
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import custom_resources as cr
 from constructs import IConstruct
@@ -126,3 +127,44 @@ def acknowledge_provider_framework(
                 for function in framework
             ],
         )
+
+
+def acknowledge_generated_policies(scope: IConstruct, owner: str) -> int:
+    """Acknowledges, on every inline policy the CDK generated under `scope` (a CDK Pipelines
+    pipeline, after `build_pipeline()`), each of its wildcards and its being inline.
+
+    The CDK writes these grants (artifact bucket and key, CodeBuild logs and reports, the
+    bootstrap roles) with its own wildcards; `owner` names the generator in the reasons.
+    Returns how many policies it covered, so callers can check it found them.
+    """
+    covered = 0
+    for construct in scope.node.find_all():
+        if not isinstance(construct, iam.Policy):
+            continue
+        stack = Stack.of(construct)
+        document = stack.resolve(construct.document)
+        acks = {
+            "NIST.800.53.R5-IAMNoInlinePolicy": f"{owner}: the CDK writes this generated "
+            "role's grants as its inline default policy.",
+        }
+        for statement in document.get("Statement", []):
+            actions = statement.get("Action", [])
+            resources = statement.get("Resource", [])
+            for action in [actions] if isinstance(actions, str) else actions:
+                if "*" in action:
+                    acks[f"AwsSolutions-IAM5[Action::{action}]"] = (
+                        f"{owner}: CDK-generated grant ({action}) on the pipeline's own "
+                        "artifact bucket, key and build resources."
+                    )
+            for resource in [resources] if not isinstance(resources, list) else resources:
+                text = _nag_text(resource)
+                if "*" in text:
+                    acks[f"AwsSolutions-IAM5[Resource::{text}]"] = (
+                        f"{owner}: CDK-generated grant scoped to the pipeline's artifacts, "
+                        "build logs and reports, and the CDK bootstrap roles."
+                    )
+        Validations.of(construct).acknowledge(
+            *[Acknowledgment(id=rule, reason=reason) for rule, reason in acks.items()]
+        )
+        covered += 1
+    return covered

@@ -165,8 +165,11 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
             "less than or equal to 900",
         ),
         ({"events.allow_raw_text": "maybe"}, "events.allow_raw_text", "valid boolean"),
-        ({"serving.model_artifact": "s3://b/model.zip"}, "serving.model_artifact",
-         "allowed: s3://<bucket>/<key>.tar.gz"),
+        (
+            {"serving.model_artifact": "s3://b/model.zip"},
+            "serving.model_artifact",
+            "allowed: s3://<bucket>/<key>.tar.gz",
+        ),
         ({"serving.instance_type": "g5.xlarge"}, "serving.instance_type", "pattern"),
         (
             {"serving.deployment.traffic": "all"},
