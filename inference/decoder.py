@@ -78,22 +78,27 @@ class RowLinear:
         self._input = torch.zeros(
             buckets[-1], weight.shape[1], device=weight.device, dtype=weight.dtype
         )
+        # Per batch size: its bucket, the padded input view and the packed weight. A decode
+        # step calls this 5 times per layer, so the lookups are precomputed.
+        self._plan: list[tuple[int, Tensor, Tensor | None]] = []
+        for b in range(buckets[-1] + 1):
+            rows = next(r for r in buckets if r >= b)
+            self._plan.append((rows, self._input[:rows], self.packed.get(rows)))
+        self._mkl_linear = torch.ops.mkl._mkl_linear.default if self.packed else None
 
     def __call__(self, x: Tensor) -> Tensor:
         b = x.shape[0]
-        rows = next(r for r in self.buckets if r >= b)
+        rows, padded, packed = self._plan[b]
         if rows == b:
-            padded = x.contiguous()
+            padded = x
         else:
             # Rows past b keep whatever an earlier step left there: finite, and never read back.
-            padded = self._input[:rows]
-            padded[:b].copy_(x)
-        packed = self.packed.get(rows)
+            padded[:b] = x
         if packed is not None:
-            out = torch.ops.mkl._mkl_linear(padded, packed, self.weight, None, rows)
+            out = self._mkl_linear(padded, packed, self.weight, None, rows)  # type: ignore[misc]
         else:
             out = F.linear(padded, self.weight)
-        return out[:b]
+        return out if rows == b else out[:b]
 
     def check_invariance(self) -> bool:
         """Whether a row's result is bitwise the same at every row count, position and company."""
@@ -260,51 +265,58 @@ class Decoder:
 
     # -- decode ----------------------------------------------------------------------------------
 
-    def decode(self, slots: Tensor, positions: Tensor, token_ids: Tensor) -> Tensor:
+    def decode(self, slots: list[int], positions: list[int], token_ids: list[int]) -> Tensor:
         """One step for B sequences: token_ids [B] at positions [B] in slots [B] -> logits [B, V].
 
         `slots` must be sorted ascending; a row's result does not depend on the other rows.
         """
-        ops, eps = self.ops, self.eps
-        b = token_ids.shape[0]
-        span = int(slots[-1]) + 1  # attention runs over slots [0, span): a view, not a gather
+        ops, eps, device = self.ops, self.eps, self.device
+        b = len(token_ids)
+        span = slots[-1] + 1  # attention runs over slots [0, span): a view, not a gather
         dense = span == b
         length = min(
-            self.max_seq_len, -(-(int(positions.max()) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
+            self.max_seq_len, -(-(max(positions) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
         )
+        slots_t = torch.tensor(slots, device=device)
+        positions_t = torch.tensor(positions, device=device)
         # Positions past each slot's own length are masked (an idle slot masks everything but
         # position 0, so its softmax stays finite; its output is never read).
-        lengths = torch.ones(span, dtype=torch.long, device=self.device)
-        lengths[slots] = positions + 1
-        masked = torch.arange(length, device=self.device).unsqueeze(0) >= lengths.unsqueeze(1)
-        bias = torch.zeros(span, length, device=self.device, dtype=self.dtype)
-        bias.masked_fill_(masked, float("-inf"))
-        bias = bias.view(span, 1, 1, length)
+        lengths = [1] * span
+        for slot, position in zip(slots, positions, strict=True):
+            lengths[slot] = position + 1
+        visible = (
+            torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
+        )
+        bias = torch.where(visible, 0.0, float("-inf")).to(self.dtype).view(span, 1, 1, length)
         # Rows of the caches viewed as [slots * kv_heads * max_seq_len, head_dim] that this
         # step writes: one index_copy_ per cache instead of advanced-index assignment.
-        heads = torch.arange(self.num_kv_heads, device=self.device) * self.max_seq_len
-        rows = (slots * (self.num_kv_heads * self.max_seq_len) + positions).unsqueeze(1) + heads
-        rows = rows.flatten()
+        per_slot, t = self.num_kv_heads * self.max_seq_len, self.max_seq_len
+        rows = torch.tensor(
+            [s * per_slot + h * t + p for s, p in zip(slots, positions, strict=True)
+             for h in range(self.num_kv_heads)],
+            device=device,
+        )  # fmt: skip
+        token_ids_t = torch.tensor(token_ids, device=device)
 
-        residual = F.embedding(token_ids, self.embed)
+        residual = F.embedding(token_ids_t, self.embed)
         x = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv_rows(x).view(b, -1, self.head_dim)  # type: ignore[misc]
             q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-            ops.rotary_embedding_(positions, q, k, self.rope, True)
+            ops.rotary_embedding_(positions_t, q, k, self.rope, True)
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
             query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
             if not dense:
                 full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
-                full[slots] = query
+                full[slots_t] = query
                 query = full
             scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2))
             scores.add_(bias)
             out = torch.matmul(torch.softmax(scores, dim=-1), vc[:span, :, :length])
             if not dense:
-                out = out[slots]
+                out = out[slots_t]
             a = layer.o_rows(out.reshape(b, -1))  # type: ignore[misc]
             ops.fused_add_rms_norm_(a, residual, layer.mlp_norm, eps)
             m = layer.down_rows(ops.silu_and_mul(layer.gate_up_rows(a)))  # type: ignore[misc]

@@ -315,10 +315,8 @@ class Engine:
         with torch.inference_mode():
             prompt = torch.zeros(min(16, self.max_seq_len - 2), dtype=torch.long)
             logits = self.decoder.prefill(0, prompt)
-            for rows in (1, self.settings.max_batch):
-                slots = torch.arange(rows)
-                positions = torch.full((rows,), len(prompt))
-                logits = self.decoder.decode(slots, positions, torch.zeros(rows, dtype=torch.long))
+            for rows in sorted({1, *self.decoder.buckets}):
+                logits = self.decoder.decode(list(range(rows)), [len(prompt)] * rows, [0] * rows)
             sampling.greedy(logits)
             gens = [torch.Generator().manual_seed(0) for _ in range(rows)]
             sampling.sample(
@@ -432,10 +430,11 @@ class Engine:
     def _decode_step(self, updates: list[Update]) -> None:
         assert self.decoder is not None
         running = self._running
-        slots = torch.tensor([s.slot for s in running], dtype=torch.long)
-        positions = torch.tensor([s.position for s in running], dtype=torch.long)
-        last = torch.tensor([s.tokens[-1] for s in running], dtype=torch.long)
-        logits = self.decoder.decode(slots, positions, last)
+        logits = self.decoder.decode(
+            [s.slot for s in running],
+            [s.position for s in running],
+            [s.tokens[-1] for s in running],
+        )
         tokens = self._choose(running, logits)
         self._steps += 1
         for seq, token in zip(running, tokens, strict=True):

@@ -49,7 +49,7 @@ def test_prefill_and_decode_match_the_training_model(tied: bool) -> None:
         last = dec.prefill(2, ids[20:30], start=20)
         torch.testing.assert_close(last, full[29], rtol=1e-4, atol=1e-4)
         for pos in range(30, 60):
-            logits = dec.decode(torch.tensor([2]), torch.tensor([pos]), ids[pos : pos + 1])
+            logits = dec.decode([2], [pos], [int(ids[pos])])
             torch.testing.assert_close(logits[0], full[pos], rtol=1e-4, atol=1e-4)
 
 
@@ -62,7 +62,7 @@ def test_a_rows_logits_do_not_depend_on_its_batch() -> None:
         assert dec.check_invariance()
         prompt = torch.randint(0, 256, (40,), generator=gen)
         dec.prefill(0, prompt[:39])
-        alone = dec.decode(torch.tensor([0]), torch.tensor([39]), prompt[39:])[0]
+        alone = dec.decode([0], [39], [int(prompt[39])])[0]
         for batch in (2, 7, 8, 9, 31, 32):
             slots = list(range(batch))
             lengths = torch.randint(1, 400, (batch,), generator=gen).tolist()
@@ -74,7 +74,7 @@ def test_a_rows_logits_do_not_depend_on_its_batch() -> None:
             lengths[target] = 39
             tokens = torch.randint(0, 256, (batch,), generator=gen)
             tokens[target] = prompt[39]
-            logits = dec.decode(torch.tensor(slots), torch.tensor(lengths), tokens)
+            logits = dec.decode(slots, lengths, tokens.tolist())
             assert torch.equal(logits[target], alone), f"differs in a batch of {batch}"
 
 
