@@ -310,12 +310,13 @@ class Engine:
         self.ready.set()
 
     def _warm_up(self) -> None:
-        """Runs every code path once (prefill, decode at 1 and all slots, sampling)."""
+        """Runs every code path once: prefill, decode at each padded row count, sampling."""
         assert self.decoder is not None
         with torch.inference_mode():
             prompt = torch.zeros(min(16, self.max_seq_len - 2), dtype=torch.long)
             logits = self.decoder.prefill(0, prompt)
-            for rows in sorted({1, *self.decoder.buckets}):
+            slots = self.settings.max_batch
+            for rows in sorted({1, slots, *(r for r in self.decoder.buckets if r <= slots)}):
                 logits = self.decoder.decode(list(range(rows)), [len(prompt)] * rows, [0] * rows)
             sampling.greedy(logits)
             gens = [torch.Generator().manual_seed(0) for _ in range(rows)]
