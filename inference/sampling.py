@@ -10,7 +10,7 @@ from torch import Tensor
 
 def greedy(logits: Tensor) -> list[int]:
     """The highest-scoring token of each row (the lowest id among ties, as argmax does)."""
-    return [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
+    return [int(i) for i in torch.argmax(logits, dim=-1).cpu().tolist()]
 
 
 def sample(
@@ -28,7 +28,8 @@ def sample(
     tokens depend only on its seed and its logits, not on what shares its batch.
     """
     vocab = logits.shape[-1]
-    scaled = logits.float() / torch.tensor(temperatures, dtype=torch.float32).unsqueeze(1)
+    # On the CPU, with the generators: a few rows of one vocabulary each, cheap to move.
+    scaled = logits.float().cpu() / torch.tensor(temperatures, dtype=torch.float32).unsqueeze(1)
     ordered, order = torch.sort(scaled, dim=-1, descending=True)
     rank = torch.arange(vocab).unsqueeze(0)
     k = torch.tensor([vocab if k is None else k for k in top_ks]).unsqueeze(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import uuid
@@ -187,3 +188,22 @@ def test_every_request_publishes_a_prediction_event(server: Server, kafka: str) 
     assert good.prompt_text is None and good.completion_text is None  # raw text not allowed
     assert good.response_completed_at >= good.request_received_at and good.latency_ms > 0
     assert (events[bad_id].status_code, events[bad_id].error_code) == (400, "invalid_parameter")
+
+
+def test_a_client_that_hangs_up_stops_its_generation(server: Server, kafka: str) -> None:
+    request_id = f"gone-{uuid.uuid4()}"
+    body = json.dumps({"inputs": "never read", "parameters": {"max_new_tokens": 2000}})
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "X-Amzn-SageMaker-Inference-Id": request_id,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/invocations", body, headers)
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read(64)  # the first token has arrived
+    conn.close()
+    event = read_events(kafka, {request_id})[request_id]
+    assert (event.status_code, event.error_code) == (499, "client_closed")
+    assert event.completion_tokens < 2000  # the engine stopped generating for it
