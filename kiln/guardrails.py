@@ -272,6 +272,91 @@ def imdsv2_required(stack: SynthesizedStack, settings: Settings) -> list[Violati
     return violations
 
 
+def prod_endpoints_roll_back(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """A prod endpoint deploys blue/green and rolls back by itself on CloudWatch alarms."""
+    if not settings.is_prod:
+        return []
+    violations = []
+    for logical_id, endpoint in stack.resources_of_type("AWS::SageMaker::Endpoint").items():
+        config = endpoint.get("Properties", {}).get("DeploymentConfig", {})
+        if not config.get("AutoRollbackConfiguration", {}).get("Alarms"):
+            violations.append(
+                Violation(
+                    "endpoint-auto-rollback",
+                    stack.stack_name,
+                    logical_id,
+                    "prod endpoint without auto-rollback alarms",
+                )
+            )
+        if "BlueGreenUpdatePolicy" not in config:
+            violations.append(
+                Violation(
+                    "endpoint-auto-rollback",
+                    stack.stack_name,
+                    logical_id,
+                    "prod endpoint without a blue/green update policy",
+                )
+            )
+    return violations
+
+
+def endpoints_encrypted(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """Endpoint storage volumes and captured data are encrypted with customer-managed keys."""
+    del settings
+    violations = []
+    for logical_id, config in stack.resources_of_type("AWS::SageMaker::EndpointConfig").items():
+        props = config.get("Properties", {})
+        if not props.get("KmsKeyId"):
+            violations.append(
+                Violation(
+                    "endpoint-kms",
+                    stack.stack_name,
+                    logical_id,
+                    "endpoint config without KmsKeyId for its volumes",
+                )
+            )
+        capture = props.get("DataCaptureConfig", {})
+        if capture.get("EnableCapture", True) and capture and not capture.get("KmsKeyId"):
+            violations.append(
+                Violation(
+                    "endpoint-kms", stack.stack_name, logical_id, "data capture without a KMS key"
+                )
+            )
+    return violations
+
+
+def prod_endpoints_redundant(stack: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """A prod endpoint runs at least 2 instances, and autoscaling never goes below 2."""
+    if not settings.is_prod:
+        return []
+    violations = []
+    for logical_id, config in stack.resources_of_type("AWS::SageMaker::EndpointConfig").items():
+        for variant in config.get("Properties", {}).get("ProductionVariants", []):
+            if variant.get("InitialInstanceCount", 1) < 2:
+                violations.append(
+                    Violation(
+                        "endpoint-redundancy",
+                        stack.stack_name,
+                        logical_id,
+                        f"variant {variant.get('VariantName')} starts with fewer than 2 instances",
+                    )
+                )
+    for logical_id, target in stack.resources_of_type(
+        "AWS::ApplicationAutoScaling::ScalableTarget"
+    ).items():
+        props = target.get("Properties", {})
+        if props.get("ServiceNamespace") == "sagemaker" and props.get("MinCapacity", 0) < 2:
+            violations.append(
+                Violation(
+                    "endpoint-redundancy",
+                    stack.stack_name,
+                    logical_id,
+                    "autoscaling may scale the endpoint below 2 instances",
+                )
+            )
+    return violations
+
+
 GUARDRAILS: tuple[Guardrail, ...] = (
     data_stores_retained,
     termination_protected,
@@ -283,6 +368,9 @@ GUARDRAILS: tuple[Guardrail, ...] = (
     eks_endpoint_private,
     gpu_nodes_tainted,
     imdsv2_required,
+    prod_endpoints_roll_back,
+    endpoints_encrypted,
+    prod_endpoints_redundant,
 )
 
 

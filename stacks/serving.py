@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from aws_cdk import CfnOutput, Stack
+from aws_cdk import CfnOutput, Stack, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
@@ -18,28 +17,9 @@ from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
 from platform_constructs.msk import MskCluster
-from stacks.base import KilnStack, removal_policy
+from platform_constructs.nag import wildcard_resource
+from stacks.base import REPO, KilnStack, image_context, removal_policy
 from stacks.data_lake import lake_bucket
-
-REPO = Path(__file__).resolve().parent.parent
-# The image's build context is the repository (it needs kernels/, training/ and inference/);
-# everything else stays out so unrelated edits do not rebuild it.
-IMAGE_CONTEXT_EXCLUDES = [
-    ".git",
-    ".venv",
-    "node_modules",
-    "cdk.out",
-    "**/__pycache__",
-    "**/*.so",
-    "**/build",
-    "tests",
-    "config",
-    "stacks",
-    "platform_constructs",
-    "docs",
-    "scripts",
-    "*.md",
-]
 
 
 def model_version(artifact: str) -> str:
@@ -88,7 +68,8 @@ class ServingStack(KilnStack):
             directory=str(REPO),
             file="inference/Dockerfile",
             platform=ecr_assets.Platform.LINUX_AMD64,
-            exclude=IMAGE_CONTEXT_EXCLUDES,
+            # The server imports kiln (events), training (the model) and the kernels.
+            **image_context(["kernels", "kiln", "training", "inference"]),
         )
         name = naming.endpoint_name(settings)
         self.endpoint: GuardedEndpoint | None = None
@@ -143,6 +124,14 @@ class ServingStack(KilnStack):
                     *msk.write_statements([topic]),
                     iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),
                 ],
+            )
+            Validations.of(self.endpoint.policy).acknowledge(
+                wildcard_resource(
+                    self,
+                    msk.topic_arn(topic),
+                    f"The endpoint publishes prediction events to "
+                    f"topic {topic}; the wildcard stands only for the cluster's generated uuid.",
+                )
             )
             CfnOutput(self, "ModelArtifact", value=serving.model_artifact)
         CfnOutput(self, "EndpointName", value=name)

@@ -12,13 +12,14 @@ from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
 from stacks.observability import ObservabilityStack
+from stacks.serving import ServingStack
 from stacks.streaming import StreamingStack
 from stacks.warehouse import WarehouseStack
 
 
 class KilnStage(Stage):
     """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`,
-    `streaming`, `warehouse`, `compute`, `observability`."""
+    `streaming`, `warehouse`, `compute`, `observability`, `serving`."""
 
     def __init__(self, scope: Construct, *, settings: Settings) -> None:
         super().__init__(
@@ -55,8 +56,17 @@ class KilnStage(Stage):
             lake_key=self.data_lake.key,
         )
         self.observability = ObservabilityStack(self, "Observability", settings=settings)
+        self.serving = ServingStack(
+            self,
+            "Serving",
+            settings=settings,
+            vpc=self.network.vpc,
+            lake_key=self.data_lake.key,
+            msk=self.streaming.msk,
+            rollback_alarms=self.observability.rollback_alarms.all,
+        )
         # These address lake buckets by name, so the order is declared rather than implied.
-        for stack in (self.streaming, self.warehouse, self.compute):
+        for stack in (self.streaming, self.warehouse, self.compute, self.serving):
             stack.add_stack_dependency(self.data_lake)
 
         for key, value in standard_tags(settings).items():

@@ -51,7 +51,15 @@ def test_default_environment_is_dev(tmp_path: Path) -> None:
 def test_one_environment_builds_its_stacks_only(tmp_path: Path) -> None:
     app = build_app({"env": "prod"}, outdir=str(tmp_path))
     prod = app.node.find_child("prod")
-    stacks = {"Network", "DataLake", "Streaming", "Warehouse", "Compute", "Observability"}
+    stacks = {
+        "Network",
+        "DataLake",
+        "Streaming",
+        "Warehouse",
+        "Compute",
+        "Observability",
+        "Serving",
+    }
     assert {c.node.id for c in prod.node.children if c.node.id in stacks} == stacks
     assert app.node.try_find_child("dev") is None
 
@@ -117,7 +125,7 @@ def test_cdk_cli_synthesizes_every_environment_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for env in ("dev", "staging", "prod"):
         templates = sorted(p.name for p in (out / f"assembly-{env}").glob("*.template.json"))
-        assert len(templates) == 6, templates
+        assert len(templates) == 7, templates
 
     failing = subprocess.run(
         [str(cdk), "synth", "--quiet", "-c", "env=qa", "--output", str(tmp_path / "bad")],

@@ -14,11 +14,14 @@ from kiln.guardrails import (
     check,
     data_stores_retained,
     eks_endpoint_private,
+    endpoints_encrypted,
     firehose_uses_kms,
     gpu_nodes_tainted,
     imdsv2_required,
     kms_buckets_use_bucket_keys,
     msk_iam_and_tls_only,
+    prod_endpoints_redundant,
+    prod_endpoints_roll_back,
     required_tags,
     termination_protected,
     warehouse_private_and_encrypted,
@@ -62,7 +65,7 @@ KMS_BUCKET = {
 def test_every_synthesized_stack_passes(
     synthesis: Synthesis, settings_by_env: dict[str, Settings]
 ) -> None:
-    assert len(synthesis.stacks) == 6 * len(settings_by_env)
+    assert len(synthesis.stacks) == 7 * len(settings_by_env)
     violations = [
         str(v) for s in synthesis.stacks for v in check(s, settings_by_env[s.environment])
     ]
@@ -270,6 +273,65 @@ def test_imdsv2_required() -> None:
     bare_group = with_props(GPU_GROUP, ["LaunchTemplate"], None)
     (violation,) = imdsv2_required(stack({"G": bare_group}), PROD)
     assert "without a launch template" in violation.message
+
+
+ENDPOINT = {
+    "Type": "AWS::SageMaker::Endpoint",
+    "Properties": {
+        "DeploymentConfig": {
+            "BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {"Type": "CANARY"}},
+            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]},
+        }
+    },
+}
+ENDPOINT_CONFIG = {
+    "Type": "AWS::SageMaker::EndpointConfig",
+    "Properties": {
+        "KmsKeyId": "k",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 2}],
+        "DataCaptureConfig": {"EnableCapture": True, "KmsKeyId": "k"},
+    },
+}
+SCALING = {
+    "Type": "AWS::ApplicationAutoScaling::ScalableTarget",
+    "Properties": {"ServiceNamespace": "sagemaker", "MinCapacity": 2, "MaxCapacity": 4},
+}
+
+
+def test_prod_endpoints_roll_back() -> None:
+    assert prod_endpoints_roll_back(stack({"E": ENDPOINT}), PROD) == []
+    no_alarms = with_props(ENDPOINT, ["DeploymentConfig", "AutoRollbackConfiguration"], None)
+    (violation,) = prod_endpoints_roll_back(stack({"E": no_alarms}), PROD)
+    assert violation.message == "prod endpoint without auto-rollback alarms"
+    assert prod_endpoints_roll_back(stack({"E": no_alarms}), DEV) == []
+
+
+def test_endpoints_encrypted() -> None:
+    assert endpoints_encrypted(stack({"C": ENDPOINT_CONFIG}), PROD) == []
+    plain = with_props(ENDPOINT_CONFIG, ["KmsKeyId"], None)
+    plain = with_props(plain, ["DataCaptureConfig", "KmsKeyId"], None)
+    messages = sorted(v.message for v in endpoints_encrypted(stack({"C": plain}), DEV))
+    assert messages == [
+        "data capture without a KMS key",
+        "endpoint config without KmsKeyId for its volumes",
+    ]
+
+
+def test_prod_endpoints_redundant() -> None:
+    good = stack({"C": ENDPOINT_CONFIG, "S": SCALING})
+    assert prod_endpoints_redundant(good, PROD) == []
+    single = stack(
+        {
+            "C": with_props(
+                ENDPOINT_CONFIG,
+                ["ProductionVariants"],
+                [{"VariantName": "AllTraffic", "InitialInstanceCount": 1}],
+            ),
+            "S": with_props(SCALING, ["MinCapacity"], 1),
+        }
+    )
+    assert len(prod_endpoints_redundant(single, PROD)) == 2
+    assert prod_endpoints_redundant(single, DEV) == []
 
 
 @pytest.mark.parametrize("env", ["dev", "staging", "prod"])
