@@ -65,7 +65,15 @@ def test_tests_then_environments_in_order_with_approval_before_prod(
         deployed = {a.removesuffix(".Deploy") for a in order[env] if a.endswith(".Deploy")}
         assert deployed == {
             f"kiln-{env}-{c}"
-            for c in ("network", "data-lake", "streaming", "warehouse", "compute", "observability")
+            for c in (
+                "network",
+                "data-lake",
+                "streaming",
+                "warehouse",
+                "compute",
+                "observability",
+                "serving",
+            )
         }
 
 
