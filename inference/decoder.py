@@ -176,8 +176,10 @@ class Decoder:
         self.rope = model.rope.to(device=device, dtype=dtype).contiguous()
         self._build_decode_linears(buckets or row_buckets(slots))
         shape = (slots, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        # Keys and values of a layer in one tensor, so a decode step writes both in one copy.
+        self.kv_cache = [torch.zeros((2, *shape), device=device, dtype=dtype) for _ in self.layers]
+        self.k_cache = [kv[0] for kv in self.kv_cache]
+        self.v_cache = [kv[1] for kv in self.kv_cache]
 
     def _build_decode_linears(self, buckets: list[int]) -> None:
         q_rows = self.num_heads * self.head_dim
@@ -218,7 +220,7 @@ class Decoder:
         return self.config.max_seq_len
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+        return sum(t.numel() * t.element_size() for t in self.kv_cache)
 
     def _next_norm(self, i: int) -> Tensor:
         # The norm after layer i's MLP: the next layer's input norm, or the final one.
@@ -288,12 +290,14 @@ class Decoder:
             torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
         )
         bias = torch.where(visible, 0.0, float("-inf")).to(self.dtype).view(span, 1, 1, length)
-        # Rows of the caches viewed as [slots * kv_heads * max_seq_len, head_dim] that this
-        # step writes: one index_copy_ per cache instead of advanced-index assignment.
-        per_slot, t = self.num_kv_heads * self.max_seq_len, self.max_seq_len
+        # The rows of a layer's cache, viewed as [2 * slots * kv_heads * max_seq_len, head_dim],
+        # that this step writes, in the order of qkv's k and v heads: one index_copy_ per layer.
+        t = self.max_seq_len
+        per_slot, values = self.num_kv_heads * t, self.slots * self.num_kv_heads * t
+        heads = [h * t for h in range(self.num_kv_heads)]
         rows = torch.tensor(
-            [s * per_slot + h * t + p for s, p in zip(slots, positions, strict=True)
-             for h in range(self.num_kv_heads)],
+            [base + s * per_slot + h + p for s, p in zip(slots, positions, strict=True)
+             for base in (0, values) for h in heads],
             device=device,
         )  # fmt: skip
         token_ids_t = torch.tensor(token_ids, device=device)
@@ -302,11 +306,11 @@ class Decoder:
         x = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv_rows(x).view(b, -1, self.head_dim)  # type: ignore[misc]
-            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            q, k = qkv[:, : self.num_heads], qkv[:, self.num_heads : -self.num_kv_heads]
             ops.rotary_embedding_(positions_t, q, k, self.rope, True)
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
-            vc.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
+            new_kv = qkv[:, self.num_heads :].reshape(-1, self.head_dim)  # k (rotated), then v
+            self.kv_cache[i].view(-1, self.head_dim).index_copy_(0, rows, new_kv)
             query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
             if not dense:
                 full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
