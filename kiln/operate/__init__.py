@@ -1,0 +1,1 @@
+"""The `kiln` operating commands' AWS side: status, train, deploy-model and invoke."""
