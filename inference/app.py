@@ -177,9 +177,8 @@ def create_app(
         def failed(err: BaseException) -> None:
             # One line, whatever the error's own layout: log searches find it whole.
             message = " ".join(str(err).split())
-            log.error(
-                "model load failed from %s: %s: %s", engine.model_dir, type(err).__name__, message
-            )
+            what = "engine failed serving" if engine.ready.is_set() else "model load failed from"
+            log.error("%s %s: %s: %s", what, engine.model_dir, type(err).__name__, message)
             if on_engine_failure is not None:
                 on_engine_failure(err)
 

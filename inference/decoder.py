@@ -37,9 +37,9 @@ from training.model import LlamaModel, load_ops
 
 log = logging.getLogger(__name__)
 
-# Attention lengths are rounded up to a multiple of this, so the shapes a decode step sees (and
-# the work it wastes on masked positions) stay few.
-ATTENTION_BLOCK = 64
+# Attention lengths are rounded up to a multiple of this: few distinct shapes, little work
+# wasted on masked positions (64 cost ~5% more per step at 32 sequences of ~100 tokens).
+ATTENTION_BLOCK = 16
 
 
 def _mkl_packing_available() -> bool:
@@ -316,8 +316,7 @@ class Decoder:
                 full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
                 full[slots_t] = query
                 query = full
-            scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2))
-            scores.add_(bias)
+            scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2)).add_(bias)
             out = torch.matmul(torch.softmax(scores, dim=-1), vc[:span, :, :length])
             if not dense:
                 out = out[slots_t]
