@@ -345,7 +345,14 @@ class Engine:
                 self._retire_early(cancelled, now, updates)
                 self._prefill(admitted, updates)
                 if self._running:
-                    self._decode_step(updates)
+                    try:
+                        self._decode_step(updates)
+                    except Exception:
+                        # A failed step (a bug, memory) fails its batch, not the server.
+                        log.exception("decode step failed; failing %d requests", len(self._running))
+                        for seq in self._running:
+                            self._retire(seq, FinishReason.ERROR, updates)
+                        self._running = []
                 if updates:
                     self._notify(updates)
         self._fail_all(FinishReason.SHUTDOWN)

@@ -179,3 +179,26 @@ def test_engine_queue_bound_and_cancel(engine_model: Path) -> None:
         assert results == [FinishReason.CANCELLED] * 3
         done = client.generate("after", SamplingParams(max_new_tokens=5))
         assert done.finish is FinishReason.LENGTH and len(done.tokens) == 5
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(
+    engine_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_engine(engine_model, EngineSettings(max_batch=4, warmup=False)) as client:
+        decoder = client.engine.decoder
+        assert decoder is not None
+        real = decoder.decode
+        calls = {"n": 0}
+
+        def flaky(*args: object) -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated failure")
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(decoder, "decode", flaky)
+        failed = client.generate("x", SamplingParams(max_new_tokens=10))
+        assert failed.finish is FinishReason.ERROR
+        ok = client.generate("y", SamplingParams(max_new_tokens=10))
+        assert ok.finish is FinishReason.LENGTH and len(ok.tokens) == 10
+        assert client.engine.stats().running == 0
