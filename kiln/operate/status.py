@@ -130,7 +130,8 @@ def _endpoint(aws: Aws, report: Report) -> None:
     rows.append(
         (
             "rollback alarms",
-            "; ".join(f"{n}: {states.get(n, {}).get('StateValue', '?')}" for n in names)
+            # One alarm per line: their CloudFormation-generated names are long.
+            "\n".join(f"{states.get(n, {}).get('StateValue', '?'):<6}{n}" for n in names)
             or "none found",
         )
     )
@@ -179,13 +180,13 @@ def render(report: Report) -> str:
     lines.append("stacks")
     width = max((len(row.name) for row in report.stacks), default=0) + 2
     for row in report.stacks:
-        line = f"  {row.name:<{width}}{row.status:<26}{when(row.updated)}"
+        line = f"  {row.name:<{width}}{row.status:<26}{when(row.updated) if row.updated else ''}"
         if row.reason and row.status != "not deployed" and not row.status.endswith("COMPLETE"):
             line += f"  {row.reason}"
         lines.append(line.rstrip())
     lines += ["", report.endpoint_title]
     for key, value in report.endpoint:
-        lines.append(f"  {key:<17}{value}")
+        lines.append(f"  {key:<17}" + value.replace("\n", "\n" + " " * 19))
     lines += ["", f"training jobs (SageMaker, latest first, names {report.job_prefix}*)"]
     if report.jobs:
         name_width = max(len(job[0]) for job in report.jobs) + 2

@@ -128,7 +128,7 @@ def create_endpoint(
             {
                 "VariantName": "AllTraffic",
                 "ModelName": model,
-                "InstanceType": "ml.g5.xlarge",
+                "InstanceType": "ml.g4dn.xlarge",  # moto knows older types only
                 "InitialInstanceCount": 1,
             }
         ],
