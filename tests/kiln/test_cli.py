@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,28 @@ def test_envs_fails_on_an_invalid_file_and_names_it(
 def test_envs_with_no_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["envs", "--config-dir", str(tmp_path)]) == 1
     assert "no environment files" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("envs", "training-job", "status", "train", "deploy-model", "invoke"):
+        assert f"    {command}" in out
+    for command in ("status", "train", "deploy-model", "invoke"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert "--env ENV" in capsys.readouterr().out
+
+
+def test_the_cli_imports_no_aws_sdk() -> None:
+    code = (
+        "import sys, kiln.cli; "
+        "print(sorted(m for m in ('boto3', 'botocore', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
