@@ -61,7 +61,15 @@ def minimal_settings(**top_level: Any) -> dict[str, Any]:
 
 
 ENVIRONMENTS = available_environments()
-COMPONENTS = ("network", "data-lake", "streaming", "warehouse", "compute", "observability", "serving")
+COMPONENTS = (
+    "network",
+    "data-lake",
+    "streaming",
+    "warehouse",
+    "compute",
+    "observability",
+    "serving",
+)
 
 
 @dataclass(frozen=True)
