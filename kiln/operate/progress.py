@@ -44,21 +44,22 @@ class Progress:
     def _line(self, text: str) -> str:
         return f"[{elapsed(self.clock() - self.start):>6}] {text}"
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, *, keep_open: bool) -> None:
         if self._open:
             self.stream.write("\n")
             self._open = False
-        if self.tty:
-            self.stream.write(self._line(text))
+        self.stream.write(self._line(text))
+        # Only a state line stays open (for the ticker); anything else may print after a note.
+        if self.tty and keep_open:
             self._open = True
         else:
-            self.stream.write(self._line(text) + "\n")
+            self.stream.write("\n")
         self.stream.flush()
 
     def note(self, text: str) -> None:
-        """A line in any case (a step begins or ends)."""
+        """A whole line in any case (a step begins or ends; other output may follow)."""
         self._last = None
-        self._write(text)
+        self._write(text, keep_open=False)
 
     def update(self, subject: str, state: str, detail: str = "") -> None:
         """Writes the state when it differs from the last one written for `subject`."""
@@ -67,7 +68,7 @@ class Progress:
             self.tick()
             return
         self._last = (subject, text)
-        self._write(text)
+        self._write(text, keep_open=True)
 
     def tick(self) -> None:
         """In a terminal, rewrites the open line with the current elapsed time."""

@@ -21,6 +21,10 @@ def _utc(moment: Any) -> datetime | None:
     return moment.astimezone(UTC) if isinstance(moment, datetime) else None
 
 
+# Stack states whose reason is not worth a line (anything else, rollbacks included, shows it).
+HEALTHY = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "IMPORT_COMPLETE", "not deployed"})
+
+
 @dataclass(frozen=True)
 class StackRow:
     name: str
@@ -181,7 +185,7 @@ def render(report: Report) -> str:
     width = max((len(row.name) for row in report.stacks), default=0) + 2
     for row in report.stacks:
         line = f"  {row.name:<{width}}{row.status:<26}{when(row.updated) if row.updated else ''}"
-        if row.reason and row.status != "not deployed" and not row.status.endswith("COMPLETE"):
+        if row.reason and row.status not in HEALTHY:
             line += f"  {row.reason}"
         lines.append(line.rstrip())
     lines += ["", report.endpoint_title]

@@ -418,7 +418,7 @@ def eks_manifests(
         raise OperateError(f"cannot render the run: {problems}", exit_code=2) from err
     summary = [
         ("job", job),
-        ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPUs each)"),
+        ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPU{'s' if gpus > 1 else ''} each)"),
         ("namespace", f"{spec.namespace} (service account {spec.service_account})"),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),

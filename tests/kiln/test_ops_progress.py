@@ -70,3 +70,11 @@ def test_waiting_gives_up_with_a_hint() -> None:
             hint="kiln status --env dev",
             sleep=clock.sleep,
         )
+
+
+def test_notes_end_their_line_even_in_a_terminal() -> None:
+    clock, stream = FakeClock(), io.StringIO()
+    progress = Progress(stream, clock=clock, tty=True)
+    progress.update("endpoint e", "Updating")
+    progress.note("running npx cdk deploy")  # the CDK's own output follows on the next line
+    assert stream.getvalue() == "[    0s] endpoint e: Updating\n[    0s] running npx cdk deploy\n"

@@ -119,3 +119,17 @@ def test_deployment_state_in_words() -> None:
         rolled.startswith("rolled back (UPDATE_ROLLBACK_COMPLETE") and "Endpoint failed" in rolled
     )
     assert status.deployment_state({"StackStatus": "UPDATE_IN_PROGRESS"}).startswith("in progress")
+
+
+def test_a_rolled_back_stack_shows_its_reason() -> None:
+    from datetime import UTC, datetime
+
+    report = status.Report("dev", "us-east-1", "123456789012")
+    at = datetime(2025, 5, 1, tzinfo=UTC)
+    report.stacks = [
+        status.StackRow("kiln-dev-serving", "UPDATE_ROLLBACK_COMPLETE", at, "Endpoint failed"),
+        status.StackRow("kiln-dev-network", "UPDATE_COMPLETE", at, "ignored"),
+    ]
+    text = status.render(report)
+    assert "UPDATE_ROLLBACK_COMPLETE  2025-05-01 00:00 UTC  Endpoint failed" in text
+    assert "ignored" not in text
