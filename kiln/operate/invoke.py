@@ -124,17 +124,18 @@ def _server_error(body: str) -> str:
     return body.strip()[:500]
 
 
-def _explain(err: AwsError, name: str, env: str) -> OperateError:
+def _explain(err: AwsError, name: str, env: str) -> OperateError | None:
+    """Advice for the endpoint's own failures; None leaves `err`'s advice as it is."""
     if is_missing(err):
         return OperateError(
             f"endpoint {name} does not exist: deploy a model first (`kiln deploy-model --env "
             f"{env} --artifact s3://.../model.tar.gz`)"
         )
     if err.code == "ModelError":
-        return OperateError(f"the model server refused the request: {_model_error(err)}")
+        return OperateError(f"the model server answered with an error: {_model_error(err)}")
     if err.code == "ModelNotReadyException":
         return OperateError(f"endpoint {name} is not ready yet: retry in a minute")
-    return err
+    return None
 
 
 def _model_error(err: AwsError) -> str:
@@ -170,7 +171,10 @@ def invoke(
             Body=request_body(prompt, parameters),
         )
     except AwsError as err:
-        raise _explain(err, name, aws.settings.name) from err
+        advice = _explain(err, name, aws.settings.name)
+        if advice is None:
+            raise
+        raise advice from err
     raw = response["Body"].read().decode("utf-8", errors="replace")
     try:
         body = json.loads(raw)
@@ -203,7 +207,10 @@ def stream(
             Body=request_body(prompt, parameters),
         )
     except AwsError as err:
-        raise _explain(err, name, aws.settings.name) from err
+        advice = _explain(err, name, aws.settings.name)
+        if advice is None:
+            raise
+        raise advice from err
     parser = SseParser()
     pieces: list[str] = []
     final: dict[str, Any] | None = None

@@ -184,7 +184,7 @@ def test_the_servers_own_error_is_shown() -> None:
     with stubber, pytest.raises(OperateError) as caught:
         invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {"top_p": 2.0})
     assert str(caught.value) == (
-        "the model server refused the request: HTTP 400: parameters.top_p: must be <= 1 "
+        "the model server answered with an error: HTTP 400: parameters.top_p: must be <= 1 "
         "(invalid_parameter)"
     )
 
@@ -260,3 +260,12 @@ def test_a_stream_that_breaks_says_why(
     with pytest.raises(OperateError) as caught:
         invoke.stream(make_aws(), "hi", {}, lambda text: None)
     assert str(caught.value) == message
+
+
+@mock_aws
+def test_access_denied_names_the_action() -> None:
+    deploy_stacks(components=("serving",))
+    client, stubber = _stubbed_runtime()
+    stubber.add_client_error("invoke_endpoint", "AccessDeniedException", "not authorized", 400)
+    with stubber, pytest.raises(OperateError, match="may not call sagemaker:InvokeEndpoint"):
+        invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {})
