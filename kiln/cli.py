@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln import training_job
+from kiln import diagram, local, training_job
 from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_settings
 
 # The operating commands import boto3 only when they run, so `kiln envs` stays light.
@@ -352,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--artifact", required=True, help="s3://<bucket>/<key>.tar.gz")
     roll.set_defaults(handler=cmd_deploy_model)
     _add_invoke(commands)
+    loop = commands.add_parser(
+        "local", help="the whole loop on this machine: train, package, serve, ask, stop"
+    )
+    local.add_arguments(loop)
+    loop.set_defaults(handler=local.run_command)
+    picture = commands.add_parser(
+        "diagram", help="draw an environment's architecture (SVG, PNG) from its templates"
+    )
+    diagram.add_arguments(picture)
+    picture.set_defaults(handler=diagram.run_command)
     return parser
 
 

@@ -306,3 +306,70 @@ def render(graph: Graph, out_dir: Path) -> tuple[Path, Path]:
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     return svg, png
+
+
+def synthesize(environment: str, out_dir: Path, model_artifact: str | None = None) -> Path:
+    """Runs the CDK app (as `cdk synth` would, no credentials needed) into `out_dir`."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "CDK_OUTDIR": str(out_dir),
+        "CDK_CONTEXT_JSON": json.dumps(
+            {"env": environment, **({"modelArtifact": model_artifact} if model_artifact else {})}
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, str(repo / "app.py")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"synthesis of {environment} failed:\n{result.stderr[-2000:]}")
+    return out_dir
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--env", required=True, help="the environment to draw")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs"),
+        help="folder for <env>-architecture.svg/.png (default: %(default)s)",
+    )
+    parser.add_argument("--model-artifact", help="draw it serving this model.tar.gz (s3://...)")
+    parser.add_argument(
+        "--assembly",
+        type=Path,
+        help="an existing cloud assembly (cdk.out) instead of synthesizing one",
+    )
+
+
+def run_command(args: Any) -> int:
+    """The `kiln diagram` command."""
+    import sys
+    import tempfile
+
+    from kiln.assembly import read_assembly
+
+    try:
+        if args.assembly is not None:
+            assembly = args.assembly
+        else:
+            assembly = synthesize(
+                args.env, Path(tempfile.mkdtemp(prefix="kiln-diagram-")), args.model_artifact
+            )
+        graph = build_graph(read_assembly(assembly), args.env)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        print(f"kiln diagram: {err}", file=sys.stderr)
+        return 1
+    svg, png = render(graph, args.out)
+    print(f"{svg}\n{png}")
+    return 0

@@ -56,3 +56,41 @@ def test_render_writes_svg_and_png_deterministically(synthesis: Synthesis, tmp_p
     assert text.startswith("<?xml") and "kiln-prod-streaming" in text and "Firehose" in text
     again, _ = render(graph, tmp_path / "b")
     assert again.read_text() == text
+
+
+def test_kiln_diagram_command_draws_from_an_assembly(
+    synthesis: Synthesis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.cli import main
+
+    assert (
+        main(
+            [
+                "diagram",
+                "--env",
+                "staging",
+                "--assembly",
+                str(synthesis.outdir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "staging-architecture.svg").exists()
+    assert (tmp_path / "staging-architecture.png").exists()
+    assert (
+        main(
+            [
+                "diagram",
+                "--env",
+                "nowhere",
+                "--assembly",
+                str(synthesis.outdir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
+    assert "no stacks of environment 'nowhere'" in capsys.readouterr().err
