@@ -6,6 +6,10 @@ after reading the diff of the templates it rewrites in tests/stacks/__snapshots_
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 import pytest
 from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.json import JSONSnapshotExtension
@@ -23,4 +27,14 @@ def snapshot_json(snapshot: SnapshotAssertion) -> SnapshotAssertion:
 def test_template_matches_snapshot(
     synthesis: Synthesis, snapshot_json: SnapshotAssertion, env: str, component: str
 ) -> None:
-    assert synthesis.stack(env, component).template == snapshot_json
+    assert normalized(synthesis.stack(env, component).template) == snapshot_json
+
+
+def normalized(template: dict[str, Any]) -> dict[str, Any]:
+    """The template with container-image tags blanked: they hash the workload code (training/,
+    inference/, kernels/, kiln/), which the image and workload tests judge, not this one."""
+    text = re.sub(
+        r"(container-assets-[^\"]*?:)[0-9a-f]{64}(?=\")", r"\1<image-hash>", json.dumps(template)
+    )
+    result: dict[str, Any] = json.loads(text)
+    return result
