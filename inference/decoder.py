@@ -10,11 +10,13 @@ step (greedy output identical alone and among 32 requests). Two things would bre
 
 - A GEMM's kernel (and so its summation order) changes with the row count: MKL's plain sgemm
   sums one row, 2-10 rows and more rows three different ways. Decode projections therefore use
-  MKL's packed GEMM, which sums a row the same way for every row count from 2 up, at a few padded
-  row counts (`RowLinear`: 2, 8, 32, ...; a lone sequence pays for 2 rows, not for the batch).
-  `Decoder.check_invariance` verifies at load time that a row's result does not depend on its
-  position, its neighbours or the row count; where it does (another CPU, a GPU), every step runs
-  at one fixed row count instead.
+  MKL's packed GEMM at a few padded row counts (`RowLinear`: 2, 8, 32, ...; a lone sequence pays
+  for 2 rows, not for the batch). How the packed GEMM sums depends on the CPU: on Intel Xeons it
+  sums a row one way for every row count from 2 up; on AMD EPYC (Zen 4) 2-3 rows one way and 4
+  and more another. `Decoder.check_invariance` verifies at load time that a row's result does not
+  depend on its position, its neighbours or the row count, and where it does, raises the smallest
+  padded row count (4, 8, ...) until it does not; at worst (a GPU, another BLAS) every step runs
+  at one fixed row count.
 - Attention runs over each slot's cache up to a shared length (the batch's longest, rounded up);
   positions past a sequence's own length are masked to exact zeros, which leave its sums as they
   are. The invariance tests cover both.
@@ -46,13 +48,14 @@ def _mkl_packing_available() -> bool:
     return hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def row_buckets(max_rows: int) -> list[int]:
-    """The padded row counts of decode GEMMs: 2, 8, 32, ... (x4 apart), capped by max_rows."""
-    buckets, rows = [], 2
+def row_buckets(max_rows: int, smallest: int = 2) -> list[int]:
+    """The padded row counts of decode GEMMs: smallest, x4, x16, ..., capped by max_rows
+    (2, 8, 32 for 32 slots)."""
+    buckets, rows = [], smallest
     while rows < max_rows:
         buckets.append(rows)
         rows *= 4
-    return [*buckets, max(max_rows, 2)]
+    return [*buckets, max(max_rows, smallest)]
 
 
 class RowLinear:
@@ -201,19 +204,21 @@ class Decoder:
         return linears
 
     def check_invariance(self) -> bool:
-        """Whether decode projections give a row the same result in any batch; if the several
-        row counts do not (another CPU, another BLAS), falls back to one row count."""
-        if all(linear.check_invariance() for linear in self._decode_linears()):
-            return True
-        if len(self.buckets) > 1:
+        """Whether decode projections give a row the same result in any batch. Where the padded
+        row counts sum differently (the small ones, on some CPUs), drops the smallest until the
+        rest agree, down to one row count for every step."""
+        while not all(linear.check_invariance() for linear in self._decode_linears()):
+            if len(self.buckets) == 1:
+                return False
+            smallest = self.buckets[0] * 2
+            buckets = row_buckets(self.slots, smallest) if smallest < self.slots else [self.slots]
             log.warning(
-                "decode GEMMs sum rows differently at %s rows here: using %d rows for every step",
+                "decode GEMMs sum a row differently at %s rows on this machine: using %s",
                 self.buckets,
-                self.slots,
+                buckets,
             )
-            self._build_decode_linears([self.slots])
-            return all(linear.check_invariance() for linear in self._decode_linears())
-        return False
+            self._build_decode_linears(buckets)
+        return True
 
     @property
     def max_seq_len(self) -> int:

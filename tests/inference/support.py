@@ -26,6 +26,21 @@ REPO = Path(__file__).resolve().parents[2]
 # The "tiny" preset with a longer context, so one request can outlast a short deadline.
 TINY = ModelConfig(**{**PRESETS["tiny"].to_dict(), "max_seq_len": 2048})
 
+# Wide enough that a decode step reads ~20 MB of weights: a few ms per token on any CPU, so a
+# 2000-token request surely outlasts a half-second deadline (the tiny model makes 2000 tokens in
+# 0.3 s on a fast core) while an 8-token one still ends in tens of ms.
+SLOW = ModelConfig(
+    **{
+        **TINY.to_dict(),
+        "hidden_size": 384,
+        "intermediate_size": 1024,
+        "num_layers": 6,
+        "num_heads": 6,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+    }
+)
+
 
 def write_model(directory: Path, cfg: ModelConfig = TINY, seed: int = 0) -> Path:
     """A model directory as training writes it, with seeded random weights."""

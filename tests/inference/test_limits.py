@@ -17,12 +17,14 @@ import pytest
 
 from tests.inference.support import (
     REPO,
+    SLOW,
     Reply,
     Server,
     invoke,
     request,
     server_env,
     start_server,
+    write_model,
 )
 
 
@@ -36,9 +38,11 @@ def unreachable_broker() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def small_server(
-    model_dir: Path, unreachable_broker: str, tmp_path_factory: pytest.TempPathFactory
+    unreachable_broker: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """One slot, one queue place, a half-second deadline, and events to a broker that is down."""
+    """One slot, one queue place, a half-second deadline, and events to a broker that is down.
+    Its model is slow per token (SLOW), so long requests outlast the deadline on any machine."""
+    model_dir = write_model(tmp_path_factory.mktemp("model") / "slow", SLOW)
     env = {
         "KILN_EVENTS_BOOTSTRAP": unreachable_broker,
         "KILN_EVENTS_AUTH": "plaintext",
