@@ -408,6 +408,15 @@ def run_decode_latency(budget: float) -> None:
         print(f"| {label} | {us(t)} |", flush=True)
 
 
+def loaded_allocator() -> str:
+    """tcmalloc when it is mapped into this process (LD_PRELOAD naming a missing file only
+    warns), glibc malloc otherwise."""
+    maps = Path("/proc/self/maps")
+    if maps.exists() and "libtcmalloc" in maps.read_text():
+        return "tcmalloc"
+    return "glibc malloc"
+
+
 def run_alloc(budget: float) -> str:
     """The allocating functional forms against the `out` forms at [2048, 4096] fp32."""
     x, r = rand(2048, HIDDEN, dt=torch.float32), rand(2048, HIDDEN, dt=torch.float32)
@@ -426,7 +435,7 @@ def run_alloc(budget: float) -> str:
     )
     t_fused, t_fused_out, t_norm, t_norm_out = t["fused"], t["fused_out"], t["norm"], t["norm_out"]
     t_eager = t["eager"]
-    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+    allocator = loaded_allocator()
     return (
         f"| {allocator} | {us(t_fused)} | {us(t_fused_out)} | {ratio(t_fused, t_fused_out)} | "
         f"{us(t_norm)} | {us(t_norm_out)} | {ratio(t_norm, t_norm_out)} | {us(t_eager)} |"
@@ -463,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU variant "
         f"{ops.cpu_isa()} (built and supported: {', '.join(isas)}), "
-        f"allocator {os.environ.get('LD_PRELOAD') or 'glibc malloc'}, load average {load:.2f}"
+        f"allocator {loaded_allocator()}, load average {load:.2f}"
     )
     if args.alloc:
         print(
