@@ -9,14 +9,16 @@ Batch invariance: a sequence's logits must not depend on which other sequences s
 step (greedy output identical alone and among 32 requests). Two things would break it:
 
 - A GEMM's kernel (and so its summation order) changes with the row count: MKL's plain sgemm
-  sums one row, 2-10 rows and more rows three different ways. Decode projections therefore use
-  MKL's packed GEMM at a few padded row counts (`RowLinear`: 2, 8, 32, ...; a lone sequence pays
-  for 2 rows, not for the batch). How the packed GEMM sums depends on the CPU: on Intel Xeons it
-  sums a row one way for every row count from 2 up; on AMD EPYC (Zen 4) 2-3 rows one way and 4
-  and more another. `Decoder.check_invariance` verifies at load time that a row's result does not
-  depend on its position, its neighbours or the row count, and where it does, raises the smallest
-  padded row count (4, 8, ...) until it does not; at worst (a GPU, another BLAS) every step runs
-  at one fixed row count.
+  sums one row, 2-10 rows and more rows three different ways. On CPU in float32 with the kiln
+  kernels built, decode projections run kiln's `panel_linear` (`PanelLinear`), which sums every
+  output as one chain of multiply-adds over the inputs in order whatever the row count: any batch
+  runs at its own size, a lone sequence at one row. Elsewhere (no extension, a GPU) they use
+  padded row counts (`RowLinear`: 2, 8, 32, ...) with, on CPU, MKL's packed GEMM, whose
+  summation depends on the CPU: on Intel Xeons one way for every row count from 2 up; on AMD
+  EPYC 2-3 rows one way and 4 and more another. `Decoder.check_invariance` verifies at load time
+  that a row's result does not depend on its position, its neighbours or the row count, and where
+  it does, moves to padded row counts, then raises the smallest (4, 8, ...) until it does not;
+  at worst (a GPU, another BLAS) every step runs at one fixed row count.
 - Attention runs over each slot's cache up to a shared length (the batch's longest, rounded up);
   positions past a sequence's own length are masked to exact zeros, which leave its sums as they
   are. The invariance tests cover both.
@@ -105,17 +107,42 @@ class RowLinear:
 
     def check_invariance(self) -> bool:
         """Whether a row's result is bitwise the same at every row count, position and company."""
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        k = self.weight.shape[1]
-        probe = torch.randn(1, k, generator=gen).to(self.weight)
-        alone = self(probe)[0]
-        for trial, rows in enumerate(self.buckets + self.buckets):
-            batch = torch.randn(rows, k, generator=gen).to(self.weight)
-            position = (trial * 7919) % rows
-            batch[position] = probe[0]
-            if not torch.equal(self(batch)[position], alone):
-                return False
-        return True
+        return _same_in_any_batch(self, self.weight, self.buckets)
+
+
+class PanelLinear:
+    """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32): batch-
+    invariant by construction at any row count, so nothing is padded."""
+
+    def __init__(self, weight: Tensor, max_rows: int, ops: Any) -> None:
+        self.weight = weight
+        self.buckets: list[int] = []  # no padded row counts
+        self.out_features = weight.shape[0]
+        self.panels = ops.pack_panels(weight)
+        self.max_rows = max_rows
+        self._op = torch.ops.kiln.panel_linear.default
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._op(x, self.panels, self.out_features)  # type: ignore[no-any-return]
+
+    def check_invariance(self) -> bool:
+        """Whether a row's result is bitwise the same at every row count, position and company."""
+        rows = sorted({1, 2, 3, 5, 8, 13, self.max_rows} & set(range(1, self.max_rows + 1)))
+        return _same_in_any_batch(self, self.weight, rows)
+
+
+def _same_in_any_batch(linear: Any, weight: Tensor, row_counts: list[int]) -> bool:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    k = weight.shape[1]
+    probe = torch.randn(1, k, generator=gen).to(weight)
+    alone = linear(probe)[0]
+    for trial, rows in enumerate(row_counts + row_counts):
+        batch = torch.randn(rows, k, generator=gen).to(weight)
+        position = (trial * 7919) % rows
+        batch[position] = probe[0]
+        if not torch.equal(linear(batch)[position], alone):
+            return False
+    return True
 
 
 @dataclass
@@ -127,10 +154,10 @@ class LayerWeights:
     gate_up: Tensor
     down: Tensor
     # The same projections for decode steps (q rows pre-scaled by 1/sqrt(head_dim)).
-    qkv_rows: RowLinear | None = None
-    o_rows: RowLinear | None = None
-    gate_up_rows: RowLinear | None = None
-    down_rows: RowLinear | None = None
+    qkv_rows: RowLinear | PanelLinear | None = None
+    o_rows: RowLinear | PanelLinear | None = None
+    gate_up_rows: RowLinear | PanelLinear | None = None
+    down_rows: RowLinear | PanelLinear | None = None
 
 
 class Decoder:
@@ -177,27 +204,42 @@ class Decoder:
         self.head = self.embed if model.lm_head is None else w(model.lm_head.weight)
         self.final_norm = w(model.norm.weight)
         self.rope = model.rope.to(device=device, dtype=dtype).contiguous()
-        self._build_decode_linears(buckets or row_buckets(slots))
+        panels = (
+            buckets is None
+            and device.type == "cpu"
+            and dtype == torch.float32
+            and self.ops.HAVE_CPU_DECODE_OPS
+        )
+        self._build_decode_linears(None if panels else (buckets or row_buckets(slots)))
+        # kiln's decode_attention: each sequence over its own length, batch-invariant.
+        self.attention_kernel = panels
         shape = (slots, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
         # Keys and values of a layer in one tensor, so a decode step writes both in one copy.
         self.kv_cache = [torch.zeros((2, *shape), device=device, dtype=dtype) for _ in self.layers]
         self.k_cache = [kv[0] for kv in self.kv_cache]
         self.v_cache = [kv[1] for kv in self.kv_cache]
 
-    def _build_decode_linears(self, buckets: list[int]) -> None:
+    def _build_decode_linears(self, buckets: list[int] | None) -> None:
+        """Padded RowLinears at `buckets`, or PanelLinears (no padding) for None."""
         q_rows = self.num_heads * self.head_dim
-        self.buckets = buckets
+        self.buckets = [] if buckets is None else buckets
+
+        def linear(weight: Tensor) -> RowLinear | PanelLinear:
+            if buckets is None:
+                return PanelLinear(weight, self.slots, self.ops)
+            return RowLinear(weight, buckets)
+
         for layer in self.layers:
             # Scaling q's rows here saves a pass over every score in each decode step.
             scaled_qkv = layer.qkv.clone()
             scaled_qkv[:q_rows] *= self.scale
-            layer.qkv_rows = RowLinear(scaled_qkv, buckets)
-            layer.o_rows = RowLinear(layer.o, buckets)
-            layer.gate_up_rows = RowLinear(layer.gate_up, buckets)
-            layer.down_rows = RowLinear(layer.down, buckets)
-        self.head_rows = RowLinear(self.head, buckets)
+            layer.qkv_rows = linear(scaled_qkv)
+            layer.o_rows = linear(layer.o)
+            layer.gate_up_rows = linear(layer.gate_up)
+            layer.down_rows = linear(layer.down)
+        self.head_rows = linear(self.head)
 
-    def _decode_linears(self) -> list[RowLinear]:
+    def _decode_linears(self) -> list[RowLinear | PanelLinear]:
         linears = [self.head_rows]
         for layer in self.layers:
             linears += [layer.qkv_rows, layer.o_rows, layer.gate_up_rows, layer.down_rows]  # type: ignore[list-item]
@@ -208,6 +250,10 @@ class Decoder:
         row counts sum differently (the small ones, on some CPUs), drops the smallest until the
         rest agree, down to one row count for every step."""
         while not all(linear.check_invariance() for linear in self._decode_linears()):
+            if not self.buckets:
+                log.warning("kiln panel_linear is not batch-invariant here: padding row counts")
+                self._build_decode_linears(row_buckets(self.slots))
+                continue
             if len(self.buckets) == 1:
                 return False
             smallest = self.buckets[0] * 2
@@ -279,22 +325,26 @@ class Decoder:
         """
         ops, eps, device = self.ops, self.eps, self.device
         b = len(token_ids)
-        span = slots[-1] + 1  # attention runs over slots [0, span): a view, not a gather
-        dense = span == b
-        length = min(
-            self.max_seq_len, -(-(max(positions) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
-        )
         slots_t = torch.tensor(slots, device=device)
         positions_t = torch.tensor(positions, device=device)
-        # Positions past each slot's own length are masked (an idle slot masks everything but
-        # position 0, so its softmax stays finite; its output is never read).
-        lengths = [1] * span
-        for slot, position in zip(slots, positions, strict=True):
-            lengths[slot] = position + 1
-        visible = (
-            torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
-        )
-        bias = torch.where(visible, 0.0, float("-inf")).to(self.dtype).view(span, 1, 1, length)
+        attend = self.attention_kernel
+        if attend:
+            lengths_t = positions_t + 1
+        else:
+            span = slots[-1] + 1  # attention runs over slots [0, span): a view, not a gather
+            dense = span == b
+            length = min(
+                self.max_seq_len, -(-(max(positions) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
+            )
+            # Positions past each slot's own length are masked (an idle slot masks everything
+            # but position 0, so its softmax stays finite; its output is never read).
+            lengths = [1] * span
+            for slot, position in zip(slots, positions, strict=True):
+                lengths[slot] = position + 1
+            visible = (
+                torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
+            )
+            bias = torch.where(visible, 0.0, float("-inf")).to(self.dtype).view(span, 1, 1, length)
         # The rows of a layer's cache, viewed as [2 * slots * kv_heads * max_seq_len, head_dim],
         # that this step writes, in the order of qkv's k and v heads: one index_copy_ per layer.
         t = self.max_seq_len
@@ -316,15 +366,18 @@ class Decoder:
             kc, vc = self.k_cache[i], self.v_cache[i]
             new_kv = qkv[:, self.num_heads :].reshape(-1, self.head_dim)  # k (rotated), then v
             self.kv_cache[i].view(-1, self.head_dim).index_copy_(0, rows, new_kv)
-            query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
-            if not dense:
-                full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
-                full[slots_t] = query
-                query = full
-            scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2)).add_(bias)
-            out = torch.matmul(torch.softmax(scores, dim=-1), vc[:span, :, :length])
-            if not dense:
-                out = out[slots_t]
+            if attend:
+                out = ops.decode_attention(q, kc, vc, slots_t, lengths_t, 1.0)
+            else:
+                query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
+                if not dense:
+                    full = query.new_zeros(span, self.num_kv_heads, self.group, self.head_dim)
+                    full[slots_t] = query
+                    query = full
+                scores = torch.matmul(query, kc[:span, :, :length].transpose(-1, -2)).add_(bias)
+                out = torch.matmul(torch.softmax(scores, dim=-1), vc[:span, :, :length])
+                if not dense:
+                    out = out[slots_t]
             a = layer.o_rows(out.reshape(b, -1))  # type: ignore[misc]
             ops.fused_add_rms_norm_(a, residual, layer.mlp_norm, eps)
             m = layer.down_rows(ops.silu_and_mul(layer.gate_up_rows(a)))  # type: ignore[misc]

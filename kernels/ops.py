@@ -41,6 +41,8 @@ OP_NAMES = (
     "rotary_embedding_backward",
     "int8_linear",
     "int8_linear_out",
+    "panel_linear",
+    "decode_attention",
 )
 
 
@@ -178,6 +180,21 @@ if HAVE_EXTENSION:
     ) -> None:
         return None
 
+    @torch.library.register_fake("kiln::panel_linear")
+    def _panel_linear_fake(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("kiln::decode_attention")
+    def _decode_attention_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        slots: Tensor,
+        lengths: Tensor,
+        scale: float,
+    ) -> Tensor:
+        return query.new_empty(query.shape)
+
     # -- autograd: each backward is itself a kiln op, so torch.compile traces fwd+bwd whole --
 
     def _rms_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -282,6 +299,43 @@ int8_linear = _choose("int8_linear")
 int8_linear_out = _choose("int8_linear_out")
 quantize_int8 = reference.quantize_int8
 rope_cache = reference.rope_cache
+pack_panels = reference.pack_panels
+# The decode ops (panel_linear, decode_attention) are compiled for CPU float32 only, and
+# batch-invariant by construction there. Callers that need the guarantee check this.
+HAVE_CPU_DECODE_OPS = HAVE_EXTENSION
+
+
+def _cpu_float32(t: Tensor) -> bool:
+    if HAVE_EXTENSION and t.device.type == "cpu" and t.dtype == torch.float32:
+        return True
+    if not HAVE_EXTENSION:
+        _note_fallback(UNAVAILABLE_REASON)
+    return False
+
+
+def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
+    """x @ weight.T with the weight packed by `pack_panels`: the compiled kernel for CPU
+    float32, else (no extension, another device or dtype) the reference."""
+    if _cpu_float32(x):
+        return torch.ops.kiln.panel_linear.default(x, weight_panels, out_features)
+    return reference.panel_linear(x, weight_panels, out_features)
+
+
+def decode_attention(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """One new query per sequence against its own cache slot: the compiled kernel for CPU
+    float32, else the reference."""
+    if _cpu_float32(query):
+        return torch.ops.kiln.decode_attention.default(
+            query, key_cache, value_cache, slots, lengths, scale
+        )
+    return reference.decode_attention(query, key_cache, value_cache, slots, lengths, scale)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -171,3 +171,48 @@ def int8_linear_out(
     x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, out: Tensor
 ) -> None:
     out.copy_(int8_linear(x, weight, scale, bias))
+
+
+PANEL_WIDTH = 64  # output features per panel of panel_linear's packed weight
+
+
+def pack_panels(weight: Tensor) -> Tensor:
+    """weight [N, K] -> panels [ceil(N / 64), K, 64], panels[p, k, j] = weight[64 p + j, k],
+    zero past N: the layout panel_linear streams."""
+    n, k = weight.shape
+    count = -(-n // PANEL_WIDTH)
+    padded = weight.new_zeros(count * PANEL_WIDTH, k)
+    padded[:n] = weight
+    return padded.view(count, PANEL_WIDTH, k).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: Tensor, out_features: int) -> Tensor:
+    """The weight [out_features, K] that pack_panels packed."""
+    count, k, width = panels.shape
+    return panels.transpose(1, 2).reshape(count * width, k)[:out_features]
+
+
+def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
+    """x @ weight.T with the weight in pack_panels' layout. Same values to float tolerance; the
+    compiled op also sums every row the same way whatever the batch (this one need not)."""
+    return x @ unpack_panels(weight_panels, out_features).t()
+
+
+def decode_attention(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """Per sequence b: softmax(scale * query[b] . K) @ V over positions < lengths[b] of cache
+    slot slots[b]; query [B, Hq, D], caches [slots, Hkv, max_len, D], Hq a multiple of Hkv."""
+    group = query.shape[1] // key_cache.shape[1]
+    out = torch.empty_like(query)
+    for b, (slot, length) in enumerate(zip(slots.tolist(), lengths.tolist(), strict=True)):
+        k = key_cache[slot, :, :length].repeat_interleave(group, dim=0)  # [Hq, L, D]
+        v = value_cache[slot, :, :length].repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hld->hl", query[b].float(), k.float()) * scale
+        out[b] = torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), v.float())
+    return out

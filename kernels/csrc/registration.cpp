@@ -52,4 +52,20 @@ TORCH_LIBRARY(kiln, m) {
   m.def(
       "int8_linear_out(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor(a!) out) "
       "-> ()");
+
+  // Batch-invariant linear for decode: out [..., out_features] = x [..., K] @ weight.T, each
+  // output summed over k in order with one fused multiply-add per step, so that a row's result
+  // never depends on how many rows share the call or where it sits. weight_panels is the weight
+  // packed by kernels.reference.pack_panels: [ceil(out_features / 64), K, 64], zero-padded.
+  // CPU, float32, inference only (no autograd).
+  m.def("panel_linear(Tensor x, Tensor weight_panels, int out_features) -> Tensor");
+
+  // Attention of one new query per sequence over its own KV-cache slot (decode): query
+  // [B, Hq, D]; key_cache and value_cache [slots, Hkv, max_len, D] (Hq a multiple of Hkv);
+  // slots and lengths int64 [B]: sequence b attends to positions < lengths[b] of its slot.
+  // out [B, Hq, D] = softmax(scale * q . K) @ V. Each sequence is computed on its own, in
+  // position order, so its result does not depend on the batch. CPU, float32, inference only.
+  m.def(
+      "decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor slots, "
+      "Tensor lengths, float scale) -> Tensor");
 }

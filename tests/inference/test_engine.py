@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inference.app import StreamText
-from inference.decoder import Decoder, RowLinear, row_buckets
+from inference.decoder import Decoder, PanelLinear, RowLinear, row_buckets
 from inference.engine import (
     EngineSettings,
     FinishReason,
@@ -53,13 +53,29 @@ def test_prefill_and_decode_match_the_training_model(tied: bool) -> None:
             torch.testing.assert_close(logits[0], full[pos], rtol=1e-4, atol=1e-4)
 
 
-def test_a_rows_logits_do_not_depend_on_its_batch() -> None:
+def decode_linears(kind: str) -> list[int] | None:
+    """The Decoder's `buckets` for kiln's panel_linear (None) or padded MKL GEMMs."""
+    if kind == "panels":
+        from kernels import ops
+
+        if not ops.HAVE_CPU_DECODE_OPS:
+            pytest.skip(f"kiln kernels not built: {ops.UNAVAILABLE_REASON}")
+        return None
+    return row_buckets(32)
+
+
+@pytest.mark.parametrize("kind", ["panels", "padded"])
+def test_a_rows_logits_do_not_depend_on_its_batch(kind: str) -> None:
     """Bitwise: alone in slot 0, or in slot 5 among up to 31 others of other lengths."""
     cfg = dataclasses.replace(TINY, max_seq_len=512)
     gen = torch.Generator().manual_seed(2)
+    buckets = decode_linears(kind)
     with torch.inference_mode():
-        dec = Decoder(model(cfg), slots=32, device=torch.device("cpu"), dtype=torch.float32)
+        dec = Decoder(
+            model(cfg), slots=32, device=torch.device("cpu"), dtype=torch.float32, buckets=buckets
+        )
         assert dec.check_invariance()
+        assert isinstance(dec.head_rows, PanelLinear if kind == "panels" else RowLinear)
         prompt = torch.randint(0, 256, (40,), generator=gen)
         dec.prefill(0, prompt[:39])
         alone = dec.decode([0], [39], [int(prompt[39])])[0]
@@ -106,17 +122,30 @@ def test_decoder_drops_row_counts_that_sum_another_way(monkeypatch: pytest.Monke
         return real(self) and self.buckets[0] >= 4
 
     monkeypatch.setattr(RowLinear, "check_invariance", two_rows_differ)
+    cpu, fp32 = torch.device("cpu"), torch.float32
     with torch.inference_mode():
-        dec = Decoder(model(TINY), slots=32, device=torch.device("cpu"), dtype=torch.float32)
+        dec = Decoder(model(TINY), slots=32, device=cpu, dtype=fp32, buckets=row_buckets(32))
         assert dec.check_invariance()
         assert dec.buckets == [4, 16, 32]
         assert dec.head_rows.buckets == [4, 16, 32]
 
     monkeypatch.setattr(RowLinear, "check_invariance", lambda self: False)
     with torch.inference_mode():
-        dec = Decoder(model(TINY), slots=32, device=torch.device("cpu"), dtype=torch.float32)
+        dec = Decoder(model(TINY), slots=32, device=cpu, dtype=fp32, buckets=row_buckets(32))
         assert not dec.check_invariance()
         assert dec.buckets == [32]  # one row count for every step, and still not invariant
+
+
+def test_decoder_pads_row_counts_if_panels_were_not_invariant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decode_linears("panels")
+    monkeypatch.setattr(PanelLinear, "check_invariance", lambda self: False)
+    with torch.inference_mode():
+        dec = Decoder(model(TINY), slots=32, device=torch.device("cpu"), dtype=torch.float32)
+        assert isinstance(dec.head_rows, PanelLinear) and dec.buckets == []
+        assert dec.check_invariance()  # on the padded MKL GEMMs
+        assert isinstance(dec.head_rows, RowLinear) and dec.buckets
 
 
 def test_sampling_rows_are_independent_and_seeded() -> None:

@@ -51,7 +51,28 @@ struct Kernels {
   void (*int8_linear)(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
                       const int8_t* w, int64_t sw, const float* scale, const void* bias,
                       void* out, int64_t so);
+
+  // Panels [p0, p1) of out[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N (float32), with w
+  // packed as panels[p][k][j] = w[64 p + j, k] (zero past N). Each output is one chain of fused
+  // multiply-adds over k = 0..K-1 from zero, whatever M and the row's place: batch-invariant.
+  void (*panel_linear)(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
+                       int64_t sx, const float* panels, float* out, int64_t so);
+
+  // Units [u0, u1) of single-query attention over a KV cache, a unit being (token t, kv head j)
+  // = t * kv_heads + j: for each of the `group` query heads h of kv head j, out[t, h] =
+  // softmax(scale * q[t, h] . K[l]) @ V over the cached positions l < lengths[t] of cache slot
+  // slots[t]. Each sequence is summed on its own, in position order: batch-invariant. scratch
+  // holds (u1 - u0) x group x s_scratch floats, s_scratch >= every length.
+  void (*decode_attention)(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, int64_t d,
+                           const float* q, int64_t sq_tok, int64_t sq_head, const float* k,
+                           const float* v, int64_t sc_slot, int64_t sc_head, int64_t sc_pos,
+                           const int64_t* slots, const int64_t* lengths, float scale,
+                           float* scratch, int64_t s_scratch, float* out, int64_t so_tok,
+                           int64_t so_head);
 };
+
+// Output features per panel of panel_linear's packed weight.
+constexpr int64_t kPanelWidth = 64;
 
 // One table per instruction-set variant; the AVX ones exist on x86-64 only.
 #if defined(__x86_64__)

@@ -3,5 +3,9 @@
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define KILN_ISA avx2
+// panel_linear's register tile: 4 rows x 2 vectors of 8 floats.
+#define KILN_VEC_FLOATS 8
+#define KILN_TILE_VECS 2
+#define KILN_TILE_ROWS 4
 #include "kernels_impl.h"
 #endif

@@ -436,6 +436,177 @@ void int8_linear_t(int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
 }
 
 // ---------------------------------------------------------------------------------------------
+// batch-invariant panel linear (decode projections)
+//
+// An output is one chain acc = fma(x[m, k], w[n, k], acc) over k = 0..K-1 from zero: the tiling
+// below decides which outputs share registers, never the order of an output's own sums, so a
+// row's result is the same alone or among any rows (BLAS kernels change their summation order
+// with the row count). The weight is packed in panels of 64 output features ([K][64] each) so
+// that a tile streams it contiguously. Vector-extension types lower to the variant's registers
+// (one zmm, two ymm or four xmm per 16 floats); the build's -ffp-contract=fast makes `+= *` one
+// fused multiply-add where the instruction set has it (AVX2, AVX-512), in every tile alike.
+
+#if !defined(KILN_VEC_FLOATS) || !defined(KILN_TILE_VECS) || !defined(KILN_TILE_ROWS)
+#error "kernels_<isa>.cpp defines panel_linear's tile: KILN_VEC_FLOATS, KILN_TILE_VECS, KILN_TILE_ROWS"
+#endif
+
+constexpr int kVec = KILN_VEC_FLOATS;
+constexpr int kTileVecs = KILN_TILE_VECS;
+constexpr int kTileCols = kVec * kTileVecs;
+constexpr int kTileRows = KILN_TILE_ROWS;
+static_assert(kPanelWidth % kTileCols == 0, "a panel must split into whole tiles");
+typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
+
+// R rows x kTileCols columns: w points at the tile's first column in its panel (row stride
+// kPanelWidth); `cols` of the tile's columns are stored (fewer in the last panel).
+template <int R>
+inline void panel_tile(int64_t K, const float* x, int64_t sx, const float* w, float* out,
+                       int64_t so, int64_t cols) {
+  vfloat acc[R][kTileVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kTileVecs; ++j) acc[r][j] = vfloat{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * kPanelWidth;
+    vfloat wv[kTileVecs];
+#pragma GCC unroll 8
+    for (int j = 0; j < kTileVecs; ++j) __builtin_memcpy(&wv[j], wk + j * kVec, sizeof(vfloat));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * sx + k];
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+  if (cols == kTileCols) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVecs; ++j) {
+        __builtin_memcpy(out + r * so + j * kVec, &acc[r][j], sizeof(vfloat));
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < R; ++r) {
+    float row[kTileCols];
+    __builtin_memcpy(row, acc[r], sizeof(row));
+    for (int64_t c = 0; c < cols; ++c) out[r * so + c] = row[c];
+  }
+}
+
+template <int R>
+inline void panel_rows(int64_t M, int64_t K, const float* x, int64_t sx, const float* w,
+                       float* out, int64_t so, int64_t cols) {
+  if constexpr (R > 0) {
+    if (M == R) {
+      panel_tile<R>(K, x, sx, w, out, so, cols);
+    } else {
+      panel_rows<R - 1>(M, K, x, sx, w, out, so, cols);
+    }
+  }
+}
+
+void panel_linear(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
+                  int64_t sx, const float* panels, float* out, int64_t so) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = panels + p * K * kPanelWidth;
+    for (int64_t t = 0; t < kPanelWidth; t += kTileCols) {
+      const int64_t n = p * kPanelWidth + t;
+      if (n >= N) break;
+      const int64_t cols = N - n < kTileCols ? N - n : kTileCols;
+      int64_t m = 0;
+      for (; m + kTileRows <= M; m += kTileRows) {
+        panel_tile<kTileRows>(K, x + m * sx, sx, panel + t, out + m * so + n, so, cols);
+      }
+      if (m < M) {
+        panel_rows<kTileRows - 1>(M - m, K, x + m * sx, sx, panel + t, out + m * so + n, so,
+                                  cols);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode attention (one new query per sequence against its own cached keys and values)
+
+// One query head against positions [0, len): scores in s, then out = softmax(s) @ V. D is the
+// head size when it is one of the common ones (a compile-time trip count lets the dot products
+// and the output accumulator live in registers), else 0 and d says it.
+template <int D>
+inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const float* kj,
+                        const float* vj, int64_t sc_pos, float scale, float* s, float* oh) {
+  const int64_t d = D > 0 ? D : d_runtime;
+  float best = -3.0e38f;
+  for (int64_t l = 0; l < len; ++l) {
+    const float* kl = kj + l * sc_pos;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t e = 0; e < d; ++e) dot += qh[e] * kl[e];
+    s[l] = dot * scale;
+  }
+  for (int64_t l = 0; l < len; ++l) best = s[l] > best ? s[l] : best;
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t l = 0; l < len; ++l) {
+    s[l] = exp_acc(s[l] - best);
+    total += s[l];
+  }
+  const float inv = 1.0f / total;
+  if constexpr (D > 0) {
+    float acc[D];
+#pragma omp simd
+    for (int e = 0; e < D; ++e) acc[e] = 0.0f;
+    for (int64_t l = 0; l < len; ++l) {
+      const float p = s[l];
+      const float* vl = vj + l * sc_pos;
+#pragma omp simd
+      for (int e = 0; e < D; ++e) acc[e] += p * vl[e];
+    }
+#pragma omp simd
+    for (int e = 0; e < D; ++e) oh[e] = acc[e] * inv;
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) oh[e] = 0.0f;
+    for (int64_t l = 0; l < len; ++l) {
+      const float p = s[l];
+      const float* vl = vj + l * sc_pos;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) oh[e] += p * vl[e];
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) oh[e] *= inv;
+  }
+}
+
+void decode_attention(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, int64_t d,
+                      const float* q, int64_t sq_tok, int64_t sq_head, const float* k,
+                      const float* v, int64_t sc_slot, int64_t sc_head, int64_t sc_pos,
+                      const int64_t* slots, const int64_t* lengths, float scale, float* scratch,
+                      int64_t s_scratch, float* out, int64_t so_tok, int64_t so_head) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t t = u / kv_heads, j = u % kv_heads, len = lengths[t];
+    const float* kj = k + slots[t] * sc_slot + j * sc_head;
+    const float* vj = v + slots[t] * sc_slot + j * sc_head;
+    float* scores = scratch + (u - u0) * group * s_scratch;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = j * group + g;
+      const float* qh = q + t * sq_tok + h * sq_head;
+      float* s = scores + g * s_scratch;
+      float* oh = out + t * so_tok + h * so_head;
+      switch (d) {
+        case 32: attend_head<32>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
+        case 64: attend_head<64>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
+        case 128: attend_head<128>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
+        default: attend_head<0>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // type-erased entry points (the table holds these)
 
 #define KILN_DISPATCH(dt, CALL)                  \
@@ -499,7 +670,7 @@ void int8_linear(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const f
 
 const Kernels kTable = {
     KILN_STR(KILN_ISA), &add_rms_norm, &rms_norm_backward, &silu_and_mul,
-    &silu_and_mul_backward, &rotary, &int8_linear,
+    &silu_and_mul_backward, &rotary, &int8_linear, &panel_linear, &decode_attention,
 };
 
 }  // namespace

@@ -181,10 +181,115 @@ struct CpuBackend {
   }
 };
 
+// panel_linear: CPU and float32 only (the decode projections of CPU serving), so it is not one
+// of the shared Ops<Backend>.
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
+  constexpr const char* op = "panel_linear";
+  constexpr int64_t width = cpu::kPanelWidth;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "kiln::", op,
+              ": x and weight_panels must be float32, got ", x.scalar_type(), " and ",
+              panels.scalar_type());
+  check_device(op, x, c10::DeviceType::CPU);
+  check_device(op, panels, c10::DeviceType::CPU);
+  TORCH_CHECK(x.dim() >= 1, "kiln::", op, ": x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == K && panels.size(2) == width, "kiln::", op,
+              ": weight_panels must be [panels, ", K, " (x's last dimension), ", width,
+              "] as kernels.reference.pack_panels makes it, got ", panels.sizes());
+  TORCH_CHECK(out_features > (panels.size(0) - 1) * width &&
+                  out_features <= panels.size(0) * width,
+              "kiln::", op, ": ", panels.size(0), " panels hold ", (panels.size(0) - 1) * width + 1,
+              " to ", panels.size(0) * width, " output features, got out_features=",
+              out_features);
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();
+  const at::Tensor xc = x.reshape({M, K}).contiguous();
+  const at::Tensor pc = panels.contiguous();
+  const float* xp = xc.const_data_ptr<float>();
+  const float* wp = pc.const_data_ptr<float>();
+  float* op_out = out.mutable_data_ptr<float>();
+  const Kernels& k = active();
+  // Whole panels per task, at least ~256 Ki multiply-adds each: a one-row call on a small
+  // weight stays on this thread. Any split gives the same numbers (outputs are independent).
+  const int64_t per_panel = std::max<int64_t>(1, M * K * width);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
+  at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
+    k.panel_linear(b, e, M, K, out_features, xp, K, wp, op_out, out_features);
+  });
+  return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  constexpr const char* op = "decode_attention";
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "kiln::", op,
+                ": query, key_cache and value_cache must be float32, got ", t->scalar_type());
+    check_device(op, *t, c10::DeviceType::CPU);
+  }
+  for (const at::Tensor* t : {&slots, &lengths}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->device().is_cpu(), "kiln::", op,
+                ": slots and lengths must be int64 CPU tensors, got ", t->scalar_type(), " on ",
+                t->device());
+  }
+  TORCH_CHECK(q.dim() == 3, "kiln::", op, ": query must be [batch, heads, head_dim], got ",
+              q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == D, "kiln::", op,
+              ": key_cache and value_cache must both be [slots, kv_heads, max_len, ", D,
+              "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.strides() == v.strides() && k.stride(3) == 1, "kiln::", op,
+              ": key_cache and value_cache must share strides with contiguous head_dim, got ",
+              k.strides(), " and ", v.strides());
+  const int64_t Hkv = k.size(1), max_len = k.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kiln::", op, ": query heads (", Hq,
+              ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == B && lengths.dim() == 1 &&
+                  lengths.size(0) == B,
+              "kiln::", op, ": slots and lengths must be [", B, "], got ", slots.sizes(), " and ",
+              lengths.sizes());
+  const at::Tensor sc = slots.contiguous(), lc = lengths.contiguous();
+  const int64_t* sp = sc.const_data_ptr<int64_t>();
+  const int64_t* lp = lc.const_data_ptr<int64_t>();
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < k.size(0), "kiln::", op, ": slots[", b, "] = ", sp[b],
+                " is outside the cache's ", k.size(0), " slots");
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_len, "kiln::", op, ": lengths[", b, "] = ", lp[b],
+                " must be in [1, ", max_len, "]");
+    longest = std::max(longest, lp[b]);
+  }
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  if (B == 0 || D == 0) return out;
+  const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
+  const int64_t group = Hq / Hkv, units = B * Hkv;
+  // Units of (sequence, kv head), each ~2 * length * head_dim * group multiply-adds.
+  const int64_t per_unit = std::max<int64_t>(1, 2 * longest * D * group);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_unit);
+  const Kernels& kern = active();
+  at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(static_cast<size_t>((e - b) * group * longest));
+    kern.decode_attention(b, e, Hkv, group, D, qc.const_data_ptr<float>(), qc.stride(0),
+                          qc.stride(1), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                          k.stride(0), k.stride(1), k.stride(2), sp, lp,
+                          static_cast<float>(scale), scratch.data(), longest,
+                          out.mutable_data_ptr<float>(), out.stride(0), out.stride(1));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace kiln
 
-TORCH_LIBRARY_IMPL(kiln, CPU, m) { kiln::Ops<kiln::CpuBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  kiln::Ops<kiln::CpuBackend>::register_all(m);
+  m.impl("panel_linear", &kiln::panel_linear);
+  m.impl("decode_attention", &kiln::decode_attention);
+}
 
 // For tests and the benchmark (through ctypes): which CPU variant runs, and switching it.
 extern "C" {
