@@ -417,6 +417,99 @@ def loaded_allocator() -> str:
     return "glibc malloc"
 
 
+def _row_invariant(linear: Callable[[torch.Tensor], torch.Tensor], k: int) -> bool:
+    """Whether a row's result is bitwise the same at 1, 2, 4, 8 and 32 rows."""
+    probe = torch.randn(1, k)
+    alone = linear(probe)[0]
+    for rows in (2, 4, 8, 32):
+        batch = torch.randn(rows, k)
+        batch[rows // 2] = probe[0]
+        if not torch.equal(linear(batch)[rows // 2], alone):
+            return False
+    return True
+
+
+def _panel_case(n: int, k: int, rows: int, budget: float) -> dict[str, float]:
+    w, x = torch.randn(n, k), rand(rows, k, dt=torch.float32)
+    panels = ops.pack_panels(w)
+    op = torch.ops.kiln.panel_linear.default
+    fns: dict[str, tuple[Fn, str | None]] = {
+        "ours": (lambda: op(x, panels, n), None),
+        "linear": (lambda: F.linear(x, w), None),
+    }
+    if hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear"):
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        fns["packed"] = (lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, rows), None)
+    return best_times(fns, budget)
+
+
+def run_decode_ops(budget: float) -> None:
+    """The batch-invariant decode ops against what they replace, float32."""
+    print(
+        "\n## panel_linear: x [rows, K] @ W.T, float32. mkl_packed: MKL's packed GEMM at this "
+        "row count (what inductor uses for float32 linears). invariant: a row's result bitwise "
+        "the same at 1, 2, 4, 8 and 32 rows"
+    )
+    print(
+        "| W | rows | ours_us | F.linear_us | mkl_packed_us | x_F.linear | x_mkl_packed "
+        "| invariant ours | invariant F.linear |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, k in ((1408, 256), (4096, 4096)):
+        w = torch.randn(n, k)
+        panels = ops.pack_panels(w)
+        ours_inv = _row_invariant(
+            lambda x: torch.ops.kiln.panel_linear.default(x, panels, n),  # noqa: B023
+            k,
+        )
+        linear_inv = _row_invariant(lambda x: F.linear(x, w), k)  # noqa: B023
+        for rows in (1, 4, 32):
+            t = _panel_case(n, k, rows, budget)
+            packed = t.get("packed")
+            print(
+                f"| [{n}, {k}] | {rows} | {us(t['ours'])} | {us(t['linear'])} | {us(packed)} "
+                f"| {ratio(t['linear'], t['ours'])} | {ratio(packed, t['ours'])} "
+                f"| {'yes' if ours_inv else 'no'} | {'yes' if linear_inv else 'no'} |",
+                flush=True,
+            )
+
+    print(
+        "\n## decode_attention: one query per sequence over its own cache, float32, "
+        "32 query / 8 kv heads of 128; matmul: the padded batched-matmul path it replaces"
+    )
+    print("| batch | length | ours_us | matmul_us | x_matmul |")
+    print("|---|---|---|---|---|")
+    heads, kv_heads, d, max_len = 32, 8, 128, 1024
+    for batch, length in ((1, 128), (8, 128), (32, 128), (32, 512)):
+        k_cache = torch.randn(batch, kv_heads, max_len, d)
+        v_cache = torch.randn(batch, kv_heads, max_len, d)
+        q = torch.randn(batch, heads, d)
+        slots = torch.arange(batch)
+        lengths = torch.full((batch,), length)
+        group = heads // kv_heads
+        query = q.view(batch, kv_heads, group, d)
+        bias = torch.zeros(batch, 1, 1, length)
+        op = torch.ops.kiln.decode_attention.default
+
+        def matmul_path() -> torch.Tensor:
+            keys = k_cache[:, :, :length].transpose(-1, -2)  # noqa: B023
+            scores = torch.matmul(query, keys).add_(bias)  # noqa: B023
+            return torch.matmul(torch.softmax(scores, -1), v_cache[:, :, :length])  # noqa: B023
+
+        t = best_times(
+            {
+                "ours": (lambda: op(q, k_cache, v_cache, slots, lengths, 1.0), None),  # noqa: B023
+                "matmul": (matmul_path, None),
+            },
+            budget,
+        )
+        print(
+            f"| {batch} | {length} | {us(t['ours'])} | {us(t['matmul'])} "
+            f"| {ratio(t['matmul'], t['ours'])} |",
+            flush=True,
+        )
+
+
 def run_alloc(budget: float) -> str:
     """The allocating functional forms against the `out` forms at [2048, 4096] fp32."""
     x, r = rand(2048, HIDDEN, dt=torch.float32), rand(2048, HIDDEN, dt=torch.float32)
@@ -446,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--ops", nargs="*", choices=sorted(OPS), default=list(OPS))
+    parser.add_argument(
+        "--ops", nargs="*", choices=[*sorted(OPS), "decode"], default=[*OPS, "decode"]
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
     parser.add_argument("--alloc", action="store_true", help="only the allocator comparison")
@@ -503,9 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     second = "avx2" if "avx2" in isas and ops.cpu_isa() != "avx2" else None
     for name in args.ops:
-        run_op(name, not args.no_compile, args.budget, second, args.quiet_wait)
+        if name in OPS:
+            run_op(name, not args.no_compile, args.budget, second, args.quiet_wait)
     if "fused_add_rms_norm_" in args.ops:
         run_decode_latency(args.budget)
+    if "decode" in args.ops:
+        run_decode_ops(args.budget)
     return 0
 
 

@@ -540,14 +540,36 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
                         const float* vj, int64_t sc_pos, float scale, float* s, float* oh) {
   const int64_t d = D > 0 ? D : d_runtime;
   float best = -3.0e38f;
-  for (int64_t l = 0; l < len; ++l) {
+  int64_t l = 0;
+  // Four positions at a time: four independent sums keep the multiply-add units busy while each
+  // one's lanes are added up. Which positions share a block depends on the length only.
+  for (; l + 4 <= len; l += 4) {
+    const float* k0 = kj + l * sc_pos;
+    const float* k1 = k0 + sc_pos;
+    const float* k2 = k1 + sc_pos;
+    const float* k3 = k2 + sc_pos;
+    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t e = 0; e < d; ++e) {
+      const float qe = qh[e];
+      d0 += qe * k0[e];
+      d1 += qe * k1[e];
+      d2 += qe * k2[e];
+      d3 += qe * k3[e];
+    }
+    s[l] = d0 * scale;
+    s[l + 1] = d1 * scale;
+    s[l + 2] = d2 * scale;
+    s[l + 3] = d3 * scale;
+  }
+  for (; l < len; ++l) {
     const float* kl = kj + l * sc_pos;
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t e = 0; e < d; ++e) dot += qh[e] * kl[e];
     s[l] = dot * scale;
   }
-  for (int64_t l = 0; l < len; ++l) best = s[l] > best ? s[l] : best;
+  for (l = 0; l < len; ++l) best = s[l] > best ? s[l] : best;
   float total = 0.0f;
 #pragma omp simd reduction(+ : total)
   for (int64_t l = 0; l < len; ++l) {
