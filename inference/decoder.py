@@ -114,16 +114,24 @@ class PanelLinear:
     """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32): batch-
     invariant by construction at any row count, so nothing is padded."""
 
-    def __init__(self, weight: Tensor, max_rows: int, ops: Any) -> None:
+    def __init__(self, weight: Tensor, max_rows: int, ops: Any, *, reuse_output: bool) -> None:
         self.weight = weight
         self.buckets: list[int] = []  # no padded row counts
         self.out_features = weight.shape[0]
         self.panels = ops.pack_panels(weight)
         self.max_rows = max_rows
+        # With reuse_output a call returns a view of one buffer that the next call overwrites
+        # (the projections inside a step); without, a new tensor (the logits a step returns).
+        self._out = torch.empty(max_rows, self.out_features) if reuse_output else None
         self._op = torch.ops.kiln.panel_linear.default
+        self._op_out = torch.ops.kiln.panel_linear_out.default
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self._op(x, self.panels, self.out_features)  # type: ignore[no-any-return]
+        if self._out is None or x.shape[0] > self.max_rows:
+            return self._op(x, self.panels, self.out_features)  # type: ignore[no-any-return]
+        out = self._out[: x.shape[0]]
+        self._op_out(x, self.panels, self.out_features, out)
+        return out
 
     def check_invariance(self) -> bool:
         """Whether a row's result is bitwise the same at every row count, position and company."""
@@ -135,7 +143,7 @@ def _same_in_any_batch(linear: Any, weight: Tensor, row_counts: list[int]) -> bo
     gen = torch.Generator(device="cpu").manual_seed(0)
     k = weight.shape[1]
     probe = torch.randn(1, k, generator=gen).to(weight)
-    alone = linear(probe)[0]
+    alone = linear(probe)[0].clone()  # the next call may reuse the output's buffer
     for trial, rows in enumerate(row_counts + row_counts):
         batch = torch.randn(rows, k, generator=gen).to(weight)
         position = (trial * 7919) % rows
@@ -211,8 +219,12 @@ class Decoder:
             and self.ops.HAVE_CPU_DECODE_OPS
         )
         self._build_decode_linears(None if panels else (buckets or row_buckets(slots)))
-        # kiln's decode_attention: each sequence over its own length, batch-invariant.
+        # kiln's decode_attention: each sequence over its own length, batch-invariant; it and
+        # the SwiGLU write into buffers kept across steps.
         self.attention_kernel = panels
+        if panels:
+            self._attention_out = torch.empty(slots, cfg.num_heads, cfg.head_dim)
+            self._mlp_act = torch.empty(slots, cfg.intermediate_size)
         shape = (slots, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
         # Keys and values of a layer in one tensor, so a decode step writes both in one copy.
         self.kv_cache = [torch.zeros((2, *shape), device=device, dtype=dtype) for _ in self.layers]
@@ -224,9 +236,9 @@ class Decoder:
         q_rows = self.num_heads * self.head_dim
         self.buckets = [] if buckets is None else buckets
 
-        def linear(weight: Tensor) -> RowLinear | PanelLinear:
+        def linear(weight: Tensor, reuse_output: bool = True) -> RowLinear | PanelLinear:
             if buckets is None:
-                return PanelLinear(weight, self.slots, self.ops)
+                return PanelLinear(weight, self.slots, self.ops, reuse_output=reuse_output)
             return RowLinear(weight, buckets)
 
         for layer in self.layers:
@@ -237,7 +249,7 @@ class Decoder:
             layer.o_rows = linear(layer.o)
             layer.gate_up_rows = linear(layer.gate_up)
             layer.down_rows = linear(layer.down)
-        self.head_rows = linear(self.head)
+        self.head_rows = linear(self.head, reuse_output=False)
 
     def _decode_linears(self) -> list[RowLinear | PanelLinear]:
         linears = [self.head_rows]
@@ -367,7 +379,8 @@ class Decoder:
             new_kv = qkv[:, self.num_heads :].reshape(-1, self.head_dim)  # k (rotated), then v
             self.kv_cache[i].view(-1, self.head_dim).index_copy_(0, rows, new_kv)
             if attend:
-                out = ops.decode_attention(q, kc, vc, slots_t, lengths_t, 1.0)
+                out = self._attention_out[:b]
+                ops.decode_attention_out(q, kc, vc, slots_t, lengths_t, 1.0, out)
             else:
                 query = q.reshape(b, self.num_kv_heads, self.group, self.head_dim)
                 if not dense:
@@ -380,7 +393,13 @@ class Decoder:
                     out = out[slots_t]
             a = layer.o_rows(out.reshape(b, -1))  # type: ignore[misc]
             ops.fused_add_rms_norm_(a, residual, layer.mlp_norm, eps)
-            m = layer.down_rows(ops.silu_and_mul(layer.gate_up_rows(a)))  # type: ignore[misc]
+            gate_up = layer.gate_up_rows(a)  # type: ignore[misc]
+            if attend:
+                act = self._mlp_act[:b]
+                ops.silu_and_mul_out(gate_up, act)
+            else:
+                act = ops.silu_and_mul(gate_up)
+            m = layer.down_rows(act)  # type: ignore[misc]
             ops.fused_add_rms_norm_(m, residual, self._next_norm(i), eps)
             x = m
         return self.head_rows(x).float()

@@ -42,7 +42,9 @@ OP_NAMES = (
     "int8_linear",
     "int8_linear_out",
     "panel_linear",
+    "panel_linear_out",
     "decode_attention",
+    "decode_attention_out",
 )
 
 
@@ -184,6 +186,24 @@ if HAVE_EXTENSION:
     def _panel_linear_fake(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
 
+    @torch.library.register_fake("kiln::panel_linear_out")
+    def _panel_linear_out_fake(
+        x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("kiln::decode_attention_out")
+    def _decode_attention_out_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        slots: Tensor,
+        lengths: Tensor,
+        scale: float,
+        out: Tensor,
+    ) -> None:
+        return None
+
     @torch.library.register_fake("kiln::decode_attention")
     def _decode_attention_fake(
         query: Tensor,
@@ -319,6 +339,32 @@ def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
     if _cpu_float32(x):
         return torch.ops.kiln.panel_linear.default(x, weight_panels, out_features)
     return reference.panel_linear(x, weight_panels, out_features)
+
+
+def panel_linear_out(x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor) -> None:
+    """panel_linear into `out` (decode keeps its buffers)."""
+    if _cpu_float32(x):
+        torch.ops.kiln.panel_linear_out.default(x, weight_panels, out_features, out)
+    else:
+        reference.panel_linear_out(x, weight_panels, out_features, out)
+
+
+def decode_attention_out(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+    out: Tensor,
+) -> None:
+    """decode_attention into `out` (decode keeps its buffers)."""
+    if _cpu_float32(query):
+        torch.ops.kiln.decode_attention_out.default(
+            query, key_cache, value_cache, slots, lengths, scale, out
+        )
+    else:
+        reference.decode_attention_out(query, key_cache, value_cache, slots, lengths, scale, out)
 
 
 def decode_attention(

@@ -198,6 +198,10 @@ def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
     return x @ unpack_panels(weight_panels, out_features).t()
 
 
+def panel_linear_out(x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor) -> None:
+    out.copy_(panel_linear(x, weight_panels, out_features))
+
+
 def decode_attention(
     query: Tensor,
     key_cache: Tensor,
@@ -216,3 +220,15 @@ def decode_attention(
         scores = torch.einsum("hd,hld->hl", query[b].float(), k.float()) * scale
         out[b] = torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), v.float())
     return out
+
+
+def decode_attention_out(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+    out: Tensor,
+) -> None:
+    out.copy_(decode_attention(query, key_cache, value_cache, slots, lengths, scale))

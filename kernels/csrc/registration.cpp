@@ -59,6 +59,8 @@ TORCH_LIBRARY(kiln, m) {
   // packed by kernels.reference.pack_panels: [ceil(out_features / 64), K, 64], zero-padded.
   // CPU, float32, inference only (no autograd).
   m.def("panel_linear(Tensor x, Tensor weight_panels, int out_features) -> Tensor");
+  m.def(
+      "panel_linear_out(Tensor x, Tensor weight_panels, int out_features, Tensor(a!) out) -> ()");
 
   // Attention of one new query per sequence over its own KV-cache slot (decode): query
   // [B, Hq, D]; key_cache and value_cache [slots, Hkv, max_len, D] (Hq a multiple of Hkv);
@@ -68,4 +70,7 @@ TORCH_LIBRARY(kiln, m) {
   m.def(
       "decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor slots, "
       "Tensor lengths, float scale) -> Tensor");
+  m.def(
+      "decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor slots, "
+      "Tensor lengths, float scale, Tensor(a!) out) -> ()");
 }

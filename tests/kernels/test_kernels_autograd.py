@@ -56,6 +56,19 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         ("int8_linear", lambda: (_t(2, 16), wq, scale, _t(12))),
         ("int8_linear_out", lambda: (_t(2, 16), wq, scale, None, _t(2, 12))),
         ("panel_linear", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70)),
+        ("panel_linear_out", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70, _t(3, 70))),
+        (
+            "decode_attention_out",
+            lambda: (
+                _t(2, 4, 8),
+                _t(3, 2, 10, 8),
+                _t(3, 2, 10, 8),
+                torch.tensor([2, 0]),
+                torch.tensor([10, 3]),
+                0.5,
+                _t(2, 4, 8),
+            ),
+        ),
         (
             "decode_attention",
             lambda: (

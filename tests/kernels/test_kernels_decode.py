@@ -49,6 +49,18 @@ def test_panel_linear_keeps_leading_dims_and_reads_strided_x(kops: Any) -> None:
     torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-4)
 
 
+def test_panel_linear_out_writes_into_any_layout(kops: Any, cpu_variant: str) -> None:
+    x, w = randn(5, 40, seed=14), randn(70, 40, seed=15)
+    panels = ref.pack_panels(w)
+    want = torch.ops.kiln.panel_linear(x, panels, 70)
+    out = torch.empty(5, 70)
+    torch.ops.kiln.panel_linear_out(x, panels, 70, out)
+    assert torch.equal(out, want)
+    strided = torch.empty(70, 5).t()  # not contiguous: computed aside, then copied in
+    torch.ops.kiln.panel_linear_out(x, panels, 70, strided)
+    assert torch.equal(strided, want)
+
+
 @pytest.mark.parametrize("n_k", [(96, 40), (1408, 256), (257, 129)], ids=str)
 def test_panel_linear_is_batch_invariant(kops: Any, cpu_variant: str, n_k: tuple[int, int]) -> None:
     """A row's output is bitwise the same alone or at any place among any number of rows."""
@@ -91,6 +103,19 @@ def test_decode_attention_matches_the_reference(
     qkv = torch.cat([q, randn(4, 2, d, seed=9)], dim=1)
     got_view = torch.ops.kiln.decode_attention(qkv[:, :heads], k, v, slots, lengths, 0.3)
     assert torch.equal(got_view, got)
+
+
+def test_decode_attention_out_matches_the_functional_form(kops: Any, cpu_variant: str) -> None:
+    k, v = cache(4, 2, 30, 32)
+    q = randn(3, 4, 32, seed=16)
+    slots, lengths = torch.tensor([3, 1, 0]), torch.tensor([30, 1, 7])
+    want = torch.ops.kiln.decode_attention(q, k, v, slots, lengths, 0.7)
+    out = torch.empty(3, 4, 32)
+    torch.ops.kiln.decode_attention_out(q, k, v, slots, lengths, 0.7, out)
+    assert torch.equal(out, want)
+    strided = torch.empty(32, 4, 3).permute(2, 1, 0)
+    torch.ops.kiln.decode_attention_out(q, k, v, slots, lengths, 0.7, strided)
+    assert torch.equal(strided, want)
 
 
 def test_decode_attention_is_batch_invariant(kops: Any, cpu_variant: str) -> None:
@@ -164,6 +189,35 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], str]] = [
         "slots and lengths must be int64",
     ),
     ("attention batch", _attention(lengths=torch.tensor([1])), r"must be \[2\]"),
+    (
+        "panel out shape",
+        lambda: torch.ops.kiln.panel_linear_out(
+            randn(2, 8), ref.pack_panels(randn(4, 8)), 4, randn(2, 5)
+        ),
+        r"out must have shape \[2, 4\]",
+    ),
+    (
+        "panel out aliases x",
+        lambda: (lambda t: torch.ops.kiln.panel_linear_out(t, ref.pack_panels(randn(8, 8)), 8, t))(
+            randn(2, 8)
+        ),
+        "overlap in memory",
+    ),
+    (
+        "attention out dtype",
+        lambda: (
+            lambda k, v: torch.ops.kiln.decode_attention_out(
+                randn(1, 2, 8),
+                k,
+                v,
+                torch.tensor([0]),
+                torch.tensor([3]),
+                1.0,
+                randn(1, 2, 8).double(),
+            )
+        )(*cache(1, 1, 4, 8)),
+        "out must be float32",
+    ),
 ]
 
 

@@ -181,10 +181,33 @@ struct CpuBackend {
   }
 };
 
-// panel_linear: CPU and float32 only (the decode projections of CPU serving), so it is not one
-// of the shared Ops<Backend>.
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
-  constexpr const char* op = "panel_linear";
+// The decode ops (panel_linear, decode_attention): CPU and float32 only (what CPU serving runs),
+// so they are not among the shared Ops<Backend>. Each has a functional and an `out` form.
+
+// Runs fn(o) on out, or on a contiguous temporary copied back when out is not contiguous.
+template <typename F>
+void into_contiguous(const at::Tensor& out, F&& fn) {
+  if (out.is_contiguous()) {
+    fn(out);
+    return;
+  }
+  at::Tensor tmp = at::empty(out.sizes(), out.options());
+  fn(tmp);
+  out.copy_(tmp);
+}
+
+void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape,
+               const at::Tensor& input) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "kiln::", op, ": out must be float32, got ",
+              out.scalar_type());
+  check_device(op, out, c10::DeviceType::CPU);
+  check_shape(op, "out", out, shape);
+  check_writable(op, "out", out);
+  check_no_overlap(op, "out", out, "the input", input);
+}
+
+std::vector<int64_t> check_panel_linear(const char* op, const at::Tensor& x,
+                                        const at::Tensor& panels, int64_t out_features) {
   constexpr int64_t width = cpu::kPanelWidth;
   TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "kiln::", op,
               ": x and weight_panels must be float32, got ", x.scalar_type(), " and ",
@@ -203,29 +226,54 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
               out_features);
   auto shape = x.sizes().vec();
   shape.back() = out_features;
-  at::Tensor out = at::empty(shape, x.options());
+  return shape;
+}
+
+void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                       const at::Tensor& out) {
+  const int64_t K = x.size(-1);
   const int64_t M = K == 0 ? 0 : x.numel() / K;
-  if (out.numel() == 0) return out;
-  if (K == 0) return out.zero_();
+  if (out.numel() == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
   const at::Tensor xc = x.reshape({M, K}).contiguous();
   const at::Tensor pc = panels.contiguous();
-  const float* xp = xc.const_data_ptr<float>();
-  const float* wp = pc.const_data_ptr<float>();
-  float* op_out = out.mutable_data_ptr<float>();
   const Kernels& k = active();
   // Whole panels per task, at least ~256 Ki multiply-adds each: a one-row call on a small
   // weight stays on this thread. Any split gives the same numbers (outputs are independent).
-  const int64_t per_panel = std::max<int64_t>(1, M * K * width);
+  const int64_t per_panel = std::max<int64_t>(1, M * K * cpu::kPanelWidth);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
-  at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
-    k.panel_linear(b, e, M, K, out_features, xp, K, wp, op_out, out_features);
+  into_contiguous(out, [&](const at::Tensor& o) {
+    const float* xp = xc.const_data_ptr<float>();
+    const float* wp = pc.const_data_ptr<float>();
+    float* op = o.mutable_data_ptr<float>();
+    at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
+      k.panel_linear(b, e, M, K, out_features, xp, K, wp, op, out_features);
+    });
   });
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
+  const auto shape = check_panel_linear("panel_linear", x, panels, out_features);
+  at::Tensor out = at::empty(shape, x.options());
+  panel_linear_into(x, panels, out_features, out);
   return out;
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
-  constexpr const char* op = "decode_attention";
+void panel_linear_out(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                      const at::Tensor& out) {
+  constexpr const char* op = "panel_linear_out";
+  const auto shape = check_panel_linear(op, x, panels, out_features);
+  check_out(op, out, shape, x);
+  panel_linear_into(x, panels, out_features, out);
+}
+
+// Returns the longest length (validated), for the scratch size.
+int64_t check_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& slots,
+                               const at::Tensor& lengths) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "kiln::", op,
                 ": query, key_cache and value_cache must be float32, got ", t->scalar_type());
@@ -263,23 +311,54 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 " must be in [1, ", max_len, "]");
     longest = std::max(longest, lp[b]);
   }
-  at::Tensor out = at::empty({B, Hq, D}, q.options());
-  if (B == 0 || D == 0) return out;
+  return longest;
+}
+
+void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& slots, const at::Tensor& lengths, double scale,
+                           int64_t longest, const at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  if (B == 0 || D == 0) return;
   const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
+  const at::Tensor sc = slots.contiguous(), lc = lengths.contiguous();
   const int64_t group = Hq / Hkv, units = B * Hkv;
   // Units of (sequence, kv head), each ~2 * length * head_dim * group multiply-adds.
   const int64_t per_unit = std::max<int64_t>(1, 2 * longest * D * group);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_unit);
   const Kernels& kern = active();
+  const at::Tensor o = out.stride(2) == 1 ? out : at::empty(out.sizes(), out.options());
   at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(static_cast<size_t>((e - b) * group * longest));
+    // Scores, kept per thread across calls: no allocation once it has grown.
+    thread_local std::vector<float> scratch;
+    const size_t need = static_cast<size_t>((e - b) * group * longest);
+    if (scratch.size() < need) scratch.resize(need);
     kern.decode_attention(b, e, Hkv, group, D, qc.const_data_ptr<float>(), qc.stride(0),
                           qc.stride(1), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
-                          k.stride(0), k.stride(1), k.stride(2), sp, lp,
-                          static_cast<float>(scale), scratch.data(), longest,
-                          out.mutable_data_ptr<float>(), out.stride(0), out.stride(1));
+                          k.stride(0), k.stride(1), k.stride(2), sc.const_data_ptr<int64_t>(),
+                          lc.const_data_ptr<int64_t>(), static_cast<float>(scale),
+                          scratch.data(), longest, o.mutable_data_ptr<float>(), o.stride(0),
+                          o.stride(1));
   });
+  if (!o.is_same(out)) out.copy_(o);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  const int64_t longest = check_decode_attention("decode_attention", q, k, v, slots, lengths);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  decode_attention_into(q, k, v, slots, lengths, scale, longest, out);
   return out;
+}
+
+void decode_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& slots, const at::Tensor& lengths, double scale,
+                          const at::Tensor& out) {
+  constexpr const char* op = "decode_attention_out";
+  const int64_t longest = check_decode_attention(op, q, k, v, slots, lengths);
+  check_out(op, out, q.sizes(), q);
+  check_no_overlap(op, "out", out, "key_cache", k);
+  check_no_overlap(op, "out", out, "value_cache", v);
+  decode_attention_into(q, k, v, slots, lengths, scale, longest, out);
 }
 
 }  // namespace
@@ -288,7 +367,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   kiln::Ops<kiln::CpuBackend>::register_all(m);
   m.impl("panel_linear", &kiln::panel_linear);
+  m.impl("panel_linear_out", &kiln::panel_linear_out);
   m.impl("decode_attention", &kiln::decode_attention);
+  m.impl("decode_attention_out", &kiln::decode_attention_out);
 }
 
 // For tests and the benchmark (through ctypes): which CPU variant runs, and switching it.
