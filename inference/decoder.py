@@ -19,9 +19,10 @@ step (greedy output identical alone and among 32 requests). Two things would bre
   that a row's result does not depend on its position, its neighbours or the row count, and where
   it does, moves to padded row counts, then raises the smallest (4, 8, ...) until it does not;
   at worst (a GPU, another BLAS) every step runs at one fixed row count.
-- Attention runs over each slot's cache up to a shared length (the batch's longest, rounded up);
-  positions past a sequence's own length are masked to exact zeros, which leave its sums as they
-  are. The invariance tests cover both.
+- Attention: with the CPU kernels, kiln's `decode_attention` runs each sequence over its own
+  cache slot and length, on its own. Elsewhere it runs over each slot's cache up to a shared
+  length (the batch's longest, rounded up); positions past a sequence's own length are masked to
+  exact zeros, which leave its sums as they are. The invariance tests cover both paths.
 
 Prefill (one sequence at a time, its own shapes) needs no such care and uses the fastest kernels.
 """
