@@ -279,7 +279,16 @@ if HAVE_EXTENSION:
 # the functions callers use
 
 
-def _choose(name: str) -> Callable[..., Any]:
+def _on_cuda_without_kernels(t: Tensor) -> str | None:
+    return "the extension was built without CUDA kernels" if t.is_cuda else None
+
+
+def _choose(
+    name: str, not_compiled_for: Callable[[Tensor], str | None] | None = None
+) -> Callable[..., Any]:
+    """The compiled op, or the reference when the extension is absent or when
+    `not_compiled_for(first argument)` gives a reason (default: a GPU tensor in a build without
+    CUDA kernels)."""
     ref: Callable[..., Any] = getattr(reference, name)
     if not HAVE_EXTENSION:
         reason = UNAVAILABLE_REASON
@@ -292,18 +301,21 @@ def _choose(name: str) -> Callable[..., Any]:
         fallback.__doc__ = ref.__doc__
         return fallback
     op: Callable[..., Any] = getattr(torch.ops.kiln, name).default
-    if HAVE_CUDA_KERNELS:
-        return op
+    if not_compiled_for is None:
+        if HAVE_CUDA_KERNELS:
+            return op
+        not_compiled_for = _on_cuda_without_kernels
 
-    def by_device(*args: Any, **kwargs: Any) -> Any:
-        if args[0].is_cuda:
-            _note_fallback("the extension was built without CUDA kernels")
+    def by_input(*args: Any, **kwargs: Any) -> Any:
+        reason = not_compiled_for(args[0])
+        if reason is not None:
+            _note_fallback(reason)
             return ref(*args, **kwargs)
         return op(*args, **kwargs)
 
-    by_device.__name__ = name
-    by_device.__doc__ = ref.__doc__
-    return by_device
+    by_input.__name__ = name
+    by_input.__doc__ = ref.__doc__
+    return by_input
 
 
 rms_norm = _choose("rms_norm")
@@ -325,63 +337,16 @@ pack_panels = reference.pack_panels
 HAVE_CPU_DECODE_OPS = HAVE_EXTENSION
 
 
-def _cpu_float32(t: Tensor) -> bool:
-    if HAVE_EXTENSION and t.device.type == "cpu" and t.dtype == torch.float32:
-        return True
-    if not HAVE_EXTENSION:
-        _note_fallback(UNAVAILABLE_REASON)
-    return False
+def _not_cpu_float32(t: Tensor) -> str | None:
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        return None
+    return f"the decode ops are compiled for CPU float32 only, not {t.device.type} {t.dtype}"
 
 
-def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
-    """x @ weight.T with the weight packed by `pack_panels`: the compiled kernel for CPU
-    float32, else (no extension, another device or dtype) the reference."""
-    if _cpu_float32(x):
-        return torch.ops.kiln.panel_linear.default(x, weight_panels, out_features)
-    return reference.panel_linear(x, weight_panels, out_features)
-
-
-def panel_linear_out(x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor) -> None:
-    """panel_linear into `out` (decode keeps its buffers)."""
-    if _cpu_float32(x):
-        torch.ops.kiln.panel_linear_out.default(x, weight_panels, out_features, out)
-    else:
-        reference.panel_linear_out(x, weight_panels, out_features, out)
-
-
-def decode_attention_out(
-    query: Tensor,
-    key_cache: Tensor,
-    value_cache: Tensor,
-    slots: Tensor,
-    lengths: Tensor,
-    scale: float,
-    out: Tensor,
-) -> None:
-    """decode_attention into `out` (decode keeps its buffers)."""
-    if _cpu_float32(query):
-        torch.ops.kiln.decode_attention_out.default(
-            query, key_cache, value_cache, slots, lengths, scale, out
-        )
-    else:
-        reference.decode_attention_out(query, key_cache, value_cache, slots, lengths, scale, out)
-
-
-def decode_attention(
-    query: Tensor,
-    key_cache: Tensor,
-    value_cache: Tensor,
-    slots: Tensor,
-    lengths: Tensor,
-    scale: float,
-) -> Tensor:
-    """One new query per sequence against its own cache slot: the compiled kernel for CPU
-    float32, else the reference."""
-    if _cpu_float32(query):
-        return torch.ops.kiln.decode_attention.default(
-            query, key_cache, value_cache, slots, lengths, scale
-        )
-    return reference.decode_attention(query, key_cache, value_cache, slots, lengths, scale)
+panel_linear = _choose("panel_linear", _not_cpu_float32)
+panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
+decode_attention = _choose("decode_attention", _not_cpu_float32)
+decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
 
 
 # ------------------------------------------------------------------------------------------------

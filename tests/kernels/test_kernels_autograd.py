@@ -22,6 +22,11 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
     """(op name, sample arguments) for every op; float inputs that autograd covers need grad."""
     rot_cache = ref.rope_cache(16, 8)
     wq, scale = ref.quantize_int8(torch.randn(12, 16))
+
+    def attention_args() -> tuple:
+        kv = (_t(3, 2, 10, 8), _t(3, 2, 10, 8))
+        return (_t(2, 4, 8), *kv, torch.tensor([2, 0]), torch.tensor([10, 3]), 0.5)
+
     return [
         ("rms_norm", lambda: (_t(3, 16, grad=True), _t(16, grad=True), EPS)),
         ("rms_norm_out", lambda: (_t(3, 16), _t(16), EPS, _t(3, 16))),
@@ -57,29 +62,8 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         ("int8_linear_out", lambda: (_t(2, 16), wq, scale, None, _t(2, 12))),
         ("panel_linear", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70)),
         ("panel_linear_out", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70, _t(3, 70))),
-        (
-            "decode_attention_out",
-            lambda: (
-                _t(2, 4, 8),
-                _t(3, 2, 10, 8),
-                _t(3, 2, 10, 8),
-                torch.tensor([2, 0]),
-                torch.tensor([10, 3]),
-                0.5,
-                _t(2, 4, 8),
-            ),
-        ),
-        (
-            "decode_attention",
-            lambda: (
-                _t(2, 4, 8),
-                _t(3, 2, 10, 8),
-                _t(3, 2, 10, 8),
-                torch.tensor([2, 0]),
-                torch.tensor([10, 3]),
-                0.5,
-            ),
-        ),
+        ("decode_attention", attention_args),
+        ("decode_attention_out", lambda: (*attention_args(), _t(2, 4, 8))),
     ]
 
 

@@ -184,10 +184,11 @@ struct CpuBackend {
 // The decode ops (panel_linear, decode_attention): CPU and float32 only (what CPU serving runs),
 // so they are not among the shared Ops<Backend>. Each has a functional and an `out` form.
 
-// Runs fn(o) on out, or on a contiguous temporary copied back when out is not contiguous.
+// Runs fn(o) on out when the kernel can write it (`usable`), else on a contiguous temporary
+// that is copied into out afterwards.
 template <typename F>
-void into_contiguous(const at::Tensor& out, F&& fn) {
-  if (out.is_contiguous()) {
+void into_out(const at::Tensor& out, bool usable, F&& fn) {
+  if (usable) {
     fn(out);
     return;
   }
@@ -245,7 +246,7 @@ void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t ou
   // weight stays on this thread. Any split gives the same numbers (outputs are independent).
   const int64_t per_panel = std::max<int64_t>(1, M * K * cpu::kPanelWidth);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
-  into_contiguous(out, [&](const at::Tensor& o) {
+  into_out(out, out.is_contiguous(), [&](const at::Tensor& o) {
     const float* xp = xc.const_data_ptr<float>();
     const float* wp = pc.const_data_ptr<float>();
     float* op = o.mutable_data_ptr<float>();
@@ -326,20 +327,21 @@ void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t per_unit = std::max<int64_t>(1, 2 * longest * D * group);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_unit);
   const Kernels& kern = active();
-  const at::Tensor o = out.stride(2) == 1 ? out : at::empty(out.sizes(), out.options());
-  at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
-    // Scores, kept per thread across calls: no allocation once it has grown.
-    thread_local std::vector<float> scratch;
-    const size_t need = static_cast<size_t>((e - b) * group * longest);
-    if (scratch.size() < need) scratch.resize(need);
-    kern.decode_attention(b, e, Hkv, group, D, qc.const_data_ptr<float>(), qc.stride(0),
-                          qc.stride(1), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
-                          k.stride(0), k.stride(1), k.stride(2), sc.const_data_ptr<int64_t>(),
-                          lc.const_data_ptr<int64_t>(), static_cast<float>(scale),
-                          scratch.data(), longest, o.mutable_data_ptr<float>(), o.stride(0),
-                          o.stride(1));
+  // The kernel takes any token and head strides; head_dim must be contiguous.
+  into_out(out, out.stride(2) == 1, [&](const at::Tensor& o) {
+    at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
+      // Scores, kept per thread across calls: no allocation once it has grown.
+      thread_local std::vector<float> scratch;
+      const size_t need = static_cast<size_t>((e - b) * group * longest);
+      if (scratch.size() < need) scratch.resize(need);
+      kern.decode_attention(b, e, Hkv, group, D, qc.const_data_ptr<float>(), qc.stride(0),
+                            qc.stride(1), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                            k.stride(0), k.stride(1), k.stride(2), sc.const_data_ptr<int64_t>(),
+                            lc.const_data_ptr<int64_t>(), static_cast<float>(scale),
+                            scratch.data(), longest, o.mutable_data_ptr<float>(), o.stride(0),
+                            o.stride(1));
+    });
   });
-  if (!o.is_same(out)) out.copy_(o);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
