@@ -151,7 +151,7 @@ class HFBaseline:
         import torch
         from transformers import LlamaForCausalLM
 
-        from training.tokenizer import ByteTokenizer
+        from modeling.tokenizer import ByteTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch

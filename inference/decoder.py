@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.config import ModelConfig
-from training.model import LlamaModel, load_ops
+from modeling.config import ModelConfig
+from modeling.model import LlamaModel, load_ops
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from safetensors import safe_open
 
 from inference import sampling
 from inference.decoder import Decoder
-from training.artifact import WEIGHTS_FILE, load_model_dir, read_config
-from training.config import ModelConfig
-from training.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from modeling.artifact import WEIGHTS_FILE, load_model_dir, read_config
+from modeling.config import ModelConfig
+from modeling.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 log = logging.getLogger(__name__)
 

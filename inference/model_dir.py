@@ -7,7 +7,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from training.artifact import CONFIG_FILE, TARBALL
+from modeling.artifact import CONFIG_FILE, TARBALL
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from training.config import PRESETS
-from training.model import LlamaModel, lm_loss
+from modeling.config import PRESETS
+from modeling.model import LlamaModel, lm_loss
 
 CANDIDATES = {
     "reference, eager": ("reference", False),

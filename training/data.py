@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from modeling.tokenizer import ByteTokenizer
 from training.storage import is_s3, parse_s3, s3_client
-from training.tokenizer import ByteTokenizer
 
 DEFAULT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
 # The default corpus's own noise: installed packages are not the standard library.

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.artifact import (
+from modeling.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ArtifactError,
     read_config,
     save_model_dir,
 )
-from training.config import ModelConfig
-from training.model import LlamaModel
-from training.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from modeling.config import ModelConfig
+from modeling.model import LlamaModel
+from modeling.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 HF_TOKENIZER_FILE = "kiln_tokenizer.json"
 

@@ -30,9 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from modeling.artifact import TARBALL, ArtifactError, save_model_dir, write_tarball
+from modeling.config import PRESETS, ConfigError, ModelConfig
+from modeling.model import LlamaModel, lm_loss
+from modeling.tokenizer import ByteTokenizer
 from training import checkpoint, sagemaker
-from training.artifact import TARBALL, ArtifactError, save_model_dir, write_tarball
-from training.config import PRESETS, ConfigError, ModelConfig
 from training.data import (
     DEFAULT_SUFFIXES,
     BlockStream,
@@ -41,9 +43,7 @@ from training.data import (
     open_source,
     validation_blocks,
 )
-from training.model import LlamaModel, lm_loss
 from training.storage import StorageError, is_s3, open_store
-from training.tokenizer import ByteTokenizer
 
 log = logging.getLogger("training")
 

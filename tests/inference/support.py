@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from training.artifact import save_model_dir
-from training.config import PRESETS, ModelConfig
-from training.model import LlamaModel
-from training.tokenizer import ByteTokenizer
+from modeling.artifact import save_model_dir
+from modeling.config import PRESETS, ModelConfig
+from modeling.model import LlamaModel
+from modeling.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The engine in-process: the KV-cache decoder against training's model, invariance, sampling."""
+"""The engine in-process: the KV-cache decoder against the shared model, invariance, sampling."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from inference.engine import (
     running_engine,
 )
 from inference.sampling import greedy, sample
+from modeling.config import ModelConfig
+from modeling.model import LlamaModel
 from tests.inference.support import TINY, write_model
-from training.config import ModelConfig
-from training.model import LlamaModel
 
 
 def model(cfg: ModelConfig, seed: int = 0) -> LlamaModel:

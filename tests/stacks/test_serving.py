@@ -43,7 +43,7 @@ def test_without_a_model_only_the_image_and_name(synthesis: Synthesis, env: str)
     assert image["source"]["dockerFile"] == "inference/Dockerfile"
     assert image["source"]["platform"] == "linux/amd64"
     context = synthesis.outdir / f"assembly-{env}" / image["source"]["directory"]
-    assert sorted(p.name for p in context.iterdir()) == ["inference", "kernels", "kiln", "training"]
+    assert sorted(p.name for p in context.iterdir()) == ["inference", "kernels", "kiln", "modeling"]
 
 
 def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> None:

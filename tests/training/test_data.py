@@ -10,6 +10,7 @@ import pytest
 import torch
 from moto import mock_aws
 
+from modeling.tokenizer import ByteTokenizer
 from tests.training.support import write_corpus
 from training.data import (
     BlockStream,
@@ -21,7 +22,6 @@ from training.data import (
     stdlib_dir,
     validation_blocks,
 )
-from training.tokenizer import ByteTokenizer
 
 
 def _corpus(root: Path, **kw: object) -> Corpus:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling.artifact import load_model_dir, save_model_dir
+from modeling.config import PRESETS
+from modeling.model import LlamaModel
+from modeling.tokenizer import ByteTokenizer
 from training import export_hf
-from training.artifact import load_model_dir, save_model_dir
-from training.config import PRESETS
-from training.model import LlamaModel
-from training.tokenizer import ByteTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from modeling.artifact import MODEL_FILES, load_model_dir
 from tests.training.support import TINY, parse_events, write_corpus
 from training import sagemaker, train
-from training.artifact import MODEL_FILES, load_model_dir
 
 
 def _tree(root: Path, hyperparameters: dict[str, str]) -> Path:

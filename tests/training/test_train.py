@@ -17,9 +17,9 @@ import pytest
 import torch
 from moto import mock_aws
 
+from modeling.artifact import load_model_dir
 from tests.training.support import TINY, Run, parse_events, weights
 from training import train
-from training.artifact import load_model_dir
 
 
 def test_loss_falls_and_the_model_is_written(

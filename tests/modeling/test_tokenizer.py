@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tokenizer import ByteTokenizer
+from modeling.tokenizer import ByteTokenizer
 
 
 def test_round_trip_of_unicode_and_specials() -> None:

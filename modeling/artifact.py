@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.config import ModelConfig
-from training.model import LlamaModel, OpsName
-from training.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from modeling.config import ModelConfig
+from modeling.model import LlamaModel, OpsName
+from modeling.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from training.config import PRESETS, ConfigError, ModelConfig
-from training.model import LlamaModel, lm_loss
+from modeling.config import PRESETS, ConfigError, ModelConfig
+from modeling.model import LlamaModel, lm_loss
 
 TINY = PRESETS["tiny"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.config import ModelConfig
+from modeling.config import ModelConfig
 
 OpsName = Literal["kiln", "reference"]
 

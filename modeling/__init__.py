@@ -1,0 +1,1 @@
+"""The model both workloads run: its configuration, definition, tokenizer and directory format."""
