@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -24,6 +24,9 @@ from inference.engine import Engine, EngineSettings
 from inference.events import EventConfigError, EventPublisher, EventSettings
 from inference.model_dir import ModelDirError, prepare_model_dir
 from inference.schema import MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from inference.app import ServerState
 
 log = logging.getLogger("inference")
 
@@ -147,14 +150,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 class _Server(uvicorn.Server):
     """uvicorn's server, telling the app when a signal starts the drain (/ping turns 503)."""
 
-    def __init__(self, config: uvicorn.Config, state: dict[str, Any]) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self._kiln_state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self._kiln_state["draining"]:
+        if not self._kiln_state.draining:
             log.info("signal %s: draining in-flight requests, then exiting", sig)
-        self._kiln_state["draining"] = True
+        self._kiln_state.draining = True
         super().handle_exit(sig, frame)
 
 

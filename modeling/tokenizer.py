@@ -1,11 +1,16 @@
-"""A byte-level tokenizer: ids 0-255 are bytes, then special tokens; saved with the model."""
+"""Tokenizers: the interface the engine needs, kiln's byte-level tokenizer, incremental decoding.
+
+`Tokenizer` is what serving relies on (encode, decode, the special and end-of-sequence ids);
+`ByteTokenizer` implements it for the models kiln trains, and `IncrementalDecoder` turns a growing
+list of ids into text deltas through `decode` alone, so it works for any implementation.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,6 +20,40 @@ TOKENIZER_TYPE = "kiln-byte-level"
 BYTE_TOKENS = 256
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 DEFAULT_SPECIALS = (PAD, BOS, EOS)
+# What a byte-level decode shows for bytes that do not (yet) make a whole character.
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer(Protocol):
+    """What serving needs of a tokenizer; `ByteTokenizer` is one, a Hugging Face one is another.
+
+    Ids are opaque outside the tokenizer: nothing may assume that an id is a byte, or that a
+    prompt's length in tokens follows from its text without `encode`.
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None:
+        """Prepended by `encode(..., add_bos=True)`; None for a tokenizer without one."""
+        ...
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Every id that ends a sequence (Hugging Face models often have several)."""
+        ...
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that `decode(..., skip_special=True)` leaves out."""
+        ...
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        """The text of `ids`; bytes that do not end a character decode as U+FFFD."""
+        ...
 
 
 class ByteTokenizer:
@@ -35,6 +74,9 @@ class ByteTokenizer:
         self.pad_id = self.special_tokens[PAD]
         self.bos_id = self.special_tokens[BOS]
         self.eos_id = self.special_tokens[EOS]
+        self.eos_ids = frozenset({self.eos_id})
+        self.special_ids = frozenset(self.special_tokens.values())
+        self._names = {i: t for t, i in self.special_tokens.items()}
 
     @property
     def vocab_size(self) -> int:
@@ -65,16 +107,20 @@ class ByteTokenizer:
         return torch.cat(parts) if len(parts) > 1 else body
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
-        names = {i: t for t, i in self.special_tokens.items()}
-        out = bytearray()
-        for i in ids:
-            if 0 <= i < BYTE_TOKENS:
-                out.append(i)
-            elif i in names:
-                if not skip_special:
-                    out += names[i].encode()
-            elif not skip_special:
-                out += f"<|unused_{i}|>".encode()
+        ids = ids if isinstance(ids, list | tuple) else list(ids)
+        try:
+            # The common case, bytes only, in C: the incremental decoder calls this per token.
+            out = bytes(ids)
+        except ValueError:
+            out = bytearray()
+            for i in ids:
+                if 0 <= i < BYTE_TOKENS:
+                    out.append(i)
+                elif i in self._names:
+                    if not skip_special:
+                        out += self._names[i].encode()
+                elif not skip_special:
+                    out += f"<|unused_{i}|>".encode()
         # Byte-level output can end inside a multi-byte character: replace rather than fail.
         return out.decode("utf-8", errors="replace")
 
@@ -108,3 +154,118 @@ class ByteTokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> ByteTokenizer:
         return cls.from_dict(json.loads((Path(directory) / TOKENIZER_FILE).read_text()))
+
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (a model directory's `tokenizer.json`) behind the
+    `Tokenizer` interface, with the BOS and end-of-sequence tokens its model names."""
+
+    def __init__(
+        self, tokenizer: Any, *, bos_token: str | None = None, eos_tokens: Iterable[str] = ()
+    ) -> None:
+        self.tokenizer = tokenizer
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, token in added.items() if token.special)
+        self.bos_id = self._id(bos_token) if bos_token else None
+        self.eos_ids = frozenset(self._id(token) for token in eos_tokens)
+
+    def _id(self, token: str) -> int:
+        found = self.tokenizer.token_to_id(token)
+        if found is None:
+            raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary")
+        return int(found)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFTokenizer:
+        """From `tokenizer.json`, with BOS and EOS named by `tokenizer_config.json` and the EOS
+        ids of `generation_config.json` (Llama 3 ends a turn on several)."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        directory = Path(directory)
+        tokenizer = RustTokenizer.from_file(str(directory / TOKENIZER_FILE))
+        config = _read_json(directory / HF_TOKENIZER_CONFIG)
+        bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+        loaded = cls(tokenizer, bos_token=bos, eos_tokens=[eos] if eos else [])
+        eos_ids = _read_json(directory / HF_GENERATION_CONFIG).get("eos_token_id")
+        if eos_ids is not None:
+            more = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+            loaded.eos_ids = loaded.eos_ids | {int(i) for i in more}
+        return loaded
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def _token_name(value: Any) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken's dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved in a model directory (`tokenizer.json`), whatever its kind."""
+    data = json.loads((Path(directory) / TOKENIZER_FILE).read_text())
+    if isinstance(data, dict) and "model" in data and "type" not in data:
+        return HFTokenizer.load(directory)
+    return ByteTokenizer.from_dict(data)
+
+
+# Prompt tokens decoded before the first generated one: enough for a tokenizer whose pieces
+# read differently at the start of a text (SentencePiece drops a leading space) to get it right.
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDecoder:
+    """The text of a growing list of ids, as deltas that add up to the decoded whole.
+
+    It decodes a short window through `decode` alone (the prefix/read-offset method of Hugging
+    Face's and vLLM's streamers), so it serves byte-level and merge-based tokenizers alike: the
+    window holds the ids whose text was already given out (`ids[:read]`, context for the next
+    ones) and the new ones; a delta is what decoding the window adds to the text of `ids[:read]`.
+    While the window's text ends in U+FFFD (a character still incomplete) it waits for more.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(context[-CONTEXT_TOKENS:])
+        self.read = len(self.ids)
+        self._read_text = tokenizer.decode(self.ids)
+
+    def push(self, token: int) -> str:
+        """Adds one id; returns the text it completed ("" while it waits for more)."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def append(self, token: int) -> None:
+        """Adds one id without decoding yet (when only the end's text is wanted)."""
+        self.ids.append(token)
+
+    def flush(self) -> str:
+        """What is left at the end, incomplete characters included (as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids)
+        done = len(self._read_text)
+        if len(text) <= done or (text.endswith(REPLACEMENT) and not final):
+            return ""
+        # The next window starts where this delta ended: earlier ids are no longer needed.
+        del self.ids[: self.read]
+        self.read = len(self.ids)
+        self._read_text = self.tokenizer.decode(self.ids)
+        return text[done:]

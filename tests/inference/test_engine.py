@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.app import StreamText
 from inference.decoder import Decoder, PanelLinear, RowLinear, row_buckets
-from inference.engine import (
-    EngineSettings,
-    FinishReason,
-    QueueFullError,
-    SamplingParams,
-    Sequence,
-    running_engine,
-)
+from inference.engine import EngineSettings, running_engine
 from inference.sampling import greedy, sample
+from inference.scheduler import QueueFullError
+from inference.sequence import FinishReason, SamplingParams, Sequence
 from modeling.config import ModelConfig
 from modeling.model import LlamaModel
 from tests.inference.support import TINY, write_model
@@ -193,22 +187,6 @@ def test_sampling_follows_the_distribution() -> None:
     assert kept == {0, 1}
 
 
-def test_stream_text_holds_back_stop_prefixes_and_split_characters() -> None:
-    stream = StreamText((b"END",))
-    pieces = [stream.push(t) for t in b"abEN"]
-    assert "".join(pieces) == "ab"  # "EN" may begin "END"
-    pieces += [stream.push(t) for t in b"Dx"]
-    assert stream.push(300) == ""  # a special token adds no text
-    assert "".join(pieces) + stream.finish(FinishReason.LENGTH) == "abENDx"
-    stop = StreamText((b"END", b"\n"))
-    out = "".join(stop.push(t) for t in "é-EN".encode())  # é is two bytes
-    out += "".join(stop.push(t) for t in b"D")
-    assert out + stop.finish(FinishReason.STOP) == "é-"
-    half = StreamText(())
-    assert half.push("é".encode()[0]) == ""  # half a character waits for the rest
-    assert half.push("é".encode()[1]) == "é"
-
-
 @pytest.fixture(scope="module")
 def engine_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(tmp_path_factory.mktemp("engine") / "tiny")
@@ -232,7 +210,7 @@ def test_engine_queue_bound_and_cancel(engine_model: Path) -> None:
             time.sleep(0.001)
         with pytest.raises(QueueFullError):
             engine.submit(Sequence(prompt=[257, 1], params=long, deadline=1e18))
-        for seq in list(engine._running) + list(engine._waiting):
+        for seq in engine.scheduler.sequences():
             engine.cancel(seq)
         for t in threads:
             t.join(30)

@@ -1,0 +1,226 @@
+"""The model runner: loads a model directory into the KV-cache decoder, runs a step's forward
+passes (prefills, then one decode over the running sequences) and samples their tokens."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from inference import sampling
+from inference.decoder import Decoder
+from inference.scheduler import ScheduledStep
+from inference.sequence import Sequence
+from modeling.artifact import WEIGHTS_FILE, load_model_dir, read_config
+from modeling.config import ModelConfig
+from modeling.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be served; the message names the file at fault."""
+
+
+def read_model_files(model_dir: Path) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
+    """The config and tokenizer, after checking that the weights open, naming the bad file.
+
+    `load_model_dir` raises the safetensors or torch error alone, which says what is wrong but
+    not in which file.
+    """
+    cfg, raw = read_config(model_dir)  # ArtifactError names config.json
+    tokenizer_file = model_dir / TOKENIZER_FILE
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{tokenizer_file}: {type(err).__name__}: {err}") from err
+    weights = model_dir / raw.get("weights", WEIGHTS_FILE)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+    except Exception as err:
+        raise ModelLoadError(f"{weights}: {type(err).__name__}: {err}") from err
+    if not names:
+        raise ModelLoadError(f"{weights} holds no tensors")
+    return cfg, raw, tokenizer
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """The tokens a step sampled, in order (a prefilled sequence's first token before the decode
+    step's), and the sequences whose forward failed."""
+
+    sampled: list[tuple[Sequence, int]] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)
+
+
+class ModelRunner:
+    """The forward passes through the `Decoder` and the choice of each next token."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        slots: int,
+        device: str = "auto",
+        prefill_chunk: int = 512,
+        threads: int | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.slots = slots
+        self.device_name = device
+        # Prompts are prefilled in chunks of this many tokens: bounds the attention scratch memory.
+        self.prefill_chunk = prefill_chunk
+        self.threads = threads
+        self.decoder: Decoder | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.max_seq_len = 0
+        self.vocab_size = 0
+        self.model_info: dict[str, Any] = {}
+        self.batch_invariant: bool | None = None
+        self.steps = 0  # decode steps run
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        name = self.device_name
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(name)
+
+    def load(self, warmup: bool = True) -> None:
+        started = time.monotonic()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        device = self._device()
+        cfg, raw, tokenizer = read_model_files(self.model_dir)
+        model, _ = load_model_dir(self.model_dir)
+        # float32 on CPU (bit-exact batching, and fp32 GEMMs are the fast path there); the
+        # saved dtype on GPUs, where bf16/fp16 halve the memory traffic of decode.
+        saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw.get("dtype", ""))
+        dtype = saved if device.type == "cuda" and saved is not None else torch.float32
+        with torch.inference_mode():
+            self.decoder = Decoder(model, slots=self.slots, device=device, dtype=dtype)
+        del model
+        self.tokenizer = tokenizer
+        self.max_seq_len = cfg.max_seq_len
+        self.vocab_size = cfg.vocab_size
+        self.model_info = {
+            "config": cfg.to_dict(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "training": raw.get("training", {}),
+        }
+        with torch.inference_mode():
+            self.batch_invariant = self.decoder.check_invariance()
+        if not self.batch_invariant:
+            log.warning(
+                "decode projections are not batch-invariant on this device: greedy output may "
+                "differ in the last bits between a request alone and in a batch"
+            )
+        if warmup:
+            self._warm_up()
+        log.info(
+            "model loaded from %s in %.2f s: %d layers, hidden %d, %s on %s, %d slots, "
+            "KV cache %.1f MiB",
+            self.model_dir,
+            time.monotonic() - started,
+            cfg.num_layers,
+            cfg.hidden_size,
+            self.model_info["dtype"],
+            device,
+            self.slots,
+            self.decoder.cache_bytes() / 2**20,
+        )
+
+    def _warm_up(self) -> None:
+        """Runs every code path once: prefill, decode at each padded row count, sampling."""
+        assert self.decoder is not None
+        with torch.inference_mode():
+            prompt = torch.zeros(min(16, self.max_seq_len - 2), dtype=torch.long)
+            logits = self.decoder.prefill(0, prompt)
+            slots = self.slots
+            for rows in sorted({1, slots, *(r for r in self.decoder.buckets if r <= slots)}):
+                logits = self.decoder.decode(list(range(rows)), [len(prompt)] * rows, [0] * rows)
+            sampling.greedy(logits)
+            gens = [torch.Generator().manual_seed(0) for _ in range(rows)]
+            sampling.sample(
+                logits,
+                temperatures=[1.0] * rows,
+                top_ks=[5] * rows,
+                top_ps=[0.9] * rows,
+                generators=gens,
+            )
+
+    # -- a step ----------------------------------------------------------------------------------
+
+    def run(self, step: ScheduledStep) -> RunnerOutput:
+        """Prefills the admitted sequences (a failure fails that one), then one decode step for
+        the running ones (a failure, a bug or memory, fails them all, not the server)."""
+        assert self.decoder is not None
+        out = RunnerOutput()
+        for seq in step.prefill:
+            try:
+                token = self._prefill(seq)
+            except Exception:
+                log.exception("prefill failed for request %d", seq.id)
+                out.failed.append(seq)
+                continue
+            out.sampled.append((seq, token))
+        if step.decode:
+            running = step.decode
+            try:
+                logits = self.decoder.decode(
+                    [s.slot for s in running],
+                    [s.position for s in running],
+                    [s.tokens[-1] for s in running],
+                )
+                tokens = self._choose(running, logits)
+            except Exception:
+                log.exception("decode step failed; failing %d requests", len(running))
+                out.failed.extend(running)
+            else:
+                self.steps += 1
+                out.sampled.extend(zip(running, tokens, strict=True))
+        return out
+
+    def _prefill(self, seq: Sequence) -> int:
+        assert self.decoder is not None
+        chunk = self.prefill_chunk
+        ids = torch.tensor(seq.prompt, dtype=torch.long)
+        for start in range(0, len(seq.prompt), chunk):
+            logits = self.decoder.prefill(seq.slot, ids[start : start + chunk], start)
+        if seq.params.temperature > 0:
+            seed = seq.params.seed
+            if seed is None:
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            seq.generator = torch.Generator().manual_seed(seed)
+        token = self._choose([seq], logits.unsqueeze(0))[0]
+        seq.first_token_at = time.monotonic()
+        return token
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        greedy_rows = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+        if len(greedy_rows) == len(seqs):
+            return sampling.greedy(logits)
+        tokens = [0] * len(seqs)
+        if greedy_rows:
+            for i, t in zip(greedy_rows, sampling.greedy(logits[greedy_rows]), strict=True):
+                tokens[i] = t
+        sampled_rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        picked = sampling.sample(
+            logits[sampled_rows],
+            temperatures=[seqs[i].params.temperature for i in sampled_rows],
+            top_ks=[seqs[i].params.top_k for i in sampled_rows],
+            top_ps=[seqs[i].params.top_p for i in sampled_rows],
+            generators=[seqs[i].generator for i in sampled_rows],  # type: ignore[misc]
+        )
+        for i, t in zip(sampled_rows, picked, strict=True):
+            tokens[i] = t
+        return tokens
