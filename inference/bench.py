@@ -179,7 +179,7 @@ class HFBaseline:
             new = self.generate(prompt, max_new_tokens)
             latencies.append(time.perf_counter() - t0)
             tokens += len(new)
-            texts.append(bytes(t for t in new if t < 256).decode("utf-8", errors="replace"))
+            texts.append(self.tok.decode(new))
         wall = time.perf_counter() - t_all
         name = "transformers generate(), batch 1"
         return Level(name, 1, len(prompts), tokens, wall, latencies), texts
