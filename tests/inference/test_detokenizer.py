@@ -206,3 +206,44 @@ def test_bpe_stop_strings_and_end_of_sequence_ids(bpe: HFTokenizer) -> None:
         updates, seq = generate([*ids[:5], eos, *ids[5:]], tokenizer=bpe)
         assert seq.finish is FinishReason.EOS and seq.text == bpe.decode(ids[:5])
         assert shown(updates) == seq.text
+
+
+def sentencepiece_like() -> HFTokenizer:
+    """A BPE over "▁"-marked words with byte fallback, decoded as Llama 2's tokenizer.json does
+    (the leading space of a text's first piece is stripped)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(CORPUS, trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    data["model"]["byte_fallback"] = True
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    return HFTokenizer(RustTokenizer.from_str(json.dumps(data)), bos_token="<s>")
+
+
+def test_sentencepiece_deltas_keep_their_spaces() -> None:
+    sp = sentencepiece_like()
+    prompt = sp.encode("The quick", add_bos=True)
+    text = " brown fox café 日本 😀 jumps"
+    ids = sp.encode("The quick" + text, add_bos=True)
+    assert ids[: len(prompt)] == prompt
+    generated = ids[len(prompt) :]
+    assert sp.decode(generated) == text.lstrip()  # alone, the first piece loses its space
+    decoder = IncrementalDecoder(sp, prompt)
+    deltas = [decoder.push(i) for i in generated] + [decoder.flush()]
+    assert "".join(deltas) == text  # with the prompt as context it keeps it
+    assert not any("\ufffd" in d for d in deltas)  # byte pieces wait for whole characters
