@@ -155,7 +155,7 @@ class Trainer:
                     self.metrics.train(
                         state,
                         loss=loss_sum / self.dist.world,
-                        lr=self.scheduler.get_last_lr()[0],
+                        lr=float(self.scheduler.get_last_lr()[0]),
                         grad_norm=grad_norm,
                     )
                 if stop:
