@@ -11,39 +11,28 @@ Exit codes: 0 done, 2 bad arguments or data, 143 stopped by SIGTERM after writin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import logging
-import math
 import os
 import signal
 import sys
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from types import FrameType
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from modeling.artifact import TARBALL, ArtifactError, save_model_dir, write_tarball
+from modeling.artifact import ArtifactError
 from modeling.config import PRESETS, ConfigError, ModelConfig
-from modeling.model import LlamaModel, lm_loss
 from modeling.tokenizer import ByteTokenizer
-from training import checkpoint, sagemaker
-from training.data import (
-    DEFAULT_SUFFIXES,
-    BlockStream,
-    Corpus,
-    DataError,
-    open_source,
-    validation_blocks,
-)
-from training.storage import StorageError, is_s3, open_store
+from training import sagemaker
+from training.data import DEFAULT_SUFFIXES, DataError
+from training.loop import SIGTERM, Trainer
+from training.optim import lr_lambda
+from training.parallel import Distributed
+from training.state import TrainError
+from training.storage import StorageError
+
+__all__ = ["TrainError", "build_parser", "lr_lambda", "main", "parse_args", "run"]
 
 log = logging.getLogger("training")
 
@@ -64,10 +53,6 @@ SHAPE_FLAGS = {
     "max_seq_len": int,
     "rope_theta": float,
 }
-
-
-class TrainError(ValueError):
-    """A run that cannot proceed as asked; the message says what to change."""
 
 
 def _bool(text: str) -> bool:
@@ -301,338 +286,17 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return dataclasses.replace(PRESETS[args.model], **overrides)
 
 
-def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class _Schedule:
-    """A picklable LR lambda (LambdaLR saves callable objects' state; it cannot save closures)."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_lambda(step, warmup=self.warmup, total=self.total, min_ratio=self.min_ratio)
-
-
-class Metrics:
-    """JSON lines on stdout from rank 0; SageMaker metric definitions match `"name": value`."""
-
-    def __init__(self, enabled: bool, job: str) -> None:
-        self.enabled, self.job = enabled, job
-
-    def emit(self, event: str, **fields: Any) -> None:
-        if self.enabled:
-            record = {"event": event, "job": self.job, **fields}
-            print(json.dumps(record), flush=True)
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    flag = {"stop": False}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        # Only a flag here: the step in flight finishes, then every rank checkpoints together.
-        flag["stop"] = True
-
-    previous = signal.signal(signal.SIGTERM, handler)
+def run(args: argparse.Namespace, sm: sagemaker.SageMakerEnv | None = None) -> int:
+    """Trains as the flags say, in this process (one rank of a torchrun job, or alone)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = Distributed.from_env(args.device)
+    dist.init()
     try:
-        yield flag
+        stopped_by = Trainer(args, dist, sm).fit()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class Trainer:
-    def __init__(self, args: argparse.Namespace, sm: sagemaker.SageMakerEnv | None = None) -> None:
-        self.args, self.sm = args, sm
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.metrics = Metrics(self.rank == 0, args.job_name)
-
-    # -- setup --------------------------------------------------------------------------------
-
-    def _device(self) -> torch.device:
-        want = self.args.device
-        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-            if not torch.cuda.is_available():
-                raise TrainError("--device cuda, but no CUDA device is available")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def _init_distributed(self) -> None:
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(
-                backend=backend, device_id=self.device if backend == "nccl" else None
-            )
-
-    def _bf16(self) -> bool:
-        if self.args.precision == "bf16":
-            return True
-        if self.args.precision == "fp32":
-            return False
-        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    # -- the run ------------------------------------------------------------------------------
-
-    def run(self) -> int:
-        args = self.args
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.device = self._device()
-        self._init_distributed()
-        try:
-            return self._run()
-        finally:
-            if self.world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
-
-    def _run(self) -> int:
-        args, cfg = self.args, self.args.model_config
-        tok = ByteTokenizer()
-        source = open_source(args.data, args.suffixes)
-        val_source = open_source(args.val_data, args.suffixes) if args.val_data else None
-        corpus = Corpus.build(
-            source,
-            segment_bytes=args.segment_bytes,
-            val_fraction=args.val_fraction,
-            val_source=val_source,
-        )
-        stream = BlockStream(
-            corpus, seq_len=args.seq_len, seed=args.seed, window_bytes=args.window_bytes
-        )
-        val = validation_blocks(corpus, seq_len=args.seq_len, max_blocks=args.val_blocks)
-
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        base = LlamaModel(cfg, ops=args.ops).to(self.device)
-        model = cast(nn.Module, torch.compile(base)) if args.compile else base
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # No buffer changes during training (the RoPE table is a constant): skip the
-            # per-step broadcast of buffers.
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, broadcast_buffers=False
-            )
-        decay = [p for p in base.parameters() if p.dim() >= 2]
-        no_decay = [p for p in base.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": args.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=args.lr,
-            betas=(args.beta1, args.beta2),
-            fused=self.device.type == "cuda",
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _Schedule(args.warmup_steps, args.max_steps, args.min_lr_ratio)
-        )
-
-        store = open_store(args.checkpoint_dir) if args.checkpoint_dir else None
-        step, tokens_seen = 0, 0
-        if store is not None and args.resume and (found := checkpoint.latest(store)):
-            state = checkpoint.load(store, found[1])
-            if state["model_config"] != cfg.to_dict():
-                raise TrainError(
-                    f"the checkpoint in {store.describe(found[1])} is of another model "
-                    f"({state['model_config']}); pass --resume false or another --checkpoint-dir"
-                )
-            base.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            stream.load_state_dict(state["data"])
-            step, tokens_seen = int(state["step"]), int(state["tokens"])
-            rngs = state["rng"]
-            if len(rngs) == self.world:
-                checkpoint.set_rng_state(rngs[self.rank])
-            self.metrics.emit("resume", step=step, checkpoint=store.describe(found[1]))
-
-        bf16 = self._bf16()
-        global_batch = args.micro_batch_size * args.grad_accum * self.world
-        self.metrics.emit(
-            "start",
-            step=step,
-            world_size=self.world,
-            device=str(self.device),
-            precision="bf16" if bf16 else "fp32",
-            ops=args.ops,
-            kernels_compiled=_kernels_compiled(args.ops),
-            parameters=sum(p.numel() for p in base.parameters()),
-            model=cfg.to_dict(),
-            data=source.describe(),
-            train_segments=len(corpus.train),
-            val_segments=len(corpus.val),
-            train_tokens=corpus.train_tokens,
-            global_batch_sequences=global_batch,
-            tokens_per_step=global_batch * args.seq_len,
-        )
-
-        def autocast() -> contextlib.AbstractContextManager[Any]:
-            if not bf16:
-                return contextlib.nullcontext()
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-        def evaluate() -> None:
-            if val.shape[0] == 0:
-                return
-            model.eval()
-            mine = val[self.rank :: self.world]
-            total = 0.0
-            with torch.no_grad(), autocast():
-                for i in range(0, mine.shape[0], args.micro_batch_size):
-                    b = mine[i : i + args.micro_batch_size].to(self.device)
-                    total += lm_loss(model(b[:, :-1]), b[:, 1:]).item() * b.shape[0]
-            model.train()
-            loss_sum, count = self._all_reduce([total, float(mine.shape[0])])
-            loss = loss_sum / count
-            self.metrics.emit("val", step=step, val_loss=loss, val_perplexity=math.exp(loss))
-
-        def save_checkpoint() -> None:
-            if store is None:
-                return
-            rng = checkpoint.rng_state()
-            rngs: list[Any] = [None] * self.world
-            if self.world > 1:
-                dist.all_gather_object(rngs, rng)
-            else:
-                rngs = [rng]
-            if self.rank == 0:
-                where = checkpoint.save(
-                    store,
-                    step,
-                    {
-                        "model": base.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "data": stream.state_dict(),
-                        "step": step,
-                        "tokens": tokens_seen,
-                        "rng": rngs,
-                        "model_config": cfg.to_dict(),
-                        "world_size": self.world,
-                    },
-                    keep=args.keep_checkpoints,
-                )
-                self.metrics.emit("checkpoint", step=step, path=where)
-            if self.world > 1:
-                dist.barrier()  # nobody exits (or is killed) before the checkpoint is whole
-
-        started = time.monotonic()
-        last_time, last_tokens = started, tokens_seen
-        micro, accum = args.micro_batch_size, args.grad_accum
-        stopped_by: str | None = None
-        model.train()
-        with _sigterm_flag() as flag:
-            while step < args.max_steps:
-                blocks = stream.next_blocks(global_batch)
-                loss_total = 0.0
-                for a in range(accum):
-                    start = (a * self.world + self.rank) * micro
-                    b = blocks[start : start + micro].to(self.device, non_blocking=True)
-                    sync = a == accum - 1 or self.world == 1
-                    ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-                    with ctx, autocast():
-                        loss = lm_loss(model(b[:, :-1]), b[:, 1:]) / accum
-                    with ctx:
-                        loss.backward()
-                    loss_total += loss.item()
-                if args.grad_clip > 0:
-                    grad_norm = float(nn.utils.clip_grad_norm_(base.parameters(), args.grad_clip))
-                else:
-                    grad_norm = float("nan")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += global_batch * args.seq_len
-                out_of_time = args.max_minutes > 0 and (
-                    time.monotonic() - started > args.max_minutes * 60
-                )
-                loss_sum, stop, timeout = self._all_reduce(
-                    [loss_total, float(flag["stop"]), float(out_of_time)]
-                )
-                if step % args.log_every == 0 or step == args.max_steps or stop or timeout:
-                    now = time.monotonic()
-                    self.metrics.emit(
-                        "train",
-                        step=step,
-                        train_loss=loss_sum / self.world,
-                        lr=scheduler.get_last_lr()[0],
-                        grad_norm=grad_norm,
-                        tokens=tokens_seen,
-                        tokens_per_s=(tokens_seen - last_tokens) / max(now - last_time, 1e-9),
-                        elapsed_s=round(now - started, 3),
-                    )
-                    last_time, last_tokens = now, tokens_seen
-                if stop:
-                    stopped_by = "SIGTERM"
-                    break
-                if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-                    evaluate()
-                if args.checkpoint_every and step % args.checkpoint_every == 0:
-                    save_checkpoint()
-                if timeout:
-                    stopped_by = "max-minutes"
-                    break
-        stream.close()
-
-        if stopped_by == "SIGTERM":
-            save_checkpoint()
-            self.metrics.emit("stopped", step=step, reason="SIGTERM")
-            return EXIT_SIGTERM
-        evaluate()
-        if not (args.checkpoint_every and step % args.checkpoint_every == 0):
-            save_checkpoint()  # a restarted finished job goes straight to the export
-        if self.rank == 0:
-            self._export(base, tok, step, tokens_seen)
-        if self.world > 1:
-            dist.barrier()
-        return 0
-
-    def _export(self, model: LlamaModel, tok: ByteTokenizer, step: int, tokens: int) -> None:
-        args = self.args
-        info = {"job_name": args.job_name, "step": step, "tokens": tokens, "seed": args.seed}
-        if self.sm is not None:
-            # SageMaker packs /opt/ml/model into model.tar.gz itself.
-            out = save_model_dir(
-                model, tok, self.sm.model_dir, dtype=args.save_dtype, training=info
-            )
-            self.metrics.emit("model", step=step, path=str(out))
-            return
-        if is_s3(args.output_dir):
-            with tempfile.TemporaryDirectory() as tmp:
-                save_model_dir(
-                    model, tok, Path(tmp) / "model", dtype=args.save_dtype, training=info
-                )
-                tarball = write_tarball(Path(tmp) / "model", Path(tmp) / TARBALL)
-                store = open_store(args.output_dir)
-                store.put_file(tarball, TARBALL)
-                self.metrics.emit("model", step=step, path=store.describe(TARBALL))
-            return
-        out = Path(args.output_dir)
-        save_model_dir(model, tok, out / "model", dtype=args.save_dtype, training=info)
-        tarball = write_tarball(out / "model", out / TARBALL)
-        self.metrics.emit("model", step=step, path=str(tarball), model_dir=str(out / "model"))
-
-
-def _kernels_compiled(ops: str) -> bool:
-    if ops != "kiln":
-        return False
-    from kernels import ops as kernel_ops
-
-    return bool(kernel_ops.HAVE_EXTENSION)
+        dist.close()
+    return EXIT_SIGTERM if stopped_by == SIGTERM else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -665,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             os.execv(command[0], command)
     try:
-        return Trainer(args, sm).run()
+        return run(args, sm)
     except (DataError, StorageError, ConfigError, ArtifactError, TrainError) as err:
         log.error("%s", err)
         print(f"training: error: {err}", file=sys.stderr)

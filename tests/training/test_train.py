@@ -48,14 +48,18 @@ def test_loss_falls_and_the_model_is_written(
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(
     corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
 ) -> None:
+    # Both accumulate gradients, so the two processes also skip DDP's all-reduce (no_sync) on
+    # all but the last micro-batch of a step.
     common = [*TINY, "--data", str(corpus), "--max-steps", "6", "--micro-batch-size", "2"]
-    one = run_trainer([*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
+    one = run_trainer([*common, "--grad-accum", "4", "--output-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "training.train",
     ]  # fmt: skip
-    two = run_trainer([*common, "--output-dir", str(tmp_path / "two")], launcher=torchrun)
+    two = run_trainer(
+        [*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "two")], launcher=torchrun
+    )
     assert two.returncode == 0, two.stderr
     assert two.of("start")[0]["world_size"] == 2
     assert len(two.of("model")) == 1  # rank 0 alone reports and writes

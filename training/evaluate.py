@@ -1,0 +1,49 @@
+"""Validation: the model's mean loss on the held-out blocks, shared out over the ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from modeling.model import lm_loss
+from training.parallel import Distributed, Precision
+
+
+class Evaluator:
+    """Mean next-token loss over fixed validation blocks ([n, seq_len + 1]); rank r takes every
+    world-th block from r, in micro-batches, and one all-reduce sums the ranks' parts."""
+
+    def __init__(
+        self,
+        blocks: Tensor,
+        *,
+        batch_size: int,
+        every: int,
+        dist: Distributed,
+        precision: Precision,
+    ) -> None:
+        self.blocks, self.batch_size, self.every = blocks, batch_size, every
+        self.dist, self.precision = dist, precision
+
+    @property
+    def enabled(self) -> bool:
+        return self.blocks.shape[0] > 0
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is one of the periodic validations (`--eval-every`; 0: none)."""
+        return bool(self.every) and step % self.every == 0
+
+    def evaluate(self, model: nn.Module) -> float | None:
+        """The validation loss (a collective: every rank calls it), or None with no validation."""
+        if not self.enabled:
+            return None
+        model.eval()
+        mine = self.blocks[self.dist.rank :: self.dist.world]
+        total = 0.0
+        with torch.no_grad(), self.precision.autocast():
+            for i in range(0, mine.shape[0], self.batch_size):
+                b = mine[i : i + self.batch_size].to(self.dist.device)
+                total += lm_loss(model(b[:, :-1]), b[:, 1:]).item() * b.shape[0]
+        model.train()
+        loss_sum, count = self.dist.all_reduce([total, float(mine.shape[0])])
+        return loss_sum / count

@@ -1,0 +1,269 @@
+"""The training loop, in layers: `fit` → `train` → `train_step` → `forward_backward`.
+
+`Trainer` builds the run's parts from the parsed flags (data stream, model, parallelism,
+optimizer, evaluator, checkpointer, metrics) and drives them. The loop's progress lives in a
+`TrainState` that is passed down the layers; nothing reads it through a closure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from modeling.artifact import TARBALL, save_model_dir, write_tarball
+from modeling.model import LlamaModel, lm_loss
+from modeling.tokenizer import ByteTokenizer
+from training import sagemaker
+from training.checkpointer import Checkpointer
+from training.data import BlockStream, Corpus, open_source, validation_blocks
+from training.evaluate import Evaluator
+from training.metrics import Metrics
+from training.optim import build_optimizer
+from training.parallel import DataParallel, Distributed, Precision, Strategy
+from training.state import TrainState
+from training.storage import is_s3, open_store
+
+SIGTERM = "SIGTERM"
+MAX_MINUTES = "max-minutes"
+
+
+class StopSignal:
+    """Notes a SIGTERM instead of dying of it: the step in flight finishes, then every rank
+    checkpoints together."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def __enter__(self) -> StopSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """One run: its parts, built from the flags, and the loop that drives them."""
+
+    def __init__(
+        self, args: argparse.Namespace, dist: Distributed, sm: sagemaker.SageMakerEnv | None = None
+    ) -> None:
+        self.args, self.dist, self.sm = args, dist, sm
+        cfg = args.model_config
+        self.metrics = Metrics(dist.is_main, args.job_name)
+        self.tokenizer = ByteTokenizer()
+
+        self.source = open_source(args.data, args.suffixes)
+        val_source = open_source(args.val_data, args.suffixes) if args.val_data else None
+        self.corpus = Corpus.build(
+            self.source,
+            segment_bytes=args.segment_bytes,
+            val_fraction=args.val_fraction,
+            val_source=val_source,
+        )
+        self.stream = BlockStream(
+            self.corpus, seq_len=args.seq_len, seed=args.seed, window_bytes=args.window_bytes
+        )
+        val = validation_blocks(self.corpus, seq_len=args.seq_len, max_blocks=args.val_blocks)
+
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        # `model` holds the weights (what the optimizer, checkpoints and export see); `wrapped`
+        # is what runs: compiled and/or spread over the ranks by the parallelism.
+        self.model = LlamaModel(cfg, ops=args.ops).to(dist.device)
+        self.parallel: Strategy = DataParallel(dist)
+        runnable = cast(nn.Module, torch.compile(self.model)) if args.compile else self.model
+        self.wrapped = self.parallel.wrap(runnable)
+        self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
+        self.precision = Precision.choose(args.precision, dist.device)
+
+        self.evaluator = Evaluator(
+            val,
+            batch_size=args.micro_batch_size,
+            every=args.eval_every,
+            dist=dist,
+            precision=self.precision,
+        )
+        self.checkpointer = Checkpointer.at(
+            args.checkpoint_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            model_config=cfg.to_dict(),
+            dist=dist,
+            interval=args.checkpoint_every,
+            keep=args.keep_checkpoints,
+        )
+        self.global_batch = args.micro_batch_size * args.grad_accum * dist.world
+        self.tokens_per_step = self.global_batch * args.seq_len
+
+    # -- the layers ---------------------------------------------------------------------------
+
+    def fit(self) -> str | None:
+        """Resumes when a checkpoint exists, trains, validates, checkpoints and exports the model.
+        Returns what stopped training early ("SIGTERM": checkpointed, not exported), or None."""
+        state = TrainState(data=self.stream)
+        if self.args.resume and (where := self.checkpointer.load(state)):
+            self.metrics.resume(state, where)
+        self.metrics.emit("start", **self.describe(state))
+        try:
+            stopped_by = self.train(state)
+        finally:
+            self.stream.close()
+        if stopped_by == SIGTERM:
+            self.save_checkpoint(state)
+            self.metrics.stopped(state, SIGTERM)
+            return stopped_by
+        self.validate(state)
+        if not self.checkpointer.due(state.step):
+            self.save_checkpoint(state)  # a restarted finished job goes straight to the export
+        if self.dist.is_main:
+            self.export(state)
+        self.dist.barrier()
+        return stopped_by
+
+    def train(self, state: TrainState) -> str | None:
+        """Steps until --max-steps, logging, validating and checkpointing on their intervals.
+        Returns SIGTERM or MAX_MINUTES when one of those ended it first, else None."""
+        args = self.args
+        self.metrics.start_clock(state)
+        deadline = self.metrics.started + args.max_minutes * 60 if args.max_minutes > 0 else None
+        self.wrapped.train()
+        with StopSignal() as sigterm:
+            while state.step < args.max_steps:
+                loss, grad_norm = self.train_step(state)
+                out_of_time = deadline is not None and time.monotonic() > deadline
+                # One collective per step: the loss summed over ranks, and whether any rank was
+                # signalled or ran out of time (so that all of them stop at the same step).
+                loss_sum, stop, timeout = self.dist.all_reduce(
+                    [loss, float(sigterm.received), float(out_of_time)]
+                )
+                last = state.step == args.max_steps
+                if state.step % args.log_every == 0 or last or stop or timeout:
+                    self.metrics.train(
+                        state,
+                        loss=loss_sum / self.dist.world,
+                        lr=float(self.scheduler.get_last_lr()[0]),
+                        grad_norm=grad_norm,
+                    )
+                if stop:
+                    return SIGTERM
+                if self.evaluator.due(state.step) and not last:
+                    self.validate(state)  # the last step's validation comes after the loop
+                if self.checkpointer.due(state.step):
+                    self.save_checkpoint(state)
+                if timeout:
+                    return MAX_MINUTES
+        return None
+
+    def train_step(self, state: TrainState) -> tuple[float, float]:
+        """One optimizer step on the next global batch; returns this rank's loss and the
+        gradient norm before clipping (NaN when clipping is off)."""
+        blocks = state.data.next_blocks(self.global_batch)
+        loss = self.forward_backward(blocks)
+        if self.args.grad_clip > 0:
+            grad_norm = self.parallel.clip_grad_norm(self.model.parameters(), self.args.grad_clip)
+        else:
+            grad_norm = float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += self.tokens_per_step
+        return loss, grad_norm
+
+    def forward_backward(self, blocks: Tensor) -> float:
+        """Forward and backward over this rank's micro-batches of the global batch `blocks`,
+        gradients accumulated (and synchronised across ranks on the last); returns the loss."""
+        micro, accum = self.args.micro_batch_size, self.args.grad_accum
+        total = 0.0
+        for a in range(accum):
+            # Micro-batch a of rank r is the global batch's slice a * world + r: the same
+            # sequences meet in each optimizer step whatever the split between accumulation
+            # and ranks.
+            start = (a * self.dist.world + self.dist.rank) * micro
+            b = blocks[start : start + micro].to(self.dist.device, non_blocking=True)
+            with self.parallel.accumulating(self.wrapped, last=a == accum - 1):
+                with self.precision.autocast():
+                    loss = lm_loss(self.wrapped(b[:, :-1]), b[:, 1:]) / accum
+                loss.backward()
+            total += loss.item()
+        return total
+
+    # -- what the loop calls beside the step --------------------------------------------------
+
+    def validate(self, state: TrainState) -> None:
+        loss = self.evaluator.evaluate(self.wrapped)
+        if loss is not None:
+            self.metrics.val(state, loss)
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        where = self.checkpointer.save(state)
+        if where is not None:
+            self.metrics.checkpoint(state, where)
+
+    def describe(self, state: TrainState) -> dict[str, Any]:
+        """The `start` event's fields: the run's shape, where its data is, what it starts from."""
+        args = self.args
+        return {
+            "step": state.step,
+            "world_size": self.dist.world,
+            "device": str(self.dist.device),
+            "precision": self.precision.name,
+            "ops": args.ops,
+            "kernels_compiled": _kernels_compiled(args.ops),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "model": args.model_config.to_dict(),
+            "data": self.source.describe(),
+            "train_segments": len(self.corpus.train),
+            "val_segments": len(self.corpus.val),
+            "train_tokens": self.corpus.train_tokens,
+            "global_batch_sequences": self.global_batch,
+            "tokens_per_step": self.tokens_per_step,
+        }
+
+    def export(self, state: TrainState) -> None:
+        """Writes the model directory (and model.tar.gz) the inference server loads (rank 0)."""
+        args, model, tok, step = self.args, self.model, self.tokenizer, state.step
+        info = {"job_name": args.job_name, "step": step, "tokens": state.tokens, "seed": args.seed}
+        if self.sm is not None:
+            # SageMaker packs /opt/ml/model into model.tar.gz itself.
+            out = save_model_dir(
+                model, tok, self.sm.model_dir, dtype=args.save_dtype, training=info
+            )
+            self.metrics.emit("model", step=step, path=str(out))
+            return
+        if is_s3(args.output_dir):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model_dir(
+                    model, tok, Path(tmp) / "model", dtype=args.save_dtype, training=info
+                )
+                tarball = write_tarball(Path(tmp) / "model", Path(tmp) / TARBALL)
+                store = open_store(args.output_dir)
+                store.put_file(tarball, TARBALL)
+                self.metrics.emit("model", step=step, path=store.describe(TARBALL))
+            return
+        out = Path(args.output_dir)
+        save_model_dir(model, tok, out / "model", dtype=args.save_dtype, training=info)
+        tarball = write_tarball(out / "model", out / TARBALL)
+        self.metrics.emit("model", step=step, path=str(tarball), model_dir=str(out / "model"))
+
+
+def _kernels_compiled(ops: str) -> bool:
+    if ops != "kiln":
+        return False
+    from kernels import ops as kernel_ops
+
+    return bool(kernel_ops.HAVE_EXTENSION)
