@@ -101,11 +101,12 @@ class Decoder:
 
         def make(module: nn.Module) -> DecodeLinear:
             weight = module.weight.detach().contiguous()
+            bias = getattr(module, "bias", None)
             if buckets is None:
                 # The head's logits are returned, so they get a new tensor each step.
                 reuse = module is not head
-                return PanelLinear(weight, self.slots, self.ops, reuse_output=reuse)
-            return RowLinear(weight, buckets)
+                return PanelLinear(weight, self.slots, self.ops, reuse_output=reuse, bias=bias)
+            return RowLinear(weight, buckets, bias)
 
         modules = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if head not in modules:

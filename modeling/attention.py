@@ -89,13 +89,16 @@ class KVCache:
 class CausalSDPA:
     """Training: full causal attention over each sequence of the batch, [B, T, H, D]."""
 
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.gqa = cfg.num_heads != cfg.num_kv_heads
+
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             is_causal=True,
-            enable_gqa=q.shape[-2] != k.shape[-2],
+            enable_gqa=self.gqa,
         )
         return y.transpose(1, 2)
 

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 
 def dense_linear(module: nn.Module, x: Tensor) -> Tensor:
-    """`x @ module.weight.T` with the fastest GEMM for the shape (training, prefill)."""
-    return F.linear(x, module.weight)
+    """`x @ module.weight.T (+ module.bias)` with the fastest GEMM for the shape (training,
+    prefill). The head may be the embedding, which has no bias."""
+    return F.linear(x, module.weight, getattr(module, "bias", None))
 
 
 def _mkl_packing_available() -> bool:
@@ -54,8 +55,8 @@ class RowLinear:
     way at every row count >= 2. Elsewhere there is one bucket, the largest.
     """
 
-    def __init__(self, weight: Tensor, buckets: list[int]) -> None:
-        self.weight = weight
+    def __init__(self, weight: Tensor, buckets: list[int], bias: Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
         cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         self.packed: dict[int, Tensor] = {}
         if cpu_fp32 and _mkl_packing_available():
@@ -85,9 +86,9 @@ class RowLinear:
             # Rows past b keep whatever an earlier step left there: finite, and never read back.
             padded[:b] = x
         if packed is not None:
-            out = self._mkl_linear(padded, packed, self.weight, None, rows)  # type: ignore[misc]
+            out = self._mkl_linear(padded, packed, self.weight, self.bias, rows)  # type: ignore[misc]
         else:
-            out = F.linear(padded, self.weight)
+            out = F.linear(padded, self.weight, self.bias)
         return out if rows == b else out[:b]
 
     def check_invariance(self) -> bool:
@@ -99,8 +100,16 @@ class PanelLinear:
     """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32): batch-
     invariant by construction at any row count, so nothing is padded."""
 
-    def __init__(self, weight: Tensor, max_rows: int, ops: Any, *, reuse_output: bool) -> None:
-        self.weight = weight
+    def __init__(
+        self,
+        weight: Tensor,
+        max_rows: int,
+        ops: Any,
+        *,
+        reuse_output: bool,
+        bias: Tensor | None = None,
+    ) -> None:
+        self.weight, self.bias = weight, bias
         self.buckets: list[int] = []  # no padded row counts
         self.out_features = weight.shape[0]
         self.panels = ops.pack_panels(weight)
@@ -113,10 +122,12 @@ class PanelLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._out is None or x.shape[0] > self.max_rows:
-            return self._op(x, self.panels, self.out_features)  # type: ignore[no-any-return]
-        out = self._out[: x.shape[0]]
-        self._op_out(x, self.panels, self.out_features, out)
-        return out
+            out: Tensor = self._op(x, self.panels, self.out_features)
+        else:
+            out = self._out[: x.shape[0]]
+            self._op_out(x, self.panels, self.out_features, out)
+        # Added per element after the fixed-order sums: still batch-invariant.
+        return out if self.bias is None else out.add_(self.bias)
 
     def check_invariance(self) -> bool:
         """Whether a row's result is bitwise the same at every row count, position and company."""

@@ -198,7 +198,7 @@ class Attention(Module):
 
     def forward(self, x: Tensor, run: Run) -> Tensor:
         qkv = run.linear(self.qkv_proj, x).unflatten(-1, (-1, self.head_dim))
-        q, k, v = qkv.split(self.split, dim=-2)
+        q, k, v = qkv.split_with_sizes(self.split, dim=-2)
         q, k = run.ops.rotary(run.positions, q, k, run.rope)
         y = run.attention.forward(self.layer, q, k, v)
         return run.linear(self.o_proj, y.flatten(-2))
@@ -257,7 +257,7 @@ class LlamaModel(Module):
         rope = self.ops.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope", rope, persistent=False)
         self.training_ops = FunctionalOps(self.ops, cfg.rms_norm_eps)
-        self.causal = CausalSDPA()
+        self.causal = CausalSDPA(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
