@@ -25,7 +25,7 @@ Prefill (one sequence at a time, its own shapes) needs no such care and uses the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ from modeling.linear import (
     dense_linear,
     row_buckets,
 )
-from modeling.model import InPlaceOps, LlamaModel, Run, load_ops
+from modeling.model import Block, InPlaceOps, LlamaModel, Run, load_ops
 
 __all__ = ["ATTENTION_BLOCK", "Decoder", "PanelLinear", "RowLinear", "row_buckets"]
 
@@ -75,7 +75,7 @@ class Decoder:
         self.ops: Any = load_ops("kiln")
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.rope = model.rope.contiguous()
-        self._blocks = [block.forward for block in model.layers]
+        self._blocks = [block.forward for block in cast(list[Block], list(model.layers))]
         self.cache = KVCache(cfg, slots=slots, device=device, dtype=dtype)
         self._ops = InPlaceOps(model, rows=slots)
         self._prefill = CachedPrefill(self.cache, cfg)
@@ -100,7 +100,7 @@ class Decoder:
         head = self.model.head
 
         def make(module: nn.Module) -> DecodeLinear:
-            weight = module.weight.detach().contiguous()
+            weight = cast(Tensor, module.weight).detach().contiguous()
             bias = getattr(module, "bias", None)
             if buckets is None:
                 # The head's logits are returned, so they get a new tensor each step.
@@ -108,7 +108,7 @@ class Decoder:
                 return PanelLinear(weight, self.slots, self.ops, reuse_output=reuse, bias=bias)
             return RowLinear(weight, buckets, bias)
 
-        modules = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        modules: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if head not in modules:
             modules.append(head)
         self.decode_linears = DecodeLinears(modules, make)

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 def dense_linear(module: nn.Module, x: Tensor) -> Tensor:
     """`x @ module.weight.T (+ module.bias)` with the fastest GEMM for the shape (training,
     prefill). The head may be the embedding, which has no bias."""
-    return F.linear(x, module.weight, getattr(module, "bias", None))
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return F.linear(x, weight, getattr(module, "bias", None))
 
 
 def _mkl_packing_available() -> bool:
@@ -85,6 +86,7 @@ class RowLinear:
         else:
             # Rows past b keep whatever an earlier step left there: finite, and never read back.
             padded[:b] = x
+        out: Tensor
         if packed is not None:
             out = self._mkl_linear(padded, packed, self.weight, self.bias, rows)  # type: ignore[misc]
         else:

@@ -82,13 +82,11 @@ class FunctionalOps:
     def __init__(self, ops: Any, eps: float) -> None:
         self.ops, self.eps = ops, eps
 
-    def embed(self, embedding: nn.Module, input_ids: Tensor) -> Tensor:
+    def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
         out: Tensor = embedding(input_ids)
         return out
 
-    def add_norm(
-        self, x: Tensor, residual: Tensor | None, norm: nn.Module
-    ) -> tuple[Tensor, Tensor]:
+    def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual); the first layer's (residual None) norms x."""
         if residual is None:
             return self.ops.rms_norm(x, _as(norm.weight, x), self.eps), x
@@ -119,18 +117,16 @@ class InPlaceOps:
         from kernels import ops
 
         self.ops, self.eps = ops, model.config.rms_norm_eps
-        self.weights = {
+        self.weights: dict[nn.Module, Tensor] = {
             m: m.weight for m in model.modules() if isinstance(m, RMSNorm | nn.Embedding)
         }
         embed = model.embed_tokens.weight
         self._act = embed.new_empty(rows, model.config.intermediate_size)
 
-    def embed(self, embedding: nn.Module, input_ids: Tensor) -> Tensor:
+    def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids, self.weights[embedding])
 
-    def add_norm(
-        self, x: Tensor, residual: Tensor | None, norm: nn.Module
-    ) -> tuple[Tensor, Tensor]:
+    def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
         if residual is None:  # x (the embeddings, a new tensor) becomes the residual stream
             return self.ops.rms_norm(x, self.weights[norm], self.eps), x
         self.ops.fused_add_rms_norm_(x, residual, self.weights[norm], self.eps)
@@ -197,7 +193,8 @@ class Attention(Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, run: Run) -> Tensor:
-        qkv = run.linear(self.qkv_proj, x).unflatten(-1, (-1, self.head_dim))
+        qkv = run.linear(self.qkv_proj, x)
+        qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
         q, k, v = qkv.split_with_sizes(self.split, dim=-2)
         q, k = run.ops.rotary(run.positions, q, k, run.rope)
         y = run.attention.forward(self.layer, q, k, v)
@@ -242,6 +239,8 @@ class LlamaModel(Module):
     `layers.N.mlp.{gate_up_proj,down_proj}.weight`, `norm.weight`, and `lm_head.weight` only
     when embeddings are untied. `qkv_proj` stacks q, k, v rows; `gate_up_proj` stacks gate, up.
     """
+
+    rope: Tensor  # the rotary cos/sin table, a buffer
 
     def __init__(self, cfg: ModelConfig, *, ops: OpsName = "kiln") -> None:
         super().__init__()
