@@ -1,16 +1,34 @@
-"""The Llama-architecture decoder, built on kiln's fused ops (or their pure-PyTorch references)."""
+"""The Llama-architecture model: one forward pass that training, prefill and decode all run.
+
+The modules (`Block`, `Attention`, `MLP`) hold the weights and own the forward. What differs
+between the three passes is handed to them in a `Run`, chosen once at load, not branched on:
+
+- `ops`: the fused kernels' forms. `FunctionalOps` (training: autograd, autocast) or `InPlaceOps`
+  (serving: norms and rotary in place, SwiGLU into a kept buffer, nothing allocated per step).
+- `linear`: how a projection is computed (`modeling.linear`): `dense_linear` for training and
+  prefill, batch-invariant `DecodeLinears` for decode.
+- `attention`: the attention backend (`modeling.attention`): `CausalSDPA` for training,
+  `CachedPrefill`, `KernelDecodeAttention` or `PaddedDecodeAttention` over a KV cache.
+
+`LlamaModel(cfg)(input_ids)` is training's forward; `inference.decoder.Decoder` runs the same
+blocks through `LlamaModel.hidden` with its own `Run`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modeling.attention import AttentionBackend, CausalSDPA
 from modeling.config import ModelConfig
+from modeling.linear import dense_linear
 
 OpsName = Literal["kiln", "reference"]
 
@@ -37,66 +55,183 @@ def load_ops(name: OpsName) -> Any:
     raise ValueError(f"ops must be 'kiln' or 'reference', got {name!r}")
 
 
-class RMSNorm(nn.Module):
-    """Holds a norm's weight; the norm itself is computed by the fused ops in `LlamaModel`."""
+# ------------------------------------------------------------------------------------------------
+# what a pass runs with
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One forward pass's inputs besides the activations: token positions, the rotary table, and
+    the implementations chosen for this kind of pass (see the module docstring)."""
+
+    positions: Tensor
+    rope: Tensor
+    ops: FunctionalOps | InPlaceOps
+    linear: Callable[[nn.Module, Tensor], Tensor]
+    attention: AttentionBackend
+
+
+def _as(weight: Tensor, like: Tensor) -> Tensor:
+    # The fused ops take one dtype for all inputs; a no-op outside autocast.
+    return weight if weight.dtype == like.dtype else weight.to(like.dtype)
+
+
+class FunctionalOps:
+    """Training's forms of the fused ops: new outputs, autograd, weights cast under autocast."""
+
+    def __init__(self, ops: Any, eps: float) -> None:
+        self.ops, self.eps = ops, eps
+
+    def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
+        out: Tensor = embedding(input_ids)
+        return out
+
+    def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual); the first layer's (residual None) norms x."""
+        if residual is None:
+            return self.ops.rms_norm(x, _as(norm.weight, x), self.eps), x
+        out: tuple[Tensor, Tensor] = self.ops.fused_add_rms_norm(
+            x.to(residual.dtype), residual, _as(norm.weight, residual), self.eps
+        )
+        return out
+
+    def rotary(
+        self, positions: Tensor, q: Tensor, k: Tensor, rope: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        # Neox-style rotation (rotate halves) is Hugging Face Llama's layout: no weight permute.
+        out: tuple[Tensor, Tensor] = self.ops.rotary_embedding(
+            positions, q, k, rope.to(q.dtype), True
+        )
+        return out
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        out: Tensor = self.ops.silu_and_mul(x)
+        return out
+
+
+class InPlaceOps:
+    """Serving's forms: norms and rotary in place, SwiGLU into a buffer kept for up to `rows`
+    rows, the norm and embedding weights read once at load (not through nn.Module attributes)."""
+
+    def __init__(self, model: LlamaModel, *, rows: int) -> None:
+        from kernels import ops
+
+        self.ops, self.eps = ops, model.config.rms_norm_eps
+        self.weights: dict[nn.Module, Tensor] = {
+            m: m.weight for m in model.modules() if isinstance(m, RMSNorm | nn.Embedding)
+        }
+        embed = model.embed_tokens.weight
+        self._act = embed.new_empty(rows, model.config.intermediate_size)
+
+    def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids, self.weights[embedding])
+
+    def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        if residual is None:  # x (the embeddings, a new tensor) becomes the residual stream
+            return self.ops.rms_norm(x, self.weights[norm], self.eps), x
+        self.ops.fused_add_rms_norm_(x, residual, self.weights[norm], self.eps)
+        return x, residual
+
+    def rotary(
+        self, positions: Tensor, q: Tensor, k: Tensor, rope: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        self.ops.rotary_embedding_(positions, q, k, rope, True)
+        return q, k
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self._act.shape[0]:
+            out: Tensor = self.ops.silu_and_mul(x)
+            return out
+        act = self._act[: x.shape[0]]
+        self.ops.silu_and_mul_out(x, act)
+        return act
+
+
+# ------------------------------------------------------------------------------------------------
+# the modules
+
+
+class Module(nn.Module):
+    """nn.Module whose submodules are also plain attributes. nn.Module's `__getattr__` (the path
+    to a submodule) costs about a third of a kernel call, and a decode step reads ten a layer."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            self.__dict__[name] = modules[name]
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self.__dict__.pop(name, None)
+
+
+class RMSNorm(Module):
+    """Holds a norm's weight; the norm itself is `Run.ops.add_norm`, fused with a residual add."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class Attention(Module):
+    """q, k and v in one projection, rotary positions, the pass's attention backend, the output
+    projection. x is [..., hidden]: [B, T, .] in training, [T, .] in prefill, [B, .] in decode."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim,
         )
+        self.split = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
         # q, k and v in one matmul: one read of the activations instead of three.
         out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, out, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: Tensor, ops: Any) -> Tensor:
-        b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        # Neox-style rotation (rotate halves) is Hugging Face Llama's layout: no weight permute.
-        q, k = ops.rotary_embedding(positions, q, k, rope.to(q.dtype), True)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        out: Tensor = self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-        return out
+    def forward(self, x: Tensor, run: Run) -> Tensor:
+        qkv = run.linear(self.qkv_proj, x)
+        qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
+        q, k, v = qkv.split_with_sizes(self.split, dim=-2)
+        q, k = run.ops.rotary(run.positions, q, k, run.rope)
+        y = run.attention.forward(self.layer, q, k, v)
+        return run.linear(self.o_proj, y.flatten(-2))
 
 
-class MLP(nn.Module):
+class MLP(Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # [gate, up] stacked: the layout silu_and_mul reads.
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, ops: Any) -> Tensor:
-        out: Tensor = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
-        return out
+    def forward(self, x: Tensor, run: Run) -> Tensor:
+        return run.linear(self.down_proj, run.ops.silu_and_mul(run.linear(self.gate_up_proj, x)))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class Block(Module):
+    """One layer. Each sublayer's output is added to the residual stream and normed by the next
+    norm in one fused op, so a block takes the previous block's output and the stream separately
+    (`residual` None for the first) and the model's final norm adds the last block's output."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size)
         self.mlp = MLP(cfg)
 
+    def forward(self, x: Tensor, residual: Tensor | None, run: Run) -> tuple[Tensor, Tensor]:
+        x, residual = run.ops.add_norm(x, residual, self.attn_norm)
+        x = self.attn.forward(x, run)
+        x, residual = run.ops.add_norm(x, residual, self.mlp_norm)
+        return self.mlp.forward(x, run), residual
 
-class LlamaModel(nn.Module):
+
+class LlamaModel(Module):
     """Decoder-only transformer: token ids [B, T] -> logits [B, T, vocab].
 
     Parameter names (the `model.safetensors` keys): `embed_tokens.weight`,
@@ -105,19 +240,23 @@ class LlamaModel(nn.Module):
     when embeddings are untied. `qkv_proj` stacks q, k, v rows; `gate_up_proj` stacks gate, up.
     """
 
+    rope: Tensor  # the rotary cos/sin table, a buffer
+
     def __init__(self, cfg: ModelConfig, *, ops: OpsName = "kiln") -> None:
         super().__init__()
         self.config = cfg
         self.ops_name = ops
         self.ops = load_ops(ops)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size)
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         rope = self.ops.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope", rope, persistent=False)
+        self.training_ops = FunctionalOps(self.ops, cfg.rms_norm_eps)
+        self.causal = CausalSDPA(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -133,35 +272,37 @@ class LlamaModel(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
+    @property
+    def head(self) -> nn.Module:
+        """The module whose weight projects to the vocabulary (the embedding when tied)."""
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
     def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Training's pass: full causal attention over each sequence, no cache."""
         b, t = input_ids.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        ops, eps = self.ops, self.config.rms_norm_eps
-        residual = self.embed_tokens(input_ids)
-        blocks = cast(list[Block], list(self.layers))
-        norms = [w for b in blocks for w in (b.attn_norm.weight, b.mlp_norm.weight)]
-        norms.append(self.norm.weight)
-        # Each sublayer's output is added to the residual and normed by the next norm in one op.
-        x = ops.rms_norm(residual, _as(norms[0], residual), eps)
-        for i, block in enumerate(blocks):
-            a = block.attn(x, positions, self.rope, ops)
-            x, residual = ops.fused_add_rms_norm(
-                a.to(residual.dtype), residual, _as(norms[2 * i + 1], residual), eps
-            )
-            m = block.mlp(x, ops)
-            x, residual = ops.fused_add_rms_norm(
-                m.to(residual.dtype), residual, _as(norms[2 * i + 2], residual), eps
-            )
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        run = Run(positions, self.rope, self.training_ops, dense_linear, self.causal)
+        return run.linear(self.head, self.hidden(input_ids, run))
 
-
-def _as(weight: Tensor, like: Tensor) -> Tensor:
-    # The fused ops take one dtype for all inputs; a no-op outside autocast.
-    return weight if weight.dtype == like.dtype else weight.to(like.dtype)
+    def hidden(
+        self,
+        input_ids: Tensor,
+        run: Run,
+        blocks: Iterable[Callable[[Tensor, Tensor | None, Run], tuple[Tensor, Tensor]]]
+        | None = None,
+    ) -> Tensor:
+        """The final-normed hidden states of `input_ids` [...]: the pass every workload runs.
+        `blocks` defaults to the layers themselves; serving passes their bound `forward`s
+        (nn.Module's `__call__` checks for hooks, ~1 us a layer per decode step)."""
+        x = run.ops.embed(self.embed_tokens, input_ids)
+        residual = None
+        for block in self.layers if blocks is None else blocks:
+            x, residual = block(x, residual, run)
+        x, _ = run.ops.add_norm(x, residual, self.norm)
+        return x
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:

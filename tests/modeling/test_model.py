@@ -89,3 +89,20 @@ def test_bad_configs_say_what_is_wrong(fields: dict[str, object], message: str) 
         dataclasses.replace(TINY, **fields)
     with pytest.raises(ConfigError, match="unknown model config keys"):
         ModelConfig.from_dict({"hidden": 3})
+
+
+def test_the_model_compiles_as_one_graph_forward_and_backward() -> None:
+    """torch.compile(fullgraph=True) over the whole model (aot_eager: dynamo and AOT autograd; the
+    training benchmark runs inductor)."""
+    torch._dynamo.reset()
+    ours, _ = _pair(TINY)
+    ids = torch.randint(0, 259, (2, 17))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, ours):
+        ours.zero_grad()
+        loss = lm_loss(fn(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in ours.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
