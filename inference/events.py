@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kiln.events import MAX_ID_CHARS, PredictionEvent
-from kiln.producer import EventProducer, ProducerConfig
+from kiln_events.events import MAX_ID_CHARS, PredictionEvent
+from kiln_events.producer import EventProducer, ProducerConfig
 
 log = logging.getLogger(__name__)
 

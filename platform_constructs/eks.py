@@ -14,7 +14,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from kiln import cluster_manifests
+from platform_constructs import cluster_manifests
 
 GPU_TAINT = eks.TaintSpec(
     effect=eks.TaintEffect.NO_SCHEDULE,

@@ -14,14 +14,19 @@ from kiln.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Every workload image carries kiln's contract (the names it shares with the stacks), and
+# nothing else of the platform core.
+CONTRACT_FILES = ("kiln/__init__.py", "kiln/contract.py")
+
+
 def image_context(folders: list[str]) -> dict[str, Any]:
-    """DockerImageAsset options whose build context (the repository) holds only `folders`:
-    the image's hash, and so its rebuilds, follow only what it copies."""
+    """DockerImageAsset options whose build context (the repository) holds only `folders` and
+    the contract files: the image's hash, and so its rebuilds, follow only what it copies."""
     return {
         "ignore_mode": IgnoreMode.DOCKER,
         "exclude": [
             "*",
-            *(f"!{folder}" for folder in folders),
+            *(f"!{path}" for path in (*folders, *CONTRACT_FILES)),
             "**/__pycache__",
             "**/*.so",
             "**/*.egg-info",

@@ -12,9 +12,10 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from kiln import cluster_manifests, naming
+from kiln import naming
 from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
+from platform_constructs import cluster_manifests
 from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.eks import GpuCluster, NodePool
 from platform_constructs.kms import PlatformKey

@@ -68,8 +68,8 @@ class ServingStack(KilnStack):
             directory=str(REPO),
             file="inference/Dockerfile",
             platform=ecr_assets.Platform.LINUX_AMD64,
-            # The server imports kiln (events), training (the model) and the kernels.
-            **image_context(["kernels", "kiln", "training", "inference"]),
+            # The server imports kiln_events, training (the model) and the kernels.
+            **image_context(["kernels", "kiln_events", "training", "inference"]),
         )
         name = naming.endpoint_name(settings)
         self.endpoint: GuardedEndpoint | None = None

@@ -8,8 +8,9 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from kiln import naming, streaming_sql
+from kiln import naming
 from kiln.settings import Settings
+from platform_constructs import streaming_sql
 from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.assembly import SynthesizedStack
 from kiln.config import available_environments
+from kiln_policy.assembly import SynthesizedStack
 
 REPO = Path(__file__).resolve().parent.parent
 

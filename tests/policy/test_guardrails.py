@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from kiln.assembly import SynthesizedStack
 from kiln.config import load_settings
-from kiln.guardrails import (
+from kiln.settings import Settings
+from kiln_policy.assembly import SynthesizedStack
+from kiln_policy.guardrails import (
     check,
     data_stores_retained,
     eks_endpoint_private,
@@ -26,7 +27,6 @@ from kiln.guardrails import (
     termination_protected,
     warehouse_private_and_encrypted,
 )
-from kiln.settings import Settings
 from tests.support import Synthesis
 
 PROD = load_settings("prod")

@@ -10,9 +10,9 @@ from aws_cdk.assertions import Match, Template
 from cfnlint.api import ManualArgs, lint
 
 from app import build_app
-from kiln.assembly import SynthesizedStack, read_assembly
 from kiln.config import load_settings
-from kiln.guardrails import check
+from kiln_policy.assembly import SynthesizedStack, read_assembly
+from kiln_policy.guardrails import check
 from tests.support import ENVIRONMENTS, Synthesis
 
 ARTIFACT = "s3://kiln-{env}-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
@@ -43,7 +43,15 @@ def test_without_a_model_only_the_image_and_name(synthesis: Synthesis, env: str)
     assert image["source"]["dockerFile"] == "inference/Dockerfile"
     assert image["source"]["platform"] == "linux/amd64"
     context = synthesis.outdir / f"assembly-{env}" / image["source"]["directory"]
-    assert sorted(p.name for p in context.iterdir()) == ["inference", "kernels", "kiln", "training"]
+    assert sorted(p.name for p in context.iterdir()) == [
+        "inference",
+        "kernels",
+        "kiln",
+        "kiln_events",
+        "training",
+    ]
+    # Of the platform core, the server gets the contract only (no settings, no pydantic models).
+    assert sorted(p.name for p in (context / "kiln").iterdir()) == ["__init__.py", "contract.py"]
 
 
 def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> None:
