@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.naming import LAKE_ZONES
+from kiln.contract import COMPONENTS, LAKE_ZONES, Component
 from kiln_policy.assembly import SynthesizedStack
 
 # The resource types worth a box, with the label they get.
@@ -45,14 +45,10 @@ _NAME_KEYS = (
     "EndpointName",
     "DashboardName",
 )
-_STACK_ORDER = (
-    "network",
-    "data-lake",
-    "streaming",
-    "warehouse",
-    "compute",
-    "serving",
-    "observability",
+# Deploy order, except that observability, which watches every other stack, is drawn last.
+_STACK_ORDER: tuple[str, ...] = (
+    *(c.value for c in COMPONENTS if c is not Component.OBSERVABILITY),
+    Component.OBSERVABILITY.value,
 )
 
 

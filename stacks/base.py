@@ -9,6 +9,7 @@ from aws_cdk import Environment, IgnoreMode, RemovalPolicy, Stack
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component
 from kiln.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ class KilnStack(Stack):
         construct_id: str,
         *,
         settings: Settings,
-        component: str,
+        component: Component,
         description: str,
     ) -> None:
         super().__init__(

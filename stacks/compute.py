@@ -13,6 +13,7 @@ from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Component, Outputs
 from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
 from platform_constructs import cluster_manifests
@@ -22,7 +23,7 @@ from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.nag import wildcard_resource
 from stacks.base import REPO, KilnStack, image_context, removal_policy
-from stacks.data_lake import CHECKPOINTS_PREFIX, MODELS_PREFIX, lake_bucket
+from stacks.data_lake import lake_bucket
 
 
 class ComputeStack(KilnStack):
@@ -47,7 +48,7 @@ class ComputeStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="compute",
+            component=Component.COMPUTE,
             description=f"kiln {settings.name}: EKS cluster with GPU nodes for training",
         )
         compute = settings.compute
@@ -148,11 +149,11 @@ class ComputeStack(KilnStack):
             self.manifests.security_group, ec2.Port.tcp(443), "Deploy-time object applier"
         )
         self.manifests.resource.node.add_dependency(self.gpu_cluster.system_nodes)
-        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
-        CfnOutput(self, "TrainingNamespace", value=compute.training_namespace)
-        CfnOutput(self, "TrainerServiceAccount", value=compute.trainer_service_account)
-        CfnOutput(self, "TrainerRoleArn", value=self.trainer_role.role_arn)
-        CfnOutput(self, "TrainingImageUri", value=self.training_image.image_uri)
+        CfnOutput(self, Outputs.CLUSTER_NAME.key, value=cluster.cluster_name)
+        CfnOutput(self, Outputs.TRAINING_NAMESPACE.key, value=compute.training_namespace)
+        CfnOutput(self, Outputs.TRAINER_SERVICE_ACCOUNT.key, value=compute.trainer_service_account)
+        CfnOutput(self, Outputs.TRAINER_ROLE_ARN.key, value=self.trainer_role.role_arn)
+        CfnOutput(self, Outputs.TRAINING_IMAGE_URI.key, value=self.training_image.image_uri)
 
     def _trainer_identity(
         self, settings: Settings, cluster: eks.Cluster, lake_key: kms.IKey
@@ -324,11 +325,11 @@ class ComputeStack(KilnStack):
                 "which SageMaker names per job and host.",
             ),
         )
-        CfnOutput(self, "SageMakerTrainingRoleArn", value=role.role_arn)
-        CfnOutput(self, "TrainingSecurityGroupId", value=group.security_group_id)
+        CfnOutput(self, Outputs.SAGEMAKER_TRAINING_ROLE_ARN.key, value=role.role_arn)
+        CfnOutput(self, Outputs.TRAINING_SECURITY_GROUP_ID.key, value=group.security_group_id)
         CfnOutput(
             self,
-            "TrainingSubnetIds",
+            Outputs.TRAINING_SUBNET_IDS.key,
             value=",".join(
                 vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
             ),

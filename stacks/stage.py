@@ -5,6 +5,7 @@ from __future__ import annotations
 from aws_cdk import Aspects, Environment, Stage, Tags
 from constructs import Construct
 
+from kiln.contract import Component
 from kiln.settings import Settings
 from platform_constructs.aspects import LogGroupRetention
 from stacks.base import standard_tags
@@ -28,11 +29,11 @@ class KilnStage(Stage):
             env=Environment(account=settings.account, region=settings.region),
         )
         self.settings = settings
-        self.network = NetworkStack(self, "Network", settings=settings)
-        self.data_lake = DataLakeStack(self, "DataLake", settings=settings)
+        self.network = NetworkStack(self, Component.NETWORK.construct_id, settings=settings)
+        self.data_lake = DataLakeStack(self, Component.DATA_LAKE.construct_id, settings=settings)
         self.streaming = StreamingStack(
             self,
-            "Streaming",
+            Component.STREAMING.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
@@ -40,7 +41,7 @@ class KilnStage(Stage):
         )
         self.warehouse = WarehouseStack(
             self,
-            "Warehouse",
+            Component.WAREHOUSE.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
@@ -49,16 +50,18 @@ class KilnStage(Stage):
         )
         self.compute = ComputeStack(
             self,
-            "Compute",
+            Component.COMPUTE.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
         )
-        self.observability = ObservabilityStack(self, "Observability", settings=settings)
+        self.observability = ObservabilityStack(
+            self, Component.OBSERVABILITY.construct_id, settings=settings
+        )
         self.serving = ServingStack(
             self,
-            "Serving",
+            Component.SERVING.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             lake_key=self.data_lake.key,

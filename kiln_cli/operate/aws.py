@@ -13,18 +13,8 @@ from typing import Any
 
 from kiln import naming
 from kiln.config import CONFIG_DIR
+from kiln.contract import Component, StackOutput
 from kiln.settings import Settings
-
-# The stacks of one environment, in deploy order (stack name: `kiln-<env>-<component>`).
-COMPONENTS = (
-    "network",
-    "data-lake",
-    "streaming",
-    "warehouse",
-    "compute",
-    "observability",
-    "serving",
-)
 
 # Error codes AWS uses for one condition, across services.
 ACCESS_DENIED = frozenset(
@@ -70,16 +60,16 @@ class AwsError(OperateError):
         self.action = action
 
 
-def cdk_stack_id(settings: Settings, component: str) -> str:
+def cdk_stack_id(settings: Settings, component: Component) -> str:
     """The CDK CLI's selector of a stack: its path in the app (`dev/Serving`), not its name.
 
     The CLI matches stacks inside a Stage by hierarchical id only; `kiln-dev-serving` matches
-    nothing. `stacks/stage.py` names the stacks after their component in CamelCase.
+    nothing.
     """
-    return f"{settings.name}/" + "".join(part.title() for part in component.split("-"))
+    return f"{settings.name}/{component.construct_id}"
 
 
-def deploy_hint(settings: Settings, component: str, config_dir: Path = CONFIG_DIR) -> str:
+def deploy_hint(settings: Settings, component: Component, config_dir: Path = CONFIG_DIR) -> str:
     context = "" if config_dir == CONFIG_DIR else f" -c configDir={config_dir}"
     return f"npx cdk deploy {cdk_stack_id(settings, component)} -c env={settings.name}{context}"
 
@@ -172,7 +162,7 @@ class Aws:
         self.config_dir = config_dir
         self.region = settings.region
         self._clients: dict[str, Any] = dict(clients or {})
-        self._stacks: dict[str, dict[str, Any] | None] = {}
+        self._stacks: dict[Component, dict[str, Any] | None] = {}
         self.identity_arn: str | None = None
 
     def client(self, service: str) -> Any:
@@ -237,10 +227,10 @@ class Aws:
 
     # --- stacks ---------------------------------------------------------------------------
 
-    def stack_name(self, component: str) -> str:
+    def stack_name(self, component: Component) -> str:
         return naming.stack_name(self.settings, component)
 
-    def stack(self, component: str) -> dict[str, Any] | None:
+    def stack(self, component: Component) -> dict[str, Any] | None:
         """The stack's DescribeStacks record, or None when it is not deployed."""
         if component not in self._stacks:
             try:
@@ -255,11 +245,11 @@ class Aws:
             self._stacks[component] = stacks[0] if stacks else None
         return self._stacks[component]
 
-    def forget(self, component: str) -> None:
+    def forget(self, component: Component) -> None:
         """Reads the stack again next time (after a deploy)."""
         self._stacks.pop(component, None)
 
-    def outputs(self, component: str) -> dict[str, str]:
+    def outputs(self, component: Component) -> dict[str, str]:
         stack = self.stack(component)
         if stack is None:
             raise OperateError(
@@ -269,7 +259,10 @@ class Aws:
             )
         return {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
 
-    def output(self, component: str, key: str) -> str:
+    def output(self, output: StackOutput) -> str:
+        """One output of a deployed stack (`Outputs.ENDPOINT_NAME`); OperateError, saying what
+        to deploy, when the stack or the output is missing."""
+        component, key = output.component, output.key
         outputs = self.outputs(component)
         if key not in outputs:
             stack = self.stack(component) or {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
+from kiln.contract import MODELS_PREFIX, Component, Outputs
 from kiln.settings import MODEL_ARTIFACT_PATTERN, Settings
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
@@ -61,7 +62,7 @@ class Outcome:
 
 def cdk_deploy_argv(settings: Settings, artifact: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     """The serving stack's deploy with the new artifact, and nothing else (`--exclusively`)."""
-    argv = ["npx", "cdk", "deploy", cdk_stack_id(settings, "serving"), "--exclusively"]
+    argv = ["npx", "cdk", "deploy", cdk_stack_id(settings, Component.SERVING), "--exclusively"]
     argv += ["-c", f"env={settings.name}", "-c", f"modelArtifact={artifact}"]
     if config_dir != CONFIG_DIR:
         argv += ["-c", f"configDir={config_dir}"]
@@ -112,17 +113,17 @@ def check_artifact(aws: Aws, artifact: str) -> None:
 
 def _artifact_hint(aws: Aws) -> str:
     try:
-        bucket = aws.output("data-lake", "ArtifactsBucketName")
+        bucket = aws.output(Outputs.ARTIFACTS_BUCKET)
     except OperateError:
-        return "Training writes <artifacts bucket>/models/<job>/..."
+        return f"Training writes <artifacts bucket>/{MODELS_PREFIX}<job>/..."
     return (
-        f"Training writes s3://{bucket}/models/<job>/output/model.tar.gz (SageMaker) or "
-        f"s3://{bucket}/models/<job>/model.tar.gz (EKS); `kiln status --env "
+        f"Training writes s3://{bucket}/{MODELS_PREFIX}<job>/output/model.tar.gz (SageMaker) "
+        f"or s3://{bucket}/{MODELS_PREFIX}<job>/model.tar.gz (EKS); `kiln status --env "
         f"{aws.settings.name}` lists the latest jobs."
     )
 
 
-def stack_failure(aws: Aws, component: str, since: datetime) -> str | None:
+def stack_failure(aws: Aws, component: Component, since: datetime) -> str | None:
     """The first failed resource's reason in the stack's events since `since`, if any."""
     try:
         events = aws.call(
@@ -165,7 +166,7 @@ def deploy_model(
     progress = progress or Progress()
     aws.check_identity()
     check_artifact(aws, artifact)
-    name = aws.output("serving", "EndpointName")
+    name = aws.output(Outputs.ENDPOINT_NAME)
     before = ep.describe_endpoint(aws, name)
     before_serving = ep.serving(aws, before) if before else None
     if (
@@ -190,7 +191,7 @@ def deploy_model(
     progress.note("running " + " ".join(argv))
     code = runner(argv, REPO)
     progress.note(f"cdk deploy exited {code}")
-    aws.forget("serving")
+    aws.forget(Component.SERVING)
 
     after: dict[str, Any] = {}
 
@@ -215,7 +216,7 @@ def deploy_model(
     outcome = Outcome("failed", name, artifact, None, status, took)
     if status == "absent":
         outcome.reasons.append(
-            stack_failure(aws, "serving", started_at)
+            stack_failure(aws, Component.SERVING, started_at)
             or f"cdk deploy exited {code} and there is no endpoint {name}: see its output above"
         )
         return outcome
@@ -243,7 +244,7 @@ def deploy_model(
 
 
 def _with_cfn_reason(aws: Aws, outcome: Outcome, since: datetime) -> Outcome:
-    reason = stack_failure(aws, "serving", since)
+    reason = stack_failure(aws, Component.SERVING, since)
     if reason:
         outcome.reasons.append(f"CloudFormation: {reason}")
     return outcome

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.contract import Outputs
 from kiln_cli.operate.aws import Aws, AwsError, OperateError
 from kiln_cli.operate.endpoint import is_missing
 
@@ -148,7 +149,7 @@ def _model_error(err: AwsError) -> str:
 
 
 def endpoint_name(aws: Aws) -> str:
-    return aws.output("serving", "EndpointName")
+    return aws.output(Outputs.ENDPOINT_NAME)
 
 
 def invoke(

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kiln import naming
+from kiln.contract import COMPONENTS, Component, Outputs
 from kiln_cli.operate import endpoint as ep
-from kiln_cli.operate.aws import COMPONENTS, Aws, OperateError
+from kiln_cli.operate.aws import Aws, OperateError
 from kiln_cli.operate.progress import elapsed
 
 
@@ -82,11 +83,11 @@ def _stacks(aws: Aws) -> list[StackRow]:
 
 def _endpoint(aws: Aws, report: Report) -> None:
     env = aws.settings.name
-    serving_stack = aws.stack("serving")
+    serving_stack = aws.stack(Component.SERVING)
     if serving_stack is None:
         report.endpoint.append(("status", "serving stack not deployed"))
         return
-    name = aws.output("serving", "EndpointName")
+    name = aws.output(Outputs.ENDPOINT_NAME)
     report.endpoint_title = f"endpoint {name}"
     described = ep.describe_endpoint(aws, name)
     rows = report.endpoint

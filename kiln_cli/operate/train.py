@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kiln import naming
+from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.settings import Settings
 from kiln_cli import training_job
@@ -35,8 +36,6 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
     {"Name": "validation:perplexity", "Regex": r'"val_perplexity": ([0-9.eE+-]+)'},
     {"Name": "train:tokens_per_s", "Regex": r'"tokens_per_s": ([0-9.eE+-]+)'},
 )
-CHECKPOINTS_PREFIX = "checkpoints/"
-MODELS_PREFIX = "models/"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"  # synced with CheckpointConfig.S3Uri
 # Trainer flags kiln sets itself (the channels, where checkpoints and the model go).
 RESERVED_FLAGS = frozenset({"data", "val_data", "checkpoint_dir", "output_dir", "job_name"})
@@ -268,7 +267,7 @@ class Started:
 def _data_uris(
     aws: Aws, options: TrainOptions, warn: Callable[[str], None]
 ) -> tuple[str, str | None]:
-    curated = aws.output("data-lake", "CuratedBucketName")
+    curated = aws.output(Outputs.CURATED_BUCKET)
     train_uri = curated_uri(curated, options.data)
     val_uri = curated_uri(curated, options.val_data) if options.val_data else None
     for uri in (train_uri, val_uri):
@@ -291,19 +290,19 @@ def start_sagemaker(
     hyperparameters(options.trainer_args)  # bad arguments fail before any AWS call
     _capacity(settings, options.capacity)
     _limits(options)
-    compute = aws.outputs("compute")
-    for key in ("TrainingImageUri", "SageMakerTrainingRoleArn", "TrainingSecurityGroupId"):
-        aws.output("compute", key)
-    subnets = [s for s in aws.output("compute", "TrainingSubnetIds").split(",") if s]
-    artifacts = aws.output("data-lake", "ArtifactsBucketName")
+    image = aws.output(Outputs.TRAINING_IMAGE_URI)
+    role_arn = aws.output(Outputs.SAGEMAKER_TRAINING_ROLE_ARN)
+    security_group = aws.output(Outputs.TRAINING_SECURITY_GROUP_ID)
+    subnets = [s for s in aws.output(Outputs.TRAINING_SUBNET_IDS).split(",") if s]
+    artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
     train_uri, val_uri = _data_uris(aws, options, warn)
     request = sagemaker_request(
         settings,
         job=job,
-        image=compute["TrainingImageUri"],
-        role_arn=compute["SageMakerTrainingRoleArn"],
+        image=image,
+        role_arn=role_arn,
         subnets=subnets,
-        security_group=compute["TrainingSecurityGroupId"],
+        security_group=security_group,
         train_uri=train_uri,
         val_uri=val_uri,
         artifacts_bucket=artifacts,
@@ -390,8 +389,8 @@ def eks_manifests(
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # the same checks as on SageMaker
     runtime, _ = _limits(options)
-    image = aws.output("compute", "TrainingImageUri")
-    artifacts = aws.output("data-lake", "ArtifactsBucketName")
+    image = aws.output(Outputs.TRAINING_IMAGE_URI)
+    artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
     train_uri, val_uri = _data_uris(aws, options, warn)
     instance_type = _instance_type(settings, options.instance_type, "eks")
     try:
@@ -436,7 +435,7 @@ def run_with_input(argv: Sequence[str], text: str) -> int:
 
 def apply_manifests(aws: Aws, started: Started, apply: Apply | None = None) -> None:
     """Applies the run with `kubectl apply -f -`; OperateError when kubectl is missing or fails."""
-    cluster = aws.output("compute", "ClusterName")
+    cluster = aws.output(Outputs.CLUSTER_NAME)
     kubeconfig = f"aws eks update-kubeconfig --name {cluster} --region {aws.region}"
     if apply is None:
         if shutil.which("kubectl") is None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import copy
+import hashlib
 import json
+import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,7 +18,9 @@ import boto3
 import pytest
 
 from kiln.config import load_settings
-from kiln_cli.operate.aws import COMPONENTS, Aws
+from kiln.contract import COMPONENTS, Component
+from kiln_cli.operate.aws import Aws
+from kiln_policy.assembly import SynthesizedStack
 
 REGION = "us-east-1"  # every shipped environment's region
 ACCOUNT = "123456789012"  # moto's account
@@ -23,45 +28,107 @@ ARTIFACT = f"s3://kiln-dev-artifacts-{ACCOUNT}-{REGION}/models/job-1/output/mode
 NEW_ARTIFACT = f"s3://kiln-dev-artifacts-{ACCOUNT}-{REGION}/models/job-2/output/model.tar.gz"
 
 
-def outputs(env: str = "dev") -> dict[str, dict[str, str]]:
+# What the `stack_outputs` fixture (conftest.py) read from the synthesized templates, by
+# environment: every stack's outputs as CloudFormation would resolve them in moto's account.
+DEPLOYED: dict[str, dict[Component, dict[str, str]]] = {}
+
+_PSEUDO = {
+    "AWS::AccountId": ACCOUNT,
+    "AWS::Region": REGION,
+    "AWS::Partition": "aws",
+    "AWS::URLSuffix": "amazonaws.com",
+    "AWS::StackName": "",  # filled per stack
+}
+# The property that holds a resource's physical name, where a template names it.
+_NAME_PROPERTIES = ("BucketName", "Name", "DeliveryStreamName", "DashboardName", "TopicName")
+
+
+class _Resolver:
+    """Resolves template values (Ref, Fn::GetAtt, Fn::Join, Fn::Sub, Fn::GetStackOutput) to the
+    strings a deployment in moto's account and region would give: physical names where the
+    template sets them, deterministic made-up ids where AWS would make them up."""
+
+    def __init__(self, stacks: Mapping[str, SynthesizedStack]) -> None:
+        self.stacks = stacks
+
+    def outputs(self, stack_name: str) -> dict[str, str]:
+        template = self.stacks[stack_name].template
+        return {
+            key: self.value(stack_name, output["Value"])
+            for key, output in template.get("Outputs", {}).items()
+        }
+
+    def value(self, stack: str, node: Any) -> str:
+        if isinstance(node, str):
+            return node
+        ((function, argument),) = node.items()
+        if function == "Ref":
+            return self.ref(stack, argument)
+        if function == "Fn::GetAtt":
+            return self.attribute(stack, *argument)
+        if function == "Fn::Join":
+            separator, parts = argument
+            return str(separator).join(self.value(stack, part) for part in parts)
+        if function == "Fn::Sub":
+            return re.sub(r"\$\{([^}]+)\}", lambda m: self.ref(stack, m.group(1)), argument)
+        if function == "Fn::GetStackOutput":
+            return self.outputs(argument["StackName"])[argument["OutputName"]]
+        raise NotImplementedError(f"{stack}: cannot resolve {function} in a fake output")
+
+    def _resource(self, stack: str, logical_id: str) -> dict[str, Any]:
+        return self.stacks[stack].resources[logical_id]
+
+    def _made_up(self, stack: str, logical_id: str, digits: int = 8) -> str:
+        return hashlib.sha256(f"{stack}/{logical_id}".encode()).hexdigest()[:digits]
+
+    def ref(self, stack: str, logical_id: str) -> str:
+        if logical_id == "AWS::StackName":
+            return stack
+        if logical_id in _PSEUDO:
+            return _PSEUDO[logical_id]
+        resource = self._resource(stack, logical_id)
+        kind, props = resource["Type"], resource.get("Properties", {})
+        name = next((props[k] for k in _NAME_PROPERTIES if k in props), None)
+        if kind == "AWS::SNS::Topic":
+            topic = self.value(stack, name) if name else f"{stack}-{logical_id}"
+            return f"arn:aws:sns:{REGION}:{ACCOUNT}:{topic}"
+        if name is not None:
+            return self.value(stack, name)
+        prefixes = {"AWS::EC2::VPC": "vpc", "AWS::EC2::Subnet": "subnet"}
+        return f"{prefixes.get(kind, stack)}-{self._made_up(stack, logical_id)}"
+
+    def attribute(self, stack: str, logical_id: str, attribute: str) -> str:
+        kind = self._resource(stack, logical_id)["Type"]
+        made_up = self._made_up(stack, logical_id)
+        arns = {
+            "AWS::IAM::Role": f"arn:aws:iam::{ACCOUNT}:role/{stack}-{logical_id}",
+            "AWS::KMS::Key": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{made_up}",
+            "AWS::MSK::Cluster": f"arn:aws:kafka:{REGION}:{ACCOUNT}:cluster/{stack}/{made_up}",
+        }
+        if attribute == "Arn" and kind in arns:
+            return arns[kind]
+        if (kind, attribute) == ("AWS::EC2::SecurityGroup", "GroupId"):
+            return f"sg-{made_up}"
+        raise NotImplementedError(f"{stack}: cannot resolve {logical_id}.{attribute}")
+
+
+def synthesized_outputs(
+    stacks: Sequence[SynthesizedStack],
+) -> dict[str, dict[Component, dict[str, str]]]:
+    """Every environment's stack outputs, read from the synthesized templates and resolved as a
+    deployment in moto's account would resolve them: `{env: {component: {key: value}}}`."""
+    resolver = _Resolver({s.stack_name: s for s in stacks})
+    result: dict[str, dict[Component, dict[str, str]]] = {}
+    for stack in stacks:
+        component = Component(stack.stack_name.removeprefix(f"kiln-{stack.environment}-"))
+        result.setdefault(stack.environment, {})[component] = resolver.outputs(stack.stack_name)
+    return result
+
+
+def outputs(env: str = "dev") -> dict[Component, dict[str, str]]:
     """What kiln's stacks of `env` output once deployed (serving before a model exists)."""
-    p = f"kiln-{env}"
-    ecr = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets"
-    return {
-        "network": {"VpcId": "vpc-0123"},
-        "data-lake": {
-            "RawBucketName": f"{p}-raw-{ACCOUNT}-{REGION}",
-            "CuratedBucketName": f"{p}-curated-{ACCOUNT}-{REGION}",
-            "ArtifactsBucketName": f"{p}-artifacts-{ACCOUNT}-{REGION}",
-            "CaptureBucketName": f"{p}-capture-{ACCOUNT}-{REGION}",
-            "DataLakeKeyArn": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1111",
-        },
-        "streaming": {
-            "ClusterArn": f"arn:aws:kafka:{REGION}:{ACCOUNT}:cluster/{p}/abc",
-            "Topics": "prediction-events",
-            "DeliveryStreamName": f"{p}-raw-delivery",
-        },
-        "warehouse": {
-            "WarehouseKind": "serverless",
-            "Database": "analytics",
-            "WarehouseRoleArn": f"arn:aws:iam::{ACCOUNT}:role/{p}-warehouse",
-        },
-        "compute": {
-            "ClusterName": p,
-            "TrainingNamespace": "training",
-            "TrainerServiceAccount": "trainer",
-            "TrainerRoleArn": f"arn:aws:iam::{ACCOUNT}:role/{p}-trainer",
-            "TrainingImageUri": f"{ecr}-{ACCOUNT}-{REGION}:0f1e2d",
-            "SageMakerTrainingRoleArn": f"arn:aws:iam::{ACCOUNT}:role/{p}-sagemaker-training",
-            "TrainingSecurityGroupId": "sg-0train",
-            "TrainingSubnetIds": "subnet-0a,subnet-0b,subnet-0c",
-        },
-        "observability": {
-            "OnCallTopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:{p}-oncall",
-            "DashboardName": f"{p}-platform",
-        },
-        "serving": {"EndpointName": f"{p}-llm", "ImageUri": f"{ecr}-{ACCOUNT}-{REGION}:9a8b7c"},
-    }
+    assert DEPLOYED, "the test needs the stack_outputs fixture (tests/kiln_cli/conftest.py)"
+    return copy.deepcopy(DEPLOYED[env])
 
 
 def _template(values: Mapping[str, str]) -> str:
@@ -75,10 +142,10 @@ def _template(values: Mapping[str, str]) -> str:
 
 def deploy_stacks(
     env: str = "dev",
-    components: tuple[str, ...] = COMPONENTS,
-    extra: Mapping[str, Mapping[str, str]] | None = None,
+    components: Sequence[Component] = COMPONENTS,
+    extra: Mapping[Component, Mapping[str, str]] | None = None,
     endpoint_url: str | None = None,
-) -> dict[str, dict[str, str]]:
+) -> dict[Component, dict[str, str]]:
     """Creates the named stacks with kiln's outputs (plus `extra`); returns all outputs."""
     values = outputs(env)
     cloudformation = client("cloudformation", endpoint_url)
@@ -90,7 +157,7 @@ def deploy_stacks(
     return values
 
 
-def update_outputs(component: str, values: Mapping[str, str], env: str = "dev") -> None:
+def update_outputs(component: Component, values: Mapping[str, str], env: str = "dev") -> None:
     client("cloudformation").update_stack(
         StackName=f"kiln-{env}-{component}", TemplateBody=_template(values)
     )

@@ -16,9 +16,12 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from kiln.config import load_settings
+from kiln.contract import Component, Outputs, StackOutput
 from kiln_cli.cli import main
 from kiln_cli.operate.aws import Aws, AwsError, OperateError, cdk_stack_id, explain, parse_s3_uri
 from tests.kiln_cli.support import REGION, deploy_stacks, make_aws, no_credentials
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
 
 
 def client_error(code: str, message: str = "", status: int = 400) -> ClientError:
@@ -76,8 +79,8 @@ def test_iam_actions_are_named_after_the_iam_prefix() -> None:
 
 
 def test_cdk_selects_stage_stacks_by_path() -> None:
-    assert cdk_stack_id(load_settings("dev"), "data-lake") == "dev/DataLake"
-    assert cdk_stack_id(load_settings("prod"), "serving") == "prod/Serving"
+    assert cdk_stack_id(load_settings("dev"), Component.DATA_LAKE) == "dev/DataLake"
+    assert cdk_stack_id(load_settings("prod"), Component.SERVING) == "prod/Serving"
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/", "https://x/y", "s3:///key"])
@@ -89,16 +92,18 @@ def test_s3_uris_are_checked(uri: str) -> None:
 
 @mock_aws
 def test_outputs_come_from_describe_stacks() -> None:
-    deploy_stacks(components=("compute",))
+    deployed = deploy_stacks(components=(Component.COMPUTE,))
     aws = make_aws()
-    assert aws.output("compute", "TrainingSubnetIds") == "subnet-0a,subnet-0b,subnet-0c"
+    subnets = deployed[Component.COMPUTE][Outputs.TRAINING_SUBNET_IDS.key]
+    assert aws.output(Outputs.TRAINING_SUBNET_IDS) == subnets
+    assert len(subnets.split(",")) == 3 and all(s.startswith("subnet-") for s in subnets.split(","))
     with pytest.raises(OperateError) as caught:
-        aws.output("serving", "EndpointName")
+        aws.output(Outputs.ENDPOINT_NAME)
     message = str(caught.value)
     assert "stack kiln-dev-serving is not deployed in us-east-1" in message
     assert "npx cdk deploy dev/Serving -c env=dev" in message
     with pytest.raises(OperateError, match=r"has no output Nope: .*deploy it again"):
-        aws.output("compute", "Nope")
+        aws.output(StackOutput(Component.COMPUTE, "Nope"))
 
 
 @mock_aws
@@ -109,7 +114,7 @@ def test_other_describe_stacks_failures_are_not_taken_for_a_missing_stack() -> N
     with stubber:
         aws = make_aws(clients={"cloudformation": cloudformation})
         with pytest.raises(AwsError, match="may not call cloudformation:DescribeStacks"):
-            aws.stack("network")
+            aws.stack(Component.NETWORK)
 
 
 @mock_aws

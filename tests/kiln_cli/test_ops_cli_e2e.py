@@ -25,6 +25,8 @@ from tests.kiln_cli.support import (
     put_object,
 )
 
+pytestmark = pytest.mark.usefixtures("stack_outputs")
+
 KILN = Path(sys.executable).parent / "kiln"
 
 

@@ -22,6 +22,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from kiln.config import load_settings
+from kiln.contract import Component, Outputs
 from kiln_cli.cli import main
 from kiln_cli.operate import deploy
 from kiln_cli.operate.aws import OperateError
@@ -41,6 +42,8 @@ from tests.kiln_cli.support import (
     put_object,
     update_outputs,
 )
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
 
 STARTED = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 ENDPOINT = "kiln-dev-llm"
@@ -83,7 +86,7 @@ def _deploy(aws: Any, runner: Runner, artifact: str = NEW_ARTIFACT) -> tuple[dep
 
 
 def _serving_platform() -> None:
-    deploy_stacks(components=("data-lake", "observability", "serving"))
+    deploy_stacks(components=(Component.DATA_LAKE, Component.OBSERVABILITY, Component.SERVING))
     create_buckets()
     put_object(ARTIFACT)
     put_object(NEW_ARTIFACT)
@@ -107,7 +110,8 @@ def test_a_healthy_model_is_promoted() -> None:
 
     def cloudformation_updates_the_endpoint() -> None:
         create_endpoint(ENDPOINT, NEW_ARTIFACT, "v2")
-        update_outputs("serving", {**outputs()["serving"], "ModelArtifact": NEW_ARTIFACT})
+        serving = outputs()[Component.SERVING]
+        update_outputs(Component.SERVING, {**serving, Outputs.MODEL_ARTIFACT.key: NEW_ARTIFACT})
 
     runner = Runner(effect=cloudformation_updates_the_endpoint)
     outcome, log = _deploy(make_aws(), runner)
@@ -344,7 +348,7 @@ def test_a_missing_artifact_is_named(
 
 @mock_aws
 def test_deploy_needs_the_serving_stack(capsys: pytest.CaptureFixture[str]) -> None:
-    deploy_stacks(components=("data-lake",))
+    deploy_stacks(components=(Component.DATA_LAKE,))
     create_buckets()
     put_object(NEW_ARTIFACT)
     assert main(["deploy-model", "--env", "dev", "--artifact", NEW_ARTIFACT]) == 1

@@ -19,6 +19,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.sagemakerruntime.models import sagemakerruntime_backends
 
+from kiln.contract import Component
 from kiln_cli.cli import main
 from kiln_cli.operate import invoke
 from kiln_cli.operate.aws import OperateError
@@ -31,6 +32,8 @@ from tests.kiln_cli.support import (
     payload_part,
     stream_exception,
 )
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
 
 ENDPOINT = "kiln-dev-llm"
 SSE = (
@@ -111,7 +114,7 @@ def runtime() -> Iterator[Any]:
 def test_invoke_sends_inputs_and_parameters_and_prints_the_text(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     answer = {
         "generated_text": " world",
         "finish_reason": "length",
@@ -146,7 +149,7 @@ def test_invoke_sends_inputs_and_parameters_and_prints_the_text(
 
 @mock_aws
 def test_an_answer_that_is_not_kilns_json_is_named() -> None:
-    deploy_stacks(components=("serving",))  # moto's default answer is the text "body"
+    deploy_stacks(components=(Component.SERVING,))  # moto's default answer is the text "body"
     with pytest.raises(OperateError, match="answered something other than kiln's JSON: 'body'"):
         invoke.invoke(make_aws(), "hi", {})
 
@@ -158,7 +161,7 @@ def _stubbed_runtime() -> tuple[Any, Stubber]:
 
 @mock_aws
 def test_a_missing_endpoint_says_to_deploy_a_model() -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     client, stubber = _stubbed_runtime()
     stubber.add_client_error(
         "invoke_endpoint",
@@ -171,7 +174,7 @@ def test_a_missing_endpoint_says_to_deploy_a_model() -> None:
 
 @mock_aws
 def test_the_servers_own_error_is_shown() -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     client, stubber = _stubbed_runtime()
     body = {"error": {"code": "invalid_parameter", "message": "parameters.top_p: must be <= 1"}}
     stubber.add_client_error(
@@ -191,7 +194,7 @@ def test_the_servers_own_error_is_shown() -> None:
 
 @mock_aws
 def test_the_stream_request_asks_for_server_sent_events() -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     client, stubber = _stubbed_runtime()
     stubber.add_response(
         "invoke_endpoint_with_response_stream",
@@ -214,7 +217,7 @@ def test_the_stream_request_asks_for_server_sent_events() -> None:
 def test_streamed_tokens_are_printed_as_they_arrive(
     runtime: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     runtime.stream = b"".join(_parts(SSE))
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
     pieces: list[str] = []
@@ -254,7 +257,7 @@ def test_streamed_tokens_are_printed_as_they_arrive(
 def test_a_stream_that_breaks_says_why(
     stream: bytes, message: str, runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     runtime.stream = stream
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
     with pytest.raises(OperateError) as caught:
@@ -264,7 +267,7 @@ def test_a_stream_that_breaks_says_why(
 
 @mock_aws
 def test_access_denied_names_the_action() -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     client, stubber = _stubbed_runtime()
     stubber.add_client_error("invoke_endpoint", "AccessDeniedException", "not authorized", 400)
     with stubber, pytest.raises(OperateError, match="may not call sagemaker:InvokeEndpoint"):

@@ -7,6 +7,7 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from kiln.contract import Component
 from kiln_cli.cli import main
 from kiln_cli.operate import status
 from tests.kiln_cli.support import (
@@ -18,6 +19,8 @@ from tests.kiln_cli.support import (
     deploy_stacks,
     make_aws,
 )
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
 
 
 def _create_jobs(names: list[str]) -> None:
@@ -39,7 +42,15 @@ def _create_jobs(names: list[str]) -> None:
 
 @mock_aws
 def test_status_shows_stacks_endpoint_alarms_and_jobs(capsys: pytest.CaptureFixture[str]) -> None:
-    deploy_stacks(components=("network", "data-lake", "compute", "observability", "serving"))
+    deploy_stacks(
+        components=(
+            Component.NETWORK,
+            Component.DATA_LAKE,
+            Component.COMPUTE,
+            Component.OBSERVABILITY,
+            Component.SERVING,
+        )
+    )
     create_endpoint("kiln-dev-llm", ARTIFACT, "v1")
     create_rollback_alarms("kiln-dev-llm")
     _create_jobs([f"kiln-dev-train-2025010{i}-000000" for i in range(1, 8)] + ["kiln-prod-x-1"])
@@ -69,13 +80,13 @@ def test_status_shows_stacks_endpoint_alarms_and_jobs(capsys: pytest.CaptureFixt
 
 @mock_aws
 def test_status_before_serving_and_before_a_model(capsys: pytest.CaptureFixture[str]) -> None:
-    deploy_stacks(components=("network",))
+    deploy_stacks(components=(Component.NETWORK,))
     assert main(["status", "--env", "dev"]) == 0
     out = capsys.readouterr().out
     assert "  status           serving stack not deployed" in out
     assert "training jobs (SageMaker, latest first, names kiln-dev-*)\n  none\n" in out
 
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     report = status.gather(make_aws())
     assert dict(report.endpoint)["status"].startswith("no endpoint yet (deploy a model: kiln")
 
@@ -84,7 +95,7 @@ def test_status_before_serving_and_before_a_model(capsys: pytest.CaptureFixture[
 def test_a_section_it_cannot_read_is_named_and_fails_the_command(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    deploy_stacks(components=("serving",))
+    deploy_stacks(components=(Component.SERVING,))
     # Stubber: moto grants every call, so the denial is stubbed.
     sagemaker = boto3.client("sagemaker", region_name=REGION)
     stubber = Stubber(sagemaker)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from moto import mock_aws
 
+from kiln.contract import Component, Outputs
 from kiln_cli.cli import main
 from kiln_cli.operate import train
 from kiln_cli.operate.aws import OperateError
@@ -25,16 +26,20 @@ from tests.kiln_cli.support import (
     put_object,
 )
 
+pytestmark = pytest.mark.usefixtures("stack_outputs")
+
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2025, 5, 1, 12, 0, 0, tzinfo=UTC)
 CURATED = f"kiln-dev-curated-{ACCOUNT}-{REGION}"
 ARTIFACTS = f"kiln-dev-artifacts-{ACCOUNT}-{REGION}"
 
 
-def _platform(env: str = "dev") -> None:
-    deploy_stacks(env, components=("data-lake", "compute"))
+def _platform(env: str = "dev") -> dict[str, str]:
+    """The data lake and compute stacks, the buckets and a dataset; the compute outputs."""
+    deployed = deploy_stacks(env, components=(Component.DATA_LAKE, Component.COMPUTE))
     create_buckets(env=env)
     put_object(f"s3://kiln-{env}-curated-{ACCOUNT}-{REGION}/train/shard-0.txt")
+    return deployed[Component.COMPUTE]
 
 
 def test_metric_definitions_match_the_trainers_readme() -> None:
@@ -90,7 +95,7 @@ def test_curated_locations() -> None:
 
 @mock_aws
 def test_sagemaker_job_from_stack_outputs_with_spot_in_dev() -> None:
-    _platform()
+    compute = _platform()
     sent: list[dict[str, Any]] = []
     aws = make_aws()
     aws.client("sagemaker").meta.events.register(
@@ -110,12 +115,14 @@ def test_sagemaker_job_from_stack_outputs_with_spot_in_dev() -> None:
     assert started.artifact == f"s3://{ARTIFACTS}/models/{job}/output/model.tar.gz"
     request = sent[0]
     assert request == started.request
-    assert request["AlgorithmSpecification"]["TrainingImage"] == (
+    image = compute[Outputs.TRAINING_IMAGE_URI.key]
+    assert image.startswith(
         f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets-"
-        f"{ACCOUNT}-{REGION}:0f1e2d"
+        f"{ACCOUNT}-{REGION}:"
     )
+    assert request["AlgorithmSpecification"]["TrainingImage"] == image
     assert request["AlgorithmSpecification"]["MetricDefinitions"][0]["Name"] == "train:loss"
-    assert request["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/kiln-dev-sagemaker-training"
+    assert request["RoleArn"] == compute[Outputs.SAGEMAKER_TRAINING_ROLE_ARN.key]
     assert request["HyperParameters"] == {"max_steps": "200"}
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation"]
     assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == (
@@ -131,9 +138,11 @@ def test_sagemaker_job_from_stack_outputs_with_spot_in_dev() -> None:
         "InstanceCount": 1,
         "VolumeSizeInGB": 100,
     }
+    subnets = compute[Outputs.TRAINING_SUBNET_IDS.key].split(",")
+    assert len(subnets) == 3
     assert request["VpcConfig"] == {
-        "SecurityGroupIds": ["sg-0train"],
-        "Subnets": ["subnet-0a", "subnet-0b", "subnet-0c"],
+        "SecurityGroupIds": [compute[Outputs.TRAINING_SECURITY_GROUP_ID.key]],
+        "Subnets": subnets,
     }
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"] == {
@@ -142,7 +151,7 @@ def test_sagemaker_job_from_stack_outputs_with_spot_in_dev() -> None:
     }
     stored = client("sagemaker").describe_training_job(TrainingJobName=job)
     assert stored["CheckpointConfig"]["S3Uri"] == f"s3://{ARTIFACTS}/checkpoints/{job}/"
-    assert stored["VpcConfig"]["Subnets"] == ["subnet-0a", "subnet-0b", "subnet-0c"]
+    assert stored["VpcConfig"]["Subnets"] == subnets
     assert stored["EnableManagedSpotTraining"] is True
 
 
@@ -171,7 +180,7 @@ def test_an_empty_dataset_prefix_is_refused_before_the_job() -> None:
 def test_train_without_the_compute_stack_says_which_stack(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    deploy_stacks(components=("data-lake",))
+    deploy_stacks(components=(Component.DATA_LAKE,))
     assert main(["train", "--env", "dev", "--on", "sagemaker"]) == 1
     err = capsys.readouterr().err
     assert "kiln train: stack kiln-dev-compute is not deployed" in err
@@ -199,7 +208,7 @@ def test_dry_run_prints_the_request(capsys: pytest.CaptureFixture[str]) -> None:
 
 @mock_aws
 def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixture[str]) -> None:
-    _platform()
+    compute = _platform()
     argv = ["train", "--env", "dev", "--on", "eks", "--name", "llama", "--", "--max-steps", "9"]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -209,9 +218,7 @@ def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixtur
     assert job["metadata"]["namespace"] == "training"
     assert pod["serviceAccountName"] == "trainer"
     container = pod["containers"][0]
-    assert container["image"].endswith(
-        "cdk-hnb659fds-container-assets-123456789012-us-east-1:0f1e2d"
-    )
+    assert container["image"] == compute[Outputs.TRAINING_IMAGE_URI.key]
     command = container["command"] + container.get("args", [])
     data = f"s3://{CURATED}/train/"
     assert command[-6:] == ["-m", "training.train", "--data", data, "--max-steps", "9"]
