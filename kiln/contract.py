@@ -175,11 +175,17 @@ class SageMakerRuntime:
 
     @property
     def log_group(self) -> str:
+        """The log group SageMaker writes this kind's logs to (one per endpoint: `/<name>`)."""
         return f"/aws/sagemaker/{self.kind}"
 
     @property
     def metrics_namespace(self) -> str:
         return f"/aws/sagemaker/{self.kind}"
+
+    def log_streams_arn(self, *, partition: str, region: str, account: str, name: str = "") -> str:
+        """The ARN of the log streams of this kind's log group (of endpoint `name`, if given)."""
+        group = f"{self.log_group}/{name}" if name else self.log_group
+        return f"arn:{partition}:logs:{region}:{account}:log-group:{group}:*"
 
 
 SAGEMAKER_ENDPOINTS = SageMakerRuntime("Endpoints")

@@ -11,6 +11,11 @@ def prefix(settings: Settings) -> str:
     return f"{settings.project}-{settings.name}"
 
 
+def standard_tags(settings: Settings) -> dict[str, str]:
+    """The tags every stack and resource carries (cost allocation, ownership, on-call)."""
+    return {"project": settings.project, "environment": settings.name, "owner": settings.owner}
+
+
 def stack_name(settings: Settings, component: Component) -> str:
     """CloudFormation stack name of one component, e.g. `kiln-dev-network`."""
     return f"{prefix(settings)}-{component}"

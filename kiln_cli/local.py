@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.contract import ServerEnv
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):")
 
@@ -59,8 +61,8 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     # The local loop talks to no Kafka: events are off unless asked for explicitly.
-    env.pop("KILN_EVENTS_CLUSTER_ARN", None)
-    env.pop("KILN_EVENTS_BOOTSTRAP", None)
+    env.pop(ServerEnv.EVENTS_CLUSTER_ARN, None)
+    env.pop(ServerEnv.EVENTS_BOOTSTRAP, None)
     return env
 
 

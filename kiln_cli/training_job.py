@@ -30,22 +30,22 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
+from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
-from platform_constructs import cluster_manifests
 
 Operator = Literal["none", "kubeflow"]
 NcclDebug = Literal["VERSION", "WARN", "INFO", "TRACE"]
 
-# The trainer reads these (issue 6's `python -m training.train`).
-CHECKPOINT_DIR_ENV = "KILN_CHECKPOINT_DIR"
-OUTPUT_DIR_ENV = "KILN_OUTPUT_DIR"
-JOB_NAME_ENV = "KILN_JOB_NAME"
+# The trainer reads these (`python -m training.train`).
+CHECKPOINT_DIR_ENV = TrainerEnv.CHECKPOINT_DIR
+OUTPUT_DIR_ENV = TrainerEnv.OUTPUT_DIR
+JOB_NAME_ENV = TrainerEnv.JOB_NAME
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 RESERVED_ENV = frozenset({CHECKPOINT_DIR_ENV, OUTPUT_DIR_ENV, JOB_NAME_ENV, COMPLETION_INDEX_ENV})
 
 # What the compute stack puts on the GPU node group (taint and labels).
-GPU_TOLERATION = {**cluster_manifests.GPU_TAINT, "operator": "Equal"}
-NODE_POOL_LABEL = cluster_manifests.GPU_POOL_LABEL
+GPU_TOLERATION = {**GPU_TAINT, "operator": "Equal"}
+NODE_POOL_LABEL = GPU_POOL_LABEL
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"

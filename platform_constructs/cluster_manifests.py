@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# The GPU node group's taint and label: the compute stack puts them on the nodes, device
-# plugins and training pods tolerate and select them. Defined once, here.
-GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
-NODE_POOL_LABEL_KEY = "kiln.dev/node-pool"
-GPU_POOL_LABEL = (NODE_POOL_LABEL_KEY, "gpu")
-SYSTEM_POOL_LABEL = (NODE_POOL_LABEL_KEY, "system")
+from kiln.contract import GPU_POOL_LABEL, GPU_TAINT
+
 # The EKS add-on and device-plugin images live in AWS's regional ECR registry account.
 EKS_ECR_ACCOUNT = "602401143452"
 

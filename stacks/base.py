@@ -41,11 +41,6 @@ def removal_policy(settings: Settings) -> RemovalPolicy:
     return RemovalPolicy.DESTROY if settings.removal_policy == "destroy" else RemovalPolicy.RETAIN
 
 
-def standard_tags(settings: Settings) -> dict[str, str]:
-    """The tags every stack and resource carries (cost allocation, ownership, on-call)."""
-    return {"project": settings.project, "environment": settings.name, "owner": settings.owner}
-
-
 class KilnStack(Stack):
     """A stack placed in the environment's account and region with its configured zones.
 
@@ -69,7 +64,7 @@ class KilnStack(Stack):
             stack_name=naming.stack_name(settings, component),
             description=description,
             termination_protection=settings.termination_protection,
-            tags=standard_tags(settings),
+            tags=naming.standard_tags(settings),
         )
         self.settings = settings
 

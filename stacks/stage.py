@@ -5,10 +5,10 @@ from __future__ import annotations
 from aws_cdk import Aspects, Environment, Stage, Tags
 from constructs import Construct
 
+from kiln import naming
 from kiln.contract import Component
 from kiln.settings import Settings
 from platform_constructs.aspects import LogGroupRetention
-from stacks.base import standard_tags
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
@@ -72,6 +72,6 @@ class KilnStage(Stage):
         for stack in (self.streaming, self.warehouse, self.compute, self.serving):
             stack.add_stack_dependency(self.data_lake)
 
-        for key, value in standard_tags(settings).items():
+        for key, value in naming.standard_tags(settings).items():
             Tags.of(self).add(key, value)
         Aspects.of(self).add(LogGroupRetention(settings.log_retention_days))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kiln.contract import TrainerEnv
 from training import checkpoint, sagemaker
 from training.artifact import TARBALL, ArtifactError, save_model_dir, write_tarball
 from training.config import PRESETS, ConfigError, ModelConfig
@@ -47,9 +48,9 @@ from training.tokenizer import ByteTokenizer
 
 log = logging.getLogger("training")
 
-CHECKPOINT_DIR_ENV = "KILN_CHECKPOINT_DIR"
-OUTPUT_DIR_ENV = "KILN_OUTPUT_DIR"
-JOB_NAME_ENV = "KILN_JOB_NAME"
+CHECKPOINT_DIR_ENV = TrainerEnv.CHECKPOINT_DIR
+OUTPUT_DIR_ENV = TrainerEnv.OUTPUT_DIR
+JOB_NAME_ENV = TrainerEnv.JOB_NAME
 EXIT_BAD_INPUT = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 

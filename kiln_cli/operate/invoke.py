@@ -152,6 +152,24 @@ def endpoint_name(aws: Aws) -> str:
     return aws.output(Outputs.ENDPOINT_NAME)
 
 
+def _call_endpoint(aws: Aws, name: str, operation: str, accept: str, body: bytes) -> dict[str, Any]:
+    """One runtime call to endpoint `name`; its failures become advice about the endpoint."""
+    try:
+        return aws.call(
+            "sagemaker-runtime",
+            operation,
+            EndpointName=name,
+            ContentType=JSON,
+            Accept=accept,
+            Body=body,
+        )
+    except AwsError as err:
+        advice = _explain(err, name, aws.settings.name)
+        if advice is None:
+            raise
+        raise advice from err
+
+
 def invoke(
     aws: Aws,
     prompt: str,
@@ -162,20 +180,7 @@ def invoke(
     """InvokeEndpoint; the answer's text, finish reason and token usage."""
     name = endpoint_name(aws)
     started = clock()
-    try:
-        response = aws.call(
-            "sagemaker-runtime",
-            "invoke_endpoint",
-            EndpointName=name,
-            ContentType=JSON,
-            Accept=JSON,
-            Body=request_body(prompt, parameters),
-        )
-    except AwsError as err:
-        advice = _explain(err, name, aws.settings.name)
-        if advice is None:
-            raise
-        raise advice from err
+    response = _call_endpoint(aws, name, "invoke_endpoint", JSON, request_body(prompt, parameters))
     raw = response["Body"].read().decode("utf-8", errors="replace")
     try:
         body = json.loads(raw)
@@ -198,20 +203,8 @@ def stream(
     """InvokeEndpointWithResponseStream; writes each token's text as its event arrives."""
     name = endpoint_name(aws)
     started = clock()
-    try:
-        response = aws.call(
-            "sagemaker-runtime",
-            "invoke_endpoint_with_response_stream",
-            EndpointName=name,
-            ContentType=JSON,
-            Accept=EVENT_STREAM,
-            Body=request_body(prompt, parameters),
-        )
-    except AwsError as err:
-        advice = _explain(err, name, aws.settings.name)
-        if advice is None:
-            raise
-        raise advice from err
+    body = request_body(prompt, parameters)
+    response = _call_endpoint(aws, name, "invoke_endpoint_with_response_stream", EVENT_STREAM, body)
     parser = SseParser()
     pieces: list[str] = []
     final: dict[str, Any] | None = None

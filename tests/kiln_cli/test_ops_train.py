@@ -12,7 +12,7 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from kiln.contract import Component, Outputs
+from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Component, Outputs, TrainerEnv
 from kiln_cli.cli import main
 from kiln_cli.operate import train
 from kiln_cli.operate.aws import OperateError
@@ -224,8 +224,8 @@ def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixtur
     assert command[-6:] == ["-m", "training.train", "--data", data, "--max-steps", "9"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     name = job["metadata"]["name"]
-    assert env["KILN_CHECKPOINT_DIR"] == f"s3://{ARTIFACTS}/checkpoints/{name}/"
-    assert env["KILN_OUTPUT_DIR"] == f"s3://{ARTIFACTS}/models/{name}/"
+    assert env[TrainerEnv.CHECKPOINT_DIR] == f"s3://{ARTIFACTS}/{CHECKPOINTS_PREFIX}{name}/"
+    assert env[TrainerEnv.OUTPUT_DIR] == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{name}/"
     assert "pipe it to kubectl apply -f -" in captured.err
 
 

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kiln.contract import TrainerEnv
 from kiln.gpu_instances import GPU_INSTANCES, lookup
 from kiln_cli.training_job import (
     CHECKPOINT_DIR_ENV,
@@ -353,9 +354,9 @@ def test_shm_is_a_memory_backed_empty_dir_on_dev_shm() -> None:
 
 def test_env_carries_the_trainer_contract() -> None:
     env = env_of(make(nccl_debug="INFO"))
-    assert env["KILN_CHECKPOINT_DIR"] == f"{BUCKET}/checkpoints/llama-pretrain"
-    assert env["KILN_OUTPUT_DIR"] == f"{BUCKET}/models/llama-pretrain"
-    assert env["KILN_JOB_NAME"] == "llama-pretrain"
+    assert env[TrainerEnv.CHECKPOINT_DIR] == f"{BUCKET}/checkpoints/llama-pretrain"
+    assert env[TrainerEnv.OUTPUT_DIR] == f"{BUCKET}/models/llama-pretrain"
+    assert env[TrainerEnv.JOB_NAME] == "llama-pretrain"
     assert env["JOB_COMPLETION_INDEX"] == {
         "fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"

@@ -11,6 +11,7 @@ from cfnlint.api import ManualArgs, lint
 
 from app import build_app
 from kiln.config import load_settings
+from kiln.contract import ServerEnv
 from kiln_policy.assembly import SynthesizedStack, read_assembly
 from kiln_policy.guardrails import check
 from tests.support import ENVIRONMENTS, Synthesis
@@ -101,12 +102,12 @@ def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> 
                 "ModelDataUrl": ARTIFACT.format(env=env),
                 "Environment": Match.object_like(
                     {
-                        "KILN_MODEL_VERSION": "v7",
-                        "KILN_ENDPOINT_NAME": f"kiln-{env}-llm",
-                        "KILN_EVENTS_TOPIC": "prediction-events",
-                        "KILN_ALLOW_RAW_TEXT": "false",
-                        "KILN_EVENTS_CLUSTER_ARN": Match.any_value(),
-                        "KILN_EVENTS_REGION": "us-east-1",
+                        ServerEnv.MODEL_VERSION: "v7",
+                        ServerEnv.ENDPOINT_NAME: f"kiln-{env}-llm",
+                        ServerEnv.EVENTS_TOPIC: "prediction-events",
+                        ServerEnv.ALLOW_RAW_TEXT: "false",
+                        ServerEnv.EVENTS_CLUSTER_ARN: Match.any_value(),
+                        ServerEnv.EVENTS_REGION: "us-east-1",
                     }
                 ),
             }
