@@ -7,7 +7,8 @@ Every resource name and ARN the commands use comes from the deployed stacks' out
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,32 +176,31 @@ class Aws:
             self._clients[service] = boto3.client(service, region_name=self.region, config=config)
         return self._clients[service]
 
-    def call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
-        """One API call (`operation` in boto3's snake_case); failures become `AwsError`."""
-        client = self.client(service)
-        action = self.action(client, operation)
+    @contextmanager
+    def _advised(self, client: Any, operation: str) -> Iterator[None]:
+        """Turns a botocore failure inside the block into the `AwsError` that advises on it."""
         try:
-            response: dict[str, Any] = getattr(client, operation)(**params)
+            yield
         except Exception as err:
-            advice = explain(err, action=action, region=self.region)
+            advice = explain(err, action=self.action(client, operation), region=self.region)
             if advice is None:
                 raise
             raise advice from err
+
+    def call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
+        """One API call (`operation` in boto3's snake_case); failures become `AwsError`."""
+        client = self.client(service)
+        with self._advised(client, operation):
+            response: dict[str, Any] = getattr(client, operation)(**params)
         return response
 
     def pages(self, service: str, operation: str, key: str, **params: Any) -> list[Any]:
         """Every item under `key` across the pages of a paginated call."""
         client = self.client(service)
-        action = self.action(client, operation)
         items: list[Any] = []
-        try:
+        with self._advised(client, operation):
             for page in client.get_paginator(operation).paginate(**params):
                 items.extend(page.get(key, []))
-        except Exception as err:
-            advice = explain(err, action=action, region=self.region)
-            if advice is None:
-                raise
-            raise advice from err
         return items
 
     @staticmethod
