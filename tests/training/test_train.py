@@ -17,7 +17,7 @@ import pytest
 import torch
 from moto import mock_aws
 
-from modeling.artifact import load_model_dir
+from modeling.artifact import MODEL_FILES, load_model_dir
 from tests.training.support import TINY, Run, parse_events, weights
 from training import train
 
@@ -39,7 +39,7 @@ def test_loss_falls_and_the_model_is_written(
     assert start["kernels_compiled"] is True and start["precision"] == "fp32"
     assert float(run.of("train")[-1]["tokens_per_s"]) > 0  # type: ignore[arg-type]
     with tarfile.open(out / "model.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert sorted(tar.getnames()) == sorted(MODEL_FILES)
         assert all(m.mode == 0o644 for m in tar.getmembers())
     model, tok = load_model_dir(out / "model")
     assert model.config.num_layers == 2 and tok.vocab_size == 259
