@@ -214,7 +214,11 @@ def test_byte_fallback_covers_what_the_vocabulary_lacks(built: dict[str, Path]) 
         ("mistral-7b", {"sliding_window": 256}, "unsupported sliding_window 256"),
         (
             "qwen2.5-0.5b",
-            {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 0},
+            {
+                "use_sliding_window": True,
+                "sliding_window": 256,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
             "unsupported sliding_window 256",
         ),
     ],
@@ -263,3 +267,20 @@ def test_missing_or_misshapen_tensors_name_the_file(built: dict[str, Path], tmp_
         match=r"gate_proj\.weight, .*up_proj\.weight are \(344, 128\), \(344, 128\) where",
     ):
         load_model_dir(directory)
+
+
+def test_qwen2_windows_count_only_on_the_layers_that_have_them(tmp_path: Path) -> None:
+    """use_sliding_window with every layer below max_window_layers: no layer has a window, in
+    transformers as here, so the model serves at its full context."""
+    directory = build(
+        "qwen2.5-0.5b",
+        tmp_path / "q",
+        use_sliding_window=True,
+        sliding_window=256,
+        max_window_layers=2,
+    )
+    model, _ = load_model_dir(directory)
+    assert model.config.max_seq_len == 2048
+    ids = _ids(model.config.vocab_size, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_model(directory)(ids).logits, rtol=0, atol=TOL)
