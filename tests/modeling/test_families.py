@@ -284,3 +284,23 @@ def test_qwen2_windows_count_only_on_the_layers_that_have_them(tmp_path: Path) -
     ids = _ids(model.config.vocab_size, 300)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf_model(directory)(ids).logits, rtol=0, atol=TOL)
+
+
+def test_a_chat_template_saved_beside_the_config_is_kept(tmp_path: Path) -> None:
+    """transformers 5's save_pretrained writes chat_template.jinja; kiln reads it as the
+    tokenizer's template and writes it back."""
+    directory = build("qwen2.5-0.5b", tmp_path / "src")
+    saved = transformers.AutoTokenizer.from_pretrained(directory)
+    saved.save_pretrained(tmp_path / "tok")
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        (directory / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    assert "chat_template" not in json.loads((directory / "tokenizer_config.json").read_text())
+    model, tokenizer = load_model_dir(directory)
+    assert isinstance(tokenizer, HFTokenizer)
+    assert tokenizer.config["chat_template"] == (directory / "chat_template.jinja").read_text()
+    out = save_model_dir(model, tokenizer, tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(messages, tokenize=False) == saved.apply_chat_template(
+        messages, tokenize=False
+    )
