@@ -161,7 +161,7 @@ def bpe_dir(tmp_path: Path) -> Path:
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}
+    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}, "add_bos_token": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     eos = [tok.token_to_id("<|end|>"), tok.token_to_id("<|eot|>")]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
