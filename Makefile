@@ -14,7 +14,7 @@ export CDK_DISABLE_CLI_TELEMETRY := true
 ENV ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: help install install-infra install-dev kernels synth synth-all test lint format clean bench-kernels
+.PHONY: help install install-infra install-dev kernels synth synth-all test lint format clean bench-kernels gpu-check
 
 help:
 	@echo "make synth      synthesize every stack of ENV=$(ENV) into cdk.out/ (offline)"
@@ -22,6 +22,7 @@ help:
 	@echo "make test       install, then run the linters and the whole test suite"
 	@echo "make lint       ruff and mypy"
 	@echo "make clean      remove cdk.out/ and caches (keeps .venv and node_modules)"
+	@echo "make gpu-check  on a GPU machine: build, test, sanitize and benchmark the CUDA kernels"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "kiln needs $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -65,6 +66,13 @@ test: lint
 
 bench-kernels: kernels
 	$(BIN)/python -m kernels.bench
+
+# One command for a lent GPU machine (kernels/README.md): device, build for it, every CUDA test,
+# compute-sanitizer, the CUDA benchmark, one log. It installs nothing here first: the machine
+# brings its own CUDA torch (or gets one from the pins). Without a GPU: compile check, exit 2.
+GPU_CHECK_LOG ?= build/gpu-check.log
+gpu-check:
+	python3 -m kernels.gpu_check --log $(GPU_CHECK_LOG)
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.contract import TrainerEnv
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Code-like prompts (the default training corpus is the standard library's source).
@@ -72,7 +74,7 @@ def train_model(out: Path, steps: int, threads: int) -> Path:
         "--job-name", "bench",
     ]  # fmt: skip
     print(f"training: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KILN_CHECKPOINT_DIR": str(out / "ckpt")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), TrainerEnv.CHECKPOINT_DIR: str(out / "ckpt")}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return out / "model"
 

@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kiln.events import MAX_ID_CHARS, PredictionEvent
-from kiln.producer import EventProducer, ProducerConfig
+from kiln.contract import ServerEnv
+from kiln_events.events import MAX_ID_CHARS, PredictionEvent
+from kiln_events.producer import EventProducer, ProducerConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,18 @@ class EventSettings:
             value = env.get(name, "").strip()
             return value or None
 
-        auth = get("KILN_EVENTS_AUTH") or "iam"
+        auth = get(ServerEnv.EVENTS_AUTH) or "iam"
         if auth not in ("iam", "plaintext"):
             raise EventConfigError(f"KILN_EVENTS_AUTH={auth!r}: use iam or plaintext")
         settings = cls(
-            topic=get("KILN_EVENTS_TOPIC"),
-            bootstrap_servers=get("KILN_EVENTS_BOOTSTRAP"),
-            cluster_arn=get("KILN_EVENTS_CLUSTER_ARN"),
-            region=get("KILN_EVENTS_REGION") or get("AWS_REGION") or get("AWS_DEFAULT_REGION"),
+            topic=get(ServerEnv.EVENTS_TOPIC),
+            bootstrap_servers=get(ServerEnv.EVENTS_BOOTSTRAP),
+            cluster_arn=get(ServerEnv.EVENTS_CLUSTER_ARN),
+            region=get(ServerEnv.EVENTS_REGION) or get("AWS_REGION") or get("AWS_DEFAULT_REGION"),
             auth=auth,  # type: ignore[arg-type]
-            allow_raw_text=_flag(env, "KILN_ALLOW_RAW_TEXT"),
-            endpoint_name=(get("KILN_ENDPOINT_NAME") or "local")[:MAX_ID_CHARS],
-            model_version=(get("KILN_MODEL_VERSION") or default_model_version)[:MAX_ID_CHARS],
+            allow_raw_text=_flag(env, ServerEnv.ALLOW_RAW_TEXT),
+            endpoint_name=(get(ServerEnv.ENDPOINT_NAME) or "local")[:MAX_ID_CHARS],
+            model_version=(get(ServerEnv.MODEL_VERSION) or default_model_version)[:MAX_ID_CHARS],
         )
         if settings.topic is None:
             if settings.bootstrap_servers or settings.cluster_arn:

@@ -24,6 +24,7 @@ from inference.engine import Engine, EngineSettings
 from inference.events import EventConfigError, EventPublisher, EventSettings
 from inference.model_dir import ModelDirError, prepare_model_dir
 from inference.schema import MAX_BODY_BYTES
+from kiln.contract import ServerEnv
 
 if TYPE_CHECKING:
     from inference.app import ServerState
@@ -80,7 +81,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--host",
-        default=_env_default(env, "KILN_HOST", "0.0.0.0"),
+        default=_env_default(env, ServerEnv.HOST, "0.0.0.0"),
         help="address to bind (default: 0.0.0.0, the container's network)",
     )
     p.add_argument(
@@ -92,52 +93,52 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batch",
         type=positive_int,
-        default=_env_default(env, "KILN_MAX_BATCH", 32),
+        default=_env_default(env, ServerEnv.MAX_BATCH, 32),
         help="sequences decoded together (KV-cache slots) (default: $KILN_MAX_BATCH or 32)",
     )
     p.add_argument(
         "--max-queue",
         type=non_negative_int,
-        default=_env_default(env, "KILN_MAX_QUEUE", 64),
+        default=_env_default(env, ServerEnv.MAX_QUEUE, 64),
         help="requests waiting for a slot before 503s (default: $KILN_MAX_QUEUE or 64)",
     )
     p.add_argument(
         "--request-timeout",
         type=positive_float,
-        default=_env_default(env, "KILN_REQUEST_TIMEOUT_S", 60.0),
+        default=_env_default(env, ServerEnv.REQUEST_TIMEOUT_S, 60.0),
         help="seconds a request may take, queue included, before a 504 "
         "(default: $KILN_REQUEST_TIMEOUT_S or 60, SageMaker's own limit)",
     )
     p.add_argument(
         "--graceful-timeout",
         type=positive_float,
-        default=_env_default(env, "KILN_GRACEFUL_TIMEOUT_S", DEFAULT_GRACE_S),
+        default=_env_default(env, ServerEnv.GRACEFUL_TIMEOUT_S, DEFAULT_GRACE_S),
         help="seconds SIGTERM waits for in-flight requests (default: $KILN_GRACEFUL_TIMEOUT_S "
         "or 25; SageMaker kills 30 s after SIGTERM)",
     )
     p.add_argument(
         "--max-new-tokens",
         type=positive_int,
-        default=_env_default(env, "KILN_MAX_NEW_TOKENS", None),
+        default=_env_default(env, ServerEnv.MAX_NEW_TOKENS, None),
         help="upper bound on a request's max_new_tokens (default: $KILN_MAX_NEW_TOKENS, else "
         "what the model's context leaves)",
     )
     p.add_argument(
         "--threads",
         type=positive_int,
-        default=_env_default(env, "KILN_THREADS", None),
+        default=_env_default(env, ServerEnv.THREADS, None),
         help="torch CPU threads (default: $KILN_THREADS, else torch's choice)",
     )
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
-        default=_env_default(env, "KILN_DEVICE", "auto"),
+        default=_env_default(env, ServerEnv.DEVICE, "auto"),
         help="where the model runs (default: $KILN_DEVICE or auto: cuda when available)",
     )
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        default=_env_default(env, "KILN_LOG_LEVEL", "info"),
+        default=_env_default(env, ServerEnv.LOG_LEVEL, "info"),
     )
     p.add_argument(
         "--access-log",

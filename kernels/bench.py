@@ -3,13 +3,16 @@
     python -m kernels.bench                  # every op, rows 1 / 64 / 2048 of 4096, fp32 and bf16
     python -m kernels.bench --ops fused_add_rms_norm_ --no-compile
     python -m kernels.bench --alloc          # allocating vs `out` forms, glibc malloc vs tcmalloc
+    python -m kernels.bench --device cuda    # the CUDA kernels (GPU time from CUDA events)
 
 Each time is the best of five batches, the candidates of a row measured in turn (the machines
 are shared: the best batch is the least disturbed one, and a burst hits all candidates alike).
 Ratios compare times of the same run: x_eager = eager / ours, x_compile = compile / ours,
 bw/probe = probe / ours where `probe` is a tensor copy moving the bytes the op must move at least
 (its reads plus its writes), i.e. the fraction of copy bandwidth the op reaches; avx2/best = the
-AVX2 variant's time over the default variant's.
+AVX2 variant's time over the default variant's. On CUDA a batch is timed with CUDA events
+(GPU time, launches included), `probe` is a device-to-device copy, and rows of [2048, 4096]
+(16-32 MiB) may stay in a large GPU's L2 cache for the op and the probe alike.
 """
 
 from __future__ import annotations
@@ -36,6 +39,25 @@ HEAD = 128  # rotary: 32 query heads and 8 key heads of 128 per row (hidden 4096
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 Fn = Callable[[], object]
+# Where the benchmark's tensors live: "cpu" or "cuda" (set by --device).
+DEVICE = "cpu"
+
+
+def _batch_seconds(fn: Fn, n: int) -> float:
+    """Seconds for n calls: wall time on CPU; on CUDA the GPU time between two events around the
+    batch (the calls only enqueue work)."""
+    if DEVICE == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / 1e3
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - t
 
 
 def _batch_size(fn: Fn, budget: float) -> int:
@@ -44,10 +66,7 @@ def _batch_size(fn: Fn, budget: float) -> int:
         fn()
     n, dt = 1, 0.0
     while n < 1 << 20:
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t
+        dt = _batch_seconds(fn, n)
         if dt >= budget / 20:
             break
         n *= 4
@@ -60,14 +79,12 @@ def best_times(fns: dict[str, tuple[Fn, str | None]], budget: float) -> dict[str
     machine lands on all candidates of a round rather than on one candidate's every batch."""
 
     def run(fn: Fn, isa: str | None, n: int) -> float:
+        if not isa:
+            return _batch_seconds(fn, n) / n
         previous = ops.cpu_isa()
-        if isa:
-            ops.set_cpu_isa(isa)
+        ops.set_cpu_isa(isa)
         try:
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - t) / n
+            return _batch_seconds(fn, n) / n
         finally:
             ops.set_cpu_isa(previous)
 
@@ -106,7 +123,7 @@ def wait_for_quiet(max_wait: float) -> None:
 
 def probe(nbytes: int) -> Fn:
     """A copy that reads nbytes / 2 and writes nbytes / 2."""
-    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8)
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
 
@@ -120,7 +137,7 @@ class Case:
 
 
 def rand(*shape: int, dt: torch.dtype, grad: bool = False) -> torch.Tensor:
-    return torch.randn(*shape, dtype=dt).requires_grad_(grad)
+    return torch.randn(*shape, dtype=dt, device=DEVICE).requires_grad_(grad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +216,7 @@ def compile_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def case_silu(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
-    x, out = rand(rows, 2 * HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt)
+    x, out = rand(rows, 2 * HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt, device=DEVICE)
     op = torch.ops.kiln.silu_and_mul_out.default
     return Case(
         3 * out.numel() * out.element_size(),  # read gate and up, write out
@@ -227,8 +244,8 @@ def eager_rotary_inplace(
 def case_rotary(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
     q = rand(rows, HIDDEN // HEAD, HEAD, dt=dt)
     k = rand(rows, HIDDEN // HEAD // 4, HEAD, dt=dt)
-    cache = reference.rope_cache(4096, HEAD, dtype=dt)
-    pos = torch.randint(0, 4096, (rows,))
+    cache = reference.rope_cache(4096, HEAD, dtype=dt, device=DEVICE)
+    pos = torch.randint(0, 4096, (rows,), device=DEVICE)
     op = torch.ops.kiln.rotary_embedding_.default
     return Case(
         2 * (q.numel() + k.numel()) * q.element_size(),  # read and write q and k
@@ -247,8 +264,8 @@ def eager_int8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) ->
 
 
 def case_int8(rows: int, dt: torch.dtype, compiled: Callable | None) -> Case:
-    x, out = rand(rows, HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt)
-    wq, scale = reference.quantize_int8(torch.randn(HIDDEN, HIDDEN))
+    x, out = rand(rows, HIDDEN, dt=dt), torch.empty(rows, HIDDEN, dtype=dt, device=DEVICE)
+    wq, scale = (t.to(DEVICE) for t in reference.quantize_int8(torch.randn(HIDDEN, HIDDEN)))
     op = torch.ops.kiln.int8_linear_out.default
     return Case(
         wq.numel() + 2 * x.numel() * x.element_size(),  # the int8 weights, x and out
@@ -270,6 +287,7 @@ class OpBench:
     make: Callable[[int, torch.dtype, Callable | None], Case]
     compile_fn: Callable
     rows: tuple[int, ...] = ROWS
+    cuda_rows: tuple[int, ...] = ROWS  # on CUDA (int8: prefill too, the tiled kernels)
 
 
 OPS: dict[str, OpBench] = {
@@ -301,6 +319,7 @@ OPS: dict[str, OpBench] = {
         case_int8,
         eager_int8_linear,
         (1, 64),
+        (1, 8, 64, 2048),
     ),
 }
 
@@ -314,7 +333,12 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def run_op(
-    name: str, use_compile: bool, budget: float, second_isa: str | None, quiet: float
+    name: str,
+    use_compile: bool,
+    budget: float,
+    second_isa: str | None,
+    quiet: float,
+    dtypes: dict[str, torch.dtype],
 ) -> None:
     bench = OPS[name]
     compiled = torch.compile(bench.compile_fn, fullgraph=True) if use_compile else None
@@ -338,8 +362,8 @@ def run_op(
     print(f"\n## {bench.title}")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for rows in bench.rows:
-        for dname, dt in DTYPES.items():
+    for rows in bench.cuda_rows if DEVICE == "cuda" else bench.rows:
+        for dname, dt in dtypes.items():
             case = bench.make(rows, dt, compiled)
             if case.compiled:
                 case.compiled()  # compile outside the quiet window
@@ -543,6 +567,16 @@ def main(argv: list[str] | None = None) -> int:
         "--ops", nargs="*", choices=[*sorted(OPS), "decode"], default=[*OPS, "decode"]
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the tensors live"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="*",
+        choices=[*DTYPES, "fp16"],
+        default=None,
+        help="default: fp32 bf16 (and fp16 on CUDA)",
+    )
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
     parser.add_argument("--alloc", action="store_true", help="only the allocator comparison")
     parser.add_argument("--alloc-row", action="store_true", help=argparse.SUPPRESS)
@@ -559,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        return main_cuda(args)
     if args.alloc_row:  # one row of the allocator table, in a process with LD_PRELOAD set
         print(run_alloc(args.budget))
         return 0
@@ -597,13 +633,46 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stdout.strip().splitlines()[-1], flush=True)
         return 0
     second = "avx2" if "avx2" in isas and ops.cpu_isa() != "avx2" else None
+    dtypes = {k: ALL_DTYPES[k] for k in args.dtypes} if args.dtypes else DTYPES
     for name in args.ops:
         if name in OPS:
-            run_op(name, not args.no_compile, args.budget, second, args.quiet_wait)
+            run_op(name, not args.no_compile, args.budget, second, args.quiet_wait, dtypes)
     if "fused_add_rms_norm_" in args.ops:
         run_decode_latency(args.budget)
     if "decode" in args.ops:
         run_decode_ops(args.budget)
+    return 0
+
+
+ALL_DTYPES = {**DTYPES, "fp16": torch.float16}
+
+
+def main_cuda(args: argparse.Namespace) -> int:
+    """The same tables for CUDA tensors: ours vs eager vs torch.compile vs a device copy."""
+    global DEVICE
+    if not torch.cuda.is_available():
+        print("no CUDA device: --device cuda needs a GPU and a CUDA torch", file=sys.stderr)
+        return 1
+    if not ops.HAVE_CUDA_KERNELS:
+        print(
+            "the kiln extension was built without CUDA kernels (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda})",
+            file=sys.stderr,
+        )
+        return 1
+    DEVICE = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), {props.name}, "
+        f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, compute "
+        f"capability {props.major}.{props.minor}; times from CUDA events"
+    )
+    dtypes = {k: ALL_DTYPES[k] for k in args.dtypes} if args.dtypes else dict(ALL_DTYPES)
+    for name in args.ops:
+        if name in OPS:
+            run_op(name, not args.no_compile, args.budget, None, 0.0, dtypes)
+    if "decode" in args.ops:
+        print("\n(panel_linear and decode_attention are CPU-only ops: not run on CUDA)")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Pure-PyTorch versions of every kiln op: the tests' truth and the fallback without the extension.
 
-Arithmetic is in float32 for bfloat16 inputs (float64 stays float64) with one rounding at the end,
-as the kernels do. Functions named with a trailing underscore or `_out` mutate their arguments
-exactly as the compiled ops do.
+Arithmetic is in float32 for bfloat16 and float16 inputs (float64 stays float64) with one rounding
+at the end, as the kernels do. Functions named with a trailing underscore or `_out` mutate their
+arguments exactly as the compiled ops do.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 CSRC = "csrc"  # relative: setuptools wants relative source paths
 
-# Two compile jobs unless told otherwise: the development machines have two shared cores.
-os.environ.setdefault("MAX_JOBS", "2")
+# Without TORCH_CUDA_ARCH_LIST torch builds for the GPUs it sees, and fails where it sees none
+# (CI, image builds). The default covers A100/A10/L4/H100/H200 with machine code, plus PTX of
+# the newest for GPUs after them (the driver compiles it at load).
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 CPU_SOURCES = [
     f"{CSRC}/registration.cpp",
@@ -65,8 +67,15 @@ def want_cuda() -> bool:
     return have
 
 
+def cuda_arch_list(env: dict[str, str]) -> str:
+    """The architectures to build for: TORCH_CUDA_ARCH_LIST when set, else the default."""
+    return env.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+
+
 def extension():  # type: ignore[no-untyped-def]
     if want_cuda():
+        # torch's build reads the list from the environment when it runs nvcc.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(dict(os.environ))
         return CUDAExtension(
             "kernels._C",
             [*CPU_SOURCES, f"{CSRC}/cuda/ops_cuda.cpp", f"{CSRC}/cuda/kernels.cu"],
@@ -89,13 +98,16 @@ class BuildPy(build_py):  # type: ignore[misc]
         return [m for m in modules if m[1] != "setup"]
 
 
-setup(
-    # The repository's kernels/ directory is the `kernels` package itself.
-    packages=["kernels"],
-    package_dir={"kernels": "."},
-    ext_modules=[extension()],
-    cmdclass={
-        "build_py": BuildPy,
-        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None),
-    },
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    # Two compile jobs unless told otherwise: the development machines have two shared cores.
+    os.environ.setdefault("MAX_JOBS", "2")
+    setup(
+        # The repository's kernels/ directory is the `kernels` package itself.
+        packages=["kernels"],
+        package_dir={"kernels": "."},
+        ext_modules=[extension()],
+        cmdclass={
+            "build_py": BuildPy,
+            "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None),
+        },
+    )

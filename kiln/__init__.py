@@ -1,1 +1,2 @@
-"""kiln's shared core: the settings schema for `config/`, naming, guardrails and the `kiln` tool."""
+"""kiln's platform core: the settings schema for `config/`, config loading, naming, the GPU catalog
+and the contract of names that cross runtimes. It imports no boto3, CDK or torch."""

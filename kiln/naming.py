@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kiln.contract import LAKE_ZONES, Component
 from kiln.settings import Settings
 
 
@@ -10,7 +11,12 @@ def prefix(settings: Settings) -> str:
     return f"{settings.project}-{settings.name}"
 
 
-def stack_name(settings: Settings, component: str) -> str:
+def standard_tags(settings: Settings) -> dict[str, str]:
+    """The tags every stack and resource carries (cost allocation, ownership, on-call)."""
+    return {"project": settings.project, "environment": settings.name, "owner": settings.owner}
+
+
+def stack_name(settings: Settings, component: Component) -> str:
     """CloudFormation stack name of one component, e.g. `kiln-dev-network`."""
     return f"{prefix(settings)}-{component}"
 
@@ -18,11 +24,6 @@ def stack_name(settings: Settings, component: str) -> str:
 def kms_alias(settings: Settings, purpose: str) -> str:
     """KMS alias of a key, e.g. `alias/kiln/dev/data-lake`."""
     return f"alias/{settings.project}/{settings.name}/{purpose}"
-
-
-# The data lake's zones; their buckets are named so that other stacks, the `kiln` tool and
-# SageMaker can address them without reading CloudFormation outputs.
-LAKE_ZONES = ("raw", "curated", "artifacts", "capture", "access-logs")
 
 
 def bucket_name(settings: Settings, zone: str, *, account: str, region: str) -> str:

@@ -14,15 +14,15 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from kiln import cluster_manifests
+from kiln import contract
 
 GPU_TAINT = eks.TaintSpec(
     effect=eks.TaintEffect.NO_SCHEDULE,
-    key=cluster_manifests.GPU_TAINT["key"],
-    value=cluster_manifests.GPU_TAINT["value"],
+    key=contract.GPU_TAINT["key"],
+    value=contract.GPU_TAINT["value"],
 )
-GPU_POOL_LABELS = dict([cluster_manifests.GPU_POOL_LABEL])
-SYSTEM_POOL_LABELS = dict([cluster_manifests.SYSTEM_POOL_LABEL])
+GPU_POOL_LABELS = dict([contract.GPU_POOL_LABEL])
+SYSTEM_POOL_LABELS = dict([contract.SYSTEM_POOL_LABEL])
 CONTROL_PLANE_LOGS = [
     eks.ClusterLoggingTypes.API,
     eks.ClusterLoggingTypes.AUDIT,

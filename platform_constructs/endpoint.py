@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Acknowledgment, Aws, Duration, Validations
+from aws_cdk import Aws, Duration, Validations
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
@@ -16,7 +16,9 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
+from kiln.contract import SAGEMAKER_ENDPOINTS, capture_prefix
 from platform_constructs.nag import wildcard_resource
+from platform_constructs.sagemaker_execution import execution_statements
 
 VARIANT = "AllTraffic"  # blue/green needs the same variant name in every endpoint config
 KAFKA_IAM_PORT = 9098
@@ -184,12 +186,14 @@ class GuardedEndpoint(Construct):
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
             description=f"{endpoint_name}: SageMaker model execution",
         )
-        capture_prefix = f"endpoints/{endpoint_name}"
-        logs_arn = (
-            f"arn:{Aws.PARTITION}:logs:{Aws.REGION}:{Aws.ACCOUNT_ID}:log-group:"
-            f"/aws/sagemaker/Endpoints/{endpoint_name}:*"
+        capture_root = capture_prefix(endpoint_name)
+        logs_arn = SAGEMAKER_ENDPOINTS.log_streams_arn(
+            partition=Aws.PARTITION, region=Aws.REGION, account=Aws.ACCOUNT_ID, name=endpoint_name
         )
-        capture_objects = capture_bucket.arn_for_objects(f"{capture_prefix}/*")
+        runtime = execution_statements(
+            SAGEMAKER_ENDPOINTS, repository=image_repository, logs_arn=logs_arn
+        )
+        capture_objects = capture_bucket.arn_for_objects(f"{capture_root}/*")
         self.policy = iam.ManagedPolicy(
             self,
             "ExecutionPolicy",
@@ -202,56 +206,14 @@ class GuardedEndpoint(Construct):
                 iam.PolicyStatement(
                     actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[artifact_key.key_arn]
                 ),
-                iam.PolicyStatement(
-                    actions=[
-                        "ecr:BatchGetImage",
-                        "ecr:GetDownloadUrlForLayer",
-                        "ecr:BatchCheckLayerAvailability",
-                    ],
-                    resources=[image_repository.repository_arn],
-                ),
-                # The three actions below take no resource ARN (AWS documents "*").
-                iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
-                iam.PolicyStatement(
-                    actions=["cloudwatch:PutMetricData"],
-                    resources=["*"],
-                    conditions={
-                        "StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/Endpoints"}
-                    },
-                ),
-                iam.PolicyStatement(
-                    actions=[
-                        "ec2:CreateNetworkInterface",
-                        "ec2:CreateNetworkInterfacePermission",
-                        "ec2:DeleteNetworkInterface",
-                        "ec2:DeleteNetworkInterfacePermission",
-                        "ec2:DescribeNetworkInterfaces",
-                        "ec2:DescribeVpcs",
-                        "ec2:DescribeDhcpOptions",
-                        "ec2:DescribeSubnets",
-                        "ec2:DescribeSecurityGroups",
-                    ],
-                    resources=["*"],
-                ),
-                iam.PolicyStatement(
-                    actions=[
-                        "logs:CreateLogGroup",
-                        "logs:CreateLogStream",
-                        "logs:PutLogEvents",
-                        "logs:DescribeLogStreams",
-                    ],
-                    resources=[logs_arn],
-                ),
+                runtime.pull_image,
+                *runtime.unscoped,
+                runtime.write_logs,
                 *extra_statements,
             ],
         )
         Validations.of(self.policy).acknowledge(
-            Acknowledgment(
-                id="AwsSolutions-IAM5[Resource::*]",
-                reason="ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by a "
-                "namespace condition) and the VPC network-interface actions take no resource "
-                "ARN; every other statement names its resources.",
-            ),
+            runtime.acknowledgment,
             wildcard_resource(
                 self,
                 capture_objects,
@@ -300,7 +262,7 @@ class GuardedEndpoint(Construct):
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
                 enable_capture=capture_percent > 0,
                 initial_sampling_percentage=max(capture_percent, 1),
-                destination_s3_uri=f"s3://{capture_bucket.bucket_name}/{capture_prefix}",
+                destination_s3_uri=f"s3://{capture_bucket.bucket_name}/{capture_root}",
                 kms_key_id=artifact_key.key_arn,
                 capture_options=[
                     sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode="Input"),

@@ -10,6 +10,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from kiln.contract import errors_prefix, events_prefix
 from platform_constructs.msk import MskCluster
 from platform_constructs.nag import wildcard_resource
 
@@ -61,11 +62,8 @@ class MskToS3Delivery(Construct):
             ),
             description=f"Firehose: MSK topic {topic} to {bucket.node.id}",
         )
-        prefix = f"events/{topic}"
-        objects = [
-            bucket.arn_for_objects(f"{prefix}/*"),
-            bucket.arn_for_objects(f"errors/{topic}/*"),
-        ]
+        prefix, errors = events_prefix(topic), errors_prefix(topic)
+        objects = [bucket.arn_for_objects(f"{prefix}/*"), bucket.arn_for_objects(f"{errors}/*")]
         self.policy = iam.ManagedPolicy(
             self,
             "Policy",
@@ -124,9 +122,7 @@ class MskToS3Delivery(Construct):
                 bucket_arn=bucket.bucket_arn,
                 role_arn=self.role.role_arn,
                 prefix=partitioned_prefix(prefix),
-                error_output_prefix=partitioned_prefix(
-                    f"errors/{topic}/!{{firehose:error-output-type}}"
-                ),
+                error_output_prefix=partitioned_prefix(f"{errors}/!{{firehose:error-output-type}}"),
                 buffering_hints=firehose.CfnDeliveryStream.BufferingHintsProperty(
                     interval_in_seconds=buffer_interval_seconds, size_in_m_bs=buffer_size_mib
                 ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from aws_cdk import Acknowledgment, Duration, RemovalPolicy, Validations
 from aws_cdk import aws_kms as kms
@@ -17,6 +18,17 @@ _REPLICATION_ACK = Acknowledgment(
     "in a second region; versioning, RETAIN in prod and noncurrent-version expiry protect "
     "objects in this region.",
 )
+
+
+# What every kiln bucket is, whatever its encryption: TLS 1.2+ only, no public access, no ACLs,
+# versioned.
+_POSTURE: dict[str, Any] = {
+    "enforce_ssl": True,
+    "minimum_tls_version": 1.2,
+    "block_public_access": s3.BlockPublicAccess.BLOCK_ALL,
+    "object_ownership": s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+    "versioned": True,
+}
 
 
 def _base_rules(noncurrent_version_expiration: Duration) -> list[s3.LifecycleRule]:
@@ -54,11 +66,7 @@ class AccessLogsBucket(Construct):
             "Bucket",
             bucket_name=bucket_name,
             encryption=s3.BucketEncryption.S3_MANAGED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            versioned=True,
+            **_POSTURE,
             lifecycle_rules=[
                 *_base_rules(noncurrent_version_expiration),
                 s3.LifecycleRule(id="ExpireAccessLogs", expiration=expiration),
@@ -110,11 +118,7 @@ class SecureBucket(Construct):
             encryption=s3.BucketEncryption.KMS,
             encryption_key=encryption_key,
             bucket_key_enabled=True,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            versioned=True,
+            **_POSTURE,
             server_access_logs_bucket=access_logs_bucket,
             server_access_logs_prefix=access_logs_prefix,
             lifecycle_rules=[*_base_rules(noncurrent_version_expiration), *lifecycle_rules],

@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kiln.events import PredictionEvent
-from kiln.producer import EventProducer, ProducerConfig
+from kiln_events.events import PredictionEvent
+from kiln_events.producer import EventProducer, ProducerConfig
 
 TOPIC = "bench-events"
 

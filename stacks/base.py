@@ -9,19 +9,25 @@ from aws_cdk import Environment, IgnoreMode, RemovalPolicy, Stack
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component
 from kiln.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Every workload image carries kiln's contract (the names it shares with the stacks), and
+# nothing else of the platform core.
+CONTRACT_FILES = ("kiln/__init__.py", "kiln/contract.py")
+
+
 def image_context(folders: list[str]) -> dict[str, Any]:
-    """DockerImageAsset options whose build context (the repository) holds only `folders`:
-    the image's hash, and so its rebuilds, follow only what it copies."""
+    """DockerImageAsset options whose build context (the repository) holds only `folders` and
+    the contract files: the image's hash, and so its rebuilds, follow only what it copies."""
     return {
         "ignore_mode": IgnoreMode.DOCKER,
         "exclude": [
             "*",
-            *(f"!{folder}" for folder in folders),
+            *(f"!{path}" for path in (*folders, *CONTRACT_FILES)),
             "**/__pycache__",
             "**/*.so",
             "**/*.egg-info",
@@ -33,11 +39,6 @@ def image_context(folders: list[str]) -> dict[str, Any]:
 def removal_policy(settings: Settings) -> RemovalPolicy:
     """RETAIN unless the environment opts into DESTROY (the schema forbids that in prod)."""
     return RemovalPolicy.DESTROY if settings.removal_policy == "destroy" else RemovalPolicy.RETAIN
-
-
-def standard_tags(settings: Settings) -> dict[str, str]:
-    """The tags every stack and resource carries (cost allocation, ownership, on-call)."""
-    return {"project": settings.project, "environment": settings.name, "owner": settings.owner}
 
 
 class KilnStack(Stack):
@@ -53,7 +54,7 @@ class KilnStack(Stack):
         construct_id: str,
         *,
         settings: Settings,
-        component: str,
+        component: Component,
         description: str,
     ) -> None:
         super().__init__(
@@ -63,7 +64,7 @@ class KilnStack(Stack):
             stack_name=naming.stack_name(settings, component),
             description=description,
             termination_protection=settings.termination_protection,
-            tags=standard_tags(settings),
+            tags=naming.standard_tags(settings),
         )
         self.settings = settings
 

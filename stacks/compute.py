@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import Acknowledgment, CfnOutput, Stack, Validations
+from aws_cdk import CfnOutput, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_eks_v2 as eks
@@ -12,16 +12,25 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from kiln import cluster_manifests, naming
+from kiln import naming
+from kiln.contract import (
+    CHECKPOINTS_PREFIX,
+    MODELS_PREFIX,
+    SAGEMAKER_TRAINING_JOBS,
+    Component,
+    Outputs,
+)
 from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
+from platform_constructs import cluster_manifests
 from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.eks import GpuCluster, NodePool
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.nag import wildcard_resource
+from platform_constructs.sagemaker_execution import execution_statements
 from stacks.base import REPO, KilnStack, image_context, removal_policy
-from stacks.data_lake import CHECKPOINTS_PREFIX, MODELS_PREFIX, lake_bucket
+from stacks.data_lake import lake_bucket
 
 
 class ComputeStack(KilnStack):
@@ -46,7 +55,7 @@ class ComputeStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="compute",
+            component=Component.COMPUTE,
             description=f"kiln {settings.name}: EKS cluster with GPU nodes for training",
         )
         compute = settings.compute
@@ -147,11 +156,11 @@ class ComputeStack(KilnStack):
             self.manifests.security_group, ec2.Port.tcp(443), "Deploy-time object applier"
         )
         self.manifests.resource.node.add_dependency(self.gpu_cluster.system_nodes)
-        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
-        CfnOutput(self, "TrainingNamespace", value=compute.training_namespace)
-        CfnOutput(self, "TrainerServiceAccount", value=compute.trainer_service_account)
-        CfnOutput(self, "TrainerRoleArn", value=self.trainer_role.role_arn)
-        CfnOutput(self, "TrainingImageUri", value=self.training_image.image_uri)
+        CfnOutput(self, Outputs.CLUSTER_NAME.key, value=cluster.cluster_name)
+        CfnOutput(self, Outputs.TRAINING_NAMESPACE.key, value=compute.training_namespace)
+        CfnOutput(self, Outputs.TRAINER_SERVICE_ACCOUNT.key, value=compute.trainer_service_account)
+        CfnOutput(self, Outputs.TRAINER_ROLE_ARN.key, value=self.trainer_role.role_arn)
+        CfnOutput(self, Outputs.TRAINING_IMAGE_URI.key, value=self.training_image.image_uri)
 
     def _trainer_identity(
         self, settings: Settings, cluster: eks.Cluster, lake_key: kms.IKey
@@ -258,64 +267,20 @@ class ComputeStack(KilnStack):
         # Distributed training: the job's hosts talk to each other (rendezvous, NCCL).
         group.add_ingress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
         group.add_egress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
-        logs_arn = (
-            f"arn:{self.partition}:logs:{self.region}:{self.account}:"
-            "log-group:/aws/sagemaker/TrainingJobs:*"
+        logs_arn = SAGEMAKER_TRAINING_JOBS.log_streams_arn(
+            partition=self.partition, region=self.region, account=self.account
+        )
+        statements = execution_statements(
+            SAGEMAKER_TRAINING_JOBS, repository=self.training_image.repository, logs_arn=logs_arn
         )
         runtime = iam.ManagedPolicy(
             self,
             "SageMakerTrainingPolicy",
             roles=[role],
-            statements=[
-                iam.PolicyStatement(
-                    actions=[
-                        "ecr:BatchGetImage",
-                        "ecr:GetDownloadUrlForLayer",
-                        "ecr:BatchCheckLayerAvailability",
-                    ],
-                    resources=[self.training_image.repository.repository_arn],
-                ),
-                iam.PolicyStatement(
-                    actions=[
-                        "logs:CreateLogGroup",
-                        "logs:CreateLogStream",
-                        "logs:PutLogEvents",
-                        "logs:DescribeLogStreams",
-                    ],
-                    resources=[logs_arn],
-                ),
-                # These take no resource ARN (AWS documents "*").
-                iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
-                iam.PolicyStatement(
-                    actions=["cloudwatch:PutMetricData"],
-                    resources=["*"],
-                    conditions={
-                        "StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}
-                    },
-                ),
-                iam.PolicyStatement(
-                    actions=[
-                        "ec2:CreateNetworkInterface",
-                        "ec2:CreateNetworkInterfacePermission",
-                        "ec2:DeleteNetworkInterface",
-                        "ec2:DeleteNetworkInterfacePermission",
-                        "ec2:DescribeNetworkInterfaces",
-                        "ec2:DescribeVpcs",
-                        "ec2:DescribeDhcpOptions",
-                        "ec2:DescribeSubnets",
-                        "ec2:DescribeSecurityGroups",
-                    ],
-                    resources=["*"],
-                ),
-            ],
+            statements=[statements.pull_image, statements.write_logs, *statements.unscoped],
         )
         Validations.of(runtime).acknowledge(
-            Acknowledgment(
-                id="AwsSolutions-IAM5[Resource::*]",
-                reason="ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by a "
-                "namespace condition) and the VPC network-interface actions take no resource "
-                "ARN; every other statement names its resources.",
-            ),
+            statements.acknowledgment,
             wildcard_resource(
                 self,
                 logs_arn,
@@ -323,11 +288,11 @@ class ComputeStack(KilnStack):
                 "which SageMaker names per job and host.",
             ),
         )
-        CfnOutput(self, "SageMakerTrainingRoleArn", value=role.role_arn)
-        CfnOutput(self, "TrainingSecurityGroupId", value=group.security_group_id)
+        CfnOutput(self, Outputs.SAGEMAKER_TRAINING_ROLE_ARN.key, value=role.role_arn)
+        CfnOutput(self, Outputs.TRAINING_SECURITY_GROUP_ID.key, value=group.security_group_id)
         CfnOutput(
             self,
-            "TrainingSubnetIds",
+            Outputs.TRAINING_SUBNET_IDS.key,
             value=",".join(
                 vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
             ),

@@ -7,14 +7,11 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import CHECKPOINTS_PREFIX, Component, Outputs, lake_bucket_output
 from kiln.settings import DataLakeSettings, Settings
 from platform_constructs.kms import PlatformKey
 from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
 from stacks.base import KilnStack, removal_policy
-
-# Prefixes inside the artifacts bucket that training writes and serving reads.
-CHECKPOINTS_PREFIX = "checkpoints/"
-MODELS_PREFIX = "models/"
 
 
 def _days(value: int | None) -> Duration | None:
@@ -84,7 +81,7 @@ class DataLakeStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="data-lake",
+            component=Component.DATA_LAKE,
             description=f"kiln {settings.name}: data lake buckets (raw, curated, artifacts, "
             "capture) and their KMS key",
         )
@@ -119,9 +116,9 @@ class DataLakeStack(KilnStack):
                 noncurrent_version_expiration=noncurrent,
                 lifecycle_rules=rules,
             ).bucket
-            CfnOutput(self, f"{zone}BucketName", value=buckets[zone].bucket_name)
+            CfnOutput(self, lake_bucket_output(zone.lower()).key, value=buckets[zone].bucket_name)
         self.raw = buckets["Raw"]
         self.curated = buckets["Curated"]
         self.artifacts = buckets["Artifacts"]
         self.capture = buckets["Capture"]
-        CfnOutput(self, "DataLakeKeyArn", value=self.key.key_arn)
+        CfnOutput(self, Outputs.DATA_LAKE_KEY_ARN.key, value=self.key.key_arn)

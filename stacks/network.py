@@ -6,6 +6,7 @@ from aws_cdk import CfnOutput
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component, Outputs
 from kiln.settings import Settings
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
@@ -21,7 +22,7 @@ class NetworkStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="network",
+            component=Component.NETWORK,
             description=f"kiln {settings.name}: VPC, subnets, NAT, flow logs, VPC endpoints",
         )
         self.log_key = PlatformKey(
@@ -48,4 +49,4 @@ class NetworkStack(KilnStack):
             interface_endpoints=WORKLOAD_INTERFACE_ENDPOINTS if network.interface_endpoints else {},
         )
         self.vpc = self.platform_vpc.vpc
-        CfnOutput(self, "VpcId", value=self.vpc.vpc_id)
+        CfnOutput(self, Outputs.VPC_ID.key, value=self.vpc.vpc_id)

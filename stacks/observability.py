@@ -10,6 +10,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component, Outputs
 from kiln.settings import Settings
 from platform_constructs.endpoint import VARIANT, RollbackAlarms, RollbackThresholds
 from platform_constructs.kms import PlatformKey
@@ -53,7 +54,7 @@ class ObservabilityStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="observability",
+            component=Component.OBSERVABILITY,
             description=f"kiln {settings.name}: alarms, on-call topic and dashboard",
         )
         self.key = PlatformKey(
@@ -132,8 +133,8 @@ class ObservabilityStack(KilnStack):
             alarm.add_alarm_action(notify)
             alarm.add_ok_action(notify)
         self.dashboard = self._dashboard(settings, endpoint, cluster, freshness)
-        CfnOutput(self, "OnCallTopicArn", value=self.topic.topic_arn)
-        CfnOutput(self, "DashboardName", value=self.dashboard.dashboard_name)
+        CfnOutput(self, Outputs.ON_CALL_TOPIC_ARN.key, value=self.topic.topic_arn)
+        CfnOutput(self, Outputs.DASHBOARD_NAME.key, value=self.dashboard.dashboard_name)
 
     def _dashboard(
         self, settings: Settings, endpoint: str, cluster: str, freshness: cloudwatch.Metric

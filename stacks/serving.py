@@ -13,6 +13,7 @@ from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
@@ -51,7 +52,7 @@ class ServingStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="serving",
+            component=Component.SERVING,
             description=f"kiln {settings.name}: inference image and SageMaker endpoint",
         )
         serving = settings.serving
@@ -68,8 +69,8 @@ class ServingStack(KilnStack):
             directory=str(REPO),
             file="inference/Dockerfile",
             platform=ecr_assets.Platform.LINUX_AMD64,
-            # The server imports kiln (events), modeling (the model) and the kernels.
-            **image_context(["kernels", "kiln", "modeling", "inference"]),
+            # The server imports kiln_events, modeling (the model) and the kernels.
+            **image_context(["kernels", "kiln_events", "modeling", "inference"]),
         )
         name = naming.endpoint_name(settings)
         self.endpoint: GuardedEndpoint | None = None
@@ -113,12 +114,12 @@ class ServingStack(KilnStack):
                     else None,
                 ),
                 environment={
-                    "KILN_MODEL_VERSION": model_version(serving.model_artifact),
-                    "KILN_ENDPOINT_NAME": name,
-                    "KILN_EVENTS_CLUSTER_ARN": msk.arn,
-                    "KILN_EVENTS_TOPIC": topic,
-                    "KILN_EVENTS_REGION": Stack.of(self).region,
-                    "KILN_ALLOW_RAW_TEXT": str(settings.events.allow_raw_text).lower(),
+                    ServerEnv.MODEL_VERSION: model_version(serving.model_artifact),
+                    ServerEnv.ENDPOINT_NAME: name,
+                    ServerEnv.EVENTS_CLUSTER_ARN: msk.arn,
+                    ServerEnv.EVENTS_TOPIC: topic,
+                    ServerEnv.EVENTS_REGION: Stack.of(self).region,
+                    ServerEnv.ALLOW_RAW_TEXT: str(settings.events.allow_raw_text).lower(),
                 },
                 extra_statements=[
                     *msk.write_statements([topic]),
@@ -133,6 +134,6 @@ class ServingStack(KilnStack):
                     f"topic {topic}; the wildcard stands only for the cluster's generated uuid.",
                 )
             )
-            CfnOutput(self, "ModelArtifact", value=serving.model_artifact)
-        CfnOutput(self, "EndpointName", value=name)
-        CfnOutput(self, "ImageUri", value=self.image.image_uri)
+            CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
+        CfnOutput(self, Outputs.ENDPOINT_NAME.key, value=name)
+        CfnOutput(self, Outputs.IMAGE_URI.key, value=self.image.image_uri)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from aws_cdk import Aspects, Environment, Stage, Tags
 from constructs import Construct
 
+from kiln import naming
+from kiln.contract import Component
 from kiln.settings import Settings
 from platform_constructs.aspects import LogGroupRetention
-from stacks.base import standard_tags
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
@@ -28,11 +29,11 @@ class KilnStage(Stage):
             env=Environment(account=settings.account, region=settings.region),
         )
         self.settings = settings
-        self.network = NetworkStack(self, "Network", settings=settings)
-        self.data_lake = DataLakeStack(self, "DataLake", settings=settings)
+        self.network = NetworkStack(self, Component.NETWORK.construct_id, settings=settings)
+        self.data_lake = DataLakeStack(self, Component.DATA_LAKE.construct_id, settings=settings)
         self.streaming = StreamingStack(
             self,
-            "Streaming",
+            Component.STREAMING.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
@@ -40,7 +41,7 @@ class KilnStage(Stage):
         )
         self.warehouse = WarehouseStack(
             self,
-            "Warehouse",
+            Component.WAREHOUSE.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
@@ -49,16 +50,18 @@ class KilnStage(Stage):
         )
         self.compute = ComputeStack(
             self,
-            "Compute",
+            Component.COMPUTE.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
         )
-        self.observability = ObservabilityStack(self, "Observability", settings=settings)
+        self.observability = ObservabilityStack(
+            self, Component.OBSERVABILITY.construct_id, settings=settings
+        )
         self.serving = ServingStack(
             self,
-            "Serving",
+            Component.SERVING.construct_id,
             settings=settings,
             vpc=self.network.vpc,
             lake_key=self.data_lake.key,
@@ -69,6 +72,6 @@ class KilnStage(Stage):
         for stack in (self.streaming, self.warehouse, self.compute, self.serving):
             stack.add_stack_dependency(self.data_lake)
 
-        for key, value in standard_tags(settings).items():
+        for key, value in naming.standard_tags(settings).items():
             Tags.of(self).add(key, value)
         Aspects.of(self).add(LogGroupRetention(settings.log_retention_days))

@@ -8,6 +8,7 @@ from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import Component, Outputs
 from kiln.settings import Settings
 from platform_constructs.firehose import MskToS3Delivery
 from platform_constructs.kms import PlatformKey
@@ -37,7 +38,7 @@ class StreamingStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="streaming",
+            component=Component.STREAMING,
             description=f"kiln {settings.name}: MSK cluster, topics, Firehose to the raw zone",
         )
         streaming = settings.streaming
@@ -84,6 +85,6 @@ class StreamingStack(KilnStack):
             log_retention=retention,
             removal_policy=policy,
         )
-        CfnOutput(self, "ClusterArn", value=self.msk.arn)
-        CfnOutput(self, "Topics", value=",".join(t.name for t in streaming.topics))
-        CfnOutput(self, "DeliveryStreamName", value=self.delivery.stream.ref)
+        CfnOutput(self, Outputs.MSK_CLUSTER_ARN.key, value=self.msk.arn)
+        CfnOutput(self, Outputs.TOPICS.key, value=",".join(t.name for t in streaming.topics))
+        CfnOutput(self, Outputs.DELIVERY_STREAM_NAME.key, value=self.delivery.stream.ref)

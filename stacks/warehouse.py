@@ -8,8 +8,10 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from kiln import naming, streaming_sql
+from kiln import naming
+from kiln.contract import Component, Outputs
 from kiln.settings import Settings
+from platform_constructs import streaming_sql
 from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
@@ -42,7 +44,7 @@ class WarehouseStack(KilnStack):
             scope,
             construct_id,
             settings=settings,
-            component="warehouse",
+            component=Component.WAREHOUSE,
             description=f"kiln {settings.name}: Redshift warehouse and streaming ingestion",
         )
         config = settings.warehouse
@@ -159,6 +161,6 @@ class WarehouseStack(KilnStack):
         )
         # The role must be attached to the warehouse before the external schema names it.
         self.ingestion.resource.node.add_dependency(self.role_policy)
-        CfnOutput(self, "WarehouseKind", value=config.kind)
-        CfnOutput(self, "Database", value=config.database)
-        CfnOutput(self, "WarehouseRoleArn", value=self.role.role_arn)
+        CfnOutput(self, Outputs.WAREHOUSE_KIND.key, value=config.kind)
+        CfnOutput(self, Outputs.DATABASE.key, value=config.database)
+        CfnOutput(self, Outputs.WAREHOUSE_ROLE_ARN.key, value=self.role.role_arn)

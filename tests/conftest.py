@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kiln.assembly import read_assembly
 from kiln.config import available_environments, load_settings
 from kiln.settings import Settings
+from kiln_policy.assembly import read_assembly
 from tests.support import Synthesis
 
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.assembly import SynthesizedStack
 from kiln.config import available_environments
+from kiln.contract import Component
+from kiln_policy.assembly import SynthesizedStack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,15 +62,6 @@ def minimal_settings(**top_level: Any) -> dict[str, Any]:
 
 
 ENVIRONMENTS = available_environments()
-COMPONENTS = (
-    "network",
-    "data-lake",
-    "streaming",
-    "warehouse",
-    "compute",
-    "observability",
-    "serving",
-)
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ class Synthesis:
     error: str | None
     report: dict[str, Any] | None
 
-    def stack(self, environment: str, component: str) -> SynthesizedStack:
+    def stack(self, environment: str, component: Component | str) -> SynthesizedStack:
         name = f"kiln-{environment}-{component}"
         matches = [s for s in self.stacks if s.stack_name == name]
         assert matches, f"no stack {name}; have {[s.stack_name for s in self.stacks]}"

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kiln.contract import TrainerEnv
 from modeling.artifact import ArtifactError
 from modeling.config import PRESETS, ConfigError, ModelConfig
 from modeling.tokenizer import ByteTokenizer
@@ -36,9 +37,9 @@ __all__ = ["TrainError", "build_parser", "lr_lambda", "main", "parse_args", "run
 
 log = logging.getLogger("training")
 
-CHECKPOINT_DIR_ENV = "KILN_CHECKPOINT_DIR"
-OUTPUT_DIR_ENV = "KILN_OUTPUT_DIR"
-JOB_NAME_ENV = "KILN_JOB_NAME"
+CHECKPOINT_DIR_ENV = TrainerEnv.CHECKPOINT_DIR
+OUTPUT_DIR_ENV = TrainerEnv.OUTPUT_DIR
+JOB_NAME_ENV = TrainerEnv.JOB_NAME
 EXIT_BAD_INPUT = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 

@@ -13,12 +13,12 @@
 namespace kiln {
 
 inline bool is_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kDouble;
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), "kiln::", op, ": ", name,
-              " must be float32, bfloat16 or float64, got ", t.scalar_type());
+              " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
 // `t` must share dtype and device with `ref` (the op's main input).
@@ -145,11 +145,28 @@ inline void check_rotary_args(const char* op, const at::Tensor& positions, const
               q.size(-1), ")");
 }
 
-// x [..., K] float32/bfloat16; weight int8 [N, K]; scale float32 [N]; bias [N] of x's dtype.
+// The error both devices raise for a rotary position outside the cos_sin_cache.
+[[noreturn]] inline void fail_position(int64_t index, int64_t position, int64_t max_pos) {
+  TORCH_CHECK(false, "kiln::rotary_embedding: position ", position, " (index ", index,
+              ") is outside the cos_sin_cache's ", max_pos, " positions");
+  __builtin_unreachable();
+}
+
+// Raises for the first position of a contiguous CPU int64 tensor outside [0, max_pos).
+inline void check_positions_on_host(const at::Tensor& positions, int64_t max_pos) {
+  const int64_t* p = positions.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t) {
+    if (p[t] < 0 || p[t] >= max_pos) fail_position(t, p[t], max_pos);
+  }
+}
+
+// x [..., K] float32/bfloat16/float16; weight int8 [N, K]; scale float32 [N]; bias [N] of x's
+// dtype.
 inline void check_int8_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
                                    const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "kiln::", op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "kiln::", op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(w.scalar_type() == at::kChar, "kiln::", op, ": weight must be int8, got ",
               w.scalar_type(), " (quantize it with kernels.reference.quantize_int8)");
   TORCH_CHECK(scale.scalar_type() == at::kFloat, "kiln::", op, ": scale must be float32, got ",

@@ -3,7 +3,7 @@
 
 namespace kiln {
 
-// bfloat16 travels as its 16 raw bits.
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2 };
+// bfloat16 and float16 travel as their 16 raw bits.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2, kFloat16 = 3 };
 
 }  // namespace kiln

@@ -22,6 +22,7 @@ inline DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
     case at::kDouble: return DType::kFloat64;
     default: TORCH_CHECK(false, "kiln: unsupported dtype ", t.scalar_type());
   }
@@ -277,6 +278,9 @@ struct Ops {
     const at::Tensor pos = positions.contiguous();
     const at::Tensor c = cache.stride(1) == 1 ? cache : cache.contiguous();
     if (pos.numel() == 0) return;
+    // Both devices raise the same error for a position outside the cache (CUDA checks on the
+    // host, one small copy, except while capturing a CUDA graph: see CudaBackend).
+    B::check_positions(pos, c.size(0));
     const bool q_ok = as_heads(q).ok, k_ok = as_heads(k).ok;
     const at::Tensor qq = q_ok ? q : q.contiguous();
     const at::Tensor kk = k_ok ? k : k.contiguous();
@@ -339,27 +343,47 @@ struct Ops {
   static void int8_linear_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                const std::optional<at::Tensor>& bias, const at::Tensor& out) {
     const int64_t K = x.size(-1), N = w.size(0);
-    const int64_t M = K == 0 ? x.numel() : x.numel() / K;
-    if (M == 0 || N == 0) return;
-    // Up to B::kInt8KernelMaxRows rows the kernel streams the int8 weights (decode, small
-    // batches); above, a dequantized copy and torch's matmul (prefill, compute-bound) win.
-    if (M > B::kInt8KernelMaxRows || K == 0) {
-      at::Tensor y = at::matmul(x, w.to(x.scalar_type()).t());
-      y.mul_(scale.to(x.scalar_type()));
-      if (bias.has_value()) y.add_(*bias);
-      out.copy_(y);
+    if (out.numel() == 0) return;
+    if (K == 0) {  // an empty sum: each output is its bias, or zero
+      if (bias.has_value()) {
+        out.copy_(bias->expand(out.sizes()));
+      } else {
+        out.zero_();
+      }
       return;
     }
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    const at::Tensor wc = w.stride(1) == 1 ? w : w.contiguous();
+    const int64_t M = x.numel() / K;
     const at::Tensor sc = scale.contiguous();
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-    with_writable_rows(out, [&](const at::Tensor& o, Rows ro) {
-      B::int8_linear(dtype_of(x), M, N, K, xf.const_data_ptr<float>(),
-                     wc.const_data_ptr<int8_t>(), wc.stride(0), sc.const_data_ptr<float>(),
-                     bc.defined() ? bc.const_data_ptr() : nullptr, o.mutable_data_ptr(),
-                     ro.stride);
-    });
+    const at::Tensor wc = w.stride(1) == 1 ? w : w.contiguous();
+    const DType dt = dtype_of(x);
+    if (M <= B::kInt8KernelMaxRows) {
+      // Few rows (decode, small batches): the kernel streams the int8 weights once.
+      const at::Tensor xf = x.to(at::kFloat).contiguous();
+      with_writable_rows(out, [&](const at::Tensor& o, Rows ro) {
+        B::int8_linear(dt, M, N, K, xf.const_data_ptr<float>(), wc.const_data_ptr<int8_t>(),
+                       wc.stride(0), sc.const_data_ptr<float>(),
+                       bc.defined() ? bc.const_data_ptr() : nullptr, o.mutable_data_ptr(),
+                       ro.stride);
+      });
+    } else if constexpr (B::kInt8Tiled) {
+      // Many rows (prefill): the backend's tiled kernel, weights converted tile by tile.
+      const at::Tensor xr = rows_readable(x);
+      const Rows rx = as_rows(xr);
+      with_writable_rows(out, [&](const at::Tensor& o, Rows ro) {
+        B::int8_linear_tiled(dt, M, N, K, xr.const_data_ptr(), rx.stride,
+                             wc.const_data_ptr<int8_t>(), wc.stride(0), sc.const_data_ptr<float>(),
+                             bc.defined() ? bc.const_data_ptr() : nullptr, o.mutable_data_ptr(),
+                             ro.stride);
+      });
+    } else {
+      // Many rows without a tiled kernel: dequantize and multiply in float (compute-bound), then
+      // scale and bias in float and one rounding, as the kernels and the reference do.
+      at::Tensor y = at::matmul(x.to(at::kFloat), wc.to(at::kFloat).t());
+      y.mul_(sc);
+      if (bc.defined()) y.add_(bc.to(at::kFloat));
+      out.copy_(y);
+    }
   }
 
   static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w,

@@ -14,7 +14,7 @@ from inference.events import (
     EventSettings,
     msk_bootstrap_servers,
 )
-from kiln.events import PredictionEvent
+from kiln_events.events import PredictionEvent
 
 ARN = "arn:aws:kafka:eu-west-1:123456789012:cluster/kiln-dev/0b5e1c2d-1111-2222-3333-444455556666-2"
 

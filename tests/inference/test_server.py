@@ -150,7 +150,7 @@ def read_events(bootstrap: str, wanted: set[str], timeout: float = 20.0) -> dict
     """The events of the topic whose request ids are in `wanted`, by request id."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from kiln.events import PredictionEvent
+    from kiln_events.events import PredictionEvent
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}"})
     found: dict[str, PredictionEvent] = {}

@@ -119,7 +119,7 @@ def test_gradcheck_rotary(kops: Any, is_neox: bool) -> None:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_training_grads_match_the_reference(kops: Any, dtype: Any) -> None:
     """The kernels' gradients equal autograd through the reference, in the training dtypes."""
 
@@ -134,6 +134,10 @@ def test_training_grads_match_the_reference(kops: Any, dtype: Any) -> None:
     ours, theirs = leaves(), leaves()
     block(torch.ops.kiln.fused_add_rms_norm, torch.ops.kiln.silu_and_mul, *ours).backward()
     block(ref.fused_add_rms_norm, ref.silu_and_mul, *theirs).backward()
-    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    tol = {
+        torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+        torch.bfloat16: {"atol": 0.1, "rtol": 0.05},
+        torch.float16: {"atol": 0.02, "rtol": 0.01},
+    }[dtype]
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)

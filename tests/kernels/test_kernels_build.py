@@ -3,18 +3,48 @@ the CPU variants are separate builds that cannot leak into each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the kernel tests need torch (the `ml` extra)")
 
-CSRC = Path(__file__).resolve().parents[2] / "kernels" / "csrc"
-CUDA_ARCH = "sm_80"  # one architecture is enough to catch syntax and type errors
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+CSRC = KERNELS / "csrc"
+
+
+def _setup_module() -> Any:
+    """kernels/setup.py as a module (it calls setup() only when run as a script)."""
+    spec = importlib.util.spec_from_file_location("kiln_kernels_setup", KERNELS / "setup.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_cuda_architectures() -> None:
+    """Without TORCH_CUDA_ARCH_LIST the build targets A100 to H200 (sm_80/86/89/90) plus PTX,
+    rather than whatever GPU the building machine has (or failing where it has none)."""
+    setup = _setup_module()
+    assert setup.cuda_arch_list({}) == "8.0;8.6;8.9;9.0+PTX"
+    assert setup.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "8.0;8.6;8.9;9.0+PTX"
+    assert setup.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0"
+
+
+def _default_arch_flags(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The -gencode flags torch's build passes nvcc for the default architecture list."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _setup_module().DEFAULT_CUDA_ARCHS)
+    flags = _get_cuda_arch_flags()
+    assert any("sm_90" in f for f in flags) and any("compute_90" in f for f in flags), flags
+    return list(flags)
 
 
 def _nvcc() -> str | None:
@@ -54,10 +84,11 @@ needs_nvcc = pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (
 
 
 @needs_nvcc
-def test_cuda_kernels_compile_with_nvcc(tmp_path: Path) -> None:
+def test_cuda_kernels_compile_with_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.cu for every default architecture, with torch's own nvcc flags (no implicit
+    half/bf16 conversions) and warnings as errors, as the real build compiles it."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    # torch's own nvcc flags (no implicit half/bf16 conversions), as the real build uses them
     _run(
         [
             _nvcc(),
@@ -65,7 +96,8 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path: Path) -> None:
             str(CSRC / "cuda" / "kernels.cu"),
             "-o",
             str(tmp_path / "kernels.o"),
-            f"-arch={CUDA_ARCH}",
+            *_default_arch_flags(monkeypatch),
+            "--threads=2",
             "-std=c++20",
             "-O3",
             "--expt-relaxed-constexpr",

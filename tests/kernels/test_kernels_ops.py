@@ -11,13 +11,15 @@ torch = pytest.importorskip("torch", reason="the kernel tests need torch (the `m
 
 from kernels import reference as ref  # noqa: E402
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float64]
-# One bf16 rounding may land on the other side of a tie when the sums run in another order.
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# One bf16/fp16 rounding may land on the other side of a tie when the sums run in another order.
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
     torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
+    torch.float16: {"atol": 1e-3, "rtol": 2e-3},
     torch.float64: {"atol": 1e-12, "rtol": 1e-12},
 }
+HALVES = [torch.float32, torch.bfloat16, torch.float16]  # what training and serving run in
 EPS = 1e-5
 # One row, tiny and odd widths (not a multiple of any vector width), batched leading dims, a
 # model-sized row, a large odd row, many rows (several threads), no rows at all.
@@ -91,7 +93,7 @@ def test_fused_add_rms_norm_forms(
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
 def test_norms_non_contiguous(kops: Any, cpu_variant: str, kind: str, dtype: Any) -> None:
     x0, r0 = randn(6, 5, 67, dtype=dtype), randn(6, 5, 67, dtype=dtype)
     w = layout(randn(2, 67, dtype=dtype), "strided_last")[0]  # a non-contiguous weight too
@@ -143,7 +145,9 @@ def test_rms_norm_backward(
     close(got_z, want_z)
     # dw sums over all rows: compare in float64, with room for the bf16 rounding of one sum
     rows = max(1, z.numel() // shape[-1])
-    scale = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-11}[dtype]
+    scale = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-11}[
+        dtype
+    ]
     torch.testing.assert_close(
         got_w.double(), want_w.double(), atol=scale * rows**0.5, rtol=scale * 2
     )
@@ -232,7 +236,7 @@ def test_rotary(kops: Any, cpu_variant: str, case: tuple, is_neox: bool, dtype: 
     close(back_k, want_gk)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
 def test_rotary_on_fused_qkv_views(kops: Any, cpu_variant: str, dtype: Any) -> None:
     """q and k as views into one [T, (Hq + 2 Hk) * D] projection output, rotated in place."""
     tokens, hq, hk, d = 9, 4, 2, 64
@@ -261,9 +265,18 @@ def test_rotary_on_fused_qkv_views(kops: Any, cpu_variant: str, dtype: Any) -> N
 # weight-only int8 linear
 
 
-@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 40, 70])  # 70: past the kernel, dequantize + matmul
+# Tight: one rounding of a float sum, so a result differs from the reference by at most one unit
+# in the last place of the output dtype (a tie rounded the other way after another sum order).
+INT8_TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3},
+    torch.float16: {"atol": 1e-3, "rtol": 2e-3},
+}
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 40, 70])  # 70: past the kernel, float matmul
 @pytest.mark.parametrize("n_k", [(1, 1), (37, 33), (64, 256), (130, 1000)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_int8_linear(
     kops: Any, cpu_variant: str, m: int, n_k: tuple[int, int], dtype: Any, bias: bool
@@ -273,11 +286,28 @@ def test_int8_linear(
     wq, scale = ref.quantize_int8(randn(n, k))
     b = randn(n, dtype=dtype) if bias else None
     want = ref.int8_linear(x, wq, scale, b)
-    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    tol = INT8_TOL[dtype]
     torch.testing.assert_close(torch.ops.kiln.int8_linear(x, wq, scale, b), want, **tol)
     out = torch.empty_like(want)
     torch.ops.kiln.int8_linear_out(x, wq, scale, b, out)
     torch.testing.assert_close(out, want, **tol)
+
+
+@pytest.mark.parametrize("m", [1, 3, 70])
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_int8_linear_empty_k_gives_the_bias(kops: Any, m: int, dtype: Any) -> None:
+    """K = 0: every output is an empty sum, i.e. its bias (or zero), never uninitialized memory."""
+    x, wq, scale = randn(m, 0, dtype=dtype), torch.zeros(5, 0, dtype=torch.int8), torch.ones(5)
+    b = randn(5, dtype=dtype)
+    assert torch.equal(torch.ops.kiln.int8_linear(x, wq, scale, b), b.expand(m, 5))
+    zeros = torch.zeros(m, 5, dtype=dtype)
+    assert torch.equal(torch.ops.kiln.int8_linear(x, wq, scale, None), zeros)
+    out = torch.full((m, 5), float("nan"), dtype=dtype)
+    torch.ops.kiln.int8_linear_out(x, wq, scale, b, out)
+    assert torch.equal(out, b.expand(m, 5))
+    out = torch.full((m, 5), float("nan"), dtype=dtype)
+    torch.ops.kiln.int8_linear_out(x, wq, scale, None, out)
+    assert torch.equal(out, zeros)
 
 
 def test_int8_linear_batched_and_strided(kops: Any, cpu_variant: str) -> None:
@@ -319,7 +349,7 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: torch.ops.kiln.rms_norm(
             torch.ones(4, 8, dtype=torch.int32), torch.ones(8, dtype=torch.int32), EPS
         ),
-        "x must be float32, bfloat16 or float64",
+        "x must be float32, bfloat16, float16 or float64",
     ),
     (
         "negative eps",
@@ -412,7 +442,7 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: torch.ops.kiln.int8_linear(
             randn(2, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.int8), torch.ones(4)
         ),
-        "x must be float32 or bfloat16",
+        "x must be float32, bfloat16 or float16",
     ),
     (
         "int8 scale shape",
@@ -461,3 +491,45 @@ def test_variants_agree_bitwise_on_float64(kops: Any) -> None:
     for out, res in results[1:]:
         torch.testing.assert_close(out, results[0][0], atol=1e-12, rtol=1e-12)
         assert torch.equal(res, results[0][1])
+
+
+def test_float16_conversions_are_exact_on_every_bit_pattern(kops: Any, cpu_variant: str) -> None:
+    """The kernels' own float16 <-> float conversions (integer arithmetic, no F16C): the residual
+    sum x + r rounded once to float16 is bitwise torch's, over every float16 bit pattern
+    (subnormals, the largest values, infinities), against values that make the sums overflow,
+    land between subnormals and tie."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.float16).reshape(256, 256)
+    x = torch.where(x.isnan(), torch.zeros_like(x), x)  # NaN payloads may differ; checked below
+    gen = torch.Generator().manual_seed(0)
+    r = (torch.randn(256, 256, generator=gen, dtype=torch.float64) * 1e-5).to(torch.float16)
+    r[::7] = torch.finfo(torch.float16).max  # overflow to inf
+    r[1::7] = 0.0
+    r[2::7] = 2.0**-11  # half a unit at 1.0: 1 + r is a tie, rounded to even
+    w = torch.ones(256, dtype=torch.float16)
+    _, res = torch.ops.kiln.fused_add_rms_norm(x, r, w, EPS)
+    _, want = ref.fused_add_rms_norm(x, r, w, EPS)
+    assert torch.equal(res.view(torch.int16), want.view(torch.int16))
+    nan = torch.full((1, 4), float("nan"), dtype=torch.float16)
+    _, res = torch.ops.kiln.fused_add_rms_norm(nan, torch.zeros_like(nan), w[:4], EPS)
+    assert res.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_kernels_ops_run_the_compiled_ops_for_every_serving_dtype(kops: Any, dtype: Any) -> None:
+    """kernels.ops sends float32, bfloat16 and float16 CPU tensors to the compiled kernels, not to
+    the references (the profiler records each kiln op the dispatcher runs)."""
+    x, r, w = randn(3, 64, dtype=dtype), randn(3, 64, dtype=dtype), randn(64, dtype=dtype)
+    cache = ref.rope_cache(16, 16, dtype=dtype)
+    wq, scale = ref.quantize_int8(randn(8, 64))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        close(kops.rms_norm(x, w, EPS), ref.rms_norm(x, w, EPS))
+        kops.fused_add_rms_norm_(x.clone(), r.clone(), w, EPS)
+        close(kops.silu_and_mul(x), ref.silu_and_mul(x))
+        q, k = randn(3, 2, 16, dtype=dtype), randn(3, 1, 16, dtype=dtype)
+        kops.rotary_embedding_(torch.tensor([0, 5, 9]), q, k, cache)
+        close(kops.int8_linear(x, wq, scale, None), ref.int8_linear(x, wq, scale), dtype=dtype)
+    ran = {e.name for e in prof.events()}
+    for name in ("rms_norm", "fused_add_rms_norm_", "silu_and_mul", "rotary_embedding_"):
+        assert f"kiln::{name}" in ran, sorted(n for n in ran if "kiln" in n)
+    assert "kiln::int8_linear" in ran

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from aws_cdk.assertions import Match, Template
 
+from kiln.contract import CHECKPOINTS_PREFIX
 from kiln.settings import Settings
 from tests.support import ENVIRONMENTS, Synthesis
 
@@ -116,7 +117,7 @@ def test_lifecycle_rules_follow_config(
     else:
         assert raw["ExpireRaw"]["ExpirationInDays"] == lake.raw_expiration_days
     checkpoints = rules(zone_bucket(synthesis, env, "Artifacts"))["ExpireCheckpoints"]
-    assert checkpoints["Prefix"] == "checkpoints/"
+    assert checkpoints["Prefix"] == CHECKPOINTS_PREFIX
     assert checkpoints["ExpirationInDays"] == lake.checkpoint_expiration_days
     capture = rules(zone_bucket(synthesis, env, "Capture"))["ExpireCapture"]
     assert capture["ExpirationInDays"] == lake.capture_expiration_days

@@ -11,6 +11,7 @@ from cfnlint.api import ManualArgs, lint
 
 from app import build_app
 from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_delivery
+from kiln.contract import COMPONENTS
 
 CONNECTION = "arn:aws:codeconnections:us-east-1:111111111111:connection/abcd-1234"
 
@@ -63,18 +64,7 @@ def test_tests_then_environments_in_order_with_approval_before_prod(
     assert not any(a.startswith("Approve") for a in order["dev"] + order["staging"])
     for env in ("dev", "staging", "prod"):
         deployed = {a.removesuffix(".Deploy") for a in order[env] if a.endswith(".Deploy")}
-        assert deployed == {
-            f"kiln-{env}-{c}"
-            for c in (
-                "network",
-                "data-lake",
-                "streaming",
-                "warehouse",
-                "compute",
-                "observability",
-                "serving",
-            )
-        }
+        assert deployed == {f"kiln-{env}-{c}" for c in COMPONENTS}
 
 
 def test_synth_step_runs_the_readme_test_command(pipeline_template: dict) -> None:

@@ -10,9 +10,10 @@ from aws_cdk.assertions import Match, Template
 from cfnlint.api import ManualArgs, lint
 
 from app import build_app
-from kiln.assembly import SynthesizedStack, read_assembly
 from kiln.config import load_settings
-from kiln.guardrails import check
+from kiln.contract import ServerEnv
+from kiln_policy.assembly import SynthesizedStack, read_assembly
+from kiln_policy.guardrails import check
 from tests.support import ENVIRONMENTS, Synthesis
 
 ARTIFACT = "s3://kiln-{env}-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
@@ -43,7 +44,15 @@ def test_without_a_model_only_the_image_and_name(synthesis: Synthesis, env: str)
     assert image["source"]["dockerFile"] == "inference/Dockerfile"
     assert image["source"]["platform"] == "linux/amd64"
     context = synthesis.outdir / f"assembly-{env}" / image["source"]["directory"]
-    assert sorted(p.name for p in context.iterdir()) == ["inference", "kernels", "kiln", "modeling"]
+    assert sorted(p.name for p in context.iterdir()) == [
+        "inference",
+        "kernels",
+        "kiln",
+        "kiln_events",
+        "modeling",
+    ]
+    # Of the platform core, the server gets the contract only (no settings, no pydantic models).
+    assert sorted(p.name for p in (context / "kiln").iterdir()) == ["__init__.py", "contract.py"]
 
 
 def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> None:
@@ -93,12 +102,12 @@ def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> 
                 "ModelDataUrl": ARTIFACT.format(env=env),
                 "Environment": Match.object_like(
                     {
-                        "KILN_MODEL_VERSION": "v7",
-                        "KILN_ENDPOINT_NAME": f"kiln-{env}-llm",
-                        "KILN_EVENTS_TOPIC": "prediction-events",
-                        "KILN_ALLOW_RAW_TEXT": "false",
-                        "KILN_EVENTS_CLUSTER_ARN": Match.any_value(),
-                        "KILN_EVENTS_REGION": "us-east-1",
+                        ServerEnv.MODEL_VERSION: "v7",
+                        ServerEnv.ENDPOINT_NAME: f"kiln-{env}-llm",
+                        ServerEnv.EVENTS_TOPIC: "prediction-events",
+                        ServerEnv.ALLOW_RAW_TEXT: "false",
+                        ServerEnv.EVENTS_CLUSTER_ARN: Match.any_value(),
+                        ServerEnv.EVENTS_REGION: "us-east-1",
                     }
                 ),
             }

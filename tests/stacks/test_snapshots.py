@@ -14,7 +14,8 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from tests.support import COMPONENTS, ENVIRONMENTS, Synthesis
+from kiln.contract import COMPONENTS
+from tests.support import ENVIRONMENTS, Synthesis
 
 
 @pytest.fixture

@@ -144,9 +144,9 @@ def test_handlers_run_in_private_subnets_with_https_egress_only(
 def test_provisioned_variant_has_the_same_posture(tmp_path: Path) -> None:
     """Built from a copy of staging's config switched to a provisioned cluster."""
     from app import build_app
-    from kiln.assembly import read_assembly
     from kiln.config import CONFIG_DIR, load_settings
-    from kiln.guardrails import check
+    from kiln_policy.assembly import read_assembly
+    from kiln_policy.guardrails import check
 
     config = tmp_path / "config"
     config.mkdir()

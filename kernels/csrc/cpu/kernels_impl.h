@@ -41,6 +41,50 @@ template <> inline bf16 from_acc<bf16>(float v) {
   return static_cast<bf16>((rounded & ~nan_mask) | (0x7fc0u & nan_mask));
 }
 
+// float16 as its raw bits, converted with integer arithmetic and bit masks (no F16C needed; the
+// loops still vectorize). Exact for every value, rounding to nearest even as torch does.
+struct f16 {
+  uint16_t bits;
+};
+
+inline float to_acc(f16 v) {
+  const uint32_t h = v.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = (h & 0x7fffu) << 13;  // exponent and mantissa at float's positions
+  const uint32_t exp = h & 0x7c00u;
+  const uint32_t normal = em + (112u << 23);     // rebias: 127 - 15
+  const uint32_t inf_nan = em + (224u << 23);    // exponent 31 -> 255, payload kept
+  // Subnormal: 2^-14 * (1 + m / 1024) - 2^-14 = m * 2^-24, with no float subnormal involved.
+  const float sub_f = __builtin_bit_cast(float, em + (113u << 23)) -
+                      __builtin_bit_cast(float, 113u << 23);
+  const uint32_t sub = __builtin_bit_cast(uint32_t, sub_f);
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(exp == 0);
+  const uint32_t is_inf_nan = 0u - static_cast<uint32_t>(exp == 0x7c00u);
+  const uint32_t bits =
+      (normal & ~is_sub & ~is_inf_nan) | (sub & is_sub) | (inf_nan & is_inf_nan);
+  return __builtin_bit_cast(float, bits | sign);
+}
+
+template <> inline f16 from_acc<f16>(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // Normal half range: rebias, then round the 13 dropped bits to nearest even (a carry into the
+  // exponent gives the next binade, or infinity from 65520 up).
+  const uint32_t rb = a - (112u << 23);
+  const uint32_t normal = (rb + 0xfffu + ((rb >> 13) & 1u)) >> 13;
+  // Below 2^-14: adding 0.5 rounds |v| to a multiple of 2^-24 (nearest even); the low bits of the
+  // sum are then the subnormal half.
+  const uint32_t sub = __builtin_bit_cast(uint32_t, __builtin_bit_cast(float, a) + 0.5f) -
+                       0x3f000000u;
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(a < 0x38800000u);
+  const uint32_t is_big = 0u - static_cast<uint32_t>(a >= 0x47800000u);  // 65536 and up, inf
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a > 0x7f800000u);
+  const uint32_t h = (normal & ~is_sub & ~is_big) | (sub & is_sub) |
+                     (0x7c00u & is_big & ~is_nan) | (0x7e00u & is_nan);
+  return f16{static_cast<uint16_t>(h | sign)};
+}
+
 inline float rsqrt_acc(float v) { return 1.0f / __builtin_sqrtf(v); }
 inline double rsqrt_acc(double v) { return 1.0 / __builtin_sqrt(v); }
 
@@ -635,6 +679,7 @@ void decode_attention(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, i
   switch (dt) {                                  \
     case DType::kFloat32: { using T = float; CALL; break; }  \
     case DType::kBFloat16: { using T = bf16; CALL; break; }  \
+    case DType::kFloat16: { using T = f16; CALL; break; }    \
     case DType::kFloat64: { using T = double; CALL; break; } \
   }
 

@@ -103,6 +103,7 @@ struct CpuBackend {
   // Measured at [M, 4096] x [4096, 4096]: the 4x4-blocked kernel beats dequantize + matmul up to
   // about 64 rows here.
   static constexpr int64_t kInt8KernelMaxRows = 64;
+  static constexpr bool kInt8Tiled = false;  // above 64 rows: float matmul (ops_impl.h)
 
   static void add_rms_norm(DType dt, int64_t rows, int64_t n, double eps, const void* x,
                            int64_t sx, const void* res, int64_t sres, void* ro, int64_t sro,
@@ -152,15 +153,15 @@ struct CpuBackend {
     });
   }
 
+  static void check_positions(const at::Tensor& positions, int64_t max_pos) {
+    check_positions_on_host(positions, max_pos);
+  }
+
   static void rotary(DType dt, int64_t tokens, const int64_t* positions, int64_t max_pos, void* q,
                      int64_t sq_tok, int64_t sq_head, int64_t nq, void* k, int64_t sk_tok,
                      int64_t sk_head, int64_t nk, int64_t rot, const void* cache,
                      int64_t s_cache, bool neox, bool inverse) {
-    for (int64_t t = 0; t < tokens; ++t) {
-      TORCH_CHECK(positions[t] >= 0 && positions[t] < max_pos, "kiln::rotary_embedding: position ",
-                  positions[t], " (index ", t, ") is outside the cos_sin_cache's ", max_pos,
-                  " positions");
-    }
+    (void)max_pos;  // checked by check_positions before
     const Kernels& kern = active();
     at::parallel_for(0, tokens, grain_rows(2 * (nq + nk) * rot), [&](int64_t b, int64_t e) {
       kern.rotary(dt, b, e, positions, q, sq_tok, sq_head, nq, k, sk_tok, sk_head, nk, rot, cache,

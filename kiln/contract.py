@@ -1,0 +1,218 @@
+"""The names that cross runtimes, written once: stacks, the `kiln` tool, the workloads and the tests
+import them from here instead of repeating literals.
+
+A stack writes an output that the `kiln` tool reads; a stack sets a container variable that the
+server reads; training writes under a bucket prefix that a role policy allows. Each pair agrees
+because both sides name the constant below. Only the standard library is imported, so the
+inference and training images can carry this file without the rest of kiln.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+# --- components (stacks) -------------------------------------------------------------------
+
+
+class Component(StrEnum):
+    """One deployable stack of an environment; its stack name is `<project>-<env>-<component>`."""
+
+    NETWORK = "network"
+    DATA_LAKE = "data-lake"
+    STREAMING = "streaming"
+    WAREHOUSE = "warehouse"
+    COMPUTE = "compute"
+    OBSERVABILITY = "observability"
+    SERVING = "serving"
+
+    @property
+    def construct_id(self) -> str:
+        """The stack's id inside its Stage (`DataLake`), and so the CDK CLI's selector
+        `<env>/DataLake`: the CLI matches stacks inside a Stage by path, not by name."""
+        return "".join(part.title() for part in self.value.split("-"))
+
+
+# Deploy order: the order of the members above.
+COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+# --- stack outputs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackOutput:
+    """One CloudFormation output: the stack that writes it and its key."""
+
+    component: Component
+    key: str
+
+
+class Outputs:
+    """Every output a kiln stack writes. A stack writes `CfnOutput(self, X.key, ...)`; the `kiln`
+    tool reads `aws.output(X)`; tests read the keys from the synthesized templates."""
+
+    VPC_ID = StackOutput(Component.NETWORK, "VpcId")
+
+    RAW_BUCKET = StackOutput(Component.DATA_LAKE, "RawBucketName")
+    CURATED_BUCKET = StackOutput(Component.DATA_LAKE, "CuratedBucketName")
+    ARTIFACTS_BUCKET = StackOutput(Component.DATA_LAKE, "ArtifactsBucketName")
+    CAPTURE_BUCKET = StackOutput(Component.DATA_LAKE, "CaptureBucketName")
+    DATA_LAKE_KEY_ARN = StackOutput(Component.DATA_LAKE, "DataLakeKeyArn")
+
+    MSK_CLUSTER_ARN = StackOutput(Component.STREAMING, "ClusterArn")
+    TOPICS = StackOutput(Component.STREAMING, "Topics")
+    DELIVERY_STREAM_NAME = StackOutput(Component.STREAMING, "DeliveryStreamName")
+
+    WAREHOUSE_KIND = StackOutput(Component.WAREHOUSE, "WarehouseKind")
+    DATABASE = StackOutput(Component.WAREHOUSE, "Database")
+    WAREHOUSE_ROLE_ARN = StackOutput(Component.WAREHOUSE, "WarehouseRoleArn")
+
+    CLUSTER_NAME = StackOutput(Component.COMPUTE, "ClusterName")
+    TRAINING_NAMESPACE = StackOutput(Component.COMPUTE, "TrainingNamespace")
+    TRAINER_SERVICE_ACCOUNT = StackOutput(Component.COMPUTE, "TrainerServiceAccount")
+    TRAINER_ROLE_ARN = StackOutput(Component.COMPUTE, "TrainerRoleArn")
+    TRAINING_IMAGE_URI = StackOutput(Component.COMPUTE, "TrainingImageUri")
+    SAGEMAKER_TRAINING_ROLE_ARN = StackOutput(Component.COMPUTE, "SageMakerTrainingRoleArn")
+    TRAINING_SECURITY_GROUP_ID = StackOutput(Component.COMPUTE, "TrainingSecurityGroupId")
+    TRAINING_SUBNET_IDS = StackOutput(Component.COMPUTE, "TrainingSubnetIds")
+
+    ON_CALL_TOPIC_ARN = StackOutput(Component.OBSERVABILITY, "OnCallTopicArn")
+    DASHBOARD_NAME = StackOutput(Component.OBSERVABILITY, "DashboardName")
+
+    ENDPOINT_NAME = StackOutput(Component.SERVING, "EndpointName")
+    IMAGE_URI = StackOutput(Component.SERVING, "ImageUri")
+    MODEL_ARTIFACT = StackOutput(Component.SERVING, "ModelArtifact")
+
+
+# --- the data lake ---------------------------------------------------------------------------
+
+# The lake's zones; each is one bucket `<project>-<env>-<zone>-<account>-<region>`, so stacks,
+# the `kiln` tool and SageMaker address it by name.
+LAKE_ZONES = ("raw", "curated", "artifacts", "capture", "access-logs")
+
+
+def lake_bucket_output(zone: str) -> StackOutput:
+    """The data lake stack's output holding a zone bucket's name (`ArtifactsBucketName`)."""
+    return StackOutput(Component.DATA_LAKE, f"{zone.title()}BucketName")
+
+
+# Prefixes of the artifacts bucket that training writes (its role may write nothing else) and
+# serving reads: `checkpoints/<job>/`, and `models/<job>/.../model.tar.gz`.
+CHECKPOINTS_PREFIX = "checkpoints/"
+MODELS_PREFIX = "models/"
+
+
+def events_prefix(topic: str) -> str:
+    """Where Firehose writes a topic's events in the raw zone (then `year=/month=/day=/hour=/`)."""
+    return f"events/{topic}"
+
+
+def errors_prefix(topic: str) -> str:
+    """Where Firehose writes a topic's records it could not deliver, in the raw zone."""
+    return f"errors/{topic}"
+
+
+def capture_prefix(endpoint_name: str) -> str:
+    """Where SageMaker data capture writes an endpoint's requests, in the capture bucket."""
+    return f"endpoints/{endpoint_name}"
+
+
+# --- Kubernetes: the GPU node group's taint and labels ---------------------------------------
+
+# The compute stack puts them on the nodes; the device plugins and training pods tolerate and
+# select them.
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
+NODE_POOL_LABEL_KEY = "kiln.dev/node-pool"
+GPU_POOL_LABEL = (NODE_POOL_LABEL_KEY, "gpu")
+SYSTEM_POOL_LABEL = (NODE_POOL_LABEL_KEY, "system")
+
+
+# --- environment variables -------------------------------------------------------------------
+
+
+class TrainerEnv:
+    """What a training run's pods (EKS) or the trainer's flags' defaults read."""
+
+    CHECKPOINT_DIR = "KILN_CHECKPOINT_DIR"  # checkpoints, written and resumed (S3 URI or path)
+    OUTPUT_DIR = "KILN_OUTPUT_DIR"  # where the final model.tar.gz goes (S3 URI or path)
+    JOB_NAME = "KILN_JOB_NAME"  # the run's name (tags metrics and checkpoints)
+
+
+class ServerEnv:
+    """What the inference container reads. The serving stack sets the identity and event
+    variables; the tuning ones (`MAX_BATCH`...) default the server's flags."""
+
+    MODEL_VERSION = "KILN_MODEL_VERSION"
+    ENDPOINT_NAME = "KILN_ENDPOINT_NAME"
+    EVENTS_CLUSTER_ARN = "KILN_EVENTS_CLUSTER_ARN"  # MSK: the server asks for its brokers
+    EVENTS_BOOTSTRAP = "KILN_EVENTS_BOOTSTRAP"  # or brokers named directly (host:port,...)
+    EVENTS_TOPIC = "KILN_EVENTS_TOPIC"  # no topic, no events
+    EVENTS_REGION = "KILN_EVENTS_REGION"
+    EVENTS_AUTH = "KILN_EVENTS_AUTH"  # iam (default) or plaintext (a loopback test cluster)
+    ALLOW_RAW_TEXT = "KILN_ALLOW_RAW_TEXT"
+    HOST = "KILN_HOST"
+    MAX_BATCH = "KILN_MAX_BATCH"
+    MAX_QUEUE = "KILN_MAX_QUEUE"
+    REQUEST_TIMEOUT_S = "KILN_REQUEST_TIMEOUT_S"
+    GRACEFUL_TIMEOUT_S = "KILN_GRACEFUL_TIMEOUT_S"
+    MAX_NEW_TOKENS = "KILN_MAX_NEW_TOKENS"
+    THREADS = "KILN_THREADS"
+    DEVICE = "KILN_DEVICE"
+    LOG_LEVEL = "KILN_LOG_LEVEL"
+
+
+# --- SageMaker execution roles ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SageMakerRuntime:
+    """What a SageMaker execution role needs to run kiln's image for one kind of job
+    (`Endpoints` or `TrainingJobs`): its log group, metrics namespace and the actions below.
+    The serving construct and the compute stack's training role both build theirs from it."""
+
+    kind: str
+
+    @property
+    def log_group(self) -> str:
+        """The log group SageMaker writes this kind's logs to (one per endpoint: `/<name>`)."""
+        return f"/aws/sagemaker/{self.kind}"
+
+    @property
+    def metrics_namespace(self) -> str:
+        return f"/aws/sagemaker/{self.kind}"
+
+    def log_streams_arn(self, *, partition: str, region: str, account: str, name: str = "") -> str:
+        """The ARN of the log streams of this kind's log group (of endpoint `name`, if given)."""
+        group = f"{self.log_group}/{name}" if name else self.log_group
+        return f"arn:{partition}:logs:{region}:{account}:log-group:{group}:*"
+
+
+SAGEMAKER_ENDPOINTS = SageMakerRuntime("Endpoints")
+SAGEMAKER_TRAINING_JOBS = SageMakerRuntime("TrainingJobs")
+
+# Pulling the image from its repository.
+ECR_PULL_ACTIONS = (
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+    "ecr:BatchCheckLayerAvailability",
+)
+# Writing the job's logs.
+LOG_WRITE_ACTIONS = (
+    "logs:CreateLogGroup",
+    "logs:CreateLogStream",
+    "logs:PutLogEvents",
+    "logs:DescribeLogStreams",
+)
+# Running in the VPC: SageMaker attaches network interfaces in the role's name.
+VPC_ACCESS_ACTIONS = (
+    "ec2:CreateNetworkInterface",
+    "ec2:CreateNetworkInterfacePermission",
+    "ec2:DeleteNetworkInterface",
+    "ec2:DeleteNetworkInterfacePermission",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeVpcs",
+    "ec2:DescribeDhcpOptions",
+    "ec2:DescribeSubnets",
+    "ec2:DescribeSecurityGroups",
+)

@@ -1,0 +1,397 @@
+"""The `kiln` command-line tool: environments, training runs, model rollout, prompts, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_settings
+from kiln.settings import Settings, Tier
+from kiln_cli import local, training_job
+
+# The operating commands import boto3 only when they run, so `kiln envs` stays light.
+from kiln_cli.operate import deploy, invoke, status, train
+from kiln_cli.operate.aws import Aws, OperateError, explain
+from kiln_cli.operate.progress import Progress
+from kiln_policy import diagram
+
+TIER_ORDER: tuple[Tier, ...] = ("dev", "staging", "prod")
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, item in enumerate(value):
+                flat.update(flatten(item, f"{prefix}{key}[{index}]."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(settings: Sequence[Settings]) -> list[tuple[str, list[Any]]]:
+    """The dotted fields whose values are not the same in every environment, in schema order."""
+    flats = [flatten(s.model_dump(exclude={"name"})) for s in settings]
+    return [
+        (key, [flat.get(key) for flat in flats])
+        for key in flats[0]
+        if len({repr(flat.get(key)) for flat in flats}) > 1
+    ]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    """Validates every environment file, lists them, and prints where they differ."""
+    config_dir = Path(args.config_dir)
+    names = available_environments(config_dir)
+    if not names:
+        print(f"kiln: no environment files (*.yaml) in {config_dir}", file=sys.stderr)
+        return 1
+    loaded: list[Settings] = []  # shown in tier order: dev, staging, prod
+    failures = 0
+    for name in names:
+        try:
+            loaded.append(load_settings(name, config_dir))
+        except ConfigError as err:
+            failures += 1
+            print(f"INVALID {err}", file=sys.stderr)
+    loaded.sort(key=lambda s: (TIER_ORDER.index(s.tier), s.name))
+    if loaded:
+        print(f"{'environment':<14}{'tier':<9}{'region':<16}{'account':<15}zones")
+        for s in loaded:
+            print(
+                f"{s.name:<14}{s.tier:<9}{s.region:<16}{s.account or '(current)':<15}"
+                f"{len(s.availability_zones)}"
+            )
+    if len(loaded) > 1:
+        rows = differences(loaded)
+        table = [["differs", *(s.name for s in loaded)]]
+        table += [[key, *(_show(v) for v in values)] for key, values in rows]
+        widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]))]
+        print()
+        for row in table:
+            print("".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if failures:
+        print(f"\n{failures} of {len(names)} environment files are invalid", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _aws(args: argparse.Namespace) -> Aws:
+    config_dir = Path(args.config_dir)
+    return Aws(load_settings(args.env, config_dir), config_dir=config_dir)
+
+
+def _rows(rows: Sequence[tuple[str, str]], indent: str = "  ") -> str:
+    width = max((len(key) for key, _ in rows), default=0) + 2
+    return "".join(f"{indent}{key:<{width}}{value}\n" for key, value in rows)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Stacks, endpoint and latest training jobs of one environment."""
+    report = status.gather(_aws(args), jobs=args.jobs)
+    sys.stdout.write(status.render(report))
+    return 1 if report.problems else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Starts a training run on SageMaker, or renders (and applies) it for EKS."""
+    aws = _aws(args)
+    options = train.TrainOptions(
+        on=args.on,
+        name=args.name,
+        instance_type=args.instance_type,
+        instance_count=args.instance_count,
+        data=args.data,
+        val_data=args.val_data,
+        max_hours=args.max_hours,
+        max_wait_hours=args.max_wait_hours,
+        volume_gib=args.volume_gib,
+        capacity=args.capacity,
+        trainer_args=tuple(args.trainer_args),
+    )
+    env = aws.settings.name
+    if args.on == "eks":
+        if args.wait or args.dry_run:
+            raise OperateError("--wait and --dry-run apply to --on sagemaker", exit_code=2)
+        aws.check_identity()
+        started = train.eks_manifests(aws, options)
+        if not args.apply:
+            sys.stdout.write(started.manifests or "")
+            sys.stderr.write(
+                f"kiln train: rendered {started.job} (pipe it to kubectl apply -f -)\n"
+            )
+            sys.stderr.write(_rows(started.summary))
+            return 0
+        train.apply_manifests(aws, started)
+        print(f"applied training run {started.job} on EKS")
+        sys.stdout.write(_rows(started.summary))
+        print(
+            f"follow it: kubectl logs -f -n {aws.settings.compute.training_namespace} "
+            f"-l {training_job.JOB_LABEL}={started.job}"
+        )
+        return 0
+    if args.apply:
+        raise OperateError("--apply applies to --on eks", exit_code=2)
+    aws.check_identity()
+    started = train.start_sagemaker(aws, options, dry_run=args.dry_run)
+    if args.dry_run:
+        print(json.dumps(started.request, indent=2))
+        return 0
+    print(f"started SageMaker training job {started.job}")
+    sys.stdout.write(_rows(started.summary))
+    if not args.wait:
+        print(f"follow it: kiln status --env {env}")
+        return 0
+    request = started.request or {}
+    stopping = request.get("StoppingCondition", {})
+    limit = stopping.get("MaxWaitTimeInSeconds") or stopping.get("MaxRuntimeInSeconds", 0)
+    final = train.follow_sagemaker(
+        aws, started.job, progress=Progress(), timeout=limit + 3600, sleep=time.sleep
+    )
+    if final["TrainingJobStatus"] != "Completed":
+        reason = final.get("FailureReason") or final.get("SecondaryStatus", "")
+        raise OperateError(f"training job {started.job} {final['TrainingJobStatus']}: {reason}")
+    artifact = final.get("ModelArtifacts", {}).get("S3ModelArtifacts", started.artifact)
+    billable, seconds = final.get("BillableTimeInSeconds"), final.get("TrainingTimeInSeconds")
+    print(f"completed: model {artifact}")
+    if billable and seconds and billable < seconds:
+        print(f"  managed spot saved {100 * (1 - billable / seconds):.0f}% of the training time")
+    print(f"deploy it: kiln deploy-model --env {env} --artifact {artifact}")
+    return 0
+
+
+def cmd_deploy_model(args: argparse.Namespace) -> int:
+    """Rolls a model artifact out through the serving stack and reports the outcome."""
+    aws = _aws(args)
+    outcome = deploy.deploy_model(aws, args.artifact, runner=deploy.run_cdk, sleep=time.sleep)
+    sys.stdout.write(deploy.render(outcome, aws.settings.name))
+    return outcome.exit_code
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    """Sends one prompt to the environment's endpoint and prints the answer."""
+    aws = _aws(args)
+    parameters = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop or None,
+    }
+    if args.stream:
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        answer = invoke.stream(aws, args.prompt, parameters, write)
+        sys.stdout.write("\n")
+    else:
+        answer = invoke.invoke(aws, args.prompt, parameters)
+        if args.json:
+            body = {
+                "generated_text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "usage": answer.usage,
+            }
+            print(json.dumps(body, ensure_ascii=False))
+        else:
+            print(answer.text)
+    tokens = answer.usage.get("completion_tokens", "?")
+    print(
+        f"[{answer.finish_reason or '?'}, {tokens} tokens, {answer.seconds:.2f} s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _environment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", required=True, help="environment (config/<env>.yaml)")
+    parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_train(commands: Any) -> None:
+    run = commands.add_parser(
+        "train",
+        help="start a training run on SageMaker, or render/apply it on EKS",
+        description="Start a training run. Trainer arguments (--flag value pairs of "
+        "`python -m training.train`) follow `--`. Names and ARNs come from the deployed "
+        "compute and data-lake stacks.",
+    )
+    _environment_options(run)
+    run.add_argument("--on", required=True, choices=("sagemaker", "eks"), help="where it runs")
+    run.add_argument(
+        "--name",
+        default="train",
+        help="run name; the job is <project>-<env>-<name>-<timestamp> (default: %(default)s)",
+    )
+    run.add_argument(
+        "--instance-type",
+        help="default: the first of compute.gpu_nodes.instance_types (ml. is added for SageMaker)",
+    )
+    run.add_argument(
+        "--instance-count",
+        type=_positive_int,
+        default=1,
+        help="instances (SageMaker) or nodes (EKS) (default: %(default)s)",
+    )
+    run.add_argument(
+        "--data",
+        default="train/",
+        help="curated-zone prefix of the training text (default: %(default)s)",
+    )
+    run.add_argument(
+        "--val-data",
+        help="curated-zone prefix of validation text (default: none, "
+        "the trainer holds out a share of --data)",
+    )
+    run.add_argument("--max-hours", type=float, default=24.0, help="default: %(default)s")
+    run.add_argument(
+        "--max-wait-hours",
+        type=float,
+        help="SageMaker spot: runtime plus waiting for capacity (default: 2 x max)",
+    )
+    run.add_argument(
+        "--volume-gib",
+        type=_positive_int,
+        default=100,
+        help="SageMaker instance storage (default: %(default)s)",
+    )
+    run.add_argument(
+        "--capacity",
+        choices=("spot", "on_demand"),
+        help="SageMaker: default spot where compute.gpu_nodes.capacity is spot",
+    )
+    run.add_argument("--wait", action="store_true", help="SageMaker: follow the job to its end")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="SageMaker: print the CreateTrainingJob request, start nothing",
+    )
+    run.add_argument(
+        "--apply",
+        action="store_true",
+        help="EKS: kubectl apply -f - the objects instead of printing them",
+    )
+    run.add_argument(
+        "trainer_args",
+        nargs="*",
+        metavar="TRAINER_ARG",
+        help="trainer flags after --, e.g. -- --model small --max-steps 2000",
+    )
+    run.set_defaults(handler=cmd_train)
+
+
+def _add_invoke(commands: Any) -> None:
+    call = commands.add_parser("invoke", help="send a prompt to the environment's endpoint")
+    _environment_options(call)
+    call.add_argument("--prompt", required=True)
+    call.add_argument("--max-new-tokens", type=_positive_int)
+    call.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
+    call.add_argument("--top-k", type=_positive_int)
+    call.add_argument("--top-p", type=float)
+    call.add_argument("--seed", type=int, help="same seed, prompt and model: same text")
+    call.add_argument("--stop", action="append", help="stop string (repeatable)")
+    mode = call.add_mutually_exclusive_group()
+    mode.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    mode.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    call.set_defaults(handler=cmd_invoke)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Operate the kiln ML platform.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    envs = commands.add_parser(
+        "envs", help="list environments, validate every config file, show their differences"
+    )
+    envs.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
+    envs.set_defaults(handler=cmd_envs)
+    job = commands.add_parser(
+        "training-job", help="render a multi-node torchrun training run as Kubernetes YAML"
+    )
+    training_job.add_arguments(job)
+    job.set_defaults(handler=training_job.render_command)
+    show = commands.add_parser(
+        "status", help="an environment's stacks, endpoint and latest training jobs"
+    )
+    _environment_options(show)
+    show.add_argument("--jobs", type=_positive_int, default=5, help="default: %(default)s")
+    show.set_defaults(handler=cmd_status)
+    _add_train(commands)
+    roll = commands.add_parser(
+        "deploy-model",
+        help="roll a model artifact out through the guarded endpoint deployment",
+        description="Deploys the serving stack with -c modelArtifact=<uri>, follows the "
+        "endpoint and reports: promoted (exit 0), rolled back (exit 3, with the alarm that "
+        "fired) or failed (exit 1).",
+    )
+    _environment_options(roll)
+    roll.add_argument("--artifact", required=True, help="s3://<bucket>/<key>.tar.gz")
+    roll.set_defaults(handler=cmd_deploy_model)
+    _add_invoke(commands)
+    loop = commands.add_parser(
+        "local", help="the whole loop on this machine: train, package, serve, ask, stop"
+    )
+    local.add_arguments(loop)
+    loop.set_defaults(handler=local.run_command)
+    picture = commands.add_parser(
+        "diagram", help="draw an environment's architecture (SVG, PNG) from its templates"
+    )
+    diagram.add_arguments(picture)
+    picture.set_defaults(handler=diagram.run_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = args.handler
+    try:
+        return int(handler(args))
+    except OperateError as err:
+        print(f"kiln {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except ConfigError as err:
+        print(f"kiln {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"kiln {args.command}: interrupted; what was started in AWS goes on "
+            "(`kiln status --env <env>` shows it)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:
+        # A botocore failure outside the wrapped calls still gets advice, not a traceback.
+        if not type(err).__module__.startswith("botocore"):
+            raise
+        advice = explain(err, action=f"kiln {args.command}", region="the configured region")
+        print(f"kiln {args.command}: {advice or err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""`kiln deploy-model`: rolls a model artifact through the serving stack's guarded deployment.
+
+The serving stack turns `-c modelArtifact=<uri>` into a new SageMaker model and endpoint
+config; CloudFormation updates the endpoint blue/green with canary or linear traffic shifting,
+and SageMaker rolls the update back by itself when a rollback alarm fires. This module checks
+the artifact, runs the CDK deploy, follows the endpoint and says which way it went.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from kiln.config import CONFIG_DIR
+from kiln.contract import MODELS_PREFIX, Component, Outputs
+from kiln.settings import MODEL_ARTIFACT_PATTERN, Settings
+from kiln_cli.operate import endpoint as ep
+from kiln_cli.operate.aws import (
+    ACCESS_DENIED,
+    Aws,
+    AwsError,
+    OperateError,
+    cdk_stack_id,
+    parse_s3_uri,
+)
+from kiln_cli.operate.progress import Progress, elapsed, wait_for
+
+# The CDK app's directory (cdk.json): the checkout kiln runs from.
+REPO = Path(__file__).resolve().parents[2]
+Result = Literal["promoted", "rolled back", "failed", "unchanged"]
+Runner = Callable[[Sequence[str], Path], int]
+# Endpoint states that end a deployment (OutOfService: SageMaker took it out after a failure).
+SETTLED = ("InService", "Failed", "UpdateRollbackFailed", "OutOfService", "absent")
+EXIT_CODES: dict[Result, int] = {"promoted": 0, "unchanged": 0, "failed": 1, "rolled back": 3}
+
+
+@dataclass
+class Outcome:
+    """How a deployment ended; `serving` is the artifact the endpoint serves afterwards."""
+
+    result: Result
+    endpoint: str
+    artifact: str
+    serving: str | None
+    status: str | None
+    took: float = 0.0
+    alarms: list[ep.FiredAlarm] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.result]
+
+
+def cdk_deploy_argv(settings: Settings, artifact: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The serving stack's deploy with the new artifact, and nothing else (`--exclusively`)."""
+    argv = ["npx", "cdk", "deploy", cdk_stack_id(settings, Component.SERVING), "--exclusively"]
+    argv += ["-c", f"env={settings.name}", "-c", f"modelArtifact={artifact}"]
+    if config_dir != CONFIG_DIR:
+        argv += ["-c", f"configDir={config_dir}"]
+    return [*argv, "--require-approval", "never"]
+
+
+def run_cdk(argv: Sequence[str], cwd: Path) -> int:
+    """Runs the CDK CLI in the checkout, with the venv's Node first on PATH; its exit status."""
+    if not (cwd / "cdk.json").exists():
+        raise OperateError(
+            f"deploy-model runs the CDK app, but {cwd} has no cdk.json: run kiln from a kiln "
+            "checkout (`make install-infra`, then `.venv/bin/kiln`)"
+        )
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    try:
+        return subprocess.run(list(argv), cwd=cwd, env=env, check=False).returncode
+    except FileNotFoundError as err:
+        raise OperateError(
+            f"{argv[0]} is not installed: run `make install-infra` (Node and the pinned CDK "
+            "CLI go into .venv/ and node_modules/)"
+        ) from err
+
+
+def check_artifact(aws: Aws, artifact: str) -> None:
+    """HeadObject on the artifact; a clear error when it is missing or unreadable."""
+    bucket, key = parse_s3_uri(artifact)
+    try:
+        aws.call("s3", "head_object", Bucket=bucket, Key=key)
+    except AwsError as err:
+        hint = _artifact_hint(aws)
+        if err.code in ("404", "NoSuchKey", "NotFound"):
+            raise OperateError(
+                f"artifact not found: there is no object {artifact}. {hint}"
+            ) from err
+        if err.code == "NoSuchBucket":
+            raise OperateError(
+                f"artifact not found: bucket {bucket} does not exist. {hint}"
+            ) from err
+        if err.code in ACCESS_DENIED:
+            raise OperateError(
+                f"cannot read {artifact}: access denied. You need s3:GetObject on it and "
+                "kms:Decrypt on the data lake key; S3 also answers this way for a missing "
+                f"object when you may not list the bucket. {hint}"
+            ) from err
+        raise
+
+
+def _artifact_hint(aws: Aws) -> str:
+    try:
+        bucket = aws.output(Outputs.ARTIFACTS_BUCKET)
+    except OperateError:
+        return f"Training writes <artifacts bucket>/{MODELS_PREFIX}<job>/..."
+    return (
+        f"Training writes s3://{bucket}/{MODELS_PREFIX}<job>/output/model.tar.gz (SageMaker) "
+        f"or s3://{bucket}/{MODELS_PREFIX}<job>/model.tar.gz (EKS); `kiln status --env "
+        f"{aws.settings.name}` lists the latest jobs."
+    )
+
+
+def stack_failure(aws: Aws, component: Component, since: datetime) -> str | None:
+    """The first failed resource's reason in the stack's events since `since`, if any."""
+    try:
+        events = aws.call(
+            "cloudformation", "describe_stack_events", StackName=aws.stack_name(component)
+        )["StackEvents"]
+    except AwsError:
+        return None
+    failed = [
+        e
+        for e in events
+        if e.get("Timestamp")
+        and e["Timestamp"] >= since
+        and str(e.get("ResourceStatus", "")).endswith("_FAILED")
+        and e.get("ResourceStatusReason")
+        and "cancelled" not in str(e["ResourceStatusReason"]).lower()
+    ]
+    if not failed:
+        return None
+    first = failed[-1]  # events come newest first
+    return f"{first.get('LogicalResourceId')}: {first['ResourceStatusReason']}"
+
+
+def deploy_model(
+    aws: Aws,
+    artifact: str,
+    *,
+    runner: Runner = run_cdk,
+    progress: Progress | None = None,
+    interval: float = 15.0,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Outcome:
+    settings = aws.settings
+    if not re.fullmatch(MODEL_ARTIFACT_PATTERN, artifact):
+        raise OperateError(
+            f"--artifact {artifact!r} is not an S3 URI of a model archive; give "
+            "s3://<bucket>/<key>.tar.gz (what training writes)",
+            exit_code=2,
+        )
+    progress = progress or Progress()
+    aws.check_identity()
+    check_artifact(aws, artifact)
+    name = aws.output(Outputs.ENDPOINT_NAME)
+    before = ep.describe_endpoint(aws, name)
+    before_serving = ep.serving(aws, before) if before else None
+    if (
+        before is not None
+        and before_serving is not None
+        and before["EndpointStatus"] == "InService"
+        and before_serving.artifact == artifact
+    ):
+        return Outcome("unchanged", name, artifact, artifact, "InService")
+    if before is not None and before["EndpointStatus"] not in ("InService", "Failed"):
+        raise OperateError(
+            f"endpoint {name} is {before['EndpointStatus']}: wait until the change under way "
+            f"ends (`kiln status --env {settings.name}`), then deploy again"
+        )
+    deployment = settings.serving.deployment
+    started_at, started = now(), progress.clock()
+    progress.note(
+        f"deploying {artifact} to {name} ({deployment.traffic} {deployment.step_percent}%, "
+        f"{deployment.wait_minutes} min bake, auto-rollback on alarms)"
+    )
+    argv = cdk_deploy_argv(settings, artifact, aws.config_dir)
+    progress.note("running " + " ".join(argv))
+    code = runner(argv, REPO)
+    progress.note(f"cdk deploy exited {code}")
+    aws.forget(Component.SERVING)
+
+    after: dict[str, Any] = {}
+
+    def poll() -> tuple[str, str]:
+        after.clear()
+        after.update(ep.describe_endpoint(aws, name) or {"EndpointStatus": "absent"})
+        pending = after.get("PendingDeploymentSummary")
+        detail = f"to {pending.get('EndpointConfigName')}" if pending else ""
+        return str(after["EndpointStatus"]), str(after.get("FailureReason") or detail)
+
+    status = wait_for(
+        poll,
+        SETTLED,
+        progress=progress,
+        subject=f"endpoint {name}",
+        interval=interval,
+        timeout=(deployment.max_deployment_minutes + 30) * 60,
+        hint=f"kiln status --env {settings.name}",
+        sleep=sleep,
+    )
+    took = progress.clock() - started
+    outcome = Outcome("failed", name, artifact, None, status, took)
+    if status == "absent":
+        outcome.reasons.append(
+            stack_failure(aws, Component.SERVING, started_at)
+            or f"cdk deploy exited {code} and there is no endpoint {name}: see its output above"
+        )
+        return outcome
+    outcome.serving = ep.serving(aws, after).artifact
+    if after.get("FailureReason"):
+        outcome.reasons.append(f"endpoint: {after['FailureReason']}")
+    if status != "InService":
+        return _with_cfn_reason(aws, outcome, started_at)
+    if outcome.serving == artifact:
+        outcome.result = "promoted"
+        if code != 0:
+            outcome.reasons.append(f"cdk deploy exited {code} after the endpoint changed")
+        return outcome
+    names = ep.rollback_alarm_names(aws, name, after)
+    outcome.alarms = ep.fired_since(aws, names, started_at)
+    touched = before is not None and after.get("LastModifiedTime") != before.get("LastModifiedTime")
+    if outcome.alarms or touched or outcome.reasons:
+        outcome.result = "rolled back"
+    elif code != 0:
+        outcome.reasons.append(
+            f"cdk deploy exited {code} before the endpoint changed (synth, the image build or "
+            "permissions): see its output above"
+        )
+    return _with_cfn_reason(aws, outcome, started_at)
+
+
+def _with_cfn_reason(aws: Aws, outcome: Outcome, since: datetime) -> Outcome:
+    reason = stack_failure(aws, Component.SERVING, since)
+    if reason:
+        outcome.reasons.append(f"CloudFormation: {reason}")
+    return outcome
+
+
+def render(outcome: Outcome, settings_name: str) -> str:
+    took = f", {elapsed(outcome.took)}" if outcome.took else ""
+    if outcome.result == "unchanged":
+        lines = [f"unchanged: {outcome.endpoint} already serves {outcome.artifact}"]
+    elif outcome.result == "promoted":
+        lines = [f"promoted: {outcome.endpoint} serves {outcome.artifact} (InService{took})"]
+    elif outcome.result == "rolled back":
+        lines = [
+            f"rolled back: {outcome.endpoint} still serves {outcome.serving or '?'} "
+            f"({outcome.status}{took})"
+        ]
+    else:
+        serving = f", serving {outcome.serving}" if outcome.serving else ""
+        lines = [f"failed: {outcome.endpoint} is {outcome.status}{serving}{took}"]
+    for alarm in outcome.alarms:
+        at = alarm.at.astimezone(UTC).strftime(" at %H:%M:%S UTC") if alarm.at else ""
+        lines.append(f"  alarm fired: {alarm.name}{at}: {alarm.reason}")
+    if outcome.result == "rolled back" and not outcome.alarms:
+        lines.append("  no rollback alarm fired")
+    lines += [f"  {reason}" for reason in outcome.reasons]
+    if outcome.result == "promoted":
+        lines.append(
+            f"  to keep it, set serving.model_artifact: {outcome.artifact} in "
+            f"config/{settings_name}.yaml: a deploy without -c modelArtifact serves the "
+            "configured model"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,252 @@
+"""`kiln invoke`: one prompt to the environment's endpoint, answered whole or streamed.
+
+The inference server takes `{"inputs": prompt, "parameters": {...}}` and answers
+`{"generated_text", "finish_reason", "usage"}`; asked for `text/event-stream` it sends
+`data: {"token": {"id", "text"}}` per token and then `data: {"generated_text", ...}`, which
+InvokeEndpointWithResponseStream relays in PayloadPart chunks that may cut a line (or a
+UTF-8 character) anywhere.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.contract import Outputs
+from kiln_cli.operate.aws import Aws, AwsError, OperateError
+from kiln_cli.operate.endpoint import is_missing
+
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: its type (`message` unless named) and its data lines joined."""
+
+    type: str
+    data: str
+
+
+class SseParser:
+    """Incremental server-sent-events parser (WHATWG rules for `event:` and `data:` fields)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._buffer = ""
+        self._type = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += self._decoder.decode(chunk)
+        events: list[Event] = []
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                return events
+            line, self._buffer = self._buffer[: cut[0]], self._buffer[cut[1] :]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+
+    def close(self) -> list[Event]:
+        """Whatever the stream left without a final blank line."""
+        tail = self._buffer + self._decoder.decode(b"", final=True)
+        self._buffer = ""
+        events: list[Event] = []
+        for line in [*tail.replace("\r\n", "\n").replace("\r", "\n").split("\n"), ""]:
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> Event | None:
+        if not line:
+            if not self._data:
+                self._type = ""
+                return None
+            event = Event(self._type or "message", "\n".join(self._data))
+            self._type, self._data = "", []
+            return event
+        if line.startswith(":"):
+            return None  # a comment (keep-alive)
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._type = value
+        return None
+
+
+_NEWLINE = re.compile(r"[\r\n]")
+
+
+def _line_end(text: str) -> tuple[int, int] | None:
+    """(end of the first line, start of the next) for \\n, \\r\\n or \\r; None if incomplete."""
+    found = _NEWLINE.search(text)
+    if found is None:
+        return None
+    index = found.start()
+    if text[index] == "\n":
+        return index, index + 1
+    if index + 1 == len(text):
+        return None  # a \n may follow in the next chunk
+    return index, index + (2 if text[index + 1] == "\n" else 1)
+
+
+def request_body(prompt: str, parameters: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {"inputs": prompt, "parameters": {k: v for k, v in parameters.items() if v is not None}}
+    ).encode()
+
+
+def _server_error(body: str) -> str:
+    """The inference server's `{"error": {"code", "message"}}` in words, else the body."""
+    try:
+        error = json.loads(body).get("error", {})
+    except (json.JSONDecodeError, AttributeError):
+        return body.strip()[:500]
+    if isinstance(error, dict) and error.get("message"):
+        return f"{error['message']} ({error.get('code', 'error')})"
+    return body.strip()[:500]
+
+
+def _explain(err: AwsError, name: str, env: str) -> OperateError | None:
+    """Advice for the endpoint's own failures; None leaves `err`'s advice as it is."""
+    if is_missing(err):
+        return OperateError(
+            f"endpoint {name} does not exist: deploy a model first (`kiln deploy-model --env "
+            f"{env} --artifact s3://.../model.tar.gz`)"
+        )
+    if err.code == "ModelError":
+        return OperateError(f"the model server answered with an error: {_model_error(err)}")
+    if err.code == "ModelNotReadyException":
+        return OperateError(f"endpoint {name} is not ready yet: retry in a minute")
+    return None
+
+
+def _model_error(err: AwsError) -> str:
+    cause = err.__cause__
+    response = getattr(cause, "response", {}) or {}
+    status = response.get("OriginalStatusCode")
+    body = response.get("OriginalMessage") or err.aws_message
+    prefix = f"HTTP {status}: " if status else ""
+    return prefix + _server_error(str(body))
+
+
+def endpoint_name(aws: Aws) -> str:
+    return aws.output(Outputs.ENDPOINT_NAME)
+
+
+def _call_endpoint(aws: Aws, name: str, operation: str, accept: str, body: bytes) -> dict[str, Any]:
+    """One runtime call to endpoint `name`; its failures become advice about the endpoint."""
+    try:
+        return aws.call(
+            "sagemaker-runtime",
+            operation,
+            EndpointName=name,
+            ContentType=JSON,
+            Accept=accept,
+            Body=body,
+        )
+    except AwsError as err:
+        advice = _explain(err, name, aws.settings.name)
+        if advice is None:
+            raise
+        raise advice from err
+
+
+def invoke(
+    aws: Aws,
+    prompt: str,
+    parameters: dict[str, Any],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Answer:
+    """InvokeEndpoint; the answer's text, finish reason and token usage."""
+    name = endpoint_name(aws)
+    started = clock()
+    response = _call_endpoint(aws, name, "invoke_endpoint", JSON, request_body(prompt, parameters))
+    raw = response["Body"].read().decode("utf-8", errors="replace")
+    try:
+        body = json.loads(raw)
+        text = body["generated_text"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise OperateError(
+            f"endpoint {name} answered something other than kiln's JSON: {raw[:300]!r}"
+        ) from err
+    return Answer(str(text), body.get("finish_reason"), body.get("usage") or {}, clock() - started)
+
+
+def stream(
+    aws: Aws,
+    prompt: str,
+    parameters: dict[str, Any],
+    write: Callable[[str], None],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Answer:
+    """InvokeEndpointWithResponseStream; writes each token's text as its event arrives."""
+    name = endpoint_name(aws)
+    started = clock()
+    body = request_body(prompt, parameters)
+    response = _call_endpoint(aws, name, "invoke_endpoint_with_response_stream", EVENT_STREAM, body)
+    parser = SseParser()
+    pieces: list[str] = []
+    final: dict[str, Any] | None = None
+    for event in _events(response["Body"], parser, name):
+        if event.type == "error":
+            raise OperateError(f"the model server stopped the stream: {_server_error(event.data)}")
+        try:
+            data = json.loads(event.data)
+        except json.JSONDecodeError as err:
+            raise OperateError(
+                f"endpoint {name} sent an event that is not JSON: {event.data!r}"
+            ) from err
+        token = data.get("token") if isinstance(data, dict) else None
+        if isinstance(token, dict):
+            text = str(token.get("text", ""))
+            pieces.append(text)
+            if text:
+                write(text)
+        elif isinstance(data, dict) and "generated_text" in data:
+            final = data
+    seconds = clock() - started
+    if final is None:
+        raise OperateError(
+            f"the stream from {name} ended before its final event ({len(pieces)} tokens came)"
+        )
+    return Answer(
+        str(final["generated_text"]), final.get("finish_reason"), final.get("usage") or {}, seconds
+    )
+
+
+def _events(body: Iterable[dict[str, Any]], parser: SseParser, name: str) -> Iterable[Event]:
+    from botocore.exceptions import EventStreamError  # type: ignore[import-untyped]
+
+    try:
+        for part in body:
+            if "PayloadPart" in part:
+                yield from parser.feed(part["PayloadPart"].get("Bytes", b""))
+            for failure in ("ModelStreamError", "InternalStreamFailure"):
+                if failure in part:
+                    raise OperateError(f"{name}: {failure}: {part[failure].get('Message', '')}")
+    except EventStreamError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        message = err.response.get("Error", {}).get("Message", str(err))
+        raise OperateError(f"the stream from {name} failed: {code}: {message}") from err
+    yield from parser.close()

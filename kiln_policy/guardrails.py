@@ -1,0 +1,326 @@
+"""kiln's own policy rules over synthesized stacks, for what cdk-nag has no rule for, and the
+runner that applies them.
+
+A rule is an id, the reason it exists (its docstring), the resource types it judges (none: it
+judges the stack itself), the environments it applies to, and a predicate that returns the
+problems it finds in one resource or stack. `check` runs every registered rule (or the ones it
+is given) over one stack and reports each problem as a `Violation`; the rules never loop or
+build violations themselves, as cdk-nag splits its rules from its packs. Tests run every rule
+over every template of every environment, and each rule on a compliant and a non-compliant case.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kiln import naming
+from kiln.contract import GPU_TAINT
+from kiln.settings import Settings
+from kiln_policy.assembly import SynthesizedStack
+
+Resource = dict[str, Any]
+ResourcePredicate = Callable[[Resource, Settings], Iterable[str]]
+StackPredicate = Callable[[SynthesizedStack, Settings], Iterable[str]]
+Applies = Callable[[Settings], bool]
+
+# Resource types that hold data someone would miss: removing the stack must not delete them.
+DATA_STORE_TYPES = frozenset(
+    {
+        "AWS::S3::Bucket",
+        "AWS::KMS::Key",
+        "AWS::Logs::LogGroup",
+        "AWS::RedshiftServerless::Namespace",
+        "AWS::Redshift::Cluster",
+        "AWS::MSK::Cluster",
+        "AWS::MSK::Topic",
+        "AWS::SecretsManager::Secret",
+    }
+)
+_KEEPING_POLICIES = frozenset({"Retain", "Snapshot", "RetainExceptOnCreate"})
+# CloudFormation spells the Kubernetes taint effects in upper snake case.
+_CFN_TAINT_EFFECT = {
+    "NoSchedule": "NO_SCHEDULE",
+    "NoExecute": "NO_EXECUTE",
+    "PreferNoSchedule": "PREFER_NO_SCHEDULE",
+}
+STACK = "(stack)"  # the `resource` of a violation found on the stack itself
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    stack: str
+    resource: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.stack}/{self.resource}: {self.message}"
+
+
+def _always(settings: Settings) -> bool:
+    del settings
+    return True
+
+
+@dataclass(frozen=True)
+class ResourceRule:
+    """A rule judging each resource of `resource_types` on its own."""
+
+    id: str
+    reason: str
+    resource_types: frozenset[str]
+    predicate: ResourcePredicate
+    applies: Applies = _always
+
+    def problems(self, stack: SynthesizedStack, settings: Settings) -> Iterator[tuple[str, str]]:
+        """(logical id, problem) for every problem of this rule in `stack`."""
+        for logical_id, resource in stack.resources_of_type(*self.resource_types).items():
+            for problem in self.predicate(resource, settings):
+                yield logical_id, problem
+
+
+@dataclass(frozen=True)
+class StackRule:
+    """A rule judging a stack's own deploy options (tags, termination protection)."""
+
+    id: str
+    reason: str
+    predicate: StackPredicate
+    applies: Applies = _always
+    resource_types: frozenset[str] = frozenset()
+
+    def problems(self, stack: SynthesizedStack, settings: Settings) -> Iterator[tuple[str, str]]:
+        for problem in self.predicate(stack, settings):
+            yield STACK, problem
+
+
+Rule = ResourceRule | StackRule
+
+# Every rule, by id, in the order they were defined; `check` runs them all by default.
+RULES: dict[str, Rule] = {}
+
+
+def _register(rule: Rule) -> None:
+    if rule.id in RULES:
+        raise ValueError(f"two guardrail rules share the id {rule.id!r}")
+    RULES[rule.id] = rule
+
+
+def resource_rule(
+    rule_id: str, *resource_types: str, applies: Applies = _always
+) -> Callable[[ResourcePredicate], ResourcePredicate]:
+    """Registers the decorated predicate as a rule over `resource_types`; its docstring is the
+    rule's reason."""
+
+    def register(predicate: ResourcePredicate) -> ResourcePredicate:
+        reason = inspect.getdoc(predicate) or ""
+        _register(ResourceRule(rule_id, reason, frozenset(resource_types), predicate, applies))
+        return predicate
+
+    return register
+
+
+def stack_rule(
+    rule_id: str, *, applies: Applies = _always
+) -> Callable[[StackPredicate], StackPredicate]:
+    """Registers the decorated predicate as a rule over whole stacks."""
+
+    def register(predicate: StackPredicate) -> StackPredicate:
+        _register(StackRule(rule_id, inspect.getdoc(predicate) or "", predicate, applies))
+        return predicate
+
+    return register
+
+
+def check(
+    stack: SynthesizedStack, settings: Settings, rules: Iterable[Rule] | None = None
+) -> list[Violation]:
+    """The violations of `rules` (default: every registered rule) in one stack."""
+    return [
+        Violation(rule.id, stack.stack_name, where, problem)
+        for rule in (RULES.values() if rules is None else rules)
+        if rule.applies(settings)
+        for where, problem in rule.problems(stack, settings)
+    ]
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+
+def _props(resource: Resource) -> dict[str, Any]:
+    props: dict[str, Any] = resource.get("Properties", {})
+    return props
+
+
+@resource_rule(
+    "data-stores-retained",
+    *sorted(DATA_STORE_TYPES),
+    applies=lambda settings: settings.removal_policy == "retain",
+)
+def data_stores_retained(resource: Resource, settings: Settings) -> Iterator[str]:
+    """With `removal_policy: retain` (always in prod), data stores survive stack deletion
+    and replacement."""
+    for attribute in ("DeletionPolicy", "UpdateReplacePolicy"):
+        value = resource.get(attribute, "Delete")
+        if value not in _KEEPING_POLICIES:
+            yield (
+                f"{resource['Type']} has {attribute} {value}; removal_policy is retain, "
+                f"so it must be one of {sorted(_KEEPING_POLICIES)}"
+            )
+
+
+@stack_rule("termination-protected", applies=lambda settings: settings.termination_protection)
+def termination_protected(stack: SynthesizedStack, settings: Settings) -> Iterator[str]:
+    """Stacks of an environment that asks for termination protection have it."""
+    if not stack.termination_protection:
+        yield "termination protection is off but the environment's settings require it"
+
+
+@stack_rule("required-tags")
+def required_tags(stack: SynthesizedStack, settings: Settings) -> Iterator[str]:
+    """Every stack carries project, environment and owner tags with the environment's values."""
+    for key, value in naming.standard_tags(settings).items():
+        if stack.tags.get(key) != value:
+            yield f"tag {key!r} is {stack.tags.get(key)!r}, expected {value!r}"
+
+
+@resource_rule("kms-bucket-keys", "AWS::S3::Bucket")
+def kms_buckets_use_bucket_keys(bucket: Resource, settings: Settings) -> Iterator[str]:
+    """SSE-KMS buckets enable S3 Bucket Keys: without them every object read and write is a
+    KMS request (cost, and KMS request-rate throttling under training-data reads)."""
+    encryption = _props(bucket).get("BucketEncryption", {})
+    for rule in encryption.get("ServerSideEncryptionConfiguration", []):
+        algorithm = rule.get("ServerSideEncryptionByDefault", {}).get("SSEAlgorithm")
+        if algorithm in ("aws:kms", "aws:kms:dsse") and rule.get("BucketKeyEnabled") is not True:
+            yield "SSE-KMS bucket without BucketKeyEnabled: true"
+
+
+@resource_rule("msk-iam-tls-only", "AWS::MSK::Cluster")
+def msk_iam_and_tls_only(cluster: Resource, settings: Settings) -> Iterator[str]:
+    """MSK clusters admit IAM-authenticated clients only, over TLS, with TLS between brokers."""
+    auth = _props(cluster).get("ClientAuthentication", {})
+    transit = _props(cluster).get("EncryptionInfo", {}).get("EncryptionInTransit", {})
+    if auth.get("Sasl", {}).get("Iam", {}).get("Enabled") is not True:
+        yield "IAM client authentication is not enabled"
+    if auth.get("Unauthenticated", {}).get("Enabled") is True:
+        yield "unauthenticated access is enabled"
+    if auth.get("Sasl", {}).get("Scram", {}).get("Enabled") is True or auth.get("Tls"):
+        yield "an authentication method other than IAM is enabled"
+    # MSK's default for ClientBroker is TLS; only an explicit plaintext mode is a violation.
+    if transit.get("ClientBroker", "TLS") != "TLS":
+        yield f"client-broker encryption is {transit['ClientBroker']}, not TLS"
+    if transit.get("InCluster") is False:
+        yield "traffic between brokers is not encrypted"
+
+
+@resource_rule(
+    "warehouse-private-encrypted",
+    "AWS::RedshiftServerless::Workgroup",
+    "AWS::Redshift::Cluster",
+    "AWS::RedshiftServerless::Namespace",
+)
+def warehouse_private_and_encrypted(resource: Resource, settings: Settings) -> Iterator[str]:
+    """Redshift is never publicly accessible and always KMS-encrypted with our key."""
+    props, kind = _props(resource), resource["Type"]
+    if (
+        kind != "AWS::RedshiftServerless::Namespace"
+        and props.get("PubliclyAccessible") is not False
+    ):
+        yield "PubliclyAccessible is not explicitly false"
+    if kind == "AWS::Redshift::Cluster" and props.get("Encrypted") is not True:
+        yield "Encrypted is not true"
+    if kind != "AWS::RedshiftServerless::Workgroup" and not props.get("KmsKeyId"):
+        yield "no customer-managed KmsKeyId"
+
+
+@resource_rule("firehose-kms", "AWS::KinesisFirehose::DeliveryStream")
+def firehose_uses_kms(stream: Resource, settings: Settings) -> Iterator[str]:
+    """Firehose deliveries to S3 encrypt what they write with a KMS key."""
+    props = _props(stream)
+    for key in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
+        if key not in props:
+            continue
+        encryption = props[key].get("EncryptionConfiguration", {})
+        if not encryption.get("KMSEncryptionConfig", {}).get("AWSKMSKeyARN"):
+            yield f"{key} writes S3 objects without a KMS key"
+
+
+@resource_rule("eks-endpoint-private", "AWS::EKS::Cluster")
+def eks_endpoint_private(cluster: Resource, settings: Settings) -> Iterator[str]:
+    """EKS API endpoints are private outside dev; a dev public endpoint is CIDR-restricted."""
+    vpc_config = _props(cluster).get("ResourcesVpcConfig", {})
+    public = vpc_config.get("EndpointPublicAccess", True)  # EKS's default is public
+    if public and settings.tier != "dev":
+        yield f"public API endpoint in a {settings.tier}-tier environment"
+    elif public and "0.0.0.0/0" in vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"]):
+        yield "public API endpoint open to 0.0.0.0/0"
+
+
+@resource_rule("gpu-nodes-tainted", "AWS::EKS::Nodegroup")
+def gpu_nodes_tainted(group: Resource, settings: Settings) -> Iterator[str]:
+    """GPU node groups carry `nvidia.com/gpu=true:NoSchedule`, so only pods that ask for GPUs
+    (and tolerate it) land on the expensive nodes."""
+    key, value, effect = GPU_TAINT["key"], GPU_TAINT["value"], GPU_TAINT["effect"]
+    wanted = {"Key": key, "Value": value, "Effect": _CFN_TAINT_EFFECT[effect]}
+    ami = _props(group).get("AmiType")
+    if "NVIDIA" in str(ami or "").upper() and wanted not in _props(group).get("Taints", []):
+        yield f"GPU node group ({ami}) lacks the taint {key}={value}:{effect}"
+
+
+@resource_rule("imdsv2-required", "AWS::EKS::Nodegroup", "AWS::EC2::LaunchTemplate")
+def imdsv2_required(resource: Resource, settings: Settings) -> Iterator[str]:
+    """Nodes answer only IMDSv2: every node group has a launch template, and every launch
+    template requires session tokens (a node group without one allows IMDSv1)."""
+    if resource["Type"] == "AWS::EKS::Nodegroup":
+        if "LaunchTemplate" not in _props(resource):
+            yield "node group without a launch template (EKS then allows IMDSv1)"
+        return
+    data = _props(resource).get("LaunchTemplateData", {})
+    tokens = data.get("MetadataOptions", {}).get("HttpTokens", "optional")
+    if tokens != "required":
+        yield f"MetadataOptions.HttpTokens is {tokens}, so IMDSv1 is allowed"
+
+
+@resource_rule(
+    "endpoint-auto-rollback",
+    "AWS::SageMaker::Endpoint",
+    applies=lambda settings: settings.is_prod,
+)
+def prod_endpoints_roll_back(endpoint: Resource, settings: Settings) -> Iterator[str]:
+    """A prod endpoint deploys blue/green and rolls back by itself on CloudWatch alarms."""
+    config = _props(endpoint).get("DeploymentConfig", {})
+    if not config.get("AutoRollbackConfiguration", {}).get("Alarms"):
+        yield "prod endpoint without auto-rollback alarms"
+    if "BlueGreenUpdatePolicy" not in config:
+        yield "prod endpoint without a blue/green update policy"
+
+
+@resource_rule("endpoint-kms", "AWS::SageMaker::EndpointConfig")
+def endpoints_encrypted(config: Resource, settings: Settings) -> Iterator[str]:
+    """Endpoint storage volumes and captured data are encrypted with customer-managed keys."""
+    props = _props(config)
+    if not props.get("KmsKeyId"):
+        yield "endpoint config without KmsKeyId for its volumes"
+    capture = props.get("DataCaptureConfig", {})
+    if capture.get("EnableCapture", True) and capture and not capture.get("KmsKeyId"):
+        yield "data capture without a KMS key"
+
+
+@resource_rule(
+    "endpoint-redundancy",
+    "AWS::SageMaker::EndpointConfig",
+    "AWS::ApplicationAutoScaling::ScalableTarget",
+    applies=lambda settings: settings.is_prod,
+)
+def prod_endpoints_redundant(resource: Resource, settings: Settings) -> Iterator[str]:
+    """A prod endpoint runs at least 2 instances, and autoscaling never goes below 2."""
+    props = _props(resource)
+    if resource["Type"] == "AWS::SageMaker::EndpointConfig":
+        for variant in props.get("ProductionVariants", []):
+            if variant.get("InitialInstanceCount", 1) < 2:
+                yield f"variant {variant.get('VariantName')} starts with fewer than 2 instances"
+    elif props.get("ServiceNamespace") == "sagemaker" and props.get("MinCapacity", 0) < 2:
+        yield "autoscaling may scale the endpoint below 2 instances"

@@ -1,0 +1,136 @@
+"""Generates the Redshift SQL for streaming ingestion from MSK, from the prediction-event schema.
+
+The statements are idempotent: the external schema is created `IF NOT EXISTS`, and each
+materialized view comes with a query that finds it, so the deploy-time handler skips views
+that exist. A view's name carries the event schema version: a new version gets a new view
+beside the old one instead of a rebuild that would lose the rows already ingested.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from kiln_events.events import MAX_ID_CHARS, SCHEMA_VERSION, PayloadField, payload_fields
+
+EXTERNAL_SCHEMA = "kiln_msk"
+VIEW_SCHEMA = "public"
+# Redshift's VARCHAR limit is in bytes; 65535 holds MAX_TEXT_CHARS of 4-byte UTF-8.
+_TEXT_BYTES = 65535
+_TEXT_FIELDS = {"prompt_text", "completion_text"}
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,126}$")
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One SQL statement for the handler; skipped when `skip_if_rows` returns any row."""
+
+    sql: str
+    skip_if_rows: str | None = None
+
+    def as_property(self) -> dict[str, str]:
+        """The form the custom resource's properties carry (CloudFormation strings)."""
+        prop = {"Sql": self.sql}
+        if self.skip_if_rows is not None:
+            prop["SkipIfRows"] = self.skip_if_rows
+        return prop
+
+
+def _identifier(name: str) -> str:
+    if not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"{name!r} is not a safe SQL identifier (lower-case, digits, _)")
+    return name
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def view_name(topic: str, schema_version: int = SCHEMA_VERSION) -> str:
+    """The materialized view of one topic, e.g. `prediction_events_v1`."""
+    return _identifier(re.sub(r"[^a-z0-9]+", "_", topic.lower()).strip("_") + f"_v{schema_version}")
+
+
+def redshift_type(field: PayloadField) -> str:
+    """The column type a payload field is cast to."""
+    if field.python_type is bool:
+        return "BOOLEAN"
+    if field.python_type is int:
+        return "BIGINT"
+    if field.python_type is float:
+        return "DOUBLE PRECISION"
+    if field.python_type is datetime:
+        return "TIMESTAMPTZ"
+    if field.python_type is str:
+        # Identifiers are at most MAX_ID_CHARS characters, 4 bytes each in UTF-8.
+        return f"VARCHAR({_TEXT_BYTES if field.name in _TEXT_FIELDS else MAX_ID_CHARS * 4})"
+    raise TypeError(f"no Redshift type for {field.name}: {field.python_type!r}")
+
+
+def _column(field: PayloadField) -> str:
+    # FROM_VARBYTE yields a VARCHAR, at most 65535 bytes: a larger message (raw text allowed)
+    # keeps NULL typed columns instead of failing the refresh, and is whole in `payload`.
+    # JSON_EXTRACT_PATH_TEXT gives '' for a missing key or a JSON null; NULLIF makes it NULL
+    # so the cast of a number or time cannot fail a refresh either.
+    text = (
+        f"CASE WHEN OCTET_LENGTH(kafka_value) <= {_TEXT_BYTES} THEN JSON_EXTRACT_PATH_TEXT("
+        f"FROM_VARBYTE(kafka_value, 'utf-8'), {_literal(field.name)}, true) END"
+    )
+    return f"CAST(NULLIF({text}, '') AS {redshift_type(field)}) AS {_identifier(field.name)}"
+
+
+def external_schema(*, iam_role_arn: str, cluster_arn: str) -> Statement:
+    """The external schema over the MSK cluster, read with IAM authentication."""
+    return Statement(
+        f"CREATE EXTERNAL SCHEMA IF NOT EXISTS {EXTERNAL_SCHEMA} FROM MSK "
+        f"IAM_ROLE {_literal(iam_role_arn)} AUTHENTICATION iam "
+        f"CLUSTER_ARN {_literal(cluster_arn)}"
+    )
+
+
+def materialized_view(topic: str, fields: list[PayloadField] | None = None) -> Statement:
+    """An auto-refreshing materialized view parsing one topic's JSON events into typed columns.
+
+    Messages that are not valid JSON are left out (CAN_JSON_PARSE) rather than failing the
+    refresh. Raw prompt and completion text are not typed columns (together they can exceed a
+    VARCHAR); they, and any field added later, are read from the `payload` SUPER column.
+    """
+    name = view_name(topic)
+    typed = [
+        f
+        for f in (fields if fields is not None else payload_fields())
+        if f.name not in _TEXT_FIELDS
+    ]
+    columns = [_column(f) for f in typed]
+    select = ",\n  ".join(
+        [
+            "kafka_partition",
+            "kafka_offset",
+            "kafka_timestamp",
+            "FROM_VARBYTE(kafka_key, 'utf-8') AS kafka_key",
+            *columns,
+            "JSON_PARSE(kafka_value) AS payload",
+        ]
+    )
+    sql = (
+        f"CREATE MATERIALIZED VIEW {VIEW_SCHEMA}.{name} AUTO REFRESH YES AS\n"
+        f"SELECT\n  {select}\n"
+        f'FROM {EXTERNAL_SCHEMA}."{topic}"\n'
+        "WHERE CAN_JSON_PARSE(kafka_value)"
+    )
+    exists = (
+        f"SELECT 1 FROM svv_mv_info WHERE schema_name = {_literal(VIEW_SCHEMA)} "
+        f"AND name = {_literal(name)}"
+    )
+    return Statement(sql, skip_if_rows=exists)
+
+
+def streaming_ingestion(
+    *, iam_role_arn: str, cluster_arn: str, topics: list[str]
+) -> list[Statement]:
+    """Every statement, in order: the external schema, then one view per topic."""
+    return [
+        external_schema(iam_role_arn=iam_role_arn, cluster_arn=cluster_arn),
+        *(materialized_view(topic) for topic in topics),
+    ]

@@ -1,0 +1,274 @@
+"""`kiln invoke`: the request, the answer, streamed server-sent events, and the errors.
+
+moto answers InvokeEndpoint (with queued results) but has no InvokeEndpointWithResponseStream
+and no endpoint errors: the stream's request shape and the errors are checked with botocore's
+Stubber, and the stream itself comes from a loopback server speaking AWS's event-stream framing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+from kiln.contract import Component
+from kiln_cli.cli import main
+from kiln_cli.operate import invoke
+from kiln_cli.operate.aws import OperateError
+from kiln_cli.operate.invoke import Event, SseParser
+from tests.kiln_cli.support import (
+    ACCOUNT,
+    REGION,
+    deploy_stacks,
+    make_aws,
+    payload_part,
+    stream_exception,
+)
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
+
+ENDPOINT = "kiln-dev-llm"
+SSE = (
+    b": keep-alive\r\n\r\n"
+    b'data: {"token": {"id": 72, "text": "Hello"}}\r\n\r\n'
+    b'data: {"token": {"id": 44, "text": ", w"}}\n\n'
+    + 'data: {"token": {"id": 195, "text": "ö"}}\n\n'.encode()
+    + b'data: {"token": {"id": 114, "text": "rld"}}\n\n'
+    b'data: {"generated_text": "Hello, w\\u00f6rld", "finish_reason": "length", '
+    b'"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}\n\n'
+)
+
+
+def test_sse_parser_is_indifferent_to_where_chunks_end() -> None:
+    whole = SseParser()
+    expected = whole.feed(SSE) + whole.close()
+    assert [json.loads(e.data).get("token", {}).get("text") for e in expected] == [
+        "Hello",
+        ", w",
+        "ö",
+        "rld",
+        None,
+    ]
+    bytewise = SseParser()
+    events: list[Event] = []
+    for index in range(len(SSE)):
+        events += bytewise.feed(SSE[index : index + 1])
+    assert events + bytewise.close() == expected
+
+
+def test_sse_fields() -> None:
+    parser = SseParser()
+    events = parser.feed(b'event: error\ndata: {"a":\ndata: 1}\nid: 7\n\ndata:x\r')
+    assert events == [Event("error", '{"a":\n1}')]
+    assert parser.close() == [Event("message", "x")]
+
+
+def _parts(data: bytes, sizes: tuple[int, ...] = (1, 7, 30, 5)) -> Iterator[bytes]:
+    """Cuts the SSE bytes into PayloadParts of awkward sizes (mid-line, mid-character)."""
+    index, turn = 0, 0
+    while index < len(data):
+        size = sizes[turn % len(sizes)]
+        yield payload_part(data[index : index + size])
+        index, turn = index + size, turn + 1
+
+
+class _Runtime(BaseHTTPRequestHandler):
+    """InvokeEndpointWithResponseStream on loopback: answers with the server's `stream`."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        server: Any = self.server
+        server.requests.append((self.path, dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+        self.send_header("X-Amzn-SageMaker-Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(server.stream)))
+        self.end_headers()
+        self.wfile.write(server.stream)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def runtime() -> Iterator[Any]:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
+    server.requests, server.stream = [], b""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@mock_aws
+def test_invoke_sends_inputs_and_parameters_and_prints_the_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    answer = {
+        "generated_text": " world",
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 6, "completion_tokens": 16, "total_tokens": 22},
+    }
+    backend = sagemakerruntime_backends[ACCOUNT][REGION]
+    backend.results_queue.append((json.dumps(answer), "application/json", "AllTraffic", ""))
+    sent: list[dict[str, Any]] = []
+    aws = make_aws()
+    aws.client("sagemaker-runtime").meta.events.register(
+        "provide-client-params.sagemaker-runtime.InvokeEndpoint",
+        lambda params, **_: sent.append(dict(params)),
+    )
+    result = invoke.invoke(aws, "hello", {"max_new_tokens": 16, "temperature": 0.5, "seed": None})
+    assert (result.text, result.finish_reason, result.usage) == (
+        " world",
+        "length",
+        answer["usage"],
+    )
+    assert sent[0]["EndpointName"] == ENDPOINT
+    assert (sent[0]["ContentType"], sent[0]["Accept"]) == ("application/json", "application/json")
+    assert json.loads(sent[0]["Body"]) == {
+        "inputs": "hello",
+        "parameters": {"max_new_tokens": 16, "temperature": 0.5},
+    }
+    backend.results_queue.append((json.dumps(answer), "application/json", "AllTraffic", ""))
+    assert main(["invoke", "--env", "dev", "--prompt", "hi", "--max-new-tokens", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == " world\n"
+    assert captured.err.startswith("[length, 16 tokens, ")
+
+
+@mock_aws
+def test_an_answer_that_is_not_kilns_json_is_named() -> None:
+    deploy_stacks(components=(Component.SERVING,))  # moto's default answer is the text "body"
+    with pytest.raises(OperateError, match="answered something other than kiln's JSON: 'body'"):
+        invoke.invoke(make_aws(), "hi", {})
+
+
+def _stubbed_runtime() -> tuple[Any, Stubber]:
+    client = boto3.client("sagemaker-runtime", region_name=REGION)
+    return client, Stubber(client)
+
+
+@mock_aws
+def test_a_missing_endpoint_says_to_deploy_a_model() -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    stubber.add_client_error(
+        "invoke_endpoint",
+        "ValidationError",
+        f"Endpoint {ENDPOINT} of account {ACCOUNT} not found.",
+    )
+    with stubber, pytest.raises(OperateError, match="does not exist: deploy a model first"):
+        invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {})
+
+
+@mock_aws
+def test_the_servers_own_error_is_shown() -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    body = {"error": {"code": "invalid_parameter", "message": "parameters.top_p: must be <= 1"}}
+    stubber.add_client_error(
+        "invoke_endpoint",
+        "ModelError",
+        "Received client error (400) from primary",
+        424,
+        modeled_fields={"OriginalStatusCode": 400, "OriginalMessage": json.dumps(body)},
+    )
+    with stubber, pytest.raises(OperateError) as caught:
+        invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {"top_p": 2.0})
+    assert str(caught.value) == (
+        "the model server answered with an error: HTTP 400: parameters.top_p: must be <= 1 "
+        "(invalid_parameter)"
+    )
+
+
+@mock_aws
+def test_the_stream_request_asks_for_server_sent_events() -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    stubber.add_response(
+        "invoke_endpoint_with_response_stream",
+        {"Body": {}, "ContentType": "text/event-stream"},
+        {
+            "EndpointName": ENDPOINT,
+            "ContentType": "application/json",
+            "Accept": "text/event-stream",
+            "Body": b'{"inputs": "hi", "parameters": {"max_new_tokens": 4}}',
+        },
+    )
+    with stubber, pytest.raises(OperateError, match=r"ended before its final event \(0 tokens"):
+        invoke.stream(
+            make_aws(clients={"sagemaker-runtime": client}), "hi", {"max_new_tokens": 4}, print
+        )
+    stubber.assert_no_pending_responses()
+
+
+@mock_aws
+def test_streamed_tokens_are_printed_as_they_arrive(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    runtime.stream = b"".join(_parts(SSE))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
+    pieces: list[str] = []
+    answer = invoke.stream(make_aws(), "Hel", {"temperature": 0.0}, pieces.append)
+    assert pieces == ["Hello", ", w", "ö", "rld"]
+    assert (answer.text, answer.finish_reason) == ("Hello, wörld", "length")
+    path, headers, body = runtime.requests[0]
+    assert path == f"/endpoints/{ENDPOINT}/invocations-response-stream"
+    assert headers["X-Amzn-SageMaker-Accept"] == "text/event-stream"
+    assert json.loads(body) == {"inputs": "Hel", "parameters": {"temperature": 0.0}}
+
+    assert main(["invoke", "--env", "dev", "--prompt", "Hel", "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello, wörld\n"
+    assert captured.err.startswith("[length, 4 tokens, ")
+
+
+@mock_aws
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (
+            payload_part(b'data: {"token": {"id": 1, "text": "a"}}\n\n')
+            + payload_part(
+                b'event: error\ndata: {"error": {"code": "deadline_exceeded", '
+                b'"message": "not finished within 60 s"}}\n\n'
+            ),
+            "the model server stopped the stream: not finished within 60 s (deadline_exceeded)",
+        ),
+        (
+            payload_part(b'data: {"token": {"id": 1, "text": "a"}}\n\n')
+            + stream_exception("ModelStreamError", "container crashed"),
+            "the stream from kiln-dev-llm failed: ModelStreamError: container crashed",
+        ),
+    ],
+)
+def test_a_stream_that_breaks_says_why(
+    stream: bytes, message: str, runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    runtime.stream = stream
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
+    with pytest.raises(OperateError) as caught:
+        invoke.stream(make_aws(), "hi", {}, lambda text: None)
+    assert str(caught.value) == message
+
+
+@mock_aws
+def test_access_denied_names_the_action() -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    stubber.add_client_error("invoke_endpoint", "AccessDeniedException", "not authorized", 400)
+    with stubber, pytest.raises(OperateError, match="may not call sagemaker:InvokeEndpoint"):
+        invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {})

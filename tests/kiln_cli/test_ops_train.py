@@ -1,0 +1,257 @@
+"""`kiln train`: the SageMaker CreateTrainingJob request (sent to moto) and the EKS objects."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from moto import mock_aws
+
+from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Component, Outputs, TrainerEnv
+from kiln_cli.cli import main
+from kiln_cli.operate import train
+from kiln_cli.operate.aws import OperateError
+from tests.kiln_cli.support import (
+    ACCOUNT,
+    REGION,
+    client,
+    create_buckets,
+    deploy_stacks,
+    make_aws,
+    put_object,
+)
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = datetime(2025, 5, 1, 12, 0, 0, tzinfo=UTC)
+CURATED = f"kiln-dev-curated-{ACCOUNT}-{REGION}"
+ARTIFACTS = f"kiln-dev-artifacts-{ACCOUNT}-{REGION}"
+
+
+def _platform(env: str = "dev") -> dict[str, str]:
+    """The data lake and compute stacks, the buckets and a dataset; the compute outputs."""
+    deployed = deploy_stacks(env, components=(Component.DATA_LAKE, Component.COMPUTE))
+    create_buckets(env=env)
+    put_object(f"s3://kiln-{env}-curated-{ACCOUNT}-{REGION}/train/shard-0.txt")
+    return deployed[Component.COMPUTE]
+
+
+def test_metric_definitions_match_the_trainers_readme() -> None:
+    table = (REPO / "training" / "README.md").read_text().split("## Metrics", 1)[1]
+    rows = re.findall(r"^\| (\w+:\w+) \| `(.+)` \|$", table, flags=re.MULTILINE)
+    assert [(m["Name"], m["Regex"]) for m in train.METRIC_DEFINITIONS] == rows
+    line = '{"event": "train", "step": 10, "train_loss": 2.5e-01, "tokens_per_s": 1234.5}'
+    found = {m["Name"]: re.search(m["Regex"], line) for m in train.METRIC_DEFINITIONS}
+    assert found["train:loss"] and found["train:loss"].group(1) == "2.5e-01"
+    assert found["train:tokens_per_s"] and found["train:tokens_per_s"].group(1) == "1234.5"
+
+
+def test_trainer_arguments_become_hyperparameters() -> None:
+    args = ["--max-steps", "100", "--model=tiny", "--lr", "-1e-3", "--compile", "true"]
+    assert train.hyperparameters(args) == {
+        "max_steps": "100",
+        "model": "tiny",
+        "lr": "-1e-3",
+        "compile": "true",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tiny"], "give trainer flags as --flag value pairs"),
+        (["--compile"], "--compile needs a value"),
+        (["--data", "s3://x/"], "--data is set by kiln train"),
+        (["--output-dir=/tmp"], "--output-dir is set by kiln train"),
+    ],
+)
+def test_bad_trainer_arguments_are_refused(args: list[str], message: str) -> None:
+    with pytest.raises(OperateError, match=message) as caught:
+        train.hyperparameters(args)
+    assert caught.value.exit_code == 2
+
+
+def test_job_names_carry_environment_and_time() -> None:
+    settings = make_aws().settings
+    assert train.job_name(settings, "llama", NOW) == "kiln-dev-llama-20250501-120000"
+    with pytest.raises(OperateError, match="at most 25 lowercase letters"):
+        train.job_name(settings, "x" * 26, NOW)
+    with pytest.raises(OperateError):
+        train.job_name(settings, "Llama", NOW)
+
+
+def test_curated_locations() -> None:
+    assert train.curated_uri("cur", "train") == "s3://cur/train/"
+    assert train.curated_uri("cur", "s3://cur/a/b/") == "s3://cur/a/b/"
+    with pytest.raises(OperateError, match="training reads only the curated zone"):
+        train.curated_uri("cur", "s3://raw/a/")
+
+
+@mock_aws
+def test_sagemaker_job_from_stack_outputs_with_spot_in_dev() -> None:
+    compute = _platform()
+    sent: list[dict[str, Any]] = []
+    aws = make_aws()
+    aws.client("sagemaker").meta.events.register(
+        "provide-client-params.sagemaker.CreateTrainingJob",
+        lambda params, **_: sent.append(dict(params)),
+    )
+    options = train.TrainOptions(
+        on="sagemaker",
+        name="llama",
+        val_data="val/",
+        trainer_args=("--max-steps", "200"),
+    )
+    put_object(f"s3://{CURATED}/val/v.txt")
+    started = train.start_sagemaker(aws, options, now=NOW)
+    job = "kiln-dev-llama-20250501-120000"
+    assert started.job == job
+    assert started.artifact == f"s3://{ARTIFACTS}/models/{job}/output/model.tar.gz"
+    request = sent[0]
+    assert request == started.request
+    image = compute[Outputs.TRAINING_IMAGE_URI.key]
+    assert image.startswith(
+        f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/cdk-hnb659fds-container-assets-"
+        f"{ACCOUNT}-{REGION}:"
+    )
+    assert request["AlgorithmSpecification"]["TrainingImage"] == image
+    assert request["AlgorithmSpecification"]["MetricDefinitions"][0]["Name"] == "train:loss"
+    assert request["RoleArn"] == compute[Outputs.SAGEMAKER_TRAINING_ROLE_ARN.key]
+    assert request["HyperParameters"] == {"max_steps": "200"}
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation"]
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == (
+        f"s3://{CURATED}/train/"
+    )
+    assert request["OutputDataConfig"] == {"S3OutputPath": f"s3://{ARTIFACTS}/models"}
+    assert request["CheckpointConfig"] == {
+        "S3Uri": f"s3://{ARTIFACTS}/checkpoints/{job}/",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert request["ResourceConfig"] == {
+        "InstanceType": "ml.g5.2xlarge",
+        "InstanceCount": 1,
+        "VolumeSizeInGB": 100,
+    }
+    subnets = compute[Outputs.TRAINING_SUBNET_IDS.key].split(",")
+    assert len(subnets) == 3
+    assert request["VpcConfig"] == {
+        "SecurityGroupIds": [compute[Outputs.TRAINING_SECURITY_GROUP_ID.key]],
+        "Subnets": subnets,
+    }
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 86400,
+        "MaxWaitTimeInSeconds": 172800,
+    }
+    stored = client("sagemaker").describe_training_job(TrainingJobName=job)
+    assert stored["CheckpointConfig"]["S3Uri"] == f"s3://{ARTIFACTS}/checkpoints/{job}/"
+    assert stored["VpcConfig"]["Subnets"] == subnets
+    assert stored["EnableManagedSpotTraining"] is True
+
+
+@mock_aws
+def test_prod_trains_on_demand_and_refuses_spot() -> None:
+    _platform("prod")
+    aws = make_aws("prod")
+    started = train.start_sagemaker(aws, train.TrainOptions(on="sagemaker"), now=NOW, dry_run=True)
+    assert started.request is not None
+    assert started.request["EnableManagedSpotTraining"] is False
+    assert "MaxWaitTimeInSeconds" not in started.request["StoppingCondition"]
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]  # dry run
+    with pytest.raises(OperateError, match="spot training is not allowed in prod"):
+        train.start_sagemaker(aws, train.TrainOptions(on="sagemaker", capacity="spot"), now=NOW)
+
+
+@mock_aws
+def test_an_empty_dataset_prefix_is_refused_before_the_job() -> None:
+    _platform()
+    with pytest.raises(OperateError, match=f"no objects under s3://{CURATED}/nothing/"):
+        train.start_sagemaker(make_aws(), train.TrainOptions(on="sagemaker", data="nothing"))
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+
+
+@mock_aws
+def test_train_without_the_compute_stack_says_which_stack(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    deploy_stacks(components=(Component.DATA_LAKE,))
+    assert main(["train", "--env", "dev", "--on", "sagemaker"]) == 1
+    err = capsys.readouterr().err
+    assert "kiln train: stack kiln-dev-compute is not deployed" in err
+
+
+@mock_aws
+def test_train_on_sagemaker_and_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    _platform()
+    code = main(["train", "--env", "dev", "--on", "sagemaker", "--wait", "--", "--max-steps", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith("started SageMaker training job kiln-dev-train-")
+    assert "  capacity     managed spot\n" in out
+    assert "completed: model s3://" in out  # moto's jobs complete at once
+    assert "deploy it: kiln deploy-model --env dev --artifact s3://" in out
+
+
+@mock_aws
+def test_dry_run_prints_the_request(capsys: pytest.CaptureFixture[str]) -> None:
+    _platform()
+    assert main(["train", "--env", "dev", "--on", "sagemaker", "--dry-run"]) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["TrainingJobName"].startswith("kiln-dev-train-")
+
+
+@mock_aws
+def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixture[str]) -> None:
+    compute = _platform()
+    argv = ["train", "--env", "dev", "--on", "eks", "--name", "llama", "--", "--max-steps", "9"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    service, job = list(yaml.safe_load_all(captured.out))
+    assert service["kind"] == "Service" and job["kind"] == "Job"
+    pod = job["spec"]["template"]["spec"]
+    assert job["metadata"]["namespace"] == "training"
+    assert pod["serviceAccountName"] == "trainer"
+    container = pod["containers"][0]
+    assert container["image"] == compute[Outputs.TRAINING_IMAGE_URI.key]
+    command = container["command"] + container.get("args", [])
+    data = f"s3://{CURATED}/train/"
+    assert command[-6:] == ["-m", "training.train", "--data", data, "--max-steps", "9"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    name = job["metadata"]["name"]
+    assert env[TrainerEnv.CHECKPOINT_DIR] == f"s3://{ARTIFACTS}/{CHECKPOINTS_PREFIX}{name}/"
+    assert env[TrainerEnv.OUTPUT_DIR] == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{name}/"
+    assert "pipe it to kubectl apply -f -" in captured.err
+
+
+@mock_aws
+def test_eks_apply_runs_kubectl_or_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _platform()
+    aws = make_aws()
+    started = train.eks_manifests(aws, train.TrainOptions(on="eks"), now=NOW)
+    applied: list[tuple[list[str], str]] = []
+
+    def kubectl(argv: Any, text: str) -> int:
+        applied.append((list(argv), text))
+        return 0
+
+    train.apply_manifests(aws, started, kubectl)
+    assert applied == [(["kubectl", "apply", "-f", "-"], started.manifests)]
+    with pytest.raises(OperateError, match=r"kubectl apply failed \(exit 1\).*--name kiln-dev"):
+        train.apply_manifests(aws, started, lambda argv, text: 1)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(OperateError, match="kubectl is not on PATH"):
+        train.apply_manifests(aws, started)
+
+
+@mock_aws
+def test_eks_refuses_sagemaker_only_options(capsys: pytest.CaptureFixture[str]) -> None:
+    _platform()
+    assert main(["train", "--env", "dev", "--on", "eks", "--capacity", "spot"]) == 2
+    assert "--capacity applies to --on sagemaker" in capsys.readouterr().err
+    assert main(["train", "--env", "dev", "--on", "sagemaker", "--apply"]) == 2

@@ -1,0 +1,427 @@
+"""kiln's guardrail rules: each fires on a non-compliant case and stays quiet on a compliant one."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from kiln.config import load_settings
+from kiln.settings import Settings
+from kiln_policy.assembly import SynthesizedStack
+from kiln_policy.guardrails import RULES, Violation, check
+
+PROD = load_settings("prod")
+DEV = load_settings("dev")
+
+
+def stack(resources: dict[str, Any], **changes: Any) -> SynthesizedStack:
+    base = SynthesizedStack(
+        environment="prod",
+        artifact_id="prodProbe",
+        stack_name="kiln-prod-probe",
+        template={"Resources": copy.deepcopy(resources)},
+        termination_protection=True,
+        tags={"project": "kiln", "environment": "prod", "owner": PROD.owner},
+    )
+    return replace(base, **changes)
+
+
+def run(rule_id: str, probe: SynthesizedStack, settings: Settings) -> list[Violation]:
+    """One rule's violations, through the runner."""
+    return check(probe, settings, [RULES[rule_id]])
+
+
+KMS_BUCKET = {
+    "Type": "AWS::S3::Bucket",
+    "DeletionPolicy": "Retain",
+    "UpdateReplacePolicy": "Retain",
+    "Properties": {
+        "BucketEncryption": {
+            "ServerSideEncryptionConfiguration": [
+                {
+                    "ServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"},
+                    "BucketKeyEnabled": True,
+                }
+            ]
+        }
+    },
+}
+
+
+def test_data_stores_retained() -> None:
+    assert run("data-stores-retained", stack({"B": KMS_BUCKET}), PROD) == []
+    deleting = {**KMS_BUCKET, "DeletionPolicy": "Delete"}
+    (violation,) = run("data-stores-retained", stack({"B": deleting}), PROD)
+    assert violation.rule == "data-stores-retained" and "DeletionPolicy Delete" in violation.message
+    missing = {"Type": "AWS::KMS::Key", "Properties": {}}
+    assert len(run("data-stores-retained", stack({"K": missing}), PROD)) == 2
+    # An environment that opted into destroy is not held to it.
+    assert run("data-stores-retained", stack({"K": missing}), DEV) == []
+
+
+def test_termination_protected() -> None:
+    assert run("termination-protected", stack({}), PROD) == []
+    (violation,) = run("termination-protected", stack({}, termination_protection=False), PROD)
+    assert violation.rule == "termination-protected"
+    assert run("termination-protected", stack({}, termination_protection=False), DEV) == []
+
+
+def test_required_tags() -> None:
+    assert run("required-tags", stack({}), PROD) == []
+    wrong = stack({}, tags={"project": "kiln", "environment": "dev"})
+    messages = sorted(v.message for v in run("required-tags", wrong, PROD))
+    assert messages == [
+        "tag 'environment' is 'dev', expected 'prod'",
+        f"tag 'owner' is None, expected {PROD.owner!r}",
+    ]
+
+
+def test_kms_buckets_use_bucket_keys() -> None:
+    assert run("kms-bucket-keys", stack({"B": KMS_BUCKET}), PROD) == []
+    no_key = copy.deepcopy(KMS_BUCKET)
+    del no_key["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
+        "BucketKeyEnabled"
+    ]
+    (violation,) = run("kms-bucket-keys", stack({"B": no_key}), PROD)
+    assert violation.resource == "B"
+    sse_s3 = {
+        "Type": "AWS::S3::Bucket",
+        "Properties": {
+            "BucketEncryption": {
+                "ServerSideEncryptionConfiguration": [
+                    {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+                ]
+            }
+        },
+    }
+    assert run("kms-bucket-keys", stack({"L": sse_s3}), PROD) == []
+
+
+MSK = {
+    "Type": "AWS::MSK::Cluster",
+    "Properties": {
+        "ClientAuthentication": {
+            "Sasl": {"Iam": {"Enabled": True}},
+            "Unauthenticated": {"Enabled": False},
+        },
+        "EncryptionInfo": {"EncryptionInTransit": {"ClientBroker": "TLS", "InCluster": True}},
+    },
+}
+
+
+def with_props(resource: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(resource)
+    node = changed["Properties"]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+    return changed
+
+
+def test_msk_iam_and_tls_only() -> None:
+    assert run("msk-iam-tls-only", stack({"K": MSK}), PROD) == []
+    cases = {
+        "IAM client authentication is not enabled": with_props(
+            MSK, ["ClientAuthentication", "Sasl"], None
+        ),
+        "unauthenticated access is enabled": with_props(
+            MSK, ["ClientAuthentication", "Unauthenticated", "Enabled"], True
+        ),
+        "an authentication method other than IAM is enabled": with_props(
+            MSK, ["ClientAuthentication", "Sasl", "Scram"], {"Enabled": True}
+        ),
+        "client-broker encryption is TLS_PLAINTEXT, not TLS": with_props(
+            MSK, ["EncryptionInfo", "EncryptionInTransit", "ClientBroker"], "TLS_PLAINTEXT"
+        ),
+        "traffic between brokers is not encrypted": with_props(
+            MSK, ["EncryptionInfo", "EncryptionInTransit", "InCluster"], False
+        ),
+    }
+    for message, cluster in cases.items():
+        (violation,) = run("msk-iam-tls-only", stack({"K": cluster}), PROD)
+        assert violation.message == message
+
+
+WORKGROUP = {
+    "Type": "AWS::RedshiftServerless::Workgroup",
+    "Properties": {"PubliclyAccessible": False},
+}
+NAMESPACE = {"Type": "AWS::RedshiftServerless::Namespace", "Properties": {"KmsKeyId": "k"}}
+CLUSTER = {
+    "Type": "AWS::Redshift::Cluster",
+    "Properties": {"PubliclyAccessible": False, "Encrypted": True, "KmsKeyId": "k"},
+}
+
+
+def test_warehouse_private_and_encrypted() -> None:
+    good = stack({"W": WORKGROUP, "N": NAMESPACE, "C": CLUSTER})
+    assert run("warehouse-private-encrypted", good, PROD) == []
+    public = stack(
+        {
+            "W": with_props(WORKGROUP, ["PubliclyAccessible"], True),
+            "C": with_props(CLUSTER, ["PubliclyAccessible"], None),
+        }
+    )
+    assert sorted(v.resource for v in run("warehouse-private-encrypted", public, PROD)) == [
+        "C",
+        "W",
+    ]
+    unencrypted = stack(
+        {
+            "N": with_props(NAMESPACE, ["KmsKeyId"], None),
+            "C": with_props(CLUSTER, ["Encrypted"], False),
+        }
+    )
+    messages = sorted(v.message for v in run("warehouse-private-encrypted", unencrypted, PROD))
+    assert messages == ["Encrypted is not true", "no customer-managed KmsKeyId"]
+
+
+FIREHOSE = {
+    "Type": "AWS::KinesisFirehose::DeliveryStream",
+    "Properties": {
+        "ExtendedS3DestinationConfiguration": {
+            "EncryptionConfiguration": {"KMSEncryptionConfig": {"AWSKMSKeyARN": "arn:key"}}
+        }
+    },
+}
+
+
+def test_firehose_uses_kms() -> None:
+    assert run("firehose-kms", stack({"F": FIREHOSE}), PROD) == []
+    plain = with_props(
+        FIREHOSE,
+        ["ExtendedS3DestinationConfiguration", "EncryptionConfiguration"],
+        {"NoEncryptionConfig": "NoEncryption"},
+    )
+    (violation,) = run("firehose-kms", stack({"F": plain}), PROD)
+    assert violation.rule == "firehose-kms"
+
+
+EKS = {
+    "Type": "AWS::EKS::Cluster",
+    "Properties": {
+        "ResourcesVpcConfig": {"EndpointPrivateAccess": True, "EndpointPublicAccess": False}
+    },
+}
+GPU_GROUP = {
+    "Type": "AWS::EKS::Nodegroup",
+    "Properties": {
+        "AmiType": "AL2023_x86_64_NVIDIA",
+        "LaunchTemplate": {"Id": "lt"},
+        "Taints": [{"Key": "nvidia.com/gpu", "Value": "true", "Effect": "NO_SCHEDULE"}],
+    },
+}
+TEMPLATE = {
+    "Type": "AWS::EC2::LaunchTemplate",
+    "Properties": {"LaunchTemplateData": {"MetadataOptions": {"HttpTokens": "required"}}},
+}
+
+
+def test_eks_endpoint_private() -> None:
+    assert run("eks-endpoint-private", stack({"C": EKS}), PROD) == []
+    public = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], True)
+    (violation,) = run("eks-endpoint-private", stack({"C": public}), PROD)
+    assert violation.message == "public API endpoint in a prod-tier environment"
+    restricted = with_props(public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["203.0.113.0/24"])
+    assert run("eks-endpoint-private", stack({"C": restricted}), DEV) == []
+    (violation,) = run("eks-endpoint-private", stack({"C": public}), DEV)  # no CIDRs: open to all
+    assert violation.message == "public API endpoint open to 0.0.0.0/0"
+    unset = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], None)
+    assert (
+        len(run("eks-endpoint-private", stack({"C": unset}), PROD)) == 1
+    )  # EKS defaults to public
+
+
+def test_gpu_nodes_tainted() -> None:
+    assert run("gpu-nodes-tainted", stack({"G": GPU_GROUP}), PROD) == []
+    untainted = with_props(GPU_GROUP, ["Taints"], [])
+    (violation,) = run("gpu-nodes-tainted", stack({"G": untainted}), PROD)
+    assert violation.rule == "gpu-nodes-tainted"
+    system = with_props(untainted, ["AmiType"], "AL2023_x86_64_STANDARD")
+    assert run("gpu-nodes-tainted", stack({"S": system}), PROD) == []
+
+
+def test_imdsv2_required() -> None:
+    assert run("imdsv2-required", stack({"G": GPU_GROUP, "T": TEMPLATE}), PROD) == []
+    optional = with_props(
+        TEMPLATE, ["LaunchTemplateData", "MetadataOptions", "HttpTokens"], "optional"
+    )
+    (violation,) = run("imdsv2-required", stack({"T": optional}), PROD)
+    assert violation.message == "MetadataOptions.HttpTokens is optional, so IMDSv1 is allowed"
+    bare_group = with_props(GPU_GROUP, ["LaunchTemplate"], None)
+    (violation,) = run("imdsv2-required", stack({"G": bare_group}), PROD)
+    assert "without a launch template" in violation.message
+
+
+ENDPOINT = {
+    "Type": "AWS::SageMaker::Endpoint",
+    "Properties": {
+        "DeploymentConfig": {
+            "BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {"Type": "CANARY"}},
+            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]},
+        }
+    },
+}
+ENDPOINT_CONFIG = {
+    "Type": "AWS::SageMaker::EndpointConfig",
+    "Properties": {
+        "KmsKeyId": "k",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 2}],
+        "DataCaptureConfig": {"EnableCapture": True, "KmsKeyId": "k"},
+    },
+}
+SCALING = {
+    "Type": "AWS::ApplicationAutoScaling::ScalableTarget",
+    "Properties": {"ServiceNamespace": "sagemaker", "MinCapacity": 2, "MaxCapacity": 4},
+}
+
+
+def test_prod_endpoints_roll_back() -> None:
+    assert run("endpoint-auto-rollback", stack({"E": ENDPOINT}), PROD) == []
+    no_alarms = with_props(ENDPOINT, ["DeploymentConfig", "AutoRollbackConfiguration"], None)
+    (violation,) = run("endpoint-auto-rollback", stack({"E": no_alarms}), PROD)
+    assert violation.message == "prod endpoint without auto-rollback alarms"
+    assert run("endpoint-auto-rollback", stack({"E": no_alarms}), DEV) == []
+
+
+def test_endpoints_encrypted() -> None:
+    assert run("endpoint-kms", stack({"C": ENDPOINT_CONFIG}), PROD) == []
+    plain = with_props(ENDPOINT_CONFIG, ["KmsKeyId"], None)
+    plain = with_props(plain, ["DataCaptureConfig", "KmsKeyId"], None)
+    messages = sorted(v.message for v in run("endpoint-kms", stack({"C": plain}), DEV))
+    assert messages == [
+        "data capture without a KMS key",
+        "endpoint config without KmsKeyId for its volumes",
+    ]
+
+
+def test_prod_endpoints_redundant() -> None:
+    good = stack({"C": ENDPOINT_CONFIG, "S": SCALING})
+    assert run("endpoint-redundancy", good, PROD) == []
+    single = stack(
+        {
+            "C": with_props(
+                ENDPOINT_CONFIG,
+                ["ProductionVariants"],
+                [{"VariantName": "AllTraffic", "InitialInstanceCount": 1}],
+            ),
+            "S": with_props(SCALING, ["MinCapacity"], 1),
+        }
+    )
+    assert len(run("endpoint-redundancy", single, PROD)) == 2
+    assert run("endpoint-redundancy", single, DEV) == []
+
+
+# One compliant and one non-compliant case per registered rule, judged under `settings`. A rule
+# registered without a case here fails `test_every_rule_has_its_cases`.
+CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
+    "data-stores-retained": (
+        PROD,
+        stack({"B": KMS_BUCKET}),
+        stack({"B": {**KMS_BUCKET, "DeletionPolicy": "Delete"}}),
+    ),
+    "termination-protected": (PROD, stack({}), stack({}, termination_protection=False)),
+    "required-tags": (PROD, stack({}), stack({}, tags={})),
+    "kms-bucket-keys": (
+        PROD,
+        stack({"B": KMS_BUCKET}),
+        stack(
+            {
+                "B": with_props(
+                    KMS_BUCKET,
+                    ["BucketEncryption", "ServerSideEncryptionConfiguration"],
+                    [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}}],
+                )
+            }
+        ),
+    ),
+    "msk-iam-tls-only": (
+        PROD,
+        stack({"K": MSK}),
+        stack({"K": with_props(MSK, ["ClientAuthentication", "Sasl"], None)}),
+    ),
+    "warehouse-private-encrypted": (
+        PROD,
+        stack({"W": WORKGROUP, "N": NAMESPACE, "C": CLUSTER}),
+        stack({"W": with_props(WORKGROUP, ["PubliclyAccessible"], True)}),
+    ),
+    "firehose-kms": (
+        PROD,
+        stack({"F": FIREHOSE}),
+        stack(
+            {
+                "F": with_props(
+                    FIREHOSE,
+                    ["ExtendedS3DestinationConfiguration", "EncryptionConfiguration"],
+                    None,
+                )
+            }
+        ),
+    ),
+    "eks-endpoint-private": (
+        PROD,
+        stack({"C": EKS}),
+        stack({"C": with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], True)}),
+    ),
+    "gpu-nodes-tainted": (
+        PROD,
+        stack({"G": GPU_GROUP}),
+        stack({"G": with_props(GPU_GROUP, ["Taints"], [])}),
+    ),
+    "imdsv2-required": (
+        PROD,
+        stack({"G": GPU_GROUP, "T": TEMPLATE}),
+        stack({"G": with_props(GPU_GROUP, ["LaunchTemplate"], None)}),
+    ),
+    "endpoint-auto-rollback": (
+        PROD,
+        stack({"E": ENDPOINT}),
+        stack({"E": with_props(ENDPOINT, ["DeploymentConfig", "BlueGreenUpdatePolicy"], None)}),
+    ),
+    "endpoint-kms": (
+        PROD,
+        stack({"C": ENDPOINT_CONFIG}),
+        stack({"C": with_props(ENDPOINT_CONFIG, ["KmsKeyId"], None)}),
+    ),
+    "endpoint-redundancy": (
+        PROD,
+        stack({"C": ENDPOINT_CONFIG, "S": SCALING}),
+        stack({"S": with_props(SCALING, ["MinCapacity"], 1)}),
+    ),
+}
+
+
+def test_every_rule_has_its_cases() -> None:
+    assert sorted(CASES) == sorted(RULES), "give each new rule a compliant and a failing case"
+
+
+@pytest.mark.parametrize("rule_id", sorted(RULES))
+def test_every_registered_rule_fires_on_its_non_compliant_case(rule_id: str) -> None:
+    settings, compliant, non_compliant = CASES[rule_id]
+    # The full runner, every rule: the failing case is this rule's, the good case nobody's.
+    assert {v.rule for v in check(non_compliant, settings)} >= {rule_id}
+    assert [v for v in check(compliant, settings) if v.rule == rule_id] == []
+    assert check(compliant, settings, [RULES[rule_id]]) == []
+
+
+@pytest.mark.parametrize("rule_id", sorted(RULES))
+def test_every_rule_says_why_and_what_it_judges(rule_id: str) -> None:
+    rule = RULES[rule_id]
+    assert rule.id == rule_id and len(rule.reason) > 20
+    assert all(t.startswith("AWS::") for t in rule.resource_types)
+
+
+def test_violations_name_rule_stack_and_resource() -> None:
+    bad = stack({"K": with_props(MSK, ["ClientAuthentication", "Sasl"], None)})
+    (violation,) = run("msk-iam-tls-only", bad, PROD)
+    assert str(violation) == (
+        "[msk-iam-tls-only] kiln-prod-probe/K: IAM client authentication is not enabled"
+    )
+    (violation,) = run("termination-protected", stack({}, termination_protection=False), PROD)
+    assert violation.resource == "(stack)"
