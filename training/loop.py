@@ -23,6 +23,7 @@ from torch import Tensor
 from modeling.artifact import TARBALL, load_model_dir, read_config, save_model_dir, write_tarball
 from modeling.config import ModelConfig
 from modeling.model import LlamaModel
+from modeling.rope import rope_table
 from modeling.tokenizer import ByteTokenizer, Tokenizer
 from training import lora, sagemaker
 from training.checkpointer import Checkpointer, ShardedCheckpointer
@@ -403,7 +404,8 @@ def plain_model(cfg: ModelConfig, weights: dict[str, Tensor]) -> LlamaModel:
     with torch.device("meta"):
         model = LlamaModel(cfg, ops="reference")
     model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
-    return model
+    model.rope = rope_table(cfg)  # a buffer outside the state dict
+    return model.eval()
 
 
 def _kernels_compiled(ops: str) -> bool:
