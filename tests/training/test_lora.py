@@ -19,7 +19,6 @@ from tests.training.support import TINY, write_corpus
 from training import lora, train
 from training.loop import Trainer, plain_model
 from training.parallel import Distributed
-from training.state import TrainState
 
 
 def test_merged_weights_compute_the_adapted_models_logits() -> None:
@@ -53,28 +52,15 @@ def test_lora_fine_tuning_trains_adapters_alone_and_writes_merged_and_adapter_ar
 ) -> None:
     base = hf_models.build("llama-3.1-8b", tmp_path / "base")
     out = tmp_path / "out"
-    args = train.parse_args(
-        [
-            *TINY[2:],
-            "--init-from",
-            str(base),
-            "--data",
-            str(write_corpus(tmp_path / "data", files=4, sentences=60)),
-            "--max-steps",
-            "3",
-            "--lr",
-            "1e-2",
-            "--lora-rank",
-            "4",
-            "--lora-alpha",
-            "16",
-            "--lora-targets",
-            "all-linear",
-            "--output-dir",
-            str(out),
-        ],  # fmt: skip
-        environ={},
-    )
+    argv = [
+        *TINY[2:],
+        "--init-from", str(base),
+        "--data", str(write_corpus(tmp_path / "data", files=4, sentences=60)),
+        "--max-steps", "3", "--lr", "1e-2",
+        "--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "all-linear",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    args = train.parse_args(argv, environ={})
     trainer = Trainer(args, Distributed.from_env("cpu", environ={}))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
