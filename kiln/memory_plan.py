@@ -14,7 +14,7 @@ activations are rebuilt at a time.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,13 +223,9 @@ def plan(
         )
         if ddp.fits or world == 1:
             return ddp
-        return replace(
-            ddp,
-            **_bytes(
-                shape, world, "fsdp", micro_batch, seq_len, activation_checkpointing, ddp.trainable
-            ),
-            strategy="fsdp",
-        )
+        strategy = "fsdp"
+    if strategy == "fsdp" and world == 1:
+        strategy = "ddp"  # one GPU: nothing to shard over (the trainer does the same)
     trainable = shape.lora_parameters(lora_rank, lora_targets) if lora_rank else shape.parameters
     fields = _bytes(
         shape, world, strategy, micro_batch, seq_len, activation_checkpointing, trainable

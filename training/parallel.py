@@ -262,10 +262,10 @@ def choose_strategy(
     activation_checkpointing: bool = False,
 ) -> DataParallel | FullyShard:
     """`--strategy`: ddp, fsdp, or auto (FSDP when several ranks share a model whose replica
-    would not fit one device)."""
+    would not fit one device). A single process runs the bare model either way."""
     if flag == "auto":
         fits = replica_fits(trainable, frozen, dist.device)
         flag = "ddp" if dist.world == 1 or fits else "fsdp"
-    if flag == "fsdp":
+    if flag == "fsdp" and dist.world > 1:  # alone there is nothing to shard over
         return FullyShard(dist, bf16=bf16, activation_checkpointing=activation_checkpointing)
     return DataParallel(dist, activation_checkpointing=activation_checkpointing)
