@@ -10,9 +10,12 @@ FSDP's weights exist only as shards, and a sharded checkpoint resumes on another
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,15 @@ class Checkpointer:
 META = "meta.pt"
 
 
+@contextlib.contextmanager
+def _alone(dist: Distributed) -> Iterator[None]:
+    """A single process has no process group: DCP saves and loads alone, as it warns."""
+    with warnings.catch_warnings():
+        if dist.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class ShardedCheckpointer:
     """Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own
     shard of the weights and optimizer states (`step-NNNNNNNN/__R_0.distcp` and `.metadata`),
@@ -172,7 +184,8 @@ class ShardedCheckpointer:
                 self.dist.barrier()
             else:
                 target = Path(tmp)
-            dcp.save(self._state(), checkpoint_id=target)
+            with _alone(self.dist):
+                dcp.save(self._state(), checkpoint_id=target)
             if self.dist.is_main:
                 torch.save(meta, target / META)
             if not local:  # each rank uploads what it wrote (rank 0: the metadata too)
@@ -217,7 +230,8 @@ class ShardedCheckpointer:
                     f"({meta['model_config']}); pass --resume false or another --checkpoint-dir"
                 )
             sd = self._state()
-            dcp.load(sd, checkpoint_id=path)
+            with _alone(self.dist):
+                dcp.load(sd, checkpoint_id=path)
         set_state_dict(
             self.model,
             self.optimizer,

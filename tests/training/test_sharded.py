@@ -110,3 +110,49 @@ def test_fsdp_and_sharded_checkpoints_resume_exactly_and_on_other_world_sizes(
         assert sorted(resumed.losses()) == list(range(5, STEPS + 1))
         for step, loss in resumed.losses().items():
             assert loss == pytest.approx(reference.losses()[step], abs=1e-4)
+
+
+def test_sharded_checkpoints_on_s3_resume(
+    corpus: Path, clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from tests.training.support import parse_events
+    from training import train
+
+    argv = [*_one(corpus), "--max-steps", "4", "--checkpoint-every", "2"]
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="artifacts")
+        ck = ["--checkpoint-dir", "s3://artifacts/checkpoints/job-1"]
+        assert (
+            train.main([*argv, "--checkpoint-every", "0", "--checkpoint-dir", "s3://artifacts/x"])
+            == 0
+        )
+        full = {
+            e["step"]: e["train_loss"]
+            for e in parse_events(capsys.readouterr().out)
+            if e["event"] == "train"
+        }
+        assert train.main([*argv, "--max-steps", "4", *ck]) == 0
+        capsys.readouterr()
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artifacts")["Contents"]}
+        assert {
+            "checkpoints/job-1/latest.json",
+            "checkpoints/job-1/step-00000002/__0_0.distcp",
+            "checkpoints/job-1/step-00000002/.metadata",
+            "checkpoints/job-1/step-00000002/meta.pt",
+        } <= keys
+        # Point latest.json back at step 2 and resume: steps 3 and 4 as before, bit for bit.
+        s3.put_object(
+            Bucket="artifacts",
+            Key="checkpoints/job-1/latest.json",
+            Body=json.dumps({"step": 2, "dir": "step-00000002"}).encode(),
+        )
+        assert train.main([*argv, *ck]) == 0
+        events = parse_events(capsys.readouterr().out)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [2]
+    assert {e["step"]: e["train_loss"] for e in events if e["event"] == "train"} == {
+        s: v for s, v in full.items() if s > 2
+    }
