@@ -124,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         volume_gib=args.volume_gib,
         capacity=args.capacity,
         trainer_args=tuple(args.trainer_args),
+        model=args.model,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -291,6 +292,11 @@ def _add_train(commands: Any) -> None:
         "--dry-run",
         action="store_true",
         help="SageMaker: print the CreateTrainingJob request, start nothing",
+    )
+    run.add_argument(
+        "--model",
+        help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
+        "local Hugging Face directory); a preset or s3:// directory also goes to the trainer",
     )
     run.add_argument(
         "--apply",

@@ -259,6 +259,8 @@ class LlamaModel(Module):
         self.register_buffer("rope", rope_table(cfg), persistent=False)
         self.training_ops = FunctionalOps(self.ops, cfg.rms_norm_eps)
         self.causal = CausalSDPA(cfg)
+        # Training's projection: `dense_linear`, or one that adds adapters (training.lora).
+        self.linear: Callable[[nn.Module, Tensor], Tensor] = dense_linear
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -288,7 +290,7 @@ class LlamaModel(Module):
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        run = Run(positions, self.rope, self.training_ops, dense_linear, self.causal)
+        run = Run(positions, self.rope, self.training_ops, self.linear, self.causal)
         return run.linear(self.head, self.hidden(input_ids, run))
 
     def hidden(
