@@ -27,7 +27,8 @@ def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> 
         (b'["a list"]', "invalid_request", "JSON object"),
         (b"{}", "invalid_parameter", "inputs is required"),
         (b'{"inputs": 5}', "invalid_parameter", "inputs"),
-        (b'{"inputs": "x", "stream": true}', "invalid_parameter", "unknown field 'stream'"),
+        (b'{"inputs": "x", "streaming": true}', "invalid_parameter", "unknown field 'streaming'"),
+        (b'{"inputs": "x", "stream": "yes"}', "invalid_parameter", "stream"),
         (b'{"inputs": "x", "parameters": []}', "invalid_parameter", "parameters"),
     ],
 )
