@@ -336,11 +336,13 @@ def _read_weights(
                     tensor[start : start + t.shape[0]].copy_(t)
                     start += t.shape[0]
             if tensor.shape != expected[name]:
-                file, part, t = tensors[0]
-                shapes = [tuple(t.shape) for _, _, t in tensors]
+                file = tensors[0][0]
+                names = ", ".join(part for _, part, _ in tensors)
+                shapes = ", ".join(str(tuple(t.shape)) for _, _, t in tensors)
+                verb, together = ("is", "") if len(tensors) == 1 else ("are", " together")
                 raise ArtifactError(
-                    f"{file}: {', '.join(p for _, p, _ in tensors)} have shapes {shapes}; "
-                    f"{directory / CONFIG_FILE} makes {name} {tuple(expected[name])}"
+                    f"{file}: {names} {verb} {shapes} where {directory / CONFIG_FILE} needs "
+                    f"{tuple(expected[name])}{together}"
                 )
             del tensors
             state[name] = tensor

@@ -174,8 +174,8 @@ def test_environment_variables_of_the_eks_job(
     assert {e["job"] for e in parse_events(capsys.readouterr().out)} == {"llama-7"}
     assert (tmp_path / "ck" / "latest.json").is_file()
     assert (tmp_path / "out" / "model.tar.gz").is_file()
-    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
-    assert config["training"]["job_name"] == "llama-7"
+    kiln = json.loads((tmp_path / "out" / "model" / "kiln.json").read_text())
+    assert kiln["training"]["job_name"] == "llama-7"
 
 
 @pytest.mark.parametrize(
