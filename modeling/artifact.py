@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from modeling import hf
 from modeling.config import ConfigError, ModelConfig
-from modeling.model import LlamaModel, OpsName
+from modeling.model import LlamaModel, OpsName, load_ops
 from modeling.rope import rope_table
 from modeling.tokenizer import (
     HF_GENERATION_CONFIG,
@@ -268,6 +268,7 @@ def load_model_dir(
     """
     directory = Path(directory)
     cfg, info = read_config(directory, max_seq_len=max_seq_len)
+    load_ops(ops)  # a first import of the kernels happens outside the meta-device context
     with torch.device("meta"):
         model = LlamaModel(cfg, ops=ops)
     state = _read_weights(directory, cfg, info, model, dtype)

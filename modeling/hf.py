@@ -116,8 +116,14 @@ def config_from_hf(raw: dict[str, Any], *, max_seq_len: int | None = None) -> Mo
     if odd_layers:
         problems.append(_problem("layer_types", odd_layers, "kiln runs full causal attention"))
     if model_type == "qwen2":
-        # Qwen2 applies its window only with use_sliding_window (and then to some layers).
-        windowed = bool(raw.get("use_sliding_window")) or "sliding_attention" in layer_types
+        # Qwen2 has a window only with use_sliding_window, on the layers layer_types names
+        # (by default those from max_window_layers on), as transformers' Qwen2Config reads it.
+        if layer_types:
+            sliding_layers = "sliding_attention" in layer_types
+        else:
+            layers = int(raw["num_hidden_layers"])
+            sliding_layers = int(raw.get("max_window_layers", 28)) < layers
+        windowed = bool(raw.get("use_sliding_window")) and sliding_layers
     else:
         windowed = model_type == "mistral"
     if windowed and window is not None and int(window) < served:

@@ -19,6 +19,7 @@ TOKENIZER_TYPE = "kiln-byte-level"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
 HF_MODEL_CONFIG = "config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 BYTE_TOKENS = 256
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -353,6 +354,10 @@ class HFTokenizer:
         directory = Path(directory)
         tokenizer = RustTokenizer.from_file(str(directory / TOKENIZER_FILE))
         config = _read_json(directory / HF_TOKENIZER_CONFIG)
+        template = directory / CHAT_TEMPLATE_FILE
+        if "chat_template" not in config and template.is_file():
+            # transformers 5 saves the template beside tokenizer_config.json, not in it.
+            config["chat_template"] = template.read_text()
         bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
         if bos is not None:
             add_bos = config.get("add_bos_token")

@@ -214,7 +214,11 @@ def test_byte_fallback_covers_what_the_vocabulary_lacks(built: dict[str, Path]) 
         ("mistral-7b", {"sliding_window": 256}, "unsupported sliding_window 256"),
         (
             "qwen2.5-0.5b",
-            {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 0},
+            {
+                "use_sliding_window": True,
+                "sliding_window": 256,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
             "unsupported sliding_window 256",
         ),
     ],
@@ -263,3 +267,40 @@ def test_missing_or_misshapen_tensors_name_the_file(built: dict[str, Path], tmp_
         match=r"gate_proj\.weight, .*up_proj\.weight are \(344, 128\), \(344, 128\) where",
     ):
         load_model_dir(directory)
+
+
+def test_qwen2_windows_count_only_on_the_layers_that_have_them(tmp_path: Path) -> None:
+    """use_sliding_window with every layer below max_window_layers: no layer has a window, in
+    transformers as here, so the model serves at its full context."""
+    directory = build(
+        "qwen2.5-0.5b",
+        tmp_path / "q",
+        use_sliding_window=True,
+        sliding_window=256,
+        max_window_layers=2,
+    )
+    model, _ = load_model_dir(directory)
+    assert model.config.max_seq_len == 2048
+    ids = _ids(model.config.vocab_size, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_model(directory)(ids).logits, rtol=0, atol=TOL)
+
+
+def test_a_chat_template_saved_beside_the_config_is_kept(tmp_path: Path) -> None:
+    """transformers 5's save_pretrained writes chat_template.jinja; kiln reads it as the
+    tokenizer's template and writes it back."""
+    directory = build("qwen2.5-0.5b", tmp_path / "src")
+    saved = transformers.AutoTokenizer.from_pretrained(directory)
+    saved.save_pretrained(tmp_path / "tok")
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        (directory / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    assert "chat_template" not in json.loads((directory / "tokenizer_config.json").read_text())
+    model, tokenizer = load_model_dir(directory)
+    assert isinstance(tokenizer, HFTokenizer)
+    assert tokenizer.config["chat_template"] == (directory / "chat_template.jinja").read_text()
+    out = save_model_dir(model, tokenizer, tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(messages, tokenize=False) == saved.apply_chat_template(
+        messages, tokenize=False
+    )
