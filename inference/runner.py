@@ -18,6 +18,7 @@ from inference.decoder import Decoder
 from inference.scheduler import ScheduledStep
 from inference.sequence import Sequence
 from modeling.artifact import load_model_dir, read_config
+from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
 from modeling.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -83,6 +84,9 @@ class ModelRunner:
         self.threads = threads
         self.decoder: Decoder | None = None
         self.tokenizer: Tokenizer | None = None
+        # The model's chat template (None without one), or why it cannot be used.
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_error: str | None = None
         self.max_seq_len = 0
         self.vocab_size = 0
         self.model_info: dict[str, Any] = {}
@@ -112,6 +116,12 @@ class ModelRunner:
             self.decoder = Decoder(model, slots=self.slots, device=device, dtype=dtype)
         del model
         self.tokenizer = tokenizer
+        try:
+            self.chat_template = ChatTemplate.load(self.model_dir)
+        except ChatTemplateError as err:
+            # The model still serves plain prompts; messages requests say why they cannot.
+            self.chat_template_error = str(err)
+            log.warning("chat requests will be refused: %s", err)
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
         self.model_info = {

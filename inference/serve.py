@@ -76,8 +76,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         default=_env_default(env, "SM_MODEL_DIR", DEFAULT_MODEL_DIR),
-        help="the unpacked model.tar.gz (config.json, model.safetensors, tokenizer.json), or a "
-        "directory holding model.tar.gz (default: $SM_MODEL_DIR or /opt/ml/model)",
+        help="a Hugging Face model directory (config.json, safetensors weights or shards, "
+        "tokenizer.json; Llama, Mistral, Qwen2 families), one in its only subdirectory, a "
+        "model.tar.gz of one, or a directory holding model.tar.gz (default: $SM_MODEL_DIR or "
+        "/opt/ml/model)",
     )
     p.add_argument(
         "--host",
@@ -215,6 +217,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             request_timeout_s=args.request_timeout,
             max_body_bytes=MAX_BODY_BYTES,
             max_new_tokens=args.max_new_tokens,
+            # A chat completion's `model` when the request names none.
+            model_name=event_settings.model_version,
         ),
         events=events,
         on_engine_failure=on_engine_failure,

@@ -185,36 +185,73 @@ def cmd_deploy_model(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def _conversation(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The messages `--message`/`--messages-file` give; None for a plain `--prompt`."""
+    if args.messages_file is not None:
+        source = args.messages_file
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        except OSError as err:
+            raise OperateError(f"--messages-file {source}: {err.strerror or err}", 2) from err
+        return invoke.read_messages(text, "standard input" if source == "-" else source)
+    if args.message:
+        return [invoke.parse_message(m) for m in args.message]
+    return None
+
+
 def cmd_invoke(args: argparse.Namespace) -> int:
-    """Sends one prompt to the environment's endpoint and prints the answer."""
+    """Sends one prompt (or a conversation) to the environment's endpoint; prints the answer."""
     aws = _aws(args)
-    parameters = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "stop": args.stop or None,
-    }
-    if args.stream:
+    messages = _conversation(args)
 
-        def write(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-        answer = invoke.stream(aws, args.prompt, parameters, write)
-        sys.stdout.write("\n")
-    else:
-        answer = invoke.invoke(aws, args.prompt, parameters)
-        if args.json:
-            body = {
-                "generated_text": answer.text,
-                "finish_reason": answer.finish_reason,
-                "usage": answer.usage,
-            }
-            print(json.dumps(body, ensure_ascii=False))
+    if messages is not None:
+        if args.top_k is not None:
+            raise OperateError(
+                "--top-k is not a Messages API field: leave it out with --message", exit_code=2
+            )
+        options = {
+            "max_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "stop": args.stop or None,
+        }
+        if args.stream:
+            answer = invoke.chat_stream(aws, messages, options, write)
+            sys.stdout.write("\n")
         else:
-            print(answer.text)
+            answer = invoke.chat(aws, messages, options)
+            if args.json:
+                print(json.dumps(answer.body, ensure_ascii=False))
+            else:
+                print(answer.text)
+    else:
+        parameters = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "stop": args.stop or None,
+        }
+        if args.stream:
+            answer = invoke.stream(aws, args.prompt, parameters, write)
+            sys.stdout.write("\n")
+        else:
+            answer = invoke.invoke(aws, args.prompt, parameters)
+            if args.json:
+                body = {
+                    "generated_text": answer.text,
+                    "finish_reason": answer.finish_reason,
+                    "usage": answer.usage,
+                }
+                print(json.dumps(body, ensure_ascii=False))
+            else:
+                print(answer.text)
     tokens = answer.usage.get("completion_tokens", "?")
     print(
         f"[{answer.finish_reason or '?'}, {tokens} tokens, {answer.seconds:.2f} s]",
@@ -313,11 +350,31 @@ def _add_train(commands: Any) -> None:
 
 
 def _add_invoke(commands: Any) -> None:
-    call = commands.add_parser("invoke", help="send a prompt to the environment's endpoint")
+    call = commands.add_parser(
+        "invoke", help="send a prompt or a conversation to the environment's endpoint"
+    )
     _environment_options(call)
-    call.add_argument("--prompt", required=True)
-    call.add_argument("--max-new-tokens", type=_positive_int)
-    call.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
+    what = call.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="a plain prompt, continued by the model")
+    what.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE:TEXT",
+        help='a chat message (repeatable, in order), e.g. --message system:"Be brief." '
+        '--message user:"Hello"; sent as the Messages API, rendered by the model\'s chat template',
+    )
+    what.add_argument(
+        "--messages-file",
+        metavar="FILE",
+        help='a JSON list of {"role", "content"} messages (or a {"messages": [...]} body); '
+        "- reads standard input",
+    )
+    call.add_argument("--max-new-tokens", type=_positive_int, help="max_tokens for a conversation")
+    call.add_argument(
+        "--temperature",
+        type=float,
+        help="0 = greedy (the default for a prompt; a conversation's default is 1.0, as OpenAI's)",
+    )
     call.add_argument("--top-k", type=_positive_int)
     call.add_argument("--top-p", type=float)
     call.add_argument("--seed", type=int, help="same seed, prompt and model: same text")

@@ -5,6 +5,9 @@ standard library's sources), packages `model.tar.gz`, starts the inference serve
 loopback port, sends prompts, prints the answers and the figures (validation loss, training
 tokens/s, request latency), and stops everything cleanly. Training and serving run as
 subprocesses, so this module (and `import kiln`) never loads torch.
+
+`--model` names a training preset, or a model you bring: a Hugging Face model directory (Llama,
+Mistral, Qwen2 families) or a model.tar.gz of one, which is served and asked without training.
 """
 
 from __future__ import annotations
@@ -223,6 +226,18 @@ def report(run: LocalRun, say: Callable[[str], None]) -> None:
     say(f"server stopped (exit {run.server_exit_code}); files in {run.work_dir}")
 
 
+def brought_model(value: str) -> Path | None:
+    """The model directory (or model.tar.gz) `--model` names; None for a training preset."""
+    path = Path(value).expanduser()
+    if path.is_dir() or (path.is_file() and path.name.endswith(".tar.gz")):
+        return path
+    if os.sep in value or value.startswith(("~", ".")) or value.endswith(".tar.gz"):
+        raise LocalError(
+            f"--model {value}: no such model directory or model.tar.gz (a preset name has no slash)"
+        )
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minutes", type=float, default=3.0, help="training wall-time cap (default: %(default)s)"
@@ -230,7 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-steps", type=int, default=300, help="training steps at most (default: %(default)s)"
     )
-    parser.add_argument("--model", default="tiny", help="training preset (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="training preset, or a Hugging Face model directory (or model.tar.gz) to serve "
+        "instead of training one (default: %(default)s)",
+    )
     parser.add_argument(
         "--prompt",
         action="append",
@@ -254,7 +274,12 @@ def run_command(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        train(run, minutes=args.minutes, max_steps=args.max_steps, model=args.model, say=say)
+        brought = brought_model(args.model)
+        if brought is None:
+            train(run, minutes=args.minutes, max_steps=args.max_steps, model=args.model, say=say)
+        else:
+            run.model_dir = brought
+            say(f"serving {brought} (no training)")
         serve_and_ask(
             run,
             prompts=args.prompts or DEFAULT_PROMPTS,

@@ -304,6 +304,13 @@ class HFTokenizer:
         self.config = dict(config or {})
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, token in added.items() if token.special)
+        # SentencePiece's byte pieces (`<0x00>`..`<0xFF>`, Llama 2's and Mistral's byte
+        # fallback): a run of them decodes as one UTF-8 string, each byte as U+FFFD when the
+        # run is not valid, so a run's text is known only once another piece follows.
+        pieces = [tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+        self.byte_piece_ids = frozenset(
+            int(i) for i in pieces if i is not None and None not in pieces
+        )
         self.bos_id = self._id(bos_token) if bos_token else None
         self.eos_ids = frozenset(self._id(token) for token in eos_tokens)
 
@@ -403,7 +410,8 @@ class IncrementalDecoder:
     Face's and vLLM's streamers), so it serves byte-level and merge-based tokenizers alike: the
     window holds the ids whose text was already given out (`ids[:read]`, context for the next
     ones) and the new ones; a delta is what decoding the window adds to the text of `ids[:read]`.
-    While the window's text ends in U+FFFD (a character still incomplete) it waits for more.
+    While the window's text ends in U+FFFD (a character still incomplete), or its last id is a
+    byte piece of a SentencePiece tokenizer's byte fallback, it waits for more.
     """
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
@@ -426,6 +434,8 @@ class IncrementalDecoder:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
+        if not final and self.ids[-1] in getattr(self.tokenizer, "byte_piece_ids", ()):
+            return ""  # a later byte piece may turn this run's text into U+FFFDs
         text = self.tokenizer.decode(self.ids)
         done = len(self._read_text)
         if len(text) <= done or (text.endswith(REPLACEMENT) and not final):

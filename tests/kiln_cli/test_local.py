@@ -50,3 +50,23 @@ def test_a_model_that_will_not_load_is_reported(tmp_path: Path) -> None:
 def test_bad_bounds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["local", "--minutes", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_a_model_directory_you_bring_is_served_and_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.modeling.hf_models import build
+
+    model = build("qwen2.5-0.5b", tmp_path / "Qwen2.5-0.5B")
+    argv = ["local", "--model", str(model), "--prompt", "The kiln", "--max-new-tokens", "4"]
+    code = main([*argv, "--work-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"serving {model} (no training)" in out
+    assert "--- 'The kiln'" in out and "server stopped (exit 0)" in out
+    assert "training (" not in out and "validation loss" not in out
+
+
+def test_a_model_path_that_is_not_there_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["local", "--model", "./no-such-model"]) == 1
+    assert "--model ./no-such-model: no such model directory" in capsys.readouterr().err
