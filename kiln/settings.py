@@ -232,6 +232,11 @@ class GpuNodeSettings(NodePoolSettings):
     instance_types: list[str] = Field(min_length=1, max_length=10)
     capacity: Literal["on_demand", "spot"] = "on_demand"
     root_volume_gib: int = Field(200, ge=50, le=16384)
+    # The zone an EFA pool (one cluster placement group) is pinned to; null: the first of
+    # availability_zones. p4d/p4de/p5 are not offered in every zone, and which zone a name
+    # means differs per account: check `aws ec2 describe-instance-type-offerings
+    # --location-type availability-zone --filters Name=instance-type,Values=<type>`.
+    efa_zone: str | None = None
 
 
 class ComputeSettings(StrictModel):
@@ -645,6 +650,12 @@ class Settings(StrictModel):
             problems.append(
                 "compute.gpu_nodes.instance_types: mixes types with and without EFA; one node "
                 "group gets one launch template, so list only EFA types or only non-EFA types"
+            )
+        zone = compute.gpu_nodes.efa_zone
+        if zone is not None and zone not in self.availability_zones:
+            problems.append(
+                f"compute.gpu_nodes.efa_zone: {zone!r} is not one of availability_zones "
+                f"({', '.join(self.availability_zones)})"
             )
         interfaces = {GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types}
         if len(interfaces) > 1:

@@ -16,11 +16,17 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from kiln.contract import SAGEMAKER_ENDPOINTS, capture_prefix
+from kiln.contract import (
+    ENDPOINT_SCALABLE_DIMENSION,
+    ENDPOINT_VARIANT,
+    SAGEMAKER_ENDPOINTS,
+    capture_prefix,
+    endpoint_scaling_resource_id,
+)
 from platform_constructs.nag import wildcard_resource
 from platform_constructs.sagemaker_execution import execution_statements
 
-VARIANT = "AllTraffic"  # blue/green needs the same variant name in every endpoint config
+VARIANT = ENDPOINT_VARIANT  # blue/green needs the same variant name in every endpoint config
 KAFKA_IAM_PORT = 9098
 
 
@@ -337,8 +343,8 @@ class GuardedEndpoint(Construct):
             self,
             "Scaling",
             service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
-            resource_id=f"endpoint/{endpoint_name}/variant/{VARIANT}",
-            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            resource_id=endpoint_scaling_resource_id(endpoint_name),
+            scalable_dimension=ENDPOINT_SCALABLE_DIMENSION,
             min_capacity=scaling.min_instances,
             max_capacity=scaling.max_instances,
         )

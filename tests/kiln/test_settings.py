@@ -443,3 +443,12 @@ def test_every_environment_file_rolls_out_within_what_sagemaker_accepts() -> Non
         assert rollout_problems(serving) == [], env
         if 1 in fleet_sizes(serving):
             assert serving.deployment.traffic == "all_at_once", env
+
+
+def test_the_efa_zone_is_one_of_the_environments_zones() -> None:
+    """p4d/p4de/p5 are not offered in every zone (and a zone name means a different zone in
+    each account), so the zone the EFA pool is pinned to is a setting, checked here."""
+    ok = settings(**{"compute.gpu_nodes.efa_zone": "eu-west-1b"})
+    assert Settings.model_validate(ok).compute.gpu_nodes.efa_zone == "eu-west-1b"
+    bad = settings(**{"compute.gpu_nodes.efa_zone": "eu-west-1d"})
+    assert "efa_zone: 'eu-west-1d' is not one of availability_zones" in dict(errors(bad))[""]
