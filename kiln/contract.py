@@ -216,3 +216,16 @@ VPC_ACCESS_ACTIONS = (
     "ec2:DescribeSubnets",
     "ec2:DescribeSecurityGroups",
 )
+
+# The endpoint's one production variant: blue/green needs the same variant name in every
+# endpoint config, and Application Auto Scaling addresses it as
+# `endpoint/<endpoint>/variant/<this>`.
+ENDPOINT_VARIANT = "AllTraffic"
+
+
+def endpoint_scaling_resource_id(endpoint_name: str) -> str:
+    """Application Auto Scaling's ResourceId of the endpoint's variant."""
+    return f"endpoint/{endpoint_name}/variant/{ENDPOINT_VARIANT}"
+
+
+ENDPOINT_SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"

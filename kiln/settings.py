@@ -232,6 +232,11 @@ class GpuNodeSettings(NodePoolSettings):
     instance_types: list[str] = Field(min_length=1, max_length=10)
     capacity: Literal["on_demand", "spot"] = "on_demand"
     root_volume_gib: int = Field(200, ge=50, le=16384)
+    # The zone an EFA pool (one cluster placement group) is pinned to; null: the first of
+    # availability_zones. p4d/p4de/p5 are not offered in every zone, and which zone a name
+    # means differs per account: check `aws ec2 describe-instance-type-offerings
+    # --location-type availability-zone --filters Name=instance-type,Values=<type>`.
+    efa_zone: str | None = None
 
 
 class ComputeSettings(StrictModel):
@@ -309,11 +314,15 @@ MODEL_ARTIFACT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.t
 
 
 class DeploymentSettings(StrictModel):
-    """How a new model version reaches traffic: blue/green with canary or linear shifting."""
+    """How a new model version reaches traffic: blue/green with canary, linear or all-at-once
+    shifting (the only one a single-instance fleet allows)."""
 
-    traffic: Literal["canary", "linear"] = "canary"
+    traffic: Literal["canary", "linear", "all_at_once"] = "canary"
     # The canary's size, or each linear step's, in % of the new fleet (a canary is <= 50%).
     step_percent: int = Field(10, ge=1, le=50)
+    # The same step in whole instances (SageMaker's INSTANCE_COUNT); when set, step_percent
+    # is not used.
+    step_instances: int | None = Field(None, ge=1, le=50)
     # Baking time after each shift while the rollback alarms watch.
     wait_minutes: int = Field(10, ge=0, le=60)
     # How long the old fleet stays after the last shift (instant rollback until then).
@@ -385,6 +394,13 @@ class ServingSettings(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _rollout(self) -> ServingSettings:
+        problems = rollout_problems(self)
+        if problems:
+            raise PydanticCustomError("rollout", "\n  - ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _capacity(self) -> ServingSettings:
         scaling = self.autoscaling
         if not scaling.min_instances <= self.initial_instance_count <= scaling.max_instances:
@@ -399,6 +415,92 @@ class ServingSettings(StrictModel):
                 },
             )
         return self
+
+
+def fleet_sizes(serving: ServingSettings) -> list[int]:
+    """Every instance count the variant can have when a deployment starts: endpoint updates
+    keep the scaled count (RetainAllVariantProperties), so anything autoscaling may reach,
+    and 1 outside working hours where a scheduled scale-down is configured."""
+    scaling = serving.autoscaling
+    sizes = set(range(scaling.min_instances, scaling.max_instances + 1))
+    sizes.add(serving.initial_instance_count)
+    if scaling.scheduled_scale_down is not None:
+        sizes.add(1)
+    return sorted(sizes)
+
+
+def step_instances(deployment: DeploymentSettings, fleet: int) -> int:
+    """Instances one canary or linear step turns on in a fleet of `fleet`: a percentage is
+    rounded up to whole instances (an instance cannot take a fraction of a step)."""
+    if deployment.step_instances is not None:
+        return deployment.step_instances
+    return max(1, -(-deployment.step_percent * fleet // 100))
+
+
+def traffic_shifts(deployment: DeploymentSettings, fleet: int) -> int:
+    """How many times traffic moves (each followed by `wait_minutes` of baking): all at once
+    1, canary 2 (the canary, then the rest), linear one per step until the fleet is covered."""
+    if deployment.traffic == "all_at_once":
+        return 1
+    if deployment.traffic == "canary":
+        return 2
+    return -(-fleet // step_instances(deployment, fleet))
+
+
+def rollout_problems(serving: ServingSettings) -> list[str]:
+    """Deployment settings SageMaker refuses, or whose waits cannot fit the deployment timeout.
+
+    AWS::SageMaker::Endpoint TrafficRoutingConfig: `CanarySize` "must be less than or equal
+    to 50% of the variant's total instance count", `LinearStepSize` "must be 10-50% of the
+    variant's total instance count"
+    (https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/aws-properties-sagemaker-endpoint-trafficroutingconfig.html);
+    BlueGreenUpdatePolicy: `MaximumExecutionTimeoutInSeconds` "should be larger than the
+    total waiting time specified in TerminationWaitInSeconds and WaitIntervalInSeconds"
+    (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_BlueGreenUpdatePolicy.html).
+    Every fleet size a deployment can start from is checked (`fleet_sizes`).
+    """
+    deployment = serving.deployment
+    problems: list[str] = []
+    sizes = fleet_sizes(serving)
+    step = (
+        f"{deployment.step_instances} instance(s)"
+        if deployment.step_instances is not None
+        else f"{deployment.step_percent}%"
+    )
+    if deployment.traffic == "canary":
+        refused = [n for n in sizes if 2 * step_instances(deployment, n) > n]
+        if refused:
+            problems.append(
+                f"serving.deployment: a canary of {step} turns on more than half of a fleet of "
+                f"{', '.join(map(str, refused))} instance(s) (SageMaker requires a canary of at "
+                "most 50% of the variant's instances); use traffic: all_at_once where the "
+                "endpoint can run 1 instance, or a smaller step, or a larger "
+                "autoscaling.min_instances"
+            )
+    elif deployment.traffic == "linear":
+        refused = [n for n in sizes if not 10 * n <= 100 * step_instances(deployment, n) <= 50 * n]
+        if refused:
+            problems.append(
+                f"serving.deployment: a linear step of {step} is not 10-50% of a fleet of "
+                f"{', '.join(map(str, refused))} instance(s) (SageMaker requires linear steps "
+                "of 10-50% of the variant's instances); use traffic: all_at_once where the "
+                "endpoint can run 1 instance, or another step"
+            )
+    if not problems:
+        longest = max(
+            traffic_shifts(deployment, n) * deployment.wait_minutes
+            + deployment.termination_wait_minutes
+            for n in sizes
+        )
+        if longest >= deployment.max_deployment_minutes:
+            problems.append(
+                f"serving.deployment: the waits add up to {longest} minutes (shifts x "
+                "wait_minutes + termination_wait_minutes), which does not fit "
+                f"max_deployment_minutes ({deployment.max_deployment_minutes}); SageMaker "
+                "needs the deployment timeout to exceed the total waiting time: shorten the "
+                "waits or raise max_deployment_minutes"
+            )
+    return problems
 
 
 class ObservabilitySettings(StrictModel):
@@ -548,6 +650,12 @@ class Settings(StrictModel):
             problems.append(
                 "compute.gpu_nodes.instance_types: mixes types with and without EFA; one node "
                 "group gets one launch template, so list only EFA types or only non-EFA types"
+            )
+        zone = compute.gpu_nodes.efa_zone
+        if zone is not None and zone not in self.availability_zones:
+            problems.append(
+                f"compute.gpu_nodes.efa_zone: {zone!r} is not one of availability_zones "
+                f"({', '.join(self.availability_zones)})"
             )
         interfaces = {GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types}
         if len(interfaces) > 1:

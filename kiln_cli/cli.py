@@ -199,6 +199,16 @@ def _conversation(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     return None
 
 
+def cmd_change_instance_type(args: argparse.Namespace) -> int:
+    """Moves the endpoint to the configured instance type: deregister, update, register."""
+    from kiln_cli.operate import resize
+
+    aws = _aws(args)
+    outcome = resize.change_instance_type(aws, runner=deploy.run_cdk, sleep=time.sleep)
+    sys.stdout.write(resize.render(outcome))
+    return outcome.exit_code
+
+
 def cmd_invoke(args: argparse.Namespace) -> int:
     """Sends one prompt (or a conversation) to the environment's endpoint; prints the answer."""
     aws = _aws(args)
@@ -415,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     _environment_options(roll)
     roll.add_argument("--artifact", required=True, help="s3://<bucket>/<key>.tar.gz")
     roll.set_defaults(handler=cmd_deploy_model)
+    resize_cmd = commands.add_parser(
+        "change-instance-type",
+        help="move the endpoint to serving.instance_type (deregister autoscaling, update, "
+        "register)",
+        description="SageMaker refuses to change the instance type of an autoscaled variant. "
+        "This deregisters the variant's autoscaling, deploys the serving stack with the "
+        "instance type of config/<env>.yaml and the artifact the endpoint serves, and "
+        "registers the same autoscaling again: resized (exit 0), rolled back (exit 3) or "
+        "failed (exit 1).",
+    )
+    _environment_options(resize_cmd)
+    resize_cmd.set_defaults(handler=cmd_change_instance_type)
     _add_invoke(commands)
     loop = commands.add_parser(
         "local", help="the whole loop on this machine: train, package, serve, ask, stop"

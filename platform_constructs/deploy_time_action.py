@@ -20,6 +20,14 @@ from platform_constructs.nag import acknowledge_provider_framework
 
 HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
 RUNTIME = lambda_.Runtime.PYTHON_3_14
+# CloudFormation waits at most an hour for a custom resource's answer: `ServiceTimeout` "must
+# be an integer from 1 to 3600" (AWS::CloudFormation::CustomResource, https://docs.aws.amazon.
+# com/AWSCloudFormation/latest/TemplateReference/aws-resource-cloudformation-customresource.html).
+SERVICE_TIMEOUT_SECONDS = 3600
+# What the provider's waiter may use of that hour: the hour less one `on_event` run and a
+# margin for the framework's own calls, so the waiter gives up (and says why) before
+# CloudFormation does.
+_MARGIN_MINUTES = 5
 
 # Creating and deleting the network interfaces of a VPC function cannot be scoped to resources.
 _ENI_STATEMENT = iam.PolicyStatement(
@@ -62,11 +70,14 @@ class DeployTimeAction(Construct):
         acknowledgements: Sequence[Acknowledgment] = (),
         poll: bool = False,
         timeout_minutes: int = 14,
-        total_timeout_hours: int = 2,
     ) -> None:
         super().__init__(scope, construct_id)
         if not (HANDLERS_DIR / f"{module}.py").exists():
             raise ValueError(f"no handler module {module!r} in {HANDLERS_DIR}")
+        self.resource_type = resource_type
+        self.total_timeout_minutes = (
+            SERVICE_TIMEOUT_SECONDS // 60 - timeout_minutes - _MARGIN_MINUTES
+        )
         self.log_group = logs.LogGroup(
             self,
             "Logs",
@@ -147,7 +158,7 @@ class DeployTimeAction(Construct):
             on_event_handler=self.functions["OnEvent"],
             is_complete_handler=self.functions.get("IsComplete"),
             query_interval=Duration.minutes(1) if poll else None,
-            total_timeout=Duration.hours(total_timeout_hours) if poll else None,
+            total_timeout=Duration.minutes(self.total_timeout_minutes) if poll else None,
             vpc=vpc,
             vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
             security_groups=[self.security_group],
@@ -160,10 +171,16 @@ class DeployTimeAction(Construct):
             else None,
         )
         acknowledge_provider_framework(self.provider, list(self.functions.values()))
-        self.resource = CustomResource(
+        self.resource = self.add_resource("Resource", properties)
+
+    def add_resource(self, construct_id: str, properties: Mapping[str, Any]) -> CustomResource:
+        """Another custom resource served by this action's handler and provider (one more
+        step of the same kind, ordered with `node.add_dependency`), with the same timeout."""
+        return CustomResource(
             self,
-            "Resource",
+            construct_id,
             service_token=self.provider.service_token,
-            resource_type=resource_type,
+            resource_type=self.resource_type,
             properties=dict(properties),
+            service_timeout=Duration.seconds(SERVICE_TIMEOUT_SECONDS),
         )

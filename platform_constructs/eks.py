@@ -51,6 +51,8 @@ class NodePool:
     # EFA interfaces per node (0: none); with EFA the pool sits in one zone in a cluster
     # placement group, as NCCL over EFA wants.
     efa_interfaces: int = 0
+    # The zone an EFA pool is pinned to (None: the VPC's first private subnet's zone).
+    zone: str | None = None
 
 
 def _acknowledge_managed_policies(role: iam.IRole, policies: Sequence[str], reason: str) -> None:
@@ -248,7 +250,12 @@ class GpuCluster(Construct):
         template = self._launch_template(f"{construct_id}Template", pool)
         subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnets
         # EFA nodes share one zone (a cluster placement group cannot span zones).
-        selection = ec2.SubnetSelection(subnets=subnets[:1] if pool.efa_interfaces else subnets)
+        if pool.efa_interfaces:
+            pinned = [s for s in subnets if pool.zone in (None, s.availability_zone)][:1]
+            if not pinned:
+                raise ValueError(f"no private subnet in zone {pool.zone} for the EFA node pool")
+            subnets = pinned
+        selection = ec2.SubnetSelection(subnets=subnets)
         group = self.cluster.add_nodegroup_capacity(
             construct_id,
             nodegroup_name=name,

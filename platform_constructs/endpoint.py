@@ -16,23 +16,32 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from kiln.contract import SAGEMAKER_ENDPOINTS, capture_prefix
+from kiln.contract import (
+    ENDPOINT_SCALABLE_DIMENSION,
+    ENDPOINT_VARIANT,
+    SAGEMAKER_ENDPOINTS,
+    capture_prefix,
+    endpoint_scaling_resource_id,
+)
 from platform_constructs.nag import wildcard_resource
 from platform_constructs.sagemaker_execution import execution_statements
 
-VARIANT = "AllTraffic"  # blue/green needs the same variant name in every endpoint config
+VARIANT = ENDPOINT_VARIANT  # blue/green needs the same variant name in every endpoint config
 KAFKA_IAM_PORT = 9098
 
 
 @dataclass(frozen=True)
 class TrafficShifting:
-    """Blue/green traffic shifting: `canary` (one step, then the rest) or `linear` steps."""
+    """Blue/green traffic shifting: `canary` (one step, then the rest), `linear` steps, or
+    `all_at_once` (the new fleet takes all traffic in one shift, then bakes)."""
 
-    mode: str  # "canary" | "linear"
+    mode: str  # "canary" | "linear" | "all_at_once"
     step_percent: int
     wait_minutes: int
     termination_wait_minutes: int
     max_deployment_minutes: int
+    # A step in whole instances (INSTANCE_COUNT) instead of step_percent.
+    step_instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,16 @@ def s3_object_arn(uri: str) -> str:
     return f"arn:{Aws.PARTITION}:s3:::{uri[5:]}"
 
 
+def rollback_alarm_name(endpoint_name: str, kind: str) -> str:
+    """`<endpoint>-rollback-<kind>`, e.g. `kiln-prod-llm-rollback-5xx-rate`."""
+    return f"{endpoint_name}-rollback-{kind}"
+
+
 class RollbackAlarms(Construct):
     """The alarms a deployment rolls back on, on the endpoint variant's own metrics:
     the 5XX error rate (%) and the p99 model latency; they also notify `actions` (on-call)
-    when they fire and when they clear. Exposes `error_rate`, `latency_p99`, `all`."""
+    when they fire and when they clear. Exposes `error_rate`, `latency_p99`, `all`, and
+    `names` (`<endpoint>-rollback-5xx-rate`, `<endpoint>-rollback-p99-latency`)."""
 
     def __init__(
         self,
@@ -96,9 +111,13 @@ class RollbackAlarms(Construct):
             label="5XX error rate (%)",
             period=period,
         )
+        # Named from the endpoint's name: the endpoint's deployment config names them, and a
+        # name the consumer derives itself cannot go stale the way a resolved-once
+        # cross-stack reference to a replaced alarm would.
         self.error_rate = cloudwatch.Alarm(
             self,
             "ErrorRate",
+            alarm_name=rollback_alarm_name(endpoint_name, "5xx-rate"),
             alarm_description=f"{endpoint_name}: 5XX error rate above "
             f"{thresholds.error_rate_percent}% (rolls a deployment back)",
             metric=error_rate,
@@ -110,6 +129,7 @@ class RollbackAlarms(Construct):
         self.latency_p99 = cloudwatch.Alarm(
             self,
             "LatencyP99",
+            alarm_name=rollback_alarm_name(endpoint_name, "p99-latency"),
             alarm_description=f"{endpoint_name}: p99 model latency above "
             f"{thresholds.latency_p99_ms} ms (rolls a deployment back)",
             # SageMaker reports ModelLatency in microseconds.
@@ -120,6 +140,11 @@ class RollbackAlarms(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         self.all = [self.error_rate, self.latency_p99]
+        # The literal names, for consumers in other stacks (no cross-stack reference).
+        self.names = [
+            rollback_alarm_name(endpoint_name, "5xx-rate"),
+            rollback_alarm_name(endpoint_name, "p99-latency"),
+        ]
         for alarm in self.all:
             alarm.add_alarm_action(*actions)
             alarm.add_ok_action(*actions)
@@ -273,14 +298,28 @@ class GuardedEndpoint(Construct):
                 ),
             ),
         )
-        step = sagemaker.CfnEndpoint.CapacitySizeProperty(
-            type="CAPACITY_PERCENT", value=shifting.step_percent
+        step = (
+            sagemaker.CfnEndpoint.CapacitySizeProperty(
+                type="INSTANCE_COUNT", value=shifting.step_instances
+            )
+            if shifting.step_instances is not None
+            else sagemaker.CfnEndpoint.CapacitySizeProperty(
+                type="CAPACITY_PERCENT", value=shifting.step_percent
+            )
         )
         self.endpoint = sagemaker.CfnEndpoint(
             self,
             "Endpoint",
             endpoint_name=endpoint_name,
             endpoint_config_name=self.config.attr_endpoint_config_name,
+            # A new model version keeps the instance count autoscaling reached instead of
+            # resetting to InitialInstanceCount; data capture still follows the new config.
+            retain_all_variant_properties=True,
+            exclude_retained_variant_properties=[
+                sagemaker.CfnEndpoint.VariantPropertyProperty(
+                    variant_property_type="DataCaptureConfig"
+                )
+            ],
             deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
                 blue_green_update_policy=sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
                     traffic_routing_configuration=sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
@@ -304,8 +343,8 @@ class GuardedEndpoint(Construct):
             self,
             "Scaling",
             service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
-            resource_id=f"endpoint/{endpoint_name}/variant/{VARIANT}",
-            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            resource_id=endpoint_scaling_resource_id(endpoint_name),
+            scalable_dimension=ENDPOINT_SCALABLE_DIMENSION,
             min_capacity=scaling.min_instances,
             max_capacity=scaling.max_instances,
         )

@@ -97,6 +97,7 @@ class ComputeStack(KilnStack):
                 root_volume_gib=gpu.root_volume_gib,
                 spot=gpu.capacity == "spot",
                 efa_interfaces=gpu_type.efa_interfaces,
+                zone=gpu.efa_zone,
             ),
             addons={str(name): version for name, version in compute.addons.items()},
             nodegroup_names=(

@@ -46,7 +46,7 @@ class ServingStack(KilnStack):
         vpc: ec2.IVpc,
         lake_key: kms.IKey,
         msk: MskCluster,
-        rollback_alarms: Sequence[cloudwatch.IAlarm],
+        rollback_alarm_names: Sequence[str],
     ) -> None:
         super().__init__(
             scope,
@@ -101,8 +101,14 @@ class ServingStack(KilnStack):
                     wait_minutes=serving.deployment.wait_minutes,
                     termination_wait_minutes=serving.deployment.termination_wait_minutes,
                     max_deployment_minutes=serving.deployment.max_deployment_minutes,
+                    step_instances=serving.deployment.step_instances,
                 ),
-                rollback_alarms=rollback_alarms,
+                # By name: the alarms' names are derived from the endpoint's, so the
+                # deployment config cannot keep a stale reference to a replaced alarm.
+                rollback_alarms=[
+                    cloudwatch.Alarm.from_alarm_name(self, f"RollbackAlarm{i}", alarm)
+                    for i, alarm in enumerate(rollback_alarm_names)
+                ],
                 scaling=Scaling(
                     min_instances=scaling.min_instances,
                     max_instances=scaling.max_instances,

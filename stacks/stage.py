@@ -12,7 +12,7 @@ from platform_constructs.aspects import LogGroupRetention
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
-from stacks.observability import ObservabilityStack
+from stacks.observability import ObservabilityStack, Watched
 from stacks.serving import ServingStack
 from stacks.streaming import StreamingStack
 from stacks.warehouse import WarehouseStack
@@ -57,7 +57,15 @@ class KilnStage(Stage):
             lake_key=self.data_lake.key,
         )
         self.observability = ObservabilityStack(
-            self, Component.OBSERVABILITY.construct_id, settings=settings
+            self,
+            Component.OBSERVABILITY.construct_id,
+            settings=settings,
+            watched=Watched.of(
+                delivery=self.streaming.delivery,
+                msk=self.streaming.msk,
+                warehouse=self.warehouse.warehouse,
+                gpu=self.compute.gpu_cluster,
+            ),
         )
         self.serving = ServingStack(
             self,
@@ -66,8 +74,11 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
-            rollback_alarms=self.observability.rollback_alarms.all,
+            rollback_alarm_names=self.observability.rollback_alarms.names,
         )
+        # The endpoint's deployment names the rollback alarms by their derived names (no
+        # cross-stack reference carries the order), and they must exist first.
+        self.serving.add_stack_dependency(self.observability)
         # These address lake buckets by name, so the order is declared rather than implied.
         for stack in (self.streaming, self.warehouse, self.compute, self.serving):
             stack.add_stack_dependency(self.data_lake)

@@ -268,13 +268,82 @@ def test_already_on_changes_nothing(kafka: tuple[Any, Stubber]) -> None:
     msk_connectivity.on_event(msk_event("Update"), client=client)  # no update_connectivity
 
 
-def test_inactive_cluster_is_a_clear_error(kafka: tuple[Any, Stubber]) -> None:
+def test_busy_cluster_is_left_for_is_complete(kafka: tuple[Any, Stubber]) -> None:
+    """A re-run of a deploy that stopped at CloudFormation's hour finds the cluster UPDATING
+    (the first run's operation still going): it waits instead of failing or starting a
+    second update."""
     client, stub = kafka
     stub.add_response(
         "describe_cluster_v2", cluster_info("UPDATING", False), {"ClusterArn": CLUSTER_ARN}
     )
-    with pytest.raises(RuntimeError, match="is UPDATING, not ACTIVE"):
+    result = msk_connectivity.on_event(msk_event("Create"), client=client)
+    assert result == {"PhysicalResourceId": f"{CLUSTER_ARN}/vpc-connectivity-iam"}
+
+
+def test_is_complete_starts_the_update_once_the_cluster_is_active(
+    kafka: tuple[Any, Stubber],
+) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_response(
+        "update_connectivity",
+        {"ClusterArn": CLUSTER_ARN, "ClusterOperationArn": f"{CLUSTER_ARN}/op-2"},
+        {
+            "ClusterArn": CLUSTER_ARN,
+            "CurrentVersion": "K3AEGXETSR30VB",
+            "ConnectivityInfo": msk_connectivity.IAM_ON,
+        },
+    )
+    assert msk_connectivity.is_complete(msk_event("Update"), client=client) == {"IsComplete": False}
+
+
+def test_a_cluster_taken_by_another_operation_is_tried_again(kafka: tuple[Any, Stubber]) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_client_error(
+        "update_connectivity",
+        service_error_code="BadRequestException",
+        service_message="The request does not include the current version of the cluster.",
+    )
+    assert msk_connectivity.is_complete(msk_event("Update"), client=client) == {"IsComplete": False}
+
+
+def test_other_update_errors_fail_the_deployment(kafka: tuple[Any, Stubber]) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_client_error(
+        "update_connectivity", service_error_code="ForbiddenException", service_message="no"
+    )
+    with pytest.raises(Exception, match="ForbiddenException"):
         msk_connectivity.on_event(msk_event("Create"), client=client)
+
+
+@pytest.mark.parametrize(
+    ("state", "done"), [("CREATING", False), ("UPDATING", False), ("ACTIVE", True)]
+)
+def test_topic_gate_waits_for_active_only(
+    kafka: tuple[Any, Stubber], state: str, done: bool
+) -> None:
+    """The gate topics wait behind: the topic APIs need an ACTIVE cluster; connectivity is
+    not its business (it runs after the topics)."""
+    client, stub = kafka
+    event = {
+        "RequestType": "Update",
+        "ResourceProperties": {"ClusterArn": CLUSTER_ARN, "Step": "active", "Fingerprint": "f"},
+    }
+    assert msk_connectivity.on_event(event, client=object()) == {
+        "PhysicalResourceId": f"{CLUSTER_ARN}/active"
+    }
+    stub.add_response(
+        "describe_cluster_v2", cluster_info(state, False), {"ClusterArn": CLUSTER_ARN}
+    )
+    assert msk_connectivity.is_complete(event, client=client) == {"IsComplete": done}
 
 
 @pytest.mark.parametrize(
@@ -282,7 +351,6 @@ def test_inactive_cluster_is_a_clear_error(kafka: tuple[Any, Stubber]) -> None:
     [
         ("UPDATING", False, False),
         ("UPDATING", True, False),
-        ("ACTIVE", False, False),
         ("ACTIVE", True, True),
     ],
 )

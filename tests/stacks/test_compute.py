@@ -143,6 +143,18 @@ def test_efa_interfaces_and_placement_group_exactly_for_efa_types(
         assert placement[pg_id]["Properties"]["Strategy"] == "cluster"
         assert data["Placement"] == {"GroupName": {"Ref": pg_id}}
         assert len(group["Subnets"]) == 1  # one zone: a cluster placement group cannot span
+        # ... the configured efa_zone (default: the first zone), read through the import.
+        settings = settings_by_env[env]
+        wanted = settings.compute.gpu_nodes.efa_zone or settings.availability_zones[0]
+        network = synthesis.stack(env, "network")
+        (subnet,) = group["Subnets"]
+        exported = {
+            o["Export"]["Name"]: o["Value"]
+            for o in network.template.get("Outputs", {}).values()
+            if "Export" in o
+        }
+        subnet_id = exported[subnet["Fn::ImportValue"]]["Ref"]
+        assert network.resources[subnet_id]["Properties"]["AvailabilityZone"] == wanted
     else:
         assert "NetworkInterfaces" not in data and "Placement" not in data
         assert not placement

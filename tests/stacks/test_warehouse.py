@@ -104,11 +104,15 @@ def test_streaming_ingestion_runs_the_generated_sql(synthesis: Synthesis, env: s
     props = resource["Properties"]
     assert props["Database"] == "analytics"
     assert {"WorkgroupName", "NamespaceName"} <= set(props)
-    first, view = props["Statements"]
+    first, stream, version = props["Statements"]
     assert "CREATE EXTERNAL SCHEMA IF NOT EXISTS kiln_msk FROM MSK" in json.dumps(first["Sql"])
     assert "AUTHENTICATION iam" in json.dumps(first["Sql"])
-    assert view["Sql"].startswith("CREATE MATERIALIZED VIEW public.prediction_events_v1")
-    assert view["SkipIfRows"].startswith("SELECT 1 FROM svv_mv_info")
+    # One materialized view per topic, parsing into SUPER; typed columns in a plain view.
+    assert stream["Sql"].startswith("CREATE MATERIALIZED VIEW public.prediction_events_stream")
+    assert stream["SkipIfRows"].startswith("SELECT 1 FROM svv_mv_info")
+    assert version["Sql"].startswith("CREATE OR REPLACE VIEW public.prediction_events_v1 AS")
+    # The MSK cluster's ARN is imported (strong): a replaced cluster cannot leave this stale.
+    assert "Fn::ImportValue" in json.dumps(first["Sql"])
 
 
 def test_handlers_run_in_private_subnets_with_https_egress_only(
