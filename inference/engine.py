@@ -46,6 +46,9 @@ class EngineSettings:
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     warmup: bool = True
+    # Context served, at most the model's own: the KV cache is sized for it (a Llama 3.1 config
+    # says 131072 tokens, far more cache than most instances hold).
+    max_seq_len: int | None = None
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Engine:
             device=settings.device,
             prefill_chunk=settings.prefill_chunk,
             threads=settings.threads,
+            max_seq_len=settings.max_seq_len,
         )
         self._thread: threading.Thread | None = None
         self._notify: Notify = lambda updates: None

@@ -119,6 +119,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "or 25; SageMaker kills 30 s after SIGTERM)",
     )
     p.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=_env_default(env, ServerEnv.MAX_SEQ_LEN, None),
+        help="context served, prompt and answer together; sizes the KV cache (default: "
+        "$KILN_MAX_SEQ_LEN, else the model's max_position_embeddings)",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=positive_int,
         default=_env_default(env, ServerEnv.MAX_NEW_TOKENS, None),
@@ -201,6 +208,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             max_queue=args.max_queue,
             device=args.device,
             threads=args.threads,
+            max_seq_len=args.max_seq_len,
         ),
     )
     events = EventPublisher(event_settings)
