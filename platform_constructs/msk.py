@@ -86,6 +86,7 @@ class MskCluster(Construct):
         super().__init__(scope, construct_id)
         self.name = name
         self.vpc = vpc
+        self.client_cidr = client_cidr
         self.security_group = ec2.SecurityGroup(
             self,
             "SecurityGroup",
@@ -272,6 +273,7 @@ class MskCluster(Construct):
         log_key: kms.IKey,
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
+        s3_prefix_list_id: str | None = None,
     ) -> DeployTimeAction:
         """Multi-VPC private connectivity for IAM clients plus a cluster policy for Firehose.
 
@@ -320,6 +322,8 @@ class MskCluster(Construct):
             log_key=log_key,
             log_retention=log_retention,
             removal_policy=removal_policy,
+            vpc_cidr=self.client_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
             poll=True,
         )
         # The cluster itself is a dependency through ClusterArn; the policy must exist too.

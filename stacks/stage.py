@@ -38,6 +38,7 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.warehouse = WarehouseStack(
             self,
@@ -47,6 +48,7 @@ class KilnStage(Stage):
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.compute = ComputeStack(
             self,
@@ -55,6 +57,7 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.observability = ObservabilityStack(
             self, Component.OBSERVABILITY.construct_id, settings=settings
@@ -67,6 +70,7 @@ class KilnStage(Stage):
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
             rollback_alarms=self.observability.rollback_alarms.all,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         # These address lake buckets by name, so the order is declared rather than implied.
         for stack in (self.streaming, self.warehouse, self.compute, self.serving):
