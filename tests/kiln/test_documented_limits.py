@@ -214,3 +214,14 @@ def test_readme_lists_every_rule_with_where_and_source() -> None:
     assert sorted(constraints) == sorted(expected)
     for row in rows[1:]:
         assert row.count("|") == 4, row  # constraint | where | source
+
+
+def test_public_endpoint_cidrs_that_together_cover_the_internet_are_refused() -> None:
+    """Issue 17, item 8: not only 0.0.0.0/0 but any set of ranges covering every address."""
+    base = {"tier": "dev", "termination_protection": False, "removal_policy": "destroy"}
+    office = settings(**base, **{"compute.public_endpoint_cidrs": ["203.0.113.0/24"]})
+    assert problems(office) == ""
+    halves = settings(**base, **{"compute.public_endpoint_cidrs": ["0.0.0.0/1", "128.0.0.0/1"]})
+    assert "0.0.0.0/1, 128.0.0.0/1 together cover the whole internet" in problems(halves)
+    v6 = settings(**base, **{"compute.public_endpoint_cidrs": ["::/1", "8000::/1"]})
+    assert "cover the whole internet" in problems(v6)
