@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,11 +34,16 @@ PositiveDays = Annotated[int, Field(ge=1, le=36500)]
 def covers_the_internet(cidrs: list[str]) -> bool:
     """Whether the IPv4 (or IPv6) ranges together hold every address of their family, as
     `0.0.0.0/1` + `128.0.0.0/1` do: a public endpoint open to them is open to all."""
-    for version, total in ((4, 2**32), (6, 2**128)):
-        nets = [n for n in map(ipaddress.ip_network, cidrs) if n.version == version]
-        if nets and sum(n.num_addresses for n in ipaddress.collapse_addresses(nets)) >= total:  # type: ignore[arg-type]
-            return True
-    return False
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return (bool(v4) and _total(ipaddress.collapse_addresses(v4)) >= 2**32) or (
+        bool(v6) and _total(ipaddress.collapse_addresses(v6)) >= 2**128
+    )
+
+
+def _total(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> int:
+    return sum(n.num_addresses for n in nets)
 
 
 class StrictModel(BaseModel):

@@ -288,7 +288,9 @@ def imdsv2_required(resource: Resource, settings: Settings) -> Iterator[str]:
     # documents 2 for its own templates, so the value must be said.
     hops = data.get("MetadataOptions", {}).get("HttpPutResponseHopLimit")
     if hops != 1:
-        yield f"MetadataOptions.HttpPutResponseHopLimit is {hops}, not 1: pods reach node credentials"
+        yield (
+            f"MetadataOptions.HttpPutResponseHopLimit is {hops}, not 1: pods reach node credentials"
+        )
 
 
 @resource_rule(

@@ -197,22 +197,6 @@ class GpuCluster(Construct):
             "The VPC CNI needs AmazonEKS_CNI_Policy (network interfaces and addresses for "
             "pods); AWS maintains it with the CNI. Only the aws-node service account gets it.",
         )
-        self.node_role = iam.Role(
-            self,
-            "NodeRole",
-            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-            managed_policies=[
-                iam.ManagedPolicy.from_aws_managed_policy_name(p) for p in _NODE_POLICIES
-            ],
-            description=f"{name}: worker nodes (kubelet, image pulls)",
-        )
-        _acknowledge_managed_policies(
-            self.node_role,
-            _NODE_POLICIES,
-            "EKS worker nodes need these AWS-managed policies (kubelet, image pulls); AWS "
-            "maintains them with EKS. The CNI and pods get their own roles through Pod "
-            "Identity.",
-        )
         self.addons = {
             addon_name: eks.Addon(
                 self,
@@ -331,9 +315,26 @@ class GpuCluster(Construct):
             labels=dict(labels),
             taints=list(taints),
             subnets=selection,
-            node_role=self.node_role,
             launch_template_spec=eks.LaunchTemplateSpec(
                 id=template.ref, version=template.attr_latest_version_number
             ),
+        )
+        # The CDK gives each group's role the CNI policy too; the CNI has its own role. The
+        # role is kept (not replaced by one of ours): a node group's NodeRole cannot change
+        # without replacing the group, which its fixed name forbids.
+        cfn_role = cast(CfnResource, group.role.node.default_child)
+        cfn_role.add_property_override(
+            "ManagedPolicyArns",
+            [
+                {"Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, f":iam::aws:policy/{p}"]]}
+                for p in _NODE_POLICIES
+            ],
+        )
+        _acknowledge_managed_policies(
+            group.role,
+            _NODE_POLICIES,
+            "EKS worker nodes need these AWS-managed policies (kubelet, image pulls); AWS "
+            "maintains them with EKS. The CNI and pods get their own roles through Pod "
+            "Identity.",
         )
         return group, template

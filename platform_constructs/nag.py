@@ -8,10 +8,9 @@ custom-resource Provider framework), each with its reason.
 from __future__ import annotations
 
 import json
-from typing import Any
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aws_cdk import Acknowledgment, Stack, Validations
 from aws_cdk import aws_iam as iam
@@ -67,14 +66,21 @@ class UnscopedStatement:
 
 
 def unscoped_policies(
-    scope: Construct, roles: Sequence[iam.IRole], statements: Sequence[UnscopedStatement]
+    scope: Construct,
+    roles: Sequence[iam.IRole],
+    statements: Sequence[UnscopedStatement],
+    *,
+    prefix: str = "",
 ) -> dict[str, iam.ManagedPolicy]:
     """One customer-managed policy per unscoped statement, attached to `roles`, each with its
-    own `Resource::*` acknowledgement; returned by name."""
+    own `Resource::*` acknowledgement; returned by name (construct ids `<prefix><name>Policy`)."""
     policies = {}
     for unscoped in statements:
         policy = iam.ManagedPolicy(
-            scope, f"{unscoped.name}Policy", roles=list(roles), statements=[unscoped.statement]
+            scope,
+            f"{prefix}{unscoped.name}Policy",
+            roles=list(roles),
+            statements=[unscoped.statement],
         )
         Validations.of(policy).acknowledge(Acknowledgment(id=UNSCOPED, reason=unscoped.reason))
         policies[unscoped.name] = policy

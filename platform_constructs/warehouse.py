@@ -20,7 +20,7 @@ from aws_cdk import aws_redshift as redshift
 from aws_cdk import aws_redshiftserverless as serverless
 from constructs import Construct
 
-from platform_constructs.nag import UnscopedStatement, wildcard_resource
+from platform_constructs.nag import UnscopedStatement
 
 AUDIT_LOGS = ["connectionlog", "userlog", "useractivitylog"]
 # Not 5439: the default port is the first one scanned (AwsSolutions-RS4).
@@ -66,9 +66,7 @@ DATA_API_OWN_STATEMENTS = UnscopedStatement(
             "redshift-data:CancelStatement",
         ],
         resources=["*"],
-        conditions={
-            "StringEquals": {"redshift-data:statement-owner-iam-userid": "${aws:userid}"}
-        },
+        conditions={"StringEquals": {"redshift-data:statement-owner-iam-userid": "${aws:userid}"}},
     ),
     "The Data API's DescribeStatement, GetStatementResult and CancelStatement take a "
     "statement id, not a resource ARN; the statement-owner condition limits them to the "

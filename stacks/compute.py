@@ -133,7 +133,9 @@ class ComputeStack(KilnStack):
             f"arn:{self.partition}:eks:{self.region}:{self.account}:access-entry/"
             f"{cluster.cluster_name}/role/{self.account}/{applier_role.role_name}/*"
         )
-        admin_policy = f"arn:{self.partition}:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
+        admin_policy = (
+            f"arn:{self.partition}:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
+        )
         manifests = cluster_manifests.cluster_manifests(
             namespace=compute.training_namespace,
             service_account=compute.trainer_service_account,
@@ -164,7 +166,10 @@ class ComputeStack(KilnStack):
                     actions=["eks:AssociateAccessPolicy"],
                     resources=[own_entry],
                     conditions={
-                        "StringEquals": {"eks:policyArn": admin_policy, "eks:accessScope": "cluster"}
+                        "StringEquals": {
+                            "eks:policyArn": admin_policy,
+                            "eks:accessScope": "cluster",
+                        }
                     },
                 ),
                 iam.PolicyStatement(
@@ -337,7 +342,7 @@ class ComputeStack(KilnStack):
             statements=[statements.pull_image, statements.write_logs],
         )
         self.sagemaker_training_unscoped = unscoped_policies(
-            self, [role], statements.unscoped
+            self, [role], statements.unscoped, prefix="SageMakerTraining"
         )
         Validations.of(runtime).acknowledge(
             wildcard_resource(

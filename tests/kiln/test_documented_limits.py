@@ -129,8 +129,7 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
     ),
     (
         "Endpoint autoscaling: 1 <= min <= initial <= max",
-        "Application Auto Scaling API Reference, RegisterScalableTarget (MinCapacity, "
-        "MaxCapacity)",
+        "Application Auto Scaling API Reference, RegisterScalableTarget (MinCapacity, MaxCapacity)",
         {"serving.autoscaling.max_instances": 2},
         {"serving.autoscaling.max_instances": 1},
         "initial_instance_count (2) must lie within autoscaling min_instances (2) .. "

@@ -83,9 +83,7 @@ UNSCOPED_ACTIONS: dict[str, dict[str, object]] = {
     "ec2:AssignPrivateIpAddresses": {},
     "ec2:UnassignPrivateIpAddresses": {},
     "ec2:DescribeManagedPrefixLists": {},
-    "redshift-data:DescribeStatement": {
-        "StringEquals": "redshift-data:statement-owner-iam-userid"
-    },
+    "redshift-data:DescribeStatement": {"StringEquals": "redshift-data:statement-owner-iam-userid"},
     "redshift-data:GetStatementResult": {
         "StringEquals": "redshift-data:statement-owner-iam-userid"
     },

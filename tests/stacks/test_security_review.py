@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from aws_cdk.assertions import Match, Template
+from aws_cdk.assertions import Template
 
 from kiln.contract import EVENT_FLUSH_SECONDS, SAGEMAKER_STOP_SECONDS, SERVER_DRAIN_SECONDS
 from kiln.settings import Settings
@@ -41,8 +41,9 @@ def _list(value: Any) -> list[Any]:
 
 def test_ingestion_reads_only_its_namespaces_admin_secret(synthesis: Synthesis, env: str) -> None:
     secret_reads = [
-        s for s in statements(synthesis, env, "warehouse") if "secretsmanager:GetSecretValue"
-        in _list(s["Action"])
+        s
+        for s in statements(synthesis, env, "warehouse")
+        if "secretsmanager:GetSecretValue" in _list(s["Action"])
     ]
     (read,) = secret_reads
     (resource,) = _list(read["Resource"])
@@ -69,14 +70,16 @@ def test_applier_has_a_kubernetes_group_and_no_access_policy(
     )
     # The role may associate that policy with its own access entry only, and only that policy.
     (associate,) = [
-        s for s in statements(synthesis, env, "compute")
+        s
+        for s in statements(synthesis, env, "compute")
         if "eks:AssociateAccessPolicy" in _list(s["Action"])
     ]
     resource = json.dumps(associate["Resource"])
     assert ":access-entry/" in resource and "ClusterObjectsRole" in resource
-    assert associate["Condition"]["StringEquals"]["eks:policyArn"]["Fn::Join"][1][-1].endswith(
-        "cluster-access-policy/AmazonEKSClusterAdminPolicy"
+    assert json.dumps(associate["Condition"]["StringEquals"]["eks:policyArn"]).endswith(
+        'cluster-access-policy/AmazonEKSClusterAdminPolicy"'
     )
+    assert associate["Condition"]["StringEquals"]["eks:accessScope"] == "cluster"
 
 
 def test_applier_rbac_travels_with_the_manifests(synthesis: Synthesis, env: str) -> None:
@@ -209,12 +212,11 @@ def test_cni_uses_its_own_pod_identity_role_not_the_node_role(
     (association,) = cni["Properties"]["PodIdentityAssociations"]
     assert association["ServiceAccount"] == "aws-node"
     groups = stack.resources_of_type("AWS::EKS::Nodegroup").values()
-    node_roles = {json.dumps(g["Properties"]["NodeRole"]) for g in groups}
-    (node_role_ref,) = node_roles
-    role_id = json.loads(node_role_ref)["Fn::GetAtt"][0]
-    managed = json.dumps(stack.resources[role_id]["Properties"]["ManagedPolicyArns"])
-    assert "AmazonEKS_CNI_Policy" not in managed
-    assert "AmazonEKSWorkerNodePolicy" in managed
+    for group in groups:
+        role_id = group["Properties"]["NodeRole"]["Fn::GetAtt"][0]
+        managed = json.dumps(stack.resources[role_id]["Properties"]["ManagedPolicyArns"])
+        assert "AmazonEKS_CNI_Policy" not in managed
+        assert "AmazonEKSWorkerNodePolicy" in managed
 
 
 # --- item 9 -----------------------------------------------------------------------------------
