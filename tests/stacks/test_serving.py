@@ -148,3 +148,15 @@ def test_acknowledgements_are_reviewed(served: tuple[str, SynthesizedStack, Path
             continue  # `*` is judged per statement in tests/policy/test_nag.py
         resource = rule.removeprefix("AwsSolutions-IAM5[Resource::").removesuffix("]")
         assert any(re.fullmatch(p, resource) for p in ALLOWED_WILDCARDS), resource
+
+
+def test_server_limits_come_from_config(served: tuple[str, SynthesizedStack, Path]) -> None:
+    """Issue 17, item 9: the token cap from settings, and a drain that leaves the event flush
+    time inside SageMaker's 30 s between SIGTERM and SIGKILL."""
+    from kiln.contract import SERVER_DRAIN_SECONDS
+
+    env, stack, _ = served
+    (model,) = stack.resources_of_type("AWS::SageMaker::Model").values()
+    environment = model["Properties"]["PrimaryContainer"]["Environment"]
+    assert environment[ServerEnv.MAX_NEW_TOKENS] == str(load_settings(env).serving.max_new_tokens)
+    assert environment[ServerEnv.GRACEFUL_TIMEOUT_S] == str(SERVER_DRAIN_SECONDS)
