@@ -24,7 +24,7 @@ from inference.engine import Engine, EngineSettings
 from inference.events import EventConfigError, EventPublisher, EventSettings
 from inference.model_dir import ModelDirError, prepare_model_dir
 from inference.schema import MAX_BODY_BYTES
-from kiln.contract import ServerEnv
+from kiln.contract import SERVER_DRAIN_SECONDS, ServerEnv
 
 if TYPE_CHECKING:
     from inference.app import ServerState
@@ -35,8 +35,8 @@ EXIT_LOAD_FAILED = 1
 EXIT_BAD_SETTINGS = 2
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
-# SageMaker sends SIGKILL 30 s after SIGTERM: drain within that.
-DEFAULT_GRACE_S = 25.0
+# SageMaker sends SIGKILL 30 s after SIGTERM: drain, then flush events, within that.
+DEFAULT_GRACE_S = float(SERVER_DRAIN_SECONDS)
 
 
 def _env_default(env: Mapping[str, str], name: str, default: Any) -> Any:
@@ -116,7 +116,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=positive_float,
         default=_env_default(env, ServerEnv.GRACEFUL_TIMEOUT_S, DEFAULT_GRACE_S),
         help="seconds SIGTERM waits for in-flight requests (default: $KILN_GRACEFUL_TIMEOUT_S "
-        "or 25; SageMaker kills 30 s after SIGTERM)",
+        f"or {SERVER_DRAIN_SECONDS}; then events flush; SageMaker kills 30 s after SIGTERM)",
     )
     p.add_argument(
         "--max-seq-len",

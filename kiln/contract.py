@@ -163,6 +163,16 @@ class ServerEnv:
     LOG_LEVEL = "KILN_LOG_LEVEL"
 
 
+# SageMaker stops a container with SIGTERM and kills it 30 s later (SageMaker Developer Guide,
+# "Use Your Own Inference Code with Hosting Services": "... SIGKILL after 30 seconds"). The
+# server drains in-flight requests for at most SERVER_DRAIN_SECONDS, then flushes prediction
+# events for at most EVENT_FLUSH_SECONDS (plus 1 s to purge what is left); the rest is margin
+# for stopping the engine thread and the process exit.
+SAGEMAKER_STOP_SECONDS = 30
+SERVER_DRAIN_SECONDS = 20
+EVENT_FLUSH_SECONDS = 5
+
+
 # --- SageMaker execution roles ---------------------------------------------------------------
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kiln import instances as serving_instances
 from kiln.gpu_instances import GPU_INSTANCES
 
 Tier = Literal["dev", "staging", "prod"]
@@ -20,10 +22,28 @@ LOG_RETENTION_DAYS: tuple[int, ...] = (
     1096, 1827, 2192, 2557, 2922, 3288, 3653,
 )  # fmt: skip
 
+# Redshift Serverless base capacity above 512 RPUs (Management Guide, "Compute capacity").
+REDSHIFT_1024_RPU_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "eu-west-1", "eu-central-1")
+
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{1,19}$"
 _REGION_PATTERN = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 
 PositiveDays = Annotated[int, Field(ge=1, le=36500)]
+
+
+def covers_the_internet(cidrs: list[str]) -> bool:
+    """Whether the IPv4 (or IPv6) ranges together hold every address of their family, as
+    `0.0.0.0/1` + `128.0.0.0/1` do: a public endpoint open to them is open to all."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return (bool(v4) and _total(ipaddress.collapse_addresses(v4)) >= 2**32) or (
+        bool(v6) and _total(ipaddress.collapse_addresses(v6)) >= 2**128
+    )
+
+
+def _total(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> int:
+    return sum(n.num_addresses for n in nets)
 
 
 class StrictModel(BaseModel):
@@ -275,6 +295,13 @@ class ComputeSettings(StrictModel):
                     "office or VPN ranges instead",
                     {"cidr": cidr},
                 )
+        if covers_the_internet(value):
+            raise PydanticCustomError(
+                "cidr",
+                "{cidrs} together cover the whole internet (like 0.0.0.0/0); list your "
+                "office or VPN ranges instead",
+                {"cidrs": ", ".join(value)},
+            )
         return value
 
     @field_validator("admin_principal_arns")
@@ -374,12 +401,27 @@ class ServingSettings(StrictModel):
     model_artifact: str | None = None
     instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     initial_instance_count: int = Field(ge=1, le=100)
-    data_capture_percent: int = Field(20, ge=0, le=100)
+    # Percent of requests whose bodies SageMaker captures (prompts and completions: only
+    # where events.allow_raw_text is true).
+    data_capture_percent: int = Field(0, ge=0, le=100)
     container_startup_timeout_seconds: int = Field(600, ge=60, le=3600)
     model_download_timeout_seconds: int = Field(600, ge=60, le=3600)
     deployment: DeploymentSettings = DeploymentSettings()
     alarms: RollbackAlarmSettings = RollbackAlarmSettings()
     autoscaling: AutoscalingSettings
+    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack).
+    max_new_tokens: int = Field(512, ge=1, le=32768)
+
+    @field_validator("instance_type")
+    @classmethod
+    def _serving_instance(cls, value: str) -> str:
+        # CreateEndpointConfig fails on a type SageMaker does not host; the catalog also knows
+        # which types refuse a KMS key (kiln/instances.py).
+        try:
+            serving_instances.lookup(value)
+        except serving_instances.UnknownServingInstanceError as err:
+            raise PydanticCustomError("instance_type", "{err}", {"err": str(err)}) from None
+        return value
 
     @field_validator("model_artifact")
     @classmethod
@@ -559,6 +601,7 @@ class Settings(StrictModel):
             *self._data_plane_problems(),
             *self._compute_problems(),
             *self._prod_problems(),
+            *self._documented_limit_problems(),
         ]
         if problems:
             raise PydanticCustomError("invariant", "\n  - ".join(problems))
@@ -696,6 +739,73 @@ class Settings(StrictModel):
             problems.append(
                 "network.nat_gateways: a prod-tier environment needs at least 2 NAT gateways "
                 "so that one zone's failure does not cut egress"
+            )
+        return problems
+
+    def _documented_limit_problems(self) -> list[str]:
+        """Constraints the AWS API references document and no linter checks: a value past one
+        of them fails CreateEndpointConfig/CreateEndpoint/CreateCluster/CreateWorkgroup/
+        CreateAddon mid-deploy. Each names its source; README, "Rules for what AWS documents"."""
+        problems: list[str] = []
+        serving = self.serving
+        # SageMaker AI pricing (Real-Time Inference): the families each region hosts.
+        unavailable = serving_instances.region_problem(serving.instance_type, self.region)
+        if unavailable:
+            problems.append(f"serving.instance_type: {serving.instance_type}: {unavailable}")
+        # SageMaker API Reference, TrafficRoutingConfig: "LinearStepSize ... Value must be
+        # 10-50% of the variant's total instance count"; CanarySize at most 50%.
+        deployment = serving.deployment
+        if deployment.traffic == "linear" and deployment.step_percent < 10:
+            problems.append(
+                f"serving.deployment.step_percent: {deployment.step_percent} is below what "
+                "SageMaker allows for a linear step (TrafficRoutingConfig.LinearStepSize: "
+                "10 to 50 percent); allowed: 10 to 50"
+            )
+        # SageMaker API Reference, BlueGreenUpdatePolicy: MaximumExecutionTimeoutInSeconds
+        # "should be larger than the total waiting time specified in TerminationWaitInSeconds
+        # and WaitIntervalInSeconds".
+        steps = 1 if deployment.traffic == "canary" else -(-100 // deployment.step_percent)
+        waiting = steps * deployment.wait_minutes + deployment.termination_wait_minutes
+        if deployment.max_deployment_minutes <= waiting:
+            problems.append(
+                f"serving.deployment.max_deployment_minutes: {deployment.max_deployment_minutes} "
+                f"is not larger than the deployment's total waiting time ({steps} x "
+                f"wait_minutes {deployment.wait_minutes} + termination_wait_minutes "
+                f"{deployment.termination_wait_minutes} = {waiting}), which SageMaker "
+                f"requires (BlueGreenUpdatePolicy); set it above {waiting}"
+            )
+        # Redshift Management Guide, "Compute capacity for Amazon Redshift Serverless": base
+        # capacity up to 512 RPUs in steps of 8; 512 to 1024 in steps of 32, in five regions.
+        base = self.warehouse.serverless.base_capacity
+        if self.warehouse.kind == "serverless" and base > 512:
+            if self.region not in REDSHIFT_1024_RPU_REGIONS:
+                problems.append(
+                    f"warehouse.serverless.base_capacity: {base} RPUs exceeds 512, the most "
+                    f"Redshift Serverless allows in {self.region}; 1024 is offered in "
+                    f"{', '.join(REDSHIFT_1024_RPU_REGIONS)}"
+                )
+            elif base % 32:
+                problems.append(
+                    f"warehouse.serverless.base_capacity: {base} RPUs; above 512 Redshift "
+                    "Serverless takes steps of 32 (544, 576, ... 1024)"
+                )
+        # Amazon EKS User Guide, "Manage kube-proxy": each Kubernetes version has its own
+        # kube-proxy add-on line (v<k8s minor>.x-eksbuild.N); CreateAddon refuses others.
+        proxy = self.compute.addons.get("kube-proxy", "")
+        if proxy and not proxy.startswith(f"v{self.compute.kubernetes_version}."):
+            problems.append(
+                f"compute.addons.kube-proxy: {proxy} is not built for Kubernetes "
+                f"{self.compute.kubernetes_version}; use a v{self.compute.kubernetes_version}.x"
+                "-eksbuild.N version (aws eks describe-addon-versions --addon-name kube-proxy "
+                f"--kubernetes-version {self.compute.kubernetes_version})"
+            )
+        # Privacy, not AWS: data capture stores request and response bodies (prompts and
+        # completions), which only an environment that allows raw text may keep.
+        if serving.data_capture_percent > 0 and not self.events.allow_raw_text:
+            problems.append(
+                f"serving.data_capture_percent: {serving.data_capture_percent} would store "
+                "prompts and completions in the capture bucket, but events.allow_raw_text is "
+                "false; set data_capture_percent: 0, or allow raw text"
             )
         return problems
 

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kiln import instances as serving_instances
 from kiln import naming
 from kiln.contract import GPU_TAINT
-from kiln.settings import Settings
+from kiln.settings import Settings, covers_the_internet
 from kiln_policy.assembly import SynthesizedStack
 from kiln_policy.published_metrics import alarm_uses, dashboard_uses
 
@@ -258,8 +259,8 @@ def eks_endpoint_private(cluster: Resource, settings: Settings) -> Iterator[str]
     public = vpc_config.get("EndpointPublicAccess", True)  # EKS's default is public
     if public and settings.tier != "dev":
         yield f"public API endpoint in a {settings.tier}-tier environment"
-    elif public and "0.0.0.0/0" in vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"]):
-        yield "public API endpoint open to 0.0.0.0/0"
+    elif public and covers_the_internet(vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"])):
+        yield "public API endpoint open to the whole internet"
 
 
 @resource_rule("gpu-nodes-tainted", "AWS::EKS::Nodegroup")
@@ -285,6 +286,14 @@ def imdsv2_required(resource: Resource, settings: Settings) -> Iterator[str]:
     tokens = data.get("MetadataOptions", {}).get("HttpTokens", "optional")
     if tokens != "required":
         yield f"MetadataOptions.HttpTokens is {tokens}, so IMDSv1 is allowed"
+    # One hop: a pod (one hop further than the node) cannot reach the node role's credentials;
+    # it gets its own through Pod Identity. EC2's default for a launch template is 1, but EKS
+    # documents 2 for its own templates, so the value must be said.
+    hops = data.get("MetadataOptions", {}).get("HttpPutResponseHopLimit")
+    if hops != 1:
+        yield (
+            f"MetadataOptions.HttpPutResponseHopLimit is {hops}, not 1: pods reach node credentials"
+        )
 
 
 @resource_rule(
@@ -303,9 +312,19 @@ def prod_endpoints_roll_back(endpoint: Resource, settings: Settings) -> Iterator
 
 @resource_rule("endpoint-kms", "AWS::SageMaker::EndpointConfig")
 def endpoints_encrypted(config: Resource, settings: Settings) -> Iterator[str]:
-    """Endpoint storage volumes and captured data are encrypted with customer-managed keys."""
+    """Endpoint storage is encrypted: with a customer-managed KmsKeyId where the instance type
+    has no local storage, and with none where it has (the instance encrypts its NVMe volumes
+    itself, and CreateEndpointConfig fails when KmsKeyId is given for such a type: SageMaker
+    API Reference, CreateEndpointConfig, KmsKeyId). Captured data uses a KMS key."""
     props = _props(config)
-    if not props.get("KmsKeyId"):
+    types = [v.get("InstanceType", "") for v in props.get("ProductionVariants", [])]
+    local = sorted({t for t in types if serving_instances.has_instance_storage(t)})
+    if local and props.get("KmsKeyId"):
+        yield (
+            f"KmsKeyId is set but {', '.join(local)} has local instance storage: "
+            "CreateEndpointConfig rejects it"
+        )
+    elif not local and not props.get("KmsKeyId"):
         yield "endpoint config without KmsKeyId for its volumes"
     capture = props.get("DataCaptureConfig", {})
     if capture.get("EnableCapture", True) and capture and not capture.get("KmsKeyId"):
@@ -439,3 +458,18 @@ def metrics_published(resource: Resource, settings: Settings) -> Iterator[str]:
         problem = use.problem()
         if problem:
             yield problem
+
+
+@resource_rule("endpoint-capture-privacy", "AWS::SageMaker::EndpointConfig")
+def capture_only_what_events_allow(config: Resource, settings: Settings) -> Iterator[str]:
+    """Data capture stores request and response bodies (prompts and completions); an
+    environment whose prediction events may not carry raw text (`events.allow_raw_text`
+    false) captures none."""
+    capture = _props(config).get("DataCaptureConfig")
+    if not capture or capture.get("EnableCapture") is False or settings.events.allow_raw_text:
+        return
+    modes = sorted(o.get("CaptureMode", "") for o in capture.get("CaptureOptions", []))
+    yield (
+        f"data capture of {', '.join(modes) or 'payloads'} is on although "
+        "events.allow_raw_text is false"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, Duration, Validations
+from aws_cdk import Acknowledgment, Aws, Duration, Stack, Validations
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
@@ -16,6 +16,7 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
+from kiln import instances as serving_instances
 from kiln.contract import (
     ENDPOINT_SCALABLE_DIMENSION,
     ENDPOINT_VARIANT,
@@ -23,8 +24,9 @@ from kiln.contract import (
     capture_prefix,
     endpoint_scaling_resource_id,
 )
-from platform_constructs.nag import wildcard_resource
-from platform_constructs.sagemaker_execution import execution_statements
+from platform_constructs.nag import unscoped_policies, wildcard_resource
+from platform_constructs.network import https_egress
+from platform_constructs.sagemaker_execution import execution_statements, sagemaker_principal
 
 VARIANT = ENDPOINT_VARIANT  # blue/green needs the same variant name in every endpoint config
 KAFKA_IAM_PORT = 9098
@@ -154,11 +156,14 @@ class GuardedEndpoint(Construct):
     """Model + EndpointConfig + Endpoint for one model artifact.
 
     The model runs the `image_uri` container in the private subnets behind a security group
-    that sends only HTTPS (VPC endpoints, the S3 gateway) and Kafka-over-IAM inside the VPC,
+    that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
+    prefix list, `s3_prefix_list_id`) and Kafka-over-IAM inside the VPC,
     with an execution role that may read the artifact and the image, decrypt with
     `artifact_key`, write its logs, metrics and data capture, plus `extra_statements`. The
-    endpoint config encrypts the ML volume with `volume_key` and captures `capture_percent`
-    of requests and responses to `capture_bucket` (KMS). A new artifact is a new model and
+    endpoint config names `volume_key` for the ML storage volume only where the instance type
+    has no local instance storage (CreateEndpointConfig rejects a key otherwise; the instance
+    encrypts its NVMe volumes itself), and captures `capture_percent` of requests and
+    responses to `capture_bucket` (KMS) only when it is above 0. A new artifact is a new model and
     config: the endpoint update then runs blue/green with the given traffic shifting and
     rolls back by itself when a rollback alarm fires. Target tracking scales the variant.
 
@@ -190,6 +195,7 @@ class GuardedEndpoint(Construct):
         scaling: Scaling,
         environment: Mapping[str, str],
         extra_statements: Sequence[iam.PolicyStatement] = (),
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -199,16 +205,20 @@ class GuardedEndpoint(Construct):
             allow_all_outbound=False,
             description=f"{endpoint_name}: HTTPS (VPC endpoints, S3) and Kafka in the VPC only",
         )
-        # HTTPS to any address: the S3 gateway endpoint's prefix list has no id offline;
-        # the private subnets route S3 through that endpoint, other AWS APIs to interface ones.
-        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS")
+        https_egress(
+            self.security_group,
+            vpc_cidr=vpc_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
+            what="Model container",
+        )
         self.security_group.add_egress_rule(
             ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(KAFKA_IAM_PORT), "MSK (IAM over TLS)"
         )
+        stack = Stack.of(self)
         self.role = iam.Role(
             self,
             "ExecutionRole",
-            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            assumed_by=sagemaker_principal(stack.account, stack.region, stack.partition),
             description=f"{endpoint_name}: SageMaker model execution",
         )
         capture_root = capture_prefix(endpoint_name)
@@ -218,7 +228,9 @@ class GuardedEndpoint(Construct):
         runtime = execution_statements(
             SAGEMAKER_ENDPOINTS, repository=image_repository, logs_arn=logs_arn
         )
+        capture = capture_percent > 0
         capture_objects = capture_bucket.arn_for_objects(f"{capture_root}/*")
+        s3_via = {"StringEquals": {"kms:ViaService": f"s3.{Aws.REGION}.amazonaws.com"}}
         self.policy = iam.ManagedPolicy(
             self,
             "ExecutionPolicy",
@@ -227,23 +239,35 @@ class GuardedEndpoint(Construct):
                 iam.PolicyStatement(
                     actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)]
                 ),
-                iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects]),
+                *(
+                    [iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects])]
+                    if capture
+                    else []
+                ),
+                # The lake key, only as S3 uses it for the artifact (and capture objects).
                 iam.PolicyStatement(
-                    actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[artifact_key.key_arn]
+                    actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                    resources=[artifact_key.key_arn],
+                    conditions=s3_via,
                 ),
                 runtime.pull_image,
-                *runtime.unscoped,
                 runtime.write_logs,
                 *extra_statements,
             ],
         )
+        self.unscoped_policies = unscoped_policies(self, [self.role], runtime.unscoped)
         Validations.of(self.policy).acknowledge(
-            runtime.acknowledgment,
-            wildcard_resource(
-                self,
-                capture_objects,
-                "Data capture writes objects whose keys "
-                "SageMaker generates, under this endpoint's own prefix.",
+            *(
+                [
+                    wildcard_resource(
+                        self,
+                        capture_objects,
+                        "Data capture writes objects whose keys "
+                        "SageMaker generates, under this endpoint's own prefix.",
+                    )
+                ]
+                if capture
+                else []
             ),
             wildcard_resource(
                 self,
@@ -268,11 +292,14 @@ class GuardedEndpoint(Construct):
             ),
         )
         # The role's permissions must exist before SageMaker validates the model with it.
-        self.model.node.add_dependency(self.policy)
+        self.model.node.add_dependency(self.policy, *self.unscoped_policies.values())
+        # CreateEndpointConfig fails when KmsKeyId is given for an instance type with local
+        # (NVMe) storage, which the instance encrypts itself (SageMaker API Reference).
+        self.volume_key_used = not serving_instances.has_instance_storage(instance_type)
         self.config = sagemaker.CfnEndpointConfig(
             self,
             "Config",
-            kms_key_id=volume_key.key_arn,
+            kms_key_id=volume_key.key_arn if self.volume_key_used else None,
             production_variants=[
                 sagemaker.CfnEndpointConfig.ProductionVariantProperty(
                     variant_name=VARIANT,
@@ -284,9 +311,11 @@ class GuardedEndpoint(Construct):
                     model_data_download_timeout_in_seconds=download_timeout_seconds,
                 )
             ],
+            # Captured bodies are prompts and completions: only when capture is asked for
+            # (the settings allow it only with events.allow_raw_text).
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
-                enable_capture=capture_percent > 0,
-                initial_sampling_percentage=max(capture_percent, 1),
+                enable_capture=True,
+                initial_sampling_percentage=capture_percent,
                 destination_s3_uri=f"s3://{capture_bucket.bucket_name}/{capture_root}",
                 kms_key_id=artifact_key.key_arn,
                 capture_options=[
@@ -296,8 +325,19 @@ class GuardedEndpoint(Construct):
                 capture_content_type_header=sagemaker.CfnEndpointConfig.CaptureContentTypeHeaderProperty(
                     json_content_types=["application/json"],
                 ),
-            ),
+            )
+            if capture
+            else None,
         )
+        if not self.volume_key_used:
+            Validations.of(self.config).acknowledge(
+                Acknowledgment(
+                    id="NIST.800.53.R5-SageMakerEndpointConfigurationKMSKeyConfigured",
+                    reason=f"{instance_type} has local NVMe instance storage, which the "
+                    "instance encrypts with a hardware module; CreateEndpointConfig fails when "
+                    "KmsKeyId is given for such a type (SageMaker API Reference).",
+                )
+            )
         step = (
             sagemaker.CfnEndpoint.CapacitySizeProperty(
                 type="INSTANCE_COUNT", value=shifting.step_instances

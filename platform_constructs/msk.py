@@ -107,6 +107,7 @@ class MskCluster(Construct):
         super().__init__(scope, construct_id)
         self.name = name
         self.vpc = vpc
+        self.client_cidr = client_cidr
         self.security_group = ec2.SecurityGroup(
             self,
             "SecurityGroup",
@@ -301,6 +302,7 @@ class MskCluster(Construct):
         log_key: kms.IKey,
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
+        s3_prefix_list_id: str | None = None,
     ) -> DeployTimeAction:
         """Multi-VPC private connectivity for IAM clients plus a cluster policy for Firehose.
 
@@ -357,6 +359,8 @@ class MskCluster(Construct):
             log_key=log_key,
             log_retention=log_retention,
             removal_policy=removal_policy,
+            vpc_cidr=self.client_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
             poll=True,
             # Its calls are single API requests: a short function timeout leaves the waiter
             # most of CloudFormation's hour (DeployTimeAction.total_timeout_minutes).

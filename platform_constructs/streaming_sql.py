@@ -40,12 +40,16 @@ class Statement:
 
     sql: str
     skip_if_rows: str | None = None
+    # Run first when an update changes `sql` (the object exists, but with old settings).
+    drop_when_changed: str | None = None
 
     def as_property(self) -> dict[str, str]:
         """The form the custom resource's properties carry (CloudFormation strings)."""
         prop = {"Sql": self.sql}
         if self.skip_if_rows is not None:
             prop["SkipIfRows"] = self.skip_if_rows
+        if self.drop_when_changed is not None:
+            prop["DropWhenChanged"] = self.drop_when_changed
         return prop
 
 
@@ -91,11 +95,17 @@ def _projection(field: PayloadField) -> str:
 
 
 def external_schema(*, iam_role_arn: str, cluster_arn: str) -> Statement:
-    """The external schema over the MSK cluster, read with IAM authentication."""
+    """The external schema over the MSK cluster, read with IAM authentication.
+
+    `IF NOT EXISTS` would keep a schema pointing at a replaced cluster or role: when either
+    changes, the handler first drops the schema with the views built on it (they read the old
+    cluster; its events are in the raw zone through Firehose), and the views are re-created.
+    """
     return Statement(
         f"CREATE EXTERNAL SCHEMA IF NOT EXISTS {EXTERNAL_SCHEMA} FROM MSK "
         f"IAM_ROLE {_literal(iam_role_arn)} AUTHENTICATION iam "
-        f"CLUSTER_ARN {_literal(cluster_arn)}"
+        f"CLUSTER_ARN {_literal(cluster_arn)}",
+        drop_when_changed=f"DROP SCHEMA IF EXISTS {EXTERNAL_SCHEMA} CASCADE",
     )
 
 

@@ -13,7 +13,7 @@ from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from kiln import naming
-from kiln.contract import Component, Outputs, ServerEnv
+from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
@@ -47,6 +47,7 @@ class ServingStack(KilnStack):
         lake_key: kms.IKey,
         msk: MskCluster,
         rollback_alarm_names: Sequence[str],
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -126,7 +127,11 @@ class ServingStack(KilnStack):
                     ServerEnv.EVENTS_TOPIC: topic,
                     ServerEnv.EVENTS_REGION: Stack.of(self).region,
                     ServerEnv.ALLOW_RAW_TEXT: str(settings.events.allow_raw_text).lower(),
+                    ServerEnv.MAX_NEW_TOKENS: str(serving.max_new_tokens),
+                    # Drain, then flush events, inside SageMaker's SIGTERM-to-SIGKILL window.
+                    ServerEnv.GRACEFUL_TIMEOUT_S: str(SERVER_DRAIN_SECONDS),
                 },
+                s3_prefix_list_id=s3_prefix_list_id,
                 extra_statements=[
                     *msk.write_statements([topic]),
                     iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),

@@ -38,6 +38,7 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.warehouse = WarehouseStack(
             self,
@@ -47,6 +48,7 @@ class KilnStage(Stage):
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.compute = ComputeStack(
             self,
@@ -55,6 +57,7 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.observability = ObservabilityStack(
             self,
@@ -75,6 +78,7 @@ class KilnStage(Stage):
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
             rollback_alarm_names=self.observability.rollback_alarms.names,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         # The endpoint's deployment names the rollback alarms by their derived names (no
         # cross-stack reference carries the order), and they must exist first.

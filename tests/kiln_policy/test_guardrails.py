@@ -220,7 +220,11 @@ GPU_GROUP = {
 }
 TEMPLATE = {
     "Type": "AWS::EC2::LaunchTemplate",
-    "Properties": {"LaunchTemplateData": {"MetadataOptions": {"HttpTokens": "required"}}},
+    "Properties": {
+        "LaunchTemplateData": {
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}
+        }
+    },
 }
 
 
@@ -232,7 +236,13 @@ def test_eks_endpoint_private() -> None:
     restricted = with_props(public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["203.0.113.0/24"])
     assert run("eks-endpoint-private", stack({"C": restricted}), DEV) == []
     (violation,) = run("eks-endpoint-private", stack({"C": public}), DEV)  # no CIDRs: open to all
-    assert violation.message == "public API endpoint open to 0.0.0.0/0"
+    assert violation.message == "public API endpoint open to the whole internet"
+    # Two halves are the whole internet too (issue 17).
+    halves = with_props(
+        public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["0.0.0.0/1", "128.0.0.0/1"]
+    )
+    (violation,) = run("eks-endpoint-private", stack({"C": halves}), DEV)
+    assert violation.message == "public API endpoint open to the whole internet"
     unset = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], None)
     assert (
         len(run("eks-endpoint-private", stack({"C": unset}), PROD)) == 1
@@ -258,6 +268,12 @@ def test_imdsv2_required() -> None:
     bare_group = with_props(GPU_GROUP, ["LaunchTemplate"], None)
     (violation,) = run("imdsv2-required", stack({"G": bare_group}), PROD)
     assert "without a launch template" in violation.message
+    # Two hops let a pod reach the node role's credentials through IMDS.
+    two_hops = with_props(
+        TEMPLATE, ["LaunchTemplateData", "MetadataOptions", "HttpPutResponseHopLimit"], 2
+    )
+    (violation,) = run("imdsv2-required", stack({"T": two_hops}), PROD)
+    assert violation.message.startswith("MetadataOptions.HttpPutResponseHopLimit is 2")
 
 
 ENDPOINT = {
@@ -270,14 +286,30 @@ ENDPOINT = {
         },
     },
 }
+# ml.m5 has no local instance storage: its ML volume takes the customer-managed key.
 ENDPOINT_CONFIG = {
     "Type": "AWS::SageMaker::EndpointConfig",
     "Properties": {
         "KmsKeyId": "k",
-        "ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 2}],
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.m5.xlarge"}
+        ],
         "DataCaptureConfig": {"EnableCapture": True, "KmsKeyId": "k"},
     },
 }
+# ml.g5 has NVMe instance storage: CreateEndpointConfig rejects a KmsKeyId for it (SageMaker
+# API Reference, CreateEndpointConfig), and there is no data capture without raw text.
+GPU_ENDPOINT_CONFIG = {
+    "Type": "AWS::SageMaker::EndpointConfig",
+    "Properties": {
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g5.xlarge"}
+        ],
+    },
+}
+RAW_TEXT = PROD.model_copy(
+    update={"events": PROD.events.model_copy(update={"allow_raw_text": True})}
+)
 SCALING = {
     "Type": "AWS::ApplicationAutoScaling::ScalableTarget",
     "Properties": {"ServiceNamespace": "sagemaker", "MinCapacity": 2, "MaxCapacity": 4},
@@ -301,6 +333,39 @@ def test_endpoints_encrypted() -> None:
         "data capture without a KMS key",
         "endpoint config without KmsKeyId for its volumes",
     ]
+
+
+def test_endpoint_kms_follows_instance_storage_both_ways() -> None:
+    """Issue 17, item 1: a key for EBS-only types, none for types with NVMe storage."""
+    assert run("endpoint-kms", stack({"C": GPU_ENDPOINT_CONFIG}), PROD) == []
+    keyed = with_props(GPU_ENDPOINT_CONFIG, ["KmsKeyId"], "k")
+    (violation,) = run("endpoint-kms", stack({"C": keyed}), PROD)
+    assert violation.message == (
+        "KmsKeyId is set but ml.g5.xlarge has local instance storage: "
+        "CreateEndpointConfig rejects it"
+    )
+    # A type outside kiln's catalog with an instance-store family name ("d") counts as local.
+    m5d = with_props(
+        keyed, ["ProductionVariants"], [{"VariantName": "A", "InstanceType": "ml.m5d.large"}]
+    )
+    assert len(run("endpoint-kms", stack({"C": m5d}), PROD)) == 1
+
+
+def test_capture_only_what_events_allow() -> None:
+    """Issue 17, item 2: no payload capture unless events.allow_raw_text."""
+    assert run("endpoint-capture-privacy", stack({"C": GPU_ENDPOINT_CONFIG}), PROD) == []
+    capturing = with_props(
+        ENDPOINT_CONFIG,
+        ["DataCaptureConfig", "CaptureOptions"],
+        [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+    )
+    (violation,) = run("endpoint-capture-privacy", stack({"C": capturing}), PROD)
+    assert violation.message == (
+        "data capture of Input, Output is on although events.allow_raw_text is false"
+    )
+    assert run("endpoint-capture-privacy", stack({"C": capturing}), RAW_TEXT) == []
+    off = with_props(capturing, ["DataCaptureConfig", "EnableCapture"], False)
+    assert run("endpoint-capture-privacy", stack({"C": off}), PROD) == []
 
 
 def test_prod_endpoints_redundant() -> None:
@@ -525,8 +590,13 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
     ),
     "endpoint-kms": (
         PROD,
+        stack({"C": ENDPOINT_CONFIG, "G": GPU_ENDPOINT_CONFIG}),
+        stack({"G": with_props(GPU_ENDPOINT_CONFIG, ["KmsKeyId"], "k")}),
+    ),
+    "endpoint-capture-privacy": (
+        PROD,
+        stack({"G": GPU_ENDPOINT_CONFIG}),
         stack({"C": ENDPOINT_CONFIG}),
-        stack({"C": with_props(ENDPOINT_CONFIG, ["KmsKeyId"], None)}),
     ),
     "endpoint-redundancy": (
         PROD,

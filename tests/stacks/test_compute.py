@@ -206,7 +206,7 @@ def test_trainer_identity_is_pod_identity_with_only_its_lake_paths(
     assert all("curated" not in json.dumps(s["Resource"]) for s in writes)
 
 
-def test_in_cluster_objects_applied_by_a_scoped_admin_over_the_private_endpoint(
+def test_in_cluster_objects_applied_by_a_kubernetes_group_over_the_private_endpoint(
     synthesis: Synthesis, env: str
 ) -> None:
     stack = synthesis.stack(env, "compute")
@@ -216,9 +216,9 @@ def test_in_cluster_objects_applied_by_a_scoped_admin_over_the_private_endpoint(
     assert names[:3] == ["training", "trainer", "nvidia-device-plugin"]
     (entry,) = stack.resources_of_type("AWS::EKS::AccessEntry").values()
     assert entry["Properties"]["PrincipalArn"]["Fn::GetAtt"][0].startswith("ClusterObjectsRole")
-    (access,) = entry["Properties"]["AccessPolicies"]
-    assert access["AccessScope"] == {"Type": "cluster"}
-    assert "AmazonEKSClusterAdminPolicy" in json.dumps(access["PolicyArn"])
+    # A Kubernetes group bound to exactly the kinds it applies, no access policy (issue 17).
+    assert entry["Properties"]["KubernetesGroups"] == ["kiln:cluster-objects"]
+    assert "AccessPolicies" not in entry["Properties"]
     compute(synthesis, env).has_resource_properties(
         "AWS::EC2::SecurityGroupIngress",
         {

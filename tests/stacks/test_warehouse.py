@@ -116,7 +116,7 @@ def test_streaming_ingestion_runs_the_generated_sql(synthesis: Synthesis, env: s
 
 
 def test_handlers_run_in_private_subnets_with_https_egress_only(
-    synthesis: Synthesis, env: str
+    synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
 ) -> None:
     stack = synthesis.stack(env, "warehouse")
     functions = stack.resources_of_type("AWS::Lambda::Function")
@@ -134,15 +134,22 @@ def test_handlers_run_in_private_subnets_with_https_egress_only(
     (handler_group,) = [
         g for k, g in groups.items() if k.startswith("StreamingIngestionSecurityGroup")
     ]
+    # HTTPS to the VPC's interface endpoints, and S3 through its prefix list (issue 17).
     assert handler_group["Properties"]["SecurityGroupEgress"] == [
         {
-            "CidrIp": "0.0.0.0/0",
-            "Description": "AWS APIs",
+            "CidrIp": settings_by_env[env].network.vpc_cidr,
+            "Description": "Deploy-time handler: AWS APIs (interface endpoints)",
             "FromPort": 443,
             "IpProtocol": "tcp",
             "ToPort": 443,
         }
     ]
+    (s3,) = [
+        e["Properties"]
+        for e in stack.resources_of_type("AWS::EC2::SecurityGroupEgress").values()
+        if e["Properties"]["Description"] == "Deploy-time handler: S3 (gateway endpoint)"
+    ]
+    assert "DestinationPrefixListId" in s3 and s3["FromPort"] == 443
 
 
 def test_provisioned_variant_has_the_same_posture(tmp_path: Path) -> None:
