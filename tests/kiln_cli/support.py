@@ -109,6 +109,8 @@ class _Resolver:
             return arns[kind]
         if (kind, attribute) == ("AWS::EC2::SecurityGroup", "GroupId"):
             return f"sg-{made_up}"
+        if (kind, attribute) == ("Custom::ManagedPrefixList", "PrefixListId"):
+            return f"pl-{made_up}"
         raise NotImplementedError(f"{stack}: cannot resolve {logical_id}.{attribute}")
 
 
