@@ -64,8 +64,10 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
     (
         "Canary at most 50% of the fleet",
         "SageMaker API Reference, TrafficRoutingConfig.CanarySize",
-        {"serving.deployment.step_percent": 50},
-        {"serving.deployment.step_percent": 60},
+        # A fleet of 2: a 50% canary is one instance (with 3, rounding up makes it 2 of 3,
+        # which the rollout rule refuses too).
+        {"serving.deployment.step_percent": 50, "serving.autoscaling.max_instances": 2},
+        {"serving.deployment.step_percent": 60, "serving.autoscaling.max_instances": 2},
         "serving.deployment.step_percent: Input should be less than or equal to 50",
     ),
     (

@@ -120,6 +120,8 @@ class _Resolver:
             return arns[kind]
         if (kind, attribute) == ("AWS::EC2::SecurityGroup", "GroupId"):
             return f"sg-{made_up}"
+        if (kind, attribute) == ("Custom::ManagedPrefixList", "PrefixListId"):
+            return f"pl-{made_up}"
         props = self._resource(stack, logical_id).get("Properties", {})
         if attribute in props:  # e.g. a node group's NodegroupName, as the template sets it
             return self.value(stack, props[attribute])
