@@ -81,17 +81,20 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         "Wait between steps and before terminating the old fleet: 0-3600 s",
         "SageMaker API Reference, TrafficRoutingConfig.WaitIntervalInSeconds, "
         "BlueGreenUpdatePolicy.TerminationWaitInSeconds",
-        {"serving.deployment.wait_minutes": 60},
-        {"serving.deployment.wait_minutes": 61},
+        # A deployment timeout long enough for the waits (the rollout rule checks that too).
+        {"serving.deployment.wait_minutes": 60, "serving.deployment.max_deployment_minutes": 240},
+        {"serving.deployment.wait_minutes": 61, "serving.deployment.max_deployment_minutes": 240},
         "serving.deployment.wait_minutes: Input should be less than or equal to 60",
     ),
     (
         "Deployment timeout longer than all its waits",
         "SageMaker API Reference, BlueGreenUpdatePolicy.MaximumExecutionTimeoutInSeconds",
-        {"serving.deployment.wait_minutes": 10, "serving.deployment.max_deployment_minutes": 16},
+        # The rollout rule counts a wait after each of a canary's two shifts (2 x 10 + 5 = 25).
+        {"serving.deployment.wait_minutes": 10, "serving.deployment.max_deployment_minutes": 26},
         {"serving.deployment.wait_minutes": 10, "serving.deployment.max_deployment_minutes": 15},
-        "serving.deployment.max_deployment_minutes: 15 is not larger than the deployment's "
-        "total waiting time (1 x wait_minutes 10 + termination_wait_minutes 5 = 15)",
+        # Issue 21's rollout rule answers first (it counts the canary's two shifts).
+        "the waits add up to 25 minutes (shifts x wait_minutes + termination_wait_minutes), "
+        "which does not fit max_deployment_minutes (15)",
     ),
     (
         "MSK brokers: 2 or 3 zones, a multiple of the zones, at most 30",
