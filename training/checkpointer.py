@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class Checkpointer:
         self.interval, self.keep = interval, keep
 
     @classmethod
-    def at(cls, location: str | None, **kwargs: Any) -> Checkpointer:
+    def at(cls, location: str | None, **kwargs: Any) -> Self:
         """A checkpointer writing to a local path or s3:// prefix (None: one that never writes)."""
         return cls(open_store(location) if location else None, **kwargs)
 
@@ -114,7 +114,7 @@ def _alone(dist: Distributed) -> Iterator[None]:
         yield
 
 
-class ShardedCheckpointer:
+class ShardedCheckpointer(Checkpointer):
     """Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own
     shard of the weights and optimizer states (`step-NNNNNNNN/__R_0.distcp` and `.metadata`),
     rank 0 the rest (`meta.pt`: schedule, data position, step, every rank's RNG states), and
@@ -126,30 +126,6 @@ class ShardedCheckpointer:
     own and uploads its files. Frozen weights (LoRA's base) are not saved: they come from
     --init-from again.
     """
-
-    def __init__(
-        self,
-        store: Store | None,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        model_config: dict[str, Any],
-        dist: Distributed,
-        interval: int,
-        keep: int,
-    ) -> None:
-        self.store = store
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.model_config, self.dist = model_config, dist
-        self.interval, self.keep = interval, keep
-
-    @classmethod
-    def at(cls, location: str | None, **kwargs: Any) -> ShardedCheckpointer:
-        return cls(open_store(location) if location else None, **kwargs)
-
-    def due(self, step: int) -> bool:
-        return bool(self.interval) and step % self.interval == 0
 
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

@@ -167,7 +167,7 @@ class Trainer:
             )
         self.checkpoint_format = fmt
         kind = ShardedCheckpointer if fmt == "sharded" else Checkpointer
-        self.checkpointer: Checkpointer | ShardedCheckpointer = kind.at(
+        self.checkpointer: Checkpointer = kind.at(
             args.checkpoint_dir,
             model=self.model,
             optimizer=self.optimizer,
