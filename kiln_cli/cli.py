@@ -125,6 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         trainer_args=tuple(args.trainer_args),
         model=args.model,
+        operator=args.operator,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -345,6 +346,7 @@ def _add_train(commands: Any) -> None:
         help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
         "local Hugging Face directory); a preset or s3:// directory also goes to the trainer",
     )
+    training_job.add_operator_argument(run, prefix="EKS: ")
     run.add_argument(
         "--apply",
         action="store_true",
