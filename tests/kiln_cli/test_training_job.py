@@ -213,12 +213,19 @@ def test_torchrun_command_line_of_an_indexed_job() -> None:
         "--rdzv_id=llama-pretrain",
         "--rdzv_conf=join_timeout=1800,read_timeout=1800",
         "--max_restarts=3",
+        "--shutdown_timeout=115",
         "-m",
         "training.train",
         "--max-steps",
         "20000",
     ]
     assert "args" not in container(make())
+
+
+def test_torchrun_waits_the_pods_grace_period_for_a_sigterm_checkpoint() -> None:
+    # torchrun SIGKILLs its workers 30 s after forwarding a SIGTERM unless told otherwise.
+    assert "--shutdown_timeout=595" in container(make(termination_grace_seconds=600))["command"]
+    assert "--shutdown_timeout=0" in container(make(termination_grace_seconds=3))["command"]
 
 
 def test_headless_service_names_pod_zero_for_the_rendezvous() -> None:
