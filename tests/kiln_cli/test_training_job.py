@@ -28,6 +28,7 @@ from kiln_cli.training_job import (
     TrainingJobSpec,
     add_arguments,
     memory_plan,
+    plan_problem,
     planned_trainer_args,
     render,
     render_command,
@@ -824,3 +825,16 @@ def test_a_local_hugging_face_directory_is_planned_and_left_to_the_operator(
     (tmp_path / "config.json").write_text('["a list"]')
     assert render_command(parse(argv)) == 2
     assert f"{tmp_path}/config.json holds list, not a JSON object" in capsys.readouterr().err
+
+
+def test_the_documented_refusal_is_what_the_tool_prints() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "kiln-cli.md").read_text()
+    command = "$ kiln train --env dev --on eks --instance-type p5.48xlarge --model llama-3-70b"
+    rest, *block = docs.split(command, 1)[1].split("```", 1)[0].splitlines()
+    assert rest == " --apply -- --micro-batch-size 1 --seq-len 4096"
+    p = memory_plan(
+        "llama-3-70b", "p5.48xlarge", 8, ["--micro-batch-size", "1", "--seq-len", "4096"]
+    )
+    problem = plan_problem(p, 8)
+    expected = f"kiln train: {p.render()}kiln train: refused, nothing applied: {problem}"
+    assert block == expected.splitlines()
