@@ -494,6 +494,9 @@ def torchrun_command(spec: TrainingJobSpec) -> list[str]:
         # other pods, and spend the Job's backoffLimit, whenever pod 0 starts late.
         f"--rdzv_conf=join_timeout={timeout},read_timeout={timeout}",
         f"--max_restarts={spec.max_restarts}",
+        # On SIGTERM torchrun forwards the signal and SIGKILLs the workers after this long (30 s
+        # by default): they get the pod's grace period, less a moment for torchrun to exit.
+        f"--shutdown_timeout={max(spec.termination_grace_seconds - 5, 0)}",
         "-m",
         spec.module,
         *spec.trainer_args,
