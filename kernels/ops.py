@@ -45,6 +45,8 @@ OP_NAMES = (
     "panel_linear_out",
     "decode_attention",
     "decode_attention_out",
+    "paged_decode_attention",
+    "paged_decode_attention_out",
 )
 
 
@@ -215,6 +217,29 @@ if HAVE_EXTENSION:
     ) -> Tensor:
         return query.new_empty(query.shape)
 
+    @torch.library.register_fake("kiln::paged_decode_attention_out")
+    def _paged_decode_attention_out_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        lengths: Tensor,
+        scale: float,
+        out: Tensor,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("kiln::paged_decode_attention")
+    def _paged_decode_attention_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        lengths: Tensor,
+        scale: float,
+    ) -> Tensor:
+        return query.new_empty(query.shape)
+
     # -- autograd: each backward is itself a kiln op, so torch.compile traces fwd+bwd whole --
 
     def _rms_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -347,6 +372,8 @@ panel_linear = _choose("panel_linear", _not_cpu_float32)
 panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
 decode_attention = _choose("decode_attention", _not_cpu_float32)
 decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
+paged_decode_attention = _choose("paged_decode_attention", _not_cpu_float32)
+paged_decode_attention_out = _choose("paged_decode_attention_out", _not_cpu_float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,14 @@ INT8_TOL = {
     torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3},
     torch.float16: {"atol": 1e-3, "rtol": 2e-3},
 }
-CPU_ONLY_OPS = {"panel_linear", "panel_linear_out", "decode_attention", "decode_attention_out"}
+CPU_ONLY_OPS = {
+    "panel_linear",
+    "panel_linear_out",
+    "decode_attention",
+    "decode_attention_out",
+    "paged_decode_attention",
+    "paged_decode_attention_out",
+}
 
 
 @pytest.fixture(scope="module")
