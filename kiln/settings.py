@@ -519,8 +519,10 @@ def rollout_problems(serving: ServingSettings) -> list[str]:
                 "endpoint can run 1 instance, or a smaller step, or a larger "
                 "autoscaling.min_instances"
             )
-    elif deployment.traffic == "linear" and deployment.step_instances is None and (
-        deployment.step_percent < 10
+    elif (
+        deployment.traffic == "linear"
+        and deployment.step_instances is None
+        and (deployment.step_percent < 10)
     ):
         # A CAPACITY_PERCENT step is judged as given, before any rounding to instances.
         problems.append(
