@@ -143,8 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         train.apply_manifests(aws, started)
         print(f"applied training run {started.job} on EKS")
         sys.stdout.write(_rows(started.summary))
+        namespace = aws.settings.compute.training_namespace
         print(
-            f"follow it: kubectl logs -f -n {aws.settings.compute.training_namespace} "
+            f"follow it: kubectl logs -f -n {namespace} -l {training_job.JOB_LABEL}={started.job}"
+        )
+        kinds = "trainjob,trainingruntime" if args.operator == "trainer" else "job,service"
+        print(
+            f"remove it: kubectl delete {kinds} -n {namespace} "
             f"-l {training_job.JOB_LABEL}={started.job}"
         )
         return 0

@@ -299,6 +299,7 @@ def test_eks_trainer_run_is_planned_from_s3_and_applied_with_the_plans_flags(
     assert "strategy        fsdp + activation checkpointing" in err
     assert "applied training run kiln-dev-llama-" in out
     assert "objects      TrainingRuntime, TrainJob" in out
+    assert "remove it: kubectl delete trainjob,trainingruntime -n training -l kiln.dev/" in out
     assert cluster.kinds() == ["TrainingRuntime", "TrainJob"]
     runtime = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainingRuntime")
     job = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainJob")
@@ -363,7 +364,7 @@ def test_eks_default_objects_apply_and_a_cluster_without_the_trainer_says_so(
     _fake_kubectl(monkeypatch, cluster)
     assert main(["train", "--env", "dev", "--on", "eks", "--apply"]) == 0
     assert cluster.kinds() == ["Service", "Job"]
-    capsys.readouterr()
+    assert "remove it: kubectl delete job,service -n training -l" in capsys.readouterr().out
     assert main(["train", "--env", "dev", "--on", "eks", "--operator", "trainer", "--apply"]) == 1
     assert cluster.errors == [
         'no matches for kind "TrainingRuntime" in "trainer.kubeflow.org/v1alpha1"'
