@@ -94,6 +94,7 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_cold(paged_model: Path)
     with running_engine(paged_model, EngineSettings(max_batch=2, warmup=False)) as client:
         first = client.generate(PREFIX + "Hello.", greedy)
         second = client.generate(PREFIX + question, greedy)
+        stats = client.engine.stats().cache
     cold_settings = EngineSettings(max_batch=2, warmup=False, prefix_cache=False)
     with running_engine(paged_model, cold_settings) as client:
         cold = client.generate(PREFIX + question, greedy)
@@ -101,6 +102,7 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_cold(paged_model: Path)
     shared = len(client.engine.encode_prompt(PREFIX)) // 16 * 16  # full blocks, BOS included
     assert shared >= 112
     assert second.cached_tokens == shared
+    assert stats is not None and stats.hits == shared and stats.cached > 0
     # Only the new tokens were computed: the prompt minus the cached blocks.
     assert second.prefilled_tokens == len(second.prompt) - shared
     assert cold.prefilled_tokens == len(cold.prompt)
