@@ -172,3 +172,17 @@ def test_a_long_prompt_prefilled_in_chunks_answers_as_in_one(paged_model: Path) 
         ) as c:
             answers.append(c.generate(prompt, params).tokens)
     assert answers[0] == answers[1]
+
+
+def test_the_server_flags_and_their_variables() -> None:
+    from inference.serve import build_parser
+
+    env = {"KILN_KV_CACHE_GIB": "1.5", "KILN_PREFILL_CHUNK": "64"}
+    args = build_parser(env).parse_args([])
+    assert (args.kv_cache_gib, args.prefill_chunk) == (1.5, 64)
+    args = build_parser(env).parse_args(["--kv-cache-gib", "0.25", "--prefill-chunk", "128"])
+    assert (args.kv_cache_gib, args.prefill_chunk) == (0.25, 128)
+    defaults = build_parser({}).parse_args([])
+    assert (defaults.kv_cache_gib, defaults.prefill_chunk) == (None, 512)
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["--kv-cache-gib", "0"])
