@@ -15,9 +15,10 @@ step (greedy output identical alone and among 32 requests). What is chosen for d
   verifies at load time that a row's result does not depend on its position, its neighbours or
   the row count, and where it does, moves to padded row counts, then raises the smallest (4, 8,
   ...) until it does not; at worst (a GPU, another BLAS) every step runs at one fixed row count.
-- Attention (`modeling.attention`): with the CPU kernels, `KernelDecodeAttention` (kiln's
-  `paged_decode_attention`: each sequence over its own blocks and length); elsewhere
-  `PaddedDecodeAttention` (blocks gathered to a shared length, exact-zero masks). The
+- Attention (`modeling.attention`): with the CPU kernels (float32) or the CUDA kernels (any
+  dtype), `KernelDecodeAttention` (kiln's `paged_decode_attention`: each sequence over its own
+  blocks and length); elsewhere `PaddedDecodeAttention` (blocks gathered to a shared length,
+  exact-zero masks). The
   invariance tests cover both.
 
 The KV cache is `blocks` blocks of `block_size` positions; a sequence names its blocks in a block
@@ -102,11 +103,13 @@ class Decoder:
             and dtype == torch.float32
             and self.ops.HAVE_CPU_DECODE_OPS
         )
-        # kiln's decode_attention and panel_linear: each sequence on its own, batch-invariant.
-        self.attention_kernel = kernels
+        # kiln's paged_decode_attention and panel_linear: each sequence on its own,
+        # batch-invariant. On a GPU the attention kernel too (with the CUDA kernels built).
+        gpu_kernel = device.type == "cuda" and bool(getattr(self.ops, "HAVE_CUDA_KERNELS", False))
+        self.attention_kernel = kernels or gpu_kernel
         self._decode: KernelDecodeAttention | PaddedDecodeAttention = (
             KernelDecodeAttention(self.cache, cfg, self.ops, slots)
-            if kernels
+            if self.attention_kernel
             else PaddedDecodeAttention(self.cache, cfg)
         )
         self._build_decode_linears(None if kernels else (buckets or row_buckets(slots)))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from inference.blocks import BlockManager
+from inference.blocks import BlockManager, BlockStats
 from inference.decoder import Decoder
 from inference.detokenizer import Detokenizer
 from inference.runner import ModelRunner, RunnerOutput
@@ -63,6 +63,9 @@ class EngineStats:
     waiting: int
     steps: int
     generated_tokens: int
+    # The KV cache (`inference.blocks.BlockStats`): blocks in all, free, cached for reuse, and
+    # prompt tokens taken from the prefix cache since the start; None before loading.
+    cache: BlockStats | None = None
 
 
 class Engine:
@@ -221,6 +224,7 @@ class Engine:
             waiting=waiting,
             steps=self.runner.steps,
             generated_tokens=self._generated,
+            cache=self.scheduler.blocks.stats() if self.scheduler.blocks is not None else None,
         )
 
     # -- the loop --------------------------------------------------------------------------------

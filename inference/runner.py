@@ -300,15 +300,24 @@ class ModelRunner:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes of memory free for the KV cache on `device` now."""
+    """Bytes of memory free for the KV cache on `device` now: on CPU the host's available
+    memory, or less where the container's cgroup limit leaves less."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # cgroup v2: a container's limit and what it uses now
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            return max(0, min(host, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return host

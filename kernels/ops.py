@@ -372,8 +372,18 @@ panel_linear = _choose("panel_linear", _not_cpu_float32)
 panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
 decode_attention = _choose("decode_attention", _not_cpu_float32)
 decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
-paged_decode_attention = _choose("paged_decode_attention", _not_cpu_float32)
-paged_decode_attention_out = _choose("paged_decode_attention_out", _not_cpu_float32)
+
+
+def _paged_unsupported(t: Tensor) -> str | None:
+    """The paged decode op runs on CPU in float32 and, with the CUDA kernels, on CUDA in any
+    kernel dtype."""
+    if t.device.type == "cuda":
+        return None if HAVE_CUDA_KERNELS else "the extension was built without CUDA kernels"
+    return _not_cpu_float32(t)
+
+
+paged_decode_attention = _choose("paged_decode_attention", _paged_unsupported)
+paged_decode_attention_out = _choose("paged_decode_attention_out", _paged_unsupported)
 
 
 # ------------------------------------------------------------------------------------------------

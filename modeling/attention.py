@@ -5,13 +5,14 @@ q, k, v)`; the backend is the pass's only attention code. q is [..., Hq, D], k a
 (grouped-query: Hq a multiple of Hkv); the result is [..., Hq, D] in q's layout.
 
 - `CausalSDPA`: training, [B, T, H, D], full causal attention, no cache.
-- `CachedPrefill`: one sequence's T tokens [T, H, D] written into its cache slot at
-  positions start.., attending to the slot's cache up to each token's own position.
-- `KernelDecodeAttention`: B sequences, one token each [B, H, D], kiln's `decode_attention_out`
-  (CPU, float32): each sequence over its own slot and length, batch-invariant by construction.
-- `PaddedDecodeAttention`: the same step as batched matmuls over each slot's cache up to a shared
-  length (the batch's longest, rounded up); positions past a sequence's own length are masked to
-  exact zeros, which leave its sums as they are, so it is batch-invariant too.
+- `CachedPrefill`: one sequence's T tokens [T, H, D] written into its cache blocks at
+  positions start.., attending to its cached positions up to each token's own.
+- `KernelDecodeAttention`: B sequences, one token each [B, H, D], kiln's
+  `paged_decode_attention_out` (CPU float32, or CUDA): each sequence over its own blocks and
+  length, read through its block table, batch-invariant by construction.
+- `PaddedDecodeAttention`: the same step as batched matmuls over each sequence's blocks gathered
+  up to a shared length (the batch's longest, rounded up); positions past a sequence's own length
+  are masked to exact zeros, which leave its sums as they are, so it is batch-invariant too.
 
 Serving backends are prepared once per step (`prepare`) and then called once per layer. A new
 attention variant (a window, a score cap) is a change to the backends here, and only here.
@@ -192,7 +193,8 @@ class KernelDecodeAttention:
         self.cache = cache
         self.scale = cfg.head_dim**-0.5
         self._op = ops.paged_decode_attention_out
-        self._out = torch.empty(rows, cfg.num_heads, cfg.head_dim)
+        kv = cache.kv[0]
+        self._out = torch.empty(rows, cfg.num_heads, cfg.head_dim, device=kv.device, dtype=kv.dtype)
         self._tables = self._lengths = torch.empty(0, dtype=torch.long)
 
     def prepare(self, tables: list[list[int]], positions: list[int], positions_t: Tensor) -> None:

@@ -94,6 +94,7 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_cold(paged_model: Path)
     with running_engine(paged_model, EngineSettings(max_batch=2, warmup=False)) as client:
         first = client.generate(PREFIX + "Hello.", greedy)
         second = client.generate(PREFIX + question, greedy)
+        stats = client.engine.stats().cache
     cold_settings = EngineSettings(max_batch=2, warmup=False, prefix_cache=False)
     with running_engine(paged_model, cold_settings) as client:
         cold = client.generate(PREFIX + question, greedy)
@@ -101,6 +102,7 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_cold(paged_model: Path)
     shared = len(client.engine.encode_prompt(PREFIX)) // 16 * 16  # full blocks, BOS included
     assert shared >= 112
     assert second.cached_tokens == shared
+    assert stats is not None and stats.hits == shared and stats.cached > 0
     # Only the new tokens were computed: the prompt minus the cached blocks.
     assert second.prefilled_tokens == len(second.prompt) - shared
     assert cold.prefilled_tokens == len(cold.prompt)
@@ -170,3 +172,17 @@ def test_a_long_prompt_prefilled_in_chunks_answers_as_in_one(paged_model: Path) 
         ) as c:
             answers.append(c.generate(prompt, params).tokens)
     assert answers[0] == answers[1]
+
+
+def test_the_server_flags_and_their_variables() -> None:
+    from inference.serve import build_parser
+
+    env = {"KILN_KV_CACHE_GIB": "1.5", "KILN_PREFILL_CHUNK": "64"}
+    args = build_parser(env).parse_args([])
+    assert (args.kv_cache_gib, args.prefill_chunk) == (1.5, 64)
+    args = build_parser(env).parse_args(["--kv-cache-gib", "0.25", "--prefill-chunk", "128"])
+    assert (args.kv_cache_gib, args.prefill_chunk) == (0.25, 128)
+    defaults = build_parser({}).parse_args([])
+    assert (defaults.kv_cache_gib, defaults.prefill_chunk) == (None, 512)
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["--kv-cache-gib", "0"])

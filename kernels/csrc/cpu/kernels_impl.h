@@ -576,6 +576,15 @@ void panel_linear(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const
 // ---------------------------------------------------------------------------------------------
 // decode attention (one new query per sequence against its own cached keys and values)
 
+// Asks for the rows of the next block while this one is computed: a head's rows in a block are
+// one short run (block x d floats), and the hardware prefetcher does not follow the jump to the
+// next block's run on its own.
+inline void prefetch_rows(const float* p, int64_t rows, int64_t d, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t e = 0; e < d; e += 16) __builtin_prefetch(p + r * stride + e);
+  }
+}
+
 // One query head against positions [0, len): scores in s, then out = softmax(s) @ V. Position l
 // lives in cache block table[l / block] at row l % block (a contiguous cache is one block per
 // sequence: block >= len). The arithmetic per position, and its order, does not depend on the
@@ -591,6 +600,10 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
   for (int64_t b0 = 0; b0 < len; b0 += block) {
     const int64_t n = len - b0 < block ? len - b0 : block;
     const float* kb = kj + table[b0 / block] * sc_block;
+    if (b0 + block < len) {
+      const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+      prefetch_rows(kj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
+    }
     float* sb = s + b0;
     int64_t l = 0;
     // Four positions at a time: four independent sums keep the multiply-add units busy while
@@ -637,6 +650,10 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
     for (int64_t b0 = 0; b0 < len; b0 += block) {
       const int64_t n = len - b0 < block ? len - b0 : block;
       const float* vb = vj + table[b0 / block] * sc_block;
+      if (b0 + block < len) {
+        const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+        prefetch_rows(vj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
+      }
       for (int64_t l = 0; l < n; ++l) {
         const float p = s[b0 + l];
         const float* vl = vb + l * sc_pos;
@@ -652,6 +669,10 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
     for (int64_t b0 = 0; b0 < len; b0 += block) {
       const int64_t n = len - b0 < block ? len - b0 : block;
       const float* vb = vj + table[b0 / block] * sc_block;
+      if (b0 + block < len) {
+        const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+        prefetch_rows(vj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
+      }
       for (int64_t l = 0; l < n; ++l) {
         const float p = s[b0 + l];
         const float* vl = vb + l * sc_pos;
