@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from modeling.attention import AttentionBackend, CausalSDPA
 from modeling.config import ModelConfig
 from modeling.linear import dense_linear
+from modeling.loss import linear_cross_entropy
 from modeling.rope import rope_table
 
 OpsName = Literal["kiln", "reference"]
@@ -283,15 +284,33 @@ class LlamaModel(Module):
         """The module whose weight projects to the vocabulary (the embedding when tied)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Training's pass: full causal attention over each sequence, no cache."""
+    def forward(
+        self, input_ids: Tensor, positions: Tensor | None = None, targets: Tensor | None = None
+    ) -> Tensor:
+        """Training's pass: full causal attention over each sequence, no cache.
+
+        Without `targets`, the logits [B, T, vocab]. With targets [B, T] (`IGNORE_INDEX` where a
+        token has none), the mean cross entropy over them, the output projection fused with the
+        loss a chunk of tokens at a time (`modeling.loss`): the logits are never held whole.
+        The loss is computed here, inside the model's forward, so that a wrapper (DDP, FSDP,
+        torch.compile) sees the head's weight used within the pass it manages.
+        """
         b, t = input_ids.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         run = Run(positions, self.rope, self.training_ops, self.linear, self.causal)
-        return run.linear(self.head, self.hidden(input_ids, run))
+        hidden = self.hidden(input_ids, run)
+        if targets is None:
+            return run.linear(self.head, hidden)
+        head = self.head
+        return linear_cross_entropy(
+            hidden,
+            head.weight,
+            targets,
+            bias=getattr(head, "bias", None),  # type: ignore[arg-type]
+        )
 
     def hidden(
         self,

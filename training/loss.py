@@ -5,18 +5,22 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeling.model import lm_loss
 from training.data import inputs_targets
 from training.records import IGNORE
 
 
-def batch_loss(model: nn.Module, blocks: Tensor) -> Tensor:
+def batch_loss(model: nn.Module, blocks: Tensor, *, fused: bool = True) -> Tensor:
     """Mean next-token loss of a batch of blocks over its targets (masked ones left out): text
-    blocks [n, seq_len + 1] (every token a target), or [n, 2, seq_len + 1] ids and labels."""
+    blocks [n, seq_len + 1] (every token a target), or [n, 2, seq_len + 1] ids and labels.
+
+    `fused` (the default): the model's forward computes the loss with the output projection
+    fused in (`modeling.loss`), never holding the logits whole; else from the full logits.
+    """
     inputs, targets = inputs_targets(blocks)
+    if fused:
+        loss: Tensor = model(inputs, targets=targets)
+        return loss
     logits = model(inputs)
-    if blocks.dim() == 2:
-        return lm_loss(logits, targets)
     flat = targets.reshape(-1)
     total = F.cross_entropy(
         logits.float().view(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="sum"
