@@ -86,6 +86,10 @@ class FunctionalOps:
 
     def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
         out: Tensor = embedding(input_ids)
+        if out.dtype != torch.float32 and torch.is_autocast_enabled(out.device.type):
+            # A bf16-stored (frozen) embedding under autocast: the residual stream stays
+            # float32, as it is with float32 weights.
+            out = out.float()
         return out
 
     def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:

@@ -144,6 +144,13 @@ class Trainer:
             activation_checkpointing=args.activation_checkpointing,
         )
         sharded = isinstance(self.parallel, FullyShard)
+        # LoRA under bf16 autocast: the frozen base is stored in bf16 (half its memory), the
+        # adapters and their optimizer states in float32. Not under FSDP, which shards a block's
+        # parameters as one flat group of one dtype (it computes in bf16 anyway).
+        self.frozen_dtype = torch.float32
+        if self.lora is not None and self.precision.bf16 and not sharded:
+            self.frozen_dtype = torch.bfloat16
+            lora.store_frozen(self.model, self.frozen_dtype)
         # FSDP computes in bf16 through its mixed-precision policy, not autocast.
         self.autocast = Precision(False, dist.device.type) if sharded else self.precision
         self.wrapped = self.parallel.wrap(self.model, compile=args.compile)
@@ -307,7 +314,9 @@ class Trainer:
             "activation_checkpointing": bool(args.activation_checkpointing),
             "checkpoint_format": self.checkpoint_format,
             "init_from": args.init_from,
-            "lora": None if self.lora is None else dataclasses.asdict(self.lora),
+            "lora": None
+            if self.lora is None
+            else {**dataclasses.asdict(self.lora), "frozen_dtype": str(self.frozen_dtype)[6:]},
             "tokenizer": type(self.tokenizer).__name__,
             "model": args.model_config.to_dict(),
             "data": self.source.describe(),
