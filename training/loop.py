@@ -40,7 +40,12 @@ from training.loss import batch_loss
 from training.metrics import Metrics
 from training.optim import build_optimizer
 from training.parallel import Distributed, FullyShard, Precision, Strategy, choose_strategy
-from training.records import CHAT_TEMPLATE_FILE, Encoder, read_chat_template
+from training.records import (
+    CHAT_TEMPLATE_FILE,
+    Encoder,
+    document_end_id,
+    read_chat_template,
+)
 from training.state import TrainError, TrainState
 from training.storage import download_dir, is_s3, open_store
 
@@ -157,12 +162,17 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
 
+        # --pack-mask document: documents end with this id (bos/eos as the stream packs them).
+        self.document_end = (
+            document_end_id(self.tokenizer) if args.pack_mask == "document" else None
+        )
         self.evaluator = Evaluator(
             val,
             batch_size=args.micro_batch_size,
             every=args.eval_every,
             dist=dist,
             precision=self.autocast,
+            document_end=self.document_end,
         )
         fmt = args.checkpoint_format
         if fmt == "auto":
@@ -281,7 +291,7 @@ class Trainer:
             b = blocks[start : start + micro].to(self.dist.device, non_blocking=True)
             with self.parallel.accumulating(self.wrapped, last=a == accum - 1):
                 with self.autocast.autocast():
-                    loss = batch_loss(self.wrapped, b) / accum
+                    loss = batch_loss(self.wrapped, b, document_end=self.document_end) / accum
                 loss.backward()
             total += loss.item()
         return total
@@ -312,6 +322,7 @@ class Trainer:
             "trainable_parameters": sum(p.numel() for p in self.trainable),
             "strategy": self.parallel.name,
             "activation_checkpointing": bool(args.activation_checkpointing),
+            "pack_mask": args.pack_mask,
             "checkpoint_format": self.checkpoint_format,
             "init_from": args.init_from,
             "lora": None
