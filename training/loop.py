@@ -22,9 +22,9 @@ from torch import Tensor
 
 from modeling.artifact import TARBALL, load_model_dir, read_config, save_model_dir, write_tarball
 from modeling.config import ModelConfig
-from modeling.model import LlamaModel
+from modeling.model import LlamaModel, load_ops
 from modeling.rope import rope_table
-from modeling.tokenizer import ByteTokenizer, Tokenizer
+from modeling.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from training import lora, sagemaker
 from training.checkpointer import Checkpointer, ShardedCheckpointer
 from training.data import (
@@ -89,11 +89,23 @@ class Trainer:
         self.init_dir: Path | None = None
         self.chat_template: str | None = None
         self.tokenizer: Tokenizer
+        # FSDP over several ranks from a checkpoint: rank 0 alone reads the weights; the others
+        # build the model on the meta device (no memory) and receive their shards from rank 0
+        # once the model is sharded (`_broadcast_from_rank0`).
+        self.rank0_load = bool(args.init_from) and dist.world > 1 and args.strategy == "fsdp"
+        self._rank0_state: dict[str, Tensor] | None = None
         if args.init_from:
             self.init_dir = self._fetch_model(args.init_from)
-            self.model, self.tokenizer = load_model_dir(
-                self.init_dir, ops=args.ops, dtype=torch.float32
-            )
+            if self.rank0_load and not dist.is_main:
+                cfg, _ = read_config(self.init_dir)
+                load_ops(args.ops)  # imported outside the meta-device context
+                with torch.device("meta"):
+                    self.model = LlamaModel(cfg, ops=args.ops)
+                self.tokenizer = load_tokenizer(self.init_dir)
+            else:
+                self.model, self.tokenizer = load_model_dir(
+                    self.init_dir, ops=args.ops, dtype=torch.float32
+                )
             self.model.train()
             self.chat_template = read_chat_template(self.init_dir, self.tokenizer)
             args.model_config = self.model.config
@@ -112,7 +124,11 @@ class Trainer:
         )
         if self.lora is not None:
             lora.attach(self.model, self.lora)
-        self.model.to(dist.device)
+        if self.rank0_load and dist.is_main:
+            # The full weights (and adapters) to send; fully_shard keeps only this rank's shard.
+            self._rank0_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if not (self.rank0_load and not dist.is_main):
+            self.model.to(dist.device)
 
         self.source = open_source(args.data, args.suffixes)
         val_source = open_source(args.val_data, args.suffixes) if args.val_data else None
@@ -159,6 +175,8 @@ class Trainer:
         # FSDP computes in bf16 through its mixed-precision policy, not autocast.
         self.autocast = Precision(False, dist.device.type) if sharded else self.precision
         self.wrapped = self.parallel.wrap(self.model, compile=args.compile)
+        if self.rank0_load:
+            self._broadcast_from_rank0()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
 
@@ -196,6 +214,21 @@ class Trainer:
         )
         self.global_batch = args.micro_batch_size * args.grad_accum * dist.world
         self.tokens_per_step = self.global_batch * args.seq_len
+
+    def _broadcast_from_rank0(self) -> None:
+        """Fills every rank's shards from rank 0's full weights (a collective): the meta ranks'
+        storage is allocated for their shards alone, then each tensor is broadcast and sliced."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        if not self.dist.is_main:
+            self.model.to_empty(device=self.dist.device)
+        self.model.rope = rope_table(self.args.model_config).to(self.dist.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, self._rank0_state or {}, options=options)
+        self._rank0_state = None
 
     def _fetch_model(self, location: str) -> Path:
         """A local copy of --init-from (an S3 prefix is downloaded into a temporary directory)."""
@@ -324,6 +357,7 @@ class Trainer:
             "activation_checkpointing": bool(args.activation_checkpointing),
             "pack_mask": args.pack_mask,
             "checkpoint_format": self.checkpoint_format,
+            "weights_loaded_by": "rank 0, broadcast" if self.rank0_load else "every rank",
             "init_from": args.init_from,
             "lora": None
             if self.lora is None
