@@ -5,6 +5,7 @@ q, k, v)`; the backend is the pass's only attention code. q is [..., Hq, D], k a
 (grouped-query: Hq a multiple of Hkv); the result is [..., Hq, D] in q's layout.
 
 - `CausalSDPA`: training, [B, T, H, D], full causal attention, no cache.
+- `DocumentCausalSDPA`: training on packed documents, causal within each document only.
 - `CachedPrefill`: one sequence's T tokens [T, H, D] written into its cache blocks at
   positions start.., attending to its cached positions up to each token's own.
 - `KernelDecodeAttention`: B sequences, one token each [B, H, D], kiln's
@@ -138,6 +139,44 @@ class CausalSDPA:
             enable_gqa=self.gqa,
         )
         return y.transpose(1, 2)
+
+
+class DocumentCausalSDPA:
+    """Training over packed documents, [B, T, H, D]: a token attends to the earlier tokens of its
+    own document only (a block-diagonal causal mask), never across a packing boundary.
+    `documents` [B, T] numbers each token's document within its row (`set_documents`, per
+    batch: the model holds one of these, so a compiled block sees the same object each step)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.gqa = cfg.num_heads != cfg.num_kv_heads
+        self.mask = torch.empty(0, dtype=torch.bool)
+
+    def set_documents(self, documents: Tensor) -> None:
+        t = documents.shape[1]
+        same = documents.unsqueeze(2) == documents.unsqueeze(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
+        self.mask = (same & causal).unsqueeze(1)  # [B, 1, T, T], broadcast over the heads
+
+    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=self.mask,
+            enable_gqa=self.gqa,
+        )
+        return y.transpose(1, 2)
+
+
+def document_positions(documents: Tensor) -> Tensor:
+    """Each token's position within its document ([B, T] document numbers, non-decreasing
+    along a row): the rotary positions restart at 0 where a document starts."""
+    t = documents.shape[1]
+    index = torch.arange(t, device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return index - first
 
 
 class CachedPrefill:

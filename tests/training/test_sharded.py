@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.training.support import TINY, Run, parse_events, weights
 
@@ -214,3 +215,34 @@ def test_sigterm_to_torchrun_checkpoints_every_shard_and_resumes_exactly(
     assert first.losses() | second.losses() == full.losses()
     a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_fsdp_from_a_checkpoint_loads_it_on_rank_0_and_broadcasts_the_shards(
+    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
+) -> None:
+    from tests.modeling import hf_models
+
+    base = hf_models.build("llama-3.1-8b", tmp_path / "base")
+    common = [*TINY[2:], "--init-from", str(base), "--data", str(corpus), "--max-steps", "3",
+              "--micro-batch-size", "2", "--output-dir"]  # fmt: skip
+    two = run_trainer(
+        [*common, str(tmp_path / "o2"), "--strategy", "fsdp", "--checkpoint-dir",
+         str(tmp_path / "ck2")],
+        launcher=TORCHRUN,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    start = two.of("start")[0]
+    assert start["strategy"] == "fsdp" and start["weights_loaded_by"] == "rank 0, broadcast"
+    one = run_trainer(
+        [*common, str(tmp_path / "o1"), "--grad-accum", "2", "--checkpoint-dir",
+         str(tmp_path / "ck1")]
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert one.of("start")[0]["weights_loaded_by"] == "every rank"
+    # Rank 1 started from nothing (meta tensors): its shards came from rank 0, so the two
+    # processes take the steps one process takes from the same checkpoint.
+    for step, loss in one.losses().items():
+        assert two.losses()[step] == pytest.approx(loss, rel=1e-5)
+    a, b = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
