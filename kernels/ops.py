@@ -76,6 +76,13 @@ def _load() -> tuple[Path | None, str]:
         except (OSError, RuntimeError) as err:  # built for another torch, or a broken build
             errors.append(f"{path}: {err}")
             continue
+        # A build from older sources lacks the newer ops: use the references, and say so.
+        missing = [name for name in OP_NAMES if not hasattr(torch.ops.kiln, name)]
+        if missing:
+            return None, (
+                f"{path} is a stale build without {', '.join(missing)} (run `make kernels` or "
+                "`pip install --no-build-isolation -e ./kernels`)"
+            )
         return path, ""
     if errors:
         return None, "could not load " + "; ".join(errors)
