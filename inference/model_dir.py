@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from modeling.artifact import CONFIG_FILE, TARBALL
 
 log = logging.getLogger(__name__)
+UNPACKED_PREFIX = "kiln-model-"
 
 
 class ModelDirError(RuntimeError):
@@ -36,12 +38,18 @@ def prepare_model_dir(path: Path) -> Path:
             f"{path} holds neither {CONFIG_FILE} (an unpacked model) nor {TARBALL}; it has "
             f"{contents or 'nothing'}"
         )
-    target = Path(tempfile.mkdtemp(prefix="kiln-model-"))
+    target = Path(tempfile.mkdtemp(prefix=UNPACKED_PREFIX))
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             # The "data" filter refuses absolute paths, links out of the target and devices.
             tar.extractall(target, filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
+        shutil.rmtree(target, ignore_errors=True)
         raise ModelDirError(f"{tarball} could not be unpacked: {err}") from err
     log.info("unpacked %s into %s", tarball, target)
     return target
+
+
+def is_unpacked_copy(prepared: Path, given: Path) -> bool:
+    """Whether `prepare_model_dir(given)` unpacked a temporary copy (the caller removes it)."""
+    return prepared != given and prepared.name.startswith(UNPACKED_PREFIX)

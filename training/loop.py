@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from modeling.artifact import TARBALL, save_model_dir, write_tarball
 from modeling.model import LlamaModel, lm_loss
 from modeling.tokenizer import ByteTokenizer
-from training import sagemaker
+from training import budget, sagemaker
 from training.checkpointer import Checkpointer
 from training.data import BlockStream, Corpus, open_source, validation_blocks
 from training.evaluate import Evaluator
 from training.metrics import Metrics
-from training.optim import build_optimizer
+from training.optim import Schedule, build_optimizer
 from training.parallel import DataParallel, Distributed, Precision, Strategy
 from training.state import TrainState
 from training.storage import is_s3, open_store
@@ -63,7 +63,7 @@ class Trainer:
     ) -> None:
         self.args, self.dist, self.sm = args, dist, sm
         cfg = args.model_config
-        self.metrics = Metrics(dist.is_main, args.job_name)
+        self.metrics = Metrics(dist.is_main, args.job_name, args.progress_every)
         self.tokenizer = ByteTokenizer()
 
         self.source = open_source(args.data, args.suffixes)
@@ -108,6 +108,9 @@ class Trainer:
         )
         self.global_batch = args.micro_batch_size * args.grad_accum * dist.world
         self.tokens_per_step = self.global_batch * args.seq_len
+        # --max-steps, or fewer once a time budget has planned the run (`training.budget`).
+        self.total_steps = args.max_steps
+        self.planned = False
 
     # -- the layers ---------------------------------------------------------------------------
 
@@ -135,28 +138,46 @@ class Trainer:
         return stopped_by
 
     def train(self, state: TrainState) -> str | None:
-        """Steps until --max-steps, logging, validating and checkpointing on their intervals.
+        """Steps until the total (--max-steps, or what fits in --max-minutes with
+        --fit-to-minutes), logging, validating and checkpointing on their intervals.
         Returns SIGTERM or MAX_MINUTES when one of those ended it first, else None."""
         args = self.args
         self.metrics.start_clock(state)
         deadline = self.metrics.started + args.max_minutes * 60 if args.max_minutes > 0 else None
+        clock = budget.StepClock(state.step) if deadline and args.fit_to_minutes else None
         self.wrapped.train()
         with StopSignal() as sigterm:
-            while state.step < args.max_steps:
+            while state.step < self.total_steps:
                 loss, grad_norm = self.train_step(state)
-                out_of_time = deadline is not None and time.monotonic() > deadline
+                now = time.monotonic()
+                out_of_time = deadline is not None and now > deadline
                 # One collective per step: the loss summed over ranks, and whether any rank was
                 # signalled or ran out of time (so that all of them stop at the same step).
                 loss_sum, stop, timeout = self.dist.all_reduce(
                     [loss, float(sigterm.received), float(out_of_time)]
                 )
-                last = state.step == args.max_steps
-                if state.step % args.log_every == 0 or last or stop or timeout:
+                if clock is not None and deadline is not None:
+                    clock.tick(state.step, now)
+                    if state.step == clock.calibration_step or (
+                        self.planned and self.evaluator.due(state.step)
+                    ):
+                        self.plan(state, clock, deadline, now)
+                last = state.step >= self.total_steps
+                if (
+                    state.step % args.log_every == 0
+                    or last
+                    or stop
+                    or timeout
+                    or self.metrics.overdue()
+                ):
                     self.metrics.train(
                         state,
                         loss=loss_sum / self.dist.world,
                         lr=float(self.scheduler.get_last_lr()[0]),
                         grad_norm=grad_norm,
+                        total_steps=self.total_steps,
+                        deadline=deadline,
+                        final=bool(last or stop or timeout),
                     )
                 if stop:
                     return SIGTERM
@@ -167,6 +188,45 @@ class Trainer:
                 if timeout:
                     return MAX_MINUTES
         return None
+
+    def plan(self, state: TrainState, clock: budget.StepClock, deadline: float, now: float) -> None:
+        """Sizes the run to the time left (`training.budget`), from rank 0's clock on every rank:
+        the total steps and, the first time, the warm-up and evaluation interval."""
+        rate = clock.seconds_per_step(state.step, now) or 0.0
+        every = self.evaluator.every
+        evals_left = (
+            (self.total_steps - state.step) // every
+            if self.planned and every
+            else budget.EVALUATIONS - 1
+        )
+        # A validation is a forward pass (a third of a step) over --val-blocks sequences.
+        eval_cost = self.evaluator.blocks.shape[0] / max(1, self.global_batch) / 3
+        total = budget.plan_total(
+            step=state.step,
+            seconds_per_step=rate,
+            seconds_left=deadline - now,
+            max_steps=self.args.max_steps,
+            eval_cost_steps=eval_cost,
+            evals_left=evals_left,
+        )
+        (total_f,) = self.dist.all_reduce([float(total) if self.dist.is_main else 0.0])
+        total = int(total_f)
+        schedule = cast(Schedule, self.scheduler.lr_lambdas[0])  # one object for all groups
+        if not self.planned:
+            plan = budget.first_plan(total)
+            schedule.warmup = min(plan.warmup_steps, total - 1)
+            self.evaluator.every = plan.eval_every
+            self.planned = True
+        schedule.total = total
+        self.total_steps = total
+        self.metrics.emit(
+            "plan",
+            step=state.step,
+            total_steps=total,
+            warmup_steps=schedule.warmup,
+            eval_every=self.evaluator.every,
+            seconds_per_step=round(rate, 4),
+        )
 
     def train_step(self, state: TrainState) -> tuple[float, float]:
         """One optimizer step on the next global batch; returns this rank's loss and the
