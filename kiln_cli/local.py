@@ -464,7 +464,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def missing_workload_packages() -> list[str]:
     """The training and serving packages `kiln local` needs that this Python lacks."""
-    return [name for name in ("torch", "safetensors", "uvicorn") if not _importable(name)]
+    return [name for name in ("torch", "safetensors", "uvicorn", "tqdm") if not _importable(name)]
 
 
 def _importable(name: str) -> bool:
