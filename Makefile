@@ -69,12 +69,17 @@ install-dev: install-infra $(VENV)/.dev-installed $(VENV)/.kernels-built
 install: install-dev
 kernels: $(VENV)/.kernels-built
 
+# The CLI's "Supply a stack id () to display its template." asks for nothing here (the stacks
+# live in Stages, so none is at the top level): it is left out of the output.
+CDK_SYNTH_QUIET := sed -u '/^Supply a stack id/d'
+
 synth: install-infra
-	npx cdk synth --quiet -c env=$(ENV)
+	@echo "== synthesizing $(ENV) (offline)"
+	set -o pipefail; npx cdk synth --quiet -c env=$(ENV) 2>&1 | $(CDK_SYNTH_QUIET)
 	@echo "templates: cdk.out/assembly-$(ENV)/"
 
 synth-all: install-infra
-	npx cdk synth --quiet -c env=all
+	set -o pipefail; npx cdk synth --quiet -c env=all 2>&1 | $(CDK_SYNTH_QUIET)
 
 # KILN_REQUIRE_KERNELS: a kernel test fails, rather than skips, if the extension did not build.
 test: lint

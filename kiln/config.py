@@ -168,12 +168,12 @@ PATTERN_WORDS: dict[str, str] = {
     "e.g. ml.g5.xlarge",
     r"^[a-z]{2}(-gov)?-[a-z]+-\d$": "an AWS region is written like us-east-1 or eu-west-2 "
     "(`aws ec2 describe-regions` lists them)",
-    r"^\d{12}$": "an AWS account id is 12 digits, quoted in YAML: \"123456789012\"",
+    r"^\d{12}$": 'an AWS account id is 12 digits, quoted in YAML: "123456789012"',
     r"^[a-z][a-z0-9-]{1,19}$": "use 2 to 20 lower-case letters, digits and dashes, starting "
     "with a letter",
     r"^(kafka|express)\.[a-z0-9]+\.[a-z0-9]+$": "an MSK broker type is written "
     "kafka.<family>.<size> or express.<family>.<size>, e.g. kafka.m7g.large",
-    r"^1\.(2[89]|3[0-6])$": "a Kubernetes version EKS supports, quoted: \"1.28\" to \"1.36\"",
+    r"^1\.(2[89]|3[0-6])$": 'a Kubernetes version EKS supports, quoted: "1.28" to "1.36"',
     r"^[^@\s]+@[^@\s]+\.[^@\s]+$": "an e-mail address, e.g. oncall@example.com",
     r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$": "a Kubernetes name: up to 63 lower-case letters, "
     "digits and dashes, starting and ending with a letter or digit",
@@ -189,7 +189,10 @@ PATTERN_WORDS: dict[str, str] = {
     "(`aws kafka list-kafka-versions`)",
     r"^v\d+\.\d+\.\d+$": "a release tag like v0.17.0",
     r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$": "owner/repository, e.g. my-org/kiln",
-    r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}:connection/[\w-]+$": (
+    (  # the delivery pipeline's connection_arn
+        r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}"
+        r":connection/[\w-]+$"
+    ): (
         "a CodeConnections connection ARN, "
         "arn:aws:codeconnections:<region>:<account>:connection/<id> "
         "(`aws codeconnections list-connections`)"

@@ -318,9 +318,9 @@ def artifact_problem(uri: str) -> str | None:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not 3 <= len(bucket) <= 63:
         return (
-            f"{uri!r}: the bucket name {bucket!r} has {len(bucket)} character{'' if len(bucket) == 1 else 's'}; S3 bucket names "
-            "have 3 to 63 (the artifacts bucket's name is the data-lake stack's "
-            "ArtifactsBucketName output)"
+            f"{uri!r}: the bucket name {bucket!r} has {len(bucket)} "
+            f"character{'' if len(bucket) == 1 else 's'}; S3 bucket names have 3 to 63 (the "
+            "artifacts bucket's name is the data-lake stack's ArtifactsBucketName output)"
         )
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", bucket):
         return (

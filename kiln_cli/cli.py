@@ -358,9 +358,7 @@ def _add_invoke(commands: Any) -> None:
         type=int,
         help="same seed, prompt and model: same text (default: a random seed)",
     )
-    call.add_argument(
-        "--stop", action="append", help="stop string (repeatable; default: none)"
-    )
+    call.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     mode = call.add_mutually_exclusive_group()
     mode.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     mode.add_argument("--json", action="store_true", help="print the whole answer as JSON")

@@ -86,7 +86,7 @@ class _Progress:
         self.bar: Any = None
         self._last_line = float("-inf")
         if interactive:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self.bar = tqdm(
                 total=total,
@@ -238,7 +238,9 @@ def _follow(
         run.metrics.append(metric)
         progress.update(metric)
         if "val_loss" in metric:
-            progress.note(f"  validation loss {metric['val_loss']:.3f} at step {metric.get('step')}")
+            progress.note(
+                f"  validation loss {metric['val_loss']:.3f} at step {metric.get('step')}"
+            )
 
 
 def _threads() -> int:
@@ -321,7 +323,10 @@ def serve_and_ask(
             started = time.monotonic()
             answer = _post(
                 f"{base}/invocations",
-                {"inputs": prompt, "parameters": {k: v for k, v in parameters.items() if v is not None}},
+                {
+                    "inputs": prompt,
+                    "parameters": {k: v for k, v in parameters.items() if v is not None},
+                },
                 timeout=120,
             )
             run.answers.append((prompt, str(answer["generated_text"]), time.monotonic() - started))

@@ -379,13 +379,25 @@ def _route(
     lane_b = lane_a if ca == cb else cb - sign * 0.5 + shift  # the gap beside b, on a's side
     start = (ca + sign * half_w, ra + exit_y)
     if ca == cb:  # leave and enter on the same side
-        return [start, (lane_a, start[1]), (lane_a, rb + entry_y), (cb + sign * half_w, rb + entry_y)]
+        return [
+            start,
+            (lane_a, start[1]),
+            (lane_a, rb + entry_y),
+            (cb + sign * half_w, rb + entry_y),
+        ]
     end = (cb - sign * half_w, rb + entry_y)
     if abs(cb - ca) == 1:
         return [start, (lane_a, start[1]), (lane_a, end[1]), end]
     # Along the row gap beside b, on a's side of it.
     row_lane = rb + (-0.5 if ra < rb else 0.5) + shift * 0.6
-    return [start, (lane_a, start[1]), (lane_a, row_lane), (lane_b, row_lane), (lane_b, end[1]), end]
+    return [
+        start,
+        (lane_a, start[1]),
+        (lane_a, row_lane),
+        (lane_b, row_lane),
+        (lane_b, end[1]),
+        end,
+    ]
 
 
 def render(graph: Graph, out_dir: Path) -> tuple[Path, Path]:
@@ -513,7 +525,9 @@ def render(graph: Graph, out_dir: Path) -> tuple[Path, Path]:
         )
 
     handles: list[Any] = [
-        Patch(fc=STACK_COLOURS.get(s, "#f3f4f6"), ec="#374151", label=f"kiln-{graph.environment}-{s}")
+        Patch(
+            fc=STACK_COLOURS.get(s, "#f3f4f6"), ec="#374151", label=f"kiln-{graph.environment}-{s}"
+        )
         for s in graph.stacks
         if s not in empty
     ]
@@ -600,14 +614,13 @@ def readable(output: str) -> str:
     """The CDK app's output as text: jsii relays Node's stderr as Python byte-string reprs
     (`b'...\\n'`); those become their text, and Node's end-of-life banner (`!!` lines) goes."""
     import ast
+    import contextlib
 
     lines = []
     for line in output.splitlines():
         if line.startswith(("b'", 'b"')):
-            try:
+            with contextlib.suppress(ValueError, SyntaxError):
                 line = ast.literal_eval(line).decode("utf-8", "replace").rstrip("\n")
-            except (ValueError, SyntaxError):
-                pass
         if not line.startswith("!!"):
             lines.append(line)
     return "\n".join(lines).strip()

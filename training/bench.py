@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from modeling.config import PRESETS
 from modeling.model import LlamaModel, lm_loss
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         steps[name] = step
         print(f"  warmed up {name:<28} in {time.perf_counter() - start:6.1f} s")
     times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
+    for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
         for name in names:  # interleaved: load from other tenants spreads over all candidates
             start = time.perf_counter()
             for _ in range(args.steps):

@@ -38,9 +38,9 @@ def plan_total(
     evals_left: int,
 ) -> int:
     """The run's total steps: what fits in `seconds_left` after the evaluations still due,
-    at least one more step, at most `max_steps`."""
+    at least one more step (the clock stops a run that has no time left), at most `max_steps`."""
     fits = seconds_left / max(seconds_per_step, 1e-9) - evals_left * eval_cost_steps
-    return max(step + 1, min(max_steps, step + math.floor(max(fits, 0.0))))
+    return min(max_steps, max(step + 1, step + math.floor(max(fits, 0.0))))
 
 
 def first_plan(total_steps: int) -> Plan:

@@ -105,10 +105,10 @@ class Metrics:
         }
         self.emit("train", **event)
         self._last_time, self._last_tokens = now, state.tokens
-        if self.enabled and self.progress_every > 0:
-            if final or now - self._last_line >= self.progress_every:
-                log.info("%s", progress_line(event))
-                self._last_line = now
+        due = final or now - self._last_line >= self.progress_every
+        if self.enabled and self.progress_every > 0 and due:
+            log.info("%s", progress_line(event))
+            self._last_line = now
 
     def val(self, state: TrainState, loss: float) -> None:
         self.emit("val", step=state.step, val_loss=loss, val_perplexity=math.exp(loss))

@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress-every",
         type=float,
         default=10.0,
-        help="seconds between progress lines on stderr (step/total, loss, tokens/s, ETA); "
-        "0: none",
+        help="seconds between progress lines on stderr (step/total, loss, tokens/s, ETA); 0: none",
     )
     e.add_argument(
         "--checkpoint-dir",

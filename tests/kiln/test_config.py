@@ -73,9 +73,9 @@ def test_unknown_environment_lists_the_available_ones(config_dir: Path) -> None:
     # One environment is what a command acts on: `all` means nothing there.
     assert "available: sandbox." in message and "'all'" not in message
     assert "sandbox.yaml" in message and "and edit it" in message
-    with pytest.raises(ConfigError, match="available: sandbox or 'all'"):
+    with pytest.raises(ConfigError, match=r"available: sandbox or 'all'"):
         resolve_environments("qa", config_dir)  # -c env=... of the CDK app takes `all`
-    with pytest.raises(ConfigError, match="'all' is not an environment; available: sandbox$"):
+    with pytest.raises(ConfigError, match=r"'all' is not an environment; available: sandbox$"):
         load_settings("all", config_dir)
 
 

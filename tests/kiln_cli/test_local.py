@@ -57,7 +57,7 @@ def test_a_model_that_will_not_load_is_reported(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     run = LocalRun(work_dir=tmp_path, model_dir=broken)
-    with pytest.raises(LocalError, match="the server exited .* the end of its log:\n.*config.json"):
+    with pytest.raises(LocalError, match=r"(?s)the server exited .* the end of its log:\n.*config"):
         serve_and_ask(run, prompts=["x"], max_new_tokens=1, say=lambda _: None, startup_timeout=60)
 
 
@@ -126,3 +126,16 @@ def test_ctrl_c_says_it_stopped_everything(
     err = capsys.readouterr().err
     assert "interrupted; training and the server are stopped" in err and "AWS" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_progress_line_is_the_trainers() -> None:
+    metrics = pytest.importorskip("training.metrics")
+    event = {
+        "step": 305,
+        "total_steps": 742,
+        "train_loss": 1.9,
+        "tokens_per_s": 7361.2,
+        "elapsed_s": 78.4,
+        "eta_s": 102.0,
+    }
+    assert local._progress_line(event) == metrics.progress_line(event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def test_arrows_run_between_boxes_never_across_one(synthesis: Synthesis) -> None
         half_h = diagram.BOX_H / 2 / (diagram.BOX_H + diagram.ROW_GAP)
         for a, b in plan.flows:
             points = _route(plan.cells[a], plan.cells[b], occupied, 0.12, 0.1, -0.1)
-            for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+            for (x0, y0), (x1, y1) in itertools.pairwise(points):
                 for t in (i / 50 for i in range(1, 50)):
                     x, y = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t
                     inside = [
