@@ -461,6 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"kiln {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A folder that cannot be written (--out, --work-dir), a full disk: said, not traced.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"kiln {args.command}: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command in LOCAL_COMMANDS:
             print(f"\nkiln {args.command}: interrupted; nothing was left running", file=sys.stderr)

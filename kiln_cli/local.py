@@ -83,20 +83,23 @@ class _Progress:
 
     def __init__(self, say: Callable[[str], None], total: int | None, interactive: bool) -> None:
         self.say = say
-        self.bar: Any = None
+        self.total = total
+        self.interactive = interactive
+        self.bar: Any = None  # made at the first step, when the total is known
         self._last_line = float("-inf")
-        if interactive:
-            from tqdm import tqdm  # type: ignore[import-untyped]
 
-            self.bar = tqdm(
-                total=total,
-                desc="training",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} steps "
-                "[{elapsed}<{remaining}{postfix}]",
-            )
+    def _make_bar(self, total: int | None) -> Any:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        return tqdm(
+            total=total,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total_fmt} steps "
+            "[{elapsed}<{remaining}{postfix}]",
+        )
 
     def note(self, line: str) -> None:
         if self.bar is not None:
@@ -111,7 +114,9 @@ class _Progress:
             self.bar.refresh()
         if event != "train":
             return
-        if self.bar is not None:
+        if self.interactive:
+            if self.bar is None:
+                self.bar = self._make_bar(metric.get("total_steps") or self.total)
             if metric.get("total_steps"):
                 self.bar.total = metric["total_steps"]
             self.bar.set_postfix_str(
@@ -241,6 +246,14 @@ def _follow(
             progress.note(
                 f"  validation loss {metric['val_loss']:.3f} at step {metric.get('step')}"
             )
+
+
+def _terminal() -> bool:
+    """Whether stderr is a terminal wide enough for a progress bar."""
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns >= 40
+    except (OSError, ValueError):
+        return False
 
 
 def _threads() -> int:
@@ -504,7 +517,7 @@ def run_command(args: argparse.Namespace) -> int:
             model=args.model,
             say=say,
             seed=args.seed,
-            interactive=sys.stderr.isatty(),
+            interactive=_terminal(),
         )
         serve_and_ask(
             run,

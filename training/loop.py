@@ -191,7 +191,7 @@ class Trainer:
 
     def plan(self, state: TrainState, clock: budget.StepClock, deadline: float, now: float) -> None:
         """Sizes the run to the time left (`training.budget`), from rank 0's clock on every rank:
-        the total steps and, the first time, the warm-up and evaluation interval."""
+        the total steps, the evaluation interval and, the first time, the warm-up."""
         rate = clock.seconds_per_step(state.step, now) or 0.0
         every = self.evaluator.every
         evals_left = (
@@ -212,11 +212,11 @@ class Trainer:
         (total_f,) = self.dist.all_reduce([float(total) if self.dist.is_main else 0.0])
         total = int(total_f)
         schedule = cast(Schedule, self.scheduler.lr_lambdas[0])  # one object for all groups
+        plan = budget.first_plan(total)
         if not self.planned:
-            plan = budget.first_plan(total)
             schedule.warmup = min(plan.warmup_steps, total - 1)
-            self.evaluator.every = plan.eval_every
             self.planned = True
+        self.evaluator.every = plan.eval_every  # about five evaluations, whatever the total
         schedule.total = total
         self.total_steps = total
         self.metrics.emit(

@@ -139,3 +139,13 @@ def test_the_progress_line_is_the_trainers() -> None:
         "eta_s": 102.0,
     }
     assert local._progress_line(event) == metrics.progress_line(event)
+
+
+def test_a_work_dir_that_cannot_be_made_is_said_not_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch", reason="the check for the workload packages comes first")
+    (tmp_path / "a-file").write_text("")
+    assert main(["local", "--work-dir", str(tmp_path / "a-file" / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kiln local: Not a directory: ") and "Traceback" not in err
