@@ -156,11 +156,10 @@ class Trainer:
                 loss_sum, stop, timeout = self.dist.all_reduce(
                     [loss, float(sigterm.received), float(out_of_time)]
                 )
+                evaluate = self.evaluation_due(state.step)  # before a new plan moves them
                 if clock is not None and deadline is not None:
                     clock.tick(state.step, now)
-                    if state.step == clock.calibration_step or (
-                        self.planned and self.evaluator.due(state.step)
-                    ):
+                    if state.step == clock.calibration_step or (self.planned and evaluate):
                         self.plan(state, clock, deadline, now)
                 last = state.step >= self.total_steps
                 if (
@@ -181,7 +180,7 @@ class Trainer:
                     )
                 if stop:
                     return SIGTERM
-                if self.evaluator.due(state.step) and not last:
+                if evaluate and not last:
                     self.validate(state)  # the last step's validation comes after the loop
                 if self.checkpointer.due(state.step):
                     self.save_checkpoint(state)
@@ -189,16 +188,21 @@ class Trainer:
                     return MAX_MINUTES
         return None
 
+    def evaluation_due(self, step: int) -> bool:
+        """--eval-every; in a planned run, when the step passes a fifth of the planned total
+        (the plan may move the total: the evaluations follow it)."""
+        if not self.planned:
+            return self.evaluator.due(step)
+        n, total = budget.EVALUATIONS, self.total_steps
+        return (step * n) // total > ((step - 1) * n) // total
+
     def plan(self, state: TrainState, clock: budget.StepClock, deadline: float, now: float) -> None:
         """Sizes the run to the time left (`training.budget`), from rank 0's clock on every rank:
-        the total steps, the evaluation interval and, the first time, the warm-up."""
+        the total steps (the evaluations follow it) and, the first time, the warm-up."""
         rate = clock.seconds_per_step(state.step, now) or 0.0
-        every = self.evaluator.every
-        evals_left = (
-            (self.total_steps - state.step) // every
-            if self.planned and every
-            else budget.EVALUATIONS - 1
-        )
+        evals_left = budget.EVALUATIONS - 1
+        if self.planned:
+            evals_left -= (state.step * budget.EVALUATIONS) // self.total_steps
         # A validation is a forward pass (a third of a step) over --val-blocks sequences.
         eval_cost = self.evaluator.blocks.shape[0] / max(1, self.global_batch) / 3
         total = budget.plan_total(
@@ -207,7 +211,7 @@ class Trainer:
             seconds_left=deadline - now,
             max_steps=self.args.max_steps,
             eval_cost_steps=eval_cost,
-            evals_left=evals_left,
+            evals_left=max(0, evals_left),
         )
         (total_f,) = self.dist.all_reduce([float(total) if self.dist.is_main else 0.0])
         total = int(total_f)
@@ -216,7 +220,6 @@ class Trainer:
         if not self.planned:
             schedule.warmup = min(plan.warmup_steps, total - 1)
             self.planned = True
-        self.evaluator.every = plan.eval_every  # about five evaluations, whatever the total
         schedule.total = total
         self.total_steps = total
         self.metrics.emit(
@@ -224,7 +227,7 @@ class Trainer:
             step=state.step,
             total_steps=total,
             warmup_steps=schedule.warmup,
-            eval_every=self.evaluator.every,
+            eval_every=plan.eval_every,
             seconds_per_step=round(rate, 4),
         )
 
