@@ -111,6 +111,8 @@ class Trainer:
         # --max-steps, or fewer once a time budget has planned the run (`training.budget`).
         self.total_steps = args.max_steps
         self.planned = False
+        self.planned_evaluations = 0
+        self.validated_at: int | None = None
 
     # -- the layers ---------------------------------------------------------------------------
 
@@ -129,7 +131,8 @@ class Trainer:
             self.save_checkpoint(state)
             self.metrics.stopped(state, SIGTERM)
             return stopped_by
-        self.validate(state)
+        if self.validated_at != state.step:  # the clock may stop a run right after one
+            self.validate(state)
         if not self.checkpointer.due(state.step):
             self.save_checkpoint(state)  # a restarted finished job goes straight to the export
         if self.dist.is_main:
@@ -182,6 +185,7 @@ class Trainer:
                     return SIGTERM
                 if evaluate and not last:
                     self.validate(state)  # the last step's validation comes after the loop
+                    self.planned_evaluations += int(self.planned)
                 if self.checkpointer.due(state.step):
                     self.save_checkpoint(state)
                 if timeout:
@@ -189,20 +193,21 @@ class Trainer:
         return None
 
     def evaluation_due(self, step: int) -> bool:
-        """--eval-every; in a planned run, when the step passes a fifth of the planned total
-        (the plan may move the total: the evaluations follow it)."""
+        """--eval-every; in a planned run, the next of the four evaluations along the way when
+        the step reaches its fifth of the planned total (a new plan moves the ones to come; the
+        fifth is the final one, after the loop)."""
         if not self.planned:
             return self.evaluator.due(step)
-        n, total = budget.EVALUATIONS, self.total_steps
-        return (step * n) // total > ((step - 1) * n) // total
+        done = self.planned_evaluations
+        return done < budget.EVALUATIONS - 1 and step * budget.EVALUATIONS >= (
+            self.total_steps * (done + 1)
+        )
 
     def plan(self, state: TrainState, clock: budget.StepClock, deadline: float, now: float) -> None:
         """Sizes the run to the time left (`training.budget`), from rank 0's clock on every rank:
         the total steps (the evaluations follow it) and, the first time, the warm-up."""
         rate = clock.seconds_per_step(state.step, now) or 0.0
-        evals_left = budget.EVALUATIONS - 1
-        if self.planned:
-            evals_left -= (state.step * budget.EVALUATIONS) // self.total_steps
+        evals_left = budget.EVALUATIONS - 1 - self.planned_evaluations
         # A validation is a forward pass (a third of a step) over --val-blocks sequences.
         eval_cost = self.evaluator.blocks.shape[0] / max(1, self.global_batch) / 3
         total = budget.plan_total(
@@ -269,6 +274,7 @@ class Trainer:
 
     def validate(self, state: TrainState) -> None:
         loss = self.evaluator.evaluate(self.wrapped)
+        self.validated_at = state.step
         if loss is not None:
             self.metrics.val(state, loss)
 
