@@ -25,17 +25,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from inference.chat import DONE, ChatAnswer, usage
 from inference.engine import Engine
 from inference.events import EventPublisher
 from inference.scheduler import NotAcceptingError, QueueFullError
 from inference.schema import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_BODY_BYTES,
+    ChatRequest,
     Invocation,
     RequestError,
-    parse_invocation,
+    parse_request,
 )
 from inference.sequence import COMPLETED, FinishReason, SamplingParams, Sequence, Update
+from modeling.chat import ChatTemplateError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,24 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     # Upper bound on max_new_tokens (None: whatever the model's context leaves).
     max_new_tokens: int | None = None
+    # The `model` of a chat completion when the request names none.
+    model_name: str = "kiln"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a request asks of the engine, in either shape, with the names its fields have in
+    that shape (for the errors)."""
+
+    prompt: list[int]
+    prompt_field: str
+    max_new_tokens: int | None
+    max_new_tokens_field: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...]
 
 
 @dataclass
@@ -227,13 +248,25 @@ class InvocationHandler:
             body = await self._read_body(request)
             _check_content_type(request)
             streaming = _wants_stream(request.headers.get("accept", ""))
-            invocation = parse_invocation(body)
+            parsed = parse_request(body)
+            if parsed.stream is not None:  # the body's choice wins over Accept
+                streaming = parsed.stream
             if not self.engine.ready.is_set():
                 raise _unavailable("loading", "the model is still loading; retry")
             handle = Handle(streaming)
-            seq = await self._make_sequence(invocation, record.started, handle)
+            chat: ChatAnswer | None = None
+            if isinstance(parsed, ChatRequest):
+                options = parsed.stream_options
+                chat = ChatAnswer(
+                    record.request_id,
+                    parsed.model or self.settings.model_name,
+                    include_usage=options is not None and options.include_usage,
+                )
+                record.prompt_text, generation = await self._chat_generation(parsed)
+            else:
+                record.prompt_text, generation = await self._plain_generation(parsed)
+            seq = self._make_sequence(generation, record.started, handle)
             record.prompt_tokens = len(seq.prompt)
-            record.prompt_text = invocation.inputs
             try:
                 self.engine.submit(seq)
             except QueueFullError as err:
@@ -241,13 +274,13 @@ class InvocationHandler:
             except NotAcceptingError as err:
                 raise _unavailable("unavailable", f"not accepting requests: {err}") from err
             if streaming:
-                response = await self._stream_response(seq, handle, headers, record)
+                response = await self._stream_response(seq, handle, headers, record, chat)
                 streaming_started = True
                 return response
             await self._wait_for_finish(request, seq, handle)
             record.completion_tokens = seq.completion_tokens
             if seq.finish in COMPLETED:
-                body_json = _result_body(seq)
+                body_json = chat.completion(seq) if chat is not None else _result_body(seq)
                 record.completion_text = seq.text
                 self._publish(record, 200)
                 return JSONResponse(body_json, headers=headers)
@@ -298,54 +331,104 @@ class InvocationHandler:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _make_sequence(
-        self, invocation: Invocation, started: float, handle: Handle
-    ) -> Sequence:
-        engine, settings, p = self.engine, self.settings, invocation.parameters
+    async def _plain_generation(self, invocation: Invocation) -> tuple[str, Generation]:
+        engine, p = self.engine, invocation.parameters
         if len(invocation.inputs) > ENCODE_INLINE_CHARS:
             prompt = await asyncio.to_thread(engine.encode_prompt, invocation.inputs)
         else:
             prompt = engine.encode_prompt(invocation.inputs)
+        return invocation.inputs, Generation(
+            prompt=prompt,
+            prompt_field="inputs",
+            max_new_tokens=p.max_new_tokens,
+            max_new_tokens_field="parameters.max_new_tokens",
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
+            stop=tuple(p.stop),
+        )
+
+    async def _chat_generation(self, chat: ChatRequest) -> tuple[str, Generation]:
+        """The conversation rendered by the model's chat template, and what the request asks."""
+        engine = self.engine
+        reason = engine.chat_unavailable()
+        if reason is not None:
+            raise RequestError(400, "no_chat_template", reason, field="messages")
+        messages = [m.model_dump(exclude_none=True) for m in chat.messages]
+        try:
+            if sum(len(m.content) for m in chat.messages) > ENCODE_INLINE_CHARS:
+                text, prompt = await asyncio.to_thread(engine.encode_chat, messages)
+            else:
+                text, prompt = engine.encode_chat(messages)
+        except ChatTemplateError as err:
+            raise RequestError(400, "invalid_request", str(err), field="messages") from err
+        # top_p 1 keeps every token: the same as none (OpenAI's default).
+        top_p = chat.top_p if chat.top_p is not None and chat.top_p < 1.0 else None
+        return text, Generation(
+            prompt=prompt,
+            prompt_field="messages",
+            max_new_tokens=chat.max_tokens,
+            max_new_tokens_field="max_tokens",
+            temperature=chat.temperature,
+            top_k=None,
+            top_p=top_p,
+            seed=chat.seed,
+            stop=tuple(chat.stop),
+        )
+
+    def _make_sequence(self, g: Generation, started: float, handle: Handle) -> Sequence:
+        engine, settings, prompt = self.engine, self.settings, g.prompt
+        if not prompt:
+            # A model with a start token begins an empty prompt from it; one without has nothing
+            # to continue.
+            raise RequestError(
+                400,
+                "invalid_parameter",
+                f"{g.prompt_field} is empty and this model has no start token to begin from: "
+                "give some text to continue",
+                field=g.prompt_field,
+            )
         room = engine.max_seq_len - len(prompt)
         if room < 1:
             raise RequestError(
                 400,
                 "prompt_too_long",
-                f"inputs is {len(prompt)} tokens; the model's context is "
+                f"{g.prompt_field} is {len(prompt)} tokens; the model's context is "
                 f"{engine.max_seq_len} tokens and at least 1 must be left to generate",
-                field="inputs",
+                field=g.prompt_field,
             )
         cap = min(room, settings.max_new_tokens or room)
-        max_new = p.max_new_tokens
+        max_new = g.max_new_tokens
         if max_new is None:
             max_new = min(DEFAULT_MAX_NEW_TOKENS, cap)
         if max_new > cap:
             raise RequestError(
                 400,
                 "invalid_parameter",
-                f"parameters.max_new_tokens: {max_new} is more than the {cap} this prompt "
+                f"{g.max_new_tokens_field}: {max_new} is more than the {cap} this prompt "
                 f"leaves (context {engine.max_seq_len}, prompt {len(prompt)} tokens"
                 + (f", server limit {settings.max_new_tokens}" if settings.max_new_tokens else "")
                 + ")",
-                field="parameters.max_new_tokens",
+                field=g.max_new_tokens_field,
             )
         vocab = engine.vocab_size
-        if p.top_k is not None and p.top_k > vocab:
+        if g.top_k is not None and g.top_k > vocab:
             raise RequestError(
                 400,
                 "invalid_parameter",
-                f"parameters.top_k: {p.top_k} is more than the vocabulary ({vocab} tokens)",
+                f"parameters.top_k: {g.top_k} is more than the vocabulary ({vocab} tokens)",
                 field="parameters.top_k",
             )
         return Sequence(
             prompt=prompt,
             params=SamplingParams(
                 max_new_tokens=max_new,
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                seed=p.seed,
-                stop=tuple(p.stop),
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                seed=g.seed,
+                stop=g.stop,
             ),
             deadline=started + settings.request_timeout_s,
             context=handle,
@@ -407,7 +490,12 @@ class InvocationHandler:
                 seq.finish = FinishReason.TIMEOUT
 
     async def _stream_response(
-        self, seq: Sequence, handle: Handle, headers: dict[str, str], record: RequestRecord
+        self,
+        seq: Sequence,
+        handle: Handle,
+        headers: dict[str, str],
+        record: RequestRecord,
+        chat: ChatAnswer | None,
     ) -> Response:
         # Wait for the first token (or the end) before answering, so a request that times out
         # or fails in the queue still gets its status code rather than a broken 200 stream.
@@ -420,29 +508,39 @@ class InvocationHandler:
         if first.finish is not None and first.finish not in COMPLETED:
             raise self._failure(seq)
         return StreamingResponse(
-            self._events_out(seq, handle, first, record),
+            self._events_out(seq, handle, first, record, chat),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def _events_out(
-        self, seq: Sequence, handle: Handle, first: Update, record: RequestRecord
+        self,
+        seq: Sequence,
+        handle: Handle,
+        first: Update,
+        record: RequestRecord,
+        chat: ChatAnswer | None,
     ) -> AsyncIterator[bytes]:
-        """The stream's events: each update's text (with the token id the engine reports), then
-        the result or an error event."""
+        """The stream's events: each update's text, then the end (or an error event). Plain
+        requests get `{"token": {"id", "text"}}` per token and the result; chat requests get
+        chat.completion.chunk objects and `[DONE]`."""
         update: Update | None = first
         status, finished = 200, False
+        if chat is not None:
+            yield _sse(chat.chunk({"role": "assistant", "content": ""}))
         try:
             while update is not None:
                 if update.token is not None:
-                    yield _sse({"token": {"id": update.token, "text": update.text}})
+                    if chat is None:
+                        yield _sse({"token": {"id": update.token, "text": update.text}})
+                    elif update.text:
+                        yield _sse(chat.chunk({"content": update.text}))
                 if update.finish is not None:
                     finished = True
                     if update.finish in COMPLETED:
-                        if update.tail:
-                            yield _sse({"token": {"id": None, "text": update.tail}})
                         record.completion_text = seq.text
-                        yield _sse(_result_body(seq))
+                        for event in _stream_end(seq, update, chat):
+                            yield event
                     else:
                         err = self._failure(seq)
                         status, record.error_code = err.status, err.code
@@ -465,17 +563,21 @@ class InvocationHandler:
             self._publish(record, status)
 
 
+def _stream_end(seq: Sequence, update: Update, chat: ChatAnswer | None) -> list[bytes]:
+    """The events that close a completed stream: the text held back until the end, then the
+    result (plain), or the finish chunk, the usage chunk if asked for, and [DONE] (chat)."""
+    if chat is None:
+        events = [_sse({"token": {"id": None, "text": update.tail}})] if update.tail else []
+        return [*events, _sse(_result_body(seq))]
+    events = [_sse(chat.chunk({"content": update.tail}))] if update.tail else []
+    events.append(_sse(chat.chunk({}, seq.finish)))
+    if chat.include_usage:
+        events.append(_sse(chat.usage_chunk(seq)))
+    return [*events, DONE]
+
+
 def _result_body(seq: Sequence) -> dict[str, Any]:
-    completion = seq.completion_tokens
-    return {
-        "generated_text": seq.text,
-        "finish_reason": str(seq.finish),
-        "usage": {
-            "prompt_tokens": len(seq.prompt),
-            "completion_tokens": completion,
-            "total_tokens": len(seq.prompt) + completion,
-        },
-    }
+    return {"generated_text": seq.text, "finish_reason": str(seq.finish), "usage": usage(seq)}
 
 
 def _check_content_type(request: Request) -> None:

@@ -4,7 +4,7 @@
 `training.train`, unless `--model-dir` names a trained one), starts the server on a loopback
 port, drives it with a bounded load generator (a fixed number of requests per concurrency
 level, each with the same max_new_tokens), then runs Hugging Face transformers'
-`LlamaForCausalLM.generate()` on the same weights (exported with `training.export_hf`), one
+`LlamaForCausalLM.generate()` on the same model directory (which transformers loads as is), one
 prompt at a time, with the same thread count. It prints one markdown table with the ratios.
 """
 

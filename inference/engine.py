@@ -26,6 +26,7 @@ from inference.detokenizer import Detokenizer
 from inference.runner import ModelRunner, RunnerOutput
 from inference.scheduler import ScheduledStep, Scheduler
 from inference.sequence import FinishReason, SamplingParams, Sequence, Update
+from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class EngineSettings:
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     warmup: bool = True
+    # Context served, at most the model's own: the KV cache is sized for it (a Llama 3.1 config
+    # says 131072 tokens, far more cache than most instances hold).
+    max_seq_len: int | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Engine:
             device=settings.device,
             prefill_chunk=settings.prefill_chunk,
             threads=settings.threads,
+            max_seq_len=settings.max_seq_len,
         )
         self._thread: threading.Thread | None = None
         self._notify: Notify = lambda updates: None
@@ -85,6 +90,10 @@ class Engine:
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self.runner.tokenizer
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self.runner.chat_template
 
     @property
     def decoder(self) -> Decoder | None:
@@ -161,6 +170,26 @@ class Engine:
         if self.tokenizer is None:
             raise RuntimeError("the model is not loaded")
         return self.tokenizer.encode(text, add_bos=True)
+
+    def chat_unavailable(self) -> str | None:
+        """Why this model cannot answer a conversation (None when it can)."""
+        if self.runner.chat_template is not None:
+            return None
+        return self.runner.chat_template_error or (
+            "this model has no chat template (neither tokenizer_config.json's chat_template nor "
+            'a chat_template.jinja): send a plain prompt as {"inputs": ...} instead'
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+        """The prompt text of a conversation, rendered by the model's chat template with the
+        assistant's turn opened (`add_generation_prompt`), and its ids. The text holds whatever
+        BOS the template writes, so none is added. ChatTemplateError when the model has no
+        usable template or the template refuses the messages."""
+        template, tokenizer = self.runner.chat_template, self.tokenizer
+        if template is None or tokenizer is None:
+            raise ChatTemplateError(self.chat_unavailable() or "the model is not loaded")
+        text = template.render(messages, add_generation_prompt=True)
+        return text, tokenizer.encode(text, add_bos=False)
 
     def submit(self, sequence: Sequence) -> None:
         """Queues a sequence; raises QueueFullError or NotAcceptingError at once, never blocks."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kiln.contract import ServerEnv
+from kiln.contract import EVENT_FLUSH_SECONDS, ServerEnv
 from kiln_events.events import MAX_ID_CHARS, PredictionEvent
 from kiln_events.producer import EventProducer, ProducerConfig
 
@@ -239,7 +239,7 @@ class EventPublisher:
             return False
         return bool(producer.publish(event))
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = EVENT_FLUSH_SECONDS) -> None:
         """Stops retrying and flushes the producer for up to `timeout` seconds."""
         with self._lock:
             self._closed.set()

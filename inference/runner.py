@@ -17,7 +17,8 @@ from inference import sampling
 from inference.decoder import Decoder
 from inference.scheduler import ScheduledStep
 from inference.sequence import Sequence
-from modeling.artifact import WEIGHTS_FILE, load_model_dir, read_config
+from modeling.artifact import load_model_dir, read_config
+from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
 from modeling.tokenizer import (
     NOT_A_START,
@@ -36,27 +37,27 @@ class ModelLoadError(RuntimeError):
     """A model directory that cannot be served; the message names the file at fault."""
 
 
-def read_model_files(model_dir: Path) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
-    """The config and tokenizer, after checking that the weights open, naming the bad file.
-
-    `load_model_dir` raises the safetensors or torch error alone, which says what is wrong but
-    not in which file.
-    """
-    cfg, raw = read_config(model_dir)  # ArtifactError names config.json
+def read_model_files(
+    model_dir: Path, max_seq_len: int | None = None
+) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
+    """The config, what else the directory says (`modeling.artifact.read_config`) and the
+    tokenizer, after checking that the weights open, naming the bad file."""
+    cfg, info = read_config(model_dir, max_seq_len=max_seq_len)  # ArtifactError names the file
     tokenizer_file = model_dir / TOKENIZER_FILE
     try:
         tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelLoadError(f"{tokenizer_file}: {type(err).__name__}: {err}") from err
-    weights = model_dir / raw.get("weights", WEIGHTS_FILE)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = set(f.keys())
-    except Exception as err:
-        raise ModelLoadError(f"{weights}: {type(err).__name__}: {err}") from err
-    if not names:
-        raise ModelLoadError(f"{weights} holds no tensors")
-    return cfg, raw, tokenizer
+    for name in info["weights"]:
+        weights = model_dir / name
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                names = set(f.keys())
+        except Exception as err:
+            raise ModelLoadError(f"{weights}: {type(err).__name__}: {err}") from err
+        if not names:
+            raise ModelLoadError(f"{weights} holds no tensors")
+    return cfg, info, tokenizer
 
 
 @dataclass(slots=True)
@@ -79,8 +80,11 @@ class ModelRunner:
         device: str = "auto",
         prefill_chunk: int = 512,
         threads: int | None = None,
+        max_seq_len: int | None = None,
     ) -> None:
         self.model_dir = model_dir
+        # Caps a model's context below its max_position_embeddings (the KV cache is sized by it).
+        self.max_seq_len_cap = max_seq_len
         self.slots = slots
         self.device_name = device
         # Prompts are prefilled in chunks of this many tokens: bounds the attention scratch memory.
@@ -88,12 +92,16 @@ class ModelRunner:
         self.threads = threads
         self.decoder: Decoder | None = None
         self.tokenizer: Tokenizer | None = None
+        # The model's chat template (None without one), or why it cannot be used.
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_error: str | None = None
         self.max_seq_len = 0
         self.vocab_size = 0
         self.model_info: dict[str, Any] = {}
         self.batch_invariant: bool | None = None
         self.steps = 0  # decode steps run
-        # Ids no choice may pick (start and padding tokens, ids past the tokenizer's vocabulary).
+        # Ids no choice may pick: a byte-level model's start and padding tokens and unused ids
+        # (`modeling.tokenizer.never_generated`; none for a Hugging Face model).
         self.banned = torch.empty(0, dtype=torch.long)
         # Byte-level models choose only bytes that keep the text valid UTF-8 (else U+FFFD).
         self.utf8_bytes = False
@@ -112,11 +120,11 @@ class ModelRunner:
         if self.threads:
             torch.set_num_threads(self.threads)
         device = self._device()
-        cfg, raw, tokenizer = read_model_files(self.model_dir)
-        model, _ = load_model_dir(self.model_dir)
+        cfg, raw, tokenizer = read_model_files(self.model_dir, self.max_seq_len_cap)
+        model, _ = load_model_dir(self.model_dir, max_seq_len=self.max_seq_len_cap)
         # float32 on CPU (bit-exact batching, and fp32 GEMMs are the fast path there); the
         # saved dtype on GPUs, where bf16/fp16 halve the memory traffic of decode.
-        saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw.get("dtype", ""))
+        saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw["dtype"] or "")
         dtype = saved if device.type == "cuda" and saved is not None else torch.float32
         with torch.inference_mode():
             self.decoder = Decoder(model, slots=self.slots, device=device, dtype=dtype)
@@ -125,10 +133,17 @@ class ModelRunner:
         self.banned = torch.tensor(never_generated(tokenizer, cfg.vocab_size), dtype=torch.long)
         self.utf8_bytes = isinstance(tokenizer, ByteTokenizer)
         self._not_a_start = torch.tensor(NOT_A_START, dtype=torch.long, device=device)
+        try:
+            self.chat_template = ChatTemplate.load(self.model_dir)
+        except ChatTemplateError as err:
+            # The model still serves plain prompts; messages requests say why they cannot.
+            self.chat_template_error = str(err)
+            log.warning("chat requests will be refused: %s", err)
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
         self.model_info = {
             "config": cfg.to_dict(),
+            "model_type": raw["model_type"],
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
             "training": raw.get("training", {}),

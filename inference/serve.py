@@ -23,9 +23,9 @@ import uvicorn
 
 from inference.engine import Engine, EngineSettings
 from inference.events import EventConfigError, EventPublisher, EventSettings
-from inference.model_dir import ModelDirError, is_unpacked_copy, prepare_model_dir
+from inference.model_dir import ModelDirError, prepare_model_dir, unpacked_copy
 from inference.schema import MAX_BODY_BYTES
-from kiln.contract import ServerEnv
+from kiln.contract import SERVER_DRAIN_SECONDS, ServerEnv
 
 if TYPE_CHECKING:
     from inference.app import ServerState
@@ -36,8 +36,8 @@ EXIT_LOAD_FAILED = 1
 EXIT_BAD_SETTINGS = 2
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
-# SageMaker sends SIGKILL 30 s after SIGTERM: drain within that.
-DEFAULT_GRACE_S = 25.0
+# SageMaker sends SIGKILL 30 s after SIGTERM: drain, then flush events, within that.
+DEFAULT_GRACE_S = float(SERVER_DRAIN_SECONDS)
 
 
 def _env_default(env: Mapping[str, str], name: str, default: Any) -> Any:
@@ -77,8 +77,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         default=_env_default(env, "SM_MODEL_DIR", DEFAULT_MODEL_DIR),
-        help="the unpacked model.tar.gz (config.json, model.safetensors, tokenizer.json), or a "
-        "directory holding model.tar.gz (default: $SM_MODEL_DIR or /opt/ml/model)",
+        help="a Hugging Face model directory (config.json, safetensors weights or shards, "
+        "tokenizer.json; Llama, Mistral, Qwen2 families), one in its only subdirectory, a "
+        "model.tar.gz of one, or a directory holding model.tar.gz (default: $SM_MODEL_DIR or "
+        "/opt/ml/model)",
     )
     p.add_argument(
         "--host",
@@ -115,7 +117,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=positive_float,
         default=_env_default(env, ServerEnv.GRACEFUL_TIMEOUT_S, DEFAULT_GRACE_S),
         help="seconds SIGTERM waits for in-flight requests (default: $KILN_GRACEFUL_TIMEOUT_S "
-        "or 25; SageMaker kills 30 s after SIGTERM)",
+        f"or {SERVER_DRAIN_SECONDS}; then events flush; SageMaker kills 30 s after SIGTERM)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=_env_default(env, ServerEnv.MAX_SEQ_LEN, None),
+        help="context served, prompt and answer together; sizes the KV cache (default: "
+        "$KILN_MAX_SEQ_LEN, else the model's max_position_embeddings)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -187,9 +196,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         return _serve(args, model_dir, env)
     finally:
-        if is_unpacked_copy(model_dir, Path(args.model_dir)):
+        copy = unpacked_copy(model_dir, Path(args.model_dir))
+        if copy is not None:
             # A tarball unpacked for this run: nothing else will ever read it.
-            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) -> int:
@@ -209,6 +219,7 @@ def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) ->
             max_queue=args.max_queue,
             device=args.device,
             threads=args.threads,
+            max_seq_len=args.max_seq_len,
         ),
     )
     events = EventPublisher(event_settings)
@@ -225,6 +236,8 @@ def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) ->
             request_timeout_s=args.request_timeout,
             max_body_bytes=MAX_BODY_BYTES,
             max_new_tokens=args.max_new_tokens,
+            # A chat completion's `model` when the request names none.
+            model_name=event_settings.model_version,
         ),
         events=events,
         on_engine_failure=on_engine_failure,

@@ -157,9 +157,20 @@ class ServerEnv:
     REQUEST_TIMEOUT_S = "KILN_REQUEST_TIMEOUT_S"
     GRACEFUL_TIMEOUT_S = "KILN_GRACEFUL_TIMEOUT_S"
     MAX_NEW_TOKENS = "KILN_MAX_NEW_TOKENS"
+    MAX_SEQ_LEN = "KILN_MAX_SEQ_LEN"
     THREADS = "KILN_THREADS"
     DEVICE = "KILN_DEVICE"
     LOG_LEVEL = "KILN_LOG_LEVEL"
+
+
+# SageMaker stops a container with SIGTERM and kills it 30 s later (SageMaker Developer Guide,
+# "Use Your Own Inference Code with Hosting Services": "... SIGKILL after 30 seconds"). The
+# server drains in-flight requests for at most SERVER_DRAIN_SECONDS, then flushes prediction
+# events for at most EVENT_FLUSH_SECONDS (plus 1 s to purge what is left); the rest is margin
+# for stopping the engine thread and the process exit.
+SAGEMAKER_STOP_SECONDS = 30
+SERVER_DRAIN_SECONDS = 20
+EVENT_FLUSH_SECONDS = 5
 
 
 # --- SageMaker execution roles ---------------------------------------------------------------
@@ -216,3 +227,16 @@ VPC_ACCESS_ACTIONS = (
     "ec2:DescribeSubnets",
     "ec2:DescribeSecurityGroups",
 )
+
+# The endpoint's one production variant: blue/green needs the same variant name in every
+# endpoint config, and Application Auto Scaling addresses it as
+# `endpoint/<endpoint>/variant/<this>`.
+ENDPOINT_VARIANT = "AllTraffic"
+
+
+def endpoint_scaling_resource_id(endpoint_name: str) -> str:
+    """Application Auto Scaling's ResourceId of the endpoint's variant."""
+    return f"endpoint/{endpoint_name}/variant/{ENDPOINT_VARIANT}"
+
+
+ENDPOINT_SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kiln import instances as serving_instances
 from kiln.gpu_instances import GPU_INSTANCES
 
 Tier = Literal["dev", "staging", "prod"]
@@ -20,10 +22,28 @@ LOG_RETENTION_DAYS: tuple[int, ...] = (
     1096, 1827, 2192, 2557, 2922, 3288, 3653,
 )  # fmt: skip
 
+# Redshift Serverless base capacity above 512 RPUs (Management Guide, "Compute capacity").
+REDSHIFT_1024_RPU_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "eu-west-1", "eu-central-1")
+
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{1,19}$"
 _REGION_PATTERN = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 
 PositiveDays = Annotated[int, Field(ge=1, le=36500)]
+
+
+def covers_the_internet(cidrs: list[str]) -> bool:
+    """Whether the IPv4 (or IPv6) ranges together hold every address of their family, as
+    `0.0.0.0/1` + `128.0.0.0/1` do: a public endpoint open to them is open to all."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return (bool(v4) and _total(ipaddress.collapse_addresses(v4)) >= 2**32) or (
+        bool(v6) and _total(ipaddress.collapse_addresses(v6)) >= 2**128
+    )
+
+
+def _total(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> int:
+    return sum(n.num_addresses for n in nets)
 
 
 class StrictModel(BaseModel):
@@ -232,6 +252,11 @@ class GpuNodeSettings(NodePoolSettings):
     instance_types: list[str] = Field(min_length=1, max_length=10)
     capacity: Literal["on_demand", "spot"] = "on_demand"
     root_volume_gib: int = Field(200, ge=50, le=16384)
+    # The zone an EFA pool (one cluster placement group) is pinned to; null: the first of
+    # availability_zones. p4d/p4de/p5 are not offered in every zone, and which zone a name
+    # means differs per account: check `aws ec2 describe-instance-type-offerings
+    # --location-type availability-zone --filters Name=instance-type,Values=<type>`.
+    efa_zone: str | None = None
 
 
 class ComputeSettings(StrictModel):
@@ -270,6 +295,13 @@ class ComputeSettings(StrictModel):
                     "office or VPN ranges instead",
                     {"cidr": cidr},
                 )
+        if covers_the_internet(value):
+            raise PydanticCustomError(
+                "cidr",
+                "{cidrs} together cover the whole internet (like 0.0.0.0/0); list your "
+                "office or VPN ranges instead",
+                {"cidrs": ", ".join(value)},
+            )
         return value
 
     @field_validator("admin_principal_arns")
@@ -333,11 +365,15 @@ def artifact_problem(uri: str) -> str | None:
 
 
 class DeploymentSettings(StrictModel):
-    """How a new model version reaches traffic: blue/green with canary or linear shifting."""
+    """How a new model version reaches traffic: blue/green with canary, linear or all-at-once
+    shifting (the only one a single-instance fleet allows)."""
 
-    traffic: Literal["canary", "linear"] = "canary"
+    traffic: Literal["canary", "linear", "all_at_once"] = "canary"
     # The canary's size, or each linear step's, in % of the new fleet (a canary is <= 50%).
     step_percent: int = Field(10, ge=1, le=50)
+    # The same step in whole instances (SageMaker's INSTANCE_COUNT); when set, step_percent
+    # is not used.
+    step_instances: int | None = Field(None, ge=1, le=50)
     # Baking time after each shift while the rollback alarms watch.
     wait_minutes: int = Field(10, ge=0, le=60)
     # How long the old fleet stays after the last shift (instant rollback until then).
@@ -389,12 +425,27 @@ class ServingSettings(StrictModel):
     model_artifact: str | None = None
     instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     initial_instance_count: int = Field(ge=1, le=100)
-    data_capture_percent: int = Field(20, ge=0, le=100)
+    # Percent of requests whose bodies SageMaker captures (prompts and completions: only
+    # where events.allow_raw_text is true).
+    data_capture_percent: int = Field(0, ge=0, le=100)
     container_startup_timeout_seconds: int = Field(600, ge=60, le=3600)
     model_download_timeout_seconds: int = Field(600, ge=60, le=3600)
     deployment: DeploymentSettings = DeploymentSettings()
     alarms: RollbackAlarmSettings = RollbackAlarmSettings()
     autoscaling: AutoscalingSettings
+    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack).
+    max_new_tokens: int = Field(512, ge=1, le=32768)
+
+    @field_validator("instance_type")
+    @classmethod
+    def _serving_instance(cls, value: str) -> str:
+        # CreateEndpointConfig fails on a type SageMaker does not host; the catalog also knows
+        # which types refuse a KMS key (kiln/instances.py).
+        try:
+            serving_instances.lookup(value)
+        except serving_instances.UnknownServingInstanceError as err:
+            raise PydanticCustomError("instance_type", "{err}", {"err": str(err)}) from None
+        return value
 
     @field_validator("model_artifact")
     @classmethod
@@ -403,6 +454,13 @@ class ServingSettings(StrictModel):
         if problem is not None:
             raise PydanticCustomError("artifact", "{problem}", {"problem": problem})
         return value
+
+    @model_validator(mode="after")
+    def _rollout(self) -> ServingSettings:
+        problems = rollout_problems(self)
+        if problems:
+            raise PydanticCustomError("rollout", "\n  - ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _capacity(self) -> ServingSettings:
@@ -419,6 +477,92 @@ class ServingSettings(StrictModel):
                 },
             )
         return self
+
+
+def fleet_sizes(serving: ServingSettings) -> list[int]:
+    """Every instance count the variant can have when a deployment starts: endpoint updates
+    keep the scaled count (RetainAllVariantProperties), so anything autoscaling may reach,
+    and 1 outside working hours where a scheduled scale-down is configured."""
+    scaling = serving.autoscaling
+    sizes = set(range(scaling.min_instances, scaling.max_instances + 1))
+    sizes.add(serving.initial_instance_count)
+    if scaling.scheduled_scale_down is not None:
+        sizes.add(1)
+    return sorted(sizes)
+
+
+def step_instances(deployment: DeploymentSettings, fleet: int) -> int:
+    """Instances one canary or linear step turns on in a fleet of `fleet`: a percentage is
+    rounded up to whole instances (an instance cannot take a fraction of a step)."""
+    if deployment.step_instances is not None:
+        return deployment.step_instances
+    return max(1, -(-deployment.step_percent * fleet // 100))
+
+
+def traffic_shifts(deployment: DeploymentSettings, fleet: int) -> int:
+    """How many times traffic moves (each followed by `wait_minutes` of baking): all at once
+    1, canary 2 (the canary, then the rest), linear one per step until the fleet is covered."""
+    if deployment.traffic == "all_at_once":
+        return 1
+    if deployment.traffic == "canary":
+        return 2
+    return -(-fleet // step_instances(deployment, fleet))
+
+
+def rollout_problems(serving: ServingSettings) -> list[str]:
+    """Deployment settings SageMaker refuses, or whose waits cannot fit the deployment timeout.
+
+    AWS::SageMaker::Endpoint TrafficRoutingConfig: `CanarySize` "must be less than or equal
+    to 50% of the variant's total instance count", `LinearStepSize` "must be 10-50% of the
+    variant's total instance count"
+    (https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/aws-properties-sagemaker-endpoint-trafficroutingconfig.html);
+    BlueGreenUpdatePolicy: `MaximumExecutionTimeoutInSeconds` "should be larger than the
+    total waiting time specified in TerminationWaitInSeconds and WaitIntervalInSeconds"
+    (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_BlueGreenUpdatePolicy.html).
+    Every fleet size a deployment can start from is checked (`fleet_sizes`).
+    """
+    deployment = serving.deployment
+    problems: list[str] = []
+    sizes = fleet_sizes(serving)
+    step = (
+        f"{deployment.step_instances} instance(s)"
+        if deployment.step_instances is not None
+        else f"{deployment.step_percent}%"
+    )
+    if deployment.traffic == "canary":
+        refused = [n for n in sizes if 2 * step_instances(deployment, n) > n]
+        if refused:
+            problems.append(
+                f"serving.deployment: a canary of {step} turns on more than half of a fleet of "
+                f"{', '.join(map(str, refused))} instance(s) (SageMaker requires a canary of at "
+                "most 50% of the variant's instances); use traffic: all_at_once where the "
+                "endpoint can run 1 instance, or a smaller step, or a larger "
+                "autoscaling.min_instances"
+            )
+    elif deployment.traffic == "linear":
+        refused = [n for n in sizes if not 10 * n <= 100 * step_instances(deployment, n) <= 50 * n]
+        if refused:
+            problems.append(
+                f"serving.deployment: a linear step of {step} is not 10-50% of a fleet of "
+                f"{', '.join(map(str, refused))} instance(s) (SageMaker requires linear steps "
+                "of 10-50% of the variant's instances); use traffic: all_at_once where the "
+                "endpoint can run 1 instance, or another step"
+            )
+    if not problems:
+        longest = max(
+            traffic_shifts(deployment, n) * deployment.wait_minutes
+            + deployment.termination_wait_minutes
+            for n in sizes
+        )
+        if longest >= deployment.max_deployment_minutes:
+            problems.append(
+                f"serving.deployment: the waits add up to {longest} minutes (shifts x "
+                "wait_minutes + termination_wait_minutes), which does not fit "
+                f"max_deployment_minutes ({deployment.max_deployment_minutes}); SageMaker "
+                "needs the deployment timeout to exceed the total waiting time: shorten the "
+                "waits or raise max_deployment_minutes"
+            )
+    return problems
 
 
 class ObservabilitySettings(StrictModel):
@@ -477,6 +621,7 @@ class Settings(StrictModel):
             *self._data_plane_problems(),
             *self._compute_problems(),
             *self._prod_problems(),
+            *self._documented_limit_problems(),
         ]
         if problems:
             raise PydanticCustomError("invariant", "\n  - ".join(problems))
@@ -571,6 +716,12 @@ class Settings(StrictModel):
                 "compute.gpu_nodes.instance_types: mixes types with and without EFA; one node "
                 "group gets one launch template, so list only EFA types or only non-EFA types"
             )
+        zone = compute.gpu_nodes.efa_zone
+        if zone is not None and zone not in self.availability_zones:
+            problems.append(
+                f"compute.gpu_nodes.efa_zone: {zone!r} is not one of availability_zones "
+                f"({', '.join(self.availability_zones)})"
+            )
         interfaces = {GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types}
         if len(interfaces) > 1:
             problems.append(
@@ -610,6 +761,73 @@ class Settings(StrictModel):
             problems.append(
                 "network.nat_gateways: a prod-tier environment needs at least 2 NAT gateways "
                 "so that one zone's failure does not cut egress"
+            )
+        return problems
+
+    def _documented_limit_problems(self) -> list[str]:
+        """Constraints the AWS API references document and no linter checks: a value past one
+        of them fails CreateEndpointConfig/CreateEndpoint/CreateCluster/CreateWorkgroup/
+        CreateAddon mid-deploy. Each names its source; README, "Rules for what AWS documents"."""
+        problems: list[str] = []
+        serving = self.serving
+        # SageMaker AI pricing (Real-Time Inference): the families each region hosts.
+        unavailable = serving_instances.region_problem(serving.instance_type, self.region)
+        if unavailable:
+            problems.append(f"serving.instance_type: {serving.instance_type}: {unavailable}")
+        # SageMaker API Reference, TrafficRoutingConfig: "LinearStepSize ... Value must be
+        # 10-50% of the variant's total instance count"; CanarySize at most 50%.
+        deployment = serving.deployment
+        if deployment.traffic == "linear" and deployment.step_percent < 10:
+            problems.append(
+                f"serving.deployment.step_percent: {deployment.step_percent} is below what "
+                "SageMaker allows for a linear step (TrafficRoutingConfig.LinearStepSize: "
+                "10 to 50 percent); allowed: 10 to 50"
+            )
+        # SageMaker API Reference, BlueGreenUpdatePolicy: MaximumExecutionTimeoutInSeconds
+        # "should be larger than the total waiting time specified in TerminationWaitInSeconds
+        # and WaitIntervalInSeconds".
+        steps = 1 if deployment.traffic == "canary" else -(-100 // deployment.step_percent)
+        waiting = steps * deployment.wait_minutes + deployment.termination_wait_minutes
+        if deployment.max_deployment_minutes <= waiting:
+            problems.append(
+                f"serving.deployment.max_deployment_minutes: {deployment.max_deployment_minutes} "
+                f"is not larger than the deployment's total waiting time ({steps} x "
+                f"wait_minutes {deployment.wait_minutes} + termination_wait_minutes "
+                f"{deployment.termination_wait_minutes} = {waiting}), which SageMaker "
+                f"requires (BlueGreenUpdatePolicy); set it above {waiting}"
+            )
+        # Redshift Management Guide, "Compute capacity for Amazon Redshift Serverless": base
+        # capacity up to 512 RPUs in steps of 8; 512 to 1024 in steps of 32, in five regions.
+        base = self.warehouse.serverless.base_capacity
+        if self.warehouse.kind == "serverless" and base > 512:
+            if self.region not in REDSHIFT_1024_RPU_REGIONS:
+                problems.append(
+                    f"warehouse.serverless.base_capacity: {base} RPUs exceeds 512, the most "
+                    f"Redshift Serverless allows in {self.region}; 1024 is offered in "
+                    f"{', '.join(REDSHIFT_1024_RPU_REGIONS)}"
+                )
+            elif base % 32:
+                problems.append(
+                    f"warehouse.serverless.base_capacity: {base} RPUs; above 512 Redshift "
+                    "Serverless takes steps of 32 (544, 576, ... 1024)"
+                )
+        # Amazon EKS User Guide, "Manage kube-proxy": each Kubernetes version has its own
+        # kube-proxy add-on line (v<k8s minor>.x-eksbuild.N); CreateAddon refuses others.
+        proxy = self.compute.addons.get("kube-proxy", "")
+        if proxy and not proxy.startswith(f"v{self.compute.kubernetes_version}."):
+            problems.append(
+                f"compute.addons.kube-proxy: {proxy} is not built for Kubernetes "
+                f"{self.compute.kubernetes_version}; use a v{self.compute.kubernetes_version}.x"
+                "-eksbuild.N version (aws eks describe-addon-versions --addon-name kube-proxy "
+                f"--kubernetes-version {self.compute.kubernetes_version})"
+            )
+        # Privacy, not AWS: data capture stores request and response bodies (prompts and
+        # completions), which only an environment that allows raw text may keep.
+        if serving.data_capture_percent > 0 and not self.events.allow_raw_text:
+            problems.append(
+                f"serving.data_capture_percent: {serving.data_capture_percent} would store "
+                "prompts and completions in the capture bucket, but events.allow_raw_text is "
+                "false; set data_capture_percent: 0, or allow raw text"
             )
         return problems
 

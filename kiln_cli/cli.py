@@ -124,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         volume_gib=args.volume_gib,
         capacity=args.capacity,
         trainer_args=tuple(args.trainer_args),
+        model=args.model,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -184,36 +185,83 @@ def cmd_deploy_model(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def cmd_invoke(args: argparse.Namespace) -> int:
-    """Sends one prompt to the environment's endpoint and prints the answer."""
+def _conversation(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The messages `--message`/`--messages-file` give; None for a plain `--prompt`."""
+    if args.messages_file is not None:
+        source = args.messages_file
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        except OSError as err:
+            raise OperateError(f"--messages-file {source}: {err.strerror or err}", 2) from err
+        return invoke.read_messages(text, "standard input" if source == "-" else source)
+    if args.message:
+        return [invoke.parse_message(m) for m in args.message]
+    return None
+
+
+def cmd_change_instance_type(args: argparse.Namespace) -> int:
+    """Moves the endpoint to the configured instance type: deregister, update, register."""
+    from kiln_cli.operate import resize
+
     aws = _aws(args)
-    parameters = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "stop": args.stop or None,
-    }
-    if args.stream:
+    outcome = resize.change_instance_type(aws, runner=deploy.run_cdk, sleep=time.sleep)
+    sys.stdout.write(resize.render(outcome))
+    return outcome.exit_code
 
-        def write(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
 
-        answer = invoke.stream(aws, args.prompt, parameters, write)
-        sys.stdout.write("\n")
-    else:
-        answer = invoke.invoke(aws, args.prompt, parameters)
-        if args.json:
-            body = {
-                "generated_text": answer.text,
-                "finish_reason": answer.finish_reason,
-                "usage": answer.usage,
-            }
-            print(json.dumps(body, ensure_ascii=False))
+def cmd_invoke(args: argparse.Namespace) -> int:
+    """Sends one prompt (or a conversation) to the environment's endpoint; prints the answer."""
+    aws = _aws(args)
+    messages = _conversation(args)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if messages is not None:
+        if args.top_k is not None:
+            raise OperateError(
+                "--top-k is not a Messages API field: leave it out with --message", exit_code=2
+            )
+        options = {
+            "max_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "stop": args.stop or None,
+        }
+        if args.stream:
+            answer = invoke.chat_stream(aws, messages, options, write)
+            sys.stdout.write("\n")
         else:
-            print(answer.text)
+            answer = invoke.chat(aws, messages, options)
+            if args.json:
+                print(json.dumps(answer.body, ensure_ascii=False))
+            else:
+                print(answer.text)
+    else:
+        parameters = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "stop": args.stop or None,
+        }
+        if args.stream:
+            answer = invoke.stream(aws, args.prompt, parameters, write)
+            sys.stdout.write("\n")
+        else:
+            answer = invoke.invoke(aws, args.prompt, parameters)
+            if args.json:
+                body = {
+                    "generated_text": answer.text,
+                    "finish_reason": answer.finish_reason,
+                    "usage": answer.usage,
+                }
+                print(json.dumps(body, ensure_ascii=False))
+            else:
+                print(answer.text)
     tokens = answer.usage.get("completion_tokens", "?")
     print(
         f"[{answer.finish_reason or '?'}, {tokens} tokens, {answer.seconds:.2f} s]",
@@ -309,6 +357,12 @@ def _add_train(commands: Any) -> None:
         help="SageMaker: print the CreateTrainingJob request, start nothing",
     )
     run.add_argument(
+        "--model",
+        help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
+        "local Hugging Face directory); a preset or s3:// directory also goes to the trainer "
+        "(default: what the trainer arguments name, else the trainer's preset, small)",
+    )
+    run.add_argument(
         "--apply",
         action="store_true",
         help="EKS: kubectl apply -f - the objects instead of printing them",
@@ -325,22 +379,39 @@ def _add_train(commands: Any) -> None:
 def _add_invoke(commands: Any) -> None:
     call = commands.add_parser(
         "invoke",
-        help="send a prompt to the environment's endpoint",
-        description="Send one prompt to the serving stack's endpoint and print the answer "
-        "(the text on stdout; finish reason, tokens and time on stderr). Parameters not given "
-        "are the server's defaults.",
+        help="send a prompt or a conversation to the environment's endpoint",
+        description="Send one prompt (continued by the model) or one conversation (the "
+        "Messages API, rendered by the model's chat template) to the serving stack's endpoint "
+        "and print the answer (the text on stdout; finish reason, tokens and time on stderr). "
+        "Parameters not given are the server's defaults.",
     )
     _environment_options(call)
-    call.add_argument("--prompt", required=True, help="the text to continue")
+    what = call.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="a plain prompt, continued by the model")
+    what.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE:TEXT",
+        help='a chat message (repeatable, in order), e.g. --message system:"Be brief." '
+        '--message user:"Hello"; sent as the Messages API, rendered by the model\'s chat template',
+    )
+    what.add_argument(
+        "--messages-file",
+        metavar="FILE",
+        help='a JSON list of {"role", "content"} messages (or a {"messages": [...]} body); '
+        "- reads standard input",
+    )
     call.add_argument(
         "--max-new-tokens",
         type=_positive_int,
-        help="tokens to generate at most (default: the server's, what the context leaves)",
+        help="tokens to generate at most (a conversation's max_tokens; default: the server's, "
+        "what the context leaves)",
     )
     call.add_argument(
         "--temperature",
         type=float,
-        help="sampling temperature; 0 is greedy (default: the server's, 0)",
+        help="sampling temperature; 0 is greedy (default: the server's: 0 for a prompt, 1.0 for "
+        "a conversation, as OpenAI's)",
     )
     call.add_argument(
         "--top-k",
@@ -416,14 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model to serve: s3://<bucket>/<key>.tar.gz, as training writes it",
     )
     roll.set_defaults(handler=cmd_deploy_model)
+    resize_cmd = commands.add_parser(
+        "change-instance-type",
+        help="move the endpoint to serving.instance_type (deregister autoscaling, update, "
+        "register)",
+        description="SageMaker refuses to change the instance type of an autoscaled variant. "
+        "This deregisters the variant's autoscaling, deploys the serving stack with the "
+        "instance type of config/<env>.yaml and the artifact the endpoint serves, and "
+        "registers the same autoscaling again: resized (exit 0), rolled back (exit 3) or "
+        "failed (exit 1).",
+    )
+    _environment_options(resize_cmd)
+    resize_cmd.set_defaults(handler=cmd_change_instance_type)
     _add_invoke(commands)
     loop = commands.add_parser(
         "local",
         help="the whole loop on this machine: train, package, serve, ask, stop",
         description="Train a small model on this machine's CPU for a few minutes (on the "
         "Python standard library's sources), package model.tar.gz, serve it on 127.0.0.1, "
-        "send prompts and print the answers and figures. No AWS account needed; needs "
-        "`make install-dev` (or `make test`).",
+        "send prompts and print the answers and figures; or, with --model DIR, serve and ask a "
+        "Hugging Face model directory you bring, without training. No AWS account needed; "
+        "needs `make install-dev` (or `make test`).",
     )
     local.add_arguments(loop)
     loop.set_defaults(handler=local.run_command)

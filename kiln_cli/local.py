@@ -7,6 +7,9 @@ prints the answers and the figures (validation loss, training tokens/s, request 
 stops everything cleanly. Training shows a progress bar (step/total, loss, tokens/s, ETA) in a
 terminal, a line every few seconds elsewhere. Training and serving run as subprocesses, so this
 module (and `import kiln`) never loads torch.
+
+`--model` names a training preset, or a model you bring: a Hugging Face model directory (Llama,
+Mistral, Qwen2 families) or a model.tar.gz of one, which is served and asked without training.
 """
 
 from __future__ import annotations
@@ -419,6 +422,34 @@ def _temperature(text: str) -> float:
     return value
 
 
+def brought_model(value: str) -> Path | None:
+    """The model directory (or model.tar.gz) `--model` names; None for a training preset."""
+    path = Path(value).expanduser()
+    if path.is_dir() or (path.is_file() and path.name.endswith(".tar.gz")):
+        return path
+    if os.sep in value or value.startswith(("~", ".")) or value.endswith(".tar.gz"):
+        raise LocalError(
+            f"--model {value}: no such model directory or model.tar.gz (a preset name has no slash)"
+        )
+    return None
+
+
+def _model(text: str) -> str:
+    """`--model`: a preset by name, else a model directory or model.tar.gz that is there."""
+    if text in PRESETS:
+        return text
+    try:
+        brought = brought_model(text)
+    except LocalError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--model {text}: ")) from None
+    if brought is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory or "
+            "model.tar.gz"
+        )
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minutes",
@@ -435,10 +466,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        choices=PRESETS,
+        type=_model,
         default=DEFAULT_PRESET,
-        metavar="PRESET",
-        help=f"model size preset: {', '.join(PRESETS)} (default: %(default)s)",
+        metavar="PRESET|DIR",
+        help=f"model size preset to train ({', '.join(PRESETS)}), or a Hugging Face model "
+        "directory (Llama, Mistral, Qwen2 families) or model.tar.gz to serve instead of "
+        "training one (default: %(default)s)",
     )
     parser.add_argument(
         "--prompt",
@@ -450,7 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens",
         type=_positive_int,
         default=64,
-        help="tokens (bytes) generated per answer (default: %(default)s)",
+        help="tokens generated per answer; a trained preset's tokens are bytes "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--temperature",
@@ -482,7 +516,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def missing_workload_packages() -> list[str]:
     """The training and serving packages `kiln local` needs that this Python lacks."""
-    return [name for name in ("torch", "safetensors", "uvicorn", "tqdm") if not _importable(name)]
+    names = ("torch", "safetensors", "uvicorn", "tqdm", "tokenizers", "jinja2")
+    return [name for name in names if not _importable(name)]
 
 
 def _importable(name: str) -> bool:
@@ -510,15 +545,20 @@ def run_command(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        train(
-            run,
-            minutes=args.minutes,
-            max_steps=args.max_steps,
-            model=args.model,
-            say=say,
-            seed=args.seed,
-            interactive=_terminal(),
-        )
+        brought = brought_model(args.model)
+        if brought is None:
+            train(
+                run,
+                minutes=args.minutes,
+                max_steps=args.max_steps,
+                model=args.model,
+                say=say,
+                seed=args.seed,
+                interactive=_terminal(),
+            )
+        else:
+            run.model_dir = brought
+            say(f"serving {brought} (no training)")
         serve_and_ask(
             run,
             prompts=args.prompts or DEFAULT_PROMPTS,

@@ -32,6 +32,7 @@ import yaml
 
 from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
+from kiln.memory_plan import Plan, PlanError, advice, plan, resolve_shape, trainer_settings
 
 Operator = Literal["none", "kubeflow"]
 NcclDebug = Literal["VERSION", "WARN", "INFO", "TRACE"]
@@ -607,6 +608,49 @@ def to_yaml(manifests: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+# --- the memory plan ---------------------------------------------------------------------
+
+# The trainer's own presets (`--model`); other shapes are for the plan alone.
+TRAINER_PRESETS = ("tiny", "small", "base", "1b")
+
+
+def memory_plan(
+    model: str | None, instance_type: str, world: int, trainer_args: Sequence[str]
+) -> Plan:
+    """The run's memory plan: the model (a shape name or a local directory; default what the
+    trainer arguments name, else the trainer's default preset) at the trainer's micro-batch,
+    sequence length, strategy, checkpointing and adapters."""
+    settings = trainer_settings(list(trainer_args))
+    name = model or settings.pop("model") or "small"
+    settings.pop("model", None)
+    return plan(resolve_shape(name), lookup(instance_type), world=world, **settings)
+
+
+def model_trainer_args(model: str | None, trainer_args: Sequence[str]) -> list[str]:
+    """`--model` for the trainer when a trainer preset or an S3 model directory was given and
+    the trainer arguments name no model themselves."""
+    args = list(trainer_args)
+    if model is None or any(a.split("=")[0] in ("--model", "--init-from") for a in args):
+        return args
+    if model in TRAINER_PRESETS:
+        return ["--model", model, *args]
+    if model.startswith("s3://"):
+        return ["--init-from", model, *args]
+    return args
+
+
+def plan_problem(p: Plan, gpus_per_node: int) -> str | None:
+    """Why the run is refused (None when it fits)."""
+    if p.fits:
+        return None
+    gib = 1 << 30
+    return (
+        f"{p.shape.name} needs {p.total / gib:.1f} GiB per GPU with {p.strategy} on "
+        f"{p.world} x {p.instance.gpu_model}, which have {p.capacity / gib:.1f} GiB usable: "
+        f"{advice(p, gpus_per_node=gpus_per_node)}"
+    )
+
+
 # --- command line --------------------------------------------------------------------------
 
 
@@ -693,6 +737,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="none: Indexed Job + headless Service; kubeflow: PyTorchJob (default: %(default)s)",
     )
     parser.add_argument(
+        "--model",
+        help="model for the memory plan: a shape (tiny, small, base, 1b, llama-3-8b, "
+        "llama-3-70b, ...) or a local Hugging Face directory; a trainer preset or an s3:// "
+        "directory is also passed to the trainer (default: what the trainer arguments name)",
+    )
+    parser.add_argument(
         "trainer_args",
         nargs="*",
         metavar="TRAINER_ARG",
@@ -731,7 +781,7 @@ def render_command(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             service_account=args.service_account,
             module=args.module,
-            trainer_args=args.trainer_args,
+            trainer_args=model_trainer_args(args.model, args.trainer_args),
             env=env,
             shm_size_gib=args.shm_size_gib,
             max_restarts=args.max_restarts,
@@ -745,6 +795,17 @@ def render_command(args: argparse.Namespace) -> int:
     except TrainingJobError as err:
         for arg, message in err.problems:
             print(f"kiln training-job: {_flag(arg)}: {message}", file=sys.stderr)
+        return 2
+    try:
+        p = memory_plan(
+            args.model, spec.instance_type, spec.nodes * spec.gpus_per_node, spec.trainer_args
+        )
+    except (PlanError, ValueError) as err:
+        print(f"kiln training-job: --model: {err}", file=sys.stderr)
+        return 2
+    sys.stderr.write(p.render())
+    if (problem := plan_problem(p, spec.gpus_per_node)) is not None:
+        print(f"kiln training-job: refused: {problem}", file=sys.stderr)
         return 2
     sys.stdout.write(to_yaml(render(spec)))
     return 0

@@ -12,14 +12,18 @@ over every template of every environment, and each rule on a compliant and a non
 from __future__ import annotations
 
 import inspect
+import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kiln import instances as serving_instances
 from kiln import naming
 from kiln.contract import GPU_TAINT
-from kiln.settings import Settings
+from kiln.settings import Settings, covers_the_internet
 from kiln_policy.assembly import SynthesizedStack
+from kiln_policy.published_metrics import alarm_uses, dashboard_uses
 
 Resource = dict[str, Any]
 ResourcePredicate = Callable[[Resource, Settings], Iterable[str]]
@@ -255,8 +259,8 @@ def eks_endpoint_private(cluster: Resource, settings: Settings) -> Iterator[str]
     public = vpc_config.get("EndpointPublicAccess", True)  # EKS's default is public
     if public and settings.tier != "dev":
         yield f"public API endpoint in a {settings.tier}-tier environment"
-    elif public and "0.0.0.0/0" in vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"]):
-        yield "public API endpoint open to 0.0.0.0/0"
+    elif public and covers_the_internet(vpc_config.get("PublicAccessCidrs", ["0.0.0.0/0"])):
+        yield "public API endpoint open to the whole internet"
 
 
 @resource_rule("gpu-nodes-tainted", "AWS::EKS::Nodegroup")
@@ -282,6 +286,14 @@ def imdsv2_required(resource: Resource, settings: Settings) -> Iterator[str]:
     tokens = data.get("MetadataOptions", {}).get("HttpTokens", "optional")
     if tokens != "required":
         yield f"MetadataOptions.HttpTokens is {tokens}, so IMDSv1 is allowed"
+    # One hop: a pod (one hop further than the node) cannot reach the node role's credentials;
+    # it gets its own through Pod Identity. EC2's default for a launch template is 1, but EKS
+    # documents 2 for its own templates, so the value must be said.
+    hops = data.get("MetadataOptions", {}).get("HttpPutResponseHopLimit")
+    if hops != 1:
+        yield (
+            f"MetadataOptions.HttpPutResponseHopLimit is {hops}, not 1: pods reach node credentials"
+        )
 
 
 @resource_rule(
@@ -300,9 +312,19 @@ def prod_endpoints_roll_back(endpoint: Resource, settings: Settings) -> Iterator
 
 @resource_rule("endpoint-kms", "AWS::SageMaker::EndpointConfig")
 def endpoints_encrypted(config: Resource, settings: Settings) -> Iterator[str]:
-    """Endpoint storage volumes and captured data are encrypted with customer-managed keys."""
+    """Endpoint storage is encrypted: with a customer-managed KmsKeyId where the instance type
+    has no local storage, and with none where it has (the instance encrypts its NVMe volumes
+    itself, and CreateEndpointConfig fails when KmsKeyId is given for such a type: SageMaker
+    API Reference, CreateEndpointConfig, KmsKeyId). Captured data uses a KMS key."""
     props = _props(config)
-    if not props.get("KmsKeyId"):
+    types = [v.get("InstanceType", "") for v in props.get("ProductionVariants", [])]
+    local = sorted({t for t in types if serving_instances.has_instance_storage(t)})
+    if local and props.get("KmsKeyId"):
+        yield (
+            f"KmsKeyId is set but {', '.join(local)} has local instance storage: "
+            "CreateEndpointConfig rejects it"
+        )
+    elif not local and not props.get("KmsKeyId"):
         yield "endpoint config without KmsKeyId for its volumes"
     capture = props.get("DataCaptureConfig", {})
     if capture.get("EnableCapture", True) and capture and not capture.get("KmsKeyId"):
@@ -324,3 +346,130 @@ def prod_endpoints_redundant(resource: Resource, settings: Settings) -> Iterator
                 yield f"variant {variant.get('VariantName')} starts with fewer than 2 instances"
     elif props.get("ServiceNamespace") == "sagemaker" and props.get("MinCapacity", 0) < 2:
         yield "autoscaling may scale the endpoint below 2 instances"
+
+
+# --- as deployed: what a first real deploy would hit (issue 21) ------------------------------
+
+
+def _contains_key(value: Any, key: str) -> bool:
+    if isinstance(value, dict):
+        return key in value or any(_contains_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains_key(v, key) for v in value)
+    return False
+
+
+@stack_rule("no-weak-references")
+def no_weak_references(stack: SynthesizedStack, settings: Settings) -> Iterator[str]:
+    """Cross-stack references are strong (`Fn::ImportValue`), never `Fn::GetStackOutput`: a
+    weak reference "is resolved at stack create or update time. If the referenced stack or
+    output is later deleted or modified, the consuming stack is not automatically updated"
+    (https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/intrinsic-function-reference-getstackoutput.html),
+    so a replaced MSK cluster or alarm leaves its consumers on the old one with no diff shown;
+    and `Fn::Join`'s documented value functions do not list it
+    (https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/intrinsic-function-reference-join.html)."""
+    for section in ("Resources", "Outputs"):
+        for name, value in stack.template.get(section, {}).items():
+            if _contains_key(value, "Fn::GetStackOutput"):
+                yield f"{section}.{name} reads another stack with Fn::GetStackOutput"
+
+
+_CUSTOM_TYPES = ("AWS::CloudFormation::CustomResource",)
+_WAITER_RETRY = re.compile(r'\\"IntervalSeconds\\":(\d+),\\"MaxAttempts\\":(\d+)')
+# Of CloudFormation's hour, what the waiter leaves for on_event and the framework's own calls.
+_WAITER_MARGIN_SECONDS = 300
+
+
+@stack_rule("custom-resources-fit-service-timeout")
+def custom_resources_fit_service_timeout(
+    stack: SynthesizedStack, settings: Settings
+) -> Iterator[str]:
+    """CloudFormation waits at most 3600 s for a custom resource (`ServiceTimeout`, "an
+    integer from 1 to 3600", https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/aws-resource-cloudformation-customresource.html):
+    a custom resource's timeout (3600 s when unset) stays within it, and a provider waiter
+    polls for less than that hour (less 5 minutes for the first handler run), so it fails
+    with its own message instead of CloudFormation timing out behind a waiter still running
+    (the CDK's Provider `totalTimeout` defaults to 30 minutes and accepts up to 2 hours)."""
+    for logical_id, resource in stack.resources.items():
+        kind = str(resource.get("Type", ""))
+        if kind.startswith("Custom::") or kind in _CUSTOM_TYPES:
+            timeout = resource.get("Properties", {}).get("ServiceTimeout", 3600)
+            if not 1 <= int(timeout) <= 3600:
+                yield f"{logical_id}: ServiceTimeout {timeout} is outside 1..3600 seconds"
+    for logical_id, machine in stack.resources_of_type("AWS::StepFunctions::StateMachine").items():
+        definition = json.dumps(machine.get("Properties", {}).get("DefinitionString", ""))
+        for interval, attempts in _WAITER_RETRY.findall(definition):
+            waits = int(interval) * int(attempts)
+            if waits > 3600 - _WAITER_MARGIN_SECONDS:
+                yield (
+                    f"{logical_id}: the waiter polls for up to {waits} s, past CloudFormation's "
+                    f"3600 s custom-resource limit less {_WAITER_MARGIN_SECONDS} s"
+                )
+
+
+@resource_rule("endpoint-keeps-scaled-count", "AWS::SageMaker::Endpoint")
+def endpoint_keeps_scaled_count(endpoint: Resource, settings: Settings) -> Iterator[str]:
+    """An endpoint update keeps the instance count autoscaling reached: without
+    `RetainAllVariantProperties` SageMaker deploys the new config's `InitialInstanceCount`
+    ("To retain the variant properties of an endpoint when updating it, set
+    RetainAllVariantProperties to true", https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_UpdateEndpoint.html),
+    so every model rollout would shrink a scaled-out fleet back to its initial size."""
+    if _props(endpoint).get("RetainAllVariantProperties") is not True:
+        yield "RetainAllVariantProperties is not true: an update resets the instance count"
+
+
+def _depends_on(resource: Resource) -> list[str]:
+    depends = resource.get("DependsOn", [])
+    return [depends] if isinstance(depends, str) else list(depends)
+
+
+@stack_rule("msk-topics-wait-for-active")
+def msk_topics_wait_for_active(stack: SynthesizedStack, settings: Settings) -> Iterator[str]:
+    """MSK topics are created and changed only while the cluster is ACTIVE, and never beside
+    the connectivity update: `UpdateConnectivity` takes the cluster out of ACTIVE for tens of
+    minutes and Firehose needs the cluster "active" with multi-VPC connectivity
+    (https://docs.aws.amazon.com/firehose/latest/dev/writing-with-msk.html). Every
+    AWS::MSK::Topic depends on the gate that waits for ACTIVE (`Step: active`), and the
+    connectivity action depends on every topic."""
+    actions = stack.resources_of_type("Custom::MskPrivateConnectivity")
+    if not actions:
+        return
+    gates = {k for k, r in actions.items() if r.get("Properties", {}).get("Step") == "active"}
+    connectivity = {k for k in actions if k not in gates}
+    for logical_id, _topic in stack.resources_of_type("AWS::MSK::Topic").items():
+        if not gates & set(_depends_on(_topic)):
+            yield f"{logical_id}: topic does not wait for the cluster to be ACTIVE"
+        for action in sorted(connectivity):
+            if logical_id not in _depends_on(stack.resources[action]):
+                yield f"{action}: the connectivity update may run beside topic {logical_id}"
+
+
+@resource_rule("metrics-published", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
+def metrics_published(resource: Resource, settings: Settings) -> Iterator[str]:
+    """Every alarm and dashboard widget asks for a metric AWS publishes, under the dimensions
+    it publishes it with (`kiln_policy.published_metrics.PUBLISHED`, each row citing its AWS
+    page): a metric that never arrives leaves an alarm that cannot fire and an empty widget."""
+    uses = (
+        alarm_uses(resource, "alarm")
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+        else dashboard_uses(resource, "dashboard")
+    )
+    for use in uses:
+        problem = use.problem()
+        if problem:
+            yield problem
+
+
+@resource_rule("endpoint-capture-privacy", "AWS::SageMaker::EndpointConfig")
+def capture_only_what_events_allow(config: Resource, settings: Settings) -> Iterator[str]:
+    """Data capture stores request and response bodies (prompts and completions); an
+    environment whose prediction events may not carry raw text (`events.allow_raw_text`
+    false) captures none."""
+    capture = _props(config).get("DataCaptureConfig")
+    if not capture or capture.get("EnableCapture") is False or settings.events.allow_raw_text:
+        return
+    modes = sorted(o.get("CaptureMode", "") for o in capture.get("CaptureOptions", []))
+    yield (
+        f"data capture of {', '.join(modes) or 'payloads'} is on although "
+        "events.allow_raw_text is false"
+    )

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from modeling.attention import AttentionBackend, CausalSDPA
 from modeling.config import ModelConfig
 from modeling.linear import dense_linear
+from modeling.rope import rope_table
 
 OpsName = Literal["kiln", "reference"]
 
@@ -189,8 +190,8 @@ class Attention(Module):
         self.split = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
         # q, k and v in one matmul: one read of the activations instead of three.
         out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, out, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, run: Run) -> Tensor:
         qkv = run.linear(self.qkv_proj, x)
@@ -237,7 +238,9 @@ class LlamaModel(Module):
     Parameter names (the `model.safetensors` keys): `embed_tokens.weight`,
     `layers.N.{attn_norm,mlp_norm}.weight`, `layers.N.attn.{qkv_proj,o_proj}.weight`,
     `layers.N.mlp.{gate_up_proj,down_proj}.weight`, `norm.weight`, and `lm_head.weight` only
-    when embeddings are untied. `qkv_proj` stacks q, k, v rows; `gate_up_proj` stacks gate, up.
+    when embeddings are untied; `layers.N.attn.qkv_proj.bias` with `qkv_bias`,
+    `layers.N.attn.o_proj.bias` with `o_bias`. `qkv_proj` stacks q, k, v rows; `gate_up_proj`
+    stacks gate, up. On disk they have Hugging Face's names, unfused (`modeling.hf`).
     """
 
     rope: Tensor  # the rotary cos/sin table, a buffer
@@ -253,10 +256,11 @@ class LlamaModel(Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        rope = self.ops.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("rope", rope_table(cfg), persistent=False)
         self.training_ops = FunctionalOps(self.ops, cfg.rms_norm_eps)
         self.causal = CausalSDPA(cfg)
+        # Training's projection: `dense_linear`, or one that adds adapters (training.lora).
+        self.linear: Callable[[nn.Module, Tensor], Tensor] = dense_linear
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -267,6 +271,8 @@ class LlamaModel(Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=out_std)
             else:
@@ -284,7 +290,7 @@ class LlamaModel(Module):
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        run = Run(positions, self.rope, self.training_ops, dense_linear, self.causal)
+        run = Run(positions, self.rope, self.training_ops, self.linear, self.causal)
         return run.linear(self.head, self.hidden(input_ids, run))
 
     def hidden(

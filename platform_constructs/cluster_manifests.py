@@ -146,3 +146,48 @@ def cluster_manifests(
     if efa_version is not None:
         manifests.append(efa_device_plugin(efa_version, region))
     return manifests
+
+
+# The Kubernetes group of the deploy-time applier's access entry, and its ClusterRole's name.
+APPLIER_GROUP = "kiln:cluster-objects"
+_APPLIER_VERBS = ["get", "create", "patch", "update", "delete"]
+
+
+def applier_rbac() -> list[dict[str, Any]]:
+    """The ClusterRole that lets the applier manage exactly the kinds it applies (and update
+    this role and its binding, by name), and the binding of that role to `APPLIER_GROUP`."""
+    rules = [
+        {"apiGroups": [""], "resources": ["namespaces", "serviceaccounts", "configmaps"]},
+        {"apiGroups": ["apps"], "resources": ["daemonsets", "deployments"]},
+        {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"]},
+    ]
+    labels = {"app.kubernetes.io/part-of": "kiln"}
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": APPLIER_GROUP, "labels": labels},
+            "rules": [
+                *({**rule, "verbs": _APPLIER_VERBS} for rule in rules),
+                {
+                    "apiGroups": ["rbac.authorization.k8s.io"],
+                    "resources": ["clusterroles", "clusterrolebindings"],
+                    "resourceNames": [APPLIER_GROUP],
+                    "verbs": ["get", "patch", "update"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": APPLIER_GROUP, "labels": labels},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": APPLIER_GROUP,
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": APPLIER_GROUP}
+            ],
+        },
+    ]

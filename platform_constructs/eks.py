@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from aws_cdk import Acknowledgment, RemovalPolicy, Validations
+from aws_cdk import Acknowledgment, CfnResource, RemovalPolicy, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -30,12 +30,16 @@ CONTROL_PLANE_LOGS = [
     eks.ClusterLoggingTypes.CONTROLLER_MANAGER,
     eks.ClusterLoggingTypes.SCHEDULER,
 ]
-# EKS worker nodes need these AWS-managed policies; AWS keeps them current with EKS.
+# EKS worker nodes need these AWS-managed policies; AWS keeps them current with EKS. The VPC
+# CNI's own policy is not among them: the CNI gets it through its own Pod Identity role, so
+# no other pod on a node can use it (EKS User Guide, "Configure the Amazon VPC CNI plugin to
+# use EKS Pod Identity").
 _NODE_POLICIES = (
     "AmazonEKSWorkerNodePolicy",
     "AmazonEC2ContainerRegistryReadOnly",
-    "AmazonEKS_CNI_Policy",
 )
+_CNI_POLICY = "AmazonEKS_CNI_Policy"
+CNI_SERVICE_ACCOUNT = ("kube-system", "aws-node")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class NodePool:
     # EFA interfaces per node (0: none); with EFA the pool sits in one zone in a cluster
     # placement group, as NCCL over EFA wants.
     efa_interfaces: int = 0
+    # The zone an EFA pool is pinned to (None: the VPC's first private subnet's zone).
+    zone: str | None = None
 
 
 def _acknowledge_managed_policies(role: iam.IRole, policies: Sequence[str], reason: str) -> None:
@@ -62,6 +68,28 @@ def _acknowledge_managed_policies(role: iam.IRole, policies: Sequence[str], reas
             )
             for name in policies
         ]
+    )
+
+
+def pod_identity_principal(
+    *, account: str, cluster_arn: str, namespace: str, service_account: str
+) -> iam.IPrincipal:
+    """EKS Pod Identity, for one service account of one cluster only. The agent passes the
+    cluster ARN, namespace and service account as session tags (EKS User Guide, "Define
+    permissions for EKS Pod Identities to assume roles based on tags"), which the trust
+    policy requires, with aws:SourceAccount and aws:SourceArn (the cluster)."""
+    return iam.SessionTagsPrincipal(
+        iam.ServicePrincipal("pods.eks.amazonaws.com").with_conditions(
+            {
+                "StringEquals": {
+                    "aws:SourceAccount": account,
+                    "aws:RequestTag/kubernetes-namespace": namespace,
+                    "aws:RequestTag/kubernetes-service-account": service_account,
+                    "aws:RequestTag/eks-cluster-arn": cluster_arn,
+                },
+                "ArnEquals": {"aws:SourceArn": cluster_arn},
+            }
+        )
     )
 
 
@@ -152,6 +180,25 @@ class GpuCluster(Construct):
                     )
                 ],
             )
+        stack = Stack.of(self)
+        self.cni_role = iam.Role(
+            self,
+            "CniRole",
+            assumed_by=pod_identity_principal(
+                account=stack.account,
+                cluster_arn=self.cluster.cluster_arn,
+                namespace=CNI_SERVICE_ACCOUNT[0],
+                service_account=CNI_SERVICE_ACCOUNT[1],
+            ),
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name(_CNI_POLICY)],
+            description=f"{name}: the VPC CNI (aws-node), through Pod Identity",
+        )
+        _acknowledge_managed_policies(
+            self.cni_role,
+            [_CNI_POLICY],
+            "The VPC CNI needs AmazonEKS_CNI_Policy (network interfaces and addresses for "
+            "pods); AWS maintains it with the CNI. Only the aws-node service account gets it.",
+        )
         self.addons = {
             addon_name: eks.Addon(
                 self,
@@ -165,6 +212,15 @@ class GpuCluster(Construct):
             )
             for addon_name, version in addons.items()
         }
+        if "vpc-cni" in self.addons:
+            cfn_addon = cast(CfnResource, self.addons["vpc-cni"].node.default_child)
+            cfn_addon.add_property_override(
+                "PodIdentityAssociations",
+                [{"RoleArn": self.cni_role.role_arn, "ServiceAccount": CNI_SERVICE_ACCOUNT[1]}],
+            )
+            # The CNI's credentials come from the Pod Identity agent.
+            if "eks-pod-identity-agent" in self.addons:
+                self.addons["vpc-cni"].node.add_dependency(self.addons["eks-pod-identity-agent"])
         self.placement_group: ec2.CfnPlacementGroup | None = None
         if gpu_pool.efa_interfaces:
             self.placement_group = ec2.CfnPlacementGroup(self, "GpuPlacement", strategy="cluster")
@@ -189,7 +245,7 @@ class GpuCluster(Construct):
         )
         # Nodes join only once pod networking exists; CoreDNS needs a node to run on.
         for group in (self.system_nodes, self.gpu_nodes):
-            for addon_name in ("vpc-cni", "kube-proxy"):
+            for addon_name in ("vpc-cni", "kube-proxy", "eks-pod-identity-agent"):
                 if addon_name in self.addons:
                     group.node.add_dependency(self.addons[addon_name])
         if "coredns" in self.addons:
@@ -248,7 +304,12 @@ class GpuCluster(Construct):
         template = self._launch_template(f"{construct_id}Template", pool)
         subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnets
         # EFA nodes share one zone (a cluster placement group cannot span zones).
-        selection = ec2.SubnetSelection(subnets=subnets[:1] if pool.efa_interfaces else subnets)
+        if pool.efa_interfaces:
+            pinned = [s for s in subnets if pool.zone in (None, s.availability_zone)][:1]
+            if not pinned:
+                raise ValueError(f"no private subnet in zone {pool.zone} for the EFA node pool")
+            subnets = pinned
+        selection = ec2.SubnetSelection(subnets=subnets)
         group = self.cluster.add_nodegroup_capacity(
             construct_id,
             nodegroup_name=name,
@@ -265,10 +326,29 @@ class GpuCluster(Construct):
                 id=template.ref, version=template.attr_latest_version_number
             ),
         )
+        # The CDK gives each group's role the CNI policy too; the CNI has its own role. The
+        # role is kept (not replaced by one of ours): a node group's NodeRole cannot change
+        # without replacing the group, which its fixed name forbids.
+        cfn_role = cast(CfnResource, group.role.node.default_child)
+        cfn_role.add_property_override(
+            "ManagedPolicyArns",
+            [
+                {"Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, f":iam::aws:policy/{p}"]]}
+                for p in _NODE_POLICIES
+            ],
+        )
         _acknowledge_managed_policies(
             group.role,
             _NODE_POLICIES,
-            "EKS worker nodes need these AWS-managed policies (kubelet, image pulls, VPC CNI); "
-            "AWS maintains them with EKS. Pods get their own roles through Pod Identity.",
+            "EKS worker nodes need these AWS-managed policies (kubelet, image pulls); AWS "
+            "maintains them with EKS. The CNI and pods get their own roles through Pod "
+            "Identity.",
+        )
+        _acknowledge_managed_policies(
+            group.role,
+            [_CNI_POLICY],
+            "Not in the deployed template: the ManagedPolicyArns override above leaves it out "
+            "(the CNI has its own Pod Identity role); cdk-nag reads the CDK's list for this "
+            "generated role from before the override.",
         )
         return group, template

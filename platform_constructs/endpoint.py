@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, Duration, Validations
+from aws_cdk import Acknowledgment, Aws, Duration, Stack, Validations
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
@@ -16,23 +16,34 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from kiln.contract import SAGEMAKER_ENDPOINTS, capture_prefix
-from platform_constructs.nag import wildcard_resource
-from platform_constructs.sagemaker_execution import execution_statements
+from kiln import instances as serving_instances
+from kiln.contract import (
+    ENDPOINT_SCALABLE_DIMENSION,
+    ENDPOINT_VARIANT,
+    SAGEMAKER_ENDPOINTS,
+    capture_prefix,
+    endpoint_scaling_resource_id,
+)
+from platform_constructs.nag import unscoped_policies, wildcard_resource
+from platform_constructs.network import https_egress
+from platform_constructs.sagemaker_execution import execution_statements, sagemaker_principal
 
-VARIANT = "AllTraffic"  # blue/green needs the same variant name in every endpoint config
+VARIANT = ENDPOINT_VARIANT  # blue/green needs the same variant name in every endpoint config
 KAFKA_IAM_PORT = 9098
 
 
 @dataclass(frozen=True)
 class TrafficShifting:
-    """Blue/green traffic shifting: `canary` (one step, then the rest) or `linear` steps."""
+    """Blue/green traffic shifting: `canary` (one step, then the rest), `linear` steps, or
+    `all_at_once` (the new fleet takes all traffic in one shift, then bakes)."""
 
-    mode: str  # "canary" | "linear"
+    mode: str  # "canary" | "linear" | "all_at_once"
     step_percent: int
     wait_minutes: int
     termination_wait_minutes: int
     max_deployment_minutes: int
+    # A step in whole instances (INSTANCE_COUNT) instead of step_percent.
+    step_instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +71,16 @@ def s3_object_arn(uri: str) -> str:
     return f"arn:{Aws.PARTITION}:s3:::{uri[5:]}"
 
 
+def rollback_alarm_name(endpoint_name: str, kind: str) -> str:
+    """`<endpoint>-rollback-<kind>`, e.g. `kiln-prod-llm-rollback-5xx-rate`."""
+    return f"{endpoint_name}-rollback-{kind}"
+
+
 class RollbackAlarms(Construct):
     """The alarms a deployment rolls back on, on the endpoint variant's own metrics:
     the 5XX error rate (%) and the p99 model latency; they also notify `actions` (on-call)
-    when they fire and when they clear. Exposes `error_rate`, `latency_p99`, `all`."""
+    when they fire and when they clear. Exposes `error_rate`, `latency_p99`, `all`, and
+    `names` (`<endpoint>-rollback-5xx-rate`, `<endpoint>-rollback-p99-latency`)."""
 
     def __init__(
         self,
@@ -96,9 +113,13 @@ class RollbackAlarms(Construct):
             label="5XX error rate (%)",
             period=period,
         )
+        # Named from the endpoint's name: the endpoint's deployment config names them, and a
+        # name the consumer derives itself cannot go stale the way a resolved-once
+        # cross-stack reference to a replaced alarm would.
         self.error_rate = cloudwatch.Alarm(
             self,
             "ErrorRate",
+            alarm_name=rollback_alarm_name(endpoint_name, "5xx-rate"),
             alarm_description=f"{endpoint_name}: 5XX error rate above "
             f"{thresholds.error_rate_percent}% (rolls a deployment back)",
             metric=error_rate,
@@ -110,6 +131,7 @@ class RollbackAlarms(Construct):
         self.latency_p99 = cloudwatch.Alarm(
             self,
             "LatencyP99",
+            alarm_name=rollback_alarm_name(endpoint_name, "p99-latency"),
             alarm_description=f"{endpoint_name}: p99 model latency above "
             f"{thresholds.latency_p99_ms} ms (rolls a deployment back)",
             # SageMaker reports ModelLatency in microseconds.
@@ -120,6 +142,11 @@ class RollbackAlarms(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         self.all = [self.error_rate, self.latency_p99]
+        # The literal names, for consumers in other stacks (no cross-stack reference).
+        self.names = [
+            rollback_alarm_name(endpoint_name, "5xx-rate"),
+            rollback_alarm_name(endpoint_name, "p99-latency"),
+        ]
         for alarm in self.all:
             alarm.add_alarm_action(*actions)
             alarm.add_ok_action(*actions)
@@ -129,11 +156,14 @@ class GuardedEndpoint(Construct):
     """Model + EndpointConfig + Endpoint for one model artifact.
 
     The model runs the `image_uri` container in the private subnets behind a security group
-    that sends only HTTPS (VPC endpoints, the S3 gateway) and Kafka-over-IAM inside the VPC,
+    that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
+    prefix list, `s3_prefix_list_id`) and Kafka-over-IAM inside the VPC,
     with an execution role that may read the artifact and the image, decrypt with
     `artifact_key`, write its logs, metrics and data capture, plus `extra_statements`. The
-    endpoint config encrypts the ML volume with `volume_key` and captures `capture_percent`
-    of requests and responses to `capture_bucket` (KMS). A new artifact is a new model and
+    endpoint config names `volume_key` for the ML storage volume only where the instance type
+    has no local instance storage (CreateEndpointConfig rejects a key otherwise; the instance
+    encrypts its NVMe volumes itself), and captures `capture_percent` of requests and
+    responses to `capture_bucket` (KMS) only when it is above 0. A new artifact is a new model and
     config: the endpoint update then runs blue/green with the given traffic shifting and
     rolls back by itself when a rollback alarm fires. Target tracking scales the variant.
 
@@ -165,6 +195,7 @@ class GuardedEndpoint(Construct):
         scaling: Scaling,
         environment: Mapping[str, str],
         extra_statements: Sequence[iam.PolicyStatement] = (),
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -174,16 +205,20 @@ class GuardedEndpoint(Construct):
             allow_all_outbound=False,
             description=f"{endpoint_name}: HTTPS (VPC endpoints, S3) and Kafka in the VPC only",
         )
-        # HTTPS to any address: the S3 gateway endpoint's prefix list has no id offline;
-        # the private subnets route S3 through that endpoint, other AWS APIs to interface ones.
-        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS")
+        https_egress(
+            self.security_group,
+            vpc_cidr=vpc_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
+            what="Model container",
+        )
         self.security_group.add_egress_rule(
             ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(KAFKA_IAM_PORT), "MSK (IAM over TLS)"
         )
+        stack = Stack.of(self)
         self.role = iam.Role(
             self,
             "ExecutionRole",
-            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            assumed_by=sagemaker_principal(stack.account, stack.region, stack.partition),
             description=f"{endpoint_name}: SageMaker model execution",
         )
         capture_root = capture_prefix(endpoint_name)
@@ -193,7 +228,9 @@ class GuardedEndpoint(Construct):
         runtime = execution_statements(
             SAGEMAKER_ENDPOINTS, repository=image_repository, logs_arn=logs_arn
         )
+        capture = capture_percent > 0
         capture_objects = capture_bucket.arn_for_objects(f"{capture_root}/*")
+        s3_via = {"StringEquals": {"kms:ViaService": f"s3.{Aws.REGION}.amazonaws.com"}}
         self.policy = iam.ManagedPolicy(
             self,
             "ExecutionPolicy",
@@ -202,23 +239,35 @@ class GuardedEndpoint(Construct):
                 iam.PolicyStatement(
                     actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)]
                 ),
-                iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects]),
+                *(
+                    [iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects])]
+                    if capture
+                    else []
+                ),
+                # The lake key, only as S3 uses it for the artifact (and capture objects).
                 iam.PolicyStatement(
-                    actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[artifact_key.key_arn]
+                    actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                    resources=[artifact_key.key_arn],
+                    conditions=s3_via,
                 ),
                 runtime.pull_image,
-                *runtime.unscoped,
                 runtime.write_logs,
                 *extra_statements,
             ],
         )
+        self.unscoped_policies = unscoped_policies(self, [self.role], runtime.unscoped)
         Validations.of(self.policy).acknowledge(
-            runtime.acknowledgment,
-            wildcard_resource(
-                self,
-                capture_objects,
-                "Data capture writes objects whose keys "
-                "SageMaker generates, under this endpoint's own prefix.",
+            *(
+                [
+                    wildcard_resource(
+                        self,
+                        capture_objects,
+                        "Data capture writes objects whose keys "
+                        "SageMaker generates, under this endpoint's own prefix.",
+                    )
+                ]
+                if capture
+                else []
             ),
             wildcard_resource(
                 self,
@@ -243,11 +292,14 @@ class GuardedEndpoint(Construct):
             ),
         )
         # The role's permissions must exist before SageMaker validates the model with it.
-        self.model.node.add_dependency(self.policy)
+        self.model.node.add_dependency(self.policy, *self.unscoped_policies.values())
+        # CreateEndpointConfig fails when KmsKeyId is given for an instance type with local
+        # (NVMe) storage, which the instance encrypts itself (SageMaker API Reference).
+        self.volume_key_used = not serving_instances.has_instance_storage(instance_type)
         self.config = sagemaker.CfnEndpointConfig(
             self,
             "Config",
-            kms_key_id=volume_key.key_arn,
+            kms_key_id=volume_key.key_arn if self.volume_key_used else None,
             production_variants=[
                 sagemaker.CfnEndpointConfig.ProductionVariantProperty(
                     variant_name=VARIANT,
@@ -259,9 +311,11 @@ class GuardedEndpoint(Construct):
                     model_data_download_timeout_in_seconds=download_timeout_seconds,
                 )
             ],
+            # Captured bodies are prompts and completions: only when capture is asked for
+            # (the settings allow it only with events.allow_raw_text).
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
-                enable_capture=capture_percent > 0,
-                initial_sampling_percentage=max(capture_percent, 1),
+                enable_capture=True,
+                initial_sampling_percentage=capture_percent,
                 destination_s3_uri=f"s3://{capture_bucket.bucket_name}/{capture_root}",
                 kms_key_id=artifact_key.key_arn,
                 capture_options=[
@@ -271,16 +325,41 @@ class GuardedEndpoint(Construct):
                 capture_content_type_header=sagemaker.CfnEndpointConfig.CaptureContentTypeHeaderProperty(
                     json_content_types=["application/json"],
                 ),
-            ),
+            )
+            if capture
+            else None,
         )
-        step = sagemaker.CfnEndpoint.CapacitySizeProperty(
-            type="CAPACITY_PERCENT", value=shifting.step_percent
+        if not self.volume_key_used:
+            Validations.of(self.config).acknowledge(
+                Acknowledgment(
+                    id="NIST.800.53.R5-SageMakerEndpointConfigurationKMSKeyConfigured",
+                    reason=f"{instance_type} has local NVMe instance storage, which the "
+                    "instance encrypts with a hardware module; CreateEndpointConfig fails when "
+                    "KmsKeyId is given for such a type (SageMaker API Reference).",
+                )
+            )
+        step = (
+            sagemaker.CfnEndpoint.CapacitySizeProperty(
+                type="INSTANCE_COUNT", value=shifting.step_instances
+            )
+            if shifting.step_instances is not None
+            else sagemaker.CfnEndpoint.CapacitySizeProperty(
+                type="CAPACITY_PERCENT", value=shifting.step_percent
+            )
         )
         self.endpoint = sagemaker.CfnEndpoint(
             self,
             "Endpoint",
             endpoint_name=endpoint_name,
             endpoint_config_name=self.config.attr_endpoint_config_name,
+            # A new model version keeps the instance count autoscaling reached instead of
+            # resetting to InitialInstanceCount; data capture still follows the new config.
+            retain_all_variant_properties=True,
+            exclude_retained_variant_properties=[
+                sagemaker.CfnEndpoint.VariantPropertyProperty(
+                    variant_property_type="DataCaptureConfig"
+                )
+            ],
             deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
                 blue_green_update_policy=sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
                     traffic_routing_configuration=sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
@@ -304,8 +383,8 @@ class GuardedEndpoint(Construct):
             self,
             "Scaling",
             service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
-            resource_id=f"endpoint/{endpoint_name}/variant/{VARIANT}",
-            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            resource_id=endpoint_scaling_resource_id(endpoint_name),
+            scalable_dimension=ENDPOINT_SCALABLE_DIMENSION,
             min_capacity=scaling.min_instances,
             max_capacity=scaling.max_instances,
         )

@@ -110,6 +110,8 @@ class MskToS3Delivery(Construct):
         self.stream = firehose.CfnDeliveryStream(
             self,
             "Stream",
+            # Named, so the name the stack outputs and the alarms watch is the stream's own.
+            delivery_stream_name=stream_name,
             delivery_stream_type="MSKAsSource",
             msk_source_configuration=firehose.CfnDeliveryStream.MSKSourceConfigurationProperty(
                 msk_cluster_arn=cluster.arn,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,26 @@ def topic_configs(topic: Topic, replication_factor: int) -> str:
     return base64.b64encode(json.dumps(configs, sort_keys=True).encode()).decode()
 
 
+def topic_gate_fingerprint(
+    *,
+    kafka_version: str,
+    instance_type: str,
+    broker_count: int,
+    storage_gib: int,
+    replication_factor: int,
+    topics: Sequence[Topic],
+) -> str:
+    """What a topic change must wait behind, as a short hash: the cluster's own settings (a
+    change to them starts a cluster operation) and the topics themselves. The gate carries it
+    as a property, so CloudFormation runs the gate again whenever either changes."""
+    spec = {
+        "cluster": [kafka_version, instance_type, broker_count, storage_gib],
+        "topics": [[t.name, t.partitions, t.retention_hours] for t in topics],
+        "replication": replication_factor,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class MskCluster(Construct):
     """MSK in the private subnets, one broker group across the zones; clients in
     `client_cidr` (the VPC's literal range) may reach the brokers' IAM/TLS port.
@@ -86,6 +107,7 @@ class MskCluster(Construct):
         super().__init__(scope, construct_id)
         self.name = name
         self.vpc = vpc
+        self.client_cidr = client_cidr
         self.security_group = ec2.SecurityGroup(
             self,
             "SecurityGroup",
@@ -167,6 +189,14 @@ class MskCluster(Construct):
         self.cluster.apply_removal_policy(removal_policy)
         self.configuration.apply_removal_policy(removal_policy)
         self.arn = self.cluster.attr_arn
+        self.topic_gate_fingerprint = topic_gate_fingerprint(
+            kafka_version=kafka_version,
+            instance_type=instance_type,
+            broker_count=broker_count,
+            storage_gib=storage_gib,
+            replication_factor=replication_factor,
+            topics=topics,
+        )
         self.topics: dict[str, msk.CfnTopic] = {}
         for index, topic in enumerate(topics):
             self.topics[topic.name] = msk.CfnTopic(
@@ -272,6 +302,7 @@ class MskCluster(Construct):
         log_key: kms.IKey,
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
+        s3_prefix_list_id: str | None = None,
     ) -> DeployTimeAction:
         """Multi-VPC private connectivity for IAM clients plus a cluster policy for Firehose.
 
@@ -280,6 +311,15 @@ class MskCluster(Construct):
         """
         if self.firehose_access is not None:
             return self.firehose_access
+        # The policy Firehose documents for an MSK source: its service principal may call
+        # CreateVpcConnection on the cluster ("Configure source settings for Amazon MSK",
+        # https://docs.aws.amazon.com/firehose/latest/dev/writing-with-msk.html). An
+        # `aws:SourceAccount` condition was here; neither that page nor MSK's cluster-policy
+        # page (mvpc-cluster-owner-action-policy.html) says Firehose sends that key on this
+        # call, and a StringEquals on a key absent from the request fails, which would deny
+        # the connection and fail the delivery stream's creation. It is left out: the
+        # connection alone reads nothing, since every Kafka action still needs IAM
+        # permissions in this account (the delivery role's, `read_statements`).
         self.cluster_policy = msk.CfnClusterPolicy(
             self,
             "FirehosePolicy",
@@ -298,7 +338,6 @@ class MskCluster(Construct):
                             "kafka:DescribeClusterV2",
                         ],
                         "Resource": self.arn,
-                        "Condition": {"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
                     }
                 ],
             },
@@ -320,8 +359,24 @@ class MskCluster(Construct):
             log_key=log_key,
             log_retention=log_retention,
             removal_policy=removal_policy,
+            vpc_cidr=self.client_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
             poll=True,
+            # Its calls are single API requests: a short function timeout leaves the waiter
+            # most of CloudFormation's hour (DeployTimeAction.total_timeout_minutes).
+            timeout_minutes=3,
         )
         # The cluster itself is a dependency through ClusterArn; the policy must exist too.
         self.firehose_access.resource.node.add_dependency(self.cluster_policy)
+        # Topics before connectivity: UpdateConnectivity takes the cluster out of ACTIVE for
+        # tens of minutes and the topic APIs need it ACTIVE. Topics wait behind a gate of the
+        # same handler that completes once the cluster is ACTIVE and runs again whenever the
+        # topics or the cluster's settings change (its fingerprint property).
+        self.topic_gate = self.firehose_access.add_resource(
+            "TopicsWaitForActive",
+            {"ClusterArn": self.arn, "Step": "active", "Fingerprint": self.topic_gate_fingerprint},
+        )
+        for topic in self.topics.values():
+            topic.node.add_dependency(self.topic_gate)
+            self.firehose_access.resource.node.add_dependency(topic)
         return self.firehose_access

@@ -8,13 +8,15 @@ custom-resource Provider framework), each with its reason.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aws_cdk import Acknowledgment, Stack, Validations
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import custom_resources as cr
-from constructs import IConstruct
+from constructs import Construct, IConstruct
 
 _MANAGED = "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/{}]"
 _FRAMEWORK_FUNCTIONS = ("framework-onEvent", "framework-isComplete", "framework-onTimeout")
@@ -44,6 +46,45 @@ def wildcard_resource(scope: IConstruct, resource: str, reason: str) -> Acknowle
     """
     text = _nag_text(Stack.of(scope).resolve(resource))
     return Acknowledgment(id=f"AwsSolutions-IAM5[Resource::{text}]", reason=reason)
+
+
+UNSCOPED = "AwsSolutions-IAM5[Resource::*]"
+
+
+@dataclass(frozen=True)
+class UnscopedStatement:
+    """A statement whose actions take no resource ARN (`Resource: *`), and why it is needed.
+
+    cdk-nag acknowledges `Resource::*` per policy, not per statement: so each such statement
+    gets a managed policy of its own (`unscoped_policies`), and an acknowledgement can never
+    cover a second statement added beside it later.
+    """
+
+    name: str  # the policy's construct id, e.g. "NetworkInterfaces"
+    statement: iam.PolicyStatement
+    reason: str
+
+
+def unscoped_policies(
+    scope: Construct,
+    roles: Sequence[iam.IRole],
+    statements: Sequence[UnscopedStatement],
+    *,
+    prefix: str = "",
+) -> dict[str, iam.ManagedPolicy]:
+    """One customer-managed policy per unscoped statement, attached to `roles`, each with its
+    own `Resource::*` acknowledgement; returned by name (construct ids `<prefix><name>Policy`)."""
+    policies = {}
+    for unscoped in statements:
+        policy = iam.ManagedPolicy(
+            scope,
+            f"{prefix}{unscoped.name}Policy",
+            roles=list(roles),
+            statements=[unscoped.statement],
+        )
+        Validations.of(policy).acknowledge(Acknowledgment(id=UNSCOPED, reason=unscoped.reason))
+        policies[unscoped.name] = policy
+    return policies
 
 
 def _arn_wildcard(function: IConstruct) -> str:

@@ -22,7 +22,53 @@ WORKLOAD_INTERFACE_ENDPOINTS: Mapping[str, ec2.InterfaceVpcEndpointAwsService] =
     "SageMakerRuntime": ec2.InterfaceVpcEndpointAwsService.SAGEMAKER_RUNTIME,
     "Kms": ec2.InterfaceVpcEndpointAwsService.KMS,
     "SecretsManager": ec2.InterfaceVpcEndpointAwsService.SECRETS_MANAGER,
+    # What the deploy-time handlers, the model container and training call besides: EKS
+    # (DescribeCluster), MSK (GetBootstrapBrokers, UpdateConnectivity), the Redshift Data API
+    # and Redshift Serverless (GetNamespace), CloudWatch metrics, EC2 (the S3 prefix-list
+    # lookup), and Lambda and Step Functions (the CDK's custom-resource framework in the VPC).
+    "Eks": ec2.InterfaceVpcEndpointAwsService.EKS,
+    "Kafka": ec2.InterfaceVpcEndpointAwsService.KAFKA,
+    "RedshiftData": ec2.InterfaceVpcEndpointAwsService.REDSHIFT_DATA,
+    "RedshiftServerless": ec2.InterfaceVpcEndpointAwsService.REDSHIFT_SERVERLESS,
+    "Monitoring": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_MONITORING,
+    "Ec2": ec2.InterfaceVpcEndpointAwsService.EC2,
+    "Lambda": ec2.InterfaceVpcEndpointAwsService.LAMBDA_,
+    "StepFunctions": ec2.InterfaceVpcEndpointAwsService.STEP_FUNCTIONS,
 }
+
+
+def account_only_endpoint_policy(endpoint: ec2.InterfaceVpcEndpoint) -> None:
+    """The endpoint serves this account's principals only: stolen credentials of another
+    account cannot use it to move data out of the VPC (PrivateLink guide, "Control access to
+    VPC endpoints using endpoint policies"; global key aws:PrincipalAccount)."""
+    endpoint.add_to_policy(
+        iam.PolicyStatement(
+            principals=[iam.AnyPrincipal()],
+            actions=["*"],
+            resources=["*"],
+            conditions={"StringEquals": {"aws:PrincipalAccount": Aws.ACCOUNT_ID}},
+        )
+    )
+
+
+def https_egress(
+    group: ec2.SecurityGroup, *, vpc_cidr: str, s3_prefix_list_id: str | None, what: str
+) -> None:
+    """HTTPS out of `group`: to the VPC (its interface endpoints, private API servers) and to S3
+    through the gateway endpoint (`s3_prefix_list_id`, the region's S3 prefix list), nothing
+    else. Without a prefix list id (an environment without interface endpoints), AWS APIs are
+    reached through the NAT gateways: HTTPS to any address."""
+    if s3_prefix_list_id is None:
+        group.add_egress_rule(
+            ec2.Peer.any_ipv4(), ec2.Port.tcp(443), f"{what}: AWS APIs through NAT"
+        )
+        return
+    group.add_egress_rule(
+        ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(443), f"{what}: AWS APIs (interface endpoints)"
+    )
+    group.add_egress_rule(
+        ec2.Peer.prefix_list(s3_prefix_list_id), ec2.Port.tcp(443), f"{what}: S3 (gateway endpoint)"
+    )
 
 
 class PlatformVpc(Construct):
@@ -166,3 +212,5 @@ class PlatformVpc(Construct):
             )
             for name, service in interface_endpoints.items()
         }
+        for endpoint in self.interface_endpoints.values():
+            account_only_endpoint_policy(endpoint)

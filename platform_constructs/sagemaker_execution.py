@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Acknowledgment
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
 
@@ -16,17 +15,17 @@ from kiln.contract import (
     VPC_ACCESS_ACTIONS,
     SageMakerRuntime,
 )
+from platform_constructs.nag import UnscopedStatement
 
 
 @dataclass(frozen=True)
 class ExecutionStatements:
     """`pull_image` and `write_logs` name their resources; `unscoped` holds the actions that take
-    no resource ARN, which `acknowledgment` explains to cdk-nag."""
+    no resource ARN, each with its reason (one managed policy each: `nag.unscoped_policies`)."""
 
     pull_image: iam.PolicyStatement
     write_logs: iam.PolicyStatement
-    unscoped: tuple[iam.PolicyStatement, ...]
-    acknowledgment: Acknowledgment
+    unscoped: tuple[UnscopedStatement, ...]
 
 
 def execution_statements(
@@ -39,20 +38,45 @@ def execution_statements(
             actions=list(ECR_PULL_ACTIONS), resources=[repository.repository_arn]
         ),
         write_logs=iam.PolicyStatement(actions=list(LOG_WRITE_ACTIONS), resources=[logs_arn]),
-        # These take no resource ARN (AWS documents "*").
+        # These take no resource ARN: the Service Authorization Reference lists no resource
+        # type for them (ECR, CloudWatch, EC2 network interfaces of SageMaker's VPC mode).
         unscoped=(
-            iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
-            iam.PolicyStatement(
-                actions=["cloudwatch:PutMetricData"],
-                resources=["*"],
-                conditions={"StringEquals": {"cloudwatch:namespace": runtime.metrics_namespace}},
+            UnscopedStatement(
+                "RegistryLogin",
+                iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),
+                "ecr:GetAuthorizationToken (the registry login before the image pull) takes "
+                "no resource ARN; pulling is scoped to the image's repository.",
             ),
-            iam.PolicyStatement(actions=list(VPC_ACCESS_ACTIONS), resources=["*"]),
+            UnscopedStatement(
+                "Metrics",
+                iam.PolicyStatement(
+                    actions=["cloudwatch:PutMetricData"],
+                    resources=["*"],
+                    conditions={
+                        "StringEquals": {"cloudwatch:namespace": runtime.metrics_namespace}
+                    },
+                ),
+                "cloudwatch:PutMetricData takes no resource ARN; the statement is limited to "
+                f"the {runtime.metrics_namespace} namespace by a condition.",
+            ),
+            UnscopedStatement(
+                "NetworkInterfaces",
+                iam.PolicyStatement(actions=list(VPC_ACCESS_ACTIONS), resources=["*"]),
+                "SageMaker's VPC mode creates, describes and deletes network interfaces in "
+                "the role's name; these EC2 actions and the Describe* calls take no "
+                "resource ARN.",
+            ),
         ),
-        acknowledgment=Acknowledgment(
-            id="AwsSolutions-IAM5[Resource::*]",
-            reason="ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by a "
-            "namespace condition) and the VPC network-interface actions take no resource "
-            "ARN; every other statement names its resources.",
-        ),
+    )
+
+
+def sagemaker_principal(account: str, region: str, partition: str) -> iam.IPrincipal:
+    """SageMaker, on behalf of this account's own SageMaker resources only (SageMaker Developer
+    Guide, "Cross-service confused deputy prevention": aws:SourceAccount and aws:SourceArn in
+    an execution role's trust policy, for inference and training)."""
+    return iam.ServicePrincipal("sagemaker.amazonaws.com").with_conditions(
+        {
+            "StringEquals": {"aws:SourceAccount": account},
+            "ArnLike": {"aws:SourceArn": f"arn:{partition}:sagemaker:{region}:{account}:*"},
+        }
     )

@@ -1,9 +1,21 @@
 """Generates the Redshift SQL for streaming ingestion from MSK, from the prediction-event schema.
 
-The statements are idempotent: the external schema is created `IF NOT EXISTS`, and each
-materialized view comes with a query that finds it, so the deploy-time handler skips views
-that exist. A view's name carries the event schema version: a new version gets a new view
-beside the old one instead of a rebuild that would lose the rows already ingested.
+Redshift's streaming-ingestion guidance (https://docs.aws.amazon.com/redshift/latest/dg/
+materialized-view-streaming-ingestion.html, "Data-parsing best practices") shapes it: each
+record is parsed once, with JSON_PARSE into a SUPER column, instead of once per extracted
+column (JSON_EXTRACT_PATH_TEXT re-parses the record for every column, and fails past 64 KB),
+and each topic feeds one materialized view, not several. So:
+
+- one auto-refreshing materialized view per topic, `public.<topic>_stream`: Kafka metadata and
+  the parsed `payload` (SUPER) of every record that is valid JSON, whatever its schema version;
+- one plain view per event schema version, `public.<topic>_v<version>`: typed columns
+  projected from `payload` with PartiQL, for the records of that version. A new schema version
+  is a new plain view beside the old one over the same materialized view: nothing is
+  re-ingested and nothing already ingested is lost.
+
+The statements are idempotent: the external schema is created `IF NOT EXISTS`, the
+materialized view comes with a query that finds it (the deploy-time handler then skips it),
+and the versioned views are `CREATE OR REPLACE`.
 """
 
 from __future__ import annotations
@@ -28,12 +40,16 @@ class Statement:
 
     sql: str
     skip_if_rows: str | None = None
+    # Run first when an update changes `sql` (the object exists, but with old settings).
+    drop_when_changed: str | None = None
 
     def as_property(self) -> dict[str, str]:
         """The form the custom resource's properties carry (CloudFormation strings)."""
         prop = {"Sql": self.sql}
         if self.skip_if_rows is not None:
             prop["SkipIfRows"] = self.skip_if_rows
+        if self.drop_when_changed is not None:
+            prop["DropWhenChanged"] = self.drop_when_changed
         return prop
 
 
@@ -68,48 +84,49 @@ def redshift_type(field: PayloadField) -> str:
     raise TypeError(f"no Redshift type for {field.name}: {field.python_type!r}")
 
 
-def _column(field: PayloadField) -> str:
-    # FROM_VARBYTE yields a VARCHAR, at most 65535 bytes: a larger message (raw text allowed)
-    # keeps NULL typed columns instead of failing the refresh, and is whole in `payload`.
-    # JSON_EXTRACT_PATH_TEXT gives '' for a missing key or a JSON null; NULLIF makes it NULL
-    # so the cast of a number or time cannot fail a refresh either.
-    text = (
-        f"CASE WHEN OCTET_LENGTH(kafka_value) <= {_TEXT_BYTES} THEN JSON_EXTRACT_PATH_TEXT("
-        f"FROM_VARBYTE(kafka_value, 'utf-8'), {_literal(field.name)}, true) END"
-    )
-    return f"CAST(NULLIF({text}, '') AS {redshift_type(field)}) AS {_identifier(field.name)}"
+def _projection(field: PayloadField) -> str:
+    """A PartiQL projection of one payload key to its typed column. A missing key or a JSON
+    null is NULL; a SUPER string cast to TIMESTAMPTZ goes through VARCHAR."""
+    path = f"payload.{_identifier(field.name)}"
+    kind = redshift_type(field)
+    if kind == "TIMESTAMPTZ":
+        return f"{path}::VARCHAR::TIMESTAMPTZ AS {field.name}"
+    return f"{path}::{kind} AS {field.name}"
 
 
 def external_schema(*, iam_role_arn: str, cluster_arn: str) -> Statement:
-    """The external schema over the MSK cluster, read with IAM authentication."""
+    """The external schema over the MSK cluster, read with IAM authentication.
+
+    `IF NOT EXISTS` would keep a schema pointing at a replaced cluster or role: when either
+    changes, the handler first drops the schema with the views built on it (they read the old
+    cluster; its events are in the raw zone through Firehose), and the views are re-created.
+    """
     return Statement(
         f"CREATE EXTERNAL SCHEMA IF NOT EXISTS {EXTERNAL_SCHEMA} FROM MSK "
         f"IAM_ROLE {_literal(iam_role_arn)} AUTHENTICATION iam "
-        f"CLUSTER_ARN {_literal(cluster_arn)}"
+        f"CLUSTER_ARN {_literal(cluster_arn)}",
+        drop_when_changed=f"DROP SCHEMA IF EXISTS {EXTERNAL_SCHEMA} CASCADE",
     )
 
 
-def materialized_view(topic: str, fields: list[PayloadField] | None = None) -> Statement:
-    """An auto-refreshing materialized view parsing one topic's JSON events into typed columns.
+def stream_view_name(topic: str) -> str:
+    """The one materialized view of a topic, e.g. `prediction_events_stream`."""
+    return _identifier(re.sub(r"[^a-z0-9]+", "_", topic.lower()).strip("_") + "_stream")
 
-    Messages that are not valid JSON are left out (CAN_JSON_PARSE) rather than failing the
-    refresh. Raw prompt and completion text are not typed columns (together they can exceed a
-    VARCHAR); they, and any field added later, are read from the `payload` SUPER column.
+
+def materialized_view(topic: str) -> Statement:
+    """The topic's auto-refreshing materialized view: each record parsed once into SUPER.
+
+    Records that are not valid JSON are left out (CAN_JSON_PARSE) rather than failing the
+    refresh.
     """
-    name = view_name(topic)
-    typed = [
-        f
-        for f in (fields if fields is not None else payload_fields())
-        if f.name not in _TEXT_FIELDS
-    ]
-    columns = [_column(f) for f in typed]
+    name = stream_view_name(topic)
     select = ",\n  ".join(
         [
             "kafka_partition",
             "kafka_offset",
             "kafka_timestamp",
             "FROM_VARBYTE(kafka_key, 'utf-8') AS kafka_key",
-            *columns,
             "JSON_PARSE(kafka_value) AS payload",
         ]
     )
@@ -126,11 +143,47 @@ def materialized_view(topic: str, fields: list[PayloadField] | None = None) -> S
     return Statement(sql, skip_if_rows=exists)
 
 
+def version_view(
+    topic: str,
+    fields: list[PayloadField] | None = None,
+    schema_version: int = SCHEMA_VERSION,
+) -> Statement:
+    """A plain view with one typed column per scalar payload field of `schema_version`,
+    projected from the materialized view's `payload` (no second parse, no second ingestion).
+
+    Raw prompt and completion text are not typed columns (together they can exceed a
+    VARCHAR); they, and any field added later, are read from the `payload` SUPER column.
+    """
+    typed = [
+        f
+        for f in (fields if fields is not None else payload_fields())
+        if f.name not in _TEXT_FIELDS
+    ]
+    select = ",\n  ".join(
+        [
+            "kafka_partition",
+            "kafka_offset",
+            "kafka_timestamp",
+            "kafka_key",
+            *(_projection(f) for f in typed),
+            "payload",
+        ]
+    )
+    sql = (
+        f"CREATE OR REPLACE VIEW {VIEW_SCHEMA}.{view_name(topic, schema_version)} AS\n"
+        f"SELECT\n  {select}\n"
+        f"FROM {VIEW_SCHEMA}.{stream_view_name(topic)}\n"
+        f"WHERE payload.schema_version = {int(schema_version)}"
+    )
+    return Statement(sql)
+
+
 def streaming_ingestion(
     *, iam_role_arn: str, cluster_arn: str, topics: list[str]
 ) -> list[Statement]:
-    """Every statement, in order: the external schema, then one view per topic."""
+    """Every statement, in order: the external schema, then per topic its materialized view
+    and the view of the current schema version."""
     return [
         external_schema(iam_role_arn=iam_role_arn, cluster_arn=cluster_arn),
-        *(materialized_view(topic) for topic in topics),
+        *(s for topic in topics for s in (materialized_view(topic), version_view(topic))),
     ]

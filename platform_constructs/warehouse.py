@@ -20,7 +20,7 @@ from aws_cdk import aws_redshift as redshift
 from aws_cdk import aws_redshiftserverless as serverless
 from constructs import Construct
 
-from platform_constructs.nag import wildcard_resource
+from platform_constructs.nag import UnscopedStatement
 
 AUDIT_LOGS = ["connectionlog", "userlog", "useractivitylog"]
 # Not 5439: the default port is the first one scanned (AwsSolutions-RS4).
@@ -41,6 +41,37 @@ def _security_group(
     )
     group.add_ingress_rule(ec2.Peer.ipv4(client_cidr), ec2.Port.tcp(PORT), "SQL clients in the VPC")
     return group
+
+
+def secrets_manager_decrypt(key: kms.IKey) -> iam.PolicyStatement:
+    """kms:Decrypt on the warehouse key, only as Secrets Manager uses it for the admin secret."""
+    return iam.PolicyStatement(
+        actions=["kms:Decrypt"],
+        resources=[key.key_arn],
+        conditions={
+            "StringEquals": {"kms:ViaService": f"secretsmanager.{Aws.REGION}.amazonaws.com"}
+        },
+    )
+
+
+# The Data API calls that act on a statement id: they take no resource ARN, and the Redshift
+# Management Guide ("Authorizing access to the Amazon Redshift Data API") limits them to the
+# statements the caller itself started with the redshift-data:statement-owner-iam-userid key.
+DATA_API_OWN_STATEMENTS = UnscopedStatement(
+    "OwnStatements",
+    iam.PolicyStatement(
+        actions=[
+            "redshift-data:DescribeStatement",
+            "redshift-data:GetStatementResult",
+            "redshift-data:CancelStatement",
+        ],
+        resources=["*"],
+        conditions={"StringEquals": {"redshift-data:statement-owner-iam-userid": "${aws:userid}"}},
+    ),
+    "The Data API's DescribeStatement, GetStatementResult and CancelStatement take a "
+    "statement id, not a resource ARN; the statement-owner condition limits them to the "
+    "statements this handler started.",
+)
 
 
 class ServerlessWarehouse(Construct):
@@ -102,9 +133,12 @@ class ServerlessWarehouse(Construct):
         )
         self.workgroup.add_resource_dependency(self.namespace)
         # CloudFormation does not return the managed admin secret's ARN (aws-cdk#29930), so
-        # the handler asks GetNamespace for it at deploy time.
+        # the handler asks GetNamespace for it at deploy time. Redshift names it
+        # `redshift!<namespace>-<admin user>`, and Secrets Manager appends `-` and six random
+        # characters: the pattern matches this namespace's admin secret and no other.
         managed = (
-            f"arn:{Aws.PARTITION}:secretsmanager:{Aws.REGION}:{Aws.ACCOUNT_ID}:secret:redshift!*"
+            f"arn:{Aws.PARTITION}:secretsmanager:{Aws.REGION}:{Aws.ACCOUNT_ID}:secret:"
+            f"redshift!{name}-{admin_username}-??????"
         )
         self.data_api_properties = {
             "WorkgroupName": self.workgroup.workgroup_name,
@@ -120,20 +154,12 @@ class ServerlessWarehouse(Construct):
                 actions=["redshift-serverless:GetNamespace"],
                 resources=[self.namespace.attr_namespace_namespace_arn],
             ),
-            # Redshift names the secrets it manages `redshift!...`; reading one also needs
-            # kms:Decrypt on its key, granted for this warehouse's key only.
+            # The Data API reads this namespace's admin secret with the caller's credentials;
+            # the secret is encrypted with the warehouse key, usable only through Secrets Manager.
             iam.PolicyStatement(actions=["secretsmanager:GetSecretValue"], resources=[managed]),
-            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[key.key_arn]),
+            secrets_manager_decrypt(key),
         ]
-        self.data_api_acknowledgements = [
-            wildcard_resource(
-                self,
-                managed,
-                "CloudFormation does not return the ARN of the admin secret "
-                "Redshift manages (aws-cdk#29930); this names Redshift-managed secrets only, and "
-                "decrypting one needs this warehouse's KMS key, the only key granted.",
-            )
-        ]
+        self.data_api_acknowledgements: list[Acknowledgment] = []
 
 
 class ProvisionedWarehouse(Construct):
@@ -230,7 +256,7 @@ class ProvisionedWarehouse(Construct):
                 actions=["secretsmanager:GetSecretValue"],
                 resources=[self.cluster.attr_master_password_secret_arn],
             ),
-            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[key.key_arn]),
+            secrets_manager_decrypt(key),
         ]
         self.data_api_acknowledgements: list[Acknowledgment] = []
 

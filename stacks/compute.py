@@ -7,6 +7,7 @@ import json
 from aws_cdk import CfnOutput, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_eks as eks_l1
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -24,11 +25,12 @@ from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
 from platform_constructs import cluster_manifests
 from platform_constructs.deploy_time_action import DeployTimeAction
-from platform_constructs.eks import GpuCluster, NodePool
+from platform_constructs.eks import GpuCluster, NodePool, pod_identity_principal
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
-from platform_constructs.nag import wildcard_resource
-from platform_constructs.sagemaker_execution import execution_statements
+from platform_constructs.nag import unscoped_policies, wildcard_resource
+from platform_constructs.network import https_egress
+from platform_constructs.sagemaker_execution import execution_statements, sagemaker_principal
 from stacks.base import REPO, KilnStack, image_context, removal_policy
 from stacks.data_lake import lake_bucket
 
@@ -50,6 +52,7 @@ class ComputeStack(KilnStack):
         vpc: ec2.IVpc,
         log_key: kms.IKey,
         lake_key: kms.IKey,
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -97,6 +100,7 @@ class ComputeStack(KilnStack):
                 root_volume_gib=gpu.root_volume_gib,
                 spot=gpu.capacity == "spot",
                 efa_interfaces=gpu_type.efa_interfaces,
+                zone=gpu.efa_zone,
             ),
             addons={str(name): version for name, version in compute.addons.items()},
             nodegroup_names=(
@@ -116,7 +120,22 @@ class ComputeStack(KilnStack):
         )
         self.trainer_role = self._trainer_identity(settings, cluster, lake_key)
         self.sagemaker_training_role, self.training_security_group = self._sagemaker_training(
-            settings, vpc
+            settings, vpc, s3_prefix_list_id
+        )
+        applier_role = iam.Role(
+            self,
+            "ClusterObjectsRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"kiln {settings.name}: device plugins and training namespace: "
+            "deploy-time handler",
+        )
+        # EKS names an access entry's ARN .../access-entry/<cluster>/role/<account>/<role>/<id>.
+        own_entry = (
+            f"arn:{self.partition}:eks:{self.region}:{self.account}:access-entry/"
+            f"{cluster.cluster_name}/role/{self.account}/{applier_role.role_name}/*"
+        )
+        admin_policy = (
+            f"arn:{self.partition}:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
         )
         manifests = cluster_manifests.cluster_manifests(
             namespace=compute.training_namespace,
@@ -131,27 +150,61 @@ class ComputeStack(KilnStack):
             module="kubernetes_apply",
             resource_type="Custom::KubernetesObjects",
             description=f"kiln {settings.name}: device plugins and training namespace",
-            properties={"ClusterName": cluster.cluster_name, "Manifests": json.dumps(manifests)},
+            properties={
+                "ClusterName": cluster.cluster_name,
+                "Manifests": json.dumps(manifests),
+                "Rbac": json.dumps(cluster_manifests.applier_rbac()),
+                "PrincipalArn": applier_role.role_arn,
+            },
+            role=applier_role,
             statements=[
                 iam.PolicyStatement(
                     actions=["eks:DescribeCluster"], resources=[cluster.cluster_arn]
+                ),
+                # A moment of cluster-admin to bootstrap its own RBAC: that one policy, on
+                # its own access entry only (the handler disassociates it again at once).
+                iam.PolicyStatement(
+                    actions=["eks:AssociateAccessPolicy"],
+                    resources=[own_entry],
+                    conditions={
+                        "StringEquals": {
+                            "eks:policyArn": admin_policy,
+                            "eks:accessScope": "cluster",
+                        }
+                    },
+                ),
+                iam.PolicyStatement(
+                    actions=["eks:DisassociateAccessPolicy"],
+                    resources=[own_entry],
+                    conditions={"StringEquals": {"eks:policyArn": admin_policy}},
+                ),
+            ],
+            acknowledgements=[
+                wildcard_resource(
+                    self,
+                    own_entry,
+                    "The applier's own access entry; EKS appends a generated id to "
+                    "its ARN. Only AmazonEKSClusterAdminPolicy, only while it bootstraps RBAC.",
                 )
             ],
             vpc=vpc,
+            vpc_cidr=settings.network.vpc_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
             log_key=log_key,
             log_retention=retention,
             removal_policy=policy,
         )
-        # The handler applies objects as a cluster admin, over the private endpoint.
-        cluster.grant_access(
-            "ClusterObjectsApplier",
-            self.manifests.role.role_arn,
-            [
-                eks.AccessPolicy.from_access_policy_name(
-                    "AmazonEKSClusterAdminPolicy", access_scope_type=eks.AccessScopeType.CLUSTER
-                )
-            ],
+        # The handler's Kubernetes identity: a group bound (by the handler, see
+        # cluster_manifests.applier_rbac) to exactly the kinds it applies; no access policy.
+        self.applier_access = eks_l1.CfnAccessEntry(
+            self,
+            "ClusterObjectsApplierAccess",
+            cluster_name=cluster.cluster_name,
+            principal_arn=applier_role.role_arn,
+            kubernetes_groups=[cluster_manifests.APPLIER_GROUP],
+            type="STANDARD",
         )
+        self.manifests.resource.node.add_dependency(self.applier_access)
         cluster.cluster_security_group.add_ingress_rule(
             self.manifests.security_group, ec2.Port.tcp(443), "Deploy-time object applier"
         )
@@ -172,7 +225,12 @@ class ComputeStack(KilnStack):
         role = iam.Role(
             self,
             "TrainerRole",
-            assumed_by=iam.SessionTagsPrincipal(iam.ServicePrincipal("pods.eks.amazonaws.com")),
+            assumed_by=pod_identity_principal(
+                account=self.account,
+                cluster_arn=cluster.cluster_arn,
+                namespace=compute.training_namespace,
+                service_account=compute.trainer_service_account,
+            ),
             description=f"kiln {settings.name}: training pods (Pod Identity)",
         )
         curated = lake_bucket(self, settings, "curated")
@@ -245,14 +303,14 @@ class ComputeStack(KilnStack):
         return role
 
     def _sagemaker_training(
-        self, settings: Settings, vpc: ec2.IVpc
+        self, settings: Settings, vpc: ec2.IVpc, s3_prefix_list_id: str | None
     ) -> tuple[iam.Role, ec2.SecurityGroup]:
         """The execution role and network of SageMaker training jobs (`kiln train --on
         sagemaker`): the trainer's lake access plus what SageMaker needs to run the image."""
         role = iam.Role(
             self,
             "SageMakerTrainingRole",
-            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            assumed_by=sagemaker_principal(self.account, self.region, self.partition),
             description=f"kiln {settings.name}: SageMaker training jobs",
         )
         self.trainer_policy.attach_to_role(role)
@@ -263,7 +321,12 @@ class ComputeStack(KilnStack):
             allow_all_outbound=False,
             description=f"kiln {settings.name}: SageMaker training (HTTPS out, hosts together)",
         )
-        group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS (S3, ECR, APIs)")
+        https_egress(
+            group,
+            vpc_cidr=settings.network.vpc_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
+            what="SageMaker training",
+        )
         # Distributed training: the job's hosts talk to each other (rendezvous, NCCL).
         group.add_ingress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
         group.add_egress_rule(group, ec2.Port.all_tcp(), "Training hosts among themselves")
@@ -277,10 +340,12 @@ class ComputeStack(KilnStack):
             self,
             "SageMakerTrainingPolicy",
             roles=[role],
-            statements=[statements.pull_image, statements.write_logs, *statements.unscoped],
+            statements=[statements.pull_image, statements.write_logs],
+        )
+        self.sagemaker_training_unscoped = unscoped_policies(
+            self, [role], statements.unscoped, prefix="SageMakerTraining"
         )
         Validations.of(runtime).acknowledge(
-            statements.acknowledgment,
             wildcard_resource(
                 self,
                 logs_arn,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 
 from aws_cdk import Duration, Environment, RemovalPolicy, Stack, pipelines
@@ -115,8 +116,9 @@ class DeliveryStack(Stack):
                         build_environment=BUILD_ENVIRONMENT,
                         commands=[
                             "make install-infra",
+                            # Quoted for the shell: a prompt may hold quotes, $ or backticks.
                             f".venv/bin/kiln invoke --env {settings.name} --max-new-tokens 16 "
-                            f"--prompt '{delivery.smoke_prompt}'",
+                            f"--prompt {shlex.quote(delivery.smoke_prompt)}",
                         ],
                         role_policy_statements=[
                             iam.PolicyStatement(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aws_cdk import CfnOutput, Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
@@ -12,8 +14,12 @@ from constructs import Construct
 from kiln import naming
 from kiln.contract import Component, Outputs
 from kiln.settings import Settings
+from platform_constructs.eks import GpuCluster
 from platform_constructs.endpoint import VARIANT, RollbackAlarms, RollbackThresholds
+from platform_constructs.firehose import MskToS3Delivery
 from platform_constructs.kms import PlatformKey
+from platform_constructs.msk import MskCluster
+from platform_constructs.warehouse import ProvisionedWarehouse, ServerlessWarehouse, Warehouse
 from stacks.base import KilnStack, removal_policy
 
 PERIOD = Duration.minutes(1)
@@ -32,14 +38,48 @@ def _metric(
     )
 
 
-def _search(expression: str, statistic: str, label: str) -> cloudwatch.MathExpression:
+def _search(
+    expression: str, statistic: str, label: str, period: int = 60
+) -> cloudwatch.MathExpression:
     """A dashboard-only series found by a metric SEARCH (for dimensions named at run time)."""
     return cloudwatch.MathExpression(
-        expression=f"SEARCH('{expression}', '{statistic}', 60)",
+        expression=f"SEARCH('{expression}', '{statistic}', {period})",
         label=label,
-        period=PERIOD,
+        period=Duration.seconds(period),
         using_metrics={},
     )
+
+
+@dataclass(frozen=True)
+class Watched:
+    """The resources the alarms and the dashboard watch, read from the constructs that
+    create them (attributes, never names rebuilt here): the delivery stream's name is its
+    `Ref`, the cluster's, workgroup's and node group's names their own properties.
+
+    The endpoint is the one exception: its deployment names the rollback alarms, so they
+    exist before it and watch the name `naming.endpoint_name` gives it (a test checks the
+    serving stack's EndpointName is that name)."""
+
+    delivery_stream_name: str
+    kafka_cluster_name: str
+    warehouse_dimension: dict[str, str]
+    gpu_nodegroup_name: str
+
+    @classmethod
+    def of(
+        cls, *, delivery: MskToS3Delivery, msk: MskCluster, warehouse: Warehouse, gpu: GpuCluster
+    ) -> Watched:
+        if isinstance(warehouse, ServerlessWarehouse):
+            dimension = {"Workgroup": warehouse.workgroup.ref}
+        else:
+            assert isinstance(warehouse, ProvisionedWarehouse)
+            dimension = {"ClusterIdentifier": warehouse.cluster.ref}
+        return cls(
+            delivery_stream_name=delivery.stream.ref,
+            kafka_cluster_name=msk.cluster.cluster_name,
+            warehouse_dimension=dimension,
+            gpu_nodegroup_name=gpu.gpu_nodes.nodegroup_name,
+        )
 
 
 class ObservabilityStack(KilnStack):
@@ -49,7 +89,9 @@ class ObservabilityStack(KilnStack):
     Attributes: `key`, `topic`, `rollback_alarms`, `alarms`, `dashboard`.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, settings: Settings, watched: Watched
+    ) -> None:
         super().__init__(
             scope,
             construct_id,
@@ -88,13 +130,13 @@ class ObservabilityStack(KilnStack):
             ),
             actions=[notify],
         )
-        cluster = naming.prefix(settings)
+        cluster = watched.kafka_cluster_name
         firehose = settings.streaming.firehose
         stream_name = naming.delivery_stream_name(settings)
         freshness = _metric(
             "AWS/Firehose",
             "DeliveryToS3.DataFreshness",
-            {"DeliveryStreamName": stream_name},
+            {"DeliveryStreamName": watched.delivery_stream_name},
             "Maximum",
             "data freshness (s)",
         )
@@ -132,34 +174,31 @@ class ObservabilityStack(KilnStack):
         for alarm in self.alarms:
             alarm.add_alarm_action(notify)
             alarm.add_ok_action(notify)
-        self.dashboard = self._dashboard(settings, endpoint, cluster, freshness)
+        self.dashboard = self._dashboard(settings, endpoint, watched, freshness)
         CfnOutput(self, Outputs.ON_CALL_TOPIC_ARN.key, value=self.topic.topic_arn)
         CfnOutput(self, Outputs.DASHBOARD_NAME.key, value=self.dashboard.dashboard_name)
 
     def _dashboard(
-        self, settings: Settings, endpoint: str, cluster: str, freshness: cloudwatch.Metric
+        self, settings: Settings, endpoint: str, watched: Watched, freshness: cloudwatch.Metric
     ) -> cloudwatch.Dashboard:
         variant = {"EndpointName": endpoint, "VariantName": VARIANT}
+        cluster = watched.kafka_cluster_name
 
         def sagemaker(name: str, statistic: str, label: str) -> cloudwatch.Metric:
             return _metric("AWS/SageMaker", name, variant, statistic, label)
 
-        host = {"EndpointName": endpoint, "VariantName": VARIANT}
+        def instances(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+            # Instance metrics are per variant; per-instance ones need enhanced metrics.
+            return _metric("/aws/sagemaker/Endpoints", name, variant, statistic, label)
+
         warehouse = (
             [
                 _metric(
                     "AWS/Redshift-Serverless",
                     "ComputeCapacity",
-                    {"Workgroup": cluster},
+                    watched.warehouse_dimension,
                     "Average",
                     "RPUs",
-                ),
-                _metric(
-                    "AWS/Redshift-Serverless",
-                    "QueriesCompletedPerSecond",
-                    {"Workgroup": cluster},
-                    "Average",
-                    "queries/s",
                 ),
             ]
             if settings.warehouse.kind == "serverless"
@@ -167,7 +206,7 @@ class ObservabilityStack(KilnStack):
                 _metric(
                     "AWS/Redshift",
                     "CPUUtilization",
-                    {"ClusterIdentifier": cluster},
+                    watched.warehouse_dimension,
                     "Average",
                     "CPU %",
                 )
@@ -176,13 +215,13 @@ class ObservabilityStack(KilnStack):
         dashboard = cloudwatch.Dashboard(
             self,
             "Dashboard",
-            dashboard_name=f"{cluster}-platform",
+            dashboard_name=f"{naming.prefix(settings)}-platform",
             default_interval=Duration.hours(3),
         )
         dashboard.add_widgets(
             cloudwatch.TextWidget(
                 markdown=f"# kiln {settings.name}\nEndpoint `{endpoint}`, "
-                f"MSK `{cluster}`, EKS `{cluster}`",
+                f"MSK `{cluster}`, EKS `{naming.prefix(settings)}`",
                 width=24,
                 height=1,
             ),
@@ -214,25 +253,13 @@ class ObservabilityStack(KilnStack):
                 ],
             ),
             cloudwatch.GraphWidget(
-                title="Endpoint instances (GPU use per host)",
+                title="Endpoint instances (GPU use, variant average)",
                 width=6,
                 left=[
-                    _search(
-                        f"{{/aws/sagemaker/Endpoints,EndpointName,VariantName,Host}} "
-                        f'MetricName="GPUUtilization" EndpointName="{endpoint}"',
-                        "Average",
-                        "GPU % by host",
-                    ),
+                    instances("GPUUtilization", "Average", "GPU %"),
+                    instances("GPUMemoryUtilization", "Average", "GPU memory %"),
                 ],
-                right=[
-                    _metric(
-                        "/aws/sagemaker/Endpoints",
-                        "CPUUtilization",
-                        host,
-                        "SampleCount",
-                        "hosts reporting",
-                    )
-                ],
+                right=[instances("CPUUtilization", "SampleCount", "instances reporting")],
             ),
         )
         dashboard.add_widgets(
@@ -241,10 +268,10 @@ class ObservabilityStack(KilnStack):
                 width=6,
                 left=[
                     _search(
-                        f'{{AWS/Kafka,"Cluster Name","Broker ID"}} MetricName="BytesInPerSec" '
-                        f'"Cluster Name"="{cluster}"',
+                        f'{{AWS/Kafka,"Cluster Name","Broker ID",Topic}} '
+                        f'MetricName="BytesInPerSec" "Cluster Name"="{cluster}"',
                         "Average",
-                        "bytes/s by broker",
+                        "bytes/s by broker and topic",
                     )
                 ],
             ),
@@ -270,11 +297,16 @@ class ObservabilityStack(KilnStack):
                 title="GPU node group size",
                 width=12,
                 left=[
+                    # EKS does not turn on group metrics collection for the Auto Scaling group
+                    # of a managed node group, so GroupInServiceInstances never exists; EC2
+                    # publishes its instance metrics per AutoScalingGroupName (`eks-<node
+                    # group>-<id>`) with basic monitoring, one sample per node per 5 minutes.
                     _search(
-                        "{AWS/AutoScaling,AutoScalingGroupName} MetricName="
-                        f'"GroupInServiceInstances" "eks-{naming.nodegroup_name(settings, "gpu")}"',
-                        "Maximum",
-                        "in-service GPU nodes",
+                        '{AWS/EC2,AutoScalingGroupName} MetricName="CPUUtilization" '
+                        f'"eks-{watched.gpu_nodegroup_name}"',
+                        "SampleCount",
+                        "GPU nodes reporting",
+                        period=300,
                     )
                 ],
             ),

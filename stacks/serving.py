@@ -13,7 +13,7 @@ from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from kiln import naming
-from kiln.contract import Component, Outputs, ServerEnv
+from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
@@ -46,7 +46,8 @@ class ServingStack(KilnStack):
         vpc: ec2.IVpc,
         lake_key: kms.IKey,
         msk: MskCluster,
-        rollback_alarms: Sequence[cloudwatch.IAlarm],
+        rollback_alarm_names: Sequence[str],
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -101,8 +102,14 @@ class ServingStack(KilnStack):
                     wait_minutes=serving.deployment.wait_minutes,
                     termination_wait_minutes=serving.deployment.termination_wait_minutes,
                     max_deployment_minutes=serving.deployment.max_deployment_minutes,
+                    step_instances=serving.deployment.step_instances,
                 ),
-                rollback_alarms=rollback_alarms,
+                # By name: the alarms' names are derived from the endpoint's, so the
+                # deployment config cannot keep a stale reference to a replaced alarm.
+                rollback_alarms=[
+                    cloudwatch.Alarm.from_alarm_name(self, f"RollbackAlarm{i}", alarm)
+                    for i, alarm in enumerate(rollback_alarm_names)
+                ],
                 scaling=Scaling(
                     min_instances=scaling.min_instances,
                     max_instances=scaling.max_instances,
@@ -120,7 +127,11 @@ class ServingStack(KilnStack):
                     ServerEnv.EVENTS_TOPIC: topic,
                     ServerEnv.EVENTS_REGION: Stack.of(self).region,
                     ServerEnv.ALLOW_RAW_TEXT: str(settings.events.allow_raw_text).lower(),
+                    ServerEnv.MAX_NEW_TOKENS: str(serving.max_new_tokens),
+                    # Drain, then flush events, inside SageMaker's SIGTERM-to-SIGKILL window.
+                    ServerEnv.GRACEFUL_TIMEOUT_S: str(SERVER_DRAIN_SECONDS),
                 },
+                s3_prefix_list_id=s3_prefix_list_id,
                 extra_statements=[
                     *msk.write_statements([topic]),
                     iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),

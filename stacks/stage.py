@@ -12,7 +12,7 @@ from platform_constructs.aspects import LogGroupRetention
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
 from stacks.network import NetworkStack
-from stacks.observability import ObservabilityStack
+from stacks.observability import ObservabilityStack, Watched
 from stacks.serving import ServingStack
 from stacks.streaming import StreamingStack
 from stacks.warehouse import WarehouseStack
@@ -38,6 +38,7 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.warehouse = WarehouseStack(
             self,
@@ -47,6 +48,7 @@ class KilnStage(Stage):
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.compute = ComputeStack(
             self,
@@ -55,9 +57,18 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             log_key=self.network.log_key,
             lake_key=self.data_lake.key,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
         self.observability = ObservabilityStack(
-            self, Component.OBSERVABILITY.construct_id, settings=settings
+            self,
+            Component.OBSERVABILITY.construct_id,
+            settings=settings,
+            watched=Watched.of(
+                delivery=self.streaming.delivery,
+                msk=self.streaming.msk,
+                warehouse=self.warehouse.warehouse,
+                gpu=self.compute.gpu_cluster,
+            ),
         )
         self.serving = ServingStack(
             self,
@@ -66,8 +77,12 @@ class KilnStage(Stage):
             vpc=self.network.vpc,
             lake_key=self.data_lake.key,
             msk=self.streaming.msk,
-            rollback_alarms=self.observability.rollback_alarms.all,
+            rollback_alarm_names=self.observability.rollback_alarms.names,
+            s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
+        # The endpoint's deployment names the rollback alarms by their derived names (no
+        # cross-stack reference carries the order), and they must exist first.
+        self.serving.add_stack_dependency(self.observability)
         # These address lake buckets by name, so the order is declared rather than implied.
         for stack in (self.streaming, self.warehouse, self.compute, self.serving):
             stack.add_stack_dependency(self.data_lake)

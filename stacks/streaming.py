@@ -33,6 +33,7 @@ class StreamingStack(KilnStack):
         vpc: ec2.IVpc,
         log_key: kms.IKey,
         lake_key: kms.IKey,
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -69,7 +70,10 @@ class StreamingStack(KilnStack):
             removal_policy=policy,
         )
         self.msk.enable_firehose_access(
-            log_key=log_key, log_retention=retention, removal_policy=policy
+            log_key=log_key,
+            log_retention=retention,
+            removal_policy=policy,
+            s3_prefix_list_id=s3_prefix_list_id,
         )
         self.delivery = MskToS3Delivery(
             self,

@@ -17,7 +17,12 @@ from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.msk import MskCluster
 from platform_constructs.nag import wildcard_resource
-from platform_constructs.warehouse import ProvisionedWarehouse, ServerlessWarehouse, Warehouse
+from platform_constructs.warehouse import (
+    DATA_API_OWN_STATEMENTS,
+    ProvisionedWarehouse,
+    ServerlessWarehouse,
+    Warehouse,
+)
 from stacks.base import KilnStack, removal_policy
 from stacks.data_lake import lake_bucket
 
@@ -39,6 +44,7 @@ class WarehouseStack(KilnStack):
         log_key: kms.IKey,
         lake_key: kms.IKey,
         msk: MskCluster,
+        s3_prefix_list_id: str | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -63,10 +69,11 @@ class WarehouseStack(KilnStack):
         self.role = iam.Role(
             self,
             "WarehouseRole",
+            # Only on behalf of this account's warehouses (confused-deputy prevention).
             assumed_by=iam.CompositePrincipal(
                 iam.ServicePrincipal("redshift.amazonaws.com"),
                 iam.ServicePrincipal("redshift-serverless.amazonaws.com"),
-            ),
+            ).with_conditions({"StringEquals": {"aws:SourceAccount": self.account}}),
             description=f"kiln {settings.name}: Redshift COPY from the lake, MSK ingestion",
         )
         self.role_policy = iam.ManagedPolicy(
@@ -79,7 +86,13 @@ class WarehouseStack(KilnStack):
                     resources=[b.bucket_arn for b in readable_buckets],
                 ),
                 iam.PolicyStatement(actions=["s3:GetObject"], resources=objects),
-                iam.PolicyStatement(actions=["kms:Decrypt"], resources=[lake_key.key_arn]),
+                iam.PolicyStatement(
+                    actions=["kms:Decrypt"],
+                    resources=[lake_key.key_arn],
+                    conditions={
+                        "StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}
+                    },
+                ),
                 *msk.read_statements(topics),
             ],
         )
@@ -142,18 +155,10 @@ class WarehouseStack(KilnStack):
                 "Statements": [s.as_property() for s in statements],
             },
             acknowledgements=self.warehouse.data_api_acknowledgements,
-            statements=[
-                *self.warehouse.data_api_statements,
-                # These act on statement ids the caller started; they take no resource ARN.
-                iam.PolicyStatement(
-                    actions=[
-                        "redshift-data:DescribeStatement",
-                        "redshift-data:GetStatementResult",
-                        "redshift-data:CancelStatement",
-                    ],
-                    resources=["*"],
-                ),
-            ],
+            statements=self.warehouse.data_api_statements,
+            unscoped=[DATA_API_OWN_STATEMENTS],
+            vpc_cidr=settings.network.vpc_cidr,
+            s3_prefix_list_id=s3_prefix_list_id,
             vpc=vpc,
             log_key=log_key,
             log_retention=retention_days(settings.log_retention_days),

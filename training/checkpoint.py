@@ -68,6 +68,12 @@ def save(store: Store, step: int, state: dict[str, Any], *, keep: int = 2) -> st
             local = Path(d) / STATE
             torch.save(state, local)
             store.put_file(local, f"{name}/{STATE}")
+    return commit(store, step, keep=keep)
+
+
+def commit(store: Store, step: int, *, keep: int) -> str:
+    """Points latest.json at the (whole) checkpoint of `step` and prunes older ones."""
+    name = step_dir(step)
     store.write_bytes(LATEST, json.dumps({"step": step, "dir": name}).encode() + b"\n")
     _prune(store, keep=keep, current=name)
     return store.describe(name)

@@ -25,9 +25,14 @@ import torch
 from torch import Tensor
 
 from modeling.tokenizer import ByteTokenizer
+from training.records import IGNORE, Encoder, Piece, RecordError
 from training.storage import is_s3, parse_s3, s3_client
 
-DEFAULT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+DEFAULT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
+# Files of records (one JSON object a line: chat messages, or a prompt and its completion).
+RECORDS_SUFFIX = ".jsonl"
+# How far past a segment's end a reader looks for the end of its last line, per read.
+LINE_CHUNK = 64 << 10
 # The default corpus's own noise: installed packages are not the standard library.
 STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -251,8 +256,102 @@ def read_segments(source: Source, segments: Sequence[Segment], tok: ByteTokenize
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
+def is_records(shard: Shard) -> bool:
+    return shard.key.endswith(RECORDS_SUFFIX)
+
+
+def _line_start(source: Source, shard: Shard, pos: int) -> int:
+    """The first line start at or after `pos` (a line starts at 0 or after a newline)."""
+    if pos <= 0:
+        return 0
+    at = pos - 1
+    while at < shard.size:
+        chunk = source.read(shard.key, at, min(at + LINE_CHUNK, shard.size))
+        found = chunk.find(b"\n")
+        if found >= 0:
+            return at + found + 1
+        at += len(chunk)
+    return shard.size
+
+
+def read_lines(source: Source, seg: Segment) -> tuple[int, bytes]:
+    """Where they start and the whole lines that start inside the segment: a tokenizer never
+    sees a word or a character (or a record) cut at a segment's byte boundary."""
+    start = _line_start(source, seg.shard, seg.start)
+    end = seg.shard.size if seg.last else _line_start(source, seg.shard, seg.end)
+    return start, source.read(seg.shard.key, start, end) if start < end else b""
+
+
+def segment_pieces(source: Source, seg: Segment, encoder: Encoder) -> list[Piece]:
+    """A segment's text (bos at a document's start, end-of-text at its end) or its records."""
+    offset, data = read_lines(source, seg)
+    if not is_records(seg.shard):
+        if not data and not (seg.first or seg.last):
+            return []
+        return [
+            encoder.text(data.decode("utf-8", errors="replace"), first=seg.first, last=seg.last)
+        ]
+    pieces = []
+    for line in data.split(b"\n"):
+        if line.strip():
+            try:
+                pieces.append(encoder.record(line.decode("utf-8")))
+            except (RecordError, UnicodeDecodeError) as err:
+                where = f"{source.describe().rstrip('/')}/{seg.shard.key}"
+                raise DataError(
+                    f"{where}: the record on the line at byte {offset}: {err}"
+                ) from None
+        offset += len(line) + 1
+    return pieces
+
+
+def pack(pieces: Sequence[Piece], block: int, pad_id: int) -> Tensor:
+    """Pieces packed into blocks of `block` tokens, int64 [n, 2, block]: ids, then labels (the
+    id where it is a target, IGNORE elsewhere). Text runs on across blocks; a record starts a new
+    block when it does not fit in the current one's rest (which is padded), a record longer
+    than a block is cut to one, and a last partial block is kept (padded) when it holds a
+    record."""
+    ids: list[Tensor] = []
+    labels: list[Tensor] = []
+    used = 0  # tokens in the current (last) block
+    record_tail = False
+    for p in pieces:
+        n = len(p.ids)
+        if p.record:
+            room = block - used
+            if n > room and used:
+                ids.append(torch.full((room,), pad_id, dtype=torch.int64))
+                labels.append(torch.full((room,), IGNORE, dtype=torch.int64))
+                used = 0
+            n = min(n, block)
+            record_tail = True
+        ids.append(torch.tensor(p.ids[:n], dtype=torch.int64))
+        labels.append(torch.tensor(p.labels()[:n], dtype=torch.int64))
+        used = (used + n) % block
+        if used == 0:
+            record_tail = False
+    if used and record_tail:
+        ids.append(torch.full((block - used,), pad_id, dtype=torch.int64))
+        labels.append(torch.full((block - used,), IGNORE, dtype=torch.int64))
+    if not ids:
+        return torch.empty(0, 2, block, dtype=torch.int64)
+    flat = torch.stack([torch.cat(ids), torch.cat(labels)])
+    n = flat.shape[1] // block
+    return flat[:, : n * block].view(2, n, block).transpose(0, 1).contiguous()
+
+
+def inputs_targets(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch's inputs and next-token targets: from [n, seq_len + 1] ids (every token a target)
+    or [n, 2, seq_len + 1] ids and labels (IGNORE where not)."""
+    if blocks.dim() == 2:
+        return blocks[:, :-1], blocks[:, 1:]
+    return blocks[:, 0, :-1], blocks[:, 1, 1:]
+
+
 class BlockStream:
-    """An endless, seeded, resumable stream of [seq_len + 1] training blocks (input + target)."""
+    """An endless, seeded, resumable stream of training blocks: [n, seq_len + 1] ids for text
+    with the byte tokenizer, whose layout follows from the listing, else [n, 2, seq_len + 1]
+    ids and labels, tokenized a window at a time (`encoder`, the model's tokenizer)."""
 
     def __init__(
         self,
@@ -262,9 +361,11 @@ class BlockStream:
         seed: int,
         window_bytes: int = 16 << 20,
         tokenizer: ByteTokenizer | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
         self.tok = tokenizer or ByteTokenizer()
+        self.encoder = encoder
         self.block = seq_len + 1
         segment_bytes = max(s.end - s.start for s in corpus.train)
         self.window_segments = max(1, window_bytes // max(1, segment_bytes))
@@ -272,7 +373,7 @@ class BlockStream:
         self._blocks: Tensor | None = None  # the current window's blocks, shuffled
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-data")
         self._next: tuple[tuple[int, int], Future[Tensor]] | None = None
-        if self._epoch_blocks(0) == 0:
+        if encoder is None and self._epoch_blocks(0) == 0:
             raise DataError(
                 f"too little training text under {corpus.source.describe()}: "
                 f"{corpus.train_tokens} tokens make no block of seq_len + 1 = {self.block} tokens "
@@ -290,9 +391,15 @@ class BlockStream:
 
     def _load(self, epoch: int, window: int) -> Tensor:
         segs = self._order(epoch)[window]
-        ids = read_segments(self.corpus.source, segs, self.tok)
-        n = ids.numel() // self.block
-        blocks = ids[: n * self.block].view(n, self.block)
+        if self.encoder is None:
+            ids = read_segments(self.corpus.source, segs, self.tok)
+            n = ids.numel() // self.block
+            blocks = ids[: n * self.block].view(n, self.block)
+        else:
+            enc = self.encoder
+            pieces = [p for s in segs for p in segment_pieces(self.corpus.source, s, enc)]
+            blocks = pack(pieces, self.block, enc.pad_id)
+            n = blocks.shape[0]
         return blocks[torch.randperm(n, generator=_generator(self.seed, epoch, window, 1))]
 
     def _advance(self) -> tuple[int, int]:
@@ -311,14 +418,21 @@ class BlockStream:
         return self._blocks
 
     def next_blocks(self, n: int) -> Tensor:
-        """The next n blocks of the stream, int64 [n, seq_len + 1]."""
+        """The next n blocks of the stream, int64 [n, seq_len + 1] (or [n, 2, seq_len + 1])."""
         out = []
+        empty = 0  # windows in a row that made no block: a whole epoch of them is an error
         while n > 0:
             blocks = self._current()
             take = blocks[self.offset : self.offset + n]
             out.append(take)
             n -= take.shape[0]
             self.offset += take.shape[0]
+            empty = empty + 1 if blocks.shape[0] == 0 else 0
+            if empty > len(self._order(self.epoch)):
+                raise DataError(
+                    f"too little training data under {self.corpus.source.describe()}: it makes "
+                    f"no block of seq_len + 1 = {self.block} tokens (add data or lower --seq-len)"
+                )
             if self.offset >= blocks.shape[0]:
                 self.epoch, self.window = self._advance()
                 self.offset, self._blocks = 0, None
@@ -336,11 +450,30 @@ class BlockStream:
 
 
 def validation_blocks(
-    corpus: Corpus, *, seq_len: int, max_blocks: int, tokenizer: ByteTokenizer | None = None
+    corpus: Corpus,
+    *,
+    seq_len: int,
+    max_blocks: int,
+    tokenizer: ByteTokenizer | None = None,
+    encoder: Encoder | None = None,
 ) -> Tensor:
     """Up to max_blocks fixed validation blocks, read in the split's stable order."""
     tok = tokenizer or ByteTokenizer()
     block = seq_len + 1
+    if encoder is not None:
+        pieces: list[Piece] = []
+        blocks = pack([], block, encoder.pad_id)
+        for seg in corpus.val:
+            pieces += segment_pieces(corpus.val_source, seg, encoder)
+            blocks = pack(pieces, block, encoder.pad_id)
+            if blocks.shape[0] >= max_blocks:
+                break
+        if corpus.val and blocks.shape[0] == 0:
+            raise DataError(
+                f"the validation split of {corpus.val_source.describe()} makes no block of "
+                f"{block} tokens: raise --val-fraction, lower --seq-len, or pass --val-fraction 0"
+            )
+        return blocks[:max_blocks]
     chunks: list[Tensor] = []
     have = 0
     for seg in corpus.val:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from modeling.model import lm_loss
+from training.loss import batch_loss, target_count
 from training.parallel import Distributed, Precision
 
 
@@ -39,11 +39,20 @@ class Evaluator:
             return None
         model.eval()
         mine = self.blocks[self.dist.rank :: self.dist.world]
-        total = 0.0
+        # Every rank runs as many forwards (a sharded model's forward is a collective): one
+        # with fewer blocks than rank 0 runs a spare batch whose loss it ignores.
+        most = -(-self.blocks.shape[0] // self.dist.world)
+        total = count = 0.0
         with torch.no_grad(), self.precision.autocast():
-            for i in range(0, mine.shape[0], self.batch_size):
+            for i in range(0, most, self.batch_size):
                 b = mine[i : i + self.batch_size].to(self.dist.device)
-                total += lm_loss(model(b[:, :-1]), b[:, 1:]).item() * b.shape[0]
+                if b.shape[0] == 0:
+                    batch_loss(model, self.blocks[:1].to(self.dist.device))
+                    continue
+                # Weighed by targets: blocks of records hold different numbers of them.
+                targets = float(target_count(b))
+                total += batch_loss(model, b).item() * targets
+                count += targets
         model.train()
-        loss_sum, count = self.dist.all_reduce([total, float(mine.shape[0])])
-        return loss_sum / count
+        loss_sum, count = self.dist.all_reduce([total, count])
+        return loss_sum / max(count, 1.0)

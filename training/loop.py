@@ -8,6 +8,8 @@ optimizer, evaluator, checkpointer, metrics) and drives them. The loop's progres
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import signal
 import tempfile
 import time
@@ -16,20 +18,33 @@ from types import FrameType, TracebackType
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from modeling.artifact import TARBALL, save_model_dir, write_tarball
-from modeling.model import LlamaModel, lm_loss
-from modeling.tokenizer import ByteTokenizer
-from training import budget, sagemaker
-from training.checkpointer import Checkpointer
-from training.data import BlockStream, Corpus, open_source, validation_blocks
+from modeling.artifact import TARBALL, load_model_dir, read_config, save_model_dir, write_tarball
+from modeling.config import ModelConfig
+from modeling.model import LlamaModel
+from modeling.rope import rope_table
+from modeling.tokenizer import ByteTokenizer, Tokenizer
+from training import budget, lora, sagemaker
+from training.checkpointer import Checkpointer, ShardedCheckpointer
+from training.data import (
+    BlockStream,
+    Corpus,
+    is_records,
+    open_source,
+    validation_blocks,
+)
 from training.evaluate import Evaluator
+from training.lora import LoraSpec
+from training.loss import batch_loss
 from training.metrics import Metrics
 from training.optim import Schedule, build_optimizer
-from training.parallel import DataParallel, Distributed, Precision, Strategy
-from training.state import TrainState
-from training.storage import is_s3, open_store
+from training.parallel import Distributed, FullyShard, Precision, Strategy, choose_strategy
+from training.records import CHAT_TEMPLATE_FILE, Encoder, read_chat_template
+from training.state import TrainError, TrainState
+from training.storage import download_dir, is_s3, open_store
+
+ADAPTER_DIR = "adapter"
 
 SIGTERM = "SIGTERM"
 MAX_MINUTES = "max-minutes"
@@ -62,9 +77,37 @@ class Trainer:
         self, args: argparse.Namespace, dist: Distributed, sm: sagemaker.SageMakerEnv | None = None
     ) -> None:
         self.args, self.dist, self.sm = args, dist, sm
-        cfg = args.model_config
         self.metrics = Metrics(dist.is_main, args.job_name, args.progress_every)
-        self.tokenizer = ByteTokenizer()
+        torch.manual_seed(args.seed)  # identical initial weights (and adapters) on every rank
+        # `model` holds the weights (what the optimizer, checkpoints and export see); `wrapped`
+        # is what runs: compiled and/or spread over the ranks by the parallelism.
+        self.init_dir: Path | None = None
+        self.chat_template: str | None = None
+        self.tokenizer: Tokenizer
+        if args.init_from:
+            self.init_dir = self._fetch_model(args.init_from)
+            self.model, self.tokenizer = load_model_dir(
+                self.init_dir, ops=args.ops, dtype=torch.float32
+            )
+            self.model.train()
+            self.chat_template = read_chat_template(self.init_dir, self.tokenizer)
+            args.model_config = self.model.config
+        else:
+            self.model = LlamaModel(args.model_config, ops=args.ops)
+            self.tokenizer = ByteTokenizer()
+        cfg = args.model_config
+        if args.seq_len > cfg.max_seq_len:
+            raise TrainError(
+                f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens"
+            )
+        self.lora = (
+            LoraSpec.parse(args.lora_rank, args.lora_alpha, args.lora_targets)
+            if (args.lora_rank)
+            else None
+        )
+        if self.lora is not None:
+            lora.attach(self.model, self.lora)
+        self.model.to(dist.device)
 
         self.source = open_source(args.data, args.suffixes)
         val_source = open_source(args.val_data, args.suffixes) if args.val_data else None
@@ -74,29 +117,57 @@ class Trainer:
             val_fraction=args.val_fraction,
             val_source=val_source,
         )
+        # Bytes with kiln's tokenizer: the exact, listing-derived layout; anything else (another
+        # tokenizer, or records) is tokenized a window at a time.
+        records = any(is_records(s.shard) for s in self.corpus.train + self.corpus.val)
+        exact = isinstance(self.tokenizer, ByteTokenizer) and not records
+        encoder = None if exact else Encoder(self.tokenizer, self.chat_template)
         self.stream = BlockStream(
-            self.corpus, seq_len=args.seq_len, seed=args.seed, window_bytes=args.window_bytes
+            self.corpus,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            window_bytes=args.window_bytes,
+            encoder=encoder,
         )
-        val = validation_blocks(self.corpus, seq_len=args.seq_len, max_blocks=args.val_blocks)
+        val = validation_blocks(
+            self.corpus, seq_len=args.seq_len, max_blocks=args.val_blocks, encoder=encoder
+        )
 
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        # `model` holds the weights (what the optimizer, checkpoints and export see); `wrapped`
-        # is what runs: compiled and/or spread over the ranks by the parallelism.
-        self.model = LlamaModel(cfg, ops=args.ops).to(dist.device)
-        self.parallel: Strategy = DataParallel(dist)
-        runnable = cast(nn.Module, torch.compile(self.model)) if args.compile else self.model
-        self.wrapped = self.parallel.wrap(runnable)
-        self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
         self.precision = Precision.choose(args.precision, dist.device)
+        on, off = lora.trainable(list(self.model.parameters()))
+        self.parallel: Strategy = choose_strategy(
+            args.strategy,
+            dist,
+            trainable=on,
+            frozen=off,
+            bf16=self.precision.bf16,
+            activation_checkpointing=args.activation_checkpointing,
+        )
+        sharded = isinstance(self.parallel, FullyShard)
+        # FSDP computes in bf16 through its mixed-precision policy, not autocast.
+        self.autocast = Precision(False, dist.device.type) if sharded else self.precision
+        self.wrapped = self.parallel.wrap(self.model, compile=args.compile)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
 
         self.evaluator = Evaluator(
             val,
             batch_size=args.micro_batch_size,
             every=args.eval_every,
             dist=dist,
-            precision=self.precision,
+            precision=self.autocast,
         )
-        self.checkpointer = Checkpointer.at(
+        fmt = args.checkpoint_format
+        if fmt == "auto":
+            fmt = "sharded" if sharded else "full"
+        if fmt == "full" and sharded:
+            raise TrainError(
+                "--checkpoint-format full cannot hold FSDP's sharded weights: pass "
+                "--checkpoint-format sharded (or auto)"
+            )
+        self.checkpoint_format = fmt
+        kind = ShardedCheckpointer if fmt == "sharded" else Checkpointer
+        self.checkpointer: Checkpointer = kind.at(
             args.checkpoint_dir,
             model=self.model,
             optimizer=self.optimizer,
@@ -113,6 +184,13 @@ class Trainer:
         self.planned = False
         self.planned_evaluations = 0
         self.validated_at: int | None = None
+
+    def _fetch_model(self, location: str) -> Path:
+        """A local copy of --init-from (an S3 prefix is downloaded into a temporary directory)."""
+        if not is_s3(location):
+            return Path(location)
+        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-init-")
+        return download_dir(open_store(location), "", Path(self._tmp.name))
 
     # -- the layers ---------------------------------------------------------------------------
 
@@ -135,8 +213,7 @@ class Trainer:
             self.validate(state)
         if not self.checkpointer.due(state.step):
             self.save_checkpoint(state)  # a restarted finished job goes straight to the export
-        if self.dist.is_main:
-            self.export(state)
+        self.export(state)
         self.dist.barrier()
         return stopped_by
 
@@ -242,7 +319,7 @@ class Trainer:
         blocks = state.data.next_blocks(self.global_batch)
         loss = self.forward_backward(blocks)
         if self.args.grad_clip > 0:
-            grad_norm = self.parallel.clip_grad_norm(self.model.parameters(), self.args.grad_clip)
+            grad_norm = self.parallel.clip_grad_norm(self.trainable, self.args.grad_clip)
         else:
             grad_norm = float("nan")
         self.optimizer.step()
@@ -264,8 +341,8 @@ class Trainer:
             start = (a * self.dist.world + self.dist.rank) * micro
             b = blocks[start : start + micro].to(self.dist.device, non_blocking=True)
             with self.parallel.accumulating(self.wrapped, last=a == accum - 1):
-                with self.precision.autocast():
-                    loss = lm_loss(self.wrapped(b[:, :-1]), b[:, 1:]) / accum
+                with self.autocast.autocast():
+                    loss = batch_loss(self.wrapped, b) / accum
                 loss.backward()
             total += loss.item()
         return total
@@ -294,6 +371,13 @@ class Trainer:
             "ops": args.ops,
             "kernels_compiled": _kernels_compiled(args.ops),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "strategy": self.parallel.name,
+            "activation_checkpointing": bool(args.activation_checkpointing),
+            "checkpoint_format": self.checkpoint_format,
+            "init_from": args.init_from,
+            "lora": None if self.lora is None else dataclasses.asdict(self.lora),
+            "tokenizer": type(self.tokenizer).__name__,
             "model": args.model_config.to_dict(),
             "data": self.source.describe(),
             "train_segments": len(self.corpus.train),
@@ -304,30 +388,93 @@ class Trainer:
         }
 
     def export(self, state: TrainState) -> None:
-        """Writes the model directory (and model.tar.gz) the inference server loads (rank 0)."""
-        args, model, tok, step = self.args, self.model, self.tokenizer, state.step
+        """Writes the model directory (and model.tar.gz) the inference server loads: the
+        weights gathered from every rank (a collective), written by rank 0; with LoRA the
+        adapters merged in, and kept alone in `adapter/` beside it."""
+        weights = self.full_state_dict()
+        if not self.dist.is_main:
+            return
+        args, step, cfg = self.args, state.step, self.args.model_config
+        adapter: dict[str, Tensor] = {}
+        if self.lora is not None:
+            weights, adapter = lora.merge(weights, cfg, self.lora)
+        model = plain_model(cfg, weights)
         info = {"job_name": args.job_name, "step": step, "tokens": state.tokens, "seed": args.seed}
+        if args.init_from:
+            info["init_from"] = args.init_from
+        dtype = self.save_dtype()
+
+        def write(directory: Path) -> None:
+            save_model_dir(model, self.tokenizer, directory, dtype=dtype, training=info)
+            if self.init_dir and (self.init_dir / CHAT_TEMPLATE_FILE).is_file():
+                shutil.copyfile(self.init_dir / CHAT_TEMPLATE_FILE, directory / CHAT_TEMPLATE_FILE)
+
+        def write_adapter(directory: Path) -> Path | None:
+            if self.lora is None:
+                return None
+            return lora.save_adapter(adapter, self.lora, directory, base=args.init_from)
+
         if self.sm is not None:
             # SageMaker packs /opt/ml/model into model.tar.gz itself.
-            out = save_model_dir(
-                model, tok, self.sm.model_dir, dtype=args.save_dtype, training=info
-            )
-            self.metrics.emit("model", step=step, path=str(out))
+            write(self.sm.model_dir)
+            extra = write_adapter(self.sm.output_data_dir / ADAPTER_DIR)
+            self.metrics.emit("model", step=step, path=str(self.sm.model_dir), **_adapter(extra))
             return
         if is_s3(args.output_dir):
             with tempfile.TemporaryDirectory() as tmp:
-                save_model_dir(
-                    model, tok, Path(tmp) / "model", dtype=args.save_dtype, training=info
-                )
+                write(Path(tmp) / "model")
                 tarball = write_tarball(Path(tmp) / "model", Path(tmp) / TARBALL)
                 store = open_store(args.output_dir)
                 store.put_file(tarball, TARBALL)
-                self.metrics.emit("model", step=step, path=store.describe(TARBALL))
+                fields = {}
+                if (extra := write_adapter(Path(tmp) / ADAPTER_DIR)) is not None:
+                    for f in sorted(extra.iterdir()):
+                        store.put_file(f, f"{ADAPTER_DIR}/{f.name}")
+                    fields = {"adapter": store.describe(ADAPTER_DIR)}
+                self.metrics.emit("model", step=step, path=store.describe(TARBALL), **fields)
             return
         out = Path(args.output_dir)
-        save_model_dir(model, tok, out / "model", dtype=args.save_dtype, training=info)
+        write(out / "model")
         tarball = write_tarball(out / "model", out / TARBALL)
-        self.metrics.emit("model", step=step, path=str(tarball), model_dir=str(out / "model"))
+        extra = write_adapter(out / ADAPTER_DIR)
+        self.metrics.emit(
+            "model", step=step, path=str(tarball), model_dir=str(out / "model"), **_adapter(extra)
+        )
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole model's weights on rank 0 (gathered from the shards under FSDP)."""
+        if isinstance(self.parallel, FullyShard):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return dict(get_model_state_dict(self.model, options=options))
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def save_dtype(self) -> str:
+        """--save-dtype, else the dtype --init-from's weights are stored in, else float32."""
+        if self.args.save_dtype:
+            return str(self.args.save_dtype)
+        if self.init_dir is not None:
+            _, info = read_config(self.init_dir)
+            if info.get("dtype") in ("bfloat16", "float16"):
+                return str(info["dtype"])
+        return "float32"
+
+
+def _adapter(path: Path | None) -> dict[str, str]:
+    return {} if path is None else {"adapter": str(path)}
+
+
+def plain_model(cfg: ModelConfig, weights: dict[str, Tensor]) -> LlamaModel:
+    """A bare model holding `weights` (no copy): what `save_model_dir` writes out."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg, ops="reference")
+    model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
+    model.rope = rope_table(cfg)  # a buffer outside the state dict
+    return model.eval()
 
 
 def _kernels_compiled(ops: str) -> bool:

@@ -2,8 +2,10 @@
 
 `Distributed` reads torchrun's variables, picks the device and owns the process group. A
 parallelism strategy wraps the model for training and says how gradients are accumulated and
-clipped: `DataParallel` (DDP, or the bare model in a single process) is today's; a sharded one
-(FSDP2's `fully_shard` per block) implements the same three methods.
+clipped: `DataParallel` (DDP, or the bare model in a single process), or `FullyShard` (FSDP2's
+`fully_shard` per block: each rank holds 1/world of the weights, gradients and optimizer states,
+a block's weights are gathered just before it runs). `choose_strategy` picks one for
+`--strategy auto`: FSDP when a replica of the weights, gradients and AdamW states would not fit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -115,8 +117,11 @@ class Precision:
 class Strategy(Protocol):
     """How the model is spread over the ranks: what the trainer asks of a parallelism."""
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module that runs forward and backward (the parameters stay `model`'s)."""
+    name: str
+
+    def wrap(self, model: nn.Module, *, compile: bool = False) -> nn.Module:
+        """The module that runs forward and backward (the parameters stay `model`'s, sharded
+        in place by a sharded strategy); `compile`: under torch.compile."""
         ...
 
     def accumulating(
@@ -130,13 +135,29 @@ class Strategy(Protocol):
         ...
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing per block: a block's backward recomputes its forward instead
+    of keeping its activations (the composable form keeps parameter names unchanged)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.layers:  # type: ignore[union-attr]
+        checkpoint(block)
+
+
 class DataParallel:
     """A full replica per rank: DDP when there are several ranks, the bare model alone."""
 
-    def __init__(self, dist: Distributed) -> None:
-        self.dist = dist
+    name = "ddp"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def __init__(self, dist: Distributed, *, activation_checkpointing: bool = False) -> None:
+        self.dist = dist
+        self.activation_checkpointing = activation_checkpointing
+
+    def wrap(self, model: nn.Module, *, compile: bool = False) -> nn.Module:
+        if self.activation_checkpointing:
+            checkpoint_activations(model)
+        if compile:
+            model = cast(nn.Module, torch.compile(model))
         if self.dist.world == 1:
             return model
         device = self.dist.device
@@ -156,3 +177,95 @@ class DataParallel:
 
     def clip_grad_norm(self, params: Iterable[nn.Parameter], max_norm: float) -> float:
         return float(nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class FullyShard:
+    """FSDP2: `fully_shard` on every block, then on the model (embedding, final norm, head).
+
+    With bf16 the gathered weights a block computes with are bfloat16 and gradients are
+    reduce-scattered in float32 onto the float32 shards the optimizer steps (no autocast is
+    needed). Gradients sync on the last micro-batch of a step only.
+    """
+
+    name = "fsdp"
+
+    def __init__(
+        self, dist: Distributed, *, bf16: bool, activation_checkpointing: bool = False
+    ) -> None:
+        self.dist, self.bf16 = dist, bf16
+        self.activation_checkpointing = activation_checkpointing
+        self.root: Any = None
+
+    def wrap(self, model: nn.Module, *, compile: bool = False) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.activation_checkpointing:
+            checkpoint_activations(model)
+        mesh = init_device_mesh(self.dist.device.type, (self.dist.world,))
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=torch.float32
+        )
+        layers = list(model.layers)  # type: ignore[union-attr,arg-type]
+        for i, block in enumerate(layers):
+            if compile:
+                block.compile()
+            # The last block's weights are needed again at once by backward: keep them.
+            fully_shard(
+                block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1
+            )
+        self.root = fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+
+    def accumulating(
+        self, wrapped: nn.Module, *, last: bool
+    ) -> contextlib.AbstractContextManager[Any]:
+        self.root.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: Iterable[nn.Parameter], max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in params if p.grad is not None]
+        total = nn.utils.get_total_norm([p.grad for p in params])  # type: ignore[misc]
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # the shards' norms combined over the ranks
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
+
+
+# AdamW in float32: weights 4, gradients 4, two moments 8 bytes a parameter.
+REPLICA_BYTES_PER_PARAM = 16
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of one device: the GPU's, or on CPU the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def replica_fits(trainable: int, frozen: int, device: torch.device, headroom: float = 0.7) -> bool:
+    """Whether a full replica's weights, gradients and AdamW states (of the trainable
+    parameters) fit in `headroom` of the device's memory, leaving the rest to activations."""
+    need = trainable * REPLICA_BYTES_PER_PARAM + frozen * 4
+    return need <= headroom * device_memory(device)
+
+
+def choose_strategy(
+    flag: str,
+    dist: Distributed,
+    *,
+    trainable: int,
+    frozen: int,
+    bf16: bool,
+    activation_checkpointing: bool = False,
+) -> DataParallel | FullyShard:
+    """`--strategy`: ddp, fsdp, or auto (FSDP when several ranks share a model whose replica
+    would not fit one device). A single process runs the bare model either way."""
+    if flag == "auto":
+        fits = replica_fits(trainable, frozen, dist.device)
+        flag = "ddp" if dist.world == 1 or fits else "fsdp"
+    if flag == "fsdp" and dist.world > 1:  # alone there is nothing to shard over
+        return FullyShard(dist, bf16=bf16, activation_checkpointing=activation_checkpointing)
+    return DataParallel(dist, activation_checkpointing=activation_checkpointing)

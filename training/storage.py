@@ -49,6 +49,7 @@ class Store(Protocol):
     def get_file(self, name: str, local: Path) -> None: ...
     def exists(self, name: str) -> bool: ...
     def list_dirs(self) -> list[str]: ...
+    def list_files(self, name: str) -> list[str]: ...
     def delete_dir(self, name: str) -> None: ...
 
 
@@ -92,6 +93,11 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def list_files(self, name: str) -> list[str]:
+        """Every file under directory `name`, relative to it."""
+        top = self.root / name
+        return sorted(p.relative_to(top).as_posix() for p in top.rglob("*") if p.is_file())
 
     def delete_dir(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
@@ -142,6 +148,19 @@ class S3Store:
             for p in page.get("CommonPrefixes", [])
         )
 
+    def list_files(self, name: str) -> list[str]:
+        """Every object under `name/`, relative to it."""
+        top = f"{self.prefix}{name}/" if name else self.prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=top
+        )
+        return sorted(
+            o["Key"][len(top) :]
+            for page in pages
+            for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")
+        )
+
     def delete_dir(self, name: str) -> None:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=f"{self.prefix}{name}/"
@@ -158,3 +177,12 @@ def open_store(location: str) -> Store:
     if "://" in location:
         raise StorageError(f"{location!r}: only s3:// URIs and local paths are supported")
     return LocalStore(location)
+
+
+def download_dir(store: Store, name: str, local: Path) -> Path:
+    """Copies every file under `name` of a store into the local directory `local`."""
+    for rel in store.list_files(name):
+        path = local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(f"{name}/{rel}" if name else rel, path)
+    return local

@@ -28,6 +28,7 @@ from modeling.tokenizer import ByteTokenizer
 from training import sagemaker
 from training.data import DEFAULT_SUFFIXES, DataError
 from training.loop import SIGTERM, Trainer
+from training.lora import LoraError, LoraSpec
 from training.optim import lr_lambda
 from training.parallel import Distributed
 from training.state import TrainError
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="text shuffled together in memory at a time",
     )
     m = p.add_argument_group("model")
+    m.add_argument(
+        "--init-from",
+        help="fine-tune the Hugging Face model directory (Llama, Mistral, Qwen2) at this local "
+        "path or s3:// prefix, with its tokenizer (--model and the shape flags are ignored)",
+    )
     m.add_argument("--model", choices=sorted(PRESETS), default="small", help="size preset")
     for name, kind in SHAPE_FLAGS.items():
         m.add_argument(
@@ -143,6 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="kiln's fused kernels (reference fallback) or the pure-PyTorch references",
     )
     m.add_argument("--compile", type=_bool, default=False, help="torch.compile the model")
+    a = p.add_argument_group("adapters (LoRA)")
+    a.add_argument(
+        "--lora-rank",
+        type=_non_negative_int,
+        default=0,
+        help="train low-rank adapters of this rank, the base frozen (0: full fine-tuning)",
+    )
+    a.add_argument("--lora-alpha", type=_positive(float), help="adapter scale alpha / rank")
+    a.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated projections to adapt (Hugging Face names) or all-linear",
+    )
+    par = p.add_argument_group("parallelism")
+    par.add_argument(
+        "--strategy",
+        choices=("auto", "ddp", "fsdp"),
+        default="auto",
+        help="ddp: a replica per process; fsdp: FSDP2, weights, gradients and optimizer states "
+        "sharded per block; auto: fsdp when a replica would not fit one device",
+    )
+    par.add_argument(
+        "--activation-checkpointing",
+        type=_bool,
+        default=False,
+        help="recompute each block's forward in backward instead of keeping its activations",
+    )
     t = p.add_argument_group("optimization")
     t.add_argument("--seq-len", type=_positive(int), default=256)
     t.add_argument(
@@ -230,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--keep-checkpoints", type=_positive(int), default=2)
     e.add_argument(
+        "--checkpoint-format",
+        choices=("auto", "full", "sharded"),
+        default="auto",
+        help="full: one file written by rank 0; sharded: torch.distributed.checkpoint, every "
+        "rank its shard, resumable on another world size; auto: sharded under FSDP",
+    )
+    e.add_argument(
         "--resume",
         type=_bool,
         default=True,
@@ -243,9 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--save-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of the exported weights",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the exported weights (default: --init-from's, else float32)",
     )
     e.add_argument(
         "--job-name",
@@ -264,12 +303,12 @@ def parse_args(
         args.model_config = model_config(args)
     except ConfigError as err:
         parser.error(f"model: {err}")
-    if args.seq_len > args.model_config.max_seq_len:
+    if args.init_from is None and args.seq_len > args.model_config.max_seq_len:
         parser.error(
             f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
             f"{args.model_config.max_seq_len} (raise --max-seq-len)"
         )
-    if args.model_config.vocab_size < ByteTokenizer().vocab_size:
+    if args.init_from is None and args.model_config.vocab_size < ByteTokenizer().vocab_size:
         parser.error(f"the model's vocab_size must be >= {ByteTokenizer().vocab_size}")
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
@@ -285,6 +324,11 @@ def parse_args(
     for flag in ("beta1", "beta2"):
         if not 0 <= getattr(args, flag) < 1:
             parser.error(f"--{flag} must be in [0, 1)")
+    if args.lora_targets and args.lora_rank:
+        try:
+            LoraSpec.parse(args.lora_rank, args.lora_alpha, args.lora_targets)
+        except LoraError as err:
+            parser.error(str(err))
     suffixes = [s.strip() for s in args.file_suffixes.split(",") if s.strip()]
     args.suffixes = () if suffixes == ["*"] else tuple(suffixes)
     if sm is not None:

@@ -179,8 +179,17 @@ def deploy_model(
         )
     deployment = settings.serving.deployment
     started_at, started = now(), progress.clock()
+    if deployment.traffic == "all_at_once":
+        shifting = "all at once"
+    else:
+        step = (
+            f"{deployment.step_instances} instance(s)"
+            if deployment.step_instances is not None
+            else f"{deployment.step_percent}%"
+        )
+        shifting = f"{deployment.traffic} {step}"
     progress.note(
-        f"deploying {artifact} to {name} ({deployment.traffic} {deployment.step_percent}%, "
+        f"deploying {artifact} to {name} ({shifting}, "
         f"{deployment.wait_minutes} min bake, auto-rollback on alarms)"
     )
     argv = cdk_deploy_argv(settings, artifact, aws.config_dir)

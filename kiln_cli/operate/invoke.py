@@ -1,10 +1,13 @@
-"""`kiln invoke`: one prompt to the environment's endpoint, answered whole or streamed.
+"""`kiln invoke`: one prompt or conversation to the environment's endpoint, answered whole or
+streamed.
 
 The inference server takes `{"inputs": prompt, "parameters": {...}}` and answers
 `{"generated_text", "finish_reason", "usage"}`; asked for `text/event-stream` it sends
 `data: {"token": {"id", "text"}}` per token and then `data: {"generated_text", ...}`, which
 InvokeEndpointWithResponseStream relays in PayloadPart chunks that may cut a line (or a
-UTF-8 character) anywhere.
+UTF-8 character) anywhere. A conversation goes as the Messages API, `{"messages": [{"role",
+"content"}], "max_tokens", ...}`, answered as a chat completion (`choices[0].message.content`),
+or streamed (`"stream": true`) as `chat.completion.chunk` events ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
 
 
+ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
     finish_reason: str | None
     usage: dict[str, Any]
     seconds: float
+    body: dict[str, Any] | None = None  # the whole JSON answer, when there was one
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,48 @@ def request_body(prompt: str, parameters: dict[str, Any]) -> bytes:
     ).encode()
 
 
+def parse_message(text: str) -> dict[str, str]:
+    """`ROLE:CONTENT` (as `--message user:"Hello"` gives it) as a message."""
+    role, colon, content = text.partition(":")
+    if not colon or role.strip() not in ROLES:
+        raise OperateError(
+            f"--message {text!r}: write it as ROLE:TEXT with ROLE one of {', '.join(ROLES)}, "
+            'e.g. --message user:"Hello"',
+            exit_code=2,
+        )
+    return {"role": role.strip(), "content": content}
+
+
+def read_messages(text: str, source: str) -> list[dict[str, Any]]:
+    """A conversation file: a JSON list of `{"role", "content"}`, or an object whose `messages`
+    is one (a Messages API request body)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OperateError(f"{source} is not JSON: {err}", exit_code=2) from err
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    ):
+        raise OperateError(
+            f'{source} must hold a list of messages like [{{"role": "user", "content": "..."}}] '
+            '(or {"messages": [...]})',
+            exit_code=2,
+        )
+    return messages
+
+
+def chat_body(messages: list[dict[str, Any]], options: dict[str, Any], *, stream: bool) -> bytes:
+    """The Messages API request; streamed, it asks for the usage chunk too."""
+    body: dict[str, Any] = {"messages": messages}
+    body |= {k: v for k, v in options.items() if v is not None}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps(body).encode()
+
+
 def _server_error(body: str) -> str:
     """The inference server's `{"error": {"code", "message"}}` in words, else the body."""
     try:
@@ -190,6 +239,81 @@ def invoke(
             f"endpoint {name} answered something other than kiln's JSON: {raw[:300]!r}"
         ) from err
     return Answer(str(text), body.get("finish_reason"), body.get("usage") or {}, clock() - started)
+
+
+def chat(
+    aws: Aws,
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Answer:
+    """InvokeEndpoint with a conversation; the assistant's answer."""
+    name = endpoint_name(aws)
+    started = clock()
+    body = chat_body(messages, options, stream=False)
+    response = _call_endpoint(aws, name, "invoke_endpoint", JSON, body)
+    raw = response["Body"].read().decode("utf-8", errors="replace")
+    try:
+        answer = json.loads(raw)
+        choice = answer["choices"][0]
+        text = choice["message"]["content"]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+        raise OperateError(
+            f"endpoint {name} answered something other than a chat completion: {raw[:300]!r}"
+        ) from err
+    return Answer(
+        str(text),
+        choice.get("finish_reason"),
+        answer.get("usage") or {},
+        clock() - started,
+        answer,
+    )
+
+
+def chat_stream(
+    aws: Aws,
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
+    write: Callable[[str], None],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Answer:
+    """InvokeEndpointWithResponseStream with a conversation; writes each delta as it arrives."""
+    name = endpoint_name(aws)
+    started = clock()
+    body = chat_body(messages, options, stream=True)
+    response = _call_endpoint(aws, name, "invoke_endpoint_with_response_stream", EVENT_STREAM, body)
+    pieces: list[str] = []
+    finish: str | None = None
+    usage: dict[str, Any] = {}
+    done = False
+    for event in _events(response["Body"], SseParser(), name):
+        if event.type == "error":
+            raise OperateError(f"the model server stopped the stream: {_server_error(event.data)}")
+        if event.data.strip() == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(event.data)
+            choices = chunk.get("choices") or []
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise OperateError(
+                f"endpoint {name} sent an event that is not a chat completion chunk: "
+                f"{event.data[:300]!r}"
+            ) from err
+        usage = chunk.get("usage") or usage
+        for choice in choices:
+            text = (choice.get("delta") or {}).get("content") or ""
+            if text:
+                pieces.append(text)
+                write(text)
+            finish = choice.get("finish_reason") or finish
+    if not done and finish is None:
+        raise OperateError(
+            f"the stream from {name} ended before its last chunk ({len(pieces)} pieces came)"
+        )
+    return Answer("".join(pieces), finish, usage, clock() - started)
 
 
 def stream(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from kiln import naming
 from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
+from kiln.memory_plan import PlanError
 from kiln.settings import Settings
 from kiln_cli import training_job
 from kiln_cli.operate.aws import Aws, AwsError, OperateError
@@ -63,6 +64,7 @@ class TrainOptions:
     volume_gib: int = 100
     capacity: Capacity | None = None
     trainer_args: tuple[str, ...] = ()
+    model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -398,6 +400,18 @@ def eks_manifests(
     except UnknownInstanceTypeError:
         gpus = 1  # the spec names the unknown type
     data_args = ["--data", train_uri] + (["--val-data", val_uri] if val_uri else [])
+    trainer_args = training_job.model_trainer_args(
+        options.model, [*data_args, *options.trainer_args]
+    )
+    try:
+        plan = training_job.memory_plan(
+            options.model, instance_type, options.instance_count * gpus, trainer_args
+        )
+    except (PlanError, UnknownInstanceTypeError, ValueError) as err:
+        raise OperateError(f"--model: {err}", exit_code=2) from err
+    warn("\n" + plan.render().rstrip())
+    if (problem := training_job.plan_problem(plan, gpus)) is not None:
+        raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
     try:
         spec = training_job.TrainingJobSpec(
@@ -410,7 +424,7 @@ def eks_manifests(
             output_path=output,
             namespace=settings.compute.training_namespace,
             service_account=settings.compute.trainer_service_account,
-            trainer_args=[*data_args, *options.trainer_args],
+            trainer_args=trainer_args,
             active_deadline_seconds=runtime,
         )
     except training_job.TrainingJobError as err:
@@ -423,6 +437,11 @@ def eks_manifests(
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
+        (
+            "memory",
+            f"{plan.total / (1 << 30):.1f} GiB of {plan.capacity / (1 << 30):.1f} per GPU"
+            f" ({plan.strategy})",
+        ),
     ]
     yaml_text = training_job.to_yaml(training_job.render(spec))
     return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)

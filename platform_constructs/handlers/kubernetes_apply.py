@@ -4,20 +4,29 @@ Server-side apply over the cluster's (private) HTTPS endpoint, authenticated wit
 (a presigned STS GetCallerIdentity, as `aws eks get-token` makes), so the function needs
 neither kubectl nor a Kubernetes client library. Properties: `ClusterName`, `Manifests` (a
 JSON list of objects: CloudFormation turns every scalar property into a string, so the
-objects travel as one JSON string to keep their numbers and booleans). Create and Update
-apply every object (re-applying changes nothing) and delete the objects a previous version
-had and this one dropped; Delete removes them all.
+objects travel as one JSON string to keep their numbers and booleans), and `Rbac` with
+`PrincipalArn`: the ClusterRole and binding that give this handler's Kubernetes group exactly
+the kinds it applies. Create and Update apply every object (re-applying changes nothing) and
+delete the objects a previous version had and this one dropped; Delete removes them all.
+
+The handler has no standing cluster-admin: its access entry only names a Kubernetes group.
+When the RBAC objects are missing or must grow (the first deploy, a new kind), it associates
+AmazonEKSClusterAdminPolicy with its own access entry, applies them, and disassociates it
+again before it applies anything else (EKS User Guide, "Associate access policies with
+access entries"; its role may associate that one policy with its own entry only).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import ssl
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3  # type: ignore[import-untyped]  # in the Lambda runtime
@@ -35,7 +44,14 @@ KINDS: dict[str, tuple[str, bool]] = {
     "DaemonSet": ("daemonsets", True),
     "Deployment": ("deployments", True),
     "PriorityClass": ("priorityclasses", False),
+    "ClusterRole": ("clusterroles", False),
+    "ClusterRoleBinding": ("clusterrolebindings", False),
 }
+CLUSTER_ADMIN = "AmazonEKSClusterAdminPolicy"
+
+
+class Forbidden(RuntimeError):
+    """The API server refused the request (HTTP 403): the caller lacks the RBAC for it."""
 
 
 def object_path(manifest: dict[str, Any]) -> str:
@@ -119,6 +135,8 @@ def apply(send: Send, manifest: dict[str, Any]) -> None:
     status, body = send(
         "PATCH", path, json.dumps(manifest).encode(), "application/apply-patch+yaml"
     )
+    if status == 403:
+        raise Forbidden(f"applying {_describe(manifest)}: HTTP 403: {_reason(body)}")
     if status >= 300:
         raise RuntimeError(f"applying {_describe(manifest)} failed: HTTP {status}: {_reason(body)}")
 
@@ -163,6 +181,58 @@ def reconcile(
     return done
 
 
+@contextlib.contextmanager
+def cluster_admin_for_a_moment(
+    eks: Any, cluster: str, principal_arn: str, partition: str = "aws"
+) -> Iterator[None]:
+    """Associates AmazonEKSClusterAdminPolicy with the handler's own access entry for the
+    duration of the block, and always disassociates it again."""
+    policy = f"arn:{partition}:eks::aws:cluster-access-policy/{CLUSTER_ADMIN}"
+    eks.associate_access_policy(
+        clusterName=cluster,
+        principalArn=principal_arn,
+        policyArn=policy,
+        accessScope={"type": "cluster"},
+    )
+    LOG.info("associated %s with %s to bootstrap RBAC", CLUSTER_ADMIN, principal_arn)
+    try:
+        yield
+    finally:
+        eks.disassociate_access_policy(
+            clusterName=cluster, principalArn=principal_arn, policyArn=policy
+        )
+        LOG.info("disassociated %s from %s", CLUSTER_ADMIN, principal_arn)
+
+
+def ensure_rbac(
+    send: Send,
+    rbac: list[dict[str, Any]],
+    elevate: Callable[[], contextlib.AbstractContextManager[None]],
+    *,
+    attempts: int = 12,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Applies the handler's own RBAC objects; when it may not (they are missing, or grow),
+    does so under a moment of cluster-admin, retrying while the association propagates."""
+    try:
+        for manifest in rbac:
+            apply(send, manifest)
+        return "RBAC current"
+    except Forbidden as err:
+        LOG.info("RBAC needs bootstrapping: %s", err)
+    with elevate():
+        for attempt in range(attempts):
+            try:
+                for manifest in rbac:
+                    apply(send, manifest)
+                return "RBAC bootstrapped"
+            except Forbidden:
+                if attempt == attempts - 1:
+                    raise
+                sleep(5.0)
+    raise AssertionError("unreachable")
+
+
 def connect(cluster_name: str, eks: Any = None, session: Any = None) -> Send:
     """A `send` function for the named cluster, found through the EKS API."""
     session = session or boto3.session.Session()
@@ -173,7 +243,12 @@ def connect(cluster_name: str, eks: Any = None, session: Any = None) -> Send:
 
 
 def on_event(
-    event: dict[str, Any], context: Any = None, *, send: Send | None = None
+    event: dict[str, Any],
+    context: Any = None,
+    *,
+    send: Send | None = None,
+    eks: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """The Provider framework's onEvent entry point."""
     del context
@@ -192,7 +267,29 @@ def on_event(
             delete(send, manifest)
         return {"PhysicalResourceId": physical_id}
     send = send or connect(cluster)
-    previous = json.loads(event.get("OldResourceProperties", {}).get("Manifests", "[]"))
-    outcomes = reconcile(send, manifests, previous)
+    rbac = json.loads(properties.get("Rbac", "[]"))
+    outcomes = []
+    if rbac:
+        principal = properties["PrincipalArn"]
+        eks = eks or boto3.client("eks")
+        partition = principal.split(":")[1]
+        outcomes.append(
+            ensure_rbac(
+                send,
+                rbac,
+                lambda: cluster_admin_for_a_moment(eks, cluster, principal, partition),
+                sleep=sleep,
+            )
+        )
+    # RBAC takes effect at once for new requests; a short retry covers API-server caches.
+    for attempt in range(6):
+        try:
+            previous = json.loads(event.get("OldResourceProperties", {}).get("Manifests", "[]"))
+            outcomes += reconcile(send, manifests, previous)
+            break
+        except Forbidden:
+            if attempt == 5:
+                raise
+            sleep(5.0)
     LOG.info("%s on %s: %s", request, cluster, "; ".join(outcomes))
     return {"PhysicalResourceId": physical_id}

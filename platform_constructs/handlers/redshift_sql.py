@@ -3,9 +3,11 @@
 Properties: `Database`; the target: `ClusterIdentifier` with `SecretArn`, or `WorkgroupName`
 with `NamespaceName` (the handler looks up the admin secret Redshift manages for that
 namespace, since CloudFormation does not return its ARN); and `Statements`: a list of
-{`Sql`, optional `SkipIfRows`}. Each statement runs in order and is waited for; one whose
-`SkipIfRows` query returns rows is skipped, so re-running a deploy changes nothing. A failed
-statement fails the deployment with Redshift's own message.
+{`Sql`, optional `SkipIfRows`, optional `DropWhenChanged`}. Each statement runs in order and
+is waited for; one whose `SkipIfRows` query returns rows is skipped, so re-running a deploy
+changes nothing; on an update that changed a statement's `Sql`, its `DropWhenChanged` runs
+first. A failed statement fails the deployment with Redshift's own message. Every wait ends
+before the Lambda function's own time does, and a statement given up on is cancelled.
 Delete does nothing: dropping views or schemas would lose ingested data.
 """
 
@@ -22,6 +24,8 @@ LOG = logging.getLogger(__name__)
 LOG.setLevel(logging.INFO)
 
 _DONE = {"FINISHED", "FAILED", "ABORTED"}
+# Kept back from the function's remaining time: cancelling, logging and answering the framework.
+_RESERVE_SECONDS = 20.0
 
 
 class StatementFailed(RuntimeError):
@@ -52,6 +56,7 @@ class Runner:
         poll_seconds: float = 1.0,
         timeout_seconds: float = 600.0,
         sleep: Callable[[float], None] = time.sleep,
+        remaining_seconds: Callable[[], float] | None = None,
     ) -> None:
         self.client = client or boto3.client("redshift-data")
         if bool(properties.get("WorkgroupName")) == bool(properties.get("ClusterIdentifier")):
@@ -68,11 +73,21 @@ class Runner:
         self.poll_seconds = poll_seconds
         self.timeout_seconds = timeout_seconds
         self.sleep = sleep
+        # The invocation's own clock (Lambda's get_remaining_time_in_millis), if any.
+        self.remaining_seconds = remaining_seconds
+
+    def _wait_budget(self) -> float:
+        """How long the next statement may run: its timeout, or less if the function would
+        be stopped first (a killed function leaves its statement running, uncancelled)."""
+        if self.remaining_seconds is None:
+            return self.timeout_seconds
+        return max(0.0, min(self.timeout_seconds, self.remaining_seconds() - _RESERVE_SECONDS))
 
     def execute(self, sql: str) -> dict[str, Any]:
         """Runs one statement to completion; returns its final description."""
+        budget = self._wait_budget()
         statement_id = self.client.execute_statement(Sql=sql, **self.target)["Id"]
-        deadline = time.monotonic() + self.timeout_seconds
+        deadline = time.monotonic() + budget
         while True:
             description: dict[str, Any] = self.client.describe_statement(Id=statement_id)
             status = description["Status"]
@@ -83,7 +98,7 @@ class Runner:
                 raise StatementFailed(f"{error} -- in: {_excerpt(sql)}")
             if time.monotonic() > deadline:
                 self.client.cancel_statement(Id=statement_id)
-                waited = f"{self.timeout_seconds:.0f} s"
+                waited = f"{budget:.0f} s"
                 raise StatementFailed(f"no result after {waited}, cancelled -- in: {_excerpt(sql)}")
             self.sleep(self.poll_seconds)
 
@@ -94,10 +109,18 @@ class Runner:
         result = self.client.get_statement_result(Id=description["Id"])
         return bool(result.get("Records"))
 
-    def run(self, statements: list[dict[str, str]]) -> list[str]:
-        """Runs every statement not skipped; returns what happened to each, for the log."""
+    def run(
+        self, statements: list[dict[str, str]], previous: list[dict[str, str]] | None = None
+    ) -> list[str]:
+        """Runs every statement not skipped; returns what happened to each, for the log.
+        `previous`: the statements of the last deploy (an update), to find changed ones."""
         outcomes = []
+        old_sql = {s.get("DropWhenChanged"): s["Sql"] for s in previous or [] if "Sql" in s}
         for index, statement in enumerate(statements, start=1):
+            drop = statement.get("DropWhenChanged")
+            if drop and drop in old_sql and old_sql[drop] != statement["Sql"]:
+                self.execute(drop)
+                outcomes.append(f"{index}: changed, dropped the old one")
             skip_query = statement.get("SkipIfRows")
             if skip_query and self.has_rows(skip_query):
                 outcomes.append(f"{index}: skipped, already present")
@@ -120,14 +143,20 @@ def on_event(
     serverless_client: Any = None,
 ) -> dict[str, Any]:
     """The Provider framework's onEvent entry point."""
-    del context
     request = event["RequestType"]
     physical_id = event.get("PhysicalResourceId") or "redshift-sql"
     if request == "Delete":
         LOG.info("delete: leaving schemas and views in place (they hold ingested data)")
         return {"PhysicalResourceId": physical_id}
     properties = event["ResourceProperties"]
-    runner = Runner(properties, client, serverless_client=serverless_client)
-    outcomes = runner.run(properties["Statements"])
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    runner = Runner(
+        properties,
+        client,
+        serverless_client=serverless_client,
+        remaining_seconds=(lambda: remaining() / 1000.0) if remaining else None,
+    )
+    previous = event.get("OldResourceProperties", {}).get("Statements")
+    outcomes = runner.run(properties["Statements"], previous)
     LOG.info("%s: %s", request, "; ".join(outcomes))
     return {"PhysicalResourceId": physical_id, "Data": {"Outcome": "; ".join(outcomes)}}

@@ -27,7 +27,8 @@ def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> 
         (b'["a list"]', "invalid_request", "JSON object"),
         (b"{}", "invalid_parameter", "inputs is required"),
         (b'{"inputs": 5}', "invalid_parameter", "inputs"),
-        (b'{"inputs": "x", "stream": true}', "invalid_parameter", "unknown field 'stream'"),
+        (b'{"inputs": "x", "streaming": true}', "invalid_parameter", "unknown field 'streaming'"),
+        (b'{"inputs": "x", "stream": "yes"}', "invalid_parameter", "stream"),
         (b'{"inputs": "x", "parameters": []}', "invalid_parameter", "parameters"),
     ],
 )
@@ -157,3 +158,12 @@ def test_garbage_on_the_socket_does_not_wedge_the_server(server: Server) -> None
         # ...and hangs up mid-body.
     assert request(server.port, "GET", "/ping").status == 200
     assert invoke(server.port, "still alive", max_new_tokens=3).status == 200
+
+
+def test_a_model_without_a_chat_template_refuses_messages(server: Server) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    reply = post(server, body)
+    assert reply.status == 400
+    assert reply.error["code"] == "no_chat_template" and reply.error["field"] == "messages"
+    assert "this model has no chat template" in reply.error["message"]
+    assert invoke(server.port, "x", max_new_tokens=2).status == 200  # plain prompts still work

@@ -161,7 +161,7 @@ def bpe_dir(tmp_path: Path) -> Path:
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}
+    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}, "add_bos_token": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     eos = [tok.token_to_id("<|end|>"), tok.token_to_id("<|eot|>")]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
@@ -247,3 +247,74 @@ def test_sentencepiece_deltas_keep_their_spaces() -> None:
     deltas = [decoder.push(i) for i in generated] + [decoder.flush()]
     assert "".join(deltas) == text  # with the prompt as context it keeps it
     assert not any("\ufffd" in d for d in deltas)  # byte pieces wait for whole characters
+
+
+# -- the families' tokenizers: Llama 3's byte-level BPE, Llama 2's SentencePiece with byte fallback
+
+
+@pytest.fixture(scope="module", params=["llama-3", "llama-2"])
+def family_tokenizer(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> HFTokenizer:
+    from tests.modeling.hf_models import llama2_tokenizer, llama3_tokenizer
+
+    directory = tmp_path_factory.mktemp(request.param)
+    (llama3_tokenizer if request.param == "llama-3" else llama2_tokenizer)(directory)
+    (directory / "generation_config.json").write_text("{}")
+    tokenizer = load_tokenizer(directory)
+    assert isinstance(tokenizer, HFTokenizer)
+    return tokenizer
+
+
+FAMILY_TEXT = " brown fox: café, Grüße, 日本語 😀 and\n  def main():\n    return 0"
+
+
+def test_family_deltas_are_whole_characters_with_their_spaces(
+    family_tokenizer: HFTokenizer,
+) -> None:
+    tok = family_tokenizer
+    prompt = tok.encode("The quick", add_bos=True)
+    ids = tok.encode("The quick" + FAMILY_TEXT, add_bos=True)
+    assert ids[: len(prompt)] == prompt
+    generated = ids[len(prompt) :]
+    n = len(generated)
+    updates, seq = generate(generated, tokenizer=tok, prompt="The quick", max_new_tokens=n)
+    deltas = [u.text + u.tail for u in updates]
+    assert not any("\ufffd" in d for d in deltas)  # never half a character
+    assert "".join(deltas) == seq.text == FAMILY_TEXT  # the leading space kept
+    assert "" in deltas  # byte pieces and multi-token characters waited
+    _, whole = generate(
+        generated, tokenizer=tok, prompt="The quick", max_new_tokens=n, stream=False
+    )
+    assert whole.text == FAMILY_TEXT
+
+
+@pytest.mark.parametrize("stop", [(), ("ü", "\n  d"), ("日本", "fox:")])
+def test_family_streamed_text_equals_the_unstreamed_text(
+    family_tokenizer: HFTokenizer, stop: tuple[str, ...]
+) -> None:
+    """Random ids (byte pieces cut anywhere, specials, merges): the deltas add up to the text the
+    unstreamed sequence ends with, stop strings and all; no delta starts a stop string."""
+    tok = family_tokenizer
+    rng = random.Random(11)
+    vocab = tok.vocab_size
+    natural = tok.encode(FAMILY_TEXT)
+    for trial in range(150):
+        if trial % 2:
+            tokens = [rng.randrange(vocab) for _ in range(30)]
+        else:  # real text with some ids swapped: stop strings do occur
+            tokens = [t if rng.random() < 0.8 else rng.randrange(vocab) for t in natural]
+        tokens = [t for t in tokens if t not in tok.eos_ids]
+        streamed, seq = generate(tokens, stop=stop, max_new_tokens=len(tokens), tokenizer=tok)
+        _, whole = generate(
+            tokens, stop=stop, max_new_tokens=len(tokens), stream=False, tokenizer=tok
+        )
+        assert shown(streamed) == seq.text == whole.text
+        assert seq.finish == whole.finish and seq.tokens == whole.tokens
+        for s in stop:
+            assert s not in seq.text
+        if seq.finish is FinishReason.LENGTH and not stop:
+            # The prompt's text as context decides the first space; beyond it, decode's text.
+            context = tok.encode("say: ", add_bos=True)
+            full = tok.decode(context + tokens)
+            assert seq.text == full[len(tok.decode(context)) :]

@@ -47,7 +47,9 @@ def test_contract_of_the_image() -> None:
         assert (REPO / source).exists(), f"COPY {source}: the build context is the repository root"
     requirements = (REPO / "inference" / "requirements.txt").read_text().split()
     pins = [line for line in requirements if not line.startswith("#") and "==" in line]
-    assert {p.split("==")[0] for p in pins} >= {"uvicorn", "starlette", "confluent-kafka"}
+    # tokenizers and jinja2: Hugging Face tokenizers and chat templates.
+    names = {p.split("==")[0] for p in pins}
+    assert names >= {"uvicorn", "starlette", "confluent-kafka", "tokenizers", "jinja2"}
 
 
 def test_serve_script_accepts_sagemakers_serve_argument() -> None:

@@ -15,6 +15,7 @@ from inference.engine import EngineSettings, running_engine
 from inference.sampling import greedy, sample
 from inference.scheduler import QueueFullError
 from inference.sequence import FinishReason, SamplingParams, Sequence
+from inference.serve import build_parser
 from modeling.config import ModelConfig
 from modeling.model import LlamaModel
 from tests.inference.support import TINY, write_model
@@ -240,3 +241,19 @@ def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(
         ok = client.generate("y", SamplingParams(max_new_tokens=10))
         assert ok.finish is FinishReason.LENGTH and len(ok.tokens) == 10
         assert client.engine.stats().running == 0
+
+
+def test_max_seq_len_caps_the_context_and_the_kv_cache(engine_model: Path) -> None:
+    # A Llama 3.1 config asks for 131072 tokens of cache per slot: the server's cap sizes it.
+    settings = EngineSettings(max_batch=2, warmup=False, max_seq_len=64)
+    with running_engine(engine_model, settings) as client:
+        engine = client.engine
+        assert engine.max_seq_len == 64
+        decoder = engine.runner.decoder
+        assert decoder is not None and decoder.max_seq_len == 64
+        cfg = TINY
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # k and v, float32
+        assert decoder.cache_bytes() == 2 * 64 * per_token
+    args = build_parser({"KILN_MAX_SEQ_LEN": "4096"}).parse_args([])
+    assert args.max_seq_len == 4096
+    assert build_parser({}).parse_args(["--max-seq-len", "128"]).max_seq_len == 128

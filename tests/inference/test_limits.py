@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from modeling.artifact import model_files
 from tests.inference.support import (
     REPO,
     SLOW,
@@ -140,7 +141,7 @@ def run_serve(model_dir: Path, timeout: float = 60.0) -> subprocess.CompletedPro
 
 def corrupt(kind: str, good: Path, target: Path) -> Path:
     target.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in model_files(good):
         (target / name).write_bytes((good / name).read_bytes())
     if kind == "truncated weights":
         data = (target / "model.safetensors").read_bytes()
@@ -149,7 +150,7 @@ def corrupt(kind: str, good: Path, target: Path) -> Path:
         (target / "config.json").write_text("{ not json")
     elif kind == "shapes disagree":
         config = json.loads((target / "config.json").read_text())
-        config["model"]["hidden_size"] = 128
+        config["hidden_size"] = 128
         (target / "config.json").write_text(json.dumps(config))
     elif kind == "no tokenizer":
         (target / "tokenizer.json").unlink()
@@ -161,7 +162,7 @@ def corrupt(kind: str, good: Path, target: Path) -> Path:
     [
         ("truncated weights", "model.safetensors"),
         ("config not JSON", "config.json is not valid JSON"),
-        ("shapes disagree", "size mismatch"),
+        ("shapes disagree", "model.safetensors: model.embed_tokens.weight is (320, 64) where"),
         ("no tokenizer", "tokenizer.json"),
     ],
 )

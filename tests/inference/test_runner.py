@@ -1,5 +1,6 @@
-"""The model runner's choice of tokens: never a start, padding or unused id, and, for a
-byte-level model, only bytes that keep the text valid UTF-8."""
+"""The model runner's choice of tokens: for a kiln byte-level model never a start, padding or
+unused id, and only bytes that keep the text valid UTF-8; for a model you bring, what its own
+generate() would choose."""
 
 from __future__ import annotations
 
@@ -76,3 +77,24 @@ def test_bytes_keep_the_text_valid_utf8() -> None:
         torch.stack([favouring(0x80, 66), favouring(66, 0xA5)]),
     )
     assert both == [66, 0xA5]
+
+
+@pytest.mark.parametrize("family", ["llama-3.2-1b", "qwen2.5-0.5b"])
+def test_a_model_you_bring_is_sampled_as_its_own_generate_would(
+    family: str, tmp_path: Path
+) -> None:
+    """The byte-level rules are for kiln's own models: a Hugging Face model keeps every id
+    choosable (transformers' generate() masks none) and its tokens are not bytes."""
+    from tests.modeling.hf_models import build
+
+    run = ModelRunner(build(family, tmp_path / family), slots=1)
+    run.load(warmup=False)
+    assert run.tokenizer is not None and not isinstance(run.tokenizer, ByteTokenizer)
+    assert never_generated(run.tokenizer, run.vocab_size) == []
+    assert run.banned.numel() == 0 and not run.utf8_bytes
+    # A BOS or an id past the tokenizer's vocabulary stays the greedy choice when it scores best.
+    bos = run.tokenizer.bos_id if run.tokenizer.bos_id is not None else 0
+    seq = Sequence(prompt=[bos, 5], params=SamplingParams(max_new_tokens=2), deadline=float("inf"))
+    logits = torch.zeros(1, run.vocab_size)
+    logits[0, bos] = 1.0
+    assert run._choose([seq], logits) == [bos]

@@ -53,12 +53,19 @@ def test_prod_tier_valid_when_invariants_hold() -> None:
         ({"network.nat_gateways": 1}, "", "network.nat_gateways: a prod-tier environment"),
         ({"compute.gpu_nodes.capacity": "spot"}, "", "compute.gpu_nodes.capacity: spot is not"),
         (
-            {"serving.initial_instance_count": 1, "serving.autoscaling.min_instances": 1},
+            {
+                "serving.initial_instance_count": 1,
+                "serving.autoscaling.min_instances": 1,
+                "serving.deployment.traffic": "all_at_once",
+            },
             "",
             "serving: a prod-tier endpoint runs at least 2 instances",
         ),
         (
-            {"serving.autoscaling.scheduled_scale_down": {}},
+            {
+                "serving.autoscaling.scheduled_scale_down": {},
+                "serving.deployment.traffic": "all_at_once",
+            },
             "",
             "scheduled_scale_down: not allowed in a prod-tier",
         ),
@@ -179,7 +186,7 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
         (
             {"serving.deployment.traffic": "all"},
             "serving.deployment.traffic",
-            "'canary' or 'linear'",
+            "'canary', 'linear' or 'all_at_once'",
         ),
         (
             {"serving.deployment.step_percent": 60},
@@ -346,3 +353,107 @@ def test_settings_are_immutable() -> None:
     loaded = Settings.model_validate(VALID)
     with pytest.raises(ValidationError):
         loaded.region = "us-west-2"  # type: ignore[misc]
+
+
+# --- rollout settings SageMaker refuses or cannot meet ------------------------------------
+# AWS::SageMaker::Endpoint TrafficRoutingConfig: CanarySize "must be less than or equal to 50%
+# of the variant's total instance count"; LinearStepSize "must be 10-50% of the variant's total
+# instance count" (https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/
+# aws-properties-sagemaker-endpoint-trafficroutingconfig.html). BlueGreenUpdatePolicy:
+# MaximumExecutionTimeoutInSeconds "should be larger than the total waiting time specified in
+# TerminationWaitInSeconds and WaitIntervalInSeconds"
+# (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_BlueGreenUpdatePolicy.html).
+
+
+def single_instance(**deployment: Any) -> dict[str, Any]:
+    return settings(
+        **{
+            "serving.initial_instance_count": 1,
+            "serving.autoscaling.min_instances": 1,
+            "serving.deployment": deployment,
+        }
+    )
+
+
+@pytest.mark.parametrize("traffic", ["canary", "linear"])
+def test_a_single_instance_fleet_cannot_take_a_canary_or_a_linear_step(traffic: str) -> None:
+    problems = errors(single_instance(traffic=traffic, step_percent=10))
+    (message,) = [msg for loc, msg in problems if loc == "serving"]
+    assert "fleet of 1 instance(s)" in message and "traffic: all_at_once" in message
+
+
+def test_single_instance_fleets_roll_out_all_at_once() -> None:
+    loaded = Settings.model_validate(single_instance(traffic="all_at_once"))
+    assert loaded.serving.deployment.traffic == "all_at_once"
+
+
+def test_a_scheduled_scale_down_to_one_instance_counts_as_a_fleet_size() -> None:
+    data = settings(
+        **{
+            "serving.autoscaling.scheduled_scale_down": {},
+            "serving.deployment": {"traffic": "canary"},
+        }
+    )
+    assert "fleet of 1 instance(s)" in dict(errors(data))["serving"]
+
+
+def test_canary_over_half_of_some_fleet_size_is_refused() -> None:
+    # 2 instances of a fleet that autoscaling may shrink to 3: more than half.
+    data = settings(**{"serving.deployment": {"traffic": "canary", "step_instances": 2}})
+    assert "fleet of 2, 3 instance(s)" in dict(errors(data))["serving"]
+
+
+def test_linear_steps_outside_10_to_50_percent_are_refused() -> None:
+    data = settings(
+        **{
+            "serving.autoscaling.max_instances": 20,
+            "serving.deployment": {"traffic": "linear", "step_instances": 1},
+        }
+    )
+    # One instance is under 10% of fleets of 11..20 and over 50% of none of 2..20.
+    message = dict(errors(data))["serving"]
+    assert "not 10-50% of a fleet of 11, 12" in message and "20 instance(s)" in message
+
+
+def test_waits_must_fit_the_deployment_timeout() -> None:
+    # linear 10% of up to 10 instances: 10 shifts x 15 min + 5 = 155 min > 120.
+    data = settings(
+        **{
+            "serving.autoscaling.max_instances": 10,
+            "serving.deployment": {"traffic": "linear", "step_percent": 10, "wait_minutes": 15},
+        }
+    )
+    message = dict(errors(data))["serving"]
+    assert "waits add up to 155 minutes" in message and "max_deployment_minutes (120)" in message
+    ok = settings(
+        **{
+            "serving.autoscaling.max_instances": 10,
+            "serving.deployment": {
+                "traffic": "linear",
+                "step_percent": 10,
+                "wait_minutes": 15,
+                "max_deployment_minutes": 160,
+            },
+        }
+    )
+    Settings.model_validate(ok)
+
+
+def test_every_environment_file_rolls_out_within_what_sagemaker_accepts() -> None:
+    from kiln.config import available_environments, load_settings
+    from kiln.settings import fleet_sizes, rollout_problems
+
+    for env in available_environments():
+        serving = load_settings(env).serving
+        assert rollout_problems(serving) == [], env
+        if 1 in fleet_sizes(serving):
+            assert serving.deployment.traffic == "all_at_once", env
+
+
+def test_the_efa_zone_is_one_of_the_environments_zones() -> None:
+    """p4d/p4de/p5 are not offered in every zone (and a zone name means a different zone in
+    each account), so the zone the EFA pool is pinned to is a setting, checked here."""
+    ok = settings(**{"compute.gpu_nodes.efa_zone": "eu-west-1b"})
+    assert Settings.model_validate(ok).compute.gpu_nodes.efa_zone == "eu-west-1b"
+    bad = settings(**{"compute.gpu_nodes.efa_zone": "eu-west-1d"})
+    assert "efa_zone: 'eu-west-1d' is not one of availability_zones" in dict(errors(bad))[""]

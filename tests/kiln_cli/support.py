@@ -44,7 +44,8 @@ _NAME_PROPERTIES = ("BucketName", "Name", "DeliveryStreamName", "DashboardName",
 
 
 class _Resolver:
-    """Resolves template values (Ref, Fn::GetAtt, Fn::Join, Fn::Sub, Fn::GetStackOutput) to the
+    """Resolves template values (Ref, Fn::GetAtt, Fn::Join, Fn::Sub, Fn::ImportValue,
+    Fn::GetStackOutput) to the
     strings a deployment in moto's account and region would give: physical names where the
     template sets them, deterministic made-up ids where AWS would make them up."""
 
@@ -73,7 +74,17 @@ class _Resolver:
             return re.sub(r"\$\{([^}]+)\}", lambda m: self.ref(stack, m.group(1)), argument)
         if function == "Fn::GetStackOutput":
             return self.outputs(argument["StackName"])[argument["OutputName"]]
+        if function == "Fn::ImportValue":
+            return self.exported(argument)
         raise NotImplementedError(f"{stack}: cannot resolve {function} in a fake output")
+
+    def exported(self, name: str) -> str:
+        """The value of the output some stack exports as `name` (a strong reference)."""
+        for producer, synthesized in self.stacks.items():
+            for output in synthesized.template.get("Outputs", {}).values():
+                if output.get("Export", {}).get("Name") == name:
+                    return self.value(producer, output["Value"])
+        raise NotImplementedError(f"no stack exports {name}")
 
     def _resource(self, stack: str, logical_id: str) -> dict[str, Any]:
         return self.stacks[stack].resources[logical_id]
@@ -109,6 +120,11 @@ class _Resolver:
             return arns[kind]
         if (kind, attribute) == ("AWS::EC2::SecurityGroup", "GroupId"):
             return f"sg-{made_up}"
+        if (kind, attribute) == ("Custom::ManagedPrefixList", "PrefixListId"):
+            return f"pl-{made_up}"
+        props = self._resource(stack, logical_id).get("Properties", {})
+        if attribute in props:  # e.g. a node group's NodegroupName, as the template sets it
+            return self.value(stack, props[attribute])
         raise NotImplementedError(f"{stack}: cannot resolve {logical_id}.{attribute}")
 
 
@@ -179,7 +195,11 @@ def put_object(uri: str, body: bytes = b"x", endpoint_url: str | None = None) ->
 
 
 def create_endpoint(
-    name: str, artifact: str, version: str, endpoint_url: str | None = None
+    name: str,
+    artifact: str,
+    version: str,
+    endpoint_url: str | None = None,
+    instance_type: str = "ml.g4dn.xlarge",  # moto knows older types only
 ) -> None:
     """Model, endpoint config and endpoint serving `artifact`, as the serving stack makes them."""
     sagemaker = client("sagemaker", endpoint_url)
@@ -195,7 +215,7 @@ def create_endpoint(
             {
                 "VariantName": "AllTraffic",
                 "ModelName": model,
-                "InstanceType": "ml.g4dn.xlarge",  # moto knows older types only
+                "InstanceType": instance_type,
                 "InitialInstanceCount": 1,
             }
         ],

@@ -86,13 +86,17 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 def test_every_command_and_option_says_what_it_is_and_its_default(command: str) -> None:
     sub = _subcommands()[command]
     assert sub.description and len(sub.description) > 40, f"kiln {command} has no description"
+    # One option of a required group is always given (`invoke --prompt | --message | ...`).
+    chosen = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
     for action in sub._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         name = "/".join(action.option_strings) or action.dest
         assert action.help and len(action.help) > 10, f"kiln {command} {name} has no help"
-        needs_default = not action.required and not isinstance(
-            action, argparse._StoreTrueAction | argparse._StoreConstAction
+        needs_default = (
+            not action.required
+            and action not in chosen
+            and not isinstance(action, argparse._StoreTrueAction | argparse._StoreConstAction)
         )
         if needs_default:
             # Shown as `(default: ...)`, or said in words ("default: every GPU of ...").

@@ -18,8 +18,9 @@ def test_the_whole_loop_runs_here(tmp_path: Path, capsys: pytest.CaptureFixture[
     code = main(
         [
             "local",
+            # Time to spare even on a loaded machine: the 20 steps end the run, not the clock.
             "--minutes",
-            "1",
+            "10",
             "--max-steps",
             "20",
             "--max-new-tokens",
@@ -35,7 +36,7 @@ def test_the_whole_loop_runs_here(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert code == 0, out
     assert (tmp_path / "run" / "model.tar.gz").exists()
-    assert "training the tiny model on the Python standard library for 1 min" in out
+    assert "training the tiny model on the Python standard library for 10 min" in out
     # Progress: step/total, loss, tokens/s and ETA, from the trainer's metrics.
     assert "step 5/20 (25%) | loss " in out and " tok/s | " in out and "ETA" in out
     assert "trained 20 steps in" in out
@@ -68,7 +69,11 @@ def test_a_model_that_will_not_load_is_reported(tmp_path: Path) -> None:
         (["--max-steps", "-3"], "argument --max-steps: must be at least 1, got -3"),
         (["--temperature", "hot"], "argument --temperature: expected a number, got 'hot'"),
         # The presets are listed, not the trainer's usage text.
-        (["--model", "huge"], "invalid choice: 'huge' (choose from tiny, small, base, 1b)"),
+        (
+            ["--model", "huge"],
+            "argument --model: 'huge' is neither a preset (tiny, small, base, 1b) nor a model "
+            "directory or model.tar.gz",
+        ),
     ],
 )
 def test_bad_options_say_what_is_allowed(
@@ -78,7 +83,7 @@ def test_bad_options_say_what_is_allowed(
         main(["local", *argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert words in err.replace("'tiny', 'small', 'base', '1b'", "tiny, small, base, 1b"), err
+    assert words in err, err
 
 
 def test_the_presets_are_the_trainers() -> None:
@@ -149,3 +154,26 @@ def test_a_work_dir_that_cannot_be_made_is_said_not_traced(
     assert main(["local", "--work-dir", str(tmp_path / "a-file" / "run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kiln local: Not a directory: ") and "Traceback" not in err
+
+
+def test_a_model_directory_you_bring_is_served_and_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.modeling.hf_models import build
+
+    model = build("qwen2.5-0.5b", tmp_path / "Qwen2.5-0.5B")
+    argv = ["local", "--model", str(model), "--prompt", "The kiln", "--max-new-tokens", "4"]
+    code = main([*argv, "--work-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"serving {model} (no training)" in out
+    assert "--- answer 1 of 1, to 'The kiln'" in out and "server stopped (exit 0)" in out
+    assert "training the" not in out and "validation loss" not in out
+
+
+def test_a_model_path_that_is_not_there_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["local", "--model", "./no-such-model"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model: no such model directory or model.tar.gz" in err, err

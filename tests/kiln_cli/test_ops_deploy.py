@@ -119,7 +119,7 @@ def test_a_healthy_model_is_promoted() -> None:
     argv, cwd = runner.calls[0]
     assert argv[:4] == ["npx", "cdk", "deploy", "dev/Serving"]
     assert f"modelArtifact={NEW_ARTIFACT}" in argv and (cwd / "cdk.json").exists()
-    assert f"deploying {NEW_ARTIFACT} to {ENDPOINT} (canary 10%, 10 min bake" in log
+    assert f"deploying {NEW_ARTIFACT} to {ENDPOINT} (all at once, 10 min bake" in log
     assert "cdk deploy exited 0" in log and f"endpoint {ENDPOINT}: InService" in log
     text = deploy.render(outcome, "dev")
     assert text.startswith(f"promoted: {ENDPOINT} serves {NEW_ARTIFACT} (InService")

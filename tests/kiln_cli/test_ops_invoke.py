@@ -272,3 +272,117 @@ def test_access_denied_names_the_action() -> None:
     stubber.add_client_error("invoke_endpoint", "AccessDeniedException", "not authorized", 400)
     with stubber, pytest.raises(OperateError, match="may not call sagemaker:InvokeEndpoint"):
         invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {})
+
+
+# -- conversations: the Messages API -------------------------------------------------------------
+
+
+def _chunk(delta: dict[str, str] | None, finish: str | None = None, **extra: Any) -> bytes:
+    choices = [] if delta is None else [{"delta": delta, "finish_reason": finish}]
+    chunk = {"object": "chat.completion.chunk", "choices": choices, **extra}
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+
+CHAT_SSE = (
+    _chunk({"role": "assistant", "content": ""})
+    + _chunk({"content": "Bon"})
+    + _chunk({"content": "jour, café"})
+    + _chunk({}, "stop")
+    + _chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14})
+    + b"data: [DONE]\n\n"
+)
+
+
+@mock_aws
+def test_a_conversation_is_sent_as_messages_and_the_answer_printed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi!"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    }
+    backend = sagemakerruntime_backends[ACCOUNT][REGION]
+    sent: list[dict[str, Any]] = []
+    aws = make_aws()
+    aws.client("sagemaker-runtime").meta.events.register(
+        "provide-client-params.sagemaker-runtime.InvokeEndpoint",
+        lambda params, **_: sent.append(dict(params)),
+    )
+    backend.results_queue.append((json.dumps(answer), "application/json", "AllTraffic", ""))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    result = invoke.chat(aws, messages, {"max_tokens": 8, "temperature": 0.0, "seed": None})
+    assert (result.text, result.finish_reason, result.usage) == ("Hi!", "stop", answer["usage"])
+    assert json.loads(sent[0]["Body"]) == {
+        "messages": messages,
+        "max_tokens": 8,
+        "temperature": 0.0,
+    }
+
+    backend.results_queue.append((json.dumps(answer), "application/json", "AllTraffic", ""))
+    argv = ["invoke", "--env", "dev", "--message", "system:Be brief.", "--message", "user:Hello"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hi!\n" and captured.err.startswith("[stop, 3 tokens, ")
+
+    file = tmp_path / "chat.json"
+    file.write_text(json.dumps({"messages": messages}))
+    backend.results_queue.append((json.dumps(answer), "application/json", "AllTraffic", ""))
+    assert main(["invoke", "--env", "dev", "--messages-file", str(file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == answer
+
+
+@mock_aws
+def test_a_streamed_conversation_prints_the_deltas(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    runtime.stream = b"".join(_parts(CHAT_SSE))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
+    pieces: list[str] = []
+    messages = [{"role": "user", "content": "Say hello in French"}]
+    answer = invoke.chat_stream(make_aws(), messages, {"max_tokens": 5}, pieces.append)
+    assert pieces == ["Bon", "jour, café"]
+    assert (answer.text, answer.finish_reason, answer.usage["completion_tokens"]) == (
+        "Bonjour, café",
+        "stop",
+        5,
+    )
+    path, headers, body = runtime.requests[0]
+    assert path == f"/endpoints/{ENDPOINT}/invocations-response-stream"
+    assert headers["X-Amzn-SageMaker-Accept"] == "text/event-stream"
+    assert json.loads(body) == {
+        "messages": messages,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    argv = ["invoke", "--env", "dev", "--message", "user:Say hello in French", "--stream"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Bonjour, café\n"
+    assert captured.err.startswith("[stop, 5 tokens, ")
+
+
+@mock_aws
+def test_bad_conversations_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    assert main(["invoke", "--env", "dev", "--message", "robot:hi"]) == 2
+    assert "ROLE:TEXT with ROLE one of system, user, assistant" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"messages": "hi"}')
+    assert main(["invoke", "--env", "dev", "--messages-file", str(tmp_path / "bad.json")]) == 2
+    assert "must hold a list of messages" in capsys.readouterr().err
+    assert main(["invoke", "--env", "dev", "--message", "user:hi", "--top-k", "5"]) == 2
+    assert "--top-k is not a Messages API field" in capsys.readouterr().err
+    assert main(["invoke", "--env", "dev", "--messages-file", str(tmp_path / "none.json")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a prompt and a conversation at once
+        main(["invoke", "--env", "dev", "--prompt", "x", "--message", "user:y"])

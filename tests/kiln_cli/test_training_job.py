@@ -550,7 +550,7 @@ def test_command_prints_the_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*REQUIRED, "--nodes", "2", "--gpus-per-node", "4", "--env", "A=b=c"]
     assert render_command(parse([*argv, "--", "--max-steps", "20000"])) == 0
     out = capsys.readouterr()
-    assert out.err == ""
+    assert out.err.startswith("memory plan: small on 8 x A100 40 GiB (p4d.24xlarge)")
     assert list(yaml.safe_load_all(out.out)) == render(make(env={"A": "b=c"}))
 
 
@@ -595,3 +595,25 @@ def test_no_torch_or_boto3_import() -> None:
         "assert not {'torch', 'boto3', 'aws_cdk'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_the_memory_plan_is_printed_and_an_impossible_run_refused_before_any_yaml(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [*REQUIRED, "--nodes", "1", "--model", "llama-3-70b"]
+    assert render_command(parse([*argv, "--", "--micro-batch-size", "1", "--seq-len", "4096"])) == 2
+    out = capsys.readouterr()
+    assert out.out == ""  # nothing to apply
+    assert "llama-3-70b on 8 x A100 40 GiB" in out.err and "does NOT fit" in out.err
+    assert "refused: llama-3-70b needs 236.0 GiB per GPU with fsdp on 8 x A100" in out.err
+    assert "nodes with activation checkpointing" in out.err
+    # The 8B model fits once each block's activations are recomputed; the flag goes through.
+    argv = [*REQUIRED, "--nodes", "1", "--model", "llama-3-8b"]
+    trainer = ["--micro-batch-size", "1", "--seq-len", "4096", "--activation-checkpointing", "true"]
+    assert render_command(parse([*argv, "--", *trainer])) == 0
+    out = capsys.readouterr()
+    assert "strategy        fsdp + activation checkpointing" in out.err
+    assert "26.00 GiB of    36.00 GiB: fits" in out.err
+    # A trainer preset is handed to the trainer too.
+    assert render_command(parse([*REQUIRED, "--nodes", "1", "--model", "base"])) == 0
+    assert "--model\n        - base" in capsys.readouterr().out

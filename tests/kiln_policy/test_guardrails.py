@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -219,7 +220,11 @@ GPU_GROUP = {
 }
 TEMPLATE = {
     "Type": "AWS::EC2::LaunchTemplate",
-    "Properties": {"LaunchTemplateData": {"MetadataOptions": {"HttpTokens": "required"}}},
+    "Properties": {
+        "LaunchTemplateData": {
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}
+        }
+    },
 }
 
 
@@ -231,7 +236,13 @@ def test_eks_endpoint_private() -> None:
     restricted = with_props(public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["203.0.113.0/24"])
     assert run("eks-endpoint-private", stack({"C": restricted}), DEV) == []
     (violation,) = run("eks-endpoint-private", stack({"C": public}), DEV)  # no CIDRs: open to all
-    assert violation.message == "public API endpoint open to 0.0.0.0/0"
+    assert violation.message == "public API endpoint open to the whole internet"
+    # Two halves are the whole internet too (issue 17).
+    halves = with_props(
+        public, ["ResourcesVpcConfig", "PublicAccessCidrs"], ["0.0.0.0/1", "128.0.0.0/1"]
+    )
+    (violation,) = run("eks-endpoint-private", stack({"C": halves}), DEV)
+    assert violation.message == "public API endpoint open to the whole internet"
     unset = with_props(EKS, ["ResourcesVpcConfig", "EndpointPublicAccess"], None)
     assert (
         len(run("eks-endpoint-private", stack({"C": unset}), PROD)) == 1
@@ -257,25 +268,48 @@ def test_imdsv2_required() -> None:
     bare_group = with_props(GPU_GROUP, ["LaunchTemplate"], None)
     (violation,) = run("imdsv2-required", stack({"G": bare_group}), PROD)
     assert "without a launch template" in violation.message
+    # Two hops let a pod reach the node role's credentials through IMDS.
+    two_hops = with_props(
+        TEMPLATE, ["LaunchTemplateData", "MetadataOptions", "HttpPutResponseHopLimit"], 2
+    )
+    (violation,) = run("imdsv2-required", stack({"T": two_hops}), PROD)
+    assert violation.message.startswith("MetadataOptions.HttpPutResponseHopLimit is 2")
 
 
 ENDPOINT = {
     "Type": "AWS::SageMaker::Endpoint",
     "Properties": {
+        "RetainAllVariantProperties": True,
         "DeploymentConfig": {
             "BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {"Type": "CANARY"}},
             "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]},
-        }
+        },
     },
 }
+# ml.m5 has no local instance storage: its ML volume takes the customer-managed key.
 ENDPOINT_CONFIG = {
     "Type": "AWS::SageMaker::EndpointConfig",
     "Properties": {
         "KmsKeyId": "k",
-        "ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 2}],
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.m5.xlarge"}
+        ],
         "DataCaptureConfig": {"EnableCapture": True, "KmsKeyId": "k"},
     },
 }
+# ml.g5 has NVMe instance storage: CreateEndpointConfig rejects a KmsKeyId for it (SageMaker
+# API Reference, CreateEndpointConfig), and there is no data capture without raw text.
+GPU_ENDPOINT_CONFIG = {
+    "Type": "AWS::SageMaker::EndpointConfig",
+    "Properties": {
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g5.xlarge"}
+        ],
+    },
+}
+RAW_TEXT = PROD.model_copy(
+    update={"events": PROD.events.model_copy(update={"allow_raw_text": True})}
+)
 SCALING = {
     "Type": "AWS::ApplicationAutoScaling::ScalableTarget",
     "Properties": {"ServiceNamespace": "sagemaker", "MinCapacity": 2, "MaxCapacity": 4},
@@ -301,6 +335,39 @@ def test_endpoints_encrypted() -> None:
     ]
 
 
+def test_endpoint_kms_follows_instance_storage_both_ways() -> None:
+    """Issue 17, item 1: a key for EBS-only types, none for types with NVMe storage."""
+    assert run("endpoint-kms", stack({"C": GPU_ENDPOINT_CONFIG}), PROD) == []
+    keyed = with_props(GPU_ENDPOINT_CONFIG, ["KmsKeyId"], "k")
+    (violation,) = run("endpoint-kms", stack({"C": keyed}), PROD)
+    assert violation.message == (
+        "KmsKeyId is set but ml.g5.xlarge has local instance storage: "
+        "CreateEndpointConfig rejects it"
+    )
+    # A type outside kiln's catalog with an instance-store family name ("d") counts as local.
+    m5d = with_props(
+        keyed, ["ProductionVariants"], [{"VariantName": "A", "InstanceType": "ml.m5d.large"}]
+    )
+    assert len(run("endpoint-kms", stack({"C": m5d}), PROD)) == 1
+
+
+def test_capture_only_what_events_allow() -> None:
+    """Issue 17, item 2: no payload capture unless events.allow_raw_text."""
+    assert run("endpoint-capture-privacy", stack({"C": GPU_ENDPOINT_CONFIG}), PROD) == []
+    capturing = with_props(
+        ENDPOINT_CONFIG,
+        ["DataCaptureConfig", "CaptureOptions"],
+        [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+    )
+    (violation,) = run("endpoint-capture-privacy", stack({"C": capturing}), PROD)
+    assert violation.message == (
+        "data capture of Input, Output is on although events.allow_raw_text is false"
+    )
+    assert run("endpoint-capture-privacy", stack({"C": capturing}), RAW_TEXT) == []
+    off = with_props(capturing, ["DataCaptureConfig", "EnableCapture"], False)
+    assert run("endpoint-capture-privacy", stack({"C": off}), PROD) == []
+
+
 def test_prod_endpoints_redundant() -> None:
     good = stack({"C": ENDPOINT_CONFIG, "S": SCALING})
     assert run("endpoint-redundancy", good, PROD) == []
@@ -316,6 +383,143 @@ def test_prod_endpoints_redundant() -> None:
     )
     assert len(run("endpoint-redundancy", single, PROD)) == 2
     assert run("endpoint-redundancy", single, DEV) == []
+
+
+# --- as deployed (issue 21) ------------------------------------------------------------
+
+WEAK_OUTPUT = {
+    "Type": "AWS::IAM::Policy",
+    "Properties": {
+        "Resource": {
+            "Fn::Join": [
+                "",
+                [{"Fn::GetStackOutput": {"StackName": "kiln-prod-streaming", "OutputName": "A"}}],
+            ]
+        }
+    },
+}
+STRONG_OUTPUT = {
+    "Type": "AWS::IAM::Policy",
+    "Properties": {"Resource": {"Fn::ImportValue": "kiln-prod-streaming:ExportsOutputA"}},
+}
+
+
+def waiter(interval: int, attempts: int) -> dict[str, Any]:
+    # As the CDK's Provider framework writes it: a JSON string joined with resource ARNs.
+    retry = f'"Retry":[{{"ErrorEquals":["States.ALL"],"IntervalSeconds":{interval},'
+    retry += f'"MaxAttempts":{attempts},"BackoffRate":1}}]'
+    return {
+        "Type": "AWS::StepFunctions::StateMachine",
+        "Properties": {"DefinitionString": {"Fn::Join": ["", ['{"States":{' + retry, "}}"]]}},
+    }
+
+
+CUSTOM = {"Type": "Custom::MskPrivateConnectivity", "Properties": {"ServiceTimeout": "3600"}}
+GATE = {
+    "Type": "Custom::MskPrivateConnectivity",
+    "Properties": {"ClusterArn": "a", "Step": "active", "ServiceTimeout": "3600"},
+}
+TOPIC = {"Type": "AWS::MSK::Topic", "DependsOn": ["Gate"], "Properties": {"TopicName": "t"}}
+CONNECTIVITY = {
+    "Type": "Custom::MskPrivateConnectivity",
+    "DependsOn": ["Topic"],
+    "Properties": {"ClusterArn": "a", "ServiceTimeout": "3600"},
+}
+
+
+def alarm(namespace: str, name: str, *dimensions: str) -> dict[str, Any]:
+    return {
+        "Type": "AWS::CloudWatch::Alarm",
+        "Properties": {
+            "Namespace": namespace,
+            "MetricName": name,
+            "Dimensions": [{"Name": d, "Value": "v"} for d in dimensions],
+        },
+    }
+
+
+def dashboard(*metrics: list[Any]) -> dict[str, Any]:
+    body = {"widgets": [{"type": "metric", "properties": {"title": "w", "metrics": list(metrics)}}]}
+    text = json.dumps(body)
+    head, tail = text.split("TOKEN", 1) if "TOKEN" in text else (text, "")
+    parts: list[Any] = [head, {"Ref": "Stream"}, tail] if tail else [head]
+    return {
+        "Type": "AWS::CloudWatch::Dashboard",
+        "Properties": {"DashboardBody": {"Fn::Join": ["", parts]}},
+    }
+
+
+FRESHNESS = alarm("AWS/Firehose", "DeliveryToS3.DataFreshness", "DeliveryStreamName")
+HOST_SEARCH = [
+    {
+        "expression": "SEARCH('{/aws/sagemaker/Endpoints,EndpointName,VariantName,Host} "
+        "MetricName=\"GPUUtilization\"', 'Average', 60)",
+        "id": "e1",
+    }
+]
+
+
+def test_no_weak_references() -> None:
+    assert run("no-weak-references", stack({"P": STRONG_OUTPUT}), PROD) == []
+    (violation,) = run("no-weak-references", stack({"P": WEAK_OUTPUT}), PROD)
+    assert "Fn::GetStackOutput" in violation.message
+
+
+def test_custom_resources_fit_service_timeout() -> None:
+    good = stack({"C": CUSTOM, "W": waiter(60, 52)})
+    assert run("custom-resources-fit-service-timeout", good, PROD) == []
+    # The CDK Provider's 2-hour waiter behind CloudFormation's 1-hour custom resource.
+    (violation,) = run("custom-resources-fit-service-timeout", stack({"W": waiter(60, 120)}), PROD)
+    assert "7200 s" in violation.message
+    too_long = with_props(CUSTOM, ["ServiceTimeout"], "7200")
+    assert len(run("custom-resources-fit-service-timeout", stack({"C": too_long}), PROD)) == 1
+
+
+def test_endpoint_keeps_scaled_count() -> None:
+    assert run("endpoint-keeps-scaled-count", stack({"E": ENDPOINT}), DEV) == []
+    resetting = with_props(ENDPOINT, ["RetainAllVariantProperties"], None)
+    (violation,) = run("endpoint-keeps-scaled-count", stack({"E": resetting}), DEV)
+    assert "resets the instance count" in violation.message
+
+
+def test_msk_topics_wait_for_active() -> None:
+    ordered = stack({"Gate": GATE, "Topic": TOPIC, "Conn": CONNECTIVITY})
+    assert run("msk-topics-wait-for-active", ordered, PROD) == []
+    racing = stack(
+        {
+            "Gate": GATE,
+            "Topic": {**TOPIC, "DependsOn": []},
+            "Conn": {**CONNECTIVITY, "DependsOn": []},
+        }
+    )
+    messages = [v.message for v in run("msk-topics-wait-for-active", racing, PROD)]
+    assert messages == [
+        "Topic: topic does not wait for the cluster to be ACTIVE",
+        "Conn: the connectivity update may run beside topic Topic",
+    ]
+
+
+def test_metrics_published() -> None:
+    good = stack(
+        {
+            "A": FRESHNESS,
+            "D": dashboard(
+                ["AWS/SageMaker", "Invocations", "EndpointName", "e", "VariantName", "TOKEN"]
+            ),
+        }
+    )
+    assert run("metrics-published", good, PROD) == []
+    bad = stack(
+        {
+            "A": alarm("AWS/AutoScaling", "GroupInServiceInstances", "AutoScalingGroupName"),
+            "D": dashboard(HOST_SEARCH),
+            "F": alarm("AWS/Firehose", "DeliveryToS3.DataFreshness", "StreamName"),
+        }
+    )
+    messages = sorted(v.message for v in run("metrics-published", bad, PROD))
+    assert any("exists only with group metrics collection" in m for m in messages)
+    assert any("no /aws/sagemaker/Endpoints GPUUtilization with dimensions" in m for m in messages)
+    assert any("published with: DeliveryStreamName" in m for m in messages)
 
 
 # One compliant and one non-compliant case per registered rule, judged under `settings`. A rule
@@ -386,14 +590,36 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
     ),
     "endpoint-kms": (
         PROD,
+        stack({"C": ENDPOINT_CONFIG, "G": GPU_ENDPOINT_CONFIG}),
+        stack({"G": with_props(GPU_ENDPOINT_CONFIG, ["KmsKeyId"], "k")}),
+    ),
+    "endpoint-capture-privacy": (
+        PROD,
+        stack({"G": GPU_ENDPOINT_CONFIG}),
         stack({"C": ENDPOINT_CONFIG}),
-        stack({"C": with_props(ENDPOINT_CONFIG, ["KmsKeyId"], None)}),
     ),
     "endpoint-redundancy": (
         PROD,
         stack({"C": ENDPOINT_CONFIG, "S": SCALING}),
         stack({"S": with_props(SCALING, ["MinCapacity"], 1)}),
     ),
+    "no-weak-references": (PROD, stack({"P": STRONG_OUTPUT}), stack({"P": WEAK_OUTPUT})),
+    "custom-resources-fit-service-timeout": (
+        PROD,
+        stack({"C": CUSTOM, "W": waiter(60, 52)}),
+        stack({"W": waiter(60, 120)}),
+    ),
+    "endpoint-keeps-scaled-count": (
+        PROD,
+        stack({"E": ENDPOINT}),
+        stack({"E": with_props(ENDPOINT, ["RetainAllVariantProperties"], None)}),
+    ),
+    "msk-topics-wait-for-active": (
+        PROD,
+        stack({"Gate": GATE, "Topic": TOPIC, "Conn": CONNECTIVITY}),
+        stack({"Gate": GATE, "Topic": {**TOPIC, "DependsOn": []}, "Conn": CONNECTIVITY}),
+    ),
+    "metrics-published": (PROD, stack({"A": FRESHNESS}), stack({"D": dashboard(HOST_SEARCH)})),
 }
 
 

@@ -38,6 +38,9 @@ def build(
     mode: str = "canary",
     hours: tuple[int, int] | None = (7, 19),
     nag: bool = False,
+    instance_type: str = "ml.g5.xlarge",
+    capture_percent: int = 20,
+    s3_prefix_list_id: str | None = None,
 ) -> Template:
     app = cdk.App(context=cdk_json_context(), outdir=str(tmp_path))
     stack = cdk.Stack(cdk.Stage(app, "probe"), "Serving", env=cdk.Environment(region="us-east-1"))
@@ -77,10 +80,11 @@ def build(
         volume_key=key,
         vpc=vpc,
         vpc_cidr="10.9.0.0/16",
-        instance_type="ml.g5.xlarge",
+        instance_type=instance_type,
         initial_instance_count=2,
         capture_bucket=s3.Bucket.from_bucket_name(stack, "Capture", "kiln-dev-capture"),
-        capture_percent=20,
+        capture_percent=capture_percent,
+        s3_prefix_list_id=s3_prefix_list_id,
         startup_timeout_seconds=600,
         download_timeout_seconds=600,
         shifting=TrafficShifting(
@@ -162,7 +166,8 @@ def test_linear_shifting(tmp_path: Path) -> None:
 
 
 def test_config_encrypts_volume_and_captures_with_kms(tmp_path: Path) -> None:
-    build(tmp_path).has_resource_properties(
+    """ml.m5 has no local storage: its ML volume gets the customer-managed key."""
+    build(tmp_path, instance_type="ml.m5.xlarge").has_resource_properties(
         "AWS::SageMaker::EndpointConfig",
         {
             "KmsKeyId": {"Fn::GetAtt": [Match.string_like_regexp("Key"), "Arn"]},
@@ -170,7 +175,7 @@ def test_config_encrypts_volume_and_captures_with_kms(tmp_path: Path) -> None:
                 Match.object_like(
                     {
                         "VariantName": "AllTraffic",
-                        "InstanceType": "ml.g5.xlarge",
+                        "InstanceType": "ml.m5.xlarge",
                         "InitialInstanceCount": 2,
                         "ContainerStartupHealthCheckTimeoutInSeconds": 600,
                         "ModelDataDownloadTimeoutInSeconds": 600,
@@ -189,8 +194,25 @@ def test_config_encrypts_volume_and_captures_with_kms(tmp_path: Path) -> None:
     )
 
 
+def test_no_kms_key_for_instance_types_with_local_storage(tmp_path: Path) -> None:
+    """Issue 17, item 1: CreateEndpointConfig fails when KmsKeyId is given for ml.g5 (NVMe
+    instance storage); the config leaves it out, and the NIST finding says why."""
+    template = build(tmp_path, nag=True)  # the NIST KMS finding is acknowledged, with why
+    (config,) = template.find_resources("AWS::SageMaker::EndpointConfig").values()
+    assert "KmsKeyId" not in config["Properties"]
+
+
+def test_no_data_capture_without_a_sampling_percent(tmp_path: Path) -> None:
+    """Issue 17, item 2: capture off means no capture config, and no write grant for it."""
+    template = build(tmp_path, capture_percent=0)
+    (config,) = template.find_resources("AWS::SageMaker::EndpointConfig").values()
+    assert "DataCaptureConfig" not in config["Properties"]
+    policies = template.find_resources("AWS::IAM::ManagedPolicy")
+    assert "s3:PutObject" not in json.dumps(policies)
+
+
 def test_model_runs_in_private_subnets_with_narrow_egress(tmp_path: Path) -> None:
-    template = build(tmp_path)
+    template = build(tmp_path, s3_prefix_list_id="pl-63a5400a")
     template.has_resource_properties(
         "AWS::SageMaker::Model",
         {
@@ -202,13 +224,15 @@ def test_model_runs_in_private_subnets_with_narrow_egress(tmp_path: Path) -> Non
             "VpcConfig": {"Subnets": Match.any_value(), "SecurityGroupIds": Match.any_value()},
         },
     )
+    # HTTPS to the VPC's interface endpoints and to S3's prefix list, Kafka in the VPC: no
+    # route to the internet (issue 17, item 5).
     template.has_resource_properties(
         "AWS::EC2::SecurityGroup",
         {
             "SecurityGroupEgress": [
                 {
-                    "CidrIp": "0.0.0.0/0",
-                    "Description": "HTTPS",
+                    "CidrIp": "10.9.0.0/16",
+                    "Description": "Model container: AWS APIs (interface endpoints)",
                     "FromPort": 443,
                     "IpProtocol": "tcp",
                     "ToPort": 443,
@@ -223,6 +247,53 @@ def test_model_runs_in_private_subnets_with_narrow_egress(tmp_path: Path) -> Non
             ],
         },
     )
+    template.has_resource_properties(
+        "AWS::EC2::SecurityGroupEgress",
+        {
+            "Description": "Model container: S3 (gateway endpoint)",
+            "DestinationPrefixListId": "pl-63a5400a",
+            "FromPort": 443,
+            "IpProtocol": "tcp",
+            "ToPort": 443,
+        },
+    )
+
+
+def test_execution_role_trusts_sagemaker_for_this_account_only(tmp_path: Path) -> None:
+    """Issue 17, item 6."""
+    template = build(tmp_path)
+    template.has_resource_properties(
+        "AWS::IAM::Role",
+        {
+            "AssumeRolePolicyDocument": {
+                "Statement": [
+                    Match.object_like(
+                        {
+                            "Principal": {"Service": "sagemaker.amazonaws.com"},
+                            "Condition": {
+                                "StringEquals": {"aws:SourceAccount": Match.any_value()},
+                                "ArnLike": {"aws:SourceArn": Match.any_value()},
+                            },
+                        }
+                    )
+                ]
+            }
+        },
+    )
+
+
+def test_kms_grants_go_through_s3_only(tmp_path: Path) -> None:
+    """Issue 17, item 8."""
+    policies = build(tmp_path).find_resources("AWS::IAM::ManagedPolicy")
+    kms_statements = [
+        s
+        for p in policies.values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if "kms:Decrypt" in json.dumps(s["Action"])
+    ]
+    assert kms_statements
+    for statement in kms_statements:
+        assert "kms:ViaService" in statement["Condition"]["StringEquals"]
 
 
 def test_role_reads_exactly_the_artifact(tmp_path: Path) -> None:

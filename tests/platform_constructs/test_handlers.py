@@ -268,13 +268,82 @@ def test_already_on_changes_nothing(kafka: tuple[Any, Stubber]) -> None:
     msk_connectivity.on_event(msk_event("Update"), client=client)  # no update_connectivity
 
 
-def test_inactive_cluster_is_a_clear_error(kafka: tuple[Any, Stubber]) -> None:
+def test_busy_cluster_is_left_for_is_complete(kafka: tuple[Any, Stubber]) -> None:
+    """A re-run of a deploy that stopped at CloudFormation's hour finds the cluster UPDATING
+    (the first run's operation still going): it waits instead of failing or starting a
+    second update."""
     client, stub = kafka
     stub.add_response(
         "describe_cluster_v2", cluster_info("UPDATING", False), {"ClusterArn": CLUSTER_ARN}
     )
-    with pytest.raises(RuntimeError, match="is UPDATING, not ACTIVE"):
+    result = msk_connectivity.on_event(msk_event("Create"), client=client)
+    assert result == {"PhysicalResourceId": f"{CLUSTER_ARN}/vpc-connectivity-iam"}
+
+
+def test_is_complete_starts_the_update_once_the_cluster_is_active(
+    kafka: tuple[Any, Stubber],
+) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_response(
+        "update_connectivity",
+        {"ClusterArn": CLUSTER_ARN, "ClusterOperationArn": f"{CLUSTER_ARN}/op-2"},
+        {
+            "ClusterArn": CLUSTER_ARN,
+            "CurrentVersion": "K3AEGXETSR30VB",
+            "ConnectivityInfo": msk_connectivity.IAM_ON,
+        },
+    )
+    assert msk_connectivity.is_complete(msk_event("Update"), client=client) == {"IsComplete": False}
+
+
+def test_a_cluster_taken_by_another_operation_is_tried_again(kafka: tuple[Any, Stubber]) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_client_error(
+        "update_connectivity",
+        service_error_code="BadRequestException",
+        service_message="The request does not include the current version of the cluster.",
+    )
+    assert msk_connectivity.is_complete(msk_event("Update"), client=client) == {"IsComplete": False}
+
+
+def test_other_update_errors_fail_the_deployment(kafka: tuple[Any, Stubber]) -> None:
+    client, stub = kafka
+    stub.add_response(
+        "describe_cluster_v2", cluster_info("ACTIVE", False), {"ClusterArn": CLUSTER_ARN}
+    )
+    stub.add_client_error(
+        "update_connectivity", service_error_code="ForbiddenException", service_message="no"
+    )
+    with pytest.raises(Exception, match="ForbiddenException"):
         msk_connectivity.on_event(msk_event("Create"), client=client)
+
+
+@pytest.mark.parametrize(
+    ("state", "done"), [("CREATING", False), ("UPDATING", False), ("ACTIVE", True)]
+)
+def test_topic_gate_waits_for_active_only(
+    kafka: tuple[Any, Stubber], state: str, done: bool
+) -> None:
+    """The gate topics wait behind: the topic APIs need an ACTIVE cluster; connectivity is
+    not its business (it runs after the topics)."""
+    client, stub = kafka
+    event = {
+        "RequestType": "Update",
+        "ResourceProperties": {"ClusterArn": CLUSTER_ARN, "Step": "active", "Fingerprint": "f"},
+    }
+    assert msk_connectivity.on_event(event, client=object()) == {
+        "PhysicalResourceId": f"{CLUSTER_ARN}/active"
+    }
+    stub.add_response(
+        "describe_cluster_v2", cluster_info(state, False), {"ClusterArn": CLUSTER_ARN}
+    )
+    assert msk_connectivity.is_complete(event, client=client) == {"IsComplete": done}
 
 
 @pytest.mark.parametrize(
@@ -282,7 +351,6 @@ def test_inactive_cluster_is_a_clear_error(kafka: tuple[Any, Stubber]) -> None:
     [
         ("UPDATING", False, False),
         ("UPDATING", True, False),
-        ("ACTIVE", False, False),
         ("ACTIVE", True, True),
     ],
 )
@@ -312,3 +380,75 @@ def test_delete_is_a_no_op() -> None:
     assert msk_connectivity.is_complete(msk_event("Delete"), client=object()) == {
         "IsComplete": True
     }
+
+
+# --- issue 17, item 8: waits fit the function's time; a changed schema is re-created ---------
+
+
+def test_wait_fits_the_functions_remaining_time_and_cancels_what_it_abandons(
+    data_api: tuple[Any, RedshiftOutcomes],
+) -> None:
+    client, outcomes = data_api
+    outcomes.polls_before_done = 10**6  # never finishes
+    cancelled: list[str] = []
+    client.meta.events.register(
+        "provide-client-params.redshift-data.CancelStatement",
+        lambda params, **_: cancelled.append(params["Id"]),
+    )
+    runner = redshift_sql.Runner(
+        cluster_properties(),
+        client,
+        sleep=no_sleep,
+        timeout_seconds=600.0,
+        remaining_seconds=lambda: 20.5,  # the function has 20.5 s left: 0.5 s to wait
+    )
+    with pytest.raises(redshift_sql.StatementFailed, match="no result after 0 s, cancelled"):
+        runner.execute("SELECT 1")
+    assert len(cancelled) == 1
+
+
+def test_a_changed_external_schema_is_dropped_and_re_created(
+    data_api: tuple[Any, RedshiftOutcomes],
+) -> None:
+    from platform_constructs.streaming_sql import streaming_ingestion
+
+    client, outcomes = data_api
+    old = [
+        s.as_property()
+        for s in streaming_ingestion(iam_role_arn="arn:r1", cluster_arn="arn:c", topics=["t"])
+    ]
+    new = [
+        s.as_property()
+        for s in streaming_ingestion(iam_role_arn="arn:r2", cluster_arn="arn:c", topics=["t"])
+    ]
+    runner = redshift_sql.Runner(cluster_properties(), client, sleep=no_sleep)
+    assert runner.run(new, old)[:2] == ["1: changed, dropped the old one", "1: done"]
+    assert outcomes.executed[0] == "DROP SCHEMA IF EXISTS kiln_msk CASCADE"
+    # Unchanged: nothing dropped.
+    outcomes.executed.clear()
+    runner.run(new, new)
+    assert not any(s.startswith("DROP") for s in outcomes.executed)
+
+
+def test_prefix_list_lookup_returns_the_id() -> None:
+    from platform_constructs.handlers import managed_prefix_list
+
+    client = boto3.client("ec2", region_name=REGION)
+    with Stubber(client) as stub:
+        stub.add_response(
+            "describe_managed_prefix_lists",
+            {"PrefixLists": [{"PrefixListId": "pl-63a5400a", "PrefixListName": "s3"}]},
+            {"Filters": [{"Name": "prefix-list-name", "Values": ["com.amazonaws.us-east-1.s3"]}]},
+        )
+        result = managed_prefix_list.on_event(
+            {
+                "RequestType": "Create",
+                "ResourceProperties": {"PrefixListName": "com.amazonaws.us-east-1.s3"},
+            },
+            client=client,
+        )
+    assert result == {"PhysicalResourceId": "pl-63a5400a", "Data": {"PrefixListId": "pl-63a5400a"}}
+    with Stubber(client) as stub:
+        stub.add_response("describe_managed_prefix_lists", {"PrefixLists": []})
+        with pytest.raises(RuntimeError, match="no managed prefix list named x"):
+            managed_prefix_list.prefix_list_id("x", client)

@@ -268,3 +268,70 @@ def test_connect_finds_endpoint_and_ca_through_eks(api_server: tuple[str, str, l
     status, _ = send("PATCH", ka.object_path(NAMESPACE), b"{}", "application/apply-patch+yaml")
     assert status == 401  # a real signed token, which this test server does not accept
     assert seen[-1][2].startswith("Bearer k8s-aws-v1.")
+
+
+# --- issue 17, item 4: its own RBAC, bootstrapped under a moment of cluster-admin ------------
+
+RBAC_PATH = "/apis/rbac.authorization.k8s.io/v1/clusterroles/kiln:cluster-objects"
+
+
+class FakeEks:
+    """Records AssociateAccessPolicy/DisassociateAccessPolicy; `on_associate` runs after one."""
+
+    def __init__(self, on_associate: Any = None) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.on_associate = on_associate
+
+    def associate_access_policy(self, **kwargs: Any) -> None:
+        self.calls.append(("associate", kwargs))
+        if self.on_associate:
+            self.on_associate()
+
+    def disassociate_access_policy(self, **kwargs: Any) -> None:
+        self.calls.append(("disassociate", kwargs))
+
+
+def rbac_event(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    from platform_constructs.cluster_manifests import applier_rbac
+
+    result = event("Create", manifests)
+    result["ResourceProperties"]["Rbac"] = json.dumps(applier_rbac())
+    result["ResourceProperties"]["PrincipalArn"] = "arn:aws:iam::123456789012:role/applier"
+    return result
+
+
+def test_rbac_in_place_needs_no_elevation() -> None:
+    send, eks = Recorder(), FakeEks()
+    ka.on_event(rbac_event([NAMESPACE]), send=send, eks=eks, sleep=lambda _: None)
+    assert eks.calls == []
+    paths = [c[1].split("?")[0] for c in send.calls]
+    assert paths[0] == RBAC_PATH and paths[-1] == "/api/v1/namespaces/training"
+
+
+def test_missing_rbac_is_bootstrapped_then_admin_is_dropped_before_anything_else() -> None:
+    send = Recorder({("PATCH", RBAC_PATH): 403})
+    eks = FakeEks(on_associate=lambda: send.statuses.clear())  # admin: RBAC now applies
+    order: list[str] = []
+    original = send.__call__
+
+    def traced(method: str, path: str, body: bytes | None, ctype: str) -> tuple[int, bytes]:
+        order.append(f"{method} {path.split('?')[0]} admin={len(eks.calls) % 2 == 1}")
+        return original(method, path, body, ctype)
+
+    ka.on_event(rbac_event([NAMESPACE]), send=traced, eks=eks, sleep=lambda _: None)
+    assert [c[0] for c in eks.calls] == ["associate", "disassociate"]
+    associate = eks.calls[0][1]
+    assert associate["policyArn"] == (
+        "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
+    )
+    assert associate["accessScope"] == {"type": "cluster"}
+    assert associate["principalArn"] == "arn:aws:iam::123456789012:role/applier"
+    # The namespace is applied after the disassociation, through the group's own RBAC.
+    assert order[-1] == "PATCH /api/v1/namespaces/training admin=False"
+
+
+def test_admin_is_dropped_even_when_bootstrapping_fails() -> None:
+    send, eks = Recorder({("PATCH", RBAC_PATH): 403}), FakeEks()  # stays forbidden
+    with pytest.raises(ka.Forbidden):
+        ka.on_event(rbac_event([NAMESPACE]), send=send, eks=eks, sleep=lambda _: None)
+    assert [c[0] for c in eks.calls] == ["associate", "disassociate"]

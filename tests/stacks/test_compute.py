@@ -143,6 +143,18 @@ def test_efa_interfaces_and_placement_group_exactly_for_efa_types(
         assert placement[pg_id]["Properties"]["Strategy"] == "cluster"
         assert data["Placement"] == {"GroupName": {"Ref": pg_id}}
         assert len(group["Subnets"]) == 1  # one zone: a cluster placement group cannot span
+        # ... the configured efa_zone (default: the first zone), read through the import.
+        settings = settings_by_env[env]
+        wanted = settings.compute.gpu_nodes.efa_zone or settings.availability_zones[0]
+        network = synthesis.stack(env, "network")
+        (subnet,) = group["Subnets"]
+        exported = {
+            o["Export"]["Name"]: o["Value"]
+            for o in network.template.get("Outputs", {}).values()
+            if "Export" in o
+        }
+        subnet_id = exported[subnet["Fn::ImportValue"]]["Ref"]
+        assert network.resources[subnet_id]["Properties"]["AvailabilityZone"] == wanted
     else:
         assert "NetworkInterfaces" not in data and "Placement" not in data
         assert not placement
@@ -194,7 +206,7 @@ def test_trainer_identity_is_pod_identity_with_only_its_lake_paths(
     assert all("curated" not in json.dumps(s["Resource"]) for s in writes)
 
 
-def test_in_cluster_objects_applied_by_a_scoped_admin_over_the_private_endpoint(
+def test_in_cluster_objects_applied_by_a_kubernetes_group_over_the_private_endpoint(
     synthesis: Synthesis, env: str
 ) -> None:
     stack = synthesis.stack(env, "compute")
@@ -204,9 +216,9 @@ def test_in_cluster_objects_applied_by_a_scoped_admin_over_the_private_endpoint(
     assert names[:3] == ["training", "trainer", "nvidia-device-plugin"]
     (entry,) = stack.resources_of_type("AWS::EKS::AccessEntry").values()
     assert entry["Properties"]["PrincipalArn"]["Fn::GetAtt"][0].startswith("ClusterObjectsRole")
-    (access,) = entry["Properties"]["AccessPolicies"]
-    assert access["AccessScope"] == {"Type": "cluster"}
-    assert "AmazonEKSClusterAdminPolicy" in json.dumps(access["PolicyArn"])
+    # A Kubernetes group bound to exactly the kinds it applies, no access policy (issue 17).
+    assert entry["Properties"]["KubernetesGroups"] == ["kiln:cluster-objects"]
+    assert "AccessPolicies" not in entry["Properties"]
     compute(synthesis, env).has_resource_properties(
         "AWS::EC2::SecurityGroupIngress",
         {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from aws_cdk.assertions import Match, Template
@@ -109,9 +110,105 @@ def test_data_plane_alarms(
     ]
     assert len(disks) == settings.broker_count
     (freshness,) = [a for k, a in alarms.items() if k.startswith("FirehoseFreshness")]
-    text = json.dumps(freshness["Properties"])
-    assert '"MetricName": "DeliveryToS3.DataFreshness"' in text
-    assert f'"Value": "kiln-{env}-raw-delivery"' in text
+    (metric,) = freshness["Properties"]["Metrics"]
+    assert metric["MetricStat"]["Metric"]["MetricName"] == "DeliveryToS3.DataFreshness"
+
+
+def _export_values(synthesis: Synthesis, env: str) -> dict[str, tuple[str, Any]]:
+    """Export name -> (producing stack, the exported value as its template writes it)."""
+    return {
+        output["Export"]["Name"]: (stack.stack_name, output["Value"])
+        for stack in synthesis.stacks
+        if stack.environment == env
+        for output in stack.template.get("Outputs", {}).values()
+        if "Export" in output
+    }
+
+
+def _watched(synthesis: Synthesis, env: str, value: Any) -> tuple[str, Any]:
+    """(stack, value) an alarm dimension or dashboard token really reads: an imported value
+    is followed to the producer's template."""
+    if isinstance(value, dict) and "Fn::ImportValue" in value:
+        return _export_values(synthesis, env)[value["Fn::ImportValue"]]
+    return f"kiln-{env}-observability", value
+
+
+def test_alarms_and_widgets_read_the_watched_resources_attributes(
+    synthesis: Synthesis, env: str
+) -> None:
+    """Each alarm and widget reads the name of the resource it watches from that resource
+    (its Ref or property, imported from the producing stack), not a name rebuilt here: the
+    Firehose freshness alarm once watched `kiln-<env>-raw-delivery` while the stream got a
+    generated name."""
+    stack = synthesis.stack(env, "observability")
+    alarms = stack.resources_of_type("AWS::CloudWatch::Alarm")
+    (freshness,) = [a for k, a in alarms.items() if k.startswith("FirehoseFreshness")]
+    (metric,) = freshness["Properties"]["Metrics"]
+    (dimension,) = metric["MetricStat"]["Metric"]["Dimensions"]
+    producer, value = _watched(synthesis, env, dimension["Value"])
+    streaming = synthesis.stack(env, "streaming")
+    (stream_id,) = streaming.resources_of_type("AWS::KinesisFirehose::DeliveryStream")
+    assert (producer, value) == (f"kiln-{env}-streaming", {"Ref": stream_id})
+
+    (dashboard,) = stack.resources_of_type("AWS::CloudWatch::Dashboard").values()
+    tokens = [
+        _watched(synthesis, env, part)
+        for part in dashboard["Properties"]["DashboardBody"]["Fn::Join"][1]
+        if isinstance(part, dict)
+    ]
+    compute = synthesis.stack(env, "compute")
+    (gpu_group,) = [
+        k
+        for k, g in compute.resources_of_type("AWS::EKS::Nodegroup").items()
+        if g["Properties"].get("NodegroupName") == f"kiln-{env}-gpu"
+    ]
+    warehouse = synthesis.stack(env, "warehouse")
+    (workgroup,) = warehouse.resources_of_type(
+        "AWS::RedshiftServerless::Workgroup", "AWS::Redshift::Cluster"
+    )
+    assert (f"kiln-{env}-streaming", {"Ref": stream_id}) in tokens
+    assert (f"kiln-{env}-compute", {"Fn::GetAtt": [gpu_group, "NodegroupName"]}) in tokens
+    assert (f"kiln-{env}-warehouse", {"Ref": workgroup}) in tokens
+
+
+def test_broker_alarms_watch_the_cluster_by_its_name(synthesis: Synthesis, env: str) -> None:
+    (cluster,) = synthesis.stack(env, "streaming").resources_of_type("AWS::MSK::Cluster").values()
+    alarms = synthesis.stack(env, "observability").resources_of_type("AWS::CloudWatch::Alarm")
+    disks = [
+        a for a in alarms.values() if a["Properties"].get("MetricName") == "KafkaDataLogsDiskUsed"
+    ]
+    for alarm in disks:
+        dims = {d["Name"]: d["Value"] for d in alarm["Properties"]["Dimensions"]}
+        assert dims["Cluster Name"] == cluster["Properties"]["ClusterName"]
+
+
+def test_every_alarm_and_widget_asks_for_a_metric_aws_publishes(
+    synthesis: Synthesis, env: str
+) -> None:
+    """The table in kiln_policy/published_metrics.py (namespace, metric, dimensions, from the
+    AWS page of each service) against every alarm and every widget."""
+    from kiln_policy.published_metrics import PUBLISHED, alarm_uses, dashboard_uses
+
+    stack = synthesis.stack(env, "observability")
+    uses = [
+        *(
+            u
+            for k, a in stack.resources_of_type("AWS::CloudWatch::Alarm").items()
+            for u in alarm_uses(a, k)
+        ),
+        *(
+            u
+            for k, d in stack.resources_of_type("AWS::CloudWatch::Dashboard").items()
+            for u in dashboard_uses(d, k)
+        ),
+    ]
+    assert len(uses) >= 15
+    assert [u.problem() for u in uses if u.problem()] == []
+    # Nothing relies on a metric that needs a switch kiln does not turn on.
+    used = {(u.namespace, u.name, u.dimensions) for u in uses}
+    assert all(
+        not row.requires for row in PUBLISHED if (row.namespace, row.name, row.dimensions) in used
+    )
 
 
 def test_dashboard_covers_the_loop(synthesis: Synthesis, env: str) -> None:
@@ -134,4 +231,5 @@ def test_dashboard_covers_the_loop(synthesis: Synthesis, env: str) -> None:
         "Alarms",
     ):
         assert title in body, title
-    assert f"eks-kiln-{env}-gpu" in body
+    # The dimensions SageMaker and Auto Scaling do not publish here are gone.
+    assert "Host}" not in body and "GroupInServiceInstances" not in body

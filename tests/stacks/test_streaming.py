@@ -167,12 +167,69 @@ def test_firehose_gets_a_cluster_policy_and_private_connectivity_first(
     (statement,) = policy["Properties"]["Policy"]["Statement"]
     assert statement["Principal"] == {"Service": "firehose.amazonaws.com"}
     assert "kafka:CreateVpcConnection" in statement["Action"]
-    assert statement["Condition"] == {
-        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
-    }
-    (connectivity_id,) = stack.resources_of_type("Custom::MskPrivateConnectivity")
+    # As Firehose documents it: its principal may CreateVpcConnection, with no condition
+    # (https://docs.aws.amazon.com/firehose/latest/dev/writing-with-msk.html); an
+    # aws:SourceAccount the request may not carry would deny it.
+    assert "Condition" not in statement
+    actions = stack.resources_of_type("Custom::MskPrivateConnectivity")
+    (connectivity_id,) = [k for k, r in actions.items() if "Step" not in r["Properties"]]
     (stream,) = stack.resources_of_type("AWS::KinesisFirehose::DeliveryStream").values()
     assert connectivity_id in stream["DependsOn"]
+
+
+def test_delivery_stream_has_the_name_the_output_and_alarm_use(
+    synthesis: Synthesis, env: str
+) -> None:
+    """Without DeliveryStreamName CloudFormation generates a name and an alarm on
+    `kiln-<env>-raw-delivery` watches a stream that does not exist
+    (AWS::KinesisFirehose::DeliveryStream `DeliveryStreamName`, https://docs.aws.amazon.com/
+    AWSCloudFormation/latest/TemplateReference/aws-resource-kinesisfirehose-deliverystream.html)."""
+    stack = synthesis.stack(env, "streaming")
+    ((logical_id, stream),) = stack.resources_of_type(
+        "AWS::KinesisFirehose::DeliveryStream"
+    ).items()
+    assert stream["Properties"]["DeliveryStreamName"] == f"kiln-{env}-raw-delivery"
+    outputs = stack.template["Outputs"]
+    assert outputs["DeliveryStreamName"]["Value"] == {"Ref": logical_id}
+
+
+def test_topics_wait_for_an_active_cluster_and_come_before_connectivity(
+    synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
+) -> None:
+    """AWS::MSK::Topic needs an ACTIVE cluster; UpdateConnectivity takes it out of ACTIVE for
+    tens of minutes (Firehose requires the cluster "active" with multi-VPC connectivity:
+    https://docs.aws.amazon.com/firehose/latest/dev/writing-with-msk.html). Topics wait
+    behind a gate that re-runs when the topics or the cluster's settings change; the
+    connectivity update waits for every topic. Each fits CloudFormation's 3600 s."""
+    stack = synthesis.stack(env, "streaming")
+    actions = stack.resources_of_type("Custom::MskPrivateConnectivity")
+    (gate_id,) = [k for k, r in actions.items() if r["Properties"].get("Step") == "active"]
+    (connectivity_id,) = [k for k in actions if k != gate_id]
+    topics = stack.resources_of_type("AWS::MSK::Topic")
+    assert len(topics) == len(settings_by_env[env].streaming.topics)
+    for topic_id, topic in topics.items():
+        assert gate_id in topic["DependsOn"]
+        assert topic_id in actions[connectivity_id]["DependsOn"]
+    assert len(actions[gate_id]["Properties"]["Fingerprint"]) == 16
+    for action in actions.values():
+        assert action["Properties"]["ServiceTimeout"] == "3600"
+
+
+def test_the_gate_reruns_when_topics_or_the_cluster_change() -> None:
+    from platform_constructs.msk import Topic, topic_gate_fingerprint
+
+    base = {
+        "kafka_version": "3.8.x",
+        "instance_type": "kafka.m7g.large",
+        "broker_count": 3,
+        "storage_gib": 100,
+        "replication_factor": 3,
+        "topics": [Topic("t", 3, 24)],
+    }
+    same = topic_gate_fingerprint(**base)  # type: ignore[arg-type]
+    assert same == topic_gate_fingerprint(**base)  # type: ignore[arg-type]
+    for change in ({"topics": [Topic("t", 6, 24)]}, {"storage_gib": 200}):
+        assert topic_gate_fingerprint(**{**base, **change}) != same  # type: ignore[arg-type]
 
 
 def test_firehose_role_is_scoped_to_its_topic_prefixes_and_key(

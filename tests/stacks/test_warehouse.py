@@ -104,15 +104,19 @@ def test_streaming_ingestion_runs_the_generated_sql(synthesis: Synthesis, env: s
     props = resource["Properties"]
     assert props["Database"] == "analytics"
     assert {"WorkgroupName", "NamespaceName"} <= set(props)
-    first, view = props["Statements"]
+    first, stream, version = props["Statements"]
     assert "CREATE EXTERNAL SCHEMA IF NOT EXISTS kiln_msk FROM MSK" in json.dumps(first["Sql"])
     assert "AUTHENTICATION iam" in json.dumps(first["Sql"])
-    assert view["Sql"].startswith("CREATE MATERIALIZED VIEW public.prediction_events_v1")
-    assert view["SkipIfRows"].startswith("SELECT 1 FROM svv_mv_info")
+    # One materialized view per topic, parsing into SUPER; typed columns in a plain view.
+    assert stream["Sql"].startswith("CREATE MATERIALIZED VIEW public.prediction_events_stream")
+    assert stream["SkipIfRows"].startswith("SELECT 1 FROM svv_mv_info")
+    assert version["Sql"].startswith("CREATE OR REPLACE VIEW public.prediction_events_v1 AS")
+    # The MSK cluster's ARN is imported (strong): a replaced cluster cannot leave this stale.
+    assert "Fn::ImportValue" in json.dumps(first["Sql"])
 
 
 def test_handlers_run_in_private_subnets_with_https_egress_only(
-    synthesis: Synthesis, env: str
+    synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
 ) -> None:
     stack = synthesis.stack(env, "warehouse")
     functions = stack.resources_of_type("AWS::Lambda::Function")
@@ -130,15 +134,22 @@ def test_handlers_run_in_private_subnets_with_https_egress_only(
     (handler_group,) = [
         g for k, g in groups.items() if k.startswith("StreamingIngestionSecurityGroup")
     ]
+    # HTTPS to the VPC's interface endpoints, and S3 through its prefix list (issue 17).
     assert handler_group["Properties"]["SecurityGroupEgress"] == [
         {
-            "CidrIp": "0.0.0.0/0",
-            "Description": "AWS APIs",
+            "CidrIp": settings_by_env[env].network.vpc_cidr,
+            "Description": "Deploy-time handler: AWS APIs (interface endpoints)",
             "FromPort": 443,
             "IpProtocol": "tcp",
             "ToPort": 443,
         }
     ]
+    (s3,) = [
+        e["Properties"]
+        for e in stack.resources_of_type("AWS::EC2::SecurityGroupEgress").values()
+        if e["Properties"]["Description"] == "Deploy-time handler: S3 (gateway endpoint)"
+    ]
+    assert "DestinationPrefixListId" in s3 and s3["FromPort"] == 443
 
 
 def test_provisioned_variant_has_the_same_posture(tmp_path: Path) -> None:

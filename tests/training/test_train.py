@@ -17,7 +17,7 @@ import pytest
 import torch
 from moto import mock_aws
 
-from modeling.artifact import load_model_dir
+from modeling.artifact import MODEL_FILES, load_model_dir
 from tests.training.support import TINY, Run, parse_events, weights
 from training import train
 
@@ -39,7 +39,7 @@ def test_loss_falls_and_the_model_is_written(
     assert start["kernels_compiled"] is True and start["precision"] == "fp32"
     assert float(run.of("train")[-1]["tokens_per_s"]) > 0  # type: ignore[arg-type]
     with tarfile.open(out / "model.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert sorted(tar.getnames()) == sorted(MODEL_FILES)
         assert all(m.mode == 0o644 for m in tar.getmembers())
     model, tok = load_model_dir(out / "model")
     assert model.config.num_layers == 2 and tok.vocab_size == 259
@@ -174,8 +174,8 @@ def test_environment_variables_of_the_eks_job(
     assert {e["job"] for e in parse_events(capsys.readouterr().out)} == {"llama-7"}
     assert (tmp_path / "ck" / "latest.json").is_file()
     assert (tmp_path / "out" / "model.tar.gz").is_file()
-    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
-    assert config["training"]["job_name"] == "llama-7"
+    kiln = json.loads((tmp_path / "out" / "model" / "kiln.json").read_text())
+    assert kiln["training"]["job_name"] == "llama-7"
 
 
 @pytest.mark.parametrize(
