@@ -158,6 +158,8 @@ _SELF_EXPLAINING = {
     "addons",
     "principal",
     "hours",
+    "instance_type",
+    "rollout",
 }
 
 

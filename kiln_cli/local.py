@@ -86,9 +86,11 @@ class _Progress:
 
     def __init__(self, say: Callable[[str], None], total: int | None, interactive: bool) -> None:
         self.say = say
+        # The user's --max-steps until the trainer's plan says how many fit in the minutes (its
+        # events carry the cap in force before that, a placeholder when no --max-steps was given).
         self.total = total
         self.interactive = interactive
-        self.bar: Any = None  # made at the first step, when the total is known
+        self.bar: Any = None  # made once the total is known
         self._last_line = float("-inf")
 
     def _make_bar(self, total: int | None) -> Any:
@@ -112,21 +114,23 @@ class _Progress:
 
     def update(self, metric: dict[str, Any]) -> None:
         event = metric.get("event")
-        if event == "plan" and self.bar is not None:
-            self.bar.total = metric["total_steps"]
-            self.bar.refresh()
+        if event == "plan":
+            self.total = metric["total_steps"]
+            if self.bar is not None:
+                self.bar.total = self.total
+                self.bar.refresh()
         if event != "train":
             return
+        metric = {**metric, "total_steps": self.total}
         if self.interactive:
-            if self.bar is None:
-                self.bar = self._make_bar(metric.get("total_steps") or self.total)
-            if metric.get("total_steps"):
-                self.bar.total = metric["total_steps"]
-            self.bar.set_postfix_str(
-                f"loss {metric['train_loss']:.3f}, {metric['tokens_per_s']:,.0f} tok/s",
-                refresh=False,
-            )
-            self.bar.update(metric["step"] - self.bar.n)
+            if self.bar is None and self.total:
+                self.bar = self._make_bar(self.total)
+            if self.bar is not None:
+                self.bar.set_postfix_str(
+                    f"loss {metric['train_loss']:.3f}, {metric['tokens_per_s']:,.0f} tok/s",
+                    refresh=False,
+                )
+                self.bar.update(metric["step"] - self.bar.n)
             return
         now = time.monotonic()
         if now - self._last_line >= PROGRESS_EVERY_S:

@@ -14,7 +14,7 @@ from kiln.config import (
     load_settings,
     resolve_environments,
 )
-from tests.support import minimal_settings
+from tests.support import REPO, minimal_settings
 
 # A valid file: every required field, in YAML (the name comes from the file name).
 GOOD = yaml.safe_dump(
@@ -182,10 +182,27 @@ def test_every_pattern_of_the_schema_is_said_in_words() -> None:
     assert _schema_patterns() <= set(PATTERN_WORDS)
 
 
+def test_every_custom_error_of_the_schema_names_its_input_once() -> None:
+    """A check of ours writes the value into its message; `(got ...)` after it would say it
+    twice, or print a whole section for a check over several fields."""
+    import re
+
+    from kiln.config import _SELF_EXPLAINING
+
+    source = (REPO / "kiln" / "settings.py").read_text()
+    assert set(re.findall(r'PydanticCustomError\(\s*"([a-z_]+)"', source)) <= _SELF_EXPLAINING
+
+
 @pytest.mark.parametrize(
     ("old", "new", "words"),
     [
         ("region: eu-west-1", "region: eu-west-one", "an AWS region is written like us-east-1"),
+        (
+            "instance_type: ml.g5.xlarge",
+            "instance_type: ml.banana.huge",
+            "serving.instance_type: 'ml.banana.huge' is not a SageMaker instance type kiln serves "
+            "on; allowed families: ml.g4dn",
+        ),
         ("instance_type: ml.g5.xlarge", "instance_type: ml_g5_xlarge", "ml.<family>.<size>"),
         (
             "- eu-west-1c",
@@ -203,3 +220,4 @@ def test_mistakes_are_said_in_words_not_patterns(
     message = load_error(config_dir, "qa")
     assert words in message, message
     assert "should match pattern" not in message and "^" not in message, message
+    assert message.count(new.split(" ", 1)[1]) == 1, message  # once, not again as "(got ...)"

@@ -177,3 +177,19 @@ def test_a_model_path_that_is_not_there_is_named(capsys: pytest.CaptureFixture[s
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "argument --model: no such model directory or model.tar.gz" in err, err
+
+
+def test_progress_shows_no_total_until_the_trainer_has_planned_one() -> None:
+    """Without --max-steps the trainer's cap is a placeholder: the line says the step, loss and
+    the time left, then the planned total once there is one."""
+    lines: list[str] = []
+    progress = local._Progress(lines.append, None, interactive=False)
+    train = {"event": "train", "train_loss": 2.5, "tokens_per_s": 9000.0, "elapsed_s": 2.0}
+    progress.update({**train, "step": 5, "total_steps": 1_000_000, "eta_s": 178.0})
+    progress.update({"event": "plan", "step": 10, "total_steps": 489})
+    progress._last_line = float("-inf")  # the next line is due
+    progress.update({**train, "step": 30, "total_steps": 489, "eta_s": 167.0})
+    assert lines == [
+        "  step 5 | loss 2.500 | 9,000 tok/s | 2s elapsed | ETA 2m58s",
+        "  step 30/489 (6%) | loss 2.500 | 9,000 tok/s | 2s elapsed | ETA 2m47s",
+    ]
