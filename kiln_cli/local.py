@@ -445,7 +445,7 @@ def _model(text: str) -> str:
     try:
         brought = brought_model(text)
     except LocalError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--model {text}: ")) from None
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--model ")) from None
     if brought is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory or "

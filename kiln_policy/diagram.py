@@ -37,6 +37,9 @@ MAIN_TYPES: dict[str, str] = {
 _WRITE_ACTIONS = ("s3:PutObject", "kafka-cluster:WriteData")
 # Resources that are no box but through which a reference joins two boxes.
 _CONNECTORS = frozenset({"AWS::SageMaker::EndpointConfig"})
+# Boxes that name others only to watch them (a dashboard's widgets name each resource's metrics):
+# their references are no data flow.
+_WATCHERS = frozenset({"AWS::CloudWatch::Dashboard"})
 # Physical names worth printing under a box's label.
 _NAME_KEYS = (
     "ClusterName",
@@ -134,8 +137,9 @@ def build_graph(stacks: list[SynthesizedStack], environment: str) -> Graph:
                     text += json.dumps(via.get("Properties", {}))
             for other_id, other_key in by_logical.items():
                 other = graph.nodes[other_key]
-                # The VPC holds everything; it is no flow.
-                if other_key == key or "AWS::EC2::VPC" in (other.kind, graph.nodes[key].kind):
+                # The VPC holds everything; it is no flow. Nor is watching.
+                kinds = {other.kind, graph.nodes[key].kind}
+                if other_key == key or "AWS::EC2::VPC" in kinds or kinds & _WATCHERS:
                     continue
                 if re.search(rf'"{other_id}"|{other_id}[A-Za-z0-9]*"', text):
                     # A bucket naming another sends it its access logs.

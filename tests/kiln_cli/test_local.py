@@ -176,7 +176,7 @@ def test_a_model_path_that_is_not_there_is_named(capsys: pytest.CaptureFixture[s
         main(["local", "--model", "./no-such-model"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --model: no such model directory or model.tar.gz" in err, err
+    assert "argument --model: ./no-such-model: no such model directory or model.tar.gz" in err, err
 
 
 def test_progress_shows_no_total_until_the_trainer_has_planned_one() -> None:

@@ -43,6 +43,8 @@ def test_graph_holds_every_stack_and_the_data_flows(synthesis: Synthesis) -> Non
     # Grants decide direction: the trainer writes artifacts, so no arrow comes back.
     assert ("S3 artifacts", "EKS") not in flows
     assert not any("VPC" in a or "VPC" in b for a, b in flows)
+    # The dashboard names what it watches (its widgets' dimensions): watching is no flow.
+    assert not any("dashboard" in a or "dashboard" in b for a, b in flows)
 
 
 def test_unknown_environment(synthesis: Synthesis) -> None:
