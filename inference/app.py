@@ -379,6 +379,16 @@ class InvocationHandler:
 
     def _make_sequence(self, g: Generation, started: float, handle: Handle) -> Sequence:
         engine, settings, prompt = self.engine, self.settings, g.prompt
+        if not prompt:
+            # A model with a start token begins an empty prompt from it; one without has nothing
+            # to continue.
+            raise RequestError(
+                400,
+                "invalid_parameter",
+                f"{g.prompt_field} is empty and this model has no start token to begin from: "
+                "give some text to continue",
+                field=g.prompt_field,
+            )
         room = engine.max_seq_len - len(prompt)
         if room < 1:
             raise RequestError(

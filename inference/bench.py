@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kiln.contract import TrainerEnv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,13 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, list[Level]] = {c: [] for c in levels}
     try:
         post(port, PROMPTS[0], 8)  # warm the HTTP path
-        for r in range(args.rounds):
+        bar = tqdm(total=args.rounds * (1 + len(levels)), desc="rounds x (baseline + levels)")
+        for _ in range(args.rounds):
             level, hf_texts = baseline_runner.run(hf_prompts, args.max_new_tokens)
             baseline_runs.append(level)
+            bar.update()
             for c in levels:
                 requests = max(len(hf_prompts), c * args.requests_per_client)
                 runs[c].append(drive(port, c, requests, args.max_new_tokens))
-            print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+                bar.update()
+        bar.close()
         kiln_texts = [post(port, prompt, args.max_new_tokens)[2] for prompt in hf_prompts]
     finally:
         process.terminate()

@@ -8,6 +8,7 @@ or in its one subdirectory (`tar czf model.tar.gz Llama-3.2-1B/` packs it so).
 from __future__ import annotations
 
 import logging
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from modeling.artifact import CONFIG_FILE, TARBALL
 
 log = logging.getLogger(__name__)
+UNPACKED_PREFIX = "kiln-model-"
 
 
 class ModelDirError(RuntimeError):
@@ -56,18 +58,34 @@ def prepare_model_dir(path: Path) -> Path:
             f"{path} holds neither {CONFIG_FILE} (an unpacked model) nor {TARBALL}; it has "
             f"{_contents(path)}"
         )
-    target = Path(tempfile.mkdtemp(prefix="kiln-model-"))
+    target = Path(tempfile.mkdtemp(prefix=UNPACKED_PREFIX))
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             # The "data" filter refuses absolute paths, links out of the target and devices.
             tar.extractall(target, filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
+        shutil.rmtree(target, ignore_errors=True)
         raise ModelDirError(f"{tarball} could not be unpacked: {err}") from err
     log.info("unpacked %s into %s", tarball, target)
     root = _model_root(target)
     if root is None:
+        contents = _contents(target)
+        shutil.rmtree(target, ignore_errors=True)
         raise ModelDirError(
             f"{tarball} holds no {CONFIG_FILE} at its top or in its one directory; it has "
-            f"{_contents(target)}"
+            f"{contents}"
         )
     return root
+
+
+def unpacked_copy(prepared: Path, given: Path) -> Path | None:
+    """The temporary directory `prepare_model_dir(given)` unpacked `prepared` into (the caller
+    removes it), or None when `prepared` is `given` itself or its subdirectory."""
+    if prepared == given or prepared.parent == given:
+        return None
+    for candidate in (prepared, prepared.parent):
+        if candidate.name.startswith(UNPACKED_PREFIX) and candidate.parent == Path(
+            tempfile.gettempdir()
+        ):
+            return candidate
+    return None

@@ -22,7 +22,15 @@ from modeling.artifact import load_model_dir, read_config
 from modeling.attention import KVCache
 from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
-from modeling.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from modeling.tokenizer import (
+    NOT_A_START,
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    never_generated,
+    utf8_pending,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,12 @@ class ModelRunner:
         self.model_info: dict[str, Any] = {}
         self.batch_invariant: bool | None = None
         self.steps = 0  # decode steps run
+        # Ids no choice may pick: a byte-level model's start and padding tokens and unused ids
+        # (`modeling.tokenizer.never_generated`; none for a Hugging Face model).
+        self.banned = torch.empty(0, dtype=torch.long)
+        # Byte-level models choose only bytes that keep the text valid UTF-8 (else U+FFFD).
+        self.utf8_bytes = False
+        self._not_a_start = torch.empty(0, dtype=torch.long)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -133,6 +147,9 @@ class ModelRunner:
             )
         del model
         self.tokenizer = tokenizer
+        self.banned = torch.tensor(never_generated(tokenizer, cfg.vocab_size), dtype=torch.long)
+        self.utf8_bytes = isinstance(tokenizer, ByteTokenizer)
+        self._not_a_start = torch.tensor(NOT_A_START, dtype=torch.long, device=device)
         try:
             self.chat_template = ChatTemplate.load(self.model_dir)
         except ChatTemplateError as err:
@@ -278,7 +295,25 @@ class ModelRunner:
             seq.first_token_at = time.monotonic()
         return token
 
+    def _keep_utf8(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Masks, row by row, the bytes that would make the text invalid UTF-8: a continuation
+        byte where a character starts, anything else (the end included) inside a character."""
+        for row, seq in zip(logits, seqs, strict=True):
+            tail = (seq.prompt[-4:] + seq.tokens[-4:])[-4:]
+            pending = utf8_pending(tail)
+            if pending is None:
+                row.index_fill_(0, self._not_a_start, float("-inf"))
+            else:
+                low, high = pending
+                row[:low] = float("-inf")
+                row[high + 1 :] = float("-inf")
+
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        if self.banned.numel():
+            # The decoder hands out fresh logits each step: masking them in place is safe.
+            logits.index_fill_(-1, self.banned.to(logits.device), float("-inf"))
+        if self.utf8_bytes:
+            self._keep_utf8(seqs, logits)
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
         if len(greedy_rows) == len(seqs):
             return sampling.greedy(logits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ import uvicorn
 
 from inference.engine import Engine, EngineSettings
 from inference.events import EventConfigError, EventPublisher, EventSettings
-from inference.model_dir import ModelDirError, prepare_model_dir
+from inference.model_dir import ModelDirError, prepare_model_dir, unpacked_copy
 from inference.schema import MAX_BODY_BYTES
 from kiln.contract import SERVER_DRAIN_SECONDS, ServerEnv
 
@@ -208,6 +209,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ModelDirError as err:
         log.error("model load failed: %s", err)
         return EXIT_LOAD_FAILED
+    try:
+        return _serve(args, model_dir, env)
+    finally:
+        copy = unpacked_copy(model_dir, Path(args.model_dir))
+        if copy is not None:
+            # A tarball unpacked for this run: nothing else will ever read it.
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) -> int:
     try:
         event_settings = EventSettings.from_env(env, default_model_version=model_dir.name)
     except EventConfigError as err:

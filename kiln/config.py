@@ -52,27 +52,37 @@ def available_environments(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem not in RESERVED_NAMES)
 
 
-def resolve_environments(selector: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Turns `-c env=...` into environment names: one name, or `all` for every config file."""
+def resolve_environments(
+    selector: str, config_dir: Path = CONFIG_DIR, *, allow_all: bool = True
+) -> list[str]:
+    """Turns `-c env=...` into environment names: one name, or `all` for every config file.
+    `allow_all=False` (the `kiln` commands, which act on one environment) leaves `all` out."""
     available = available_environments(config_dir)
-    if selector == ALL_ENVIRONMENTS:
+    choices = ", ".join(available) or "none"
+    if allow_all:
+        choices += " or 'all'"
+    if selector == ALL_ENVIRONMENTS and allow_all:
         if not available:
             raise ConfigError(f"{_display(config_dir)}: no environment files (*.yaml) found")
         return available
     if selector in RESERVED_NAMES:
-        raise ConfigError(
-            f"{selector!r} is not an environment; available: {', '.join(available)} or 'all'"
-        )
+        raise ConfigError(f"{selector!r} is not an environment; available: {choices}")
     if not re.fullmatch(ENV_NAME_PATTERN, selector):
         raise ConfigError(
             f"environment name {selector!r} is not valid: use lower-case letters, digits and "
-            f"dashes, starting with a letter; available: {', '.join(available)} or 'all'"
+            f"dashes, starting with a letter; available: {choices}"
         )
     if selector not in available:
+        example = f"cp {_display(config_dir / (available[0] + '.yaml'))} " if available else ""
         raise ConfigError(
             f"{_display(config_dir / (selector + '.yaml'))}: no such environment; "
-            f"available: {', '.join(available) or 'none'} or 'all' "
-            "(add an environment by copying one of their files)"
+            f"available: {choices}"
+            + (
+                f". To add {selector}, copy one ({example}"
+                f"{_display(config_dir / (selector + '.yaml'))}) and edit it"
+                if available
+                else ""
+            )
         )
     return [selector]
 
@@ -117,7 +127,7 @@ def load_delivery(config_dir: Path = CONFIG_DIR) -> DeliverySettings:
 
 def load_settings(name: str, config_dir: Path = CONFIG_DIR) -> Settings:
     """Reads and validates one environment's file. Raises ConfigError naming file and field."""
-    if resolve_environments(name, config_dir) != [name]:
+    if resolve_environments(name, config_dir, allow_all=False) != [name]:
         raise ConfigError(f"load_settings takes one environment name, not {name!r}")
     path = config_dir / f"{name}.yaml"
     shown = _display(path)
@@ -148,7 +158,57 @@ _SELF_EXPLAINING = {
     "addons",
     "principal",
     "hours",
+    "instance_type",
+    "rollout",
 }
+
+
+# What each pattern of the schema (`kiln/settings.py`) means, in words: a message never shows the
+# regular expression itself. A test checks that every pattern in the schema has words here.
+PATTERN_WORDS: dict[str, str] = {
+    r"^ml\.[a-z0-9]+\.[a-z0-9]+$": "a SageMaker instance type is written ml.<family>.<size>, "
+    "e.g. ml.g5.xlarge",
+    r"^[a-z]{2}(-gov)?-[a-z]+-\d$": "an AWS region is written like us-east-1 or eu-west-2 "
+    "(`aws ec2 describe-regions` lists them)",
+    r"^\d{12}$": 'an AWS account id is 12 digits, quoted in YAML: "123456789012"',
+    r"^[a-z][a-z0-9-]{1,19}$": "use 2 to 20 lower-case letters, digits and dashes, starting "
+    "with a letter",
+    r"^(kafka|express)\.[a-z0-9]+\.[a-z0-9]+$": "an MSK broker type is written "
+    "kafka.<family>.<size> or express.<family>.<size>, e.g. kafka.m7g.large",
+    r"^1\.(2[89]|3[0-6])$": 'a Kubernetes version EKS supports, quoted: "1.28" to "1.36"',
+    r"^[^@\s]+@[^@\s]+\.[^@\s]+$": "an e-mail address, e.g. oncall@example.com",
+    r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$": "a Kubernetes name: up to 63 lower-case letters, "
+    "digits and dashes, starting and ending with a letter or digit",
+    r"^[a-z0-9]+\.[a-z0-9]+$": "an EC2 instance type is written <family>.<size>, "
+    "e.g. m7i.large (no ml. prefix)",
+    r"^[a-zA-Z0-9._-]{1,249}$": "a Kafka topic name: letters, digits, '.', '_' and '-', up to "
+    "249 characters",
+    r"^[a-z][a-z0-9_]{0,126}$": "lower-case letters, digits and '_', starting with a letter, up "
+    "to 127 characters",
+    r"^[a-z][a-z0-9_]{0,63}$": "lower-case letters, digits and '_', starting with a letter, up "
+    "to 64 characters",
+    r"^\d+\.\d+\.(\d+|x)(\.kraft)?$": "a Kafka version MSK offers, e.g. 3.9.x or 3.6.0 "
+    "(`aws kafka list-kafka-versions`)",
+    r"^v\d+\.\d+\.\d+$": "a release tag like v0.17.0",
+    r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$": "owner/repository, e.g. my-org/kiln",
+    (  # the delivery pipeline's connection_arn
+        r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}"
+        r":connection/[\w-]+$"
+    ): (
+        "a CodeConnections connection ARN, "
+        "arn:aws:codeconnections:<region>:<account>:connection/<id> "
+        "(`aws codeconnections list-connections`)"
+    ),
+}
+
+
+def _in_words(problem: Any) -> str:
+    """Pydantic's message for a problem, with a pattern mismatch said in words."""
+    if problem["type"] == "string_pattern_mismatch":
+        pattern = str(problem.get("ctx", {}).get("pattern", ""))
+        words = PATTERN_WORDS.get(pattern, "see the field's row in the README's table")
+        return f"{problem['input']!r} is not valid: {words}"
+    return f"{problem['msg']} (got {problem['input']!r})"
 
 
 def format_validation_error(
@@ -165,7 +225,7 @@ def format_validation_error(
         elif problem["type"] == "missing":
             message = "required field is missing"
         elif problem["type"] not in _SELF_EXPLAINING:
-            message = f"{message} (got {problem['input']!r})"
+            message = _in_words(problem)
         lines.append(f"  - {location}: {message}" if location else f"  - {message}")
     return "\n".join(lines)
 

@@ -340,6 +340,30 @@ class ComputeSettings(StrictModel):
 MODEL_ARTIFACT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
 
 
+def artifact_problem(uri: str) -> str | None:
+    """What is wrong with a model artifact's S3 URI, in words (None: nothing)."""
+    if re.fullmatch(MODEL_ARTIFACT_PATTERN, uri):
+        return None
+    shape = "a model artifact is s3://<bucket>/<key>.tar.gz (what training writes)"
+    if not uri.startswith("s3://"):
+        return f"{uri!r} is not an S3 URI: {shape}"
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not 3 <= len(bucket) <= 63:
+        return (
+            f"{uri!r}: the bucket name {bucket!r} has {len(bucket)} "
+            f"character{'' if len(bucket) == 1 else 's'}; S3 bucket names have 3 to 63 (the "
+            "artifacts bucket's name is the data-lake stack's ArtifactsBucketName output)"
+        )
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", bucket):
+        return (
+            f"{uri!r}: the bucket name {bucket!r} is not valid: S3 bucket names use lower-case "
+            "letters, digits, '.' and '-', and start and end with a letter or digit"
+        )
+    if not key or key.endswith("/"):
+        return f"{uri!r} names no object: {shape}"
+    return f"{uri!r} is not a .tar.gz archive: {shape}"
+
+
 class DeploymentSettings(StrictModel):
     """How a new model version reaches traffic: blue/green with canary, linear or all-at-once
     shifting (the only one a single-instance fleet allows)."""
@@ -426,13 +450,9 @@ class ServingSettings(StrictModel):
     @field_validator("model_artifact")
     @classmethod
     def _artifact(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(MODEL_ARTIFACT_PATTERN, value):
-            raise PydanticCustomError(
-                "artifact",
-                "'{value}' is not an S3 URI of a model archive; allowed: "
-                "s3://<bucket>/<key>.tar.gz (what training writes)",
-                {"value": value},
-            )
+        problem = None if value is None else artifact_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("artifact", "{problem}", {"problem": problem})
         return value
 
     @model_validator(mode="after")
@@ -636,8 +656,10 @@ class Settings(StrictModel):
         for zone in self.availability_zones:
             if not re.fullmatch(re.escape(self.region) + r"[a-z]", zone):
                 problems.append(
-                    f"availability_zones: {zone!r} is not a zone of region {self.region}; "
-                    f"allowed: {self.region}a, {self.region}b, ..."
+                    f"availability_zones: {zone!r} is not a zone of region {self.region}: a "
+                    f"zone is the region's name and a letter ({self.region}a, {self.region}b, "
+                    f"{self.region}c); `aws ec2 describe-availability-zones --region "
+                    f"{self.region}` lists the account's zones"
                 )
         if self.network.nat_gateways > len(self.availability_zones):
             problems.append(

@@ -276,9 +276,19 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config-dir",
+        default=str(CONFIG_DIR),
+        help="the folder of environment files, e.g. a fork's (default: %(default)s)",
+    )
+
+
 def _environment_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="environment (config/<env>.yaml)")
-    parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
+    parser.add_argument(
+        "--env", required=True, help="the environment, i.e. the file config/<env>.yaml"
+    )
+    _config_dir_option(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -323,7 +333,12 @@ def _add_train(commands: Any) -> None:
         help="curated-zone prefix of validation text (default: none, "
         "the trainer holds out a share of --data)",
     )
-    run.add_argument("--max-hours", type=float, default=24.0, help="default: %(default)s")
+    run.add_argument(
+        "--max-hours",
+        type=float,
+        default=24.0,
+        help="the run's wall-time limit (default: %(default)s)",
+    )
     run.add_argument(
         "--max-wait-hours",
         type=float,
@@ -338,7 +353,8 @@ def _add_train(commands: Any) -> None:
     run.add_argument(
         "--capacity",
         choices=("spot", "on_demand"),
-        help="SageMaker: default spot where compute.gpu_nodes.capacity is spot",
+        help="SageMaker capacity (default: spot where compute.gpu_nodes.capacity is spot, "
+        "else on_demand)",
     )
     run.add_argument("--wait", action="store_true", help="SageMaker: follow the job to its end")
     run.add_argument(
@@ -349,7 +365,8 @@ def _add_train(commands: Any) -> None:
     run.add_argument(
         "--model",
         help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
-        "local Hugging Face directory); a preset or s3:// directory also goes to the trainer",
+        "local Hugging Face directory); a preset or s3:// directory also goes to the trainer "
+        "(default: what the trainer arguments name, else the trainer's preset, small)",
     )
     training_job.add_operator_argument(run, prefix="EKS: ")
     run.add_argument(
@@ -361,14 +378,19 @@ def _add_train(commands: Any) -> None:
         "trainer_args",
         nargs="*",
         metavar="TRAINER_ARG",
-        help="trainer flags after --, e.g. -- --model small --max-steps 2000",
+        help="trainer flags after --, e.g. -- --model small --max-steps 2000 (default: none)",
     )
     run.set_defaults(handler=cmd_train)
 
 
 def _add_invoke(commands: Any) -> None:
     call = commands.add_parser(
-        "invoke", help="send a prompt or a conversation to the environment's endpoint"
+        "invoke",
+        help="send a prompt or a conversation to the environment's endpoint",
+        description="Send one prompt (continued by the model) or one conversation (the "
+        "Messages API, rendered by the model's chat template) to the serving stack's endpoint "
+        "and print the answer (the text on stdout; finish reason, tokens and time on stderr). "
+        "Parameters not given are the server's defaults.",
     )
     _environment_options(call)
     what = call.add_mutually_exclusive_group(required=True)
@@ -386,16 +408,35 @@ def _add_invoke(commands: Any) -> None:
         help='a JSON list of {"role", "content"} messages (or a {"messages": [...]} body); '
         "- reads standard input",
     )
-    call.add_argument("--max-new-tokens", type=_positive_int, help="max_tokens for a conversation")
+    call.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help="tokens to generate at most (a conversation's max_tokens; default: the server's, "
+        "what the context leaves)",
+    )
     call.add_argument(
         "--temperature",
         type=float,
-        help="0 = greedy (the default for a prompt; a conversation's default is 1.0, as OpenAI's)",
+        help="sampling temperature; 0 is greedy (default: the server's: 0 for a prompt, 1.0 for "
+        "a conversation, as OpenAI's)",
     )
-    call.add_argument("--top-k", type=_positive_int)
-    call.add_argument("--top-p", type=float)
-    call.add_argument("--seed", type=int, help="same seed, prompt and model: same text")
-    call.add_argument("--stop", action="append", help="stop string (repeatable)")
+    call.add_argument(
+        "--top-k",
+        type=_positive_int,
+        help="sample among this many most likely tokens (default: all)",
+    )
+    call.add_argument(
+        "--top-p",
+        type=float,
+        help="sample from the most likely tokens holding this share of probability, 0 to 1 "
+        "(default: 1)",
+    )
+    call.add_argument(
+        "--seed",
+        type=int,
+        help="same seed, prompt and model: same text (default: a random seed)",
+    )
+    call.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     mode = call.add_mutually_exclusive_group()
     mode.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     mode.add_argument("--json", action="store_true", help="print the whole answer as JSON")
@@ -406,20 +447,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Operate the kiln ML platform.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     envs = commands.add_parser(
-        "envs", help="list environments, validate every config file, show their differences"
+        "envs",
+        help="list environments, validate every config file, show their differences",
+        description="Validate every environment file in the config folder, list the "
+        "environments (tier, region, account, zones) and print a table of the fields whose "
+        "values differ between them. Works offline; exit 1 if a file is invalid.",
     )
-    envs.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
+    _config_dir_option(envs)
     envs.set_defaults(handler=cmd_envs)
     job = commands.add_parser(
-        "training-job", help="render a multi-node torchrun training run as Kubernetes YAML"
+        "training-job",
+        help="render a multi-node torchrun training run as Kubernetes YAML",
+        description="Print the Kubernetes objects of a torchrun training run (an Indexed Job "
+        "and a headless Service, or a Kubeflow PyTorchJob) for `kubectl apply -f -`. Works "
+        "offline.",
     )
     training_job.add_arguments(job)
     job.set_defaults(handler=training_job.render_command)
     show = commands.add_parser(
-        "status", help="an environment's stacks, endpoint and latest training jobs"
+        "status",
+        help="an environment's stacks, endpoint and latest training jobs",
+        description="Show the environment's stacks, its endpoint (what it serves, its last "
+        "deployment, its rollback alarms) and its latest SageMaker training jobs. Needs AWS "
+        "credentials.",
     )
     _environment_options(show)
-    show.add_argument("--jobs", type=_positive_int, default=5, help="default: %(default)s")
+    show.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=5,
+        help="training jobs to list (default: %(default)s)",
+    )
     show.set_defaults(handler=cmd_status)
     _add_train(commands)
     roll = commands.add_parser(
@@ -430,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fired) or failed (exit 1).",
     )
     _environment_options(roll)
-    roll.add_argument("--artifact", required=True, help="s3://<bucket>/<key>.tar.gz")
+    roll.add_argument(
+        "--artifact",
+        required=True,
+        help="the model to serve: s3://<bucket>/<key>.tar.gz, as training writes it",
+    )
     roll.set_defaults(handler=cmd_deploy_model)
     resize_cmd = commands.add_parser(
         "change-instance-type",
@@ -446,16 +508,37 @@ def build_parser() -> argparse.ArgumentParser:
     resize_cmd.set_defaults(handler=cmd_change_instance_type)
     _add_invoke(commands)
     loop = commands.add_parser(
-        "local", help="the whole loop on this machine: train, package, serve, ask, stop"
+        "local",
+        help="the whole loop on this machine: train, package, serve, ask, stop",
+        description="Train a small model on this machine's CPU for a few minutes (on the "
+        "Python standard library's sources), package model.tar.gz, serve it on 127.0.0.1, "
+        "send prompts and print the answers and figures; or, with --model DIR, serve and ask a "
+        "Hugging Face model directory you bring, without training. No AWS account needed; "
+        "needs `make install-dev` (or `make test`).",
     )
     local.add_arguments(loop)
     loop.set_defaults(handler=local.run_command)
     picture = commands.add_parser(
-        "diagram", help="draw an environment's architecture (SVG, PNG) from its templates"
+        "diagram",
+        help="draw an environment's architecture (SVG, PNG) from its templates",
+        description="Synthesize an environment (offline, about half a minute) and draw its "
+        "stacks, main resources and data flows as <env>-architecture.svg and .png.",
     )
     diagram.add_arguments(picture)
     picture.set_defaults(handler=diagram.run_command)
     return parser
+
+
+# Commands that start nothing in AWS: an interrupt leaves nothing running.
+LOCAL_COMMANDS = frozenset({"envs", "training-job", "local", "diagram"})
+
+
+def _region(args: argparse.Namespace) -> str:
+    """The environment's region for advice, or words for it when it cannot be read."""
+    try:
+        return _aws(args).region
+    except Exception:
+        return "<your region>"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -469,18 +552,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"kiln {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A folder that cannot be written (--out, --work-dir), a full disk: said, not traced.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"kiln {args.command}: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(
-            f"kiln {args.command}: interrupted; what was started in AWS goes on "
-            "(`kiln status --env <env>` shows it)",
-            file=sys.stderr,
-        )
+        if args.command in LOCAL_COMMANDS:
+            print(f"\nkiln {args.command}: interrupted; nothing was left running", file=sys.stderr)
+        else:
+            print(
+                f"\nkiln {args.command}: interrupted; what was already started in AWS goes on "
+                f"(`kiln status --env {getattr(args, 'env', '<env>')}` shows it)",
+                file=sys.stderr,
+            )
         return 130
     except Exception as err:
         # A botocore failure outside the wrapped calls still gets advice, not a traceback.
         if not type(err).__module__.startswith("botocore"):
             raise
-        advice = explain(err, action=f"kiln {args.command}", region="the configured region")
+        advice = explain(err, action="an AWS call", region=_region(args))
         print(f"kiln {args.command}: {advice or err}", file=sys.stderr)
         return 1
 

@@ -858,36 +858,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     required.add_argument("--image", required=True, help="trainer image, with a tag or digest")
     required.add_argument("--instance-type", required=True, help="GPU node type, e.g. p4d.24xlarge")
     required.add_argument("--nodes", type=int, required=True, help="number of nodes (pods)")
-    required.add_argument("--checkpoint-path", required=True, help="S3 URI or absolute path")
-    required.add_argument("--output-path", required=True, help="S3 URI or absolute path")
+    required.add_argument(
+        "--checkpoint-path", required=True, help="where checkpoints go: S3 URI or absolute path"
+    )
+    required.add_argument(
+        "--output-path", required=True, help="where the model goes: S3 URI or absolute path"
+    )
     parser.add_argument(
         "--gpus-per-node", type=int, help="GPUs per pod (default: every GPU of the instance type)"
     )
-    parser.add_argument("--namespace", default="training", help="default: %(default)s")
-    parser.add_argument("--service-account", default="trainer", help="default: %(default)s")
-    parser.add_argument("--module", default="training.train", help="default: %(default)s")
+    parser.add_argument(
+        "--namespace", default="training", help="Kubernetes namespace (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--service-account",
+        default="trainer",
+        help="the pods' service account, bound to the trainer's IAM role (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--module",
+        default="training.train",
+        help="Python module torchrun starts in each pod (default: %(default)s)",
+    )
     parser.add_argument(
         "--env",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra environment variable for the trainer (repeatable)",
+        help="extra environment variable for the trainer (repeatable; default: none)",
     )
     parser.add_argument(
-        "--shm-size-gib", type=int, help="default: a quarter of the pod's memory, at most 64"
+        "--shm-size-gib",
+        type=int,
+        help="size of the memory-backed /dev/shm (default: a quarter of the pod's memory, "
+        "at most 64)",
     )
-    parser.add_argument("--max-restarts", type=int, default=3, help="default: %(default)s")
     parser.add_argument(
-        "--rendezvous-timeout-seconds", type=int, default=1800, help="default: %(default)s"
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times torchrun restarts the workers after a failure (default: %(default)s)",
     )
     parser.add_argument(
-        "--termination-grace-seconds", type=int, default=120, help="default: %(default)s"
+        "--rendezvous-timeout-seconds",
+        type=int,
+        default=1800,
+        help="how long the pods wait for each other to start (default: %(default)s)",
     )
-    parser.add_argument("--active-deadline-seconds", type=int, help="default: no deadline")
     parser.add_argument(
-        "--ttl-seconds-after-finished", type=int, default=3 * 24 * 3600, help="default: %(default)s"
+        "--termination-grace-seconds",
+        type=int,
+        default=120,
+        help="time a stopped pod gets to write its checkpoint (default: %(default)s)",
     )
-    parser.add_argument("--nccl-debug", choices=get_args(NcclDebug), help="default: unset")
+    parser.add_argument(
+        "--active-deadline-seconds",
+        type=int,
+        help="the Job's wall-time limit (default: no deadline)",
+    )
+    parser.add_argument(
+        "--ttl-seconds-after-finished",
+        type=int,
+        default=3 * 24 * 3600,
+        help="a finished Job is deleted after this (default: %(default)s, three days)",
+    )
+    parser.add_argument(
+        "--nccl-debug",
+        choices=get_args(NcclDebug),
+        help="NCCL_DEBUG level for the pods (default: unset)",
+    )
     add_operator_argument(parser)
     parser.add_argument(
         "--model",
@@ -899,7 +938,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trainer_args",
         nargs="*",
         metavar="TRAINER_ARG",
-        help="arguments for the trainer module, after --",
+        help="arguments for the trainer module, after -- (default: none)",
     )
 
 

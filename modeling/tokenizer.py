@@ -398,6 +398,45 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return HFTokenizer.load(directory)
 
 
+# Second bytes that keep these lead bytes' characters valid (no overlong forms, no surrogates,
+# nothing past U+10FFFF); every other continuation byte is 0x80-0xBF.
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+# Bytes that never begin a character: continuations, and leads of overlong or too-large ones.
+NOT_A_START = (*range(0x80, 0xC2), *range(0xF5, 0x100))
+
+
+def utf8_pending(tail: Sequence[int]) -> tuple[int, int] | None:
+    """The byte range the next byte must lie in to continue the character that the byte ids
+    `tail` (the last few) have begun, or None when they end on a character boundary."""
+    i, continuations = len(tail), 0
+    while i > 0 and 0x80 <= tail[i - 1] <= 0xBF and continuations < 3:
+        i, continuations = i - 1, continuations + 1
+    if i == 0 or not 0xC2 <= tail[i - 1] <= 0xF4:
+        return None
+    lead = tail[i - 1]
+    needed = 1 if lead < 0xE0 else 2 if lead < 0xF0 else 3
+    if continuations >= needed:
+        return None
+    return _SECOND_BYTE.get(lead, (0x80, 0xBF)) if continuations == 0 else (0x80, 0xBF)
+
+
+def never_generated(tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """Ids a kiln byte-level model may score but must never be given to generate: its start and
+    padding tokens (they begin or fill a text, they never continue one) and the unused ids past
+    the tokenizer's vocabulary (the embedding table is rounded up; those rows decode to
+    nothing). An undertrained model with tied embeddings scores its input token highest, so
+    after the start token it would otherwise emit start tokens forever. The end-of-sequence id
+    stays: it ends the answer.
+
+    A Hugging Face model you bring gets none: it is served as transformers' generate() serves it
+    (tested token for token), which masks neither its BOS, its padding nor its padded rows.
+    """
+    if not isinstance(tokenizer, ByteTokenizer):
+        return []
+    banned = {tokenizer.bos_id, tokenizer.pad_id, *range(tokenizer.vocab_size, vocab_size)}
+    return sorted(i for i in banned - tokenizer.eos_ids if 0 <= i < vocab_size)
+
+
 # Prompt tokens decoded before the first generated one: enough for a tokenizer whose pieces
 # read differently at the start of a text (SentencePiece drops a leading space) to get it right.
 CONTEXT_TOKENS = 5

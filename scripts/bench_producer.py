@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kiln_events.events import PredictionEvent
@@ -135,7 +137,8 @@ def main() -> None:
     }
     best: dict[str, tuple[float, float]] = {}
     for name, run in sides.items():
-        results = [run(servers, events) for _ in range(args.runs)]
+        runs = tqdm(range(args.runs), desc=f"{name} runs", file=sys.stderr, leave=False)
+        results = [run(servers, events) for _ in runs]
         produced = max(args.events / r[0] for r in results)
         acked = max(args.events / r[1] for r in results)
         dropped = sum(r[2] for r in results)

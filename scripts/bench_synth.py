@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 REPO = Path(__file__).resolve().parent.parent
 CDK = REPO / "node_modules" / ".bin" / "cdk"
 
@@ -63,7 +65,8 @@ def main() -> None:
         )
         kiln, floor = [], []
         synth_seconds(REPO, ["-c", f"env={options.env}"], Path(tmp) / "warmup")  # warm caches
-        for run in range(options.runs):
+        # The synths take a few seconds each: a bar on stderr says how far the runs are.
+        for run in tqdm(range(options.runs), desc="synth runs (kiln, floor)", file=sys.stderr):
             kiln.append(synth_seconds(REPO, ["-c", f"env={options.env}"], Path(tmp) / f"k{run}"))
             floor.append(synth_seconds(floor_app, [], Path(tmp) / f"f{run}"))
     k, f = statistics.median(kiln), statistics.median(floor)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from modeling.config import ModelConfig
 from modeling.model import LlamaModel, load_ops
 from modeling.rope import rope_table
 from modeling.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-from training import lora, sagemaker
+from training import budget, lora, sagemaker
 from training.checkpointer import Checkpointer, ShardedCheckpointer
 from training.data import (
     BlockStream,
@@ -38,7 +38,7 @@ from training.evaluate import Evaluator
 from training.lora import LoraSpec
 from training.loss import batch_loss
 from training.metrics import Metrics
-from training.optim import build_optimizer
+from training.optim import Schedule, build_optimizer
 from training.parallel import Distributed, FullyShard, Precision, Strategy, choose_strategy
 from training.records import (
     CHAT_TEMPLATE_FILE,
@@ -82,7 +82,7 @@ class Trainer:
         self, args: argparse.Namespace, dist: Distributed, sm: sagemaker.SageMakerEnv | None = None
     ) -> None:
         self.args, self.dist, self.sm = args, dist, sm
-        self.metrics = Metrics(dist.is_main, args.job_name)
+        self.metrics = Metrics(dist.is_main, args.job_name, args.progress_every)
         torch.manual_seed(args.seed)  # identical initial weights (and adapters) on every rank
         # `model` holds the weights (what the optimizer, checkpoints and export see); `wrapped`
         # is what runs: compiled and/or spread over the ranks by the parallelism.
@@ -214,6 +214,11 @@ class Trainer:
         )
         self.global_batch = args.micro_batch_size * args.grad_accum * dist.world
         self.tokens_per_step = self.global_batch * args.seq_len
+        # --max-steps, or fewer once a time budget has planned the run (`training.budget`).
+        self.total_steps = args.max_steps
+        self.planned = False
+        self.planned_evaluations = 0
+        self.validated_at: int | None = None
 
     def _broadcast_from_rank0(self) -> None:
         """Fills every rank's shards from rank 0's full weights (a collective): the meta ranks'
@@ -254,7 +259,8 @@ class Trainer:
             self.save_checkpoint(state)
             self.metrics.stopped(state, SIGTERM)
             return stopped_by
-        self.validate(state)
+        if self.validated_at != state.step:  # the clock may stop a run right after one
+            self.validate(state)
         if not self.checkpointer.due(state.step):
             self.save_checkpoint(state)  # a restarted finished job goes straight to the export
         self.export(state)
@@ -262,38 +268,100 @@ class Trainer:
         return stopped_by
 
     def train(self, state: TrainState) -> str | None:
-        """Steps until --max-steps, logging, validating and checkpointing on their intervals.
+        """Steps until the total (--max-steps, or what fits in --max-minutes with
+        --fit-to-minutes), logging, validating and checkpointing on their intervals.
         Returns SIGTERM or MAX_MINUTES when one of those ended it first, else None."""
         args = self.args
         self.metrics.start_clock(state)
         deadline = self.metrics.started + args.max_minutes * 60 if args.max_minutes > 0 else None
+        clock = budget.StepClock(state.step) if deadline and args.fit_to_minutes else None
         self.wrapped.train()
         with StopSignal() as sigterm:
-            while state.step < args.max_steps:
+            while state.step < self.total_steps:
                 loss, grad_norm = self.train_step(state)
-                out_of_time = deadline is not None and time.monotonic() > deadline
+                now = time.monotonic()
+                out_of_time = deadline is not None and now > deadline
                 # One collective per step: the loss summed over ranks, and whether any rank was
                 # signalled or ran out of time (so that all of them stop at the same step).
                 loss_sum, stop, timeout = self.dist.all_reduce(
                     [loss, float(sigterm.received), float(out_of_time)]
                 )
-                last = state.step == args.max_steps
-                if state.step % args.log_every == 0 or last or stop or timeout:
+                evaluate = self.evaluation_due(state.step)  # before a new plan moves them
+                if clock is not None and deadline is not None:
+                    clock.tick(state.step, now)
+                    if state.step == clock.calibration_step or (self.planned and evaluate):
+                        self.plan(state, clock, deadline, now)
+                last = state.step >= self.total_steps
+                if (
+                    state.step % args.log_every == 0
+                    or last
+                    or stop
+                    or timeout
+                    or self.metrics.overdue()
+                ):
                     self.metrics.train(
                         state,
                         loss=loss_sum / self.dist.world,
                         lr=float(self.scheduler.get_last_lr()[0]),
                         grad_norm=grad_norm,
+                        total_steps=self.total_steps,
+                        deadline=deadline,
+                        final=bool(last or stop or timeout),
                     )
                 if stop:
                     return SIGTERM
-                if self.evaluator.due(state.step) and not last:
+                if evaluate and not last:
                     self.validate(state)  # the last step's validation comes after the loop
+                    self.planned_evaluations += int(self.planned)
                 if self.checkpointer.due(state.step):
                     self.save_checkpoint(state)
                 if timeout:
                     return MAX_MINUTES
         return None
+
+    def evaluation_due(self, step: int) -> bool:
+        """--eval-every; in a planned run, the next of the four evaluations along the way when
+        the step reaches its fifth of the planned total (a new plan moves the ones to come; the
+        fifth is the final one, after the loop)."""
+        if not self.planned:
+            return self.evaluator.due(step)
+        done = self.planned_evaluations
+        return done < budget.EVALUATIONS - 1 and step * budget.EVALUATIONS >= (
+            self.total_steps * (done + 1)
+        )
+
+    def plan(self, state: TrainState, clock: budget.StepClock, deadline: float, now: float) -> None:
+        """Sizes the run to the time left (`training.budget`), from rank 0's clock on every rank:
+        the total steps (the evaluations follow it) and, the first time, the warm-up."""
+        rate = clock.seconds_per_step(state.step, now) or 0.0
+        evals_left = budget.EVALUATIONS - 1 - self.planned_evaluations
+        # A validation is a forward pass (a third of a step) over --val-blocks sequences.
+        eval_cost = self.evaluator.blocks.shape[0] / max(1, self.global_batch) / 3
+        total = budget.plan_total(
+            step=state.step,
+            seconds_per_step=rate,
+            seconds_left=deadline - now,
+            max_steps=self.args.max_steps,
+            eval_cost_steps=eval_cost,
+            evals_left=max(0, evals_left),
+        )
+        (total_f,) = self.dist.all_reduce([float(total) if self.dist.is_main else 0.0])
+        total = int(total_f)
+        schedule = cast(Schedule, self.scheduler.lr_lambdas[0])  # one object for all groups
+        plan = budget.first_plan(total)
+        if not self.planned:
+            schedule.warmup = min(plan.warmup_steps, total - 1)
+            self.planned = True
+        schedule.total = total
+        self.total_steps = total
+        self.metrics.emit(
+            "plan",
+            step=state.step,
+            total_steps=total,
+            warmup_steps=schedule.warmup,
+            eval_every=plan.eval_every,
+            seconds_per_step=round(rate, 4),
+        )
 
     def train_step(self, state: TrainState) -> tuple[float, float]:
         """One optimizer step on the next global batch; returns this rank's loss and the
@@ -333,6 +401,7 @@ class Trainer:
 
     def validate(self, state: TrainState) -> None:
         loss = self.evaluator.evaluate(self.wrapped)
+        self.validated_at = state.step
         if loss is not None:
             self.metrics.val(state, loss)
 

@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="stop (and save the model) after this wall time; 0 = no limit",
     )
+    t.add_argument(
+        "--fit-to-minutes",
+        type=_bool,
+        default=False,
+        help="with --max-minutes: time the first steps, then size the run to end on schedule "
+        "within the minutes (steps up to --max-steps, a warm-up of 5%% of them, five "
+        "evaluations); replaces --warmup-steps and --eval-every",
+    )
     t.add_argument("--lr", type=_positive(float), default=2e-3)
     t.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine schedule ends at lr * this"
@@ -237,7 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="validation sequences evaluated each time",
     )
-    e.add_argument("--log-every", type=_positive(int), default=10)
+    e.add_argument(
+        "--log-every",
+        type=_positive(int),
+        default=10,
+        help="steps between `train` metrics lines (also written every --progress-every seconds)",
+    )
+    e.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines on stderr (step/total, loss, tokens/s, ETA); 0: none",
+    )
     e.add_argument(
         "--checkpoint-dir",
         help=f"local path or s3:// prefix (default: ${CHECKPOINT_DIR_ENV}, "
@@ -304,7 +323,9 @@ def parse_args(
         parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.warmup_steps > args.max_steps:
         parser.error(f"--warmup-steps {args.warmup_steps} exceeds --max-steps {args.max_steps}")
-    for flag in ("weight_decay", "grad_clip", "max_minutes"):
+    if args.fit_to_minutes and not args.max_minutes:
+        parser.error("--fit-to-minutes needs --max-minutes (the time to fit the run into)")
+    for flag in ("weight_decay", "grad_clip", "max_minutes", "progress_every"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")
     for flag in ("beta1", "beta2"):

@@ -82,6 +82,15 @@ def explain(err: BaseException, *, action: str, region: str) -> AwsError | None:
     def advice(message: str, code: str = "", aws_message: str = "") -> AwsError:
         return AwsError(message, code=code, aws_message=aws_message or str(err), action=action)
 
+    if isinstance(err, exceptions.ProfileNotFound):
+        profile = err.kwargs.get("profile", "?")
+        return advice(
+            f"the AWS profile {profile!r} (from AWS_PROFILE or AWS_DEFAULT_PROFILE) is not in "
+            f"~/.aws/config: create it (`aws configure sso --profile {profile}`), or point "
+            "AWS_PROFILE at one that exists (`aws configure list-profiles`), or unset it to "
+            "use your default credentials.",
+            "ProfileNotFound",
+        )
     if isinstance(err, exceptions.NoCredentialsError):
         return advice(f"no AWS credentials found: {_SIGN_IN}.", "NoCredentials")
     if isinstance(err, exceptions.PartialCredentialsError):
@@ -139,9 +148,18 @@ def explain(err: BaseException, *, action: str, region: str) -> AwsError | None:
                 code,
                 message,
             )
-        return advice(f"{action} failed: {code}: {message}", code, message)
+        return advice(
+            f"{action} failed: {code}: {message}. If the message does not say what to change, "
+            f"`aws sts get-caller-identity --region {region}` checks your credentials.",
+            code,
+            message,
+        )
     if isinstance(err, exceptions.BotoCoreError):
-        return advice(f"{action} failed: {err}", type(err).__name__)
+        return advice(
+            f"{action} failed: {err}. `aws sts get-caller-identity --region {region}` checks "
+            "your AWS configuration and credentials.",
+            type(err).__name__,
+        )
     return None
 
 

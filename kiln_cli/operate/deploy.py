@@ -9,7 +9,6 @@ the artifact, runs the CDK deploy, follows the endpoint and says which way it we
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
 from kiln.contract import MODELS_PREFIX, Component, Outputs
-from kiln.settings import MODEL_ARTIFACT_PATTERN, Settings
+from kiln.settings import Settings, artifact_problem
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
     ACCESS_DENIED,
@@ -157,12 +156,9 @@ def deploy_model(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Outcome:
     settings = aws.settings
-    if not re.fullmatch(MODEL_ARTIFACT_PATTERN, artifact):
-        raise OperateError(
-            f"--artifact {artifact!r} is not an S3 URI of a model archive; give "
-            "s3://<bucket>/<key>.tar.gz (what training writes)",
-            exit_code=2,
-        )
+    problem = artifact_problem(artifact)
+    if problem is not None:
+        raise OperateError(f"--artifact {problem}", exit_code=2)
     progress = progress or Progress()
     aws.check_identity()
     check_artifact(aws, artifact)

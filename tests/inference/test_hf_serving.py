@@ -9,7 +9,9 @@ The models are small random-weight Llama-3-style and Qwen2-style ones built with
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from inference.model_dir import ModelDirError, prepare_model_dir
+from inference.model_dir import ModelDirError, prepare_model_dir, unpacked_copy
 from tests.inference.support import Reply, Server, invoke, request, start_server
 from tests.modeling.hf_models import build, hf_model
 
@@ -318,6 +320,20 @@ def test_bad_chat_fields_are_400s_naming_them(served: Served) -> None:
     assert ask_chat(served, CONVERSATIONS[0])[1]["completion_tokens"] >= 1
 
 
+def test_an_empty_prompt_starts_from_bos_or_is_a_400(served: Served) -> None:
+    """Llama's BOS begins an empty prompt (as its tokenizer encodes ""); Qwen2 names none, so an
+    empty prompt has nothing to continue and the client is told so."""
+    reply = invoke(served.server.port, "", max_new_tokens=4)
+    start = served.tokenizer("").input_ids  # what transformers' tokenizer makes of ""
+    if start:
+        assert reply.status == 200, reply.body
+        assert reply.json()["usage"]["prompt_tokens"] == len(start)
+    else:
+        assert reply.status == 400, reply.body
+        assert reply.error["field"] == "inputs", reply.error
+        assert "no start token" in reply.error["message"], reply.error
+
+
 def test_a_template_that_refuses_the_messages_is_a_400(tmp_path: Path) -> None:
     """A template's own raise_exception (roles must alternate, ...) reaches the client."""
     from modeling.chat import ChatTemplate, ChatTemplateError
@@ -334,7 +350,12 @@ def test_a_template_that_refuses_the_messages_is_a_400(tmp_path: Path) -> None:
 # -- the model directory -----------------------------------------------------------------------
 
 
-def test_model_dirs_and_tarballs_in_the_hugging_face_layout(tmp_path: Path) -> None:
+def test_model_dirs_and_tarballs_in_the_hugging_face_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "config.json").write_text("{}")
@@ -345,9 +366,22 @@ def test_model_dirs_and_tarballs_in_the_hugging_face_layout(tmp_path: Path) -> N
     (outer / "Llama-3.2-1B" / "config.json").write_text("{}")
     (outer / "Llama-3.2-1B" / "model-00001-of-00002.safetensors").write_text("")
     assert prepare_model_dir(outer) == outer / "Llama-3.2-1B"
-    unpacked = prepare_model_dir(_tarball(outer / "Llama-3.2-1B", tmp_path / "m.tar.gz"))
+    assert unpacked_copy(prepare_model_dir(outer), outer) is None  # the user's own: kept
+    tarball = _tarball(outer / "Llama-3.2-1B", tmp_path / "m.tar.gz")
+    unpacked = prepare_model_dir(tarball)
     assert unpacked.name == "Llama-3.2-1B"
     assert (unpacked / "model-00001-of-00002.safetensors").is_file()
+    # The temporary directory the server removes when it stops: the subdirectory's parent.
+    assert unpacked_copy(unpacked, tarball) == unpacked.parent
+    assert unpacked.parent.name.startswith("kiln-model-")
+    flat_tarball = tmp_path / "flat.tar.gz"
+    with tarfile.open(flat_tarball, "w:gz") as tar:
+        tar.add(flat / "config.json", arcname="config.json")
+    flat_copy = prepare_model_dir(flat_tarball)
+    assert unpacked_copy(flat_copy, flat_tarball) == flat_copy
+    for copy in (unpacked.parent, flat_copy):
+        shutil.rmtree(copy)
+    assert list(temporary.iterdir()) == []
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "b").mkdir()
@@ -355,3 +389,5 @@ def test_model_dirs_and_tarballs_in_the_hugging_face_layout(tmp_path: Path) -> N
         prepare_model_dir(empty)
     with pytest.raises(ModelDirError, match=r"holds no config\.json"):
         prepare_model_dir(_tarball(empty, tmp_path / "e.tar.gz"))
+    # A tarball that holds no model leaves no temporary directory behind.
+    assert list(temporary.iterdir()) == []

@@ -207,3 +207,14 @@ def test_a_client_that_hangs_up_stops_its_generation(server: Server, kafka: str)
     event = read_events(kafka, {request_id})[request_id]
     assert (event.status_code, event.error_code) == (499, "client_closed")
     assert event.completion_tokens < 2000  # the engine stopped generating for it
+
+
+def test_an_empty_prompt_generates_text_from_the_start_token(server: Server) -> None:
+    """`{"inputs": ""}` is the model's unconditional text: it starts after the start token and
+    never emits it (or padding) again, so the answer is text, not nothing."""
+    reply = invoke(server.port, "", stream=True, max_new_tokens=16)
+    ids = tokens_of(reply)
+    assert ids and all(0 <= i < 256 for i in ids), ids
+    final = reply.sse()[-1][1]
+    assert final["usage"]["prompt_tokens"] == 1
+    assert "\ufffd" not in final["generated_text"]  # bytes that make whole characters only

@@ -14,7 +14,7 @@ from kiln.config import (
     load_settings,
     resolve_environments,
 )
-from tests.support import minimal_settings
+from tests.support import REPO, minimal_settings
 
 # A valid file: every required field, in YAML (the name comes from the file name).
 GOOD = yaml.safe_dump(
@@ -70,7 +70,13 @@ def test_resolve_all_and_one(config_dir: Path) -> None:
 def test_unknown_environment_lists_the_available_ones(config_dir: Path) -> None:
     message = load_error(config_dir, "qa")
     assert "qa.yaml: no such environment" in message
-    assert "available: sandbox or 'all'" in message
+    # One environment is what a command acts on: `all` means nothing there.
+    assert "available: sandbox." in message and "'all'" not in message
+    assert "sandbox.yaml" in message and "and edit it" in message
+    with pytest.raises(ConfigError, match=r"available: sandbox or 'all'"):
+        resolve_environments("qa", config_dir)  # -c env=... of the CDK app takes `all`
+    with pytest.raises(ConfigError, match=r"'all' is not an environment; available: sandbox$"):
+        load_settings("all", config_dir)
 
 
 @pytest.mark.parametrize("name", ["Prod", "../dev", "x", "a b"])
@@ -80,7 +86,7 @@ def test_invalid_environment_names(config_dir: Path, name: str) -> None:
 
 
 def test_all_is_not_a_single_environment(config_dir: Path) -> None:
-    assert "takes one environment name" in load_error(config_dir, "all")
+    assert "'all' is not an environment" in load_error(config_dir, "all")
 
 
 def test_empty_config_dir() -> None:
@@ -153,5 +159,65 @@ def test_with_model_artifact_overrides_and_validates() -> None:
     uri = "s3://kiln-dev-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
     assert with_model_artifact(dev, uri).serving.model_artifact == uri
     assert dev.serving.model_artifact is None  # the original is untouched (frozen)
-    with pytest.raises(ConfigError, match="is not an S3 URI of a model archive"):
+    with pytest.raises(ConfigError, match=r"is not a \.tar\.gz archive: a model artifact is"):
         with_model_artifact(dev, "s3://bucket/model")
+
+
+def _schema_patterns() -> set[str]:
+    import json
+    import re
+
+    from kiln.settings import DeliverySettings, Settings
+
+    found: set[str] = set()
+    for model in (Settings, DeliverySettings):
+        text = json.dumps(model.model_json_schema())
+        found |= {json.loads(f'"{p}"') for p in re.findall(r'"pattern": "((?:[^"\\]|\\.)*)"', text)}
+    return found
+
+
+def test_every_pattern_of_the_schema_is_said_in_words() -> None:
+    from kiln.config import PATTERN_WORDS
+
+    assert _schema_patterns() <= set(PATTERN_WORDS)
+
+
+def test_every_custom_error_of_the_schema_names_its_input_once() -> None:
+    """A check of ours writes the value into its message; `(got ...)` after it would say it
+    twice, or print a whole section for a check over several fields."""
+    import re
+
+    from kiln.config import _SELF_EXPLAINING
+
+    source = (REPO / "kiln" / "settings.py").read_text()
+    assert set(re.findall(r'PydanticCustomError\(\s*"([a-z_]+)"', source)) <= _SELF_EXPLAINING
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        ("region: eu-west-1", "region: eu-west-one", "an AWS region is written like us-east-1"),
+        (
+            "instance_type: ml.g5.xlarge",
+            "instance_type: ml.banana.huge",
+            "serving.instance_type: 'ml.banana.huge' is not a SageMaker instance type kiln serves "
+            "on; allowed families: ml.g4dn",
+        ),
+        ("instance_type: ml.g5.xlarge", "instance_type: ml_g5_xlarge", "ml.<family>.<size>"),
+        (
+            "- eu-west-1c",
+            "- us-east-1c",
+            "(eu-west-1a, eu-west-1b, eu-west-1c); `aws ec2 describe-availability-zones",
+        ),
+    ],
+)
+def test_mistakes_are_said_in_words_not_patterns(
+    config_dir: Path, old: str, new: str, words: str
+) -> None:
+    source = (config_dir / "sandbox.yaml").read_text()
+    assert old in source
+    write(config_dir, source.replace(old, new), "qa")
+    message = load_error(config_dir, "qa")
+    assert words in message, message
+    assert "should match pattern" not in message and "^" not in message, message
+    assert message.count(new.split(" ", 1)[1]) == 1, message  # once, not again as "(got ...)"

@@ -175,7 +175,12 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
         (
             {"serving.model_artifact": "s3://b/model.zip"},
             "serving.model_artifact",
-            "allowed: s3://<bucket>/<key>.tar.gz",
+            "the bucket name 'b' has 1 character; S3 bucket names have 3 to 63",
+        ),
+        (
+            {"serving.model_artifact": "s3://bucket/model.zip"},
+            "serving.model_artifact",
+            "is not a .tar.gz archive: a model artifact is s3://<bucket>/<key>.tar.gz",
         ),
         ({"serving.instance_type": "g5.xlarge"}, "serving.instance_type", "pattern"),
         (

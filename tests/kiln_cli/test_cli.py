@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.config import CONFIG_DIR, load_settings
-from kiln_cli.cli import differences, flatten, main
+from kiln_cli.cli import build_parser, differences, flatten, main
 
 
 def test_flatten_nested_settings() -> None:
@@ -57,13 +58,49 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for command in ("envs", "training-job", "status", "train", "deploy-model", "invoke"):
+    for command in (
+        "envs",
+        "training-job",
+        "status",
+        "train",
+        "deploy-model",
+        "invoke",
+        "local",
+        "diagram",
+    ):
         assert f"    {command}" in out
     for command in ("status", "train", "deploy-model", "invoke"):
         with pytest.raises(SystemExit) as done:
             main([command, "--help"])
         assert done.value.code == 0
         assert "--env ENV" in capsys.readouterr().out
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_command_and_option_says_what_it_is_and_its_default(command: str) -> None:
+    sub = _subcommands()[command]
+    assert sub.description and len(sub.description) > 40, f"kiln {command} has no description"
+    # One option of a required group is always given (`invoke --prompt | --message | ...`).
+    chosen = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and len(action.help) > 10, f"kiln {command} {name} has no help"
+        needs_default = (
+            not action.required
+            and action not in chosen
+            and not isinstance(action, argparse._StoreTrueAction | argparse._StoreConstAction)
+        )
+        if needs_default:
+            # Shown as `(default: ...)`, or said in words ("default: every GPU of ...").
+            assert "default" in action.help, f"kiln {command} {name} hides its default"
 
 
 def test_the_cli_imports_no_aws_sdk() -> None:

@@ -334,7 +334,8 @@ def test_the_first_deploy_failing_leaves_no_endpoint() -> None:
             "123456789012-us-east-1/models/<job>/output/model.tar.gz (SageMaker)",
         ),
         ("s3://no-such-bucket-kiln/m/model.tar.gz", 1, "bucket no-such-bucket-kiln does not exist"),
-        ("s3://bucket/model.zip", 2, "is not an S3 URI of a model archive"),
+        ("s3://bucket/model.zip", 2, "is not a .tar.gz archive"),
+        ("s3://x/y.tar.gz", 2, "the bucket name 'x' has 1 character; S3 bucket names have"),
     ],
 )
 def test_a_missing_artifact_is_named(

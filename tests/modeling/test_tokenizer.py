@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling.tokenizer import ByteTokenizer
+from modeling.tokenizer import ByteTokenizer, never_generated, utf8_pending
 
 
 def test_round_trip_of_unicode_and_specials() -> None:
@@ -37,3 +37,40 @@ def test_saved_with_extra_special_tokens(tmp_path: Path) -> None:
 def test_missing_required_specials_are_refused() -> None:
     with pytest.raises(ValueError, match="must include"):
         ByteTokenizer(["<|pad|>"])
+
+
+def test_never_generated_are_the_start_pad_and_unused_ids() -> None:
+    tok = ByteTokenizer()
+    # A model's vocabulary (320) is padded past the tokenizer's (259): those rows are no text.
+    assert never_generated(tok, 320) == [tok.pad_id, tok.bos_id, *range(259, 320)]
+    assert tok.eos_id not in never_generated(tok, 320)
+
+
+@pytest.mark.parametrize(
+    ("text", "pending"),
+    [
+        ("abc", None),
+        ("é", None),
+        ("日本", None),
+        ("\U0001f600", None),
+    ],
+)
+def test_utf8_pending_at_character_boundaries(text: str, pending: None) -> None:
+    assert utf8_pending(list(text.encode())) is pending
+
+
+@pytest.mark.parametrize(
+    ("prefix", "allowed"),
+    [
+        (b"a\xc3", (0x80, 0xBF)),  # é's second byte
+        (b"\xe6", (0x80, 0xBF)),
+        (b"\xe6\x97", (0x80, 0xBF)),  # the third of three
+        (b"\xe0", (0xA0, 0xBF)),  # no overlong three-byte forms
+        (b"\xed", (0x80, 0x9F)),  # no surrogates
+        (b"\xf0", (0x90, 0xBF)),
+        (b"\xf4", (0x80, 0x8F)),  # nothing past U+10FFFF
+        (b"\xf0\x9f\x98", (0x80, 0xBF)),
+    ],
+)
+def test_utf8_pending_inside_a_character(prefix: bytes, allowed: tuple[int, int]) -> None:
+    assert utf8_pending([257, *prefix]) == allowed

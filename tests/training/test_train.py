@@ -229,3 +229,42 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lam[:4] == [0.2, 0.4, 0.6, 0.8] and lam[4] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(lam[4:]))
     assert lam[20] == pytest.approx(0.1)
+
+
+def test_a_run_fitted_to_its_minutes_plans_its_steps_and_ends_on_time(
+    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
+) -> None:
+    """--fit-to-minutes: the first steps are timed, then the run is sized to the budget (steps,
+    warm-up, five evaluations) and its progress is shown against that total."""
+    minutes = 0.2
+    args = [*TINY, "--data", str(corpus), "--max-steps", "1000000", "--lr", "3e-3"]
+    args += ["--max-minutes", str(minutes), "--fit-to-minutes", "true", "--progress-every", "2"]
+    started = time.monotonic()
+    run = run_trainer([*args, "--output-dir", str(tmp_path / "out")])
+    assert run.returncode == 0, run.stderr
+    plans = run.of("plan")
+    assert plans and plans[0]["step"] == 10  # 2 untimed steps, 8 timed
+    first, last = plans[0], plans[-1]
+    assert 10 < int(last["total_steps"]) < 1000000  # type: ignore[call-overload]
+    assert first["warmup_steps"] == max(1, round(int(first["total_steps"]) * 0.05))  # type: ignore[call-overload]
+    assert first["eval_every"] == int(first["total_steps"]) // 5  # type: ignore[call-overload]
+    trains = run.of("train")
+    final = trains[-1]
+    # It ended by its schedule or by the clock, never far past the budget.
+    assert int(final["step"]) <= int(last["total_steps"])  # type: ignore[call-overload]
+    assert float(final["elapsed_s"]) <= minutes * 60 + 2  # type: ignore[arg-type]
+    assert time.monotonic() - started < 60
+    # The JSON metrics carry the total and the ETA; stderr has the same as a line for a person.
+    after_plan = [e for e in trains if int(e["step"]) > 10]  # type: ignore[call-overload]
+    assert all(e["total_steps"] is not None and e["eta_s"] is not None for e in after_plan)
+    lines = [line for line in run.stderr.splitlines() if "INFO training: step " in line]
+    assert len(lines) >= 3, run.stderr
+    assert " tok/s | " in lines[-1] and "elapsed | ETA " in lines[-1]
+    assert f"step {final['step']}/" in lines[-1]
+    assert len(run.of("val")) >= 3
+
+
+def test_fit_to_minutes_needs_minutes(run_trainer: Callable[..., Run]) -> None:
+    run = run_trainer([*TINY, "--fit-to-minutes", "true"])
+    assert run.returncode == 2
+    assert "--fit-to-minutes needs --max-minutes" in run.stderr
