@@ -242,7 +242,9 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     else:
         parameters = {
             "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
+            # Greedy unless asked: kiln's default, said out loud so that LMI (which samples
+            # with the model's generation_config by default) answers the same way.
+            "temperature": 0.0 if args.temperature is None else args.temperature,
             "top_k": args.top_k,
             "top_p": args.top_p,
             "seed": args.seed,
