@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from kiln import instances as serving_instances
+from kiln import lmi
 from kiln.gpu_instances import GPU_INSTANCES
 
 Tier = Literal["dev", "staging", "prod"]
@@ -337,7 +338,39 @@ class ComputeSettings(StrictModel):
         return value
 
 
-MODEL_ARTIFACT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
+# A model.tar.gz (SageMaker unpacks it), or the S3 prefix of an uncompressed model directory
+# (ending in "/": S3ModelDataSource "A valid key name prefix identified by S3Uri always ends with
+# a forward slash"), under a key of its own (never a whole bucket: the role reads only the model).
+MODEL_ARCHIVE_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
+MODEL_PREFIX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/]+/)+$"
+MODEL_ARTIFACT_PATTERN = f"{MODEL_ARCHIVE_PATTERN}|{MODEL_PREFIX_PATTERN}"
+# S3ModelDataSource.S3Uri and ContainerDefinition.ModelDataUrl: at most 1024 characters.
+MAX_MODEL_URI_CHARS = 1024
+MODEL_ARTIFACT_FORMS = (
+    "s3://<bucket>/<key>.tar.gz (a model archive, what training writes) or "
+    "s3://<bucket>/<prefix>/ (an uncompressed model directory; the trailing / marks a prefix)"
+)
+
+
+def is_model_prefix(artifact: str) -> bool:
+    """Whether the artifact is an uncompressed model directory's S3 prefix (not an archive)."""
+    return artifact.endswith("/")
+
+
+def model_artifact_problem(artifact: str) -> str | None:
+    """Why `artifact` cannot be served, or None: its form and SageMaker's length limit."""
+    if len(artifact) > MAX_MODEL_URI_CHARS:
+        return (
+            f"{artifact[:60]}... has {len(artifact)} characters; SageMaker takes an S3 URI of "
+            f"at most {MAX_MODEL_URI_CHARS} (S3ModelDataSource.S3Uri, ModelDataUrl)"
+        )
+    if re.fullmatch(MODEL_ARCHIVE_PATTERN, artifact) or re.fullmatch(
+        MODEL_PREFIX_PATTERN, artifact
+    ):
+        return None
+    if re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/?", artifact):
+        return f"{artifact!r} is a whole bucket; give the model's own: {MODEL_ARTIFACT_FORMS}"
+    return f"{artifact!r} is not an S3 URI of a model; allowed: {MODEL_ARTIFACT_FORMS}"
 
 
 class DeploymentSettings(StrictModel):
@@ -409,8 +442,15 @@ class ServingSettings(StrictModel):
     deployment: DeploymentSettings = DeploymentSettings()
     alarms: RollbackAlarmSettings = RollbackAlarmSettings()
     autoscaling: AutoscalingSettings
-    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack).
+    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack;
+    # kiln's engine only: LMI bounds a request by max_model_len alone).
     max_new_tokens: int = Field(512, ge=1, le=32768)
+    # What serves the model: kiln's own inference container, or SageMaker's LMI container
+    # (vLLM) for what kiln's engine does not serve (tensor parallel over the instance's GPUs).
+    engine: Literal["kiln", "lmi"] = "kiln"
+    # Tokens of context per sequence (prompt + answer) the server is sized for; null: the
+    # model's own. kiln: $KILN_MAX_SEQ_LEN; lmi: OPTION_MAX_MODEL_LEN.
+    max_model_len: int | None = Field(None, ge=16, le=1_048_576)
 
     @field_validator("instance_type")
     @classmethod
@@ -426,13 +466,9 @@ class ServingSettings(StrictModel):
     @field_validator("model_artifact")
     @classmethod
     def _artifact(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(MODEL_ARTIFACT_PATTERN, value):
-            raise PydanticCustomError(
-                "artifact",
-                "'{value}' is not an S3 URI of a model archive; allowed: "
-                "s3://<bucket>/<key>.tar.gz (what training writes)",
-                {"value": value},
-            )
+        problem = None if value is None else model_artifact_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("artifact", "{problem}", {"problem": problem})
         return value
 
     @model_validator(mode="after")
@@ -457,6 +493,32 @@ class ServingSettings(StrictModel):
                 },
             )
         return self
+
+
+def engine_problems(serving: ServingSettings, region: str) -> list[str]:
+    """What keeps `serving.engine` from running here: LMI's vLLM container needs GPUs (its
+    tensor parallel degree is the instance's GPU count, from kiln's GPU catalog) and a
+    registry of the pinned image in the region (kiln/lmi.py)."""
+    if serving.engine != "lmi":
+        return []
+    problems = []
+    family = serving_instances.lookup(serving.instance_type)
+    if not family.gpu:
+        problems.append(
+            f"serving.engine: lmi runs vLLM on GPUs and {serving.instance_type} has none; "
+            "choose a GPU type (ml.g5, ml.g6, ml.g6e, ml.p4d, ml.p5) or engine: kiln"
+        )
+    elif serving_instances.gpu_count(serving.instance_type) is None:
+        problems.append(
+            f"serving.engine: lmi sets its tensor parallel degree from the GPU count, and "
+            f"kiln's GPU catalog (kiln/gpu_instances.py) has no entry for "
+            f"{serving.instance_type}; add it there, or choose ml.g5, ml.g6, ml.g6e, ml.p4d "
+            "or ml.p5"
+        )
+    unavailable = lmi.region_problem(region)
+    if unavailable:
+        problems.append(f"serving.engine: lmi: {unavailable}")
+    return problems
 
 
 def fleet_sizes(serving: ServingSettings) -> list[int]:
@@ -799,6 +861,7 @@ class Settings(StrictModel):
                 "-eksbuild.N version (aws eks describe-addon-versions --addon-name kube-proxy "
                 f"--kubernetes-version {self.compute.kubernetes_version})"
             )
+        problems += engine_problems(serving, self.region)
         # Privacy, not AWS: data capture stores request and response bodies (prompts and
         # completions), which only an environment that allows raw text may keep.
         if serving.data_capture_percent > 0 and not self.events.allow_raw_text:

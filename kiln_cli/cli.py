@@ -425,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fired) or failed (exit 1).",
     )
     _environment_options(roll)
-    roll.add_argument("--artifact", required=True, help="s3://<bucket>/<key>.tar.gz")
+    roll.add_argument(
+        "--artifact",
+        required=True,
+        help="s3://<bucket>/<key>.tar.gz, or an uncompressed model directory "
+        "s3://<bucket>/<prefix>/",
+    )
     roll.set_defaults(handler=cmd_deploy_model)
     resize_cmd = commands.add_parser(
         "change-instance-type",

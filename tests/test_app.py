@@ -144,7 +144,7 @@ def test_model_artifact_from_context_is_validated() -> None:
     assert_clean_failure(
         run_app({"env": "dev", "modelArtifact": "s3://bucket/model.zip"}),
         "-c modelArtifact: invalid configuration:",
-        "serving.model_artifact: 's3://bucket/model.zip' is not an S3 URI of a model archive",
+        "serving.model_artifact: 's3://bucket/model.zip' is not an S3 URI of a model; allowed:",
     )
     assert_clean_failure(
         run_app({"env": "all", "modelArtifact": "s3://bucket/models/v1/model.tar.gz"}),

@@ -153,5 +153,17 @@ def test_with_model_artifact_overrides_and_validates() -> None:
     uri = "s3://kiln-dev-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
     assert with_model_artifact(dev, uri).serving.model_artifact == uri
     assert dev.serving.model_artifact is None  # the original is untouched (frozen)
-    with pytest.raises(ConfigError, match="is not an S3 URI of a model archive"):
+    prefix = uri.removesuffix(".tar.gz") + "/"  # an uncompressed model directory
+    assert with_model_artifact(dev, prefix).serving.model_artifact == prefix
+    with pytest.raises(ConfigError, match="is not an S3 URI of a model; allowed"):
         with_model_artifact(dev, "s3://bucket/model")
+
+
+def test_with_serving_engine_overrides_and_validates() -> None:
+    from kiln.config import with_serving_engine
+
+    prod = load_settings("prod")
+    assert prod.serving.engine == "kiln"  # kiln's engine is the default
+    assert with_serving_engine(prod, "lmi").serving.engine == "lmi"
+    with pytest.raises(ConfigError, match="-c servingEngine: invalid configuration"):
+        with_serving_engine(prod, "triton")
