@@ -35,7 +35,7 @@ $(VENV)/.infra-installed: pyproject.toml | $(BIN)/python
 
 # Tests exercise every role: the infrastructure, the workloads (torch, Kafka client) and tools.
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.infra-installed
-	$(BIN)/pip install -q -e '.[infra,ml,dev]'
+	$(BIN)/pip install -q -e '.[infra,ml,dev,tracking]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json $(VENV)/.infra-installed

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.state import TrainState
 
+if TYPE_CHECKING:
+    from training.tracking import Tracker
+
 
 class Metrics:
-    """Every line the run reports goes through here; ranks other than 0 report nothing."""
+    """Every line the run reports goes through here; ranks other than 0 report nothing. With
+    a `tracker` (MLflow, `training.tracking`), each record goes there too."""
 
-    def __init__(self, enabled: bool, job: str) -> None:
-        self.enabled, self.job = enabled, job
+    def __init__(self, enabled: bool, job: str, tracker: Tracker | None = None) -> None:
+        self.enabled, self.job, self.tracker = enabled, job, tracker
         self.started = self._last_time = time.monotonic()
         self._last_tokens = 0
 
@@ -27,6 +31,8 @@ class Metrics:
         if self.enabled:
             record = {"event": event, "job": self.job, **fields}
             print(json.dumps(record), flush=True)
+            if self.tracker is not None:
+                self.tracker.event(record)
 
     def start_clock(self, state: TrainState) -> None:
         """Elapsed time and throughput count from here (the first step of this process)."""
