@@ -607,6 +607,21 @@ def rollout_problems(serving: ServingSettings) -> list[str]:
     return problems
 
 
+class ExperimentTrackingSettings(StrictModel):
+    """An optional SageMaker managed MLflow tracking server (CreateMlflowTrackingServer's
+    fields), its artifact store under the artifacts bucket's `mlflow/` prefix."""
+
+    enabled: bool = False
+    # "Small" for teams of up to 25 users, "Medium" up to 50, "Large" up to 100.
+    size: Literal["Small", "Medium", "Large"] = "Small"
+    # The server's MLflow version (SageMaker offers 2.13.x, 2.16.x, 3.0.x); clients should
+    # match it (the `tracking` extra pins mlflow-skinny).
+    mlflow_version: str = Field("3.0", pattern=r"^\d+\.\d+(\.\d+)?$")
+    weekly_maintenance_window_start: str = Field(
+        "Sun:03:00", pattern=r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun):([01]\d|2[0-3]):[0-5]\d$"
+    )
+
+
 class ObservabilitySettings(StrictModel):
     """Who hears the alarms."""
 
@@ -642,6 +657,7 @@ class Settings(StrictModel):
     serving: ServingSettings
     observability: ObservabilitySettings = ObservabilitySettings()
     events: EventSettings = EventSettings()
+    experiment_tracking: ExperimentTrackingSettings = ExperimentTrackingSettings()
 
     @field_validator("log_retention_days")
     @classmethod

@@ -200,6 +200,9 @@ def test_lmi_needs_a_gpu_count_and_a_registry() -> None:
     assert "kiln's GPU catalog (kiln/gpu_instances.py) has no entry for ml.g4dn.xlarge" in found
     from kiln import lmi
 
+    # The tensor parallel degree: every GPU of the type (a 70B model on 8 GPUs).
+    assert instances.gpu_count("ml.p4d.24xlarge") == instances.gpu_count("ml.p5.48xlarge") == 8
+    assert instances.gpu_count("ml.g5.12xlarge") == 4 and instances.gpu_count("ml.m5.large") is None
     assert lmi.region_problem("eu-west-1") is None
     assert "add the region to REGISTRIES in kiln/lmi.py" in str(lmi.region_problem("mx-central-1"))
     assert lmi.image_uri("eu-south-1") == (
