@@ -380,16 +380,27 @@ class Trainer:
             return
         if is_s3(args.output_dir):
             with tempfile.TemporaryDirectory() as tmp:
-                write(Path(tmp) / "model")
-                tarball = write_tarball(Path(tmp) / "model", Path(tmp) / TARBALL)
+                local = Path(tmp) / "model"
+                write(local)
                 store = open_store(args.output_dir)
-                store.put_file(tarball, TARBALL)
-                fields = {}
+                fields: dict[str, str] = {}
+                model_format = getattr(args, "model_format", "tarball")
+                if model_format in ("directory", "both"):
+                    # Uncompressed: the prefix `<output>/model/` is served as it is (S3Prefix
+                    # model data): no tar on upload, no untar on each instance start.
+                    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+                        store.put_file(f, f"model/{f.relative_to(local).as_posix()}")
+                    fields["model_dir"] = store.describe("model/")
+                if model_format != "directory":
+                    store.put_file(write_tarball(local, Path(tmp) / TARBALL), TARBALL)
                 if (extra := write_adapter(Path(tmp) / ADAPTER_DIR)) is not None:
                     for f in sorted(extra.iterdir()):
                         store.put_file(f, f"{ADAPTER_DIR}/{f.name}")
-                    fields = {"adapter": store.describe(ADAPTER_DIR)}
-                self.metrics.emit("model", step=step, path=store.describe(TARBALL), **fields)
+                    fields["adapter"] = store.describe(ADAPTER_DIR)
+                path = (
+                    fields["model_dir"] if model_format == "directory" else store.describe(TARBALL)
+                )
+                self.metrics.emit("model", step=step, path=path, **fields)
             return
         out = Path(args.output_dir)
         write(out / "model")

@@ -263,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         "to /opt/ml/model and SageMaker packs them",
     )
     e.add_argument(
+        "--model-format",
+        choices=("tarball", "directory", "both"),
+        default="tarball",
+        help="what goes to an s3:// --output-dir: model.tar.gz, the model directory "
+        "uncompressed under model/ (deployable as an S3 prefix, for large models), or both",
+    )
+    e.add_argument(
         "--save-dtype",
         choices=("float32", "bfloat16", "float16"),
         help="dtype of the exported weights (default: --init-from's, else float32)",
