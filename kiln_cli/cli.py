@@ -125,6 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         trainer_args=tuple(args.trainer_args),
         model=args.model,
+        operator=args.operator,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -142,8 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         train.apply_manifests(aws, started)
         print(f"applied training run {started.job} on EKS")
         sys.stdout.write(_rows(started.summary))
+        namespace = aws.settings.compute.training_namespace
         print(
-            f"follow it: kubectl logs -f -n {aws.settings.compute.training_namespace} "
+            f"follow it: kubectl logs -f -n {namespace} -l {training_job.JOB_LABEL}={started.job}"
+        )
+        kinds = "trainjob,trainingruntime" if args.operator == "trainer" else "job,service"
+        print(
+            f"remove it: kubectl delete {kinds} -n {namespace} "
             f"-l {training_job.JOB_LABEL}={started.job}"
         )
         return 0
@@ -347,6 +353,7 @@ def _add_train(commands: Any) -> None:
         help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
         "local Hugging Face directory); a preset or s3:// directory also goes to the trainer",
     )
+    training_job.add_operator_argument(run, prefix="EKS: ")
     run.add_argument(
         "--apply",
         action="store_true",

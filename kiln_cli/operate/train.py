@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 from kiln import naming
 from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
@@ -24,7 +24,7 @@ from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.memory_plan import PlanError
 from kiln.settings import Settings
 from kiln_cli import training_job
-from kiln_cli.operate.aws import Aws, AwsError, OperateError
+from kiln_cli.operate.aws import Aws, AwsError, OperateError, parse_s3_uri
 from kiln_cli.operate.progress import Progress, elapsed, wait_for
 
 Platform = Literal["sagemaker", "eks"]
@@ -65,6 +65,8 @@ class TrainOptions:
     capacity: Capacity | None = None
     trainer_args: tuple[str, ...] = ()
     model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
+    # EKS: what runs the pods (`kiln_cli.training_job.Operator`, or a retired one, refused).
+    operator: str | None = None
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -159,6 +161,14 @@ def _capacity(settings: Settings, asked: Capacity | None) -> Capacity:
             exit_code=2,
         )
     return asked or allowed
+
+
+def _eks_only(options: TrainOptions) -> None:
+    """Refuses options that only EKS runs use."""
+    if options.operator is not None:
+        raise OperateError(
+            "--operator applies to --on eks; SageMaker runs the containers itself", exit_code=2
+        )
 
 
 def _instance_type(settings: Settings, asked: str | None, on: Platform) -> str:
@@ -288,6 +298,7 @@ def start_sagemaker(
 ) -> Started:
     """Creates the SageMaker training job (or only builds its request with `dry_run`)."""
     settings = aws.settings
+    _eks_only(options)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # bad arguments fail before any AWS call
     _capacity(settings, options.capacity)
@@ -388,6 +399,15 @@ def eks_manifests(
             "(compute.gpu_nodes.capacity) decides",
             exit_code=2,
         )
+    operator = options.operator or "none"
+    if operator in training_job.RETIRED_OPERATORS:
+        message = training_job.RETIRED_OPERATORS[operator]
+        raise OperateError(
+            f"--operator {operator}: {message.format(release=training_job.TRAINER_RELEASE)}",
+            exit_code=2,
+        )
+    if operator not in get_args(training_job.Operator):
+        raise OperateError(f"--operator {operator!r}: use none or trainer", exit_code=2)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # the same checks as on SageMaker
     runtime, _ = _limits(options)
@@ -403,13 +423,26 @@ def eks_manifests(
     trainer_args = training_job.model_trainer_args(
         options.model, [*data_args, *options.trainer_args]
     )
+
+    def read_s3(uri: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            body: bytes = aws.call("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+        except AwsError as err:
+            raise PlanError(training_job.s3_problem(uri, err.code, str(err))) from None
+        return body
+
     try:
         plan = training_job.memory_plan(
-            options.model, instance_type, options.instance_count * gpus, trainer_args
+            options.model,
+            instance_type,
+            options.instance_count * gpus,
+            trainer_args,
+            read_s3=read_s3,
         )
     except (PlanError, UnknownInstanceTypeError, ValueError) as err:
         raise OperateError(f"--model: {err}", exit_code=2) from err
-    warn("\n" + plan.render().rstrip())
+    warn(plan.render().rstrip())
     if (problem := training_job.plan_problem(plan, gpus)) is not None:
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
@@ -424,16 +457,19 @@ def eks_manifests(
             output_path=output,
             namespace=settings.compute.training_namespace,
             service_account=settings.compute.trainer_service_account,
-            trainer_args=trainer_args,
+            trainer_args=training_job.planned_trainer_args(plan, trainer_args),
             active_deadline_seconds=runtime,
+            operator=cast(training_job.Operator, operator),
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
         raise OperateError(f"cannot render the run: {problems}", exit_code=2) from err
+    manifests = training_job.render(spec)
     summary = [
         ("job", job),
         ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPU{'s' if gpus > 1 else ''} each)"),
         ("namespace", f"{spec.namespace} (service account {spec.service_account})"),
+        ("objects", ", ".join(m["kind"] for m in manifests)),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
@@ -443,7 +479,7 @@ def eks_manifests(
             f" ({plan.strategy})",
         ),
     ]
-    yaml_text = training_job.to_yaml(training_job.render(spec))
+    yaml_text = training_job.to_yaml(manifests)
     return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
 
 
