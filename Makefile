@@ -49,7 +49,7 @@ $(VENV)/.infra-installed: pyproject.toml | $(BIN)/python
 # Tests exercise every role: the infrastructure, the workloads (torch, Kafka client) and tools.
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.infra-installed
 	@echo "== installing torch, the workloads' and the tests' packages into $(VENV)/"
-	$(PIP_INSTALL) -e '.[infra,ml,dev]'
+	$(PIP_INSTALL) -e '.[infra,ml,dev,tracking]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json $(VENV)/.infra-installed

@@ -25,6 +25,7 @@ from kiln.config import (
     load_settings,
     resolve_environments,
     with_model_artifact,
+    with_serving_engine,
 )
 from kiln.settings import Settings
 from stacks.delivery import DeliveryStack
@@ -52,8 +53,11 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
     if selector == PIPELINE_SELECTOR:
         add_pipeline(app, config_dir)
     else:
-        # `-c modelArtifact=s3://.../model.tar.gz` rolls that model out (one environment).
+        # `-c modelArtifact=s3://.../model.tar.gz` (or an uncompressed model's prefix,
+        # `s3://.../model/`) rolls that model out (one environment); `-c servingEngine=lmi`
+        # serves it with the LMI container instead of kiln's.
         artifact = app.node.try_get_context("modelArtifact")
+        engine = app.node.try_get_context("servingEngine")
         names = resolve_environments(selector, config_dir)
         if artifact and len(names) != 1:
             raise ConfigError(
@@ -63,6 +67,8 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
             settings = load_settings(name, config_dir)
             if artifact:
                 settings = with_model_artifact(settings, str(artifact))
+            if engine:
+                settings = with_serving_engine(settings, str(engine))
             add_stage(app, settings)
     # Any unacknowledged finding fails synth; acknowledgements sit on their resources.
     Validations.of(app).add_plugins(AwsSolutionsChecks(app), NIST80053R5Checks(app))

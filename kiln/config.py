@@ -254,9 +254,21 @@ def _one_line(text: str) -> str:
 def with_model_artifact(
     settings: Settings, artifact: str, source: str = "-c modelArtifact"
 ) -> Settings:
-    """`settings` serving `artifact` instead of the configured model (validated the same way)."""
+    """`settings` serving `artifact` instead of the configured model (validated the same way):
+    a model.tar.gz, or an uncompressed model directory's S3 prefix (ending in /)."""
+    return _with_serving(settings, source, model_artifact=artifact)
+
+
+def with_serving_engine(
+    settings: Settings, engine: str, source: str = "-c servingEngine"
+) -> Settings:
+    """`settings` with `serving.engine` set to `engine` (`kiln` or `lmi`), validated alike."""
+    return _with_serving(settings, source, engine=engine)
+
+
+def _with_serving(settings: Settings, source: str, **changes: Any) -> Settings:
     data = settings.model_dump()
-    data["serving"]["model_artifact"] = artifact
+    data["serving"].update(changes)
     try:
         return Settings.model_validate(data)
     except ValidationError as err:

@@ -76,6 +76,8 @@ class Outputs:
     SAGEMAKER_TRAINING_ROLE_ARN = StackOutput(Component.COMPUTE, "SageMakerTrainingRoleArn")
     TRAINING_SECURITY_GROUP_ID = StackOutput(Component.COMPUTE, "TrainingSecurityGroupId")
     TRAINING_SUBNET_IDS = StackOutput(Component.COMPUTE, "TrainingSubnetIds")
+    # Only with experiment_tracking.enabled: the MLflow tracking URI of training runs.
+    TRACKING_SERVER_ARN = StackOutput(Component.COMPUTE, "TrackingServerArn")
 
     ON_CALL_TOPIC_ARN = StackOutput(Component.OBSERVABILITY, "OnCallTopicArn")
     DASHBOARD_NAME = StackOutput(Component.OBSERVABILITY, "DashboardName")
@@ -101,6 +103,8 @@ def lake_bucket_output(zone: str) -> StackOutput:
 # serving reads: `checkpoints/<job>/`, and `models/<job>/.../model.tar.gz`.
 CHECKPOINTS_PREFIX = "checkpoints/"
 MODELS_PREFIX = "models/"
+# The MLflow tracking server's artifact store (experiment_tracking), in the artifacts bucket.
+MLFLOW_PREFIX = "mlflow/"
 
 
 def events_prefix(topic: str) -> str:

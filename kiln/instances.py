@@ -132,3 +132,12 @@ def region_problem(instance_type: str, region: str) -> str | None:
             f"{', '.join(sorted(offered))}"
         )
     return None
+
+
+def gpu_count(instance_type: str) -> int | None:
+    """GPUs on a SageMaker hosting type, from the EC2 GPU catalog (`ml.g5.12xlarge` is
+    `g5.12xlarge`: 4); None for a type the catalog does not hold (CPU types, `ml.g4dn`)."""
+    from kiln.gpu_instances import GPU_INSTANCES
+
+    entry = GPU_INSTANCES.get(instance_type.removeprefix("ml."))
+    return None if entry is None else entry.gpus

@@ -47,6 +47,11 @@ def delivery_stream_name(settings: Settings) -> str:
     return f"{prefix(settings)}-raw-delivery"
 
 
+def tracking_server_name(settings: Settings) -> str:
+    """The MLflow tracking server's name (part of its ARN, the runs' tracking URI)."""
+    return f"{prefix(settings)}-mlflow"
+
+
 def nodegroup_name(settings: Settings, pool: str) -> str:
     """A managed node group's name; its Auto Scaling group is `eks-<this>-<uuid>`."""
     return f"{prefix(settings)}-{pool}"

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from kiln import instances as serving_instances
+from kiln import lmi
 from kiln.gpu_instances import GPU_INSTANCES
 
 Tier = Literal["dev", "staging", "prod"]
@@ -337,31 +338,56 @@ class ComputeSettings(StrictModel):
         return value
 
 
-MODEL_ARTIFACT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
+# A model.tar.gz (SageMaker unpacks it), or the S3 prefix of an uncompressed model directory
+# (ending in "/": S3ModelDataSource "A valid key name prefix identified by S3Uri always ends with
+# a forward slash"), under a key of its own (never a whole bucket: the role reads only the model).
+MODEL_ARCHIVE_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(.+/)?[^/]+\.tar\.gz$"
+MODEL_PREFIX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/]+/)+$"
+MODEL_ARTIFACT_PATTERN = f"{MODEL_ARCHIVE_PATTERN}|{MODEL_PREFIX_PATTERN}"
+# S3ModelDataSource.S3Uri and ContainerDefinition.ModelDataUrl: at most 1024 characters.
+MAX_MODEL_URI_CHARS = 1024
+MODEL_ARTIFACT_FORMS = (
+    "s3://<bucket>/<key>.tar.gz (a model archive, what training writes) or "
+    "s3://<bucket>/<prefix>/ (an uncompressed model directory; the trailing / marks a prefix)"
+)
 
 
-def artifact_problem(uri: str) -> str | None:
-    """What is wrong with a model artifact's S3 URI, in words (None: nothing)."""
-    if re.fullmatch(MODEL_ARTIFACT_PATTERN, uri):
+def is_model_prefix(artifact: str) -> bool:
+    """Whether the artifact is an uncompressed model directory's S3 prefix (not an archive)."""
+    return artifact.endswith("/")
+
+
+def model_artifact_problem(artifact: str) -> str | None:
+    """Why `artifact` cannot be served, in words, or None: its form, its bucket name and
+    SageMaker's length limit."""
+    if len(artifact) > MAX_MODEL_URI_CHARS:
+        return (
+            f"{artifact[:60]}... has {len(artifact)} characters; SageMaker takes an S3 URI of "
+            f"at most {MAX_MODEL_URI_CHARS} (S3ModelDataSource.S3Uri, ModelDataUrl)"
+        )
+    if re.fullmatch(MODEL_ARCHIVE_PATTERN, artifact) or re.fullmatch(
+        MODEL_PREFIX_PATTERN, artifact
+    ):
         return None
-    shape = "a model artifact is s3://<bucket>/<key>.tar.gz (what training writes)"
-    if not uri.startswith("s3://"):
-        return f"{uri!r} is not an S3 URI: {shape}"
-    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not artifact.startswith("s3://"):
+        return f"{artifact!r} is not an S3 URI; allowed: {MODEL_ARTIFACT_FORMS}"
+    bucket, _, key = artifact[len("s3://") :].partition("/")
     if not 3 <= len(bucket) <= 63:
         return (
-            f"{uri!r}: the bucket name {bucket!r} has {len(bucket)} "
+            f"{artifact!r}: the bucket name {bucket!r} has {len(bucket)} "
             f"character{'' if len(bucket) == 1 else 's'}; S3 bucket names have 3 to 63 (the "
             "artifacts bucket's name is the data-lake stack's ArtifactsBucketName output)"
         )
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", bucket):
         return (
-            f"{uri!r}: the bucket name {bucket!r} is not valid: S3 bucket names use lower-case "
-            "letters, digits, '.' and '-', and start and end with a letter or digit"
+            f"{artifact!r}: the bucket name {bucket!r} is not valid: S3 bucket names use "
+            "lower-case letters, digits, '.' and '-', and start and end with a letter or digit"
         )
-    if not key or key.endswith("/"):
-        return f"{uri!r} names no object: {shape}"
-    return f"{uri!r} is not a .tar.gz archive: {shape}"
+    if not key:
+        return f"{artifact!r} is a whole bucket; give the model's own: {MODEL_ARTIFACT_FORMS}"
+    return (
+        f"{artifact!r} is neither a .tar.gz archive nor a prefix; allowed: {MODEL_ARTIFACT_FORMS}"
+    )
 
 
 class DeploymentSettings(StrictModel):
@@ -433,8 +459,15 @@ class ServingSettings(StrictModel):
     deployment: DeploymentSettings = DeploymentSettings()
     alarms: RollbackAlarmSettings = RollbackAlarmSettings()
     autoscaling: AutoscalingSettings
-    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack).
+    # The server's cap on a request's max_new_tokens ($KILN_MAX_NEW_TOKENS, set by the stack;
+    # kiln's engine only: LMI bounds a request by max_model_len alone).
     max_new_tokens: int = Field(512, ge=1, le=32768)
+    # What serves the model: kiln's own inference container, or SageMaker's LMI container
+    # (vLLM) for what kiln's engine does not serve (tensor parallel over the instance's GPUs).
+    engine: Literal["kiln", "lmi"] = "kiln"
+    # Tokens of context per sequence (prompt + answer) the server is sized for; null: the
+    # model's own. kiln: $KILN_MAX_SEQ_LEN; lmi: OPTION_MAX_MODEL_LEN.
+    max_model_len: int | None = Field(None, ge=16, le=1_048_576)
 
     @field_validator("instance_type")
     @classmethod
@@ -450,7 +483,7 @@ class ServingSettings(StrictModel):
     @field_validator("model_artifact")
     @classmethod
     def _artifact(cls, value: str | None) -> str | None:
-        problem = None if value is None else artifact_problem(value)
+        problem = None if value is None else model_artifact_problem(value)
         if problem is not None:
             raise PydanticCustomError("artifact", "{problem}", {"problem": problem})
         return value
@@ -477,6 +510,32 @@ class ServingSettings(StrictModel):
                 },
             )
         return self
+
+
+def engine_problems(serving: ServingSettings, region: str) -> list[str]:
+    """What keeps `serving.engine` from running here: LMI's vLLM container needs GPUs (its
+    tensor parallel degree is the instance's GPU count, from kiln's GPU catalog) and a
+    registry of the pinned image in the region (kiln/lmi.py)."""
+    if serving.engine != "lmi":
+        return []
+    problems = []
+    family = serving_instances.lookup(serving.instance_type)
+    if not family.gpu:
+        problems.append(
+            f"serving.engine: lmi runs vLLM on GPUs and {serving.instance_type} has none; "
+            "choose a GPU type (ml.g5, ml.g6, ml.g6e, ml.p4d, ml.p5) or engine: kiln"
+        )
+    elif serving_instances.gpu_count(serving.instance_type) is None:
+        problems.append(
+            f"serving.engine: lmi sets its tensor parallel degree from the GPU count, and "
+            f"kiln's GPU catalog (kiln/gpu_instances.py) has no entry for "
+            f"{serving.instance_type}; add it there, or choose ml.g5, ml.g6, ml.g6e, ml.p4d "
+            "or ml.p5"
+        )
+    unavailable = lmi.region_problem(region)
+    if unavailable:
+        problems.append(f"serving.engine: lmi: {unavailable}")
+    return problems
 
 
 def fleet_sizes(serving: ServingSettings) -> list[int]:
@@ -576,6 +635,21 @@ def rollout_problems(serving: ServingSettings) -> list[str]:
     return problems
 
 
+class ExperimentTrackingSettings(StrictModel):
+    """An optional SageMaker managed MLflow tracking server (CreateMlflowTrackingServer's
+    fields), its artifact store under the artifacts bucket's `mlflow/` prefix."""
+
+    enabled: bool = False
+    # "Small" for teams of up to 25 users, "Medium" up to 50, "Large" up to 100.
+    size: Literal["Small", "Medium", "Large"] = "Small"
+    # The server's MLflow version (SageMaker offers 2.13.x, 2.16.x, 3.0.x); clients should
+    # match it (the `tracking` extra pins mlflow-skinny).
+    mlflow_version: str = Field("3.0", pattern=r"^\d+\.\d+(\.\d+)?$")
+    weekly_maintenance_window_start: str = Field(
+        "Sun:03:00", pattern=r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun):([01]\d|2[0-3]):[0-5]\d$"
+    )
+
+
 class ObservabilitySettings(StrictModel):
     """Who hears the alarms."""
 
@@ -611,6 +685,7 @@ class Settings(StrictModel):
     serving: ServingSettings
     observability: ObservabilitySettings = ObservabilitySettings()
     events: EventSettings = EventSettings()
+    experiment_tracking: ExperimentTrackingSettings = ExperimentTrackingSettings()
 
     @field_validator("log_retention_days")
     @classmethod
@@ -812,6 +887,7 @@ class Settings(StrictModel):
                 "-eksbuild.N version (aws eks describe-addon-versions --addon-name kube-proxy "
                 f"--kubernetes-version {self.compute.kubernetes_version})"
             )
+        problems += engine_problems(serving, self.region)
         # Privacy, not AWS: data capture stores request and response bodies (prompts and
         # completions), which only an environment that allows raw text may keep.
         if serving.data_capture_percent > 0 and not self.events.allow_raw_text:

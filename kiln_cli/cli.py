@@ -248,7 +248,9 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     else:
         parameters = {
             "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
+            # Greedy unless asked: kiln's default, said out loud so that LMI (which samples
+            # with the model's generation_config by default) answers the same way.
+            "temperature": 0.0 if args.temperature is None else args.temperature,
             "top_k": args.top_k,
             "top_p": args.top_p,
             "seed": args.seed,
@@ -491,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument(
         "--artifact",
         required=True,
-        help="the model to serve: s3://<bucket>/<key>.tar.gz, as training writes it",
+        help="the model to serve: s3://<bucket>/<key>.tar.gz as training writes it, or an "
+        "uncompressed model directory s3://<bucket>/<prefix>/",
     )
     roll.set_defaults(handler=cmd_deploy_model)
     resize_cmd = commands.add_parser(

@@ -661,10 +661,10 @@ def run_command(args: Any) -> int:
     import sys
     import tempfile
 
-    from kiln.settings import artifact_problem
+    from kiln.settings import model_artifact_problem
     from kiln_policy.assembly import read_assembly
 
-    if args.model_artifact and (problem := artifact_problem(args.model_artifact)):
+    if args.model_artifact and (problem := model_artifact_problem(args.model_artifact)):
         print(f"kiln diagram: --model-artifact {problem}", file=sys.stderr)
         return 2
     interactive = sys.stderr.isatty()

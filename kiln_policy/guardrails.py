@@ -473,3 +473,79 @@ def capture_only_what_events_allow(config: Resource, settings: Settings) -> Iter
         f"data capture of {', '.join(modes) or 'payloads'} is on although "
         "events.allow_raw_text is false"
     )
+
+
+# --- model data and containers (issue 19) ----------------------------------------------------
+
+# ContainerDefinition.Environment (SageMaker API Reference, CreateModel): "The maximum length
+# of each key and value in the Environment map is 1024 bytes. The maximum length of all keys
+# and values in the map, combined, is 32 KB"; at most 100 entries; keys `[a-zA-Z_][a-zA-Z0-9_]*`.
+_ENV_MAX_ENTRIES = 100
+_ENV_MAX_BYTES = 1024
+_ENV_MAX_TOTAL_BYTES = 32 * 1024
+_ENV_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _containers(model: Resource) -> list[dict[str, Any]]:
+    props = _props(model)
+    return (
+        [props["PrimaryContainer"]] if "PrimaryContainer" in props else props.get("Containers", [])
+    )
+
+
+@resource_rule("model-data-documented", "AWS::SageMaker::Model")
+def model_data_documented(model: Resource, settings: Settings) -> Iterator[str]:
+    """A model's data and variables are ones CreateModel accepts (SageMaker API Reference,
+    ContainerDefinition and S3ModelDataSource): `ModelDataUrl` "must point to a single gzip
+    compressed tar archive (.tar.gz suffix)"; an `S3Prefix` data source's S3Uri "always ends
+    with a forward slash (/)"; `Gzip` is described only for an `S3Object` (a tar.gz); no
+    `ModelDataSource` on a multi-model container ("you cannot use ModelDataSource in conjunction
+    with ... SageMaker multi-model endpoints"); at most 100 variables, keys and values of at
+    most 1024 bytes, 32 KB together."""
+    for container in _containers(model):
+        url = container.get("ModelDataUrl")
+        if isinstance(url, str) and not url.endswith(".tar.gz"):
+            yield f"ModelDataUrl {url} is not a .tar.gz archive (use ModelDataSource for others)"
+        source = container.get("ModelDataSource", {}).get("S3DataSource")
+        if source:
+            uri, kind = source.get("S3Uri"), source.get("S3DataType")
+            compression = source.get("CompressionType")
+            if kind == "S3Prefix" and isinstance(uri, str) and not uri.endswith("/"):
+                yield f"S3Prefix data source {uri} does not end with /"
+            if compression == "Gzip" and kind != "S3Object":
+                yield f"Gzip compression with S3DataType {kind}: only an S3Object can be a tar.gz"
+            if container.get("Mode") == "MultiModel":
+                yield "ModelDataSource on a multi-model container"
+        environment = container.get("Environment", {})
+        if len(environment) > _ENV_MAX_ENTRIES:
+            yield f"{len(environment)} environment variables, over {_ENV_MAX_ENTRIES}"
+        total = 0
+        for key, value in environment.items():
+            if not _ENV_KEY.fullmatch(key):
+                yield f"environment variable name {key!r} is not [a-zA-Z_][a-zA-Z0-9_]*"
+            size = len(key.encode()) + (len(value.encode()) if isinstance(value, str) else 0)
+            total += size
+            if isinstance(value, str) and len(value.encode()) > _ENV_MAX_BYTES:
+                yield f"environment variable {key} holds over {_ENV_MAX_BYTES} bytes"
+        if total > _ENV_MAX_TOTAL_BYTES:
+            yield f"environment variables hold {total} bytes, over {_ENV_MAX_TOTAL_BYTES}"
+
+
+# A tag that names one build: not `latest`, and a tag or digest at all.
+_FLOATING_TAGS = frozenset({"latest"})
+
+
+@resource_rule("model-image-pinned", "AWS::SageMaker::Model")
+def model_image_pinned(model: Resource, settings: Settings) -> Iterator[str]:
+    """A model's image is pinned: by digest, by a content-hash tag (kiln's own image asset),
+    or by a release tag (the LMI image, `kiln/lmi.py`); never untagged or `latest`, which
+    would let a new model version start on a different server than the one it was tested on."""
+    for container in _containers(model):
+        image = container.get("Image")
+        if not isinstance(image, str):
+            continue  # a token (the CDK asset's URI) is pinned by its content hash
+        tag = image.rpartition("/")[2].partition(":")[2]
+        if "@sha256:" in image:
+            continue
+        if not tag or tag in _FLOATING_TAGS:
+            yield f"image {image} is not pinned to a release tag or digest"

@@ -71,6 +71,48 @@ def s3_object_arn(uri: str) -> str:
     return f"arn:{Aws.PARTITION}:s3:::{uri[5:]}"
 
 
+def model_read_statements(model_artifact: str) -> list[iam.PolicyStatement]:
+    """What SageMaker needs to fetch the model data: the archive object; or, for an
+    uncompressed model (an S3 prefix ending in `/`), the objects under that prefix and a
+    listing of the bucket limited to it (SageMaker enumerates the prefix's objects)."""
+    if not model_artifact.endswith("/"):
+        return [
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)])
+        ]
+    bucket, _, prefix = model_artifact.removeprefix("s3://").partition("/")
+    return [
+        iam.PolicyStatement(
+            actions=["s3:GetObject"], resources=[s3_object_arn(f"{model_artifact}*")]
+        ),
+        iam.PolicyStatement(
+            actions=["s3:ListBucket"],
+            resources=[f"arn:{Aws.PARTITION}:s3:::{bucket}"],
+            conditions={"StringLike": {"s3:prefix": [f"{prefix}*"]}},
+        ),
+    ]
+
+
+def model_container(
+    image_uri: str, model_artifact: str, environment: Mapping[str, str]
+) -> sagemaker.CfnModel.ContainerDefinitionProperty:
+    """The model's container: a model.tar.gz as `ModelDataUrl` (SageMaker unpacks it into
+    /opt/ml/model), or an S3 prefix as uncompressed `ModelDataSource` (S3Prefix, compression
+    None: SageMaker copies each object under the prefix to /opt/ml/model/<rest of its key>)."""
+    if not model_artifact.endswith("/"):
+        return sagemaker.CfnModel.ContainerDefinitionProperty(
+            image=image_uri, model_data_url=model_artifact, environment=dict(environment)
+        )
+    return sagemaker.CfnModel.ContainerDefinitionProperty(
+        image=image_uri,
+        model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
+            s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
+                s3_uri=model_artifact, s3_data_type="S3Prefix", compression_type="None"
+            )
+        ),
+        environment=dict(environment),
+    )
+
+
 def rollback_alarm_name(endpoint_name: str, kind: str) -> str:
     """`<endpoint>-rollback-<kind>`, e.g. `kiln-prod-llm-rollback-5xx-rate`."""
     return f"{endpoint_name}-rollback-{kind}"
@@ -157,8 +199,9 @@ class GuardedEndpoint(Construct):
 
     The model runs the `image_uri` container in the private subnets behind a security group
     that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
-    prefix list, `s3_prefix_list_id`) and Kafka-over-IAM inside the VPC,
-    with an execution role that may read the artifact and the image, decrypt with
+    prefix list, `s3_prefix_list_id`) and, with `kafka_egress`, Kafka-over-IAM inside the VPC,
+    with an execution role that may read the artifact (a model.tar.gz, or the objects under an
+    uncompressed model's S3 prefix) and the image, decrypt with
     `artifact_key`, write its logs, metrics and data capture, plus `extra_statements`. The
     endpoint config names `volume_key` for the ML storage volume only where the instance type
     has no local instance storage (CreateEndpointConfig rejects a key otherwise; the instance
@@ -196,6 +239,7 @@ class GuardedEndpoint(Construct):
         environment: Mapping[str, str],
         extra_statements: Sequence[iam.PolicyStatement] = (),
         s3_prefix_list_id: str | None = None,
+        kafka_egress: bool = True,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -211,9 +255,10 @@ class GuardedEndpoint(Construct):
             s3_prefix_list_id=s3_prefix_list_id,
             what="Model container",
         )
-        self.security_group.add_egress_rule(
-            ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(KAFKA_IAM_PORT), "MSK (IAM over TLS)"
-        )
+        if kafka_egress:
+            self.security_group.add_egress_rule(
+                ec2.Peer.ipv4(vpc_cidr), ec2.Port.tcp(KAFKA_IAM_PORT), "MSK (IAM over TLS)"
+            )
         stack = Stack.of(self)
         self.role = iam.Role(
             self,
@@ -236,9 +281,7 @@ class GuardedEndpoint(Construct):
             "ExecutionPolicy",
             roles=[self.role],
             statements=[
-                iam.PolicyStatement(
-                    actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)]
-                ),
+                *model_read_statements(model_artifact),
                 *(
                     [iam.PolicyStatement(actions=["s3:PutObject"], resources=[capture_objects])]
                     if capture
@@ -275,17 +318,26 @@ class GuardedEndpoint(Construct):
                 "The log streams of this endpoint's own log "
                 "group, which SageMaker names per instance.",
             ),
+            *(
+                [
+                    wildcard_resource(
+                        self,
+                        s3_object_arn(f"{model_artifact}*"),
+                        "An uncompressed model is every object under its own S3 prefix "
+                        "(config, weight shards, tokenizer), which SageMaker copies to "
+                        "/opt/ml/model; nothing outside the prefix is readable.",
+                    )
+                ]
+                if model_artifact.endswith("/")
+                else []
+            ),
         )
         subnets = vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
         self.model = sagemaker.CfnModel(
             self,
             "Model",
             execution_role_arn=self.role.role_arn,
-            primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
-                image=image_uri,
-                model_data_url=model_artifact,
-                environment=dict(environment),
-            ),
+            primary_container=model_container(image_uri, model_artifact, environment),
             vpc_config=sagemaker.CfnModel.VpcConfigProperty(
                 subnets=subnets,
                 security_group_ids=[self.security_group.security_group_id],

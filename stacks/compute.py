@@ -16,6 +16,7 @@ from constructs import Construct
 from kiln import naming
 from kiln.contract import (
     CHECKPOINTS_PREFIX,
+    MLFLOW_PREFIX,
     MODELS_PREFIX,
     SAGEMAKER_TRAINING_JOBS,
     Component,
@@ -28,6 +29,7 @@ from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.eks import GpuCluster, NodePool, pod_identity_principal
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
+from platform_constructs.mlflow import MlflowTrackingServer
 from platform_constructs.nag import unscoped_policies, wildcard_resource
 from platform_constructs.network import https_egress
 from platform_constructs.sagemaker_execution import execution_statements, sagemaker_principal
@@ -122,6 +124,25 @@ class ComputeStack(KilnStack):
         self.sagemaker_training_role, self.training_security_group = self._sagemaker_training(
             settings, vpc, s3_prefix_list_id
         )
+        # Experiment tracking, when asked for: a managed MLflow server both training
+        # identities may log to.
+        self.tracking: MlflowTrackingServer | None = None
+        tracking = settings.experiment_tracking
+        if tracking.enabled:
+            self.tracking = MlflowTrackingServer(
+                self,
+                "Tracking",
+                name=naming.tracking_server_name(settings),
+                # Its own reference: the trainer's identity already holds one by this id.
+                bucket=lake_bucket(Construct(self, "TrackingStore"), settings, "artifacts"),
+                bucket_key=lake_key,
+                prefix=MLFLOW_PREFIX,
+                size=tracking.size,
+                mlflow_version=tracking.mlflow_version,
+                maintenance_window_start=tracking.weekly_maintenance_window_start,
+            )
+            self.tracking.grant_logging(self, [self.trainer_role, self.sagemaker_training_role])
+            CfnOutput(self, Outputs.TRACKING_SERVER_ARN.key, value=self.tracking.arn)
         applier_role = iam.Role(
             self,
             "ClusterObjectsRole",

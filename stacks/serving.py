@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from aws_cdk import CfnOutput, Stack, Validations
+from aws_cdk import Aws, CfnOutput, Stack, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from kiln import naming
+from kiln import instances as serving_instances
+from kiln import lmi, naming
 from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
@@ -24,15 +27,18 @@ from stacks.data_lake import lake_bucket
 
 
 def model_version(artifact: str) -> str:
-    """A readable version for events and logs: the artifact's parent folder, e.g. `v7`."""
-    parts = artifact.removeprefix("s3://").split("/")
+    """A readable version for events and logs: the folder holding the model archive or the
+    uncompressed model directory, e.g. `v7` for `.../v7/model.tar.gz` and `.../v7/model/`."""
+    parts = artifact.removeprefix("s3://").rstrip("/").split("/")
     return parts[-2] if len(parts) > 2 else parts[-1].removesuffix(".tar.gz")
 
 
 class ServingStack(KilnStack):
     """Composes the serving key, the inference image (built on deploy) and, when a model
-    artifact is configured, the guarded endpoint that serves it and publishes prediction
-    events to MSK.
+    artifact is configured (a model.tar.gz, or an uncompressed model directory's S3 prefix),
+    the guarded endpoint that serves it: with kiln's engine, which publishes prediction events
+    to MSK, or with `serving.engine: lmi`, SageMaker's LMI container (vLLM, tensor parallel
+    over the instance's GPUs) behind the same rollout, alarms, autoscaling and KMS rules.
 
     Attributes: `key`, `image`, `endpoint` (GuardedEndpoint, or None before a model exists).
     """
@@ -79,12 +85,17 @@ class ServingStack(KilnStack):
             topic = settings.streaming.firehose.topic
             scaling = serving.autoscaling
             schedule = scaling.scheduled_scale_down
+            container = (
+                self._lmi_container(settings)
+                if serving.engine == "lmi"
+                else self._kiln_container(settings, msk, name, topic)
+            )
             self.endpoint = GuardedEndpoint(
                 self,
                 "Endpoint",
                 endpoint_name=name,
-                image_uri=self.image.image_uri,
-                image_repository=self.image.repository,
+                image_uri=container.image_uri,
+                image_repository=container.repository,
                 model_artifact=serving.model_artifact,
                 artifact_key=lake_key,
                 volume_key=self.key,
@@ -120,31 +131,87 @@ class ServingStack(KilnStack):
                     if schedule
                     else None,
                 ),
-                environment={
-                    ServerEnv.MODEL_VERSION: model_version(serving.model_artifact),
-                    ServerEnv.ENDPOINT_NAME: name,
-                    ServerEnv.EVENTS_CLUSTER_ARN: msk.arn,
-                    ServerEnv.EVENTS_TOPIC: topic,
-                    ServerEnv.EVENTS_REGION: Stack.of(self).region,
-                    ServerEnv.ALLOW_RAW_TEXT: str(settings.events.allow_raw_text).lower(),
-                    ServerEnv.MAX_NEW_TOKENS: str(serving.max_new_tokens),
-                    # Drain, then flush events, inside SageMaker's SIGTERM-to-SIGKILL window.
-                    ServerEnv.GRACEFUL_TIMEOUT_S: str(SERVER_DRAIN_SECONDS),
-                },
+                environment=container.environment,
                 s3_prefix_list_id=s3_prefix_list_id,
-                extra_statements=[
-                    *msk.write_statements([topic]),
-                    iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),
-                ],
+                extra_statements=container.statements,
+                kafka_egress=container.publishes_events,
             )
-            Validations.of(self.endpoint.policy).acknowledge(
-                wildcard_resource(
-                    self,
-                    msk.topic_arn(topic),
-                    f"The endpoint publishes prediction events to "
-                    f"topic {topic}; the wildcard stands only for the cluster's generated uuid.",
+            if container.publishes_events:
+                Validations.of(self.endpoint.policy).acknowledge(
+                    wildcard_resource(
+                        self,
+                        msk.topic_arn(topic),
+                        f"The endpoint publishes prediction events to topic {topic}; the "
+                        "wildcard stands only for the cluster's generated uuid.",
+                    )
                 )
-            )
             CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
         CfnOutput(self, Outputs.ENDPOINT_NAME.key, value=name)
         CfnOutput(self, Outputs.IMAGE_URI.key, value=self.image.image_uri)
+
+    def _kiln_container(
+        self, settings: Settings, msk: MskCluster, name: str, topic: str
+    ) -> ServingContainer:
+        """kiln's inference image: it publishes prediction events to the MSK topic itself."""
+        serving = settings.serving
+        assert serving.model_artifact is not None
+        environment = {
+            ServerEnv.MODEL_VERSION: model_version(serving.model_artifact),
+            ServerEnv.ENDPOINT_NAME: name,
+            ServerEnv.EVENTS_CLUSTER_ARN: msk.arn,
+            ServerEnv.EVENTS_TOPIC: topic,
+            ServerEnv.EVENTS_REGION: Stack.of(self).region,
+            ServerEnv.ALLOW_RAW_TEXT: str(settings.events.allow_raw_text).lower(),
+            ServerEnv.MAX_NEW_TOKENS: str(serving.max_new_tokens),
+            # Drain, then flush events, inside SageMaker's SIGTERM-to-SIGKILL window.
+            ServerEnv.GRACEFUL_TIMEOUT_S: str(SERVER_DRAIN_SECONDS),
+        }
+        if serving.max_model_len is not None:
+            environment[ServerEnv.MAX_SEQ_LEN] = str(serving.max_model_len)
+        return ServingContainer(
+            image_uri=self.image.image_uri,
+            repository=self.image.repository,
+            environment=environment,
+            statements=[
+                *msk.write_statements([topic]),
+                iam.PolicyStatement(actions=["kafka:GetBootstrapBrokers"], resources=[msk.arn]),
+            ],
+            publishes_events=True,
+        )
+
+    def _lmi_container(self, settings: Settings) -> ServingContainer:
+        """SageMaker's LMI image (pinned in kiln/lmi.py), vLLM sharded over every GPU of the
+        instance. It publishes no events to MSK: its requests and responses reach S3 through
+        the endpoint's data capture where that is on."""
+        serving = settings.serving
+        gpus = serving_instances.gpu_count(serving.instance_type)
+        assert gpus is not None  # the settings refuse lmi on a type without a GPU count
+        repository = ecr.Repository.from_repository_attributes(
+            self,
+            "LmiRepository",
+            repository_arn=lmi.repository_arn(settings.region, Aws.PARTITION),
+            repository_name=lmi.LMI_REPOSITORY,
+        )
+        return ServingContainer(
+            image_uri=lmi.image_uri(settings.region),
+            repository=repository,
+            environment=lmi.environment(
+                tensor_parallel_degree=gpus,
+                max_model_len=serving.max_model_len,
+                model_loading_timeout_seconds=serving.container_startup_timeout_seconds,
+            ),
+            statements=[],
+            publishes_events=False,
+        )
+
+
+@dataclass(frozen=True)
+class ServingContainer:
+    """What an engine puts in the model: its image, the repository the role pulls it from,
+    its variables and its extra permissions, and whether it publishes prediction events."""
+
+    image_uri: str
+    repository: ecr.IRepository
+    environment: dict[str, str]
+    statements: list[iam.PolicyStatement]
+    publishes_events: bool

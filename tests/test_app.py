@@ -144,8 +144,8 @@ def test_model_artifact_from_context_is_validated() -> None:
     assert_clean_failure(
         run_app({"env": "dev", "modelArtifact": "s3://bucket/model.zip"}),
         "-c modelArtifact: invalid configuration:",
-        "serving.model_artifact: 's3://bucket/model.zip' is not a .tar.gz archive: a model "
-        "artifact is s3://<bucket>/<key>.tar.gz",
+        "serving.model_artifact: 's3://bucket/model.zip' is neither a .tar.gz archive nor a "
+        "prefix; allowed:",
     )
     assert_clean_failure(
         run_app({"env": "all", "modelArtifact": "s3://bucket/models/v1/model.tar.gz"}),

@@ -48,6 +48,7 @@ from training.records import (
 )
 from training.state import TrainError, TrainState
 from training.storage import download_dir, is_s3, open_store
+from training.tracking import Tracker, open_tracker
 
 ADAPTER_DIR = "adapter"
 
@@ -82,6 +83,8 @@ class Trainer:
         self, args: argparse.Namespace, dist: Distributed, sm: sagemaker.SageMakerEnv | None = None
     ) -> None:
         self.args, self.dist, self.sm = args, dist, sm
+        # MLflow, where a tracking URI is given: opened by fit(), once the run is built.
+        self.tracker: Tracker | None = None
         self.metrics = Metrics(dist.is_main, args.job_name, args.progress_every)
         torch.manual_seed(args.seed)  # identical initial weights (and adapters) on every rank
         # `model` holds the weights (what the optimizer, checkpoints and export see); `wrapped`
@@ -246,7 +249,29 @@ class Trainer:
 
     def fit(self) -> str | None:
         """Resumes when a checkpoint exists, trains, validates, checkpoints and exports the model.
-        Returns what stopped training early ("SIGTERM": checkpointed, not exported), or None."""
+        Returns what stopped training early ("SIGTERM": checkpointed, not exported), or None.
+        A tracked run ends FINISHED, KILLED (SIGTERM) or FAILED (an exception)."""
+        args = self.args
+        # Rank 0 only; mlflow is imported only when a tracking URI is given.
+        self.tracker = self.metrics.tracker = open_tracker(
+            getattr(args, "tracking_uri", None),
+            experiment=getattr(args, "experiment", None),
+            run_name=args.job_name,
+            enabled=self.dist.is_main,
+            log_model=getattr(args, "track_model", True),
+        )
+        if self.tracker is None:
+            return self._fit()
+        self.tracker.log_hyperparameters(vars(args))
+        try:
+            stopped_by = self._fit()
+        except BaseException:
+            self.tracker.close("FAILED")
+            raise
+        self.tracker.close("KILLED" if stopped_by == SIGTERM else "FINISHED")
+        return stopped_by
+
+    def _fit(self) -> str | None:
         state = TrainState(data=self.stream)
         if self.args.resume and (where := self.checkpointer.load(state)):
             self.metrics.resume(state, where)
@@ -462,6 +487,8 @@ class Trainer:
             save_model_dir(model, self.tokenizer, directory, dtype=dtype, training=info)
             if self.init_dir and (self.init_dir / CHAT_TEMPLATE_FILE).is_file():
                 shutil.copyfile(self.init_dir / CHAT_TEMPLATE_FILE, directory / CHAT_TEMPLATE_FILE)
+            if self.tracker is not None:
+                self.tracker.log_model(directory)
 
         def write_adapter(directory: Path) -> Path | None:
             if self.lora is None:
@@ -476,16 +503,27 @@ class Trainer:
             return
         if is_s3(args.output_dir):
             with tempfile.TemporaryDirectory() as tmp:
-                write(Path(tmp) / "model")
-                tarball = write_tarball(Path(tmp) / "model", Path(tmp) / TARBALL)
+                local = Path(tmp) / "model"
+                write(local)
                 store = open_store(args.output_dir)
-                store.put_file(tarball, TARBALL)
-                fields = {}
+                fields: dict[str, str] = {}
+                model_format = getattr(args, "model_format", "tarball")
+                if model_format in ("directory", "both"):
+                    # Uncompressed: the prefix `<output>/model/` is served as it is (S3Prefix
+                    # model data): no tar on upload, no untar on each instance start.
+                    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+                        store.put_file(f, f"model/{f.relative_to(local).as_posix()}")
+                    fields["model_dir"] = store.describe("model/")
+                if model_format != "directory":
+                    store.put_file(write_tarball(local, Path(tmp) / TARBALL), TARBALL)
                 if (extra := write_adapter(Path(tmp) / ADAPTER_DIR)) is not None:
                     for f in sorted(extra.iterdir()):
                         store.put_file(f, f"{ADAPTER_DIR}/{f.name}")
-                    fields = {"adapter": store.describe(ADAPTER_DIR)}
-                self.metrics.emit("model", step=step, path=store.describe(TARBALL), **fields)
+                    fields["adapter"] = store.describe(ADAPTER_DIR)
+                path = (
+                    fields["model_dir"] if model_format == "directory" else store.describe(TARBALL)
+                )
+                self.metrics.emit("model", step=step, path=path, **fields)
             return
         out = Path(args.output_dir)
         write(out / "model")

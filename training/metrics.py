@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.state import TrainState
 
@@ -42,11 +42,22 @@ def progress_line(event: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-class Metrics:
-    """Every line the run reports goes through here; ranks other than 0 report nothing."""
+if TYPE_CHECKING:
+    from training.tracking import Tracker
 
-    def __init__(self, enabled: bool, job: str, progress_every: float = 10.0) -> None:
-        self.enabled, self.job = enabled, job
+
+class Metrics:
+    """Every line the run reports goes through here; ranks other than 0 report nothing. With
+    a `tracker` (MLflow, `training.tracking`), each record goes there too."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        job: str,
+        progress_every: float = 10.0,
+        tracker: Tracker | None = None,
+    ) -> None:
+        self.enabled, self.job, self.tracker = enabled, job, tracker
         self.progress_every = progress_every  # seconds between progress lines; 0: none
         self.started = self._last_time = self._last_line = time.monotonic()
         self._last_tokens = 0
@@ -56,6 +67,8 @@ class Metrics:
         if self.enabled:
             record = {"event": event, "job": self.job, **fields}
             print(json.dumps(record), flush=True)
+            if self.tracker is not None:
+                self.tracker.event(record)
 
     def start_clock(self, state: TrainState) -> None:
         """Elapsed time and throughput count from here (the first step of this process)."""

@@ -25,7 +25,7 @@ from kiln.contract import TrainerEnv
 from modeling.artifact import ArtifactError
 from modeling.config import PRESETS, ConfigError, ModelConfig
 from modeling.tokenizer import ByteTokenizer
-from training import sagemaker
+from training import sagemaker, tracking
 from training.data import DEFAULT_SUFFIXES, DataError
 from training.loop import SIGTERM, Trainer
 from training.lora import LoraError, LoraSpec
@@ -289,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         "to /opt/ml/model and SageMaker packs them",
     )
     e.add_argument(
+        "--model-format",
+        choices=("tarball", "directory", "both"),
+        default="tarball",
+        help="what goes to an s3:// --output-dir: model.tar.gz, the model directory "
+        "uncompressed under model/ (deployable as an S3 prefix, for large models), or both",
+    )
+    e.add_argument(
         "--save-dtype",
         choices=("float32", "bfloat16", "float16"),
         help="dtype of the exported weights (default: --init-from's, else float32)",
@@ -296,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--job-name",
         help=f"run name (default: ${JOB_NAME_ENV}, the SageMaker job name, else kiln-local)",
+    )
+    tr = p.add_argument_group("experiment tracking (MLflow, optional)")
+    tr.add_argument(
+        "--tracking-uri",
+        help=f"log parameters, metrics and the model to this MLflow tracking URI (default: "
+        f"${tracking.TRACKING_URI_ENV}; unset: no tracking, and mlflow is never imported): "
+        "a server URL, a SageMaker MLflow tracking server ARN, or file:///path",
+    )
+    tr.add_argument(
+        "--experiment",
+        help=f"MLflow experiment (default: ${tracking.EXPERIMENT_ENV}, else "
+        f"{tracking.DEFAULT_EXPERIMENT})",
+    )
+    tr.add_argument(
+        "--track-model",
+        type=_bool,
+        default=True,
+        help="log the exported model directory as the MLflow run's artifacts",
     )
     return p
 
@@ -349,6 +374,8 @@ def parse_args(
     )
     args.checkpoint_dir = args.checkpoint_dir or environ.get(CHECKPOINT_DIR_ENV) or None
     args.output_dir = args.output_dir or environ.get(OUTPUT_DIR_ENV) or f"runs/{args.job_name}"
+    args.tracking_uri = args.tracking_uri or environ.get(tracking.TRACKING_URI_ENV) or None
+    args.experiment = args.experiment or environ.get(tracking.EXPERIMENT_ENV) or None
     return args
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
 from kiln.contract import MODELS_PREFIX, Component, Outputs
-from kiln.settings import Settings, artifact_problem
+from kiln.settings import Settings, is_model_prefix, model_artifact_problem
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
     ACCESS_DENIED,
@@ -87,10 +87,18 @@ def run_cdk(argv: Sequence[str], cwd: Path) -> int:
 
 
 def check_artifact(aws: Aws, artifact: str) -> None:
-    """HeadObject on the artifact; a clear error when it is missing or unreadable."""
-    bucket, key = parse_s3_uri(artifact)
+    """HeadObject on a model.tar.gz, or a listing of an uncompressed model's prefix (which must
+    hold config.json and only keys SageMaker can copy to /opt/ml/model); a clear error when it
+    is missing or unreadable."""
+    # parse_s3_uri takes objects only: a prefix's bucket and key are split here.
+    bucket, key = (
+        artifact[5:].split("/", 1) if is_model_prefix(artifact) else parse_s3_uri(artifact)
+    )
     try:
-        aws.call("s3", "head_object", Bucket=bucket, Key=key)
+        if is_model_prefix(artifact):
+            _check_model_prefix(aws, artifact, bucket, key)
+        else:
+            aws.call("s3", "head_object", Bucket=bucket, Key=key)
     except AwsError as err:
         hint = _artifact_hint(aws)
         if err.code in ("404", "NoSuchKey", "NotFound"):
@@ -108,6 +116,61 @@ def check_artifact(aws: Aws, artifact: str) -> None:
                 f"object when you may not list the bucket. {hint}"
             ) from err
         raise
+
+
+def _check_model_prefix(aws: Aws, artifact: str, bucket: str, prefix: str) -> None:
+    keys: list[str] = []
+    token: str | None = None
+    while True:
+        page = aws.call(
+            "s3",
+            "list_objects_v2",
+            Bucket=bucket,
+            Prefix=prefix,
+            **({"ContinuationToken": token} if token else {}),
+        )
+        keys += [str(o["Key"]) for o in page.get("Contents", [])]
+        token = page.get("NextContinuationToken")
+        if not token:
+            break
+    names = [k[len(prefix) :] for k in keys]
+    if not names:
+        raise OperateError(f"artifact not found: there are no objects under {artifact}")
+    problems = model_prefix_problems(names)
+    if problems:
+        raise OperateError(
+            f"{artifact} cannot be served uncompressed; SageMaker copies each object under the "
+            "prefix to /opt/ml/model/<rest of its key>, and these names break that "
+            "(S3ModelDataSource):\n  - " + "\n  - ".join(problems),
+            exit_code=2,
+        )
+
+
+def model_prefix_problems(names: Sequence[str]) -> list[str]:
+    """What keeps the objects `names` (keys less the prefix) from forming a model directory:
+    SageMaker's rules for uncompressed model data (S3ModelDataSource.CompressionType: no empty
+    or blank name, no null bytes, none over 255 bytes, no `.` or `..`, no object that is also
+    a directory, no 0-byte "folder" object ending in /), and config.json at the top."""
+    problems = []
+    files = set(names)
+    for name in names:
+        if name.endswith("/"):
+            problems.append(f"{name!r} is a folder object (S3 console folders break deployment)")
+            continue
+        for part in name.split("/"):
+            if not part.strip() or "\0" in part or len(part.encode()) > 255 or part in (".", ".."):
+                problems.append(f"{name!r} has a path part SageMaker refuses: {part[:40]!r}")
+                break
+        parents = ["/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)]
+        clashing = [p for p in parents if p in files]
+        if clashing:
+            problems.append(f"{clashing[0]!r} is both a file and the directory of {name!r}")
+    if "config.json" not in files:
+        problems.append(
+            "no config.json at the top: the prefix must be the model directory itself "
+            f"(found {sorted(names)[:5]})"
+        )
+    return problems
 
 
 def _artifact_hint(aws: Aws) -> str:
@@ -156,7 +219,7 @@ def deploy_model(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Outcome:
     settings = aws.settings
-    problem = artifact_problem(artifact)
+    problem = model_artifact_problem(artifact)
     if problem is not None:
         raise OperateError(f"--artifact {problem}", exit_code=2)
     progress = progress or Progress()

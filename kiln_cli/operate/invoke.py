@@ -2,12 +2,18 @@
 streamed.
 
 The inference server takes `{"inputs": prompt, "parameters": {...}}` and answers
-`{"generated_text", "finish_reason", "usage"}`; asked for `text/event-stream` it sends
+`{"generated_text", "finish_reason", "usage"}`; streamed (`"stream": true`) it sends
 `data: {"token": {"id", "text"}}` per token and then `data: {"generated_text", ...}`, which
 InvokeEndpointWithResponseStream relays in PayloadPart chunks that may cut a line (or a
 UTF-8 character) anywhere. A conversation goes as the Messages API, `{"messages": [{"role",
 "content"}], "max_tokens", ...}`, answered as a chat completion (`choices[0].message.content`),
 or streamed (`"stream": true`) as `chat.completion.chunk` events ending with `data: [DONE]`.
+
+The same requests work against SageMaker's LMI container (`serving.engine: lmi`), whose answers
+differ in form only: `{"generated_text", "details": {"finish_reason", "generated_tokens", ...}}`
+(a one-element list with TGI compatibility on), and streams as JSON Lines (`{"token": {...},
+"generated_text": null}` per token, the last line carrying `generated_text`; chat chunks one
+per line, without `data:` or `[DONE]`). The parser reads both forms.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class Event:
 
 
 class SseParser:
-    """Incremental server-sent-events parser (WHATWG rules for `event:` and `data:` fields)."""
+    """Incremental server-sent-events parser (WHATWG rules for `event:` and `data:` fields)
+    that also reads JSON Lines, as LMI streams: a line that starts with `{` is one event (no
+    SSE field name can start with `{`, so the two forms cannot be confused)."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
@@ -90,6 +98,8 @@ class SseParser:
             return event
         if line.startswith(":"):
             return None  # a comment (keep-alive)
+        if line.startswith("{") and not self._data:
+            return Event("message", line)  # a JSON Lines record
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
@@ -115,10 +125,31 @@ def _line_end(text: str) -> tuple[int, int] | None:
     return index, index + (2 if text[index + 1] == "\n" else 1)
 
 
-def request_body(prompt: str, parameters: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {"inputs": prompt, "parameters": {k: v for k, v in parameters.items() if v is not None}}
-    ).encode()
+def request_body(prompt: str, parameters: dict[str, Any], *, stream: bool = False) -> bytes:
+    """`{"inputs", "parameters"}`; streamed, with `"stream": true`, which LMI needs (it does
+    not read the Accept header) and kiln's server accepts."""
+    body: dict[str, Any] = {
+        "inputs": prompt,
+        "parameters": {k: v for k, v in parameters.items() if v is not None},
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def _finish_and_usage(answer: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The finish reason and token usage of a kiln answer (`finish_reason`, `usage`) or an LMI
+    one (`details.finish_reason`, `details.generated_tokens`, `details.input_length`)."""
+    usage = answer.get("usage") or {}
+    finish = answer.get("finish_reason")
+    details = answer.get("details")
+    if isinstance(details, dict):
+        finish = finish or details.get("finish_reason")
+        if not usage and details.get("generated_tokens") is not None:
+            usage = {"completion_tokens": details["generated_tokens"]}
+            if details.get("input_length") is not None:
+                usage["prompt_tokens"] = details["input_length"]
+    return (None if finish is None else str(finish)), usage
 
 
 def parse_message(text: str) -> dict[str, str]:
@@ -233,12 +264,16 @@ def invoke(
     raw = response["Body"].read().decode("utf-8", errors="replace")
     try:
         body = json.loads(raw)
+        if isinstance(body, list) and len(body) == 1:
+            body = body[0]  # LMI with TGI compatibility answers a one-element list
         text = body["generated_text"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise OperateError(
             f"endpoint {name} answered something other than kiln's JSON: {raw[:300]!r}"
         ) from err
-    return Answer(str(text), body.get("finish_reason"), body.get("usage") or {}, clock() - started)
+    finish, usage = _finish_and_usage(body)
+    _refuse_error_finish(name, finish)
+    return Answer(str(text), finish, usage, clock() - started)
 
 
 def chat(
@@ -302,6 +337,8 @@ def chat_stream(
                 f"endpoint {name} sent an event that is not a chat completion chunk: "
                 f"{event.data[:300]!r}"
             ) from err
+        if isinstance(chunk, dict) and chunk.get("error"):
+            raise OperateError(f"the model server stopped the stream: {_server_error(event.data)}")
         usage = chunk.get("usage") or usage
         for choice in choices:
             text = (choice.get("delta") or {}).get("content") or ""
@@ -327,7 +364,7 @@ def stream(
     """InvokeEndpointWithResponseStream; writes each token's text as its event arrives."""
     name = endpoint_name(aws)
     started = clock()
-    body = request_body(prompt, parameters)
+    body = request_body(prompt, parameters, stream=True)
     response = _call_endpoint(aws, name, "invoke_endpoint_with_response_stream", EVENT_STREAM, body)
     parser = SseParser()
     pieces: list[str] = []
@@ -341,22 +378,36 @@ def stream(
             raise OperateError(
                 f"endpoint {name} sent an event that is not JSON: {event.data!r}"
             ) from err
-        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            continue
+        if isinstance(data.get("error"), dict | str):
+            raise OperateError(f"the model server stopped the stream: {_server_error(event.data)}")
+        token = data.get("token")
+        # kiln sends the text in a last event of its own; LMI puts it on the last token's line.
         if isinstance(token, dict):
             text = str(token.get("text", ""))
             pieces.append(text)
             if text:
                 write(text)
-        elif isinstance(data, dict) and "generated_text" in data:
+        if data.get("generated_text") is not None:
             final = data
     seconds = clock() - started
     if final is None:
         raise OperateError(
             f"the stream from {name} ended before its final event ({len(pieces)} tokens came)"
         )
-    return Answer(
-        str(final["generated_text"]), final.get("finish_reason"), final.get("usage") or {}, seconds
-    )
+    finish, usage = _finish_and_usage(final)
+    _refuse_error_finish(name, finish)
+    return Answer(str(final["generated_text"]), finish, usage, seconds)
+
+
+def _refuse_error_finish(name: str, finish: str | None) -> None:
+    """LMI reports a failed generation as an empty answer with `finish_reason: error`."""
+    if finish == "error":
+        raise OperateError(
+            f"the model server on {name} failed the generation (finish_reason: error); its "
+            "log group /aws/sagemaker/Endpoints/" + name + " says why"
+        )
 
 
 def _events(body: Iterable[dict[str, Any]], parser: SseParser, name: str) -> Iterable[Event]:

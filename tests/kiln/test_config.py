@@ -159,7 +159,9 @@ def test_with_model_artifact_overrides_and_validates() -> None:
     uri = "s3://kiln-dev-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
     assert with_model_artifact(dev, uri).serving.model_artifact == uri
     assert dev.serving.model_artifact is None  # the original is untouched (frozen)
-    with pytest.raises(ConfigError, match=r"is not a \.tar\.gz archive: a model artifact is"):
+    prefix = uri.removesuffix(".tar.gz") + "/"  # an uncompressed model directory
+    assert with_model_artifact(dev, prefix).serving.model_artifact == prefix
+    with pytest.raises(ConfigError, match=r"is neither a \.tar\.gz archive nor a prefix; allowed"):
         with_model_artifact(dev, "s3://bucket/model")
 
 
@@ -221,3 +223,13 @@ def test_mistakes_are_said_in_words_not_patterns(
     assert words in message, message
     assert "should match pattern" not in message and "^" not in message, message
     assert message.count(new.split(" ", 1)[1]) == 1, message  # once, not again as "(got ...)"
+
+
+def test_with_serving_engine_overrides_and_validates() -> None:
+    from kiln.config import with_serving_engine
+
+    prod = load_settings("prod")
+    assert prod.serving.engine == "kiln"  # kiln's engine is the default
+    assert with_serving_engine(prod, "lmi").serving.engine == "lmi"
+    with pytest.raises(ConfigError, match="-c servingEngine: invalid configuration"):
+        with_serving_engine(prod, "triton")

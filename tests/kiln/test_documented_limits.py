@@ -155,11 +155,59 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         "log_retention_days: 700 is not a CloudWatch Logs retention",
     ),
 ]
+ARCHIVE = "s3://kiln-qa-artifacts/models/v7/model.tar.gz"
+PREFIX = "s3://kiln-qa-artifacts/models/v7/model/"
+RULES += [
+    (
+        "Model data: a .tar.gz archive, or an S3 prefix ending in /",
+        "SageMaker API Reference, ContainerDefinition.ModelDataUrl, S3ModelDataSource.S3DataType",
+        {"serving.model_artifact": PREFIX},
+        {"serving.model_artifact": PREFIX.rstrip("/")},
+        "is not an S3 URI of a model; allowed: s3://<bucket>/<key>.tar.gz (a model archive",
+    ),
+    (
+        "Model data URI at most 1024 characters",
+        "SageMaker API Reference, S3ModelDataSource.S3Uri, ContainerDefinition.ModelDataUrl",
+        {"serving.model_artifact": "s3://kiln-qa-artifacts/" + "m" * 990 + "/"},
+        {"serving.model_artifact": "s3://kiln-qa-artifacts/" + "m" * 1010 + "/"},
+        "characters; SageMaker takes an S3 URI of at most 1024",
+    ),
+    (
+        "LMI engine on a GPU type whose GPU count kiln knows",
+        "LMI configuration guide, option.tensor_parallel_degree (1 to the instance's GPUs)",
+        {"serving.engine": "lmi", "serving.instance_type": "ml.g5.12xlarge"},
+        {"serving.engine": "lmi", "serving.instance_type": "ml.m5.xlarge"},
+        "serving.engine: lmi runs vLLM on GPUs and ml.m5.xlarge has none",
+    ),
+]
 GUARDRAIL_RULES = [
     # (README constraint, guardrail id)
     ("No KmsKeyId on endpoint configs of instance types with local storage", "endpoint-kms"),
     ("Data capture only where raw text is allowed", "endpoint-capture-privacy"),
+    ("Model data and container variables that CreateModel accepts", "model-data-documented"),
 ]
+
+
+def test_a_whole_bucket_is_not_a_model() -> None:
+    found = problems(settings(**{"serving.model_artifact": "s3://kiln-qa-artifacts/"}))
+    assert "is a whole bucket; give the model's own:" in found
+
+
+def test_lmi_needs_a_gpu_count_and_a_registry() -> None:
+    found = problems(
+        settings(**{"serving.engine": "lmi", "serving.instance_type": "ml.g4dn.xlarge"})
+    )
+    assert "kiln's GPU catalog (kiln/gpu_instances.py) has no entry for ml.g4dn.xlarge" in found
+    from kiln import lmi
+
+    # The tensor parallel degree: every GPU of the type (a 70B model on 8 GPUs).
+    assert instances.gpu_count("ml.p4d.24xlarge") == instances.gpu_count("ml.p5.48xlarge") == 8
+    assert instances.gpu_count("ml.g5.12xlarge") == 4 and instances.gpu_count("ml.m5.large") is None
+    assert lmi.region_problem("eu-west-1") is None
+    assert "add the region to REGISTRIES in kiln/lmi.py" in str(lmi.region_problem("mx-central-1"))
+    assert lmi.image_uri("eu-south-1") == (
+        f"692866216735.dkr.ecr.eu-south-1.amazonaws.com/djl-inference:{lmi.LMI_VERSION}"
+    )
 
 
 @pytest.mark.parametrize(("constraint", "source", "good", "bad", "fragment"), RULES)

@@ -334,7 +334,7 @@ def test_the_first_deploy_failing_leaves_no_endpoint() -> None:
             "123456789012-us-east-1/models/<job>/output/model.tar.gz (SageMaker)",
         ),
         ("s3://no-such-bucket-kiln/m/model.tar.gz", 1, "bucket no-such-bucket-kiln does not exist"),
-        ("s3://bucket/model.zip", 2, "is not a .tar.gz archive"),
+        ("s3://bucket/model.zip", 2, "is neither a .tar.gz archive nor a prefix"),
         ("s3://x/y.tar.gz", 2, "the bucket name 'x' has 1 character; S3 bucket names have"),
     ],
 )
@@ -379,3 +379,40 @@ def test_run_cdk_runs_in_the_checkout_with_the_venv_first(tmp_path: Path) -> Non
     assert deploy.run_cdk(["sh", "-c", 'echo "$PATH" > path; exit 3'], tmp_path) == 3
     first = (tmp_path / "path").read_text().split(":")[0]
     assert first == str(Path(sys.executable).parent)
+
+
+# -- uncompressed model directories (S3 prefixes) --------------------------------------------
+
+
+@mock_aws
+def test_an_uncompressed_model_prefix_is_listed_and_judged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _serving_platform()
+    prefix = NEW_ARTIFACT.rsplit("/", 1)[0] + "/model/"
+    aws = make_aws()
+    with pytest.raises(OperateError, match="there are no objects under"):
+        deploy.check_artifact(aws, prefix)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        put_object(prefix + name)
+    deploy.check_artifact(aws, prefix)  # a model directory: no complaint
+    put_object(prefix + "weights/")  # what an S3 console folder leaves behind
+    assert main(["deploy-model", "--env", "dev", "--artifact", prefix]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be served uncompressed" in err and "is a folder object" in err
+
+
+def test_model_prefix_problems_follow_sagemakers_rules() -> None:
+    good = ["config.json", "model-00001-of-00002.safetensors", "tok/tokenizer.json"]
+    assert deploy.model_prefix_problems(good) == []
+    problems = deploy.model_prefix_problems(
+        ["weights", "weights/part1", "a/../b", "x" * 256, " /y", "sub/"]
+    )
+    assert any(
+        "'weights' is both a file and the directory of 'weights/part1'" in p for p in problems
+    )
+    assert any("'a/../b' has a path part SageMaker refuses: '..'" in p for p in problems)
+    assert any(p.startswith(f"'{'x' * 256}' has a path part") for p in problems)
+    assert any("' /y' has a path part" in p for p in problems)
+    assert any("'sub/' is a folder object" in p for p in problems)
+    assert any("no config.json at the top" in p for p in problems)

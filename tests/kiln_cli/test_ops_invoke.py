@@ -203,7 +203,7 @@ def test_the_stream_request_asks_for_server_sent_events() -> None:
             "EndpointName": ENDPOINT,
             "ContentType": "application/json",
             "Accept": "text/event-stream",
-            "Body": b'{"inputs": "hi", "parameters": {"max_new_tokens": 4}}',
+            "Body": b'{"inputs": "hi", "parameters": {"max_new_tokens": 4}, "stream": true}',
         },
     )
     with stubber, pytest.raises(OperateError, match=r"ended before its final event \(0 tokens"):
@@ -227,7 +227,7 @@ def test_streamed_tokens_are_printed_as_they_arrive(
     path, headers, body = runtime.requests[0]
     assert path == f"/endpoints/{ENDPOINT}/invocations-response-stream"
     assert headers["X-Amzn-SageMaker-Accept"] == "text/event-stream"
-    assert json.loads(body) == {"inputs": "Hel", "parameters": {"temperature": 0.0}}
+    assert json.loads(body) == {"inputs": "Hel", "parameters": {"temperature": 0.0}, "stream": True}
 
     assert main(["invoke", "--env", "dev", "--prompt", "Hel", "--stream"]) == 0
     captured = capsys.readouterr()
@@ -386,3 +386,155 @@ def test_bad_conversations_are_named(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "No such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a prompt and a conversation at once
         main(["invoke", "--env", "dev", "--prompt", "x", "--message", "user:y"])
+
+
+# -- the same client against SageMaker's LMI container (serving.engine: lmi) ---------------------
+# Answers in the shapes LMI's vLLM async handler writes them (djl-serving 0.36.0,
+# djl_python/lmi_vllm/request_response_utils.py): `details` instead of `finish_reason`/`usage`,
+# and JSON Lines instead of server-sent events when streaming.
+
+
+def _lmi_line(text: str, token_id: int, final: str | None = None, **details: Any) -> bytes:
+    line = {
+        "index": 0,
+        "token": {"id": token_id, "text": text, "logprob": -0.5},
+        "generated_text": final,
+        "details": details or None,
+    }
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+LMI_JSONLINES = (
+    _lmi_line("Hello", 72)
+    + _lmi_line(", w", 44)
+    + _lmi_line("ö", 195)
+    + _lmi_line(
+        "rld",
+        114,
+        "Hello, wörld",
+        finish_reason="length",
+        generated_tokens=4,
+        input_length=3,
+        seed=None,
+    )
+    + b"\n"
+)
+
+
+def _body(payload: Any) -> Any:
+    from io import BytesIO
+
+    from botocore.response import StreamingBody  # type: ignore[import-untyped]
+
+    raw = json.dumps(payload).encode()
+    return StreamingBody(BytesIO(raw), len(raw))
+
+
+@mock_aws
+@pytest.mark.parametrize(
+    ("answer", "finish", "usage"),
+    [
+        # parameters.details true: LMI adds its details.
+        (
+            {
+                "generated_text": " world",
+                "details": {"finish_reason": "length", "generated_tokens": 16, "tokens": []},
+            },
+            "length",
+            {"completion_tokens": 16},
+        ),
+        # Without details: the text alone.
+        ({"generated_text": " world"}, None, {}),
+        # OPTION_TGI_COMPAT=true: a one-element list.
+        ([{"generated_text": " world"}], None, {}),
+    ],
+)
+def test_lmi_answers_are_read(answer: Any, finish: str | None, usage: dict[str, Any]) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    stubber.add_response(
+        "invoke_endpoint",
+        {"Body": _body(answer), "ContentType": "application/json"},
+        {
+            "EndpointName": ENDPOINT,
+            "ContentType": "application/json",
+            "Accept": "application/json",
+            "Body": b'{"inputs": "hello", "parameters": {"max_new_tokens": 16}}',
+        },
+    )
+    with stubber:
+        result = invoke.invoke(
+            make_aws(clients={"sagemaker-runtime": client}), "hello", {"max_new_tokens": 16}
+        )
+    assert (result.text, result.finish_reason, result.usage) == (" world", finish, usage)
+
+
+@mock_aws
+def test_an_lmi_generation_error_is_named() -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    client, stubber = _stubbed_runtime()
+    failed = {"generated_text": "", "details": {"finish_reason": "error", "tokens": None}}
+    stubber.add_response(
+        "invoke_endpoint", {"Body": _body(failed), "ContentType": "application/json"}
+    )
+    with stubber, pytest.raises(OperateError, match="failed the generation"):
+        invoke.invoke(make_aws(clients={"sagemaker-runtime": client}), "hi", {})
+
+
+@mock_aws
+def test_an_lmi_json_lines_stream_prints_the_tokens(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deploy_stacks(components=(Component.SERVING,))
+    runtime.stream = b"".join(_parts(LMI_JSONLINES))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
+    pieces: list[str] = []
+    answer = invoke.stream(make_aws(), "Hel", {"max_new_tokens": 4}, pieces.append)
+    assert pieces == ["Hello", ", w", "ö", "rld"]
+    assert (answer.text, answer.finish_reason, answer.usage) == (
+        "Hello, wörld",
+        "length",
+        {"completion_tokens": 4, "prompt_tokens": 3},
+    )
+    _, _, body = runtime.requests[0]
+    # LMI streams only when the body says so.
+    assert json.loads(body)["stream"] is True
+    assert main(["invoke", "--env", "dev", "--prompt", "Hel", "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello, wörld\n" and captured.err.startswith("[length, 4 tokens, ")
+
+
+@mock_aws
+def test_an_lmi_chat_stream_of_json_lines_prints_the_deltas(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMI strips vLLM's `data: ` and `[DONE]`: one chat.completion.chunk per line."""
+    deploy_stacks(components=(Component.SERVING,))
+    lines = [
+        line.removeprefix(b"data: ") + b"\n"
+        for line in CHAT_SSE.split(b"\n\n")
+        if line and line != b"data: [DONE]"
+    ]
+    runtime.stream = b"".join(_parts(b"".join(lines)))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime.url)
+    pieces: list[str] = []
+    messages = [{"role": "user", "content": "Say hello in French"}]
+    answer = invoke.chat_stream(make_aws(), messages, {"max_tokens": 5}, pieces.append)
+    assert pieces == ["Bon", "jour, café"]
+    assert (answer.text, answer.finish_reason, answer.usage["completion_tokens"]) == (
+        "Bonjour, café",
+        "stop",
+        5,
+    )
+
+
+def test_json_lines_and_sse_parse_alike() -> None:
+    sse = SseParser()
+    lines = SseParser()
+    from_sse = sse.feed(SSE) + sse.close()
+    json_lines = b"".join(
+        chunk.removeprefix(b"data: ") + b"\n"
+        for chunk in SSE.replace(b"\r\n", b"\n").split(b"\n\n")
+        if chunk.startswith(b"data: ")
+    )
+    assert lines.feed(json_lines) + lines.close() == from_sse

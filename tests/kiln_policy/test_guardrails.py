@@ -522,6 +522,73 @@ def test_metrics_published() -> None:
     assert any("published with: DeliveryStreamName" in m for m in messages)
 
 
+LMI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/djl-inference:0.36.0-lmi20.0.0-cu128-v1.0"
+UNCOMPRESSED_MODEL = {
+    "Type": "AWS::SageMaker::Model",
+    "Properties": {
+        "PrimaryContainer": {
+            "Image": LMI_IMAGE,
+            "ModelDataSource": {
+                "S3DataSource": {
+                    "S3Uri": "s3://b/models/v7/model/",
+                    "S3DataType": "S3Prefix",
+                    "CompressionType": "None",
+                }
+            },
+            "Environment": {"OPTION_TENSOR_PARALLEL_DEGREE": "8"},
+        }
+    },
+}
+ARCHIVE_MODEL = {
+    "Type": "AWS::SageMaker::Model",
+    "Properties": {
+        "PrimaryContainer": {
+            "Image": {"Fn::Sub": "${AWS::AccountId}.dkr.ecr.us-east-1.amazonaws.com/x:abc"},
+            "ModelDataUrl": "s3://b/models/v7/model.tar.gz",
+        }
+    },
+}
+
+
+def test_model_data_documented() -> None:
+    rule = "model-data-documented"
+    assert run(rule, stack({"M": UNCOMPRESSED_MODEL, "A": ARCHIVE_MODEL}), PROD) == []
+    source = ["PrimaryContainer", "ModelDataSource", "S3DataSource"]
+    no_slash = with_props(UNCOMPRESSED_MODEL, [*source, "S3Uri"], "s3://b/models/v7/model")
+    (violation,) = run(rule, stack({"M": no_slash}), PROD)
+    assert "does not end with /" in violation.message
+    gzip_prefix = with_props(UNCOMPRESSED_MODEL, [*source, "CompressionType"], "Gzip")
+    assert (
+        "only an S3Object can be a tar.gz" in run(rule, stack({"M": gzip_prefix}), PROD)[0].message
+    )
+    multi = with_props(UNCOMPRESSED_MODEL, ["PrimaryContainer", "Mode"], "MultiModel")
+    assert "multi-model" in run(rule, stack({"M": multi}), PROD)[0].message
+    not_tar = with_props(ARCHIVE_MODEL, ["PrimaryContainer", "ModelDataUrl"], "s3://b/m/weights")
+    assert "not a .tar.gz archive" in run(rule, stack({"M": not_tar}), PROD)[0].message
+    env = ["PrimaryContainer", "Environment"]
+    many = with_props(UNCOMPRESSED_MODEL, env, {f"V{i}": "x" for i in range(101)})
+    assert "101 environment variables, over 100" in run(rule, stack({"M": many}), PROD)[0].message
+    long = with_props(UNCOMPRESSED_MODEL, env, {"LONG": "x" * 1025})
+    assert "holds over 1024 bytes" in run(rule, stack({"M": long}), PROD)[0].message
+    bulky = with_props(UNCOMPRESSED_MODEL, env, {f"V{i}": "x" * 1000 for i in range(40)})
+    assert "over 32768" in run(rule, stack({"M": bulky}), PROD)[0].message
+    badly_named = with_props(UNCOMPRESSED_MODEL, env, {"1-BAD": "x"})
+    assert "is not [a-zA-Z_]" in run(rule, stack({"M": badly_named}), PROD)[0].message
+
+
+def test_model_image_pinned() -> None:
+    rule = "model-image-pinned"
+    assert run(rule, stack({"M": UNCOMPRESSED_MODEL, "A": ARCHIVE_MODEL}), PROD) == []
+    digest = with_props(
+        UNCOMPRESSED_MODEL, ["PrimaryContainer", "Image"], f"{LMI_IMAGE.split(':')[0]}@sha256:ab"
+    )
+    assert run(rule, stack({"M": digest}), PROD) == []
+    for image in (LMI_IMAGE.rsplit(":", 1)[0], LMI_IMAGE.rsplit(":", 1)[0] + ":latest"):
+        floating = with_props(UNCOMPRESSED_MODEL, ["PrimaryContainer", "Image"], image)
+        (violation,) = run(rule, stack({"M": floating}), PROD)
+        assert "is not pinned" in violation.message
+
+
 # One compliant and one non-compliant case per registered rule, judged under `settings`. A rule
 # registered without a case here fails `test_every_rule_has_its_cases`.
 CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
@@ -620,6 +687,30 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
         stack({"Gate": GATE, "Topic": {**TOPIC, "DependsOn": []}, "Conn": CONNECTIVITY}),
     ),
     "metrics-published": (PROD, stack({"A": FRESHNESS}), stack({"D": dashboard(HOST_SEARCH)})),
+    "model-data-documented": (
+        PROD,
+        stack({"M": UNCOMPRESSED_MODEL, "A": ARCHIVE_MODEL}),
+        stack(
+            {
+                "M": with_props(
+                    UNCOMPRESSED_MODEL,
+                    ["PrimaryContainer", "ModelDataSource", "S3DataSource", "S3Uri"],
+                    "s3://b/models/v7/model",
+                )
+            }
+        ),
+    ),
+    "model-image-pinned": (
+        PROD,
+        stack({"M": UNCOMPRESSED_MODEL, "A": ARCHIVE_MODEL}),
+        stack(
+            {
+                "M": with_props(
+                    UNCOMPRESSED_MODEL, ["PrimaryContainer", "Image"], "x.dkr.ecr/r:latest"
+                )
+            }
+        ),
+    ),
 }
 
 

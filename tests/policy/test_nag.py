@@ -64,6 +64,8 @@ ALLOWED_WILDCARDS = [
     r"arn:(aws|<AWS::Partition>):logs:(us-east-1|<AWS::Region>):<AWS::AccountId>:log-group:"
     r"/aws/sagemaker/(TrainingJobs|Endpoints/kiln-[a-z]+-llm):\*",
     r"arn:aws:s3:::kiln-[a-z]+-capture-<AWS::AccountId>-<AWS::Region>/endpoints/kiln-[a-z]+-llm/\*",
+    # An uncompressed model: the objects under its own prefix (serving.model_artifact).
+    r"arn:<AWS::Partition>:s3:::[a-z0-9][a-z0-9.-]+/([^/*]+/)+\*",
 ]
 # The actions a `Resource: *` statement may hold: the Service Authorization Reference lists no
 # resource type for them. Each such statement sits in a policy of its own, so that one

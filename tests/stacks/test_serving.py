@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aws_cdk.assertions import Match, Template
@@ -18,18 +19,46 @@ from kiln_policy.guardrails import check
 from tests.support import ENVIRONMENTS, Synthesis
 
 ARTIFACT = "s3://kiln-{env}-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
+# An uncompressed model directory: the S3 prefix SageMaker copies to /opt/ml/model.
+PREFIX = "s3://kiln-{env}-artifacts-123456789012-us-east-1/models/v7/model/"
+# (environment, engine, model data): every environment with each engine and each data form
+# at least once; kiln's engine on an archive is what the shipped configs deploy.
+SERVED = [
+    ("dev", "kiln", ARTIFACT),
+    ("prod", "kiln", ARTIFACT),
+    ("staging", "kiln", PREFIX),
+    ("dev", "lmi", PREFIX),
+    ("staging", "lmi", ARTIFACT),
+    ("prod", "lmi", PREFIX),
+]
 
 
-@pytest.fixture(scope="module", params=["dev", "prod"])
+@pytest.fixture(
+    scope="module",
+    params=SERVED,
+    ids=[f"{e}-{g}-{'prefix' if a == PREFIX else 'archive'}" for e, g, a in SERVED],
+)
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, SynthesizedStack, Path]:
-    """`-c env=<env> -c modelArtifact=...`, synthesized with the policy gates."""
-    env = str(request.param)
-    out = tmp_path_factory.mktemp(f"served-{env}")
-    build_app({"env": env, "modelArtifact": ARTIFACT.format(env=env)}, outdir=str(out)).synth()
+    """`-c env=<env> -c modelArtifact=... -c servingEngine=...`, synthesized with the policy
+    gates (a finding fails the synth)."""
+    env, engine, artifact = request.param
+    out = tmp_path_factory.mktemp(f"served-{env}-{engine}")
+    context = {"env": env, "modelArtifact": artifact.format(env=env), "servingEngine": engine}
+    build_app(context, outdir=str(out)).synth()
     stacks = {s.stack_name: s for s in read_assembly(out)}
     return env, stacks[f"kiln-{env}-serving"], out
+
+
+def _container(stack: SynthesizedStack) -> dict[str, Any]:
+    (model,) = stack.resources_of_type("AWS::SageMaker::Model").values()
+    container: dict[str, Any] = model["Properties"]["PrimaryContainer"]
+    return container
+
+
+def _engine(stack: SynthesizedStack) -> str:
+    return "lmi" if "djl-inference" in json.dumps(_container(stack).get("Image")) else "kiln"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
@@ -95,12 +124,18 @@ def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> 
             ],
         },
     )
+    if _engine(stack) == "lmi":
+        return  # the LMI container's own variables: test_lmi_container_follows_config
+    container = _container(stack)
+    data = {"ModelDataUrl": ARTIFACT.format(env=env)}
+    if "ModelDataSource" in container:
+        data = {"ModelDataSource": Match.any_value()}
     template.has_resource_properties(
         "AWS::SageMaker::Model",
         {
             "PrimaryContainer": {
                 "Image": Match.any_value(),
-                "ModelDataUrl": ARTIFACT.format(env=env),
+                **data,
                 "Environment": Match.object_like(
                     {
                         ServerEnv.MODEL_VERSION: "v7",
@@ -177,6 +212,10 @@ def test_execution_role_may_publish_events_to_its_topic_only(
 ) -> None:
     env, stack, _ = served
     text = json.dumps(stack.resources_of_type("AWS::IAM::ManagedPolicy"))
+    if _engine(stack) == "lmi":  # LMI publishes no events: no Kafka access, no Kafka egress
+        assert "kafka" not in text
+        assert "9098" not in json.dumps(stack.resources_of_type("AWS::EC2::SecurityGroup"))
+        return
     assert "kafka-cluster:WriteData" in text and f"topic/kiln-{env}/*/prediction-events" in text
     assert "kafka-cluster:ReadData" not in text
 
@@ -213,7 +252,125 @@ def test_server_limits_come_from_config(served: tuple[str, SynthesizedStack, Pat
     from kiln.contract import SERVER_DRAIN_SECONDS
 
     env, stack, _ = served
+    if _engine(stack) == "lmi":
+        pytest.skip("kiln's server limits; LMI's are in test_lmi_container_follows_config")
     (model,) = stack.resources_of_type("AWS::SageMaker::Model").values()
     environment = model["Properties"]["PrimaryContainer"]["Environment"]
     assert environment[ServerEnv.MAX_NEW_TOKENS] == str(load_settings(env).serving.max_new_tokens)
     assert environment[ServerEnv.GRACEFUL_TIMEOUT_S] == str(SERVER_DRAIN_SECONDS)
+
+
+def test_lmi_container_follows_config(served: tuple[str, SynthesizedStack, Path]) -> None:
+    """`serving.engine: lmi`: the pinned LMI image of the region, vLLM in async mode over
+    /opt/ml/model, tensor parallel over every GPU of the instance type, the model loading
+    timeout equal to SageMaker's startup health check timeout, and none of kiln's variables."""
+    from kiln import instances, lmi
+
+    env, stack, _ = served
+    if _engine(stack) != "lmi":
+        pytest.skip("kiln's engine")
+    serving = load_settings(env).serving
+    container = _container(stack)
+    assert container["Image"] == lmi.image_uri("us-east-1")
+    assert container["Environment"] == {
+        "HF_MODEL_ID": "/opt/ml/model",
+        "OPTION_ASYNC_MODE": "true",
+        "OPTION_ROLLING_BATCH": "disable",
+        "OPTION_ENTRYPOINT": "djl_python.lmi_vllm.vllm_async_service",
+        "OPTION_TENSOR_PARALLEL_DEGREE": str(instances.gpu_count(serving.instance_type)),
+        "OPTION_MODEL_LOADING_TIMEOUT": str(serving.container_startup_timeout_seconds),
+        "SERVING_FAIL_FAST": "true",
+    }
+    text = json.dumps(stack.resources_of_type("AWS::IAM::ManagedPolicy"))
+    # The role pulls from the LMI repository of the DLC account, not kiln's asset repository.
+    assert ":ecr:us-east-1:763104351884:repository/djl-inference" in text
+    assert "cdk-hnb659fds-container-assets" not in text
+
+
+def test_uncompressed_model_data_is_a_prefix_read_least_privilege(
+    served: tuple[str, SynthesizedStack, Path],
+) -> None:
+    """An S3 prefix goes in as ModelDataSource (S3Prefix, no compression); the role may read
+    the objects under it and list the bucket only below it. An archive stays ModelDataUrl and
+    the role reads that one object."""
+    env, stack, _ = served
+    container = _container(stack)
+    text = json.dumps(stack.resources_of_type("AWS::IAM::ManagedPolicy"))
+    bucket = f"kiln-{env}-artifacts-123456789012-us-east-1"
+    if "ModelDataUrl" in container:
+        assert container["ModelDataUrl"] == ARTIFACT.format(env=env)
+        assert "ModelDataSource" not in container and "s3:ListBucket" not in text
+        assert f"{bucket}/models/v7/model.tar.gz" in text
+        return
+    assert container["ModelDataSource"] == {
+        "S3DataSource": {
+            "S3Uri": PREFIX.format(env=env),
+            "S3DataType": "S3Prefix",
+            "CompressionType": "None",
+        }
+    }
+    statements = [
+        s
+        for p in stack.resources_of_type("AWS::IAM::ManagedPolicy").values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if str(s["Action"]).startswith("s3:")
+    ]
+    assert sorted(json.dumps(s, sort_keys=True) for s in statements) == sorted(
+        json.dumps(s, sort_keys=True)
+        for s in [
+            {
+                "Action": "s3:GetObject",
+                "Effect": "Allow",
+                "Resource": {
+                    "Fn::Join": [
+                        "",
+                        ["arn:", {"Ref": "AWS::Partition"}, f":s3:::{bucket}/models/v7/model/*"],
+                    ]
+                },
+            },
+            {
+                "Action": "s3:ListBucket",
+                "Condition": {"StringLike": {"s3:prefix": ["models/v7/model/*"]}},
+                "Effect": "Allow",
+                "Resource": {
+                    "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, f":s3:::{bucket}"]]
+                },
+            },
+        ]
+    )
+
+
+def test_both_engines_keep_the_same_guards(served: tuple[str, SynthesizedStack, Path]) -> None:
+    """Whatever the engine: blue/green with the configured shifting and the rollback alarms,
+    autoscaling on invocations per instance, no KMS key on instance-storage types, capture
+    only as configured."""
+    env, stack, _ = served
+    settings = load_settings(env)
+    (endpoint,) = stack.resources_of_type("AWS::SageMaker::Endpoint").values()
+    routing = endpoint["Properties"]["DeploymentConfig"]["BlueGreenUpdatePolicy"][
+        "TrafficRoutingConfiguration"
+    ]
+    assert routing["Type"] == settings.serving.deployment.traffic.upper()
+    assert (
+        len(endpoint["Properties"]["DeploymentConfig"]["AutoRollbackConfiguration"]["Alarms"]) == 2
+    )
+    (target,) = stack.resources_of_type("AWS::ApplicationAutoScaling::ScalableTarget").values()
+    assert target["Properties"]["MinCapacity"] == settings.serving.autoscaling.min_instances
+    assert stack.resources_of_type("AWS::ApplicationAutoScaling::ScalingPolicy")
+    (config,) = stack.resources_of_type("AWS::SageMaker::EndpointConfig").values()
+    assert "KmsKeyId" not in config["Properties"]  # ml.g5: local NVMe storage
+    assert ("DataCaptureConfig" in config["Properties"]) == (
+        settings.serving.data_capture_percent > 0
+    )
+
+
+def test_served_template_matches_snapshot(
+    served: tuple[str, SynthesizedStack, Path], snapshot: Any
+) -> None:
+    """The serving stack as each engine and data form synthesize it (reviewed like code)."""
+    from syrupy.extensions.json import JSONSnapshotExtension
+
+    from tests.stacks.test_snapshots import normalized
+
+    _, stack, _ = served
+    assert normalized(stack.template) == snapshot.use_extension(JSONSnapshotExtension)

@@ -268,3 +268,31 @@ def test_fit_to_minutes_needs_minutes(run_trainer: Callable[..., Run]) -> None:
     run = run_trainer([*TINY, "--fit-to-minutes", "true"])
     assert run.returncode == 2
     assert "--fit-to-minutes needs --max-minutes" in run.stderr
+
+
+def test_the_model_directory_goes_to_s3_uncompressed(
+    corpus: Path, clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model-format directory`: `<output>/model/` holds the model directory's files as they
+    are, a prefix the serving stack deploys as uncompressed model data; no tarball is made."""
+    from kiln_cli.operate.deploy import model_prefix_problems
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="artifacts")
+        code = train.main(
+            [
+                *TINY,
+                "--data", str(corpus),
+                "--max-steps", "2",
+                "--output-dir", "s3://artifacts/models/job-2",
+                "--model-format", "directory",
+            ]
+        )  # fmt: skip
+        assert code == 0
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artifacts")["Contents"]}
+    names = sorted(k.removeprefix("models/job-2/model/") for k in keys)
+    assert sorted(MODEL_FILES) == names and "models/job-2/model.tar.gz" not in keys
+    assert model_prefix_problems(names) == []
+    model = parse_events(capsys.readouterr().out)[-1]
+    assert model["event"] == "model" and model["path"] == "s3://artifacts/models/job-2/model/"
