@@ -30,7 +30,14 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
-from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv
+from kiln.contract import (
+    DO_NOT_DISRUPT,
+    GPU_POOL_LABEL,
+    GPU_TAINT,
+    QUEUE_LABEL,
+    TRAINING_JOB_LABEL,
+    TrainerEnv,
+)
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
 from kiln.memory_plan import Plan, PlanError, advice, plan, resolve_shape, trainer_settings
 
@@ -50,7 +57,7 @@ NODE_POOL_LABEL = GPU_POOL_LABEL
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
-JOB_LABEL = "kiln.dev/training-job"
+JOB_LABEL = TRAINING_JOB_LABEL
 
 RENDEZVOUS_PORT = 29400
 # EKS clusters always use this DNS domain; it cannot be changed there.
@@ -224,6 +231,9 @@ class TrainingJobSpec:
     ttl_seconds_after_finished: int = 3 * 24 * 3600
     nccl_debug: NcclDebug | None = None
     operator: Operator = "none"
+    # The Kueue LocalQueue (in `namespace`) the run waits in; None: no queue (a cluster
+    # without Kueue).
+    queue: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.trainer_args, str | bytes):
@@ -255,6 +265,7 @@ class TrainingJobSpec:
             ("active_deadline_seconds", _whole_problem(self.active_deadline_seconds, 1, True)),
             ("ttl_seconds_after_finished", _whole_problem(self.ttl_seconds_after_finished, 0)),
             ("nccl_debug", _choice(self.nccl_debug, NcclDebug, optional=True)),
+            ("queue", None if self.queue is None else _dns_label_problem(self.queue)),
         ]
 
     def _name_problem(self) -> str | None:
@@ -380,6 +391,24 @@ class TrainingJobSpec:
         }
 
 
+def pod_metadata(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The metadata of every pod template of a run, whatever object carries it (the one place
+    it is written): the run's labels, its queue, and `karpenter.sh/do-not-disrupt`, so
+    Karpenter never consolidates or drifts a node away under a running step."""
+    return {
+        "labels": workload_labels(spec),
+        "annotations": {DO_NOT_DISRUPT: "true"},
+    }
+
+
+def workload_labels(spec: TrainingJobSpec) -> dict[str, str]:
+    """Labels of the objects Kueue admits (and their pods): the run's, plus its LocalQueue."""
+    labels = dict(spec.labels)
+    if spec.queue is not None:
+        labels[QUEUE_LABEL] = spec.queue
+    return labels
+
+
 def torchrun_command(spec: TrainingJobSpec, *, rendezvous_endpoint: str) -> list[str]:
     """The container's command line: torchrun with c10d rendezvous, then the trainer module.
 
@@ -484,11 +513,12 @@ def _pod_template(
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{spec.shm_gib}Gi"}}
         ],
     }
-    return {"metadata": {"labels": spec.labels}, "spec": pod}
+    return {"metadata": pod_metadata(spec), "spec": pod}
 
 
-def _metadata(spec: TrainingJobSpec, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": spec.namespace, "labels": spec.labels}
+def _metadata(spec: TrainingJobSpec, name: str, *, workload: bool = True) -> dict[str, Any]:
+    labels = workload_labels(spec) if workload else dict(spec.labels)
+    return {"name": name, "namespace": spec.namespace, "labels": labels}
 
 
 def headless_service(spec: TrainingJobSpec) -> dict[str, Any]:
@@ -496,7 +526,7 @@ def headless_service(spec: TrainingJobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(spec, spec.service_name),
+        "metadata": _metadata(spec, spec.service_name, workload=False),
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_LABEL: spec.name},
@@ -692,6 +722,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nccl-debug", choices=get_args(NcclDebug), help="default: unset")
     parser.add_argument(
+        "--queue",
+        help="Kueue LocalQueue in --namespace the run waits in (default: none, no Kueue)",
+    )
+    parser.add_argument(
         "--operator",
         choices=get_args(Operator),
         default="none",
@@ -752,6 +786,7 @@ def render_command(args: argparse.Namespace) -> int:
             ttl_seconds_after_finished=args.ttl_seconds_after_finished,
             nccl_debug=args.nccl_debug,
             operator=args.operator,
+            queue=args.queue,
         )
     except TrainingJobError as err:
         for arg, message in err.problems:

@@ -26,6 +26,8 @@ from kiln.settings import Settings
 from kiln_cli import training_job
 from kiln_cli.operate.aws import Aws, AwsError, OperateError
 from kiln_cli.operate.progress import Progress, elapsed, wait_for
+from kiln_policy.guardrails import check_objects
+from platform_constructs.gpu_capacity import queue_name
 
 Platform = Literal["sagemaker", "eks"]
 Capacity = Literal["spot", "on_demand"]
@@ -65,6 +67,7 @@ class TrainOptions:
     capacity: Capacity | None = None
     trainer_args: tuple[str, ...] = ()
     model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
+    team: str | None = None  # EKS: whose namespace, queue and GPU quota (default: the first)
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -413,6 +416,7 @@ def eks_manifests(
     if (problem := training_job.plan_problem(plan, gpus)) is not None:
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
+    namespace, queue = team_queue(settings, options.team)
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -422,18 +426,24 @@ def eks_manifests(
             gpus_per_node=gpus,
             checkpoint_path=f"s3://{artifacts}/{CHECKPOINTS_PREFIX}{job}/",
             output_path=output,
-            namespace=settings.compute.training_namespace,
+            namespace=namespace,
             service_account=settings.compute.trainer_service_account,
             trainer_args=trainer_args,
             active_deadline_seconds=runtime,
+            queue=queue,
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
         raise OperateError(f"cannot render the run: {problems}", exit_code=2) from err
+    objects = training_job.render(spec)
+    violations = check_objects(objects)
+    if violations:
+        raise OperateError("refused, nothing applied: " + "; ".join(violations), exit_code=2)
     summary = [
         ("job", job),
         ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPU{'s' if gpus > 1 else ''} each)"),
         ("namespace", f"{spec.namespace} (service account {spec.service_account})"),
+        ("queue", f"{queue} (Kueue; {spec.nodes * gpus} GPUs, admitted all at once)"),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
@@ -443,8 +453,21 @@ def eks_manifests(
             f" ({plan.strategy})",
         ),
     ]
-    yaml_text = training_job.to_yaml(training_job.render(spec))
+    yaml_text = training_job.to_yaml(objects)
     return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
+
+
+def team_queue(settings: Settings, team: str | None) -> tuple[str, str]:
+    """(namespace, LocalQueue) of a team; the first configured team by default."""
+    teams = [t.name for t in settings.compute.teams]
+    name = team or teams[0]
+    if name not in teams:
+        raise OperateError(
+            f"--team {name!r} is not a team of {settings.name}; configured: {', '.join(teams)} "
+            "(compute.teams)",
+            exit_code=2,
+        )
+    return settings.compute.team_namespace(name), queue_name(name)
 
 
 def run_with_input(argv: Sequence[str], text: str) -> int:

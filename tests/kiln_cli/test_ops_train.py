@@ -215,7 +215,11 @@ def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixtur
     service, job = list(yaml.safe_load_all(captured.out))
     assert service["kind"] == "Service" and job["kind"] == "Job"
     pod = job["spec"]["template"]["spec"]
-    assert job["metadata"]["namespace"] == "training"
+    assert job["metadata"]["namespace"] == "training-research"  # the first team
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research-gpu"
+    assert job["spec"]["template"]["metadata"]["annotations"] == {
+        "karpenter.sh/do-not-disrupt": "true"
+    }
     assert pod["serviceAccountName"] == "trainer"
     container = pod["containers"][0]
     assert container["image"] == compute[Outputs.TRAINING_IMAGE_URI.key]
