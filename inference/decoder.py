@@ -1,4 +1,4 @@
-"""Serving's load-time choices over the one model: a slot KV cache, prefill, batch-invariant decode.
+"""Serving's load-time choices over one model: a paged KV cache, prefill, batch-invariant decode.
 
 `Decoder` takes training's `LlamaModel` and runs its blocks (`LlamaModel.hidden`) in two kinds of
 pass, each a `Run` built once here: prefill (`dense_linear`, `CachedPrefill`) and decode (the
@@ -15,9 +15,17 @@ step (greedy output identical alone and among 32 requests). What is chosen for d
   verifies at load time that a row's result does not depend on its position, its neighbours or
   the row count, and where it does, moves to padded row counts, then raises the smallest (4, 8,
   ...) until it does not; at worst (a GPU, another BLAS) every step runs at one fixed row count.
-- Attention (`modeling.attention`): with the CPU kernels, `KernelDecodeAttention` (each sequence
-  over its own slot and length); elsewhere `PaddedDecodeAttention` (a shared length, exact-zero
-  masks). The invariance tests cover both.
+- Attention (`modeling.attention`): with the CPU kernels (float32) or the CUDA kernels (any
+  dtype), `KernelDecodeAttention` (kiln's `paged_decode_attention`: each sequence over its own
+  blocks and length); elsewhere `PaddedDecodeAttention` (blocks gathered to a shared length,
+  exact-zero masks). The
+  invariance tests cover both.
+
+The KV cache is `blocks` blocks of `block_size` positions; a sequence names its blocks in a block
+table (a list of block ids), which the engine's block manager (`inference.blocks`) hands out.
+Where a caller passes a slot number instead of a table, it means the fixed table of that slot:
+blocks [slot * n, (slot + 1) * n), n = max_seq_len / block_size (tests and benchmarks that drive
+the decoder directly, as the cache was before paging).
 
 Prefill (one sequence at a time, its own shapes) needs no such care and uses the fastest kernels.
 """
@@ -53,8 +61,12 @@ __all__ = ["ATTENTION_BLOCK", "Decoder", "PanelLinear", "RowLinear", "row_bucket
 log = logging.getLogger(__name__)
 
 
+Table = int | list[int]  # a block table, or a slot number meaning its fixed table
+
+
 class Decoder:
-    """Prefill and batched decode over a KV cache of `slots` sequences of up to max_seq_len.
+    """Prefill and batched decode of up to `slots` sequences over a paged KV cache of `blocks`
+    blocks (default: room for `slots` sequences of max_seq_len).
 
     It takes the model over: moves it to `device` and `dtype` in place and freezes it.
     """
@@ -67,6 +79,8 @@ class Decoder:
         device: torch.device,
         dtype: torch.dtype,
         buckets: list[int] | None = None,
+        blocks: int | None = None,
+        block_size: int = 16,
     ) -> None:
         cfg: ModelConfig = model.config
         self.config = cfg
@@ -76,7 +90,11 @@ class Decoder:
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.rope = model.rope.contiguous()
         self._blocks = [block.forward for block in cast(list[Block], list(model.layers))]
-        self.cache = KVCache(cfg, slots=slots, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.blocks_per_seq = -(-cfg.max_seq_len // block_size)
+        if blocks is None:
+            blocks = slots * self.blocks_per_seq
+        self.cache = KVCache(cfg, blocks=blocks, block_size=block_size, device=device, dtype=dtype)
         self._ops = InPlaceOps(model, rows=slots)
         self._prefill = CachedPrefill(self.cache, cfg)
         kernels = (
@@ -85,11 +103,13 @@ class Decoder:
             and dtype == torch.float32
             and self.ops.HAVE_CPU_DECODE_OPS
         )
-        # kiln's decode_attention and panel_linear: each sequence on its own, batch-invariant.
-        self.attention_kernel = kernels
+        # kiln's paged_decode_attention and panel_linear: each sequence on its own,
+        # batch-invariant. On a GPU the attention kernel too (with the CUDA kernels built).
+        gpu_kernel = device.type == "cuda" and bool(getattr(self.ops, "HAVE_CUDA_KERNELS", False))
+        self.attention_kernel = kernels or gpu_kernel
         self._decode: KernelDecodeAttention | PaddedDecodeAttention = (
-            KernelDecodeAttention(self.cache, cfg, self.ops)
-            if kernels
+            KernelDecodeAttention(self.cache, cfg, self.ops, slots)
+            if self.attention_kernel
             else PaddedDecodeAttention(self.cache, cfg)
         )
         self._build_decode_linears(None if kernels else (buckets or row_buckets(slots)))
@@ -146,21 +166,29 @@ class Decoder:
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
 
-    def prefill(self, slot: int, token_ids: Tensor, start: int = 0) -> Tensor:
-        """Runs `token_ids` [T] at positions start.. into `slot`; returns the last logits [V]."""
+    def table(self, table: Table) -> list[int]:
+        """A block table as given, or the fixed table of a slot number."""
+        if isinstance(table, int):
+            n = self.blocks_per_seq
+            if (table + 1) * n > self.cache.blocks:
+                raise ValueError(f"slot {table} is past the cache's {self.cache.blocks} blocks")
+            return list(range(table * n, (table + 1) * n))
+        return table
+
+    def prefill(self, table: Table, token_ids: Tensor, start: int = 0) -> Tensor:
+        """Runs `token_ids` [T] at positions start.. into the blocks of `table` (which must
+        cover them); returns the last logits [V]."""
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
-        self._prefill.prepare(slot, start, positions)
+        self._prefill.prepare(self.table(table), start, positions)
         run = Run(positions, self.rope, self._ops, dense_linear, self._prefill)
         x = self.model.hidden(token_ids.to(self.device), run, self._blocks)
         return dense_linear(self.model.head, x[-1:])[0].float()
 
-    def decode(self, slots: list[int], positions: list[int], token_ids: list[int]) -> Tensor:
-        """One step for B sequences: token_ids [B] at positions [B] in slots [B] -> logits [B, V].
-
-        `slots` must be sorted ascending; a row's result does not depend on the other rows.
-        """
+    def decode(self, tables: list[Table], positions: list[int], token_ids: list[int]) -> Tensor:
+        """One step for B sequences: token_ids [B] at positions [B] into the blocks of tables
+        [B] -> logits [B, V]. A row's result does not depend on the other rows."""
         positions_t = torch.tensor(positions, device=self.device)
-        self._decode.prepare(slots, positions, positions_t)
+        self._decode.prepare([self.table(t) for t in tables], positions, positions_t)
         linears = self.decode_linears
         run = Run(positions_t, self.rope, self._ops, linears, self._decode)
         x = self.model.hidden(torch.tensor(token_ids, device=self.device), run, self._blocks)

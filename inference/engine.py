@@ -1,11 +1,13 @@
-"""The generation engine: one thread steps continuous batching over the decoder's KV-cache slots.
+"""The generation engine: one thread steps continuous batching over the decoder's paged KV cache.
 
 Each step is schedule, run, postprocess: the scheduler (`inference.scheduler`) retires cancelled
-and expired sequences and admits waiting ones into free slots; the model runner
-(`inference.runner`) prefills the admitted prompts and decodes one token for every running
-sequence; each sequence's detokenizer (`inference.detokenizer`) turns its token into text and
-decides whether it ended. What happened in a step reaches the caller through one
-`notify(updates)` call per step, from the engine thread.
+and expired sequences, gives the decoding ones room for their next token (preempting when the
+cache is full) and plans prefill chunks within a token budget, admitting waiting sequences whose
+blocks fit (`inference.blocks`, with its prefix cache); the model runner (`inference.runner`)
+prefills the chunks and decodes one token for every decoding sequence; each sequence's
+detokenizer (`inference.detokenizer`) turns its token into text and decides whether it ended.
+What happened in a step reaches the caller through one `notify(updates)` call per step, from the
+engine thread.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from inference.blocks import BlockManager, BlockStats
 from inference.decoder import Decoder
 from inference.detokenizer import Detokenizer
 from inference.runner import ModelRunner, RunnerOutput
@@ -36,13 +39,16 @@ Notify = Callable[[list[Update]], None]
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_batch: int = 32  # running sequences (cache slots)
+    max_batch: int = 32  # running sequences
     max_queue: int = 64  # waiting requests beyond the running ones
-    # Prompt tokens prefilled per engine step (at least one whole prompt), so a burst of
-    # arrivals delays the running sequences' next token by a bounded amount.
-    prefill_budget: int = 2048
-    # Prompts are prefilled in chunks of this many tokens: bounds the attention scratch memory.
+    # Prompt tokens prefilled per engine step, in chunks across steps: a long prompt or a burst
+    # of arrivals delays the running sequences' next token by a bounded amount.
     prefill_chunk: int = 512
+    # The KV cache's memory; None: room for max_batch sequences of max_seq_len, at most half
+    # the memory available after loading the weights.
+    kv_cache_gib: float | None = None
+    block_size: int = 16  # positions per KV-cache block
+    prefix_cache: bool = True  # reuse the cached blocks of a shared prompt prefix
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     warmup: bool = True
@@ -57,6 +63,9 @@ class EngineStats:
     waiting: int
     steps: int
     generated_tokens: int
+    # The KV cache (`inference.blocks.BlockStats`): blocks in all, free, cached for reuse, and
+    # prompt tokens taken from the prefix cache since the start; None before loading.
+    cache: BlockStats | None = None
 
 
 class Engine:
@@ -66,9 +75,9 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.settings = settings = settings or EngineSettings()
         self.scheduler = Scheduler(
-            slots=settings.max_batch,
+            max_batch=settings.max_batch,
             max_queue=settings.max_queue,
-            prefill_budget=settings.prefill_budget,
+            prefill_chunk=settings.prefill_chunk,
         )
         self.runner = ModelRunner(
             self.model_dir,
@@ -77,6 +86,8 @@ class Engine:
             prefill_chunk=settings.prefill_chunk,
             threads=settings.threads,
             max_seq_len=settings.max_seq_len,
+            kv_cache_gib=settings.kv_cache_gib,
+            block_size=settings.block_size,
         )
         self._thread: threading.Thread | None = None
         self._notify: Notify = lambda updates: None
@@ -154,6 +165,11 @@ class Engine:
     def load(self) -> None:
         """Loads and warms the model in the calling thread (else `start` does it in its own)."""
         self.runner.load(warmup=self.settings.warmup)
+        self.scheduler.blocks = BlockManager(
+            self.runner.cache_blocks,
+            self.settings.block_size,
+            prefix_cache=self.settings.prefix_cache,
+        )
         self.scheduler.accepting = True
         self.ready.set()
 
@@ -208,6 +224,7 @@ class Engine:
             waiting=waiting,
             steps=self.runner.steps,
             generated_tokens=self._generated,
+            cache=self.scheduler.blocks.stats() if self.scheduler.blocks is not None else None,
         )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -222,7 +239,7 @@ class Engine:
         self._end_all(FinishReason.SHUTDOWN)
 
     def _postprocess(self, step: ScheduledStep, output: RunnerOutput) -> list[Update]:
-        """Each sampled token through its sequence's detokenizer; frees the slots of those that
+        """Each sampled token through its sequence's detokenizer; frees the blocks of those that
         ended. Returns what to notify: ends, and the tokens of streamed sequences."""
         updates = [_detokenizer(seq).end(reason) for seq, reason in step.retired]
         for seq in output.failed:

@@ -1,5 +1,6 @@
-"""The model runner: loads a model directory into the KV-cache decoder, runs a step's forward
-passes (prefills, then one decode over the running sequences) and samples their tokens."""
+"""The model runner: loads a model directory into the KV-cache decoder (its paged cache sized by a
+memory budget), runs a step's forward passes (prefill chunks, then one decode over the running
+sequences) and samples their tokens."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from safetensors import safe_open
 
 from inference import sampling
 from inference.decoder import Decoder
-from inference.scheduler import ScheduledStep
+from inference.scheduler import Chunk, ScheduledStep
 from inference.sequence import Sequence
 from modeling.artifact import load_model_dir, read_config
+from modeling.attention import KVCache
 from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
 from modeling.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -73,13 +75,20 @@ class ModelRunner:
         prefill_chunk: int = 512,
         threads: int | None = None,
         max_seq_len: int | None = None,
+        kv_cache_gib: float | None = None,
+        block_size: int = 16,
     ) -> None:
         self.model_dir = model_dir
+        # The KV cache's size; None: what `slots` sequences of max_seq_len need, at most half
+        # the memory left once the weights are loaded.
+        self.kv_cache_gib = kv_cache_gib
+        self.block_size = block_size
+        self.cache_blocks = 0
         # Caps a model's context below its max_position_embeddings (the KV cache is sized by it).
         self.max_seq_len_cap = max_seq_len
         self.slots = slots
         self.device_name = device
-        # Prompts are prefilled in chunks of this many tokens: bounds the attention scratch memory.
+        # At most this many prompt tokens per forward pass (the scheduler plans chunks no longer).
         self.prefill_chunk = prefill_chunk
         self.threads = threads
         self.decoder: Decoder | None = None
@@ -112,8 +121,16 @@ class ModelRunner:
         # saved dtype on GPUs, where bf16/fp16 halve the memory traffic of decode.
         saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw["dtype"] or "")
         dtype = saved if device.type == "cuda" and saved is not None else torch.float32
+        self.cache_blocks = self._cache_blocks(cfg, device, dtype)
         with torch.inference_mode():
-            self.decoder = Decoder(model, slots=self.slots, device=device, dtype=dtype)
+            self.decoder = Decoder(
+                model,
+                slots=self.slots,
+                device=device,
+                dtype=dtype,
+                blocks=self.cache_blocks,
+                block_size=self.block_size,
+            )
         del model
         self.tokenizer = tokenizer
         try:
@@ -141,8 +158,8 @@ class ModelRunner:
         if warmup:
             self._warm_up()
         log.info(
-            "model loaded from %s in %.2f s: %d layers, hidden %d, %s on %s, %d slots, "
-            "KV cache %.1f MiB",
+            "model loaded from %s in %.2f s: %d layers, hidden %d, %s on %s, batch %d, "
+            "KV cache %.1f MiB (%d blocks of %d tokens: %d tokens, %.1f sequences of %d)",
             self.model_dir,
             time.monotonic() - started,
             cfg.num_layers,
@@ -151,17 +168,45 @@ class ModelRunner:
             device,
             self.slots,
             self.decoder.cache_bytes() / 2**20,
+            self.cache_blocks,
+            self.block_size,
+            self.cache_blocks * self.block_size,
+            self.cache_blocks * self.block_size / cfg.max_seq_len,
+            cfg.max_seq_len,
         )
+
+    def _cache_blocks(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+        """Blocks of the KV cache: the budget given, else what `slots` sequences of max_seq_len
+        need, capped at half the memory available now (the weights are loaded); at least one
+        max_seq_len sequence's worth, or a ModelLoadError saying what to change."""
+        per_block = KVCache.block_bytes(cfg, self.block_size, dtype)
+        per_seq = -(-cfg.max_seq_len // self.block_size)
+        if self.kv_cache_gib is not None:
+            blocks = int(self.kv_cache_gib * 2**30 // per_block)
+            source = f"--kv-cache-gib {self.kv_cache_gib:g}"
+        else:
+            available = available_memory(device)
+            blocks = min(self.slots * per_seq, int(available // 2 // per_block))
+            source = f"half the {available / 2**30:.1f} GiB of memory available"
+        if blocks < per_seq:
+            need = per_seq * per_block / 2**30
+            raise ModelLoadError(
+                f"the KV cache ({source}) holds {blocks * self.block_size} tokens, fewer than "
+                f"one sequence of the context served ({cfg.max_seq_len} tokens, {need:.3f} GiB): "
+                "raise --kv-cache-gib (KILN_KV_CACHE_GIB) or lower --max-seq-len"
+            )
+        return blocks
 
     def _warm_up(self) -> None:
         """Runs every code path once: prefill, decode at each padded row count, sampling."""
         assert self.decoder is not None
         with torch.inference_mode():
             prompt = torch.zeros(min(16, self.max_seq_len - 2), dtype=torch.long)
-            logits = self.decoder.prefill(0, prompt)
+            table = list(range(-(-(len(prompt) + 1) // self.block_size)))
+            logits = self.decoder.prefill(table, prompt)
             slots = self.slots
             for rows in sorted({1, slots, *(r for r in self.decoder.buckets if r <= slots)}):
-                logits = self.decoder.decode(list(range(rows)), [len(prompt)] * rows, [0] * rows)
+                logits = self.decoder.decode([table] * rows, [len(prompt)] * rows, [0] * rows)
             sampling.greedy(logits)
             gens = [torch.Generator().manual_seed(0) for _ in range(rows)]
             sampling.sample(
@@ -175,23 +220,27 @@ class ModelRunner:
     # -- a step ----------------------------------------------------------------------------------
 
     def run(self, step: ScheduledStep) -> RunnerOutput:
-        """Prefills the admitted sequences (a failure fails that one), then one decode step for
-        the running ones (a failure, a bug or memory, fails them all, not the server)."""
+        """Prefills this step's chunks (a failure fails that sequence), then one decode step for
+        the decoding ones (a failure, a bug or memory, fails them all, not the server)."""
         assert self.decoder is not None
         out = RunnerOutput()
-        for seq in step.prefill:
+        for chunk in step.prefill:
+            seq = chunk.sequence
+            if seq in out.failed:
+                continue
             try:
-                token = self._prefill(seq)
+                token = self._prefill(chunk)
             except Exception:
                 log.exception("prefill failed for request %d", seq.id)
                 out.failed.append(seq)
                 continue
-            out.sampled.append((seq, token))
+            if token is not None:
+                out.sampled.append((seq, token))
         if step.decode:
             running = step.decode
             try:
                 logits = self.decoder.decode(
-                    [s.slot for s in running],
+                    [s.blocks for s in running],
                     [s.position for s in running],
                     [s.tokens[-1] for s in running],
                 )
@@ -201,22 +250,32 @@ class ModelRunner:
                 out.failed.extend(running)
             else:
                 self.steps += 1
+                for seq in running:
+                    seq.computed = seq.position + 1
                 out.sampled.extend(zip(running, tokens, strict=True))
         return out
 
-    def _prefill(self, seq: Sequence) -> int:
+    def _prefill(self, chunk: Chunk) -> int | None:
+        """Computes a chunk; at the sequence's last, returns its next token."""
         assert self.decoder is not None
-        chunk = self.prefill_chunk
-        ids = torch.tensor(seq.prompt, dtype=torch.long)
-        for start in range(0, len(seq.prompt), chunk):
-            logits = self.decoder.prefill(seq.slot, ids[start : start + chunk], start)
-        if seq.params.temperature > 0:
+        seq, step = chunk.sequence, self.prefill_chunk
+        ids = torch.tensor(seq.all_tokens[chunk.start : chunk.end], dtype=torch.long)
+        for start in range(0, len(ids), step):
+            at = chunk.start + start
+            logits = self.decoder.prefill(seq.blocks, ids[start : start + step], at)
+        seq.computed = chunk.end
+        seq.prefilled_tokens += chunk.end - chunk.start
+        if not chunk.last:
+            return None
+        seq.target = 0
+        if seq.params.temperature > 0 and seq.generator is None:
             seed = seq.params.seed
             if seed is None:
                 seed = int.from_bytes(os.urandom(8), "little") >> 1
             seq.generator = torch.Generator().manual_seed(seed)
         token = self._choose([seq], logits.unsqueeze(0))[0]
-        seq.first_token_at = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
         return token
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -238,3 +297,27 @@ class ModelRunner:
         for i, t in zip(sampled_rows, picked, strict=True):
             tokens[i] = t
         return tokens
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes of memory free for the KV cache on `device` now: on CPU the host's available
+    memory, or less where the container's cgroup limit leaves less."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # cgroup v2: a container's limit and what it uses now
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            return max(0, min(host, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return host

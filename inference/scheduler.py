@@ -1,9 +1,15 @@
-"""The scheduler: which sequences run in the next step, and which leave before it.
+"""The scheduler: which sequences run in the next step, what each computes, and who leaves.
 
-It holds the bounded waiting queue, the KV-cache slots and the running sequences. Each step it
-retires the running sequences that were cancelled or passed their deadline, admits waiting ones
-into free slots (within a prefill budget), and drops expired ones from the queue. Callers on
-other threads submit and cancel; everything else happens on the engine thread.
+It holds the bounded waiting queue, the running sequences (at most `max_batch`) and the KV-cache
+block manager (`inference.blocks`). Each step it retires the running sequences that were
+cancelled or passed their deadline; gives each decoding sequence room for its next token,
+preempting the most recently admitted sequence when no block is left (its blocks are freed and
+it waits at the head of the queue to be recomputed: prompt and generated tokens prefilled again,
+from the prefix cache where its blocks survived); then spends the step's prefill budget
+(`prefill_chunk` tokens) on the prompts being prefilled and on admitting waiting sequences whose
+blocks fit, taking any cached prefix of theirs from the prefix cache. A long prompt is thus
+prefilled a chunk per step while the running sequences keep decoding a token each step.
+Callers on other threads submit and cancel; everything else happens on the engine thread.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from inference.blocks import BlockManager
 from inference.sequence import FinishReason, Sequence
 
 
@@ -25,31 +32,54 @@ class NotAcceptingError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class ScheduledStep:
-    """One engine step: the sequences the model runs, and the ones the scheduler retired."""
+class Chunk:
+    """Prefill of tokens [start, end) of a sequence's prompt (then generated) tokens."""
 
-    prefill: list[Sequence]  # admitted now, each in its slot: prompt in, first token out
-    decode: list[Sequence]  # running before this step, by slot: one token each
-    retired: list[tuple[Sequence, FinishReason]]  # cancelled or past their deadline; slots freed
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """Whether the sequence's prefill completes: its next token is sampled."""
+        return self.end == self.sequence.target
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledStep:
+    """One engine step: what the model computes, and who the scheduler retired or preempted."""
+
+    prefill: list[Chunk]  # in admission order; a sequence's last chunk gives its next token
+    decode: list[Sequence]  # decoding before this step, in admission order: one token each
+    retired: list[tuple[Sequence, FinishReason]]  # cancelled or past their deadline; blocks freed
+    preempted: list[Sequence]  # blocks freed, back at the head of the queue to be recomputed
 
 
 class Scheduler:
-    """Admission, slots, the bounded queue, deadlines, cancellation and draining."""
+    """Admission, blocks, the bounded queue, preemption, deadlines, cancellation and draining."""
 
-    def __init__(self, *, slots: int, max_queue: int, prefill_budget: int) -> None:
-        self.slots = slots
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_queue: int,
+        prefill_chunk: int,
+        blocks: BlockManager | None = None,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.max_batch = max_batch
         self.max_queue = max_queue
-        # Prompt tokens prefilled per step (at least one whole prompt), so a burst of arrivals
-        # delays the running sequences' next token by a bounded amount.
-        self.prefill_budget = prefill_budget
+        # Prompt tokens prefilled per step: bounds how long the running sequences wait for their
+        # next token while prompts arrive.
+        self.prefill_chunk = prefill_chunk
+        self.blocks = blocks  # set when the model is loaded (the cache's size is known then)
         self.accepting = False
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[Sequence] = set()
         self._stopping = False
-        # Lowest slot first: keeps the batch dense (attention reads slots [0, highest]).
-        self._free_slots = list(range(slots - 1, -1, -1))
-        self.running: list[Sequence] = []  # by slot; the engine thread's
+        self.running: list[Sequence] = []  # in admission order; the engine thread's
 
     # -- from any thread -------------------------------------------------------------------------
 
@@ -58,8 +88,8 @@ class Scheduler:
         with self._cond:
             if self._stopping or not self.accepting:
                 raise NotAcceptingError("shutting down" if self._stopping else "model not ready")
-            running = self.slots - len(self._free_slots)
-            if running + len(self._waiting) >= self.slots + self.max_queue:
+            running = len(self.running)
+            if running + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise QueueFullError(f"{running} requests running and {len(self._waiting)} waiting")
             self._waiting.append(sequence)
             self._cond.notify()
@@ -90,6 +120,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """Waits for work, then plans the next step; None once the engine is stopping."""
+        assert self.blocks is not None, "the scheduler needs the block manager before a step"
         with self._cond:
             while not (self._waiting or self.running or self._cancelled or self._stopping):
                 self._cond.wait()
@@ -98,27 +129,40 @@ class Scheduler:
             cancelled, self._cancelled = self._cancelled, set()
             now = time.monotonic()
             retired: list[tuple[Sequence, FinishReason]] = []
-            decode: list[Sequence] = []
-            for seq in self.running:
+            for seq in list(self.running):
                 if seq in cancelled or seq.deadline <= now:
                     reason = FinishReason.CANCELLED if seq in cancelled else FinishReason.TIMEOUT
                     self._retire(seq, reason, retired)
-                else:
-                    decode.append(seq)
-            prefill = self._admit(cancelled, now, retired)
+            preempted: list[Sequence] = []
+            decode = [
+                seq
+                for seq in list(self.running)
+                if not seq.target and seq.running and self._room(seq, preempted)
+            ]
+            prefill = self._prefills(cancelled, now, retired)
             # Cancels of sequences still waiting stay pending until they are popped.
             self._cancelled |= {s for s in cancelled if s in self._waiting}
-            self.running = sorted(decode + prefill, key=lambda s: s.slot) if prefill else decode
-        return ScheduledStep(prefill, decode, retired)
+        return ScheduledStep(prefill, decode, retired, preempted)
 
     def release(self, sequence: Sequence) -> None:
-        """Frees the slot of a sequence that ended in this step (its `finish` is set)."""
+        """Frees the blocks of a sequence that ended in this step (its `finish` is set)."""
         with self._cond:
             self._free(sequence)
 
     def end_step(self) -> None:
-        """Drops the sequences that ended in this step from the running ones."""
+        """Drops the sequences that ended in this step from the running ones, and registers the
+        blocks the step filled in the prefix cache."""
         self.running = [s for s in self.running if s.finish is None]
+        blocks = self.blocks
+        assert blocks is not None
+        bs = blocks.block_size
+        for seq in self.running:
+            full = seq.computed // bs
+            if full > seq.registered:
+                seq.digests = blocks.digests(seq.all_tokens[: full * bs], seq.digests)
+                for i in range(seq.registered, full):
+                    blocks.register(seq.blocks[i], seq.digests[i])
+                seq.registered = full
 
     def drain(self) -> list[Sequence]:
         """Every sequence still running or waiting, taken out of the scheduler."""
@@ -127,42 +171,106 @@ class Scheduler:
         running, self.running = self.running, []
         return [s for s in (*running, *waiting) if s.finish is None]
 
-    def _admit(
+    def _room(self, seq: Sequence, preempted: list[Sequence]) -> bool:
+        """Gives a decoding sequence a block for its next position when it needs one, preempting
+        the most recently admitted running sequence while none is left; False when that was
+        `seq` itself (lock held)."""
+        blocks = self.blocks
+        assert blocks is not None
+        while len(seq.blocks) * blocks.block_size <= seq.position:
+            if blocks.available():
+                seq.blocks += blocks.allocate(1)
+                continue
+            victim = self.running[-1]
+            self._preempt(victim, preempted)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        self._free(seq)
+        self.running.remove(seq)
+        seq.computed = seq.registered = seq.target = 0
+        seq.preemptions += 1
+        preempted.append(seq)
+        # Ahead of new arrivals; the earlier admitted of several preempted first.
+        self._waiting.appendleft(seq)
+
+    def _prefills(
         self, cancelled: set[Sequence], now: float, retired: list[tuple[Sequence, FinishReason]]
-    ) -> list[Sequence]:
-        """Pops waiting sequences into free slots, within the prefill budget (lock held)."""
-        admitted: list[Sequence] = []
-        budget = self.prefill_budget
-        while self._waiting and self._free_slots:
+    ) -> list[Chunk]:
+        """This step's prefill chunks within the budget: the prompts being prefilled first, then
+        waiting sequences admitted while their blocks fit (lock held)."""
+        blocks = self.blocks
+        assert blocks is not None
+        budget = self.prefill_chunk
+        chunks: list[Chunk] = []
+        for seq in self.running:
+            if budget and seq.target:
+                end = min(seq.target, seq.computed + budget)
+                chunks.append(Chunk(seq, seq.computed, end))
+                budget -= end - seq.computed
+        while budget and self._waiting and len(self.running) < self.max_batch:
             seq = self._waiting[0]
-            if admitted and len(seq.prompt) > budget:
-                break
-            self._waiting.popleft()
             if seq in cancelled or seq.deadline <= now:
-                # It never takes a slot.
+                # It never takes a block.
+                self._waiting.popleft()
                 cancelled.discard(seq)
                 reason = FinishReason.CANCELLED if seq.deadline > now else FinishReason.TIMEOUT
                 self._retire(seq, reason, retired)
                 continue
-            seq.slot = self._free_slots.pop()
-            seq.admitted_at = now
-            budget -= len(seq.prompt)
-            admitted.append(seq)
-        # Waiting sequences past their deadline leave the queue now, not when a slot frees.
+            if blocks.blocks_for(len(seq.prompt) + len(seq.tokens)) > blocks.blocks:
+                # Longer than the whole cache (the engine sizes it for max_seq_len): never fits.
+                self._waiting.popleft()
+                self._retire(seq, FinishReason.ERROR, retired)
+                continue
+            if not self._admit(seq):
+                break  # the head of the queue waits for blocks to free; order is kept
+            self._waiting.popleft()
+            if seq.admitted_at is None:
+                seq.admitted_at = now
+            self.running.append(seq)
+            end = min(seq.target, seq.computed + budget)
+            chunks.append(Chunk(seq, seq.computed, end))
+            budget -= end - seq.computed
+        # Waiting sequences past their deadline leave the queue now, not when blocks free.
         expired = [s for s in self._waiting if s.deadline <= now]
         for seq in expired:
             self._waiting.remove(seq)
             self._retire(seq, FinishReason.TIMEOUT, retired)
-        return admitted
+        return chunks
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Takes the blocks of everything the sequence has (prompt, and generated tokens after a
+        preemption), its cached prefix from the prefix cache; False if they do not fit."""
+        blocks = self.blocks
+        assert blocks is not None
+        tokens = seq.all_tokens
+        target, bs = len(tokens), blocks.block_size
+        seq.digests = blocks.digests(tokens, seq.digests)
+        # At least one token is computed: its logits choose the next token.
+        hit = blocks.cached_prefix(seq.digests, (target - 1) // bs)
+        need = blocks.blocks_for(target) - len(hit)
+        if need > blocks.available() - blocks.unheld(hit):
+            return False
+        blocks.take(hit)
+        seq.blocks = hit + blocks.allocate(need)
+        seq.computed, seq.registered, seq.target = len(hit) * bs, len(hit), target
+        seq.cached_tokens += len(hit) * bs
+        seq.running = True
+        return True
 
     def _retire(
         self, seq: Sequence, reason: FinishReason, retired: list[tuple[Sequence, FinishReason]]
     ) -> None:
         self._free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
         retired.append((seq, reason))
 
     def _free(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
-            self._free_slots.sort(reverse=True)
-            seq.slot = -1
+        if seq.running:
+            assert self.blocks is not None
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+            seq.running = False

@@ -52,13 +52,29 @@ class Sequence:
     # notified, which spares the event loop a wake-up per step.
     stream: bool = False
     id: int = field(default_factory=itertools.count().__next__)
-    slot: int = -1
     tokens: list[int] = field(default_factory=list)  # generated, end-of-sequence left out
+    # The KV cache (`inference.blocks`): the blocks of its positions, the digests of its full
+    # blocks (for the prefix cache) and how many of those are registered there.
+    blocks: list[int] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    registered: int = 0
+    computed: int = 0  # leading tokens (prompt, then generated) whose keys and values are cached
+    # While prefilling: the tokens to compute before its next token is sampled (the prompt, or
+    # after a preemption the prompt and what it had generated); 0 once it decodes.
+    target: int = 0
+    running: bool = False  # holds blocks (admitted and not preempted or ended)
+    prefilled_tokens: int = 0  # tokens this sequence's prefills computed, recomputes included
+    cached_tokens: int = 0  # tokens taken from the prefix cache instead
+    preemptions: int = 0
     generator: torch.Generator | None = None
     finish: FinishReason | None = None
     admitted_at: float | None = None
     first_token_at: float | None = None
     detokenizer: Detokenizer | None = None  # set when the engine accepts the sequence
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt + self.tokens
 
     @property
     def position(self) -> int:

@@ -96,13 +96,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--max-batch",
         type=positive_int,
         default=_env_default(env, ServerEnv.MAX_BATCH, 32),
-        help="sequences decoded together (KV-cache slots) (default: $KILN_MAX_BATCH or 32)",
+        help="sequences running together (default: $KILN_MAX_BATCH or 32)",
     )
     p.add_argument(
         "--max-queue",
         type=non_negative_int,
         default=_env_default(env, ServerEnv.MAX_QUEUE, 64),
-        help="requests waiting for a slot before 503s (default: $KILN_MAX_QUEUE or 64)",
+        help="requests waiting to run before 503s (default: $KILN_MAX_QUEUE or 64)",
     )
     p.add_argument(
         "--request-timeout",
@@ -122,8 +122,24 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--max-seq-len",
         type=positive_int,
         default=_env_default(env, ServerEnv.MAX_SEQ_LEN, None),
-        help="context served, prompt and answer together; sizes the KV cache (default: "
-        "$KILN_MAX_SEQ_LEN, else the model's max_position_embeddings)",
+        help="context served, prompt and answer together (default: $KILN_MAX_SEQ_LEN, else "
+        "the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--kv-cache-gib",
+        type=positive_float,
+        default=_env_default(env, ServerEnv.KV_CACHE_GIB, None),
+        help="memory of the paged KV cache, in GiB; it must hold one sequence of --max-seq-len "
+        "at least (default: $KILN_KV_CACHE_GIB, else room for --max-batch sequences of "
+        "--max-seq-len, at most half the memory available once the weights are loaded)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=_env_default(env, ServerEnv.PREFILL_CHUNK, 512),
+        help="prompt tokens prefilled per engine step, between decode steps: a long prompt is "
+        "prefilled in chunks while running streams keep decoding (default: "
+        "$KILN_PREFILL_CHUNK or 512)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -209,6 +225,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             device=args.device,
             threads=args.threads,
             max_seq_len=args.max_seq_len,
+            kv_cache_gib=args.kv_cache_gib,
+            prefill_chunk=args.prefill_chunk,
         ),
     )
     events = EventPublisher(event_settings)

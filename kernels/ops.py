@@ -45,6 +45,8 @@ OP_NAMES = (
     "panel_linear_out",
     "decode_attention",
     "decode_attention_out",
+    "paged_decode_attention",
+    "paged_decode_attention_out",
 )
 
 
@@ -74,6 +76,13 @@ def _load() -> tuple[Path | None, str]:
         except (OSError, RuntimeError) as err:  # built for another torch, or a broken build
             errors.append(f"{path}: {err}")
             continue
+        # A build from older sources lacks the newer ops: use the references, and say so.
+        missing = [name for name in OP_NAMES if not hasattr(torch.ops.kiln, name)]
+        if missing:
+            return None, (
+                f"{path} is a stale build without {', '.join(missing)} (run `make kernels` or "
+                "`pip install --no-build-isolation -e ./kernels`)"
+            )
         return path, ""
     if errors:
         return None, "could not load " + "; ".join(errors)
@@ -215,6 +224,29 @@ if HAVE_EXTENSION:
     ) -> Tensor:
         return query.new_empty(query.shape)
 
+    @torch.library.register_fake("kiln::paged_decode_attention_out")
+    def _paged_decode_attention_out_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        lengths: Tensor,
+        scale: float,
+        out: Tensor,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("kiln::paged_decode_attention")
+    def _paged_decode_attention_fake(
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        lengths: Tensor,
+        scale: float,
+    ) -> Tensor:
+        return query.new_empty(query.shape)
+
     # -- autograd: each backward is itself a kiln op, so torch.compile traces fwd+bwd whole --
 
     def _rms_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -347,6 +379,18 @@ panel_linear = _choose("panel_linear", _not_cpu_float32)
 panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
 decode_attention = _choose("decode_attention", _not_cpu_float32)
 decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
+
+
+def _paged_unsupported(t: Tensor) -> str | None:
+    """The paged decode op runs on CPU in float32 and, with the CUDA kernels, on CUDA in any
+    kernel dtype."""
+    if t.device.type == "cuda":
+        return None if HAVE_CUDA_KERNELS else "the extension was built without CUDA kernels"
+    return _not_cpu_float32(t)
+
+
+paged_decode_attention = _choose("paged_decode_attention", _paged_unsupported)
+paged_decode_attention_out = _choose("paged_decode_attention_out", _paged_unsupported)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -232,3 +232,39 @@ def decode_attention_out(
     out: Tensor,
 ) -> None:
     out.copy_(decode_attention(query, key_cache, value_cache, slots, lengths, scale))
+
+
+def paged_decode_attention(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """decode_attention over a paged cache: caches [blocks, Hkv, block_size, D]; sequence b's
+    position l is at row l % block_size of block block_tables[b, l // block_size]."""
+    block = key_cache.shape[2]
+    group = query.shape[1] // key_cache.shape[1]
+    out = torch.empty_like(query)
+    for b, length in enumerate(lengths.tolist()):
+        ids = block_tables[b, : -(-length // block)]
+        # [n, Hkv, block, D] -> [Hkv, n * block, D], cut to the length.
+        k = key_cache[ids].transpose(0, 1).flatten(1, 2)[:, :length]
+        v = value_cache[ids].transpose(0, 1).flatten(1, 2)[:, :length]
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hld->hl", query[b].float(), k.float()) * scale
+        out[b] = torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), v.float())
+    return out
+
+
+def paged_decode_attention_out(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+    scale: float,
+    out: Tensor,
+) -> None:
+    out.copy_(paged_decode_attention(query, key_cache, value_cache, block_tables, lengths, scale))

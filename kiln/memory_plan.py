@@ -14,6 +14,7 @@ activations are rebuilt at a time.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,17 +129,37 @@ def shape_from_hf_config(config: dict[str, Any], name: str) -> ModelShape:
         raise PlanError(f"{name}: config.json lacks a Llama-family field ({err})") from None
 
 
-def resolve_shape(model: str) -> ModelShape:
-    """A preset's or released model's name (`SHAPES`), or a local model directory."""
+# Reads an object's bytes by its s3:// URI; raises PlanError saying what went wrong.
+ReadS3 = Callable[[str], bytes]
+
+
+def _config(text: bytes | str, where: str, name: str) -> ModelShape:
+    try:
+        config = json.loads(text)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise PlanError(f"{where} is not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{where} holds {type(config).__name__}, not a JSON object")
+    return shape_from_hf_config(config, name)
+
+
+def resolve_shape(model: str, *, read_s3: ReadS3 | None = None) -> ModelShape:
+    """A preset's or released model's name (`SHAPES`), a local model directory, or an s3://
+    model directory (its config.json read with `read_s3`)."""
     if model in SHAPES:
         return SHAPES[model]
+    if model.startswith("s3://"):
+        if read_s3 is None:
+            raise PlanError(f"--model {model}: reading a model from S3 needs AWS access here")
+        uri = model.rstrip("/") + "/config.json"
+        return _config(read_s3(uri), uri, model)
     path = Path(model) / "config.json"
     if not path.is_file():
         raise PlanError(
-            f"--model {model!r} is neither a known shape ({', '.join(SHAPES)}) nor a directory "
-            "with a config.json"
+            f"--model {model!r} is neither a known shape ({', '.join(SHAPES)}), nor a directory "
+            "with a config.json, nor an s3:// model directory"
         )
-    return shape_from_hf_config(json.loads(path.read_text()), str(model))
+    return _config(path.read_bytes(), str(path), model)
 
 
 @dataclass(frozen=True)

@@ -602,6 +602,17 @@ def rollout_problems(serving: ServingSettings) -> list[str]:
                 "endpoint can run 1 instance, or a smaller step, or a larger "
                 "autoscaling.min_instances"
             )
+    elif (
+        deployment.traffic == "linear"
+        and deployment.step_instances is None
+        and (deployment.step_percent < 10)
+    ):
+        # A CAPACITY_PERCENT step is judged as given, before any rounding to instances.
+        problems.append(
+            f"serving.deployment.step_percent: {deployment.step_percent} is below what "
+            "SageMaker allows for a linear step (TrafficRoutingConfig.LinearStepSize: "
+            "10 to 50 percent); allowed: 10 to 50"
+        )
     elif deployment.traffic == "linear":
         refused = [n for n in sizes if not 10 * n <= 100 * step_instances(deployment, n) <= 50 * n]
         if refused:
@@ -865,28 +876,8 @@ class Settings(StrictModel):
         unavailable = serving_instances.region_problem(serving.instance_type, self.region)
         if unavailable:
             problems.append(f"serving.instance_type: {serving.instance_type}: {unavailable}")
-        # SageMaker API Reference, TrafficRoutingConfig: "LinearStepSize ... Value must be
-        # 10-50% of the variant's total instance count"; CanarySize at most 50%.
-        deployment = serving.deployment
-        if deployment.traffic == "linear" and deployment.step_percent < 10:
-            problems.append(
-                f"serving.deployment.step_percent: {deployment.step_percent} is below what "
-                "SageMaker allows for a linear step (TrafficRoutingConfig.LinearStepSize: "
-                "10 to 50 percent); allowed: 10 to 50"
-            )
-        # SageMaker API Reference, BlueGreenUpdatePolicy: MaximumExecutionTimeoutInSeconds
-        # "should be larger than the total waiting time specified in TerminationWaitInSeconds
-        # and WaitIntervalInSeconds".
-        steps = 1 if deployment.traffic == "canary" else -(-100 // deployment.step_percent)
-        waiting = steps * deployment.wait_minutes + deployment.termination_wait_minutes
-        if deployment.max_deployment_minutes <= waiting:
-            problems.append(
-                f"serving.deployment.max_deployment_minutes: {deployment.max_deployment_minutes} "
-                f"is not larger than the deployment's total waiting time ({steps} x "
-                f"wait_minutes {deployment.wait_minutes} + termination_wait_minutes "
-                f"{deployment.termination_wait_minutes} = {waiting}), which SageMaker "
-                f"requires (BlueGreenUpdatePolicy); set it above {waiting}"
-            )
+        # The deployment's documented limits (CanarySize, LinearStepSize, the blue/green
+        # timeout against its waits) are ServingSettings.rollout_problems', per fleet size.
         # Redshift Management Guide, "Compute capacity for Amazon Redshift Serverless": base
         # capacity up to 512 RPUs in steps of 8; 512 to 1024 in steps of 32, in five regions.
         base = self.warehouse.serverless.base_capacity

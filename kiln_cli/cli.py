@@ -134,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer_args=tuple(args.trainer_args),
         model=args.model,
         team=args.team,
+        operator=args.operator,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -153,23 +154,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write(_rows(started.summary))
         namespace, queue = train.team_queue(aws.settings, args.team)
         # Queue, admission, nodes, pods, until the pods run (and their first GPU reading).
-        gpu_cluster.follow_run(
-            gpu_cluster.RunWatch(
-                gpu_cluster.Kubectl(),
-                namespace=namespace,
-                queue=queue,
-                job=started.job,
-                started=datetime.now(UTC) - timedelta(seconds=5),
-            ),
-            aws=aws,
-            cluster=aws.output(Outputs.CLUSTER_NAME),
-            emit=print,
-            sleep=time.sleep,
-            until="running",
-            timeout=args.follow_hours * 3600,
-        )
+        if args.follow_hours > 0:
+            gpu_cluster.follow_run(
+                gpu_cluster.RunWatch(
+                    gpu_cluster.Kubectl(),
+                    namespace=namespace,
+                    queue=queue,
+                    job=started.job,
+                    started=datetime.now(UTC) - timedelta(seconds=5),
+                ),
+                aws=aws,
+                cluster=aws.output(Outputs.CLUSTER_NAME),
+                emit=print,
+                sleep=time.sleep,
+                until="running",
+                timeout=args.follow_hours * 3600,
+            )
         print(
             f"follow it: kubectl logs -f -n {namespace} -l {training_job.JOB_LABEL}={started.job}"
+        )
+        kinds = "trainjob,trainingruntime" if args.operator == "trainer" else "job,service"
+        print(
+            f"remove it: kubectl delete {kinds} -n {namespace} "
+            f"-l {training_job.JOB_LABEL}={started.job}"
         )
         return 0
     if args.apply:
@@ -370,6 +377,7 @@ def _add_train(commands: Any) -> None:
         help="EKS: model for the memory plan (a shape such as llama-3-8b, a trainer preset, or a "
         "local Hugging Face directory); a preset or s3:// directory also goes to the trainer",
     )
+    training_job.add_operator_argument(run, prefix="EKS: ")
     run.add_argument(
         "--apply",
         action="store_true",
@@ -385,8 +393,8 @@ def _add_train(commands: Any) -> None:
         "--follow-hours",
         type=float,
         default=6.0,
-        help="EKS --apply: how long to follow a queued run before handing back "
-        "(default: %(default)s)",
+        help="EKS --apply: how long to follow a queued run before handing back; 0: do not "
+        "follow (default: %(default)s)",
     )
     run.add_argument(
         "trainer_args",

@@ -2,8 +2,12 @@
 
 Without an operator (`operator="none"`) a run is an Indexed Job, one pod per node, plus a
 headless Service that gives pod 0 a stable DNS name; torchrun's c10d rendezvous is hosted by
-pod 0's agent on port 29400. With the Kubeflow training operator installed
-(`operator="kubeflow"`) it is a `PyTorchJob` (kubeflow.org/v1) with Master and Worker replicas.
+pod 0's agent on port 29400. With Kubeflow Trainer v2 installed (`operator="trainer"`,
+validated against release `TRAINER_RELEASE`) it is a `TrainJob` (trainer.kubeflow.org/v1alpha1)
+and the namespaced `TrainingRuntime` it references: the same pod template and Job failure
+policy as the Indexed Job, inside the runtime's JobSet template, one runtime per run so that a
+run's settings never change under another's. The Kubeflow training operator's `PyTorchJob`
+(kubeflow.org/v1, `operator="kubeflow"`) is retired upstream and refused with a pointer here.
 
 The trainer's contract: every pod runs `torchrun ... -m <module> <trainer args>` and finds
 
@@ -14,7 +18,13 @@ The trainer's contract: every pod runs `torchrun ... -m <module> <trainer args>`
 plus `FI_PROVIDER=efa` (and `FI_EFA_USE_DEVICE_RDMA=1` on GPUDirect RDMA types) when the pods
 get EFA interfaces. Objects are plain dicts; `to_yaml` writes them as one multi-document YAML.
 Remove an operator-less run with `kubectl delete job,service -l kiln.dev/training-job=<name>
--n <namespace>`: the Job's TTL removes the Job and its pods, not the Service.
+-n <namespace>` (the Job's TTL removes the Job and its pods, not the Service), a Trainer run
+with `kubectl delete trainjob,trainingruntime -l kiln.dev/training-job=<name> -n <namespace>`.
+
+Labels and annotations reach the objects through two helpers only: `workload_metadata` (the
+object a queue admits: the Job or the TrainJob) and `pod_metadata` (every pod template), fed by
+the spec's `workload_labels` and `pod_annotations` (a Kueue queue name, Karpenter's
+do-not-disrupt).
 """
 
 from __future__ import annotations
@@ -24,24 +34,33 @@ import ipaddress
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
-from kiln.contract import (
-    DO_NOT_DISRUPT,
-    GPU_POOL_LABEL,
-    GPU_TAINT,
-    QUEUE_LABEL,
-    TRAINING_JOB_LABEL,
-    TrainerEnv,
-)
+from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
-from kiln.memory_plan import Plan, PlanError, advice, plan, resolve_shape, trainer_settings
+from kiln.memory_plan import (
+    Plan,
+    PlanError,
+    ReadS3,
+    advice,
+    plan,
+    resolve_shape,
+    trainer_settings,
+)
 
-Operator = Literal["none", "kubeflow"]
+Operator = Literal["none", "trainer"]
+# Operators kiln rendered once, and what to use instead.
+RETIRED_OPERATORS = {
+    "kubeflow": (
+        "the Kubeflow training operator's PyTorchJob (kubeflow.org/v1) is retired in favour of "
+        "Kubeflow Trainer v2; install Trainer {release} and use --operator trainer (TrainJob), "
+        "or --operator none (Indexed Job, no operator needed)"
+    ),
+}
 NcclDebug = Literal["VERSION", "WARN", "INFO", "TRACE"]
 
 # The trainer reads these (`python -m training.train`).
@@ -49,7 +68,14 @@ CHECKPOINT_DIR_ENV = TrainerEnv.CHECKPOINT_DIR
 OUTPUT_DIR_ENV = TrainerEnv.OUTPUT_DIR
 JOB_NAME_ENV = TrainerEnv.JOB_NAME
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
-RESERVED_ENV = frozenset({CHECKPOINT_DIR_ENV, OUTPUT_DIR_ENV, JOB_NAME_ENV, COMPLETION_INDEX_ENV})
+# torchrun reads PET_<FLAG> as the default of --<flag>; Trainer v2 sets these five itself.
+TORCHRUN_ENV = frozenset(
+    {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+)
+RESERVED_ENV = (
+    frozenset({CHECKPOINT_DIR_ENV, OUTPUT_DIR_ENV, JOB_NAME_ENV, COMPLETION_INDEX_ENV})
+    | TORCHRUN_ENV
+)
 
 # What the compute stack puts on the GPU node group (taint and labels).
 GPU_TOLERATION = {**GPU_TAINT, "operator": "Equal"}
@@ -57,15 +83,21 @@ NODE_POOL_LABEL = GPU_POOL_LABEL
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
-JOB_LABEL = TRAINING_JOB_LABEL
+JOB_LABEL = "kiln.dev/training-job"
 
 RENDEZVOUS_PORT = 29400
 # EKS clusters always use this DNS domain; it cannot be changed there.
 CLUSTER_DOMAIN = "cluster.local"
 TRAINER_CONTAINER = "trainer"
-# The training operator finds the container to configure, and its port, by these names.
-KUBEFLOW_CONTAINER = "pytorch"
-KUBEFLOW_PORT_NAME = "pytorchjob-port"
+
+# Kubeflow Trainer v2: the release whose CRDs the tests validate against (tests/kiln_cli/schemas).
+TRAINER_RELEASE = "v2.3.0"
+TRAINER_API_GROUP = "trainer.kubeflow.org"
+TRAINER_API_VERSION = f"{TRAINER_API_GROUP}/v1alpha1"
+# The trainer configures the container named `node` of the replicated job that carries this
+# ancestor label: it sets its PET_* env, and its pods are `<run>-node-0-<index>.<run>`.
+TRAINER_NODE = "node"
+TRAINER_ANCESTOR_LABEL = (f"{TRAINER_API_GROUP}/trainjob-ancestor-step", "trainer")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Service names are DNS-1035 labels (they start with a letter); the Job shares its name.
@@ -75,6 +107,10 @@ _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A label or annotation key: an optional DNS-subdomain prefix and a name of up to 63 characters.
+_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _MAX_DNS_LABEL = 63
 
 
@@ -160,6 +196,44 @@ def _choice(value: object, choices: Any, optional: bool = False) -> str | None:
     return f"{value!r} is not one of: {', '.join(allowed)}"
 
 
+def _operator_problem(value: object) -> str | None:
+    if isinstance(value, str) and value in RETIRED_OPERATORS:
+        return RETIRED_OPERATORS[value].format(release=TRAINER_RELEASE)
+    return _choice(value, Operator)
+
+
+def _key_problem(key: object) -> str | None:
+    """Why `key` is not a Kubernetes label or annotation key, or None."""
+    if not isinstance(key, str):
+        return f"{key!r} is not a string"
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return f"{key!r}: the prefix {prefix!r} is not a DNS subdomain"
+    if not _QUALIFIED_NAME.fullmatch(name):
+        return (
+            f"{key!r}: the name {name!r} must be 1-63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return None
+
+
+def _metadata_problem(values: Mapping[Any, object], *, labels: bool) -> str | None:
+    problems = []
+    for key, value in values.items():
+        if (problem := _key_problem(key)) is not None:
+            problems.append(problem)
+        elif isinstance(key, str) and key.startswith("kiln.dev/"):
+            problems.append(f"{key}: the kiln.dev/ prefix is kiln's own")
+        elif not isinstance(value, str):
+            problems.append(f"{key}: the value must be a string; got {value!r}")
+        elif labels and not _LABEL_VALUE.fullmatch(value):
+            problems.append(
+                f"{key}: {value!r} is not a label value (at most 63 letters, digits, '-', '_' "
+                "or '.', starting and ending with a letter or digit)"
+            )
+    return "; ".join(problems) or None
+
+
 def _dns_label_problem(value: object) -> str | None:
     if isinstance(value, str) and len(value) <= _MAX_DNS_LABEL and _DNS_LABEL.fullmatch(value):
         return None
@@ -231,15 +305,18 @@ class TrainingJobSpec:
     ttl_seconds_after_finished: int = 3 * 24 * 3600
     nccl_debug: NcclDebug | None = None
     operator: Operator = "none"
-    # The Kueue LocalQueue (in `namespace`) the run waits in; None: no queue (a cluster
-    # without Kueue).
-    queue: str | None = None
+    # Labels for the object a queue admits (the Job, or the TrainJob), e.g. Kueue's queue name.
+    workload_labels: Mapping[str, str] = field(default_factory=dict)
+    # Annotations on every pod, e.g. Karpenter's `karpenter.sh/do-not-disrupt`.
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.trainer_args, str | bytes):
             raise TrainingJobError([("trainer_args", "give a list of arguments, not one string")])
         object.__setattr__(self, "trainer_args", tuple(self.trainer_args))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+        object.__setattr__(self, "workload_labels", MappingProxyType(dict(self.workload_labels)))
+        object.__setattr__(self, "pod_annotations", MappingProxyType(dict(self.pod_annotations)))
         problems = [(arg, message) for arg, message in self._checks() if message is not None]
         if problems:
             raise TrainingJobError(problems)
@@ -247,7 +324,7 @@ class TrainingJobSpec:
     def _checks(self) -> list[tuple[str, str | None]]:
         """(argument, what is wrong or None) for every argument, in the order they are listed."""
         return [
-            ("operator", _choice(self.operator, Operator)),
+            ("operator", _operator_problem(self.operator)),
             ("name", self._name_problem()),
             ("namespace", _dns_label_problem(self.namespace)),
             ("image", _image_problem(self.image)),
@@ -265,7 +342,8 @@ class TrainingJobSpec:
             ("active_deadline_seconds", _whole_problem(self.active_deadline_seconds, 1, True)),
             ("ttl_seconds_after_finished", _whole_problem(self.ttl_seconds_after_finished, 0)),
             ("nccl_debug", _choice(self.nccl_debug, NcclDebug, optional=True)),
-            ("queue", None if self.queue is None else _dns_label_problem(self.queue)),
+            ("workload_labels", _metadata_problem(self.workload_labels, labels=True)),
+            ("pod_annotations", _metadata_problem(self.pod_annotations, labels=False)),
         ]
 
     def _name_problem(self) -> str | None:
@@ -275,9 +353,10 @@ class TrainingJobSpec:
                 f"{name!r} is not a DNS-1035 label (lowercase letters, digits and '-', "
                 "starting with a letter and ending with a letter or digit)"
             )
-        # Pod hostnames are DNS labels too: `<name>-<index>`, or `<name>-worker-<index>`.
+        # Pod hostnames are DNS labels too: `<name>-<index>`, or the JobSet's
+        # `<name>-node-0-<index>` under the trainer.
         last = max(self.nodes - 1, 0) if _is_int(self.nodes) else 0
-        suffix = f"-worker-{max(last - 1, 0)}" if self.operator == "kubeflow" else f"-{last}"
+        suffix = f"-{TRAINER_NODE}-0-{last}" if self.operator == "trainer" else f"-{last}"
         room = _MAX_DNS_LABEL - len(suffix)
         if len(name) > room:
             return (
@@ -375,9 +454,15 @@ class TrainingJobSpec:
         """Pod 0's fully qualified name and the c10d port.
 
         The full name matches the first name kubelet writes for pod 0 in its /etc/hosts, so
-        torchrun on pod 0 knows it hosts the store without waiting for DNS to list it.
+        torchrun on pod 0 knows it hosts the store without waiting for DNS to list it. Under
+        the trainer, pod 0 is the JobSet's `<run>-node-0-0` in the subdomain `<run>` (the host
+        of the trainer's own PET_MASTER_ADDR, fully qualified).
         """
-        host = f"{self.name}-0.{self.service_name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+        if self.operator == "trainer":
+            pod0, subdomain = f"{self.name}-{TRAINER_NODE}-0-0", self.name
+        else:
+            pod0, subdomain = f"{self.name}-0", self.service_name
+        host = f"{pod0}.{subdomain}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
         return f"{host}:{RENDEZVOUS_PORT}"
 
     @property
@@ -391,25 +476,7 @@ class TrainingJobSpec:
         }
 
 
-def pod_metadata(spec: TrainingJobSpec) -> dict[str, Any]:
-    """The metadata of every pod template of a run, whatever object carries it (the one place
-    it is written): the run's labels, its queue, and `karpenter.sh/do-not-disrupt`, so
-    Karpenter never consolidates or drifts a node away under a running step."""
-    return {
-        "labels": workload_labels(spec),
-        "annotations": {DO_NOT_DISRUPT: "true"},
-    }
-
-
-def workload_labels(spec: TrainingJobSpec) -> dict[str, str]:
-    """Labels of the objects Kueue admits (and their pods): the run's, plus its LocalQueue."""
-    labels = dict(spec.labels)
-    if spec.queue is not None:
-        labels[QUEUE_LABEL] = spec.queue
-    return labels
-
-
-def torchrun_command(spec: TrainingJobSpec, *, rendezvous_endpoint: str) -> list[str]:
+def torchrun_command(spec: TrainingJobSpec) -> list[str]:
     """The container's command line: torchrun with c10d rendezvous, then the trainer module.
 
     No `--node_rank`: c10d assigns node ranks in rendezvous order and torchrun ignores (and
@@ -421,32 +488,34 @@ def torchrun_command(spec: TrainingJobSpec, *, rendezvous_endpoint: str) -> list
         f"--nnodes={spec.nodes}",
         f"--nproc_per_node={spec.gpus_per_node}",
         "--rdzv_backend=c10d",
-        f"--rdzv_endpoint={rendezvous_endpoint}",
+        f"--rdzv_endpoint={spec.rendezvous_endpoint}",
         f"--rdzv_id={spec.name}",
         # read_timeout also bounds the wait for pod 0's store: its 60 s default would fail the
         # other pods, and spend the Job's backoffLimit, whenever pod 0 starts late.
         f"--rdzv_conf=join_timeout={timeout},read_timeout={timeout}",
         f"--max_restarts={spec.max_restarts}",
+        # On SIGTERM torchrun forwards the signal and SIGKILLs the workers after this long (30 s
+        # by default): they get the pod's grace period, less a moment for torchrun to exit.
+        f"--shutdown_timeout={max(spec.termination_grace_seconds - 5, 0)}",
         "-m",
         spec.module,
         *spec.trainer_args,
     ]
 
 
-def _env(spec: TrainingJobSpec, *, indexed: bool) -> list[dict[str, Any]]:
+def _env(spec: TrainingJobSpec) -> list[dict[str, Any]]:
     env: dict[str, dict[str, Any]] = {}
 
     def put(name: str, value: str) -> None:
         env[name] = {"name": name, "value": value}
 
-    if indexed:
-        # The Job controller sets this too; declared so the trainer and `$(...)` in arguments
-        # can rely on it (the controller leaves a declared one alone).
-        index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-        env[COMPLETION_INDEX_ENV] = {
-            "name": COMPLETION_INDEX_ENV,
-            "valueFrom": {"fieldRef": {"fieldPath": index}},
-        }
+    # The Job controller sets this too; declared so the trainer and `$(...)` in arguments can
+    # rely on it (the controller leaves a declared one alone). JobSet's Jobs are Indexed too.
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    env[COMPLETION_INDEX_ENV] = {
+        "name": COMPLETION_INDEX_ENV,
+        "valueFrom": {"fieldRef": {"fieldPath": index}},
+    }
     put(JOB_NAME_ENV, spec.name)
     put(CHECKPOINT_DIR_ENV, spec.checkpoint_path)
     put(OUTPUT_DIR_ENV, spec.output_path)
@@ -474,14 +543,35 @@ def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _pod_template(
-    spec: TrainingJobSpec, *, container: str, port_name: str, endpoint: str, indexed: bool
-) -> dict[str, Any]:
+def pod_metadata(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The metadata of every pod template: the run's labels (`kiln.dev/training-job` selects
+    its pods) and the spec's pod annotations."""
+    metadata: dict[str, Any] = {"labels": spec.labels}
+    if spec.pod_annotations:
+        metadata["annotations"] = dict(spec.pod_annotations)
+    return metadata
+
+
+def object_metadata(spec: TrainingJobSpec, name: str) -> dict[str, Any]:
+    """The metadata of an object of the run that no queue admits (the Service, the runtime)."""
+    return {"name": name, "namespace": spec.namespace, "labels": spec.labels}
+
+
+def workload_metadata(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The metadata of the object a queue admits (the Job, or the TrainJob): the run's labels
+    and the spec's workload labels (Kueue reads its queue name there)."""
+    metadata = object_metadata(spec, spec.name)
+    metadata["labels"] = {**spec.workload_labels, **spec.labels}
+    return metadata
+
+
+def _pod_template(spec: TrainingJobSpec, *, subdomain: str | None) -> dict[str, Any]:
     # Indexed Job pods are named `<job>-<index>`; the subdomain makes them `<job>-<index>.<svc>`.
-    # The training operator sets the restart policy and hostnames of its own pods.
-    pod: dict[str, Any] = (
-        {"restartPolicy": "Never", "subdomain": spec.service_name} if indexed else {}
-    )
+    # JobSet sets the subdomain of its own pods. Never: a failed pod is replaced (counted by the
+    # Job's backoffLimit) rather than restarted in place, so the podFailurePolicy sees it.
+    pod: dict[str, Any] = {"restartPolicy": "Never"}
+    if subdomain is not None:
+        pod["subdomain"] = subdomain
     pod |= {
         "serviceAccountName": spec.service_account,
         "terminationGracePeriodSeconds": spec.termination_grace_seconds,
@@ -494,12 +584,13 @@ def _pod_template(
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [
             {
-                "name": container,
+                # The trainer configures the container of this name only.
+                "name": TRAINER_NODE if spec.operator == "trainer" else TRAINER_CONTAINER,
                 "image": spec.image,
                 "imagePullPolicy": "IfNotPresent",
-                "command": torchrun_command(spec, rendezvous_endpoint=endpoint),
-                "env": _env(spec, indexed=indexed),
-                "ports": [{"name": port_name, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+                "command": torchrun_command(spec),
+                "env": _env(spec),
+                "ports": [{"name": "c10d", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
                 "resources": _resources(spec),
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
                 "securityContext": {
@@ -516,9 +607,30 @@ def _pod_template(
     return {"metadata": pod_metadata(spec), "spec": pod}
 
 
-def _metadata(spec: TrainingJobSpec, name: str, *, workload: bool = True) -> dict[str, Any]:
-    labels = workload_labels(spec) if workload else dict(spec.labels)
-    return {"name": name, "namespace": spec.namespace, "labels": labels}
+def _indexed_job_spec(spec: TrainingJobSpec, *, subdomain: str | None) -> dict[str, Any]:
+    """What the Indexed Job and the trainer's JobSet Job share: one pod per node, index 0
+    hosting the rendezvous, and the failure policy."""
+    return {
+        "completionMode": "Indexed",
+        "completions": spec.nodes,
+        "parallelism": spec.nodes,
+        # A whole-group failure fails every pod once, so each restart may cost `nodes` failures.
+        "backoffLimit": spec.max_restarts * spec.nodes,
+        "podFailurePolicy": {
+            "rules": [
+                # Evictions, preemptions, node drains and spot reclaims are not the run's fault:
+                # the replacement pod resumes from the last checkpoint.
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        },
+        # A replacement starts only after the old pod is gone: two pods with one hostname would
+        # confuse the rendezvous, and the old one may still be writing its checkpoint.
+        "podReplacementPolicy": "Failed",
+        "template": _pod_template(spec, subdomain=subdomain),
+    }
 
 
 def headless_service(spec: TrainingJobSpec) -> dict[str, Any]:
@@ -526,7 +638,7 @@ def headless_service(spec: TrainingJobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(spec, spec.service_name, workload=False),
+        "metadata": object_metadata(spec, spec.service_name),
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_LABEL: spec.name},
@@ -546,88 +658,76 @@ def headless_service(spec: TrainingJobSpec) -> dict[str, Any]:
 
 def indexed_job(spec: TrainingJobSpec) -> dict[str, Any]:
     """The Indexed Job: one pod per node, index 0 hosting the rendezvous."""
-    job_spec: dict[str, Any] = {
-        "completionMode": "Indexed",
-        "completions": spec.nodes,
-        "parallelism": spec.nodes,
-        # A whole-group failure fails every pod once, so each restart may cost `nodes` failures.
-        "backoffLimit": spec.max_restarts * spec.nodes,
-        "podFailurePolicy": {
-            "rules": [
-                # Evictions, preemptions, node drains and spot reclaims are not the run's fault:
-                # the replacement pod resumes from the last checkpoint.
-                {
-                    "action": "Ignore",
-                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                },
-            ]
-        },
-        # A replacement starts only after the old pod is gone: two pods with one hostname would
-        # confuse the rendezvous, and the old one may still be writing its checkpoint.
-        "podReplacementPolicy": "Failed",
-        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-        "template": _pod_template(
-            spec,
-            container=TRAINER_CONTAINER,
-            port_name="c10d",
-            endpoint=spec.rendezvous_endpoint,
-            indexed=True,
-        ),
-    }
+    job_spec = _indexed_job_spec(spec, subdomain=spec.service_name)
+    job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": workload_metadata(spec),
         "spec": job_spec,
     }
 
 
-def pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
-    """The Kubeflow PyTorchJob: Master is node 0, Workers the rest.
+def training_runtime(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The run's TrainingRuntime: a torch ML policy and a JobSet of one Indexed Job.
 
-    The operator creates a Service per replica and sets MASTER_ADDR/MASTER_PORT to the master's;
-    the master's hostname is that address, so its torchrun hosts the c10d store.
+    The trainer makes the JobSet `<run>` from it, scales the Job to the TrainJob's numNodes and
+    adds PET_* env (node count, rank, master address) to the `node` container; the torchrun
+    command line names everything itself, so those only fill in what it leaves out.
     """
-    template = _pod_template(
-        spec,
-        container=KUBEFLOW_CONTAINER,
-        port_name=KUBEFLOW_PORT_NAME,
-        endpoint="$(MASTER_ADDR):$(MASTER_PORT)",
-        indexed=False,
-    )
-    # OnFailure: a failed container restarts in place and a lost pod is recreated, each counted
-    # against runPolicy.backoffLimit, sized by the same rule as the Job's backoffLimit.
-    replicas: dict[str, Any] = {
-        "Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}
+    node_job = {
+        "name": TRAINER_NODE,
+        "template": {
+            "metadata": {"labels": dict([TRAINER_ANCESTOR_LABEL])},
+            "spec": _indexed_job_spec(spec, subdomain=None),
+        },
     }
-    if spec.nodes > 1:
-        replicas["Worker"] = {
-            "replicas": spec.nodes - 1,
-            "restartPolicy": "OnFailure",
-            "template": template,
-        }
-    run_policy: dict[str, Any] = {
-        # Pods still running when the job ends (a hung worker) are deleted.
-        "cleanPodPolicy": "Running",
-        "backoffLimit": spec.max_restarts * spec.nodes,
+    jobset_spec = {
+        # Pods get `<run>-node-0-<index>.<run>` names in a headless Service, resolvable before
+        # they are ready, as the Indexed Job's Service does.
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        # The Job's backoffLimit handles restarts; a failed Job fails the run.
+        "failurePolicy": {"maxRestarts": 0},
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+        "replicatedJobs": [node_job],
+    }
+    return {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": "TrainingRuntime",
+        "metadata": object_metadata(spec, spec.name),
+        "spec": {
+            "mlPolicy": {"numNodes": spec.nodes, "torch": {}},
+            "template": {"metadata": {"labels": spec.labels}, "spec": jobset_spec},
+        },
+    }
+
+
+def train_job(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The TrainJob: the run's runtime, its node and process counts, its deadline."""
+    job_spec: dict[str, Any] = {
+        "runtimeRef": {
+            "apiGroup": TRAINER_API_GROUP,
+            "kind": "TrainingRuntime",
+            "name": spec.name,
+        },
+        "trainer": {"numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node},
     }
     if spec.active_deadline_seconds is not None:
-        run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": _metadata(spec, spec.name),
-        "spec": {"runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": "TrainJob",
+        "metadata": workload_metadata(spec),
+        "spec": job_spec,
     }
 
 
 def render(spec: TrainingJobSpec) -> list[dict[str, Any]]:
-    """Every object of the run, in apply order (the Service before the pods that need it)."""
-    if spec.operator == "kubeflow":
-        return [pytorch_job(spec)]
+    """Every object of the run, in apply order (what an object names before the object)."""
+    if spec.operator == "trainer":
+        return [training_runtime(spec), train_job(spec)]
     return [headless_service(spec), indexed_job(spec)]
 
 
@@ -644,16 +744,55 @@ def to_yaml(manifests: Sequence[Mapping[str, Any]]) -> str:
 TRAINER_PRESETS = ("tiny", "small", "base", "1b")
 
 
+def read_s3(uri: str, client: Any = None) -> bytes:
+    """The bytes of an S3 object, with the default AWS credentials unless a client is given;
+    PlanError says what to change when it cannot be read."""
+    # Imported here: rendering needs no AWS SDK unless a model lives in S3.
+    import boto3  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        s3 = client if client is not None else boto3.client("s3")
+        body: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        raise PlanError(s3_problem(uri, code, str(err))) from None
+    except BotoCoreError as err:
+        raise PlanError(
+            f"cannot read {uri}: {err}; set AWS credentials and a region (AWS_PROFILE, "
+            "AWS_REGION), or give --model a shape name such as llama-3-8b"
+        ) from None
+    return body
+
+
+def s3_problem(uri: str, code: str, message: str) -> str:
+    """What to change when reading a model's `uri` failed with S3 error `code`."""
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return f"{uri} does not exist: --model must name a Hugging Face model directory"
+    if code == "NoSuchBucket":
+        return f"{uri}: the bucket does not exist"
+    if code in ("AccessDenied", "403", "Forbidden"):
+        return f"{uri}: your identity may not read it (s3:GetObject, and kms:Decrypt if SSE-KMS)"
+    return f"cannot read {uri}: {message}"
+
+
 def memory_plan(
-    model: str | None, instance_type: str, world: int, trainer_args: Sequence[str]
+    model: str | None,
+    instance_type: str,
+    world: int,
+    trainer_args: Sequence[str],
+    *,
+    read_s3: ReadS3 = read_s3,
 ) -> Plan:
-    """The run's memory plan: the model (a shape name or a local directory; default what the
-    trainer arguments name, else the trainer's default preset) at the trainer's micro-batch,
-    sequence length, strategy, checkpointing and adapters."""
+    """The run's memory plan: the model (a shape name, a local directory or an s3:// one;
+    default what the trainer arguments name, else the trainer's default preset) at the
+    trainer's micro-batch, sequence length, strategy, checkpointing and adapters."""
     settings = trainer_settings(list(trainer_args))
     name = model or settings.pop("model") or "small"
     settings.pop("model", None)
-    return plan(resolve_shape(name), lookup(instance_type), world=world, **settings)
+    shape = resolve_shape(name, read_s3=read_s3)
+    return plan(shape, lookup(instance_type), world=world, **settings)
 
 
 def model_trainer_args(model: str | None, trainer_args: Sequence[str]) -> list[str]:
@@ -669,6 +808,23 @@ def model_trainer_args(model: str | None, trainer_args: Sequence[str]) -> list[s
     return args
 
 
+def planned_trainer_args(p: Plan, trainer_args: Sequence[str]) -> list[str]:
+    """The trainer arguments with the plan's strategy in place of `auto` (or of no
+    `--strategy`): the trainer's own auto counts no activations, so it could pick DDP where
+    the plan found that only FSDP fits."""
+    args = list(trainer_args)
+    for i, arg in enumerate(args):
+        if arg == "--strategy" and i + 1 < len(args):
+            if args[i + 1] == "auto":
+                args[i + 1] = p.strategy
+            return args
+        if arg.startswith("--strategy="):
+            if arg == "--strategy=auto":
+                args[i] = f"--strategy={p.strategy}"
+            return args
+    return [*args, "--strategy", p.strategy]
+
+
 def plan_problem(p: Plan, gpus_per_node: int) -> str | None:
     """Why the run is refused (None when it fits)."""
     if p.fits:
@@ -682,6 +838,17 @@ def plan_problem(p: Plan, gpus_per_node: int) -> str | None:
 
 
 # --- command line --------------------------------------------------------------------------
+
+
+def add_operator_argument(parser: Any, *, prefix: str = "") -> None:
+    """`--operator`, shared by `kiln training-job` and `kiln train --on eks`."""
+    parser.add_argument(
+        "--operator",
+        choices=(*get_args(Operator), *RETIRED_OPERATORS),
+        help=f"{prefix}none: Indexed Job + headless Service, no operator needed; trainer: "
+        f"Kubeflow Trainer {TRAINER_RELEASE} TrainJob + TrainingRuntime; kubeflow (PyTorchJob) "
+        "is retired and refused (default: none)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -721,16 +888,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ttl-seconds-after-finished", type=int, default=3 * 24 * 3600, help="default: %(default)s"
     )
     parser.add_argument("--nccl-debug", choices=get_args(NcclDebug), help="default: unset")
-    parser.add_argument(
-        "--queue",
-        help="Kueue LocalQueue in --namespace the run waits in (default: none, no Kueue)",
-    )
-    parser.add_argument(
-        "--operator",
-        choices=get_args(Operator),
-        default="none",
-        help="none: Indexed Job + headless Service; kubeflow: PyTorchJob (default: %(default)s)",
-    )
+    add_operator_argument(parser)
     parser.add_argument(
         "--model",
         help="model for the memory plan: a shape (tiny, small, base, 1b, llama-3-8b, "
@@ -785,8 +943,7 @@ def render_command(args: argparse.Namespace) -> int:
             active_deadline_seconds=args.active_deadline_seconds,
             ttl_seconds_after_finished=args.ttl_seconds_after_finished,
             nccl_debug=args.nccl_debug,
-            operator=args.operator,
-            queue=args.queue,
+            operator=args.operator or "none",
         )
     except TrainingJobError as err:
         for arg, message in err.problems:
@@ -803,5 +960,6 @@ def render_command(args: argparse.Namespace) -> int:
     if (problem := plan_problem(p, spec.gpus_per_node)) is not None:
         print(f"kiln training-job: refused: {problem}", file=sys.stderr)
         return 2
+    spec = replace(spec, trainer_args=planned_trainer_args(p, spec.trainer_args))
     sys.stdout.write(to_yaml(render(spec)))
     return 0

@@ -574,17 +574,25 @@ def pod_templates(obj: Any) -> Iterator[KubeObject]:
             yield from pod_templates(value)
 
 
-@object_rule("training-pods-not-disrupted", "Job", "PyTorchJob", "TrainJob", "JobSet")
-def training_pods_not_disrupted(job: KubeObject) -> Iterator[str]:
+# The objects of a training run Kueue admits (they carry its queue); a TrainJob's pods come
+# from its TrainingRuntime, which carries the pod templates.
+_QUEUED_KINDS = frozenset({"Job", "PyTorchJob", "TrainJob", "JobSet"})
+
+
+@object_rule(
+    "training-pods-not-disrupted", "Job", "PyTorchJob", "TrainJob", "JobSet", "TrainingRuntime"
+)
+def training_pods_not_disrupted(obj: KubeObject) -> Iterator[str]:
     """A training run's pods carry `karpenter.sh/do-not-disrupt: "true"` (Karpenter never
     takes their node for consolidation or drift mid-run), and the run names its Kueue queue
     (admission whole or not at all, within its team's quota)."""
-    if TRAINING_JOB_LABEL not in job.get("metadata", {}).get("labels", {}):
+    labels = obj.get("metadata", {}).get("labels", {})
+    if TRAINING_JOB_LABEL not in labels:
         return  # not a kiln training run
-    if QUEUE_LABEL not in job["metadata"]["labels"]:
+    if obj.get("kind") in _QUEUED_KINDS and QUEUE_LABEL not in labels:
         yield f"has no {QUEUE_LABEL} label: Kueue would not queue or gang-admit it"
-    templates = list(pod_templates(job.get("spec", {})))
-    if not templates:
+    templates = list(pod_templates(obj.get("spec", {})))
+    if not templates and obj.get("kind") != "TrainJob":
         yield "has no pod template to judge"
     for template in templates:
         annotations = template.get("metadata", {}).get("annotations", {})

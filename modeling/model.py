@@ -26,9 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeling.attention import AttentionBackend, CausalSDPA
+from modeling.attention import (
+    AttentionBackend,
+    CausalSDPA,
+    DocumentCausalSDPA,
+    document_positions,
+)
 from modeling.config import ModelConfig
 from modeling.linear import dense_linear
+from modeling.loss import linear_cross_entropy
 from modeling.rope import rope_table
 
 OpsName = Literal["kiln", "reference"]
@@ -85,6 +91,10 @@ class FunctionalOps:
 
     def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
         out: Tensor = embedding(input_ids)
+        if out.dtype != torch.float32 and torch.is_autocast_enabled(out.device.type):
+            # A bf16-stored (frozen) embedding under autocast: the residual stream stays
+            # float32, as it is with float32 weights.
+            out = out.float()
         return out
 
     def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
@@ -259,6 +269,7 @@ class LlamaModel(Module):
         self.register_buffer("rope", rope_table(cfg), persistent=False)
         self.training_ops = FunctionalOps(self.ops, cfg.rms_norm_eps)
         self.causal = CausalSDPA(cfg)
+        self.document_attention = DocumentCausalSDPA(cfg)
         # Training's projection: `dense_linear`, or one that adds adapters (training.lora).
         self.linear: Callable[[nn.Module, Tensor], Tensor] = dense_linear
         self.reset_parameters()
@@ -283,15 +294,46 @@ class LlamaModel(Module):
         """The module whose weight projects to the vocabulary (the embedding when tied)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Training's pass: full causal attention over each sequence, no cache."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        targets: Tensor | None = None,
+        documents: Tensor | None = None,
+    ) -> Tensor:
+        """Training's pass: full causal attention over each sequence, no cache.
+
+        Without `targets`, the logits [B, T, vocab]. With targets [B, T] (`IGNORE_INDEX` where a
+        token has none), the mean cross entropy over them, the output projection fused with the
+        loss a chunk of tokens at a time (`modeling.loss`): the logits are never held whole.
+        The loss is computed here, inside the model's forward, so that a wrapper (DDP, FSDP,
+        torch.compile) sees the head's weight used within the pass it manages.
+
+        `documents` [B, T] (each token's document number in its row, for packed sequences):
+        attention stays within each document and positions restart at each document's start.
+        """
         b, t = input_ids.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
+        attention: AttentionBackend = self.causal
+        if documents is not None:
+            self.document_attention.set_documents(documents)
+            attention = self.document_attention
+            if positions is None:
+                positions = document_positions(documents)
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        run = Run(positions, self.rope, self.training_ops, self.linear, self.causal)
-        return run.linear(self.head, self.hidden(input_ids, run))
+        run = Run(positions, self.rope, self.training_ops, self.linear, attention)
+        hidden = self.hidden(input_ids, run)
+        if targets is None:
+            return run.linear(self.head, hidden)
+        head = self.head
+        return linear_cross_entropy(
+            hidden,
+            head.weight,
+            targets,
+            bias=getattr(head, "bias", None),  # type: ignore[arg-type]
+        )
 
     def hidden(
         self,

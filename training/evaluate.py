@@ -21,9 +21,11 @@ class Evaluator:
         every: int,
         dist: Distributed,
         precision: Precision,
+        document_end: int | None = None,
     ) -> None:
         self.blocks, self.batch_size, self.every = blocks, batch_size, every
         self.dist, self.precision = dist, precision
+        self.document_end = document_end  # --pack-mask document: the id ending a document
 
     @property
     def enabled(self) -> bool:
@@ -47,11 +49,13 @@ class Evaluator:
             for i in range(0, most, self.batch_size):
                 b = mine[i : i + self.batch_size].to(self.dist.device)
                 if b.shape[0] == 0:
-                    batch_loss(model, self.blocks[:1].to(self.dist.device))
+                    batch_loss(
+                        model, self.blocks[:1].to(self.dist.device), document_end=self.document_end
+                    )
                     continue
                 # Weighed by targets: blocks of records hold different numbers of them.
                 targets = float(target_count(b))
-                total += batch_loss(model, b).item() * targets
+                total += batch_loss(model, b, document_end=self.document_end).item() * targets
                 count += targets
         model.train()
         loss_sum, count = self.dist.all_reduce([total, count])

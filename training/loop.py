@@ -22,9 +22,9 @@ from torch import Tensor
 
 from modeling.artifact import TARBALL, load_model_dir, read_config, save_model_dir, write_tarball
 from modeling.config import ModelConfig
-from modeling.model import LlamaModel
+from modeling.model import LlamaModel, load_ops
 from modeling.rope import rope_table
-from modeling.tokenizer import ByteTokenizer, Tokenizer
+from modeling.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from training import lora, sagemaker
 from training.checkpointer import Checkpointer, ShardedCheckpointer
 from training.data import (
@@ -40,7 +40,12 @@ from training.loss import batch_loss
 from training.metrics import Metrics
 from training.optim import build_optimizer
 from training.parallel import Distributed, FullyShard, Precision, Strategy, choose_strategy
-from training.records import CHAT_TEMPLATE_FILE, Encoder, read_chat_template
+from training.records import (
+    CHAT_TEMPLATE_FILE,
+    Encoder,
+    document_end_id,
+    read_chat_template,
+)
 from training.state import TrainError, TrainState
 from training.storage import download_dir, is_s3, open_store
 
@@ -84,11 +89,23 @@ class Trainer:
         self.init_dir: Path | None = None
         self.chat_template: str | None = None
         self.tokenizer: Tokenizer
+        # FSDP over several ranks from a checkpoint: rank 0 alone reads the weights; the others
+        # build the model on the meta device (no memory) and receive their shards from rank 0
+        # once the model is sharded (`_broadcast_from_rank0`).
+        self.rank0_load = bool(args.init_from) and dist.world > 1 and args.strategy == "fsdp"
+        self._rank0_state: dict[str, Tensor] | None = None
         if args.init_from:
             self.init_dir = self._fetch_model(args.init_from)
-            self.model, self.tokenizer = load_model_dir(
-                self.init_dir, ops=args.ops, dtype=torch.float32
-            )
+            if self.rank0_load and not dist.is_main:
+                cfg, _ = read_config(self.init_dir)
+                load_ops(args.ops)  # imported outside the meta-device context
+                with torch.device("meta"):
+                    self.model = LlamaModel(cfg, ops=args.ops)
+                self.tokenizer = load_tokenizer(self.init_dir)
+            else:
+                self.model, self.tokenizer = load_model_dir(
+                    self.init_dir, ops=args.ops, dtype=torch.float32
+                )
             self.model.train()
             self.chat_template = read_chat_template(self.init_dir, self.tokenizer)
             args.model_config = self.model.config
@@ -107,7 +124,11 @@ class Trainer:
         )
         if self.lora is not None:
             lora.attach(self.model, self.lora)
-        self.model.to(dist.device)
+        if self.rank0_load and dist.is_main:
+            # The full weights (and adapters) to send; fully_shard keeps only this rank's shard.
+            self._rank0_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if not (self.rank0_load and not dist.is_main):
+            self.model.to(dist.device)
 
         self.source = open_source(args.data, args.suffixes)
         val_source = open_source(args.val_data, args.suffixes) if args.val_data else None
@@ -144,18 +165,32 @@ class Trainer:
             activation_checkpointing=args.activation_checkpointing,
         )
         sharded = isinstance(self.parallel, FullyShard)
+        # LoRA under bf16 autocast: the frozen base is stored in bf16 (half its memory), the
+        # adapters and their optimizer states in float32. Not under FSDP, which shards a block's
+        # parameters as one flat group of one dtype (it computes in bf16 anyway).
+        self.frozen_dtype = torch.float32
+        if self.lora is not None and self.precision.bf16 and not sharded:
+            self.frozen_dtype = torch.bfloat16
+            lora.store_frozen(self.model, self.frozen_dtype)
         # FSDP computes in bf16 through its mixed-precision policy, not autocast.
         self.autocast = Precision(False, dist.device.type) if sharded else self.precision
         self.wrapped = self.parallel.wrap(self.model, compile=args.compile)
+        if self.rank0_load:
+            self._broadcast_from_rank0()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.model, args, dist.device)
 
+        # --pack-mask document: documents end with this id (bos/eos as the stream packs them).
+        self.document_end = (
+            document_end_id(self.tokenizer) if args.pack_mask == "document" else None
+        )
         self.evaluator = Evaluator(
             val,
             batch_size=args.micro_batch_size,
             every=args.eval_every,
             dist=dist,
             precision=self.autocast,
+            document_end=self.document_end,
         )
         fmt = args.checkpoint_format
         if fmt == "auto":
@@ -179,6 +214,21 @@ class Trainer:
         )
         self.global_batch = args.micro_batch_size * args.grad_accum * dist.world
         self.tokens_per_step = self.global_batch * args.seq_len
+
+    def _broadcast_from_rank0(self) -> None:
+        """Fills every rank's shards from rank 0's full weights (a collective): the meta ranks'
+        storage is allocated for their shards alone, then each tensor is broadcast and sliced."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        if not self.dist.is_main:
+            self.model.to_empty(device=self.dist.device)
+        self.model.rope = rope_table(self.args.model_config).to(self.dist.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, self._rank0_state or {}, options=options)
+        self._rank0_state = None
 
     def _fetch_model(self, location: str) -> Path:
         """A local copy of --init-from (an S3 prefix is downloaded into a temporary directory)."""
@@ -274,7 +324,7 @@ class Trainer:
             b = blocks[start : start + micro].to(self.dist.device, non_blocking=True)
             with self.parallel.accumulating(self.wrapped, last=a == accum - 1):
                 with self.autocast.autocast():
-                    loss = batch_loss(self.wrapped, b) / accum
+                    loss = batch_loss(self.wrapped, b, document_end=self.document_end) / accum
                 loss.backward()
             total += loss.item()
         return total
@@ -305,9 +355,13 @@ class Trainer:
             "trainable_parameters": sum(p.numel() for p in self.trainable),
             "strategy": self.parallel.name,
             "activation_checkpointing": bool(args.activation_checkpointing),
+            "pack_mask": args.pack_mask,
             "checkpoint_format": self.checkpoint_format,
+            "weights_loaded_by": "rank 0, broadcast" if self.rank0_load else "every rank",
             "init_from": args.init_from,
-            "lora": None if self.lora is None else dataclasses.asdict(self.lora),
+            "lora": None
+            if self.lora is None
+            else {**dataclasses.asdict(self.lora), "frozen_dtype": str(self.frozen_dtype)[6:]},
             "tokenizer": type(self.tokenizer).__name__,
             "model": args.model_config.to_dict(),
             "data": self.source.describe(),

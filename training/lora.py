@@ -157,7 +157,9 @@ def merge(
                 hf = f"base_model.model.model.layers.{i}.{_MODULES[name][1]}"
                 peft[f"{hf}.lora_A.weight"] = a.contiguous()
                 peft[f"{hf}.lora_B.weight"] = b.contiguous()
-            plain[key] = weight.to(plain[key].dtype)
+            # float32 even over a bfloat16 base: the adapters' small deltas would round away;
+            # the export casts to --save-dtype.
+            plain[key] = weight
     return plain, peft
 
 
@@ -184,6 +186,20 @@ def save_adapter(
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         (out / name).chmod(0o644)
     return out
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Stores the frozen (base) parameters in `dtype` (bfloat16 under bf16 autocast: the
+    forward computes in it anyway), the trainable adapters staying float32. Returns the bytes
+    saved. The projections compute through autocast, which casts per op, so the model's forward
+    runs unchanged; the embedding's output is widened back to float32 there (`FunctionalOps`)."""
+    saved = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            before = p.numel() * p.element_size()
+            p.data = p.data.to(dtype)
+            saved += before - p.numel() * p.element_size()
+    return saved
 
 
 def trainable(params: Sequence[nn.Parameter]) -> tuple[int, int]:

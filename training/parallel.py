@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -144,6 +144,13 @@ def checkpoint_activations(model: nn.Module) -> None:
         checkpoint(block)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block in place: the blocks share one compiled graph (compiling the
+    whole model would trace every layer, and the fused loss is a graph break anyway)."""
+    for block in model.layers:  # type: ignore[union-attr]
+        block.compile()
+
+
 class DataParallel:
     """A full replica per rank: DDP when there are several ranks, the bare model alone."""
 
@@ -157,7 +164,7 @@ class DataParallel:
         if self.activation_checkpointing:
             checkpoint_activations(model)
         if compile:
-            model = cast(nn.Module, torch.compile(model))
+            compile_blocks(model)
         if self.dist.world == 1:
             return model
         device = self.dist.device
@@ -207,9 +214,9 @@ class FullyShard:
             param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=torch.float32
         )
         layers = list(model.layers)  # type: ignore[union-attr,arg-type]
+        if compile:
+            compile_blocks(model)
         for i, block in enumerate(layers):
-            if compile:
-                block.compile()
             # The last block's weights are needed again at once by backward: keep them.
             fully_shard(
                 block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1

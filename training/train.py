@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=16 << 20,
         help="text shuffled together in memory at a time",
     )
+    d.add_argument(
+        "--pack-mask",
+        choices=("causal", "document"),
+        default="causal",
+        help="attention over a block of packed documents: causal across the whole block, or "
+        "document (each document attends within itself only, positions restarting at 0)",
+    )
     m = p.add_argument_group("model")
     m.add_argument(
         "--init-from",

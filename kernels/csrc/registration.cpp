@@ -73,4 +73,15 @@ TORCH_LIBRARY(kiln, m) {
   m.def(
       "decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor slots, "
       "Tensor lengths, float scale, Tensor(a!) out) -> ()");
+
+  // The same over a paged KV cache: key_cache and value_cache [blocks, Hkv, block_size, D];
+  // block_tables int64 [B, n]: sequence b's position l is at row l % block_size of block
+  // block_tables[b, l / block_size] (entries past its length are not read). Summed in position
+  // order as decode_attention is: with block_size a multiple of 4, bit for bit its result.
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor lengths, float scale) -> Tensor");
+  m.def(
+      "paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor lengths, float scale, Tensor(a!) out) -> ()");
 }

@@ -16,15 +16,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 from kiln import naming
-from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
+from kiln.contract import (
+    CHECKPOINTS_PREFIX,
+    DO_NOT_DISRUPT,
+    MODELS_PREFIX,
+    QUEUE_LABEL,
+    Outputs,
+)
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.memory_plan import PlanError
 from kiln.settings import Settings
 from kiln_cli import training_job
-from kiln_cli.operate.aws import Aws, AwsError, OperateError
+from kiln_cli.operate.aws import Aws, AwsError, OperateError, parse_s3_uri
 from kiln_cli.operate.progress import Progress, elapsed, wait_for
 from kiln_policy.guardrails import check_objects
 from platform_constructs.gpu_capacity import queue_name
@@ -68,6 +74,8 @@ class TrainOptions:
     trainer_args: tuple[str, ...] = ()
     model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
     team: str | None = None  # EKS: whose namespace, queue and GPU quota (default: the first)
+    # EKS: what runs the pods (`kiln_cli.training_job.Operator`, or a retired one, refused).
+    operator: str | None = None
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -162,6 +170,14 @@ def _capacity(settings: Settings, asked: Capacity | None) -> Capacity:
             exit_code=2,
         )
     return asked or allowed
+
+
+def _eks_only(options: TrainOptions) -> None:
+    """Refuses options that only EKS runs use."""
+    if options.operator is not None:
+        raise OperateError(
+            "--operator applies to --on eks; SageMaker runs the containers itself", exit_code=2
+        )
 
 
 def _instance_type(settings: Settings, asked: str | None, on: Platform) -> str:
@@ -291,6 +307,7 @@ def start_sagemaker(
 ) -> Started:
     """Creates the SageMaker training job (or only builds its request with `dry_run`)."""
     settings = aws.settings
+    _eks_only(options)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # bad arguments fail before any AWS call
     _capacity(settings, options.capacity)
@@ -391,6 +408,15 @@ def eks_manifests(
             "(compute.gpu_nodes.capacity) decides",
             exit_code=2,
         )
+    operator = options.operator or "none"
+    if operator in training_job.RETIRED_OPERATORS:
+        message = training_job.RETIRED_OPERATORS[operator]
+        raise OperateError(
+            f"--operator {operator}: {message.format(release=training_job.TRAINER_RELEASE)}",
+            exit_code=2,
+        )
+    if operator not in get_args(training_job.Operator):
+        raise OperateError(f"--operator {operator!r}: use none or trainer", exit_code=2)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # the same checks as on SageMaker
     runtime, _ = _limits(options)
@@ -406,13 +432,26 @@ def eks_manifests(
     trainer_args = training_job.model_trainer_args(
         options.model, [*data_args, *options.trainer_args]
     )
+
+    def read_s3(uri: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            body: bytes = aws.call("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+        except AwsError as err:
+            raise PlanError(training_job.s3_problem(uri, err.code, str(err))) from None
+        return body
+
     try:
         plan = training_job.memory_plan(
-            options.model, instance_type, options.instance_count * gpus, trainer_args
+            options.model,
+            instance_type,
+            options.instance_count * gpus,
+            trainer_args,
+            read_s3=read_s3,
         )
     except (PlanError, UnknownInstanceTypeError, ValueError) as err:
         raise OperateError(f"--model: {err}", exit_code=2) from err
-    warn("\n" + plan.render().rstrip())
+    warn(plan.render().rstrip())
     if (problem := training_job.plan_problem(plan, gpus)) is not None:
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
@@ -428,15 +467,19 @@ def eks_manifests(
             output_path=output,
             namespace=namespace,
             service_account=settings.compute.trainer_service_account,
-            trainer_args=trainer_args,
+            trainer_args=training_job.planned_trainer_args(plan, trainer_args),
             active_deadline_seconds=runtime,
-            queue=queue,
+            operator=cast(training_job.Operator, operator),
+            # Kueue admits the run from its team's queue, whole; Karpenter never takes a node
+            # from under its pods (the guardrail below checks both).
+            workload_labels={QUEUE_LABEL: queue},
+            pod_annotations={DO_NOT_DISRUPT: "true"},
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
         raise OperateError(f"cannot render the run: {problems}", exit_code=2) from err
-    objects = training_job.render(spec)
-    violations = check_objects(objects)
+    manifests = training_job.render(spec)
+    violations = check_objects(manifests)
     if violations:
         raise OperateError("refused, nothing applied: " + "; ".join(violations), exit_code=2)
     summary = [
@@ -444,6 +487,7 @@ def eks_manifests(
         ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPU{'s' if gpus > 1 else ''} each)"),
         ("namespace", f"{spec.namespace} (service account {spec.service_account})"),
         ("queue", f"{queue} (Kueue; {spec.nodes * gpus} GPUs, admitted all at once)"),
+        ("objects", ", ".join(m["kind"] for m in manifests)),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
@@ -453,7 +497,7 @@ def eks_manifests(
             f" ({plan.strategy})",
         ),
     ]
-    yaml_text = training_job.to_yaml(objects)
+    yaml_text = training_job.to_yaml(manifests)
     return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
 
 

@@ -128,5 +128,7 @@ def test_a_decode_step_writes_only_its_own_cache_rows() -> None:
         before = [kv.clone() for kv in dec.cache.kv]
         dec.decode([0, 2], [5, 7], [1, 2])
         for layer, kv in enumerate(dec.cache.kv):
-            changed = (kv != before[layer]).any(dim=-1)  # [2, slots, heads, positions]
-            assert changed.nonzero()[:, [1, 3]].unique(dim=0).tolist() == [[0, 5], [2, 7]]
+            changed = (kv != before[layer]).any(dim=-1)  # [2, blocks, heads, rows]
+            # Slot s's fixed table starts at block s * n; positions 5 and 7 are in its first.
+            n = dec.blocks_per_seq
+            assert changed.nonzero()[:, [1, 3]].unique(dim=0).tolist() == [[0, 5], [2 * n, 7]]

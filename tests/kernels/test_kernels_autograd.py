@@ -27,6 +27,11 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         kv = (_t(3, 2, 10, 8), _t(3, 2, 10, 8))
         return (_t(2, 4, 8), *kv, torch.tensor([2, 0]), torch.tensor([10, 3]), 0.5)
 
+    def paged_attention_args() -> tuple:
+        kv = (_t(5, 2, 4, 8), _t(5, 2, 4, 8))  # 5 blocks of 4 positions
+        tables = torch.tensor([[4, 0, 2], [1, 3, 0]])
+        return (_t(2, 4, 8), *kv, tables, torch.tensor([10, 3]), 0.5)
+
     return [
         ("rms_norm", lambda: (_t(3, 16, grad=True), _t(16, grad=True), EPS)),
         ("rms_norm_out", lambda: (_t(3, 16), _t(16), EPS, _t(3, 16))),
@@ -64,6 +69,8 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         ("panel_linear_out", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70, _t(3, 70))),
         ("decode_attention", attention_args),
         ("decode_attention_out", lambda: (*attention_args(), _t(2, 4, 8))),
+        ("paged_decode_attention", paged_attention_args),
+        ("paged_decode_attention_out", lambda: (*paged_attention_args(), _t(2, 4, 8))),
     ]
 
 

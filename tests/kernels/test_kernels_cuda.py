@@ -35,7 +35,12 @@ INT8_TOL = {
     torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3},
     torch.float16: {"atol": 1e-3, "rtol": 2e-3},
 }
-CPU_ONLY_OPS = {"panel_linear", "panel_linear_out", "decode_attention", "decode_attention_out"}
+CPU_ONLY_OPS = {
+    "panel_linear",
+    "panel_linear_out",
+    "decode_attention",
+    "decode_attention_out",
+}
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +385,12 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
     cache = ref.rope_cache(16, 8, device="cuda")
     pos = torch.tensor([1, 5, 9], device="cuda")
     wq, scale = (a.cuda() for a in ref.quantize_int8(torch.randn(12, 16)))
+
+    def paged_args() -> tuple:
+        tables = torch.tensor([[4, 0, 2], [1, 3, 0]], device="cuda")
+        lengths = torch.tensor([10, 3], device="cuda")
+        return (t(2, 4, 8), t(5, 2, 4, 8), t(5, 2, 4, 8), tables, lengths, 0.5)
+
     return [
         ("rms_norm", lambda: (t(3, 16, grad=True), t(16, grad=True), EPS)),
         ("rms_norm_out", lambda: (t(3, 16), t(16), EPS, t(3, 16))),
@@ -401,6 +412,8 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         ("rotary_embedding_backward", lambda: (pos, t(3, 2, 8), t(3, 1, 8), cache, True)),
         ("int8_linear", lambda: (t(2, 16), wq, scale, t(12))),
         ("int8_linear_out", lambda: (t(20, 16), wq, scale, None, t(20, 12))),
+        ("paged_decode_attention", paged_args),
+        ("paged_decode_attention_out", lambda: (*paged_args(), t(2, 4, 8))),
     ]
 
 
@@ -419,6 +432,8 @@ OPCHECK_NAMES = [
     "rotary_embedding_backward",
     "int8_linear",
     "int8_linear_out",
+    "paged_decode_attention",
+    "paged_decode_attention_out",
 ]
 
 
@@ -431,6 +446,60 @@ def test_opcheck_on_gpu(cuda_ops: Any, name: str) -> None:
 def test_opcheck_covers_every_cuda_op(cuda_ops: Any) -> None:
     assert sorted(OPCHECK_NAMES) == sorted(set(cuda_ops.OP_NAMES) - CPU_ONLY_OPS)
     assert sorted(n for n, _ in _opcheck_cases()) == sorted(OPCHECK_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# paged decode attention
+
+
+def _paged_case(dtype: Any, d: int, block: int, seed: int = 0) -> tuple[Any, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    blocks, hkv, hq = 40, 2, 6
+    kv = torch.randn(2, blocks, hkv, block, d, generator=gen).to("cuda", dtype)
+    q = torch.randn(4, hq, d, generator=gen).to("cuda", dtype)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:9] for _ in range(4)]).cuda()
+    lengths = torch.tensor([1, block * 9, 17, block * 4 + 1], device="cuda")
+    return q, kv[0], kv[1], tables, lengths
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("d", "block"), [(64, 16), (128, 16), (48, 5)], ids=str)
+def test_paged_decode_attention(cuda_ops: Any, dtype: Any, d: int, block: int) -> None:
+    q, k, v, tables, lengths = _paged_case(dtype, d, block)
+    got = torch.ops.kiln.paged_decode_attention(q, k, v, tables, lengths, 0.3)
+    want = ref.paged_decode_attention(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lengths.cpu(), 0.3)
+    torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
+    out = torch.empty_like(q.transpose(0, 1)).transpose(0, 1)
+    torch.ops.kiln.paged_decode_attention_out(q, k, v, tables, lengths, 0.3, out)
+    assert torch.equal(out, got)
+
+
+def test_paged_decode_attention_is_batch_invariant_on_gpu(cuda_ops: Any) -> None:
+    q, k, v, tables, lengths = _paged_case(torch.bfloat16, 128, 16, seed=1)
+    together = torch.ops.kiln.paged_decode_attention(q, k, v, tables, lengths, 1.0)
+    for b in range(q.shape[0]):
+        alone = torch.ops.kiln.paged_decode_attention(
+            q[b : b + 1], k, v, tables[b : b + 1], lengths[b : b + 1], 1.0
+        )
+        assert torch.equal(alone[0], together[b]), b
+
+
+def test_paged_decode_attention_long_context_and_bad_tables(cuda_ops: Any) -> None:
+    """Past 48 KiB of scores (16k positions) the kernel opts into more shared memory; a block id
+    outside the cache gives NaN (no host check, so CUDA graphs can capture the op)."""
+    gen = torch.Generator().manual_seed(2)
+    kv = torch.randn(2, 1100, 1, 16, 64, generator=gen).to("cuda", torch.bfloat16)
+    q = torch.randn(1, 2, 64, generator=gen).to("cuda", torch.bfloat16)
+    tables = torch.randperm(1100, generator=gen)[:1050].view(1, -1).cuda()
+    lengths = torch.tensor([16_500], device="cuda")
+    got = torch.ops.kiln.paged_decode_attention(q, kv[0], kv[1], tables, lengths, 0.125)
+    want = ref.paged_decode_attention(
+        q.cpu(), kv[0].cpu(), kv[1].cpu(), tables.cpu(), lengths.cpu(), 0.125
+    )
+    torch.testing.assert_close(got.cpu(), want, **TOL[torch.bfloat16])
+    tables[0, 3] = 5000
+    bad = torch.ops.kiln.paged_decode_attention(q, kv[0], kv[1], tables, lengths, 0.125)
+    assert torch.isnan(bad).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,126 @@ def test_decode_attention_is_not_swayed_by_positions_past_the_length(kops: Any) 
 
 
 # ---------------------------------------------------------------------------------------------
+# paged_decode_attention
+
+
+def paged(
+    k: Any, v: Any, slots: list[int], lengths: list[int], block: int, seed: int = 11
+) -> tuple[Any, Any, Any]:
+    """The contiguous caches' slots scattered over shuffled blocks of `block` positions: the
+    paged caches and each sequence's block table."""
+    n_slots, heads, max_len, d = k.shape
+    per_seq = -(-max_len // block)
+    order = torch.randperm(n_slots * per_seq + 3, generator=torch.Generator().manual_seed(seed))
+    pk = randn(len(order), heads, block, d, seed=seed)  # unused blocks hold noise
+    pv = randn(len(order), heads, block, d, seed=seed + 1)
+    tables = []
+    for b, slot in enumerate(slots):
+        table = order[b * per_seq : (b + 1) * per_seq]
+        for i, blk in enumerate(table.tolist()):
+            span = k[slot, :, i * block : (i + 1) * block].shape[1]
+            pk[blk, :, :span] = k[slot, :, i * block : (i + 1) * block]
+            pv[blk, :, :span] = v[slot, :, i * block : (i + 1) * block]
+        tables.append(table)
+    return pk, pv, torch.stack(tables)
+
+
+@pytest.mark.parametrize("d", [8, 32, 64, 128, 48])
+@pytest.mark.parametrize("block", [4, 16, 5])  # 5: the four-position groups straddle blocks
+def test_paged_decode_attention_matches_the_reference(
+    kops: Any, cpu_variant: str, d: int, block: int
+) -> None:
+    k, v = cache(4, 2, 40, d)
+    slots, lengths = [2, 0, 3], [1, 17, 40]
+    q = randn(3, 6, d, seed=8)
+    pk, pv, tables = paged(k, v, slots, lengths, block)
+    lengths_t = torch.tensor(lengths)
+    got = torch.ops.kiln.paged_decode_attention(q, pk, pv, tables, lengths_t, 0.3)
+    want = ref.paged_decode_attention(q, pk, pv, tables, lengths_t, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        want, ref.decode_attention(q, k, v, torch.tensor(slots), lengths_t, 0.3)
+    )
+    out = torch.empty(6, 3, d).transpose(0, 1)  # strided out: computed aside, copied in
+    torch.ops.kiln.paged_decode_attention_out(q, pk, pv, tables, lengths_t, 0.3, out)
+    assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_paged_decode_attention_is_bitwise_the_contiguous_kernel(
+    kops: Any, cpu_variant: str, block: int
+) -> None:
+    """Blocks a multiple of 4 positions: the same sums in the same order as the contiguous
+    cache, so paging changes no bit of the result (greedy output stays what it was)."""
+    k, v = cache(5, 2, 64, 64)
+    slots, lengths = [4, 1, 0, 2], [64, 1, 33, 50]
+    q = randn(4, 8, 64, seed=9)
+    pk, pv, tables = paged(k, v, slots, lengths, block)
+    lengths_t = torch.tensor(lengths)
+    want = torch.ops.kiln.decode_attention(q, k, v, torch.tensor(slots), lengths_t, 0.125)
+    got = torch.ops.kiln.paged_decode_attention(q, pk, pv, tables, lengths_t, 0.125)
+    assert torch.equal(got, want)
+
+
+def test_paged_decode_attention_is_batch_invariant(kops: Any, cpu_variant: str) -> None:
+    k, v = cache(8, 2, 48, 32)
+    slots = list(range(8))
+    lengths = [48, 3, 17, 1, 30, 48, 9, 22]
+    q = randn(8, 4, 32, seed=12)
+    pk, pv, tables = paged(k, v, slots, lengths, 16)
+    together = torch.ops.kiln.paged_decode_attention(q, pk, pv, tables, torch.tensor(lengths), 1.0)
+    for b in range(8):
+        alone = torch.ops.kiln.paged_decode_attention(
+            q[b : b + 1], pk, pv, tables[b : b + 1], torch.tensor(lengths[b : b + 1]), 1.0
+        )
+        assert torch.equal(alone[0], together[b]), b
+
+
+def test_paged_decode_attention_reads_only_its_own_blocks(kops: Any) -> None:
+    k, v = cache(2, 2, 32, 16)
+    pk, pv, tables = paged(k, v, [0, 1], [20, 32], 8)
+    q, lengths = randn(2, 2, 16, seed=13), torch.tensor([20, 32])
+    before = torch.ops.kiln.paged_decode_attention(q, pk, pv, tables, lengths, 1.0)
+    listed = set(tables[0, :3].tolist()) | set(tables[1].tolist())
+    for blk in range(pk.shape[0]):
+        if blk not in listed:
+            pk[blk] = pv[blk] = float("nan")
+    pk[tables[0, 2], :, 4:] = float("nan")  # past sequence 0's length in its last block
+    tables[0, 3:] = 10**6  # table entries past the length are not read either
+    after = torch.ops.kiln.paged_decode_attention(q, pk, pv, tables, lengths, 1.0)
+    assert torch.equal(after, before)
+
+
+def _paged(**override: Any) -> Callable[[], Any]:
+    kv = randn(2, 6, 2, 4, 8)
+    args = {
+        "q": randn(2, 4, 8),
+        "k": kv[0],
+        "v": kv[1],
+        "tables": torch.tensor([[0, 1, 2], [5, 4, 3]]),
+        "lengths": torch.tensor([1, 12]),
+    }
+    args.update(override)
+    return lambda: torch.ops.kiln.paged_decode_attention(
+        args["q"], args["k"], args["v"], args["tables"], args["lengths"], 1.0
+    )
+
+
+PAGED_ERRORS: list[tuple[str, Callable[[], Any], str]] = [
+    ("length past the table", _paged(lengths=torch.tensor([1, 13])), r"lengths\[1\] = 13"),
+    ("block id", _paged(tables=torch.tensor([[0, 1, 2], [5, 6, 3]])), r"\[1, 1\] = 6 is outside"),
+    ("table shape", _paged(tables=torch.tensor([0, 5])), "block_tables must be"),
+    ("int32 tables", _paged(tables=torch.zeros(2, 3, dtype=torch.int32)), "must be int64"),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "match"), PAGED_ERRORS, ids=[c[0] for c in PAGED_ERRORS])
+def test_paged_errors_are_clear(kops: Any, name: str, call: Callable[[], Any], match: str) -> None:
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
 # clear errors
 
 

@@ -49,3 +49,14 @@ def test_reference_fallback_logs_once() -> None:
     notes = [line for line in done.stderr.splitlines() if "pure-PyTorch reference" in line]
     assert len(notes) == 1, done.stderr
     assert "KILN_KERNELS_DISABLE" in notes[0]
+
+
+def test_a_stale_build_is_named_and_not_used(kops: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library built from older sources (an op of today's schema missing) is not the extension:
+    the references run and the reason says which ops are missing and how to rebuild."""
+    from kernels import ops
+
+    monkeypatch.setattr(ops, "OP_NAMES", (*ops.OP_NAMES, "an_op_from_the_future"))
+    path, reason = ops._load()
+    assert path is None
+    assert "stale build without an_op_from_the_future" in reason and "make kernels" in reason

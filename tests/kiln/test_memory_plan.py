@@ -70,3 +70,36 @@ def test_a_directory_and_the_trainer_flags(tmp_path: Path) -> None:
     assert (got["micro_batch"], got["seq_len"], got["lora_rank"], len(got["lora_targets"])) == (
         2, 256, 8, 7,
     )  # fmt: skip
+
+
+def test_a_directory_written_by_transformers_and_an_s3_one(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    # Qwen2-0.5B's shape: biased q/k/v, tied embeddings, head_dim from hidden / heads.
+    transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ).save_pretrained(tmp_path)
+    shape = resolve_shape(str(tmp_path))
+    assert (shape.qkv_bias, shape.tie_embeddings, shape.head_dim) == (True, True, 64)
+    assert shape.parameters == 494_032_768  # Qwen2.5-0.5B's published count
+    read: list[str] = []
+
+    def read_s3(uri: str) -> bytes:
+        read.append(uri)
+        return (tmp_path / "config.json").read_bytes()
+
+    assert dataclasses.replace(
+        resolve_shape("s3://models/qwen/", read_s3=read_s3), name=str(tmp_path)
+    ) == dataclasses.replace(shape, name=str(tmp_path))
+    assert read == ["s3://models/qwen/config.json"]
+    with pytest.raises(PlanError, match="reading a model from S3 needs AWS access"):
+        resolve_shape("s3://models/qwen")
+    with pytest.raises(PlanError, match=r"s3://m/x/config.json is not JSON"):
+        resolve_shape("s3://m/x", read_s3=lambda uri: b"\xff")
+    with pytest.raises(PlanError, match="lacks a Llama-family field"):
+        resolve_shape("s3://m/x", read_s3=lambda uri: b'{"model_type": "bert"}')

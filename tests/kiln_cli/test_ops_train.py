@@ -16,6 +16,7 @@ from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Component, Outputs,
 from kiln_cli.cli import main
 from kiln_cli.operate import train
 from kiln_cli.operate.aws import OperateError
+from tests.kiln_cli.kube import FakeCluster
 from tests.kiln_cli.support import (
     ACCOUNT,
     REGION,
@@ -225,7 +226,10 @@ def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixtur
     assert container["image"] == compute[Outputs.TRAINING_IMAGE_URI.key]
     command = container["command"] + container.get("args", [])
     data = f"s3://{CURATED}/train/"
-    assert command[-6:] == ["-m", "training.train", "--data", data, "--max-steps", "9"]
+    # The memory plan's strategy is pinned (the default small preset: a replica fits).
+    assert command[-8:] == [
+        "-m", "training.train", "--data", data, "--max-steps", "9", "--strategy", "ddp",
+    ]  # fmt: skip
     env = {e["name"]: e.get("value") for e in container["env"]}
     name = job["metadata"]["name"]
     assert env[TrainerEnv.CHECKPOINT_DIR] == f"s3://{ARTIFACTS}/{CHECKPOINTS_PREFIX}{name}/"
@@ -259,3 +263,135 @@ def test_eks_refuses_sagemaker_only_options(capsys: pytest.CaptureFixture[str]) 
     assert main(["train", "--env", "dev", "--on", "eks", "--capacity", "spot"]) == 2
     assert "--capacity applies to --on sagemaker" in capsys.readouterr().err
     assert main(["train", "--env", "dev", "--on", "sagemaker", "--apply"]) == 2
+
+
+LLAMA_3_8B_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
+
+def _fake_kubectl(monkeypatch: pytest.MonkeyPatch, cluster: FakeCluster) -> None:
+    monkeypatch.setattr(train.shutil, "which", lambda name: f"/usr/local/bin/{name}")
+    monkeypatch.setattr(train, "run_with_input", cluster)
+
+
+@mock_aws
+def test_eks_trainer_run_is_planned_from_s3_and_applied_with_the_plans_flags(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _platform()
+    model = f"s3://{ARTIFACTS}/{MODELS_PREFIX}llama-8b/"
+    put_object(f"{model}config.json", json.dumps(LLAMA_3_8B_CONFIG).encode())
+    cluster = FakeCluster()
+    _fake_kubectl(monkeypatch, cluster)
+    argv = [
+        "train", "--env", "dev", "--on", "eks", "--name", "llama", "--operator", "trainer",
+        "--instance-type", "p5.48xlarge", "--instance-count", "2", "--model", model, "--apply",
+        "--follow-hours", "0",
+        "--", "--micro-batch-size", "1", "--seq-len", "4096", "--activation-checkpointing", "true",
+    ]  # fmt: skip
+    assert main(argv) == 0, cluster.errors
+    out, err = capsys.readouterr()
+    # The plan is printed before anything is applied, from the config.json in S3.
+    assert f"memory plan: {model} on 16 x H100 80 GiB (p5.48xlarge)" in err
+    assert "strategy        fsdp + activation checkpointing" in err
+    assert "applied training run kiln-dev-llama-" in out
+    assert "objects      TrainingRuntime, TrainJob" in out
+    assert (
+        "remove it: kubectl delete trainjob,trainingruntime -n training-research -l kiln.dev/"
+        in out
+    )
+    assert cluster.kinds() == ["TrainingRuntime", "TrainJob"]
+    runtime = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainingRuntime")
+    job = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainJob")
+    assert job["spec"]["trainer"] == {"numNodes": 2, "numProcPerNode": 8}
+    assert job["spec"]["activeDeadlineSeconds"] == 24 * 3600
+    assert job["metadata"]["namespace"] == "training-research"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research-gpu"
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    command = node["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    trainer = command[command.index("training.train") + 1 :]
+    # The model goes to the trainer, and the planned strategy with it.
+    assert trainer == [
+        "--init-from", model, "--data", f"s3://{CURATED}/train/", "--micro-batch-size", "1",
+        "--seq-len", "4096", "--activation-checkpointing", "true", "--strategy", "fsdp",
+    ]  # fmt: skip
+
+
+@mock_aws
+def test_eks_refuses_an_impossible_run_with_the_numbers_before_applying(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _platform()
+    cluster = FakeCluster()
+    _fake_kubectl(monkeypatch, cluster)
+    argv = [
+        "train", "--env", "dev", "--on", "eks", "--instance-type", "p4d.24xlarge",
+        "--model", "llama-3-70b", "--apply", "--", "--micro-batch-size", "1", "--seq-len", "4096",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert cluster.calls == [] and "applied" not in out
+    assert "memory plan: llama-3-70b on 8 x A100 40 GiB (p4d.24xlarge)" in err
+    assert "total           235.97 GiB of    36.00 GiB: does NOT fit" in err
+    assert (
+        "refused, nothing applied: llama-3-70b needs 236.0 GiB per GPU with fsdp on 8 x A100, "
+        "which have 36.0 GiB usable: try --activation-checkpointing true, or 14 nodes" in err
+    )
+
+
+@mock_aws
+def test_eks_names_a_missing_s3_model_before_applying(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _platform()
+    cluster = FakeCluster()
+    _fake_kubectl(monkeypatch, cluster)
+    model = f"s3://{ARTIFACTS}/{MODELS_PREFIX}nothing-here"
+    argv = ["train", "--env", "dev", "--on", "eks", "--model", model, "--apply"]
+    assert main(argv) == 2
+    assert cluster.calls == []
+    assert (
+        f"--model: {model}/config.json does not exist: --model must name a Hugging Face model "
+        "directory" in capsys.readouterr().err
+    )
+
+
+@mock_aws
+def test_eks_default_objects_apply_and_a_cluster_without_the_trainer_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _platform()
+    cluster = FakeCluster(installed=())
+    _fake_kubectl(monkeypatch, cluster)
+    follow = ["--follow-hours", "0"]  # following a run: tests/kiln_cli/test_gpu_cluster.py
+    assert main(["train", "--env", "dev", "--on", "eks", "--apply", *follow]) == 0
+    assert cluster.kinds() == ["Service", "Job"]
+    out = capsys.readouterr().out
+    assert "remove it: kubectl delete job,service -n training-research -l" in out
+    trainer = ["train", "--env", "dev", "--on", "eks", "--operator", "trainer", "--apply"]
+    assert main([*trainer, *follow]) == 1
+    assert cluster.errors == [
+        'no matches for kind "TrainingRuntime" in "trainer.kubeflow.org/v1alpha1"'
+    ]
+    assert "kubectl apply failed (exit 1)" in capsys.readouterr().err
+
+
+@mock_aws
+def test_the_retired_operator_and_operator_on_sagemaker_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _platform()
+    assert main(["train", "--env", "dev", "--on", "eks", "--operator", "kubeflow"]) == 2
+    err = capsys.readouterr().err
+    assert "--operator kubeflow: the Kubeflow training operator's PyTorchJob" in err
+    assert "use --operator trainer" in err
+    assert main(["train", "--env", "dev", "--on", "sagemaker", "--operator", "trainer"]) == 2
+    assert "--operator applies to --on eks" in capsys.readouterr().err

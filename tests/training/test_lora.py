@@ -87,3 +87,46 @@ def test_lora_fine_tuning_trains_adapters_alone_and_writes_merged_and_adapter_ar
 def test_bad_targets_are_refused(clean_env: dict[str, str]) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--lora-rank", "4", "--lora-targets", "qkv"], environ={})
+
+
+def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_the_adapters_train_in_fp32(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    base = hf_models.build("llama-3.1-8b", tmp_path / "base")
+    out = tmp_path / "out"
+    argv = [
+        *TINY[2:],
+        "--init-from", str(base),
+        "--data", str(write_corpus(tmp_path / "data", files=4, sentences=60)),
+        "--max-steps", "4", "--lr", "1e-2", "--precision", "bf16",
+        "--lora-rank", "4", "--lora-targets", "q_proj,v_proj,down_proj",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    args = train.parse_args(argv, environ={})
+    fp32_bytes = sum(
+        p.numel() * 4 for p in load_model_dir(base, dtype=torch.float32)[0].parameters()
+    )
+    trainer = Trainer(args, Distributed.from_env("cpu", environ={}))
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if ".adapter." not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if ".adapter." in n} == {torch.float32}
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in params.items() if ".adapter." not in n
+    )
+    assert base_bytes * 2 == fp32_bytes
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit() is None
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]) == (".adapter." not in name), name
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    # The export: the bf16 base plus the adapters' deltas, merged in float32 (not rounded to
+    # bf16, which would lose them), computing the adapted model's logits.
+    ids = torch.tensor([[3, 17, 40, 2, 99, 5]])
+    merged, _ = load_model_dir(out / "model", dtype=torch.float32)
+    assert merged.layers[0].attn.qkv_proj.weight.dtype == torch.float32
+    trainer.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = trainer.model(ids).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = merged(ids).float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

@@ -1,18 +1,22 @@
 """FSDP2 under torchrun (two processes, gloo) and sharded checkpoints: FSDP's steps equal one
 process's, a resume on the same world size follows the uninterrupted run bit for bit, and a
-resume on another world size (2 -> 1, 1 -> 2) follows it within 1e-4."""
+resume on another world size (2 -> 1, 1 -> 2) follows it within 1e-4, and a SIGTERM to torchrun
+still leaves a whole checkpoint that resumes."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.training.support import TINY, Run, weights
+from tests.training.support import TINY, Run, parse_events, weights
 
 TORCHRUN = [
     sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -118,7 +122,6 @@ def test_sharded_checkpoints_on_s3_resume(
     import boto3
     from moto import mock_aws
 
-    from tests.training.support import parse_events
     from training import train
 
     argv = [*_one(corpus), "--max-steps", "4", "--checkpoint-every", "2"]
@@ -156,3 +159,90 @@ def test_sharded_checkpoints_on_s3_resume(
     assert {e["step"]: e["train_loss"] for e in events if e["event"] == "train"} == {
         s: v for s, v in full.items() if s > 2
     }
+
+
+def test_sigterm_to_torchrun_checkpoints_every_shard_and_resumes_exactly(
+    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run], clean_env: dict[str, str]
+) -> None:
+    """What a pod's SIGTERM does (kubelet signals torchrun, PID 1, which forwards it to the
+    workers): the step in flight ends, every rank writes its shard, `latest.json` names the
+    whole checkpoint, and a resume follows the uninterrupted run bit for bit."""
+    steps = 40  # the signal lands at step 3: every later step is a margin for a fast machine
+    # Only the SIGTERM checkpoints: whatever `latest.json` names was written by the signal.
+    args = [*_two(corpus), "--max-steps", str(steps), "--checkpoint-every", "0"]
+    # kiln's pods give torchrun their grace period to wait for the workers (its default is 30 s).
+    launcher = [*TORCHRUN[:4], "--shutdown_timeout=115", *TORCHRUN[4:]]
+    full = run_trainer([*args, "--output-dir", str(tmp_path / "full")], launcher=launcher)
+    assert full.returncode == 0, full.stderr
+
+    ck = tmp_path / "ck"
+    resumable = [*args, "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "resumed")]
+    proc = subprocess.Popen(
+        [*launcher, *resumable],
+        env=clean_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if '"event": "train"' in line and json.loads(line)["step"] >= 3:
+            proc.send_signal(signal.SIGTERM)  # to torchrun, as kubelet does to PID 1
+            break
+    rest, err = proc.communicate(timeout=120)
+    first = Run(proc.returncode, parse_events("".join(lines) + rest), err)
+    stopped = int(first.of("stopped")[0]["step"])  # type: ignore[arg-type]
+    assert 3 <= stopped < steps, err
+    assert first.returncode != 0  # torchrun reports the signal; no model was exported
+    assert not first.of("model") and not (tmp_path / "resumed" / "model.tar.gz").exists()
+
+    # `latest.json` names the SIGTERM's checkpoint, whole: both shards, the DCP metadata and
+    # rank 0's schedule/data/RNG file, and no partial directory left behind.
+    assert first.of("checkpoint")[-1]["step"] == stopped
+    name = f"step-{stopped:08d}"
+    assert json.loads((ck / "latest.json").read_text()) == {"step": stopped, "dir": name}
+    assert sorted(p.name for p in ck.iterdir()) == ["latest.json", name]
+    assert {p.name for p in (ck / name).iterdir()} == {
+        "__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt",
+    }  # fmt: skip
+
+    second = run_trainer(resumable, launcher=launcher)
+    assert second.returncode == 0, second.stderr
+    assert second.of("resume")[0]["step"] == stopped
+    assert sorted(second.losses()) == list(range(stopped + 1, steps + 1))
+    assert first.losses() | second.losses() == full.losses()
+    a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_fsdp_from_a_checkpoint_loads_it_on_rank_0_and_broadcasts_the_shards(
+    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
+) -> None:
+    from tests.modeling import hf_models
+
+    base = hf_models.build("llama-3.1-8b", tmp_path / "base")
+    common = [*TINY[2:], "--init-from", str(base), "--data", str(corpus), "--max-steps", "3",
+              "--micro-batch-size", "2", "--output-dir"]  # fmt: skip
+    two = run_trainer(
+        [*common, str(tmp_path / "o2"), "--strategy", "fsdp", "--checkpoint-dir",
+         str(tmp_path / "ck2")],
+        launcher=TORCHRUN,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    start = two.of("start")[0]
+    assert start["strategy"] == "fsdp" and start["weights_loaded_by"] == "rank 0, broadcast"
+    one = run_trainer(
+        [*common, str(tmp_path / "o1"), "--grad-accum", "2", "--checkpoint-dir",
+         str(tmp_path / "ck1")]
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert one.of("start")[0]["weights_loaded_by"] == "every rank"
+    # Rank 1 started from nothing (meta tensors): its shards came from rank 0, so the two
+    # processes take the steps one process takes from the same checkpoint.
+    for step, loss in one.losses().items():
+        assert two.losses()[step] == pytest.approx(loss, rel=1e-5)
+    a, b = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

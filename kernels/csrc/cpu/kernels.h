@@ -58,17 +58,19 @@ struct Kernels {
   void (*panel_linear)(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
                        int64_t sx, const float* panels, float* out, int64_t so);
 
-  // Units [u0, u1) of single-query attention over a KV cache, a unit being (token t, kv head j)
-  // = t * kv_heads + j: for each of the `group` query heads h of kv head j, out[t, h] =
-  // softmax(scale * q[t, h] . K[l]) @ V over the cached positions l < lengths[t] of cache slot
-  // slots[t]. Each sequence is summed on its own, in position order: batch-invariant. scratch
-  // holds (u1 - u0) x group x s_scratch floats, s_scratch >= every length.
+  // Units [u0, u1) of single-query attention over a KV cache of blocks, a unit being (token t,
+  // kv head j) = t * kv_heads + j: for each of the `group` query heads h of kv head j, out[t, h]
+  // = softmax(scale * q[t, h] . K[l]) @ V over the cached positions l < lengths[t], position l
+  // at row l % block of cache block tables[t * s_table + l / block] (a contiguous cache: one
+  // block per sequence, its slot, block = max_len). Each sequence is summed on its own, in
+  // position order: batch-invariant. scratch holds (u1 - u0) x group x s_scratch floats,
+  // s_scratch >= every length.
   void (*decode_attention)(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, int64_t d,
                            const float* q, int64_t sq_tok, int64_t sq_head, const float* k,
-                           const float* v, int64_t sc_slot, int64_t sc_head, int64_t sc_pos,
-                           const int64_t* slots, const int64_t* lengths, float scale,
-                           float* scratch, int64_t s_scratch, float* out, int64_t so_tok,
-                           int64_t so_head);
+                           const float* v, int64_t sc_block, int64_t sc_head, int64_t sc_pos,
+                           int64_t block, const int64_t* tables, int64_t s_table,
+                           const int64_t* lengths, float scale, float* scratch,
+                           int64_t s_scratch, float* out, int64_t so_tok, int64_t so_head);
 };
 
 // Output features per panel of panel_linear's packed weight.

@@ -576,44 +576,66 @@ void panel_linear(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const
 // ---------------------------------------------------------------------------------------------
 // decode attention (one new query per sequence against its own cached keys and values)
 
-// One query head against positions [0, len): scores in s, then out = softmax(s) @ V. D is the
-// head size when it is one of the common ones (a compile-time trip count lets the dot products
-// and the output accumulator live in registers), else 0 and d says it.
+// Asks for the rows of the next block while this one is computed: a head's rows in a block are
+// one short run (block x d floats), and the hardware prefetcher does not follow the jump to the
+// next block's run on its own.
+inline void prefetch_rows(const float* p, int64_t rows, int64_t d, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t e = 0; e < d; e += 16) __builtin_prefetch(p + r * stride + e);
+  }
+}
+
+// One query head against positions [0, len): scores in s, then out = softmax(s) @ V. Position l
+// lives in cache block table[l / block] at row l % block (a contiguous cache is one block per
+// sequence: block >= len). The arithmetic per position, and its order, does not depend on the
+// blocks: with block a multiple of 4 a paged cache gives the contiguous result bit for bit. D is
+// the head size when it is one of the common ones (a compile-time trip count lets the dot
+// products and the output accumulator live in registers), else 0 and d says it.
 template <int D>
 inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const float* kj,
-                        const float* vj, int64_t sc_pos, float scale, float* s, float* oh) {
+                        const float* vj, const int64_t* table, int64_t sc_block, int64_t block,
+                        int64_t sc_pos, float scale, float* s, float* oh) {
   const int64_t d = D > 0 ? D : d_runtime;
   float best = -3.0e38f;
-  int64_t l = 0;
-  // Four positions at a time: four independent sums keep the multiply-add units busy while each
-  // one's lanes are added up. Which positions share a block depends on the length only.
-  for (; l + 4 <= len; l += 4) {
-    const float* k0 = kj + l * sc_pos;
-    const float* k1 = k0 + sc_pos;
-    const float* k2 = k1 + sc_pos;
-    const float* k3 = k2 + sc_pos;
-    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int64_t e = 0; e < d; ++e) {
-      const float qe = qh[e];
-      d0 += qe * k0[e];
-      d1 += qe * k1[e];
-      d2 += qe * k2[e];
-      d3 += qe * k3[e];
+  for (int64_t b0 = 0; b0 < len; b0 += block) {
+    const int64_t n = len - b0 < block ? len - b0 : block;
+    const float* kb = kj + table[b0 / block] * sc_block;
+    if (b0 + block < len) {
+      const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+      prefetch_rows(kj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
     }
-    s[l] = d0 * scale;
-    s[l + 1] = d1 * scale;
-    s[l + 2] = d2 * scale;
-    s[l + 3] = d3 * scale;
-  }
-  for (; l < len; ++l) {
-    const float* kl = kj + l * sc_pos;
-    float dot = 0.0f;
+    float* sb = s + b0;
+    int64_t l = 0;
+    // Four positions at a time: four independent sums keep the multiply-add units busy while
+    // each one's lanes are added up. Which positions share a group depends on the length only.
+    for (; l + 4 <= n; l += 4) {
+      const float* k0 = kb + l * sc_pos;
+      const float* k1 = k0 + sc_pos;
+      const float* k2 = k1 + sc_pos;
+      const float* k3 = k2 + sc_pos;
+      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t e = 0; e < d; ++e) {
+        const float qe = qh[e];
+        d0 += qe * k0[e];
+        d1 += qe * k1[e];
+        d2 += qe * k2[e];
+        d3 += qe * k3[e];
+      }
+      sb[l] = d0 * scale;
+      sb[l + 1] = d1 * scale;
+      sb[l + 2] = d2 * scale;
+      sb[l + 3] = d3 * scale;
+    }
+    for (; l < n; ++l) {
+      const float* kl = kb + l * sc_pos;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t e = 0; e < d; ++e) dot += qh[e] * kl[e];
-    s[l] = dot * scale;
+      for (int64_t e = 0; e < d; ++e) dot += qh[e] * kl[e];
+      sb[l] = dot * scale;
+    }
   }
-  for (l = 0; l < len; ++l) best = s[l] > best ? s[l] : best;
+  for (int64_t l = 0; l < len; ++l) best = s[l] > best ? s[l] : best;
   float total = 0.0f;
 #pragma omp simd reduction(+ : total)
   for (int64_t l = 0; l < len; ++l) {
@@ -625,22 +647,38 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
     float acc[D];
 #pragma omp simd
     for (int e = 0; e < D; ++e) acc[e] = 0.0f;
-    for (int64_t l = 0; l < len; ++l) {
-      const float p = s[l];
-      const float* vl = vj + l * sc_pos;
+    for (int64_t b0 = 0; b0 < len; b0 += block) {
+      const int64_t n = len - b0 < block ? len - b0 : block;
+      const float* vb = vj + table[b0 / block] * sc_block;
+      if (b0 + block < len) {
+        const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+        prefetch_rows(vj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        const float p = s[b0 + l];
+        const float* vl = vb + l * sc_pos;
 #pragma omp simd
-      for (int e = 0; e < D; ++e) acc[e] += p * vl[e];
+        for (int e = 0; e < D; ++e) acc[e] += p * vl[e];
+      }
     }
 #pragma omp simd
     for (int e = 0; e < D; ++e) oh[e] = acc[e] * inv;
   } else {
 #pragma omp simd
     for (int64_t e = 0; e < d; ++e) oh[e] = 0.0f;
-    for (int64_t l = 0; l < len; ++l) {
-      const float p = s[l];
-      const float* vl = vj + l * sc_pos;
+    for (int64_t b0 = 0; b0 < len; b0 += block) {
+      const int64_t n = len - b0 < block ? len - b0 : block;
+      const float* vb = vj + table[b0 / block] * sc_block;
+      if (b0 + block < len) {
+        const int64_t next = len - b0 - block < block ? len - b0 - block : block;
+        prefetch_rows(vj + table[b0 / block + 1] * sc_block, next, d, sc_pos);
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        const float p = s[b0 + l];
+        const float* vl = vb + l * sc_pos;
 #pragma omp simd
-      for (int64_t e = 0; e < d; ++e) oh[e] += p * vl[e];
+        for (int64_t e = 0; e < d; ++e) oh[e] += p * vl[e];
+      }
     }
 #pragma omp simd
     for (int64_t e = 0; e < d; ++e) oh[e] *= inv;
@@ -649,13 +687,15 @@ inline void attend_head(int64_t len, int64_t d_runtime, const float* qh, const f
 
 void decode_attention(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, int64_t d,
                       const float* q, int64_t sq_tok, int64_t sq_head, const float* k,
-                      const float* v, int64_t sc_slot, int64_t sc_head, int64_t sc_pos,
-                      const int64_t* slots, const int64_t* lengths, float scale, float* scratch,
-                      int64_t s_scratch, float* out, int64_t so_tok, int64_t so_head) {
+                      const float* v, int64_t sc_block, int64_t sc_head, int64_t sc_pos,
+                      int64_t block, const int64_t* tables, int64_t s_table,
+                      const int64_t* lengths, float scale, float* scratch, int64_t s_scratch,
+                      float* out, int64_t so_tok, int64_t so_head) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t t = u / kv_heads, j = u % kv_heads, len = lengths[t];
-    const float* kj = k + slots[t] * sc_slot + j * sc_head;
-    const float* vj = v + slots[t] * sc_slot + j * sc_head;
+    const int64_t* table = tables + t * s_table;
+    const float* kj = k + j * sc_head;
+    const float* vj = v + j * sc_head;
     float* scores = scratch + (u - u0) * group * s_scratch;
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = j * group + g;
@@ -663,10 +703,18 @@ void decode_attention(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, i
       float* s = scores + g * s_scratch;
       float* oh = out + t * so_tok + h * so_head;
       switch (d) {
-        case 32: attend_head<32>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
-        case 64: attend_head<64>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
-        case 128: attend_head<128>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
-        default: attend_head<0>(len, d, qh, kj, vj, sc_pos, scale, s, oh); break;
+        case 32:
+          attend_head<32>(len, d, qh, kj, vj, table, sc_block, block, sc_pos, scale, s, oh);
+          break;
+        case 64:
+          attend_head<64>(len, d, qh, kj, vj, table, sc_block, block, sc_pos, scale, s, oh);
+          break;
+        case 128:
+          attend_head<128>(len, d, qh, kj, vj, table, sc_block, block, sc_pos, scale, s, oh);
+          break;
+        default:
+          attend_head<0>(len, d, qh, kj, vj, table, sc_block, block, sc_pos, scale, s, oh);
+          break;
       }
     }
   }

@@ -316,14 +316,68 @@ int64_t check_decode_attention(const char* op, const at::Tensor& q, const at::Te
   return longest;
 }
 
+// Paged: key_cache and value_cache [blocks, kv_heads, block_size, D], block_tables [B, n] int64;
+// sequence b's position l is at row l % block_size of block block_tables[b, l / block_size].
+// Returns the longest length (validated), for the scratch size.
+int64_t check_paged_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& tables,
+                                     const at::Tensor& lengths) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "kiln::", op,
+                ": query, key_cache and value_cache must be float32, got ", t->scalar_type());
+    check_device(op, *t, c10::DeviceType::CPU);
+  }
+  for (const at::Tensor* t : {&tables, &lengths}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->device().is_cpu(), "kiln::", op,
+                ": block_tables and lengths must be int64 CPU tensors, got ", t->scalar_type(),
+                " on ", t->device());
+  }
+  TORCH_CHECK(q.dim() == 3, "kiln::", op, ": query must be [batch, heads, head_dim], got ",
+              q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == D, "kiln::", op,
+              ": key_cache and value_cache must both be [blocks, kv_heads, block_size, ", D,
+              "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.strides() == v.strides() && k.stride(3) == 1, "kiln::", op,
+              ": key_cache and value_cache must share strides with contiguous head_dim, got ",
+              k.strides(), " and ", v.strides());
+  const int64_t Hkv = k.size(1), block = k.size(2), blocks = k.size(0);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kiln::", op, ": query heads (", Hq,
+              ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(block > 0, "kiln::", op, ": block_size (key_cache's dimension 2) must be > 0");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lengths.dim() == 1 &&
+                  lengths.size(0) == B,
+              "kiln::", op, ": block_tables must be [", B, ", blocks per sequence] and lengths [",
+              B, "], got ", tables.sizes(), " and ", lengths.sizes());
+  const at::Tensor tc = tables.contiguous(), lc = lengths.contiguous();
+  const int64_t* tp = tc.const_data_ptr<int64_t>();
+  const int64_t* lp = lc.const_data_ptr<int64_t>();
+  const int64_t per_seq = tables.size(1);
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= per_seq * block, "kiln::", op, ": lengths[", b, "] = ",
+                lp[b], " must be in [1, ", per_seq * block, "] (", per_seq,
+                " table entries of ", block, " positions)");
+    for (int64_t i = 0; i * block < lp[b]; ++i) {
+      const int64_t e = tp[b * per_seq + i];
+      TORCH_CHECK(e >= 0 && e < blocks, "kiln::", op, ": block_tables[", b, ", ", i, "] = ", e,
+                  " is outside the cache's ", blocks, " blocks");
+    }
+    longest = std::max(longest, lp[b]);
+  }
+  return longest;
+}
+
+// tables: [B, n] int64 contiguous; `block` positions per table entry (a contiguous cache passes
+// its slots as [B, 1] and block = max_len).
 void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& slots, const at::Tensor& lengths, double scale,
-                           int64_t longest, const at::Tensor& out) {
+                           const at::Tensor& tables, int64_t block, const at::Tensor& lengths,
+                           double scale, int64_t longest, const at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
   if (B == 0 || D == 0) return;
   const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
-  const at::Tensor sc = slots.contiguous(), lc = lengths.contiguous();
-  const int64_t group = Hq / Hkv, units = B * Hkv;
+  const at::Tensor tc = tables.contiguous(), lc = lengths.contiguous();
+  const int64_t group = Hq / Hkv, units = B * Hkv, s_table = tc.size(1);
   // Units of (sequence, kv head), each ~2 * length * head_dim * group multiply-adds.
   const int64_t per_unit = std::max<int64_t>(1, 2 * longest * D * group);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_unit);
@@ -337,10 +391,10 @@ void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
       if (scratch.size() < need) scratch.resize(need);
       kern.decode_attention(b, e, Hkv, group, D, qc.const_data_ptr<float>(), qc.stride(0),
                             qc.stride(1), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
-                            k.stride(0), k.stride(1), k.stride(2), sc.const_data_ptr<int64_t>(),
-                            lc.const_data_ptr<int64_t>(), static_cast<float>(scale),
-                            scratch.data(), longest, o.mutable_data_ptr<float>(), o.stride(0),
-                            o.stride(1));
+                            k.stride(0), k.stride(1), k.stride(2), block,
+                            tc.const_data_ptr<int64_t>(), s_table, lc.const_data_ptr<int64_t>(),
+                            static_cast<float>(scale), scratch.data(), longest,
+                            o.mutable_data_ptr<float>(), o.stride(0), o.stride(1));
     });
   });
 }
@@ -349,7 +403,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
   const int64_t longest = check_decode_attention("decode_attention", q, k, v, slots, lengths);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  decode_attention_into(q, k, v, slots, lengths, scale, longest, out);
+  decode_attention_into(q, k, v, slots.reshape({-1, 1}), k.size(2), lengths, scale, longest,
+                        out);
   return out;
 }
 
@@ -361,7 +416,29 @@ void decode_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_out(op, out, q.sizes(), q);
   check_no_overlap(op, "out", out, "key_cache", k);
   check_no_overlap(op, "out", out, "value_cache", v);
-  decode_attention_into(q, k, v, slots, lengths, scale, longest, out);
+  decode_attention_into(q, k, v, slots.reshape({-1, 1}), k.size(2), lengths, scale, longest,
+                        out);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& tables, const at::Tensor& lengths,
+                                  double scale) {
+  const int64_t longest =
+      check_paged_decode_attention("paged_decode_attention", q, k, v, tables, lengths);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  decode_attention_into(q, k, v, tables, k.size(2), lengths, scale, longest, out);
+  return out;
+}
+
+void paged_decode_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& tables, const at::Tensor& lengths,
+                                double scale, const at::Tensor& out) {
+  constexpr const char* op = "paged_decode_attention_out";
+  const int64_t longest = check_paged_decode_attention(op, q, k, v, tables, lengths);
+  check_out(op, out, q.sizes(), q);
+  check_no_overlap(op, "out", out, "key_cache", k);
+  check_no_overlap(op, "out", out, "value_cache", v);
+  decode_attention_into(q, k, v, tables, k.size(2), lengths, scale, longest, out);
 }
 
 }  // namespace
@@ -373,6 +450,8 @@ TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("panel_linear_out", &kiln::panel_linear_out);
   m.impl("decode_attention", &kiln::decode_attention);
   m.impl("decode_attention_out", &kiln::decode_attention_out);
+  m.impl("paged_decode_attention", &kiln::paged_decode_attention);
+  m.impl("paged_decode_attention_out", &kiln::paged_decode_attention_out);
 }
 
 // For tests and the benchmark (through ctypes): which CPU variant runs, and switching it.

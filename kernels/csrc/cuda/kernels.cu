@@ -570,6 +570,92 @@ __global__ void __launch_bounds__(128)
 }
 
 // ---------------------------------------------------------------------------------------------
+// paged decode attention: one block per (sequence t, query head h), in a grid-stride loop.
+//
+// Scores of positions [0, len) go to shared memory (thread i takes positions i, i + blockDim.x,
+// ...; each a dot product over the head in order), the block's max and sum are reduced in a fixed
+// tree order, then thread i sums output features i, i + blockDim.x, ... over positions in order.
+// Every sum's order depends on len and the launch's fixed block size, not on the batch:
+// batch-invariant. Position l is at row l % block of cache block table[l / block]. Nothing is
+// checked on the host (no sync, so a CUDA graph can capture it): a length outside
+// [1, capacity] or a block id outside the cache gives NaN outputs for that sequence and head.
+constexpr int kAttentionThreads = 128;
+
+template <typename A>
+__device__ A block_max(A v, A* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  A best = shared[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) best = fmax(best, shared[i]);
+  return best;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kAttentionThreads)
+paged_decode_attention_kernel(int64_t units, int64_t heads, int64_t group, int64_t d,
+                              const T* q, int64_t sq_tok, int64_t sq_head, const T* k,
+                              const T* v, int64_t sc_block, int64_t sc_head, int64_t sc_pos,
+                              int64_t block, int64_t blocks, const int64_t* tables,
+                              int64_t s_table, const int64_t* lengths, int64_t capacity,
+                              float scale, T* out, int64_t so_tok, int64_t so_head) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char smem_raw[];
+  A* s = reinterpret_cast<A*>(smem_raw);
+  A* red = s + capacity;  // 32 values for the reductions
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t t = u / heads, h = u % heads, j = h / group;
+    const int64_t len = lengths[t];
+    const int64_t* table = tables + t * s_table;
+    const T* qh = q + t * sq_tok + h * sq_head;
+    T* oh = out + t * so_tok + h * so_head;
+    if (len < 1 || len > capacity) {
+      for (int64_t e = threadIdx.x; e < d; e += blockDim.x) oh[e] = from_acc<T>(nan_acc<A>());
+      continue;
+    }
+    A best = -INFINITY;
+    bool bad = false;
+    for (int64_t l = threadIdx.x; l < len; l += blockDim.x) {
+      const int64_t b = table[l / block];
+      A dot = 0;
+      if (b < 0 || b >= blocks) {
+        dot = nan_acc<A>();
+        bad = true;
+      } else {
+        const T* kl = k + b * sc_block + j * sc_head + (l % block) * sc_pos;
+        for (int64_t e = 0; e < d; ++e) dot += to_acc(qh[e]) * to_acc(kl[e]);
+        dot *= scale;
+      }
+      s[l] = dot;
+      best = fmax(best, dot);
+    }
+    // A bad block makes every output NaN (fmax drops NaN, so it travels separately).
+    const A any_bad = block_sum(static_cast<A>(bad ? 1 : 0), red);
+    best = block_max(best, red);
+    A part = 0;
+    for (int64_t l = threadIdx.x; l < len; l += blockDim.x) {
+      const A p = exp_acc(s[l] - best);
+      s[l] = p;
+      part += p;
+    }
+    const A total = block_sum(part, red);  // its barriers also publish s[] to every thread
+    const A inv = any_bad > 0 ? nan_acc<A>() : static_cast<A>(1) / total;
+    for (int64_t e = threadIdx.x; e < d; e += blockDim.x) {
+      A acc = 0;
+      for (int64_t l = 0; l < len; ++l) {
+        const int64_t b = table[l / block];
+        if (b < 0 || b >= blocks) continue;
+        acc += s[l] * to_acc(v[b * sc_block + j * sc_head + (l % block) * sc_pos + e]);
+      }
+      oh[e] = from_acc<T>(acc * inv);
+    }
+    __syncthreads();  // s[] is rewritten by the next unit
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // dispatch on dtype; false for a dtype this file has no kernels for (nothing is launched)
 
 template <typename F>
@@ -874,6 +960,38 @@ cudaError_t int8_linear_tiled(DType dt, int64_t M, int64_t N, int64_t K, const v
     }
   });
   return launched(ok && dt != DType::kFloat64);
+}
+
+cudaError_t paged_decode_attention(DType dt, int64_t batch, int64_t heads, int64_t kv_heads,
+                                   int64_t d, const void* q, int64_t sq_tok, int64_t sq_head,
+                                   const void* k, const void* v, int64_t sc_block,
+                                   int64_t sc_head, int64_t sc_pos, int64_t block, int64_t blocks,
+                                   const int64_t* tables, int64_t s_table, const int64_t* lengths,
+                                   double scale, void* out, int64_t so_tok, int64_t so_head,
+                                   cudaStream_t stream) {
+  const int64_t units = batch * heads;
+  if (units == 0 || d == 0) return cudaSuccess;
+  const int64_t capacity = s_table * block;
+  cudaError_t err = cudaSuccess;
+  const bool ok = dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const size_t bytes = static_cast<size_t>(capacity + 32) * sizeof(A);
+    auto kernel = paged_decode_attention_kernel<T>;
+    if (bytes > 48 * 1024) {
+      // Past the default 48 KiB of dynamic shared memory a kernel must opt in.
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(bytes));
+      if (err != cudaSuccess) return;
+    }
+    kernel<<<grid_of(units), kAttentionThreads, bytes, stream>>>(
+        units, heads, heads / kv_heads, d, static_cast<const T*>(q), sq_tok, sq_head,
+        static_cast<const T*>(k), static_cast<const T*>(v), sc_block, sc_head, sc_pos, block,
+        blocks, tables, s_table, lengths, capacity, static_cast<float>(scale),
+        static_cast<T*>(out), so_tok, so_head);
+  });
+  if (err != cudaSuccess) return err;
+  return launched(ok);
 }
 
 }  // namespace kiln::cuda

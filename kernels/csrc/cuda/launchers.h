@@ -61,4 +61,16 @@ cudaError_t int8_linear_tiled(DType dt, int64_t M, int64_t N, int64_t K, const v
                               int64_t sx, const int8_t* w, int64_t sw, const float* scale,
                               const void* bias, void* out, int64_t so, cudaStream_t stream);
 
+// Single-query attention over a paged KV cache ([blocks, kv_heads, block, d] keys and values):
+// out[t, h] = softmax(scale * q[t, h] . K) @ V over positions < lengths[t] of sequence t, position
+// l at row l % block of block tables[t * s_table + l / block]. Batch-invariant; lengths and
+// tables stay on the device (no host check: bad ones give NaN).
+cudaError_t paged_decode_attention(DType dt, int64_t batch, int64_t heads, int64_t kv_heads,
+                                   int64_t d, const void* q, int64_t sq_tok, int64_t sq_head,
+                                   const void* k, const void* v, int64_t sc_block,
+                                   int64_t sc_head, int64_t sc_pos, int64_t block, int64_t blocks,
+                                   const int64_t* tables, int64_t s_table, const int64_t* lengths,
+                                   double scale, void* out, int64_t so_tok, int64_t so_head,
+                                   cudaStream_t stream);
+
 }  // namespace kiln::cuda

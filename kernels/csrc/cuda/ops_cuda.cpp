@@ -99,7 +99,82 @@ struct CudaBackend {
   }
 };
 
+// paged_decode_attention on the GPU: shapes and dtypes checked here; block tables and lengths
+// stay on the device (reading them would sync, and a CUDA graph cannot capture a sync), so bad
+// entries give NaN outputs instead of an error.
+void check_paged_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& tables, const at::Tensor& lengths) {
+  check_dtype(op, "query", q);
+  check_like(op, "key_cache", k, "query", q);
+  check_like(op, "value_cache", v, "query", q);
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong &&
+                  tables.device() == q.device() && lengths.device() == q.device(),
+              "kiln::", op, ": block_tables and lengths must be int64 on ", q.device(), ", got ",
+              tables.scalar_type(), " on ", tables.device(), " and ", lengths.scalar_type(),
+              " on ", lengths.device());
+  TORCH_CHECK(q.dim() == 3, "kiln::", op, ": query must be [batch, heads, head_dim], got ",
+              q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == D, "kiln::", op,
+              ": key_cache and value_cache must both be [blocks, kv_heads, block_size, ", D,
+              "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.strides() == v.strides() && k.stride(3) == 1, "kiln::", op,
+              ": key_cache and value_cache must share strides with contiguous head_dim, got ",
+              k.strides(), " and ", v.strides());
+  TORCH_CHECK(k.size(1) > 0 && Hq % k.size(1) == 0 && k.size(2) > 0, "kiln::", op,
+              ": query heads (", Hq, ") must be a multiple of kv heads (", k.size(1), ")");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lengths.dim() == 1 &&
+                  lengths.size(0) == B,
+              "kiln::", op, ": block_tables must be [", B, ", blocks per sequence] and lengths [",
+              B, "], got ", tables.sizes(), " and ", lengths.sizes());
+}
+
+void paged_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& tables, const at::Tensor& lengths, double scale,
+                          const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
+  const at::Tensor tc = tables.contiguous(), lc = lengths.contiguous();
+  const bool direct = out.stride(2) == 1;
+  at::Tensor o = direct ? out : at::empty(out.sizes(), out.options());
+  check_launch(cuda::paged_decode_attention(
+                   dtype_of(q), q.size(0), q.size(1), k.size(1), q.size(2), qc.const_data_ptr(),
+                   qc.stride(0), qc.stride(1), k.const_data_ptr(), v.const_data_ptr(),
+                   k.stride(0), k.stride(1), k.stride(2), k.size(2), k.size(0),
+                   tc.const_data_ptr<int64_t>(), tc.size(1), lc.const_data_ptr<int64_t>(), scale,
+                   o.mutable_data_ptr(), o.stride(0), o.stride(1), stream()),
+               "paged_decode_attention");
+  if (!direct) out.copy_(o);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& tables, const at::Tensor& lengths,
+                                  double scale) {
+  check_paged_cuda("paged_decode_attention", q, k, v, tables, lengths);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  paged_attention_into(q, k, v, tables, lengths, scale, out);
+  return out;
+}
+
+void paged_decode_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& tables, const at::Tensor& lengths,
+                                double scale, const at::Tensor& out) {
+  constexpr const char* op = "paged_decode_attention_out";
+  check_paged_cuda(op, q, k, v, tables, lengths);
+  check_like(op, "out", out, "query", q);
+  check_shape(op, "out", out, q.sizes());
+  check_writable(op, "out", out);
+  check_no_overlap(op, "out", out, "query", q);
+  check_no_overlap(op, "out", out, "key_cache", k);
+  check_no_overlap(op, "out", out, "value_cache", v);
+  paged_attention_into(q, k, v, tables, lengths, scale, out);
+}
+
 }  // namespace
 }  // namespace kiln
 
-TORCH_LIBRARY_IMPL(kiln, CUDA, m) { kiln::Ops<kiln::CudaBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(kiln, CUDA, m) {
+  kiln::Ops<kiln::CudaBackend>::register_all(m);
+  m.impl("paged_decode_attention", &kiln::paged_decode_attention);
+  m.impl("paged_decode_attention_out", &kiln::paged_decode_attention_out);
+}
