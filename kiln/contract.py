@@ -130,6 +130,12 @@ GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 NODE_POOL_LABEL_KEY = "kiln.dev/node-pool"
 GPU_POOL_LABEL = (NODE_POOL_LABEL_KEY, "gpu")
 SYSTEM_POOL_LABEL = (NODE_POOL_LABEL_KEY, "system")
+# Kueue admits a job to the LocalQueue this label names (on the job object); Karpenter never
+# consolidates or drifts a node away while a pod with this annotation runs on it.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
+# Every object of one training run carries it (kiln_cli.training_job).
+TRAINING_JOB_LABEL = "kiln.dev/training-job"
 
 
 # --- environment variables -------------------------------------------------------------------

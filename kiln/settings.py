@@ -247,8 +247,35 @@ class SystemNodeSettings(NodePoolSettings):
     instance_type: str = Field("m7i.large", pattern=r"^[a-z0-9]+\.[a-z0-9]+$")
 
 
-class GpuNodeSettings(NodePoolSettings):
-    """The GPU node group training pods run on (tainted `nvidia.com/gpu=true:NoSchedule`)."""
+class CapacityReservationSettings(StrictModel):
+    """One On-Demand Capacity Reservation or Capacity Block for ML that GPU nodes launch into
+    before any on-demand capacity: by id, or by tags (every reservation carrying them)."""
+
+    # Karpenter's EC2NodeClass: "'id' is mutually exclusive, cannot be set along with other
+    # fields in a capacity reservation selector term"; ids are `cr-` and hex.
+    id: str | None = Field(None, pattern=r"^cr-[0-9a-f]{8,17}$")
+    # At most 20 tags, none empty (EC2NodeClass capacityReservationSelectorTerms[].tags).
+    tags: dict[
+        Annotated[str, Field(min_length=1, max_length=128)],
+        Annotated[str, Field(min_length=1, max_length=256)],
+    ] = Field({}, max_length=20)
+
+    @model_validator(mode="after")
+    def _id_or_tags(self) -> CapacityReservationSettings:
+        if (self.id is None) == (not self.tags):
+            raise PydanticCustomError(
+                "reservation",
+                "name a reservation by id (cr-0123456789abcdef0) or by tags, not both and "
+                "not neither",
+                {},
+            )
+        return self
+
+
+class GpuNodeSettings(StrictModel):
+    """The GPU nodes training pods run on, provisioned by Karpenter from zero when a job is
+    admitted and removed when empty (tainted `nvidia.com/gpu=true:NoSchedule`). One NodePool
+    per instance family listed."""
 
     instance_types: list[str] = Field(min_length=1, max_length=10)
     capacity: Literal["on_demand", "spot"] = "on_demand"
@@ -258,6 +285,25 @@ class GpuNodeSettings(NodePoolSettings):
     # means differs per account: check `aws ec2 describe-instance-type-offerings
     # --location-type availability-zone --filters Name=instance-type,Values=<type>`.
     efa_zone: str | None = None
+    # The most GPUs the pools may hold at once (each NodePool's `limits`); Karpenter launches
+    # nothing that would pass it.
+    max_gpus: int = Field(ge=1, le=4096)
+    # How long an empty GPU node lives before Karpenter removes it (consolidateAfter).
+    empty_node_minutes: int = Field(5, ge=0, le=1440)
+    # The EKS-optimized AL2023 AMI release GPU nodes boot (Karpenter picks its NVIDIA variant
+    # for GPU types): pinned, so a new AMI reaches nodes through a config change, not overnight
+    # drift (github.com/awslabs/amazon-eks-ami/releases lists them).
+    ami_release: str = Field(pattern=r"^v\d{8}$")
+    # Reserved capacity (ODCRs, Capacity Blocks) used before on-demand; empty: none.
+    capacity_reservations: list[CapacityReservationSettings] = Field([], max_length=30)
+
+
+class TeamSettings(StrictModel):
+    """A team that trains on the cluster: its own namespace and LocalQueue, and a GPU quota in
+    the shared ClusterQueue's cohort (it may borrow GPUs other teams leave idle)."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+    gpu_quota: int = Field(ge=0, le=4096)
 
 
 class ComputeSettings(StrictModel):
@@ -271,11 +317,42 @@ class ComputeSettings(StrictModel):
     system_nodes: SystemNodeSettings
     gpu_nodes: GpuNodeSettings
     # EKS managed add-on versions, pinned (aws eks describe-addon-versions lists them).
-    addons: dict[Literal["vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent"], str]
+    addons: dict[
+        Literal[
+            "vpc-cni",
+            "coredns",
+            "kube-proxy",
+            "eks-pod-identity-agent",
+            "amazon-cloudwatch-observability",
+        ],
+        str,
+    ]
     nvidia_device_plugin_version: str = Field(pattern=r"^v\d+\.\d+\.\d+$")
     efa_device_plugin_version: str = Field(pattern=r"^v\d+\.\d+\.\d+$")
     training_namespace: str = Field("training", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     trainer_service_account: str = Field("trainer", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # Karpenter (GPU nodes from pending pods) and Kueue (queues, quotas, gang admission), each
+    # at the release kiln vendors (platform_constructs/handlers/bundles).
+    karpenter_version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    kueue_version: str = Field(pattern=r"^v\d+\.\d+\.\d+$")
+    # Teams with a GPU quota; each trains in its own namespace, `<training_namespace>-<team>`.
+    teams: list[TeamSettings] = Field(min_length=1, max_length=50)
+
+    def team_namespace(self, team: str) -> str:
+        """The namespace a team's training runs in (its LocalQueue and service account)."""
+        return f"{self.training_namespace}-{team}"
+
+    @property
+    def team_namespaces(self) -> list[str]:
+        return [self.team_namespace(team.name) for team in self.teams]
+
+    @property
+    def gpu_families(self) -> dict[str, list[str]]:
+        """The listed GPU instance types by family (`p4d`), in the order listed."""
+        families: dict[str, list[str]] = {}
+        for instance_type in self.gpu_nodes.instance_types:
+            families.setdefault(instance_type.split(".", 1)[0], []).append(instance_type)
+        return families
 
     @field_validator("public_endpoint_cidrs")
     @classmethod
@@ -321,7 +398,13 @@ class ComputeSettings(StrictModel):
     @field_validator("addons")
     @classmethod
     def _all_addons(cls, value: dict[str, str]) -> dict[str, str]:
-        missing = {"vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent"} - set(value)
+        missing = {
+            "vpc-cni",
+            "coredns",
+            "kube-proxy",
+            "eks-pod-identity-agent",
+            "amazon-cloudwatch-observability",
+        } - set(value)
         if missing:
             raise PydanticCustomError(
                 "addons",
@@ -796,24 +879,54 @@ class Settings(StrictModel):
                 f"allowed: {', '.join(sorted(GPU_INSTANCES))}"
             )
             return problems
-        efa = {GPU_INSTANCES[t].efa_interfaces > 0 for t in compute.gpu_nodes.instance_types}
-        if len(efa) > 1:
-            problems.append(
-                "compute.gpu_nodes.instance_types: mixes types with and without EFA; one node "
-                "group gets one launch template, so list only EFA types or only non-EFA types"
-            )
+        # One NodePool and EC2NodeClass per family: a node class names its network interfaces
+        # (one EFA per network card), so a family's listed sizes must agree on that count.
+        for family, types in compute.gpu_families.items():
+            counts = {GPU_INSTANCES[t].efa_interfaces for t in types}
+            if len(counts) > 1:
+                problems.append(
+                    f"compute.gpu_nodes.instance_types: the {family} sizes listed "
+                    f"({', '.join(types)}) have different EFA interface counts "
+                    f"({sorted(counts)}); one node class per family gives them one network "
+                    "layout, so list sizes of one count"
+                )
         zone = compute.gpu_nodes.efa_zone
         if zone is not None and zone not in self.availability_zones:
             problems.append(
                 f"compute.gpu_nodes.efa_zone: {zone!r} is not one of availability_zones "
                 f"({', '.join(self.availability_zones)})"
             )
-        interfaces = {GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types}
-        if len(interfaces) > 1:
+        largest = max(GPU_INSTANCES[t].gpus for t in compute.gpu_nodes.instance_types)
+        if compute.gpu_nodes.max_gpus < largest:
             problems.append(
-                "compute.gpu_nodes.instance_types: EFA types with different interface counts "
-                f"({sorted(interfaces)}) cannot share one launch template"
+                f"compute.gpu_nodes.max_gpus: {compute.gpu_nodes.max_gpus} is fewer than one "
+                f"node of the largest listed type has ({largest}); Karpenter could never "
+                "launch it"
             )
+        problems += self._team_problems()
+        return problems
+
+    def _team_problems(self) -> list[str]:
+        compute = self.compute
+        problems = []
+        names = [team.name for team in compute.teams]
+        if len(set(names)) != len(names):
+            problems.append(f"compute.teams: {names} repeats a team name")
+        for namespace in compute.team_namespaces:
+            if len(namespace) > 63:
+                problems.append(
+                    f"compute.teams: namespace {namespace!r} is longer than Kubernetes' 63 "
+                    "characters; shorten the team name or compute.training_namespace"
+                )
+        for team in compute.teams:
+            if team.gpu_quota > compute.gpu_nodes.max_gpus:
+                problems.append(
+                    f"compute.teams.{team.name}.gpu_quota: {team.gpu_quota} exceeds "
+                    f"compute.gpu_nodes.max_gpus ({compute.gpu_nodes.max_gpus}); the nodes "
+                    "could never hold it"
+                )
+        if not any(team.gpu_quota for team in compute.teams):
+            problems.append("compute.teams: every gpu_quota is 0, so no job could be admitted")
         return problems
 
     def _prod_problems(self) -> list[str]:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_settings
+from kiln.contract import Outputs
 from kiln.settings import Settings, Tier
 from kiln_cli import local, training_job
 
 # The operating commands import boto3 only when they run, so `kiln envs` stays light.
-from kiln_cli.operate import deploy, invoke, status, train
+from kiln_cli.operate import deploy, gpu_cluster, invoke, status, train
 from kiln_cli.operate.aws import Aws, OperateError, explain
 from kiln_cli.operate.progress import Progress
 from kiln_policy import diagram
@@ -102,9 +105,14 @@ def _rows(rows: Sequence[tuple[str, str]], indent: str = "  ") -> str:
     return "".join(f"{indent}{key:<{width}}{value}\n" for key, value in rows)
 
 
+def _kubectl() -> gpu_cluster.Kubectl | None:
+    """kubectl on the cluster, where it is installed (the GPU section of `kiln status`)."""
+    return gpu_cluster.Kubectl() if shutil.which("kubectl") else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Stacks, endpoint and latest training jobs of one environment."""
-    report = status.gather(_aws(args), jobs=args.jobs)
+    report = status.gather(_aws(args), jobs=args.jobs, kube=_kubectl())
     sys.stdout.write(status.render(report))
     return 1 if report.problems else 0
 
@@ -125,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         trainer_args=tuple(args.trainer_args),
         model=args.model,
+        team=args.team,
         operator=args.operator,
     )
     env = aws.settings.name
@@ -143,7 +152,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         train.apply_manifests(aws, started)
         print(f"applied training run {started.job} on EKS")
         sys.stdout.write(_rows(started.summary))
-        namespace = aws.settings.compute.training_namespace
+        namespace, queue = train.team_queue(aws.settings, args.team)
+        # Queue, admission, nodes, pods, until the pods run (and their first GPU reading).
+        if args.follow_hours > 0:
+            gpu_cluster.follow_run(
+                gpu_cluster.RunWatch(
+                    gpu_cluster.Kubectl(),
+                    namespace=namespace,
+                    queue=queue,
+                    job=started.job,
+                    started=datetime.now(UTC) - timedelta(seconds=5),
+                ),
+                aws=aws,
+                cluster=aws.output(Outputs.CLUSTER_NAME),
+                emit=print,
+                sleep=time.sleep,
+                until="running",
+                timeout=args.follow_hours * 3600,
+            )
         print(
             f"follow it: kubectl logs -f -n {namespace} -l {training_job.JOB_LABEL}={started.job}"
         )
@@ -374,7 +400,20 @@ def _add_train(commands: Any) -> None:
     run.add_argument(
         "--apply",
         action="store_true",
-        help="EKS: kubectl apply -f - the objects instead of printing them",
+        help="EKS: kubectl apply -f - the objects instead of printing them, then follow the "
+        "run's queue position, admission, nodes and pods until it runs",
+    )
+    run.add_argument(
+        "--team",
+        help="EKS: the team whose namespace, queue and GPU quota the run uses "
+        "(default: the first of compute.teams)",
+    )
+    run.add_argument(
+        "--follow-hours",
+        type=float,
+        default=6.0,
+        help="EKS --apply: how long to follow a queued run before handing back; 0: do not "
+        "follow (default: %(default)s)",
     )
     run.add_argument(
         "trainer_args",

@@ -20,10 +20,10 @@ from typing import Any
 
 from kiln import instances as serving_instances
 from kiln import naming
-from kiln.contract import GPU_TAINT
+from kiln.contract import DO_NOT_DISRUPT, GPU_TAINT, QUEUE_LABEL, TRAINING_JOB_LABEL
 from kiln.settings import Settings, covers_the_internet
 from kiln_policy.assembly import SynthesizedStack
-from kiln_policy.published_metrics import alarm_uses, dashboard_uses
+from kiln_policy.published_metrics import alarm_uses, dashboard_uses, placeholder_join
 
 Resource = dict[str, Any]
 ResourcePredicate = Callable[[Resource, Settings], Iterable[str]]
@@ -549,3 +549,128 @@ def model_image_pinned(model: Resource, settings: Settings) -> Iterator[str]:
             continue
         if not tag or tag in _FLOATING_TAGS:
             yield f"image {image} is not pinned to a release tag or digest"
+
+
+# --- Kubernetes objects ----------------------------------------------------------------------
+# Rules over the Kubernetes objects kiln applies: those in a stack's deploy-time objects
+# (`Custom::KubernetesObjects`), and a training run's objects before `kiln train` applies them
+# (`check_objects`). Each is also registered as a stack resource rule, so the runner, the
+# synthesized-template tests and the compliant/non-compliant cases treat it like any other.
+
+KubeObject = dict[str, Any]
+ObjectPredicate = Callable[[KubeObject], Iterable[str]]
+KUBERNETES_OBJECTS = "Custom::KubernetesObjects"
+# The properties of a deploy-time objects resource that hold objects (JSON lists).
+_OBJECT_PROPERTIES = ("Manifests", "Privileged")
+OBJECT_RULES: dict[str, tuple[frozenset[str], ObjectPredicate]] = {}
+
+
+def deploy_time_objects(resource: Resource) -> list[KubeObject]:
+    """The Kubernetes objects a `Custom::KubernetesObjects` resource applies, with every
+    CloudFormation intrinsic inside them replaced by the placeholder TOKEN."""
+    objects: list[KubeObject] = []
+    for key in _OBJECT_PROPERTIES:
+        value = _props(resource).get(key)
+        if value is not None:
+            objects += json.loads(placeholder_join(value))
+    return objects
+
+
+def _describe(obj: KubeObject) -> str:
+    meta = obj.get("metadata", {})
+    where = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{obj.get('kind')} {where}{meta.get('name')}"
+
+
+def object_rule(rule_id: str, *kinds: str) -> Callable[[ObjectPredicate], ObjectPredicate]:
+    """Registers a rule over Kubernetes objects of `kinds`; its docstring is the reason."""
+
+    def register(predicate: ObjectPredicate) -> ObjectPredicate:
+        OBJECT_RULES[rule_id] = (frozenset(kinds), predicate)
+
+        def over_stack(resource: Resource, settings: Settings) -> Iterator[str]:
+            del settings
+            for obj in deploy_time_objects(resource):
+                if obj.get("kind") in kinds:
+                    for problem in predicate(obj):
+                        yield f"{_describe(obj)}: {problem}"
+
+        reason = inspect.getdoc(predicate) or ""
+        _register(ResourceRule(rule_id, reason, frozenset({KUBERNETES_OBJECTS}), over_stack))
+        return predicate
+
+    return register
+
+
+def check_objects(objects: Iterable[KubeObject]) -> list[str]:
+    """`[rule] Kind ns/name: problem` for every object rule any of `objects` breaks."""
+    return [
+        f"[{rule_id}] {_describe(obj)}: {problem}"
+        for obj in objects
+        for rule_id, (kinds, predicate) in OBJECT_RULES.items()
+        if obj.get("kind") in kinds
+        for problem in predicate(obj)
+    ]
+
+
+@object_rule("gpu-pools-tainted", "NodePool")
+def gpu_pools_tainted(pool: KubeObject) -> Iterator[str]:
+    """Every Karpenter NodePool carries `nvidia.com/gpu=true:NoSchedule`: kiln's pools are GPU
+    pools, and an untainted one would let any pod (a stray Deployment) start a GPU node."""
+    taints = pool.get("spec", {}).get("template", {}).get("spec", {}).get("taints", [])
+    if dict(GPU_TAINT) not in taints:
+        key, value, effect = GPU_TAINT["key"], GPU_TAINT["value"], GPU_TAINT["effect"]
+        yield f"lacks the taint {key}={value}:{effect}"
+
+
+@object_rule("karpenter-imdsv2", "EC2NodeClass")
+def karpenter_imdsv2(node_class: KubeObject) -> Iterator[str]:
+    """Karpenter's nodes answer only IMDSv2 with one hop, said explicitly in the node class (a
+    pod, one hop further, cannot reach the node role's credentials)."""
+    options = node_class.get("spec", {}).get("metadataOptions", {})
+    if options.get("httpTokens") != "required":
+        yield f"metadataOptions.httpTokens is {options.get('httpTokens')}, so IMDSv1 is allowed"
+    if options.get("httpPutResponseHopLimit") != 1:
+        yield (
+            f"metadataOptions.httpPutResponseHopLimit is "
+            f"{options.get('httpPutResponseHopLimit')}, not 1: pods reach node credentials"
+        )
+
+
+def pod_templates(obj: Any) -> Iterator[KubeObject]:
+    """Every pod template inside an object (a `metadata` beside a `spec` with containers)."""
+    if isinstance(obj, dict):
+        spec = obj.get("spec")
+        if isinstance(spec, dict) and "containers" in spec and "metadata" in obj:
+            yield obj
+        for value in obj.values():
+            yield from pod_templates(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from pod_templates(value)
+
+
+# The objects of a training run Kueue admits (they carry its queue); a TrainJob's pods come
+# from its TrainingRuntime, which carries the pod templates.
+_QUEUED_KINDS = frozenset({"Job", "PyTorchJob", "TrainJob", "JobSet"})
+
+
+@object_rule(
+    "training-pods-not-disrupted", "Job", "PyTorchJob", "TrainJob", "JobSet", "TrainingRuntime"
+)
+def training_pods_not_disrupted(obj: KubeObject) -> Iterator[str]:
+    """A training run's pods carry `karpenter.sh/do-not-disrupt: "true"` (Karpenter never
+    takes their node for consolidation or drift mid-run), and the run names its Kueue queue
+    (admission whole or not at all, within its team's quota)."""
+    labels = obj.get("metadata", {}).get("labels", {})
+    if TRAINING_JOB_LABEL not in labels:
+        return  # not a kiln training run
+    if obj.get("kind") in _QUEUED_KINDS and QUEUE_LABEL not in labels:
+        yield f"has no {QUEUE_LABEL} label: Kueue would not queue or gang-admit it"
+    templates = list(pod_templates(obj.get("spec", {})))
+    if not templates and obj.get("kind") != "TrainJob":
+        yield "has no pod template to judge"
+    for template in templates:
+        annotations = template.get("metadata", {}).get("annotations", {})
+        if annotations.get(DO_NOT_DISRUPT) != "true":
+            yield f'a pod template lacks the annotation {DO_NOT_DISRUPT}: "true"'

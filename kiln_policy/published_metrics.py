@@ -22,6 +22,16 @@ REDSHIFT = "https://docs.aws.amazon.com/redshift/latest/mgmt/metrics-listing.htm
 REDSHIFT_SERVERLESS = "https://docs.aws.amazon.com/redshift/latest/mgmt/serverless-monitoring.html"
 EC2 = "https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"
 AUTOSCALING = "https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-metrics.html"
+# Container Insights with enhanced observability (the amazon-cloudwatch-observability add-on,
+# which the compute stack installs):
+# GPU metrics from its DCGM exporter, with the dimension sets of the CloudWatch agent's
+# awsemf exporter declarations (aws/amazon-cloudwatch-agent, translator for containerinsights).
+CONTAINER_INSIGHTS = (
+    "https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/"
+    "Container-Insights-metrics-enhanced-EKS.html"
+)
+# kiln's own: metric filters on the Container Insights host log group (platform_constructs.eks).
+KILN_XID = "platform_constructs/eks.py (XID_PATTERN metric filters)"
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,33 @@ PUBLISHED: tuple[PublishedMetric, ...] = (
     *_rows("AWS/Redshift", "CPUUtilization DatabaseConnections", "ClusterIdentifier", REDSHIFT),
     # EC2 instance metrics aggregated per Auto Scaling group (basic monitoring included).
     *_rows("AWS/EC2", "CPUUtilization StatusCheckFailed", "AutoScalingGroupName", EC2),
+    # GPU metrics per node, per pod (a training job's pods) and for the whole cluster.
+    *_rows(
+        "ContainerInsights",
+        "node_gpu_utilization node_gpu_memory_used node_gpu_power_draw",
+        "ClusterName, NodeName, InstanceId",
+        CONTAINER_INSIGHTS,
+    ),
+    *_rows(
+        "ContainerInsights",
+        "node_gpu_utilization node_gpu_memory_used node_gpu_power_draw",
+        "ClusterName",
+        CONTAINER_INSIGHTS,
+    ),
+    *_rows(
+        "ContainerInsights",
+        "pod_gpu_utilization pod_gpu_memory_used pod_gpu_power_draw",
+        "ClusterName, Namespace, PodName",
+        CONTAINER_INSIGHTS,
+    ),
+    *_rows(
+        "ContainerInsights",
+        "cluster_gpu_request cluster_gpu_total",
+        "ClusterName",
+        CONTAINER_INSIGHTS,
+    ),
+    *_rows("kiln/GPU", "XidErrors", "InstanceId", KILN_XID),
+    *_rows("kiln/GPU", "XidErrors", "", KILN_XID),
     # Auto Scaling group metrics: only where group metrics collection is on.
     *_rows(
         "AWS/AutoScaling",
@@ -168,13 +205,13 @@ def search_uses(expression: str, where: str) -> Iterator[MetricUse]:
         )
 
 
-def _placeholder_join(value: Any) -> str:
+def placeholder_join(value: Any) -> str:
     """A template string value with every intrinsic function replaced by a placeholder."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and "Fn::Join" in value:
         separator, parts = value["Fn::Join"]
-        return str(separator).join(_placeholder_join(p) for p in parts)
+        return str(separator).join(placeholder_join(p) for p in parts)
     return "TOKEN"
 
 
@@ -203,7 +240,7 @@ def alarm_uses(alarm: dict[str, Any], where: str) -> Iterator[MetricUse]:
 
 def dashboard_uses(dashboard: dict[str, Any], where: str) -> Iterator[MetricUse]:
     """The metrics of every widget of an AWS::CloudWatch::Dashboard body."""
-    body = json.loads(_placeholder_join(dashboard.get("Properties", {}).get("DashboardBody")))
+    body = json.loads(placeholder_join(dashboard.get("Properties", {}).get("DashboardBody")))
     for widget in body.get("widgets", []):
         title = widget.get("properties", {}).get("title", widget.get("type"))
         for entry in widget.get("properties", {}).get("metrics", []):

@@ -160,6 +160,13 @@ def applier_rbac() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["namespaces", "serviceaccounts", "configmaps"]},
         {"apiGroups": ["apps"], "resources": ["daemonsets", "deployments"]},
         {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"]},
+        # GPU pools (Karpenter) and queues (Kueue): kiln's objects of their CRDs.
+        {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"]},
+        {"apiGroups": ["karpenter.k8s.aws"], "resources": ["ec2nodeclasses"]},
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["resourceflavors", "clusterqueues", "localqueues"],
+        },
     ]
     labels = {"app.kubernetes.io/part-of": "kiln"}
     return [

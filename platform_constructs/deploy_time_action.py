@@ -88,6 +88,7 @@ class DeployTimeAction(Construct):
         s3_prefix_list_id: str | None = None,
         poll: bool = False,
         timeout_minutes: int = 14,
+        extra_files: Sequence[str] = (),
     ) -> None:
         super().__init__(scope, construct_id)
         if not (HANDLERS_DIR / f"{module}.py").exists():
@@ -148,8 +149,12 @@ class DeployTimeAction(Construct):
                 description=f"{description} ({entry})",
                 runtime=RUNTIME,
                 handler=f"{module}.{entry}",
-                # Only this handler's file: an edit to another handler leaves this asset alone.
-                code=lambda_.Code.from_asset(str(HANDLERS_DIR), exclude=["*", f"!{module}.py"]),
+                # Only this handler's file (and the data files it reads, relative to
+                # HANDLERS_DIR): an edit to another handler leaves this asset alone.
+                code=lambda_.Code.from_asset(
+                    str(HANDLERS_DIR),
+                    exclude=["*", f"!{module}.py", *(f"!{f}" for f in extra_files)],
+                ),
                 timeout=Duration.minutes(timeout_minutes),
                 memory_size=256,
                 role=fixed_role,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from aws_cdk import Acknowledgment, CfnResource, RemovalPolicy, Stack, Validations
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -40,6 +41,19 @@ _NODE_POLICIES = (
 )
 _CNI_POLICY = "AmazonEKS_CNI_Policy"
 CNI_SERVICE_ACCOUNT = ("kube-system", "aws-node")
+# The CloudWatch Observability add-on's agent (Container Insights, DCGM GPU metrics) and the
+# AWS-managed policy its documentation names for it.
+CLOUDWATCH_ADDON = "amazon-cloudwatch-observability"
+CLOUDWATCH_SERVICE_ACCOUNT = ("amazon-cloudwatch", "cloudwatch-agent")
+_CLOUDWATCH_POLICY = "CloudWatchAgentServerPolicy"
+# The log groups Container Insights writes (`/aws/containerinsights/<cluster>/<kind>`); made
+# here, before the add-on, so they are KMS-encrypted and expire instead of being created by the
+# agent without either.
+CONTAINER_INSIGHTS_LOGS = ("application", "dataplane", "host", "performance")
+# The NVIDIA driver's kernel message for a GPU error ("NVRM: Xid (PCI:...): 79, ...").
+XID_PATTERN = "NVRM: Xid"
+XID_NAMESPACE = "kiln/GPU"
+XID_METRIC = "XidErrors"
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,7 @@ def _acknowledge_managed_policies(role: iam.IRole, policies: Sequence[str], reas
 
 
 def pod_identity_principal(
-    *, account: str, cluster_arn: str, namespace: str, service_account: str
+    *, account: str, cluster_arn: str, namespace: str | Sequence[str], service_account: str
 ) -> iam.IPrincipal:
     """EKS Pod Identity, for one service account of one cluster only. The agent passes the
     cluster ARN, namespace and service account as session tags (EKS User Guide, "Define
@@ -83,7 +97,9 @@ def pod_identity_principal(
             {
                 "StringEquals": {
                     "aws:SourceAccount": account,
-                    "aws:RequestTag/kubernetes-namespace": namespace,
+                    "aws:RequestTag/kubernetes-namespace": (
+                        namespace if isinstance(namespace, str) else list(namespace)
+                    ),
                     "aws:RequestTag/kubernetes-service-account": service_account,
                     "aws:RequestTag/eks-cluster-arn": cluster_arn,
                 },
@@ -123,8 +139,8 @@ class GpuCluster(Construct):
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
         system_pool: NodePool,
-        gpu_pool: NodePool,
-        nodegroup_names: tuple[str, str] | None = None,
+        gpu_pool: NodePool | None = None,
+        nodegroup_names: tuple[str, str | None] | None = None,
         addons: Mapping[str, str],
         admin_principal_arns: Sequence[str] = (),
     ) -> None:
@@ -221,8 +237,79 @@ class GpuCluster(Construct):
             # The CNI's credentials come from the Pod Identity agent.
             if "eks-pod-identity-agent" in self.addons:
                 self.addons["vpc-cni"].node.add_dependency(self.addons["eks-pod-identity-agent"])
+        self.cloudwatch_role: iam.Role | None = None
+        if CLOUDWATCH_ADDON in self.addons:
+            self.cloudwatch_role = iam.Role(
+                self,
+                "CloudWatchAgentRole",
+                assumed_by=pod_identity_principal(
+                    account=stack.account,
+                    cluster_arn=self.cluster.cluster_arn,
+                    namespace=CLOUDWATCH_SERVICE_ACCOUNT[0],
+                    service_account=CLOUDWATCH_SERVICE_ACCOUNT[1],
+                ),
+                managed_policies=[
+                    iam.ManagedPolicy.from_aws_managed_policy_name(_CLOUDWATCH_POLICY)
+                ],
+                description=f"{name}: the CloudWatch agent (Container Insights, GPU metrics)",
+            )
+            _acknowledge_managed_policies(
+                self.cloudwatch_role,
+                [_CLOUDWATCH_POLICY],
+                "The CloudWatch agent needs CloudWatchAgentServerPolicy (put metrics and log "
+                "events, describe its EC2 host); AWS maintains it with the agent and the "
+                "add-on's documentation names it. Only the agent's service account gets it.",
+            )
+            self.insights_logs = {
+                kind: logs.LogGroup(
+                    self,
+                    f"ContainerInsights{kind.title()}",
+                    log_group_name=f"/aws/containerinsights/{name}/{kind}",
+                    encryption_key=log_key,
+                    retention=log_retention,
+                    removal_policy=removal_policy,
+                )
+                for kind in CONTAINER_INSIGHTS_LOGS
+            }
+            for group in self.insights_logs.values():
+                self.addons[CLOUDWATCH_ADDON].node.add_dependency(group)
+            # XID errors from the host (kernel) log: per node for the dashboard, and one
+            # series for the alarm (an alarm needs its dimensions named in advance).
+            self.xid_filters = [
+                logs.MetricFilter(
+                    self,
+                    f"XidErrors{suffix}",
+                    log_group=self.insights_logs["host"],
+                    filter_pattern=logs.FilterPattern.string_value(
+                        "$.log", "=", f"*{XID_PATTERN}*"
+                    ),
+                    metric_namespace=XID_NAMESPACE,
+                    metric_name=XID_METRIC,
+                    metric_value="1",
+                    dimensions=dimensions,
+                    unit=cloudwatch.Unit.COUNT,
+                )
+                for suffix, dimensions in (
+                    ("PerNode", {"InstanceId": "$.ec2_instance_id"}),
+                    ("", None),
+                )
+            ]
+            cfn_cw = cast(CfnResource, self.addons[CLOUDWATCH_ADDON].node.default_child)
+            cfn_cw.add_property_override(
+                "PodIdentityAssociations",
+                [
+                    {
+                        "RoleArn": self.cloudwatch_role.role_arn,
+                        "ServiceAccount": CLOUDWATCH_SERVICE_ACCOUNT[1],
+                    }
+                ],
+            )
+            if "eks-pod-identity-agent" in self.addons:
+                self.addons[CLOUDWATCH_ADDON].node.add_dependency(
+                    self.addons["eks-pod-identity-agent"]
+                )
         self.placement_group: ec2.CfnPlacementGroup | None = None
-        if gpu_pool.efa_interfaces:
+        if gpu_pool is not None and gpu_pool.efa_interfaces:
             self.placement_group = ec2.CfnPlacementGroup(self, "GpuPlacement", strategy="cluster")
         system_name, gpu_name = nodegroup_names or (None, None)
         self.system_nodes = self._node_group(
@@ -234,22 +321,30 @@ class GpuCluster(Construct):
             ami_type=eks.NodegroupAmiType.AL2023_X86_64_STANDARD,
             name=system_name,
         )[0]
-        self.gpu_nodes, self.gpu_launch_template = self._node_group(
-            "GpuNodes",
-            gpu_pool,
-            vpc=vpc,
-            labels=GPU_POOL_LABELS,
-            taints=[GPU_TAINT],
-            ami_type=eks.NodegroupAmiType.AL2023_X86_64_NVIDIA,
-            name=gpu_name,
-        )
+        # Without `gpu_pool`, GPU nodes come from elsewhere (kiln: Karpenter, see karpenter.py).
+        self.gpu_nodes: eks.Nodegroup | None = None
+        self.gpu_launch_template: ec2.CfnLaunchTemplate | None = None
+        if gpu_pool is not None:
+            self.gpu_nodes, self.gpu_launch_template = self._node_group(
+                "GpuNodes",
+                gpu_pool,
+                vpc=vpc,
+                labels=GPU_POOL_LABELS,
+                taints=[GPU_TAINT],
+                ami_type=eks.NodegroupAmiType.AL2023_X86_64_NVIDIA,
+                name=gpu_name,
+            )
         # Nodes join only once pod networking exists; CoreDNS needs a node to run on.
-        for group in (self.system_nodes, self.gpu_nodes):
+        for nodegroup in (self.system_nodes, self.gpu_nodes):
+            if nodegroup is None:
+                continue
             for addon_name in ("vpc-cni", "kube-proxy", "eks-pod-identity-agent"):
                 if addon_name in self.addons:
-                    group.node.add_dependency(self.addons[addon_name])
-        if "coredns" in self.addons:
-            self.addons["coredns"].node.add_dependency(self.system_nodes)
+                    nodegroup.node.add_dependency(self.addons[addon_name])
+        # These run as pods: CoreDNS and the CloudWatch agent's operator need a node.
+        for addon_name in ("coredns", CLOUDWATCH_ADDON):
+            if addon_name in self.addons:
+                self.addons[addon_name].node.add_dependency(self.system_nodes)
 
     def _launch_template(self, construct_id: str, pool: NodePool) -> ec2.CfnLaunchTemplate:
         data = ec2.CfnLaunchTemplate.LaunchTemplateDataProperty(

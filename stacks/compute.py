@@ -24,9 +24,11 @@ from kiln.contract import (
 )
 from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
-from platform_constructs import cluster_manifests
+from platform_constructs import cluster_manifests, gpu_capacity
 from platform_constructs.deploy_time_action import DeployTimeAction
 from platform_constructs.eks import GpuCluster, NodePool, pod_identity_principal
+from platform_constructs.handlers.kubernetes_apply import bundle_reference
+from platform_constructs.karpenter import KarpenterAws, efa_subnet, private_subnet_ids
 from platform_constructs.kms import PlatformKey
 from platform_constructs.logs import retention_days
 from platform_constructs.mlflow import MlflowTrackingServer
@@ -66,7 +68,7 @@ class ComputeStack(KilnStack):
         compute = settings.compute
         policy = removal_policy(settings)
         retention = retention_days(settings.log_retention_days)
-        gpu_type = GPU_INSTANCES[compute.gpu_nodes.instance_types[0]]
+        efa = any(GPU_INSTANCES[t].efa_interfaces for t in compute.gpu_nodes.instance_types)
         self.key = PlatformKey(
             self,
             "ClusterKey",
@@ -94,24 +96,21 @@ class ComputeStack(KilnStack):
                 max_size=system.max_size,
                 root_volume_gib=50,
             ),
-            gpu_pool=NodePool(
-                instance_types=gpu.instance_types,
-                min_size=gpu.min_size,
-                desired_size=gpu.desired_size,
-                max_size=gpu.max_size,
-                root_volume_gib=gpu.root_volume_gib,
-                spot=gpu.capacity == "spot",
-                efa_interfaces=gpu_type.efa_interfaces,
-                zone=gpu.efa_zone,
-            ),
+            # GPU nodes come from Karpenter (below), not a managed node group.
             addons={str(name): version for name, version in compute.addons.items()},
-            nodegroup_names=(
-                naming.nodegroup_name(settings, "system"),
-                naming.nodegroup_name(settings, "gpu"),
-            ),
+            nodegroup_names=(naming.nodegroup_name(settings, "system"), None),
             admin_principal_arns=compute.admin_principal_arns,
         )
         cluster = self.gpu_cluster.cluster
+        cluster_name = naming.prefix(settings)
+        self.karpenter = KarpenterAws(
+            self,
+            "Karpenter",
+            cluster=cluster,
+            cluster_name=cluster_name,
+            efa=efa,
+            description=f"kiln {settings.name}",
+        )
         self.training_image = ecr_assets.DockerImageAsset(
             self,
             "TrainingImage",
@@ -162,9 +161,34 @@ class ComputeStack(KilnStack):
             namespace=compute.training_namespace,
             service_account=compute.trainer_service_account,
             nvidia_version=compute.nvidia_device_plugin_version,
-            efa_version=compute.efa_device_plugin_version if gpu_type.efa_interfaces else None,
+            efa_version=compute.efa_device_plugin_version if efa else None,
             region=Stack.of(self).region,
         )
+        karpenter = self.karpenter
+        network = gpu_capacity.NodeNetwork(
+            node_role=karpenter.node_role.role_name,
+            cluster_security_group=cluster.cluster_security_group_id,
+            private_subnets=private_subnet_ids(vpc),
+            efa_subnet=efa_subnet(vpc, gpu.efa_zone),
+            placement_group=karpenter.placement_group.ref if karpenter.placement_group else None,
+            tags={"project": settings.project, "environment": settings.name},
+        )
+        manifests += [
+            *gpu_capacity.team_namespaces(settings),
+            *gpu_capacity.gpu_pools(settings, network),
+            gpu_capacity.kueue_config_map(),
+            *gpu_capacity.kueue_objects(settings),
+        ]
+        privileged = gpu_capacity.karpenter_controller(
+            version=compute.karpenter_version,
+            cluster_name=cluster_name,
+            cluster_endpoint=cluster.cluster_endpoint,
+            interruption_queue=karpenter.interruption_queue.queue_name,
+        )
+        bundles = [
+            bundle_reference(f"karpenter-{compute.karpenter_version}.json"),
+            bundle_reference(f"kueue-{compute.kueue_version}.json"),
+        ]
         self.manifests = DeployTimeAction(
             self,
             "ClusterObjects",
@@ -174,10 +198,13 @@ class ComputeStack(KilnStack):
             properties={
                 "ClusterName": cluster.cluster_name,
                 "Manifests": json.dumps(manifests),
+                "Privileged": json.dumps(privileged),
+                "Bundles": json.dumps(bundles),
                 "Rbac": json.dumps(cluster_manifests.applier_rbac()),
                 "PrincipalArn": applier_role.role_arn,
             },
             role=applier_role,
+            extra_files=["bundles", *(f"bundles/{b['file']}" for b in bundles)],
             statements=[
                 iam.PolicyStatement(
                     actions=["eks:DescribeCluster"], resources=[cluster.cluster_arn]
@@ -230,6 +257,11 @@ class ComputeStack(KilnStack):
             self.manifests.security_group, ec2.Port.tcp(443), "Deploy-time object applier"
         )
         self.manifests.resource.node.add_dependency(self.gpu_cluster.system_nodes)
+        # Karpenter must find its role and queue, and nodes their access entry, before the
+        # controller starts; the add-ons' pods run once the objects' priority classes exist.
+        self.manifests.resource.node.add_dependency(
+            karpenter.pod_identity, karpenter.node_access, karpenter.controller_policy
+        )
         CfnOutput(self, Outputs.CLUSTER_NAME.key, value=cluster.cluster_name)
         CfnOutput(self, Outputs.TRAINING_NAMESPACE.key, value=compute.training_namespace)
         CfnOutput(self, Outputs.TRAINER_SERVICE_ACCOUNT.key, value=compute.trainer_service_account)
@@ -249,7 +281,7 @@ class ComputeStack(KilnStack):
             assumed_by=pod_identity_principal(
                 account=self.account,
                 cluster_arn=cluster.cluster_arn,
-                namespace=compute.training_namespace,
+                namespace=[compute.training_namespace, *compute.team_namespaces],
                 service_account=compute.trainer_service_account,
             ),
             description=f"kiln {settings.name}: training pods (Pod Identity)",
@@ -312,6 +344,7 @@ class ComputeStack(KilnStack):
                 for arn in writable
             ],
         )
+        # One association per namespace training runs in (the shared one and each team's).
         eks.CfnPodIdentityAssociation(
             self,
             "TrainerPodIdentity",
@@ -320,6 +353,15 @@ class ComputeStack(KilnStack):
             service_account=compute.trainer_service_account,
             role_arn=role.role_arn,
         )
+        for team in compute.teams:
+            eks.CfnPodIdentityAssociation(
+                self,
+                f"TrainerPodIdentity{team.name.title().replace('-', '')}",
+                cluster_name=cluster.cluster_name,
+                namespace=compute.team_namespace(team.name),
+                service_account=compute.trainer_service_account,
+                role_arn=role.role_arn,
+            )
         self.trainer_policy = policy
         return role
 

@@ -14,7 +14,7 @@ from constructs import Construct
 from kiln import naming
 from kiln.contract import Component, Outputs
 from kiln.settings import Settings
-from platform_constructs.eks import GpuCluster
+from platform_constructs.eks import XID_METRIC, XID_NAMESPACE, GpuCluster
 from platform_constructs.endpoint import VARIANT, RollbackAlarms, RollbackThresholds
 from platform_constructs.firehose import MskToS3Delivery
 from platform_constructs.kms import PlatformKey
@@ -63,7 +63,7 @@ class Watched:
     delivery_stream_name: str
     kafka_cluster_name: str
     warehouse_dimension: dict[str, str]
-    gpu_nodegroup_name: str
+    eks_cluster_name: str
 
     @classmethod
     def of(
@@ -78,7 +78,7 @@ class Watched:
             delivery_stream_name=delivery.stream.ref,
             kafka_cluster_name=msk.cluster.cluster_name,
             warehouse_dimension=dimension,
-            gpu_nodegroup_name=gpu.gpu_nodes.nodegroup_name,
+            eks_cluster_name=gpu.cluster.cluster_name,
         )
 
 
@@ -171,12 +171,54 @@ class ObservabilityStack(KilnStack):
                 for broker in range(1, settings.broker_count + 1)
             ],
         ]
+        self.alarms += self._gpu_alarms(settings, watched)
         for alarm in self.alarms:
             alarm.add_alarm_action(notify)
             alarm.add_ok_action(notify)
         self.dashboard = self._dashboard(settings, endpoint, watched, freshness)
         CfnOutput(self, Outputs.ON_CALL_TOPIC_ARN.key, value=self.topic.topic_arn)
         CfnOutput(self, Outputs.DASHBOARD_NAME.key, value=self.dashboard.dashboard_name)
+
+    def _gpu_alarms(self, settings: Settings, watched: Watched) -> list[cloudwatch.Alarm]:
+        """XID errors on any GPU node, and GPUs that sit idle while pods hold them."""
+        cluster_dim = {"ClusterName": watched.eks_cluster_name}
+        xid = cloudwatch.Alarm(
+            self,
+            "GpuXidErrors",
+            alarm_description=f"{watched.eks_cluster_name}: an NVIDIA XID error on a GPU node "
+            "(kernel log); see the dashboard's XID widget for the node, then drain it",
+            metric=_metric(XID_NAMESPACE, XID_METRIC, {}, "Sum"),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        # Idle: pods hold GPUs (a job runs) but the cluster's GPUs average under 5% busy for
+        # 30 minutes: a hung job, a data loader stall, or a run waiting on a lost peer.
+        idle = cloudwatch.Alarm(
+            self,
+            "GpusIdleWhileJobRuns",
+            alarm_description=f"{watched.eks_cluster_name}: GPUs requested by pods have been "
+            "under 5% busy for 30 minutes",
+            metric=cloudwatch.MathExpression(
+                expression="IF(requested > 0 AND busy < 5, 1, 0)",
+                using_metrics={
+                    "requested": _metric(
+                        "ContainerInsights", "cluster_gpu_request", cluster_dim, "Maximum"
+                    ).with_(period=Duration.minutes(5)),
+                    "busy": _metric(
+                        "ContainerInsights", "node_gpu_utilization", cluster_dim, "Average"
+                    ).with_(period=Duration.minutes(5)),
+                },
+                period=Duration.minutes(5),
+                label="GPUs idle while requested",
+            ),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=6,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        return [xid, idle]
 
     def _dashboard(
         self, settings: Settings, endpoint: str, watched: Watched, freshness: cloudwatch.Metric
@@ -292,24 +334,86 @@ class ObservabilityStack(KilnStack):
             ),
             cloudwatch.GraphWidget(title="Redshift (streaming ingestion)", width=6, left=warehouse),
         )
+        eks_cluster = watched.eks_cluster_name
+
+        def gpu_search(level: str, metric: str, statistic: str, label: str) -> cloudwatch.IMetric:
+            dims = {
+                "node": "ClusterName,InstanceId,NodeName",
+                "pod": "ClusterName,Namespace,PodName",
+            }[level]
+            return _search(
+                f'{{ContainerInsights,{dims}}} MetricName="{metric}" ClusterName="{eks_cluster}"',
+                statistic,
+                label,
+            )
+
+        cluster_dim = {"ClusterName": eks_cluster}
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="GPU node group size",
-                width=12,
+                title="GPUs requested / in the cluster",
+                width=6,
                 left=[
-                    # EKS does not turn on group metrics collection for the Auto Scaling group
-                    # of a managed node group, so GroupInServiceInstances never exists; EC2
-                    # publishes its instance metrics per AutoScalingGroupName (`eks-<node
-                    # group>-<id>`) with basic monitoring, one sample per node per 5 minutes.
+                    _metric(
+                        "ContainerInsights",
+                        "cluster_gpu_request",
+                        cluster_dim,
+                        "Maximum",
+                        "GPUs requested by pods",
+                    ),
+                    _metric(
+                        "ContainerInsights",
+                        "cluster_gpu_total",
+                        cluster_dim,
+                        "Maximum",
+                        "GPUs on nodes",
+                    ),
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU utilization per node (%)",
+                width=6,
+                left=[gpu_search("node", "node_gpu_utilization", "Average", "node")],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU memory used per node (MiB)",
+                width=6,
+                left=[gpu_search("node", "node_gpu_memory_used", "Average", "node")],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU power per node (W)",
+                width=6,
+                left=[gpu_search("node", "node_gpu_power_draw", "Average", "node")],
+            ),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="GPU utilization per training pod (%)",
+                width=6,
+                left=[gpu_search("pod", "pod_gpu_utilization", "Average", "pod")],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU memory used per training pod (MiB)",
+                width=6,
+                left=[gpu_search("pod", "pod_gpu_memory_used", "Average", "pod")],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU power per training pod (W)",
+                width=6,
+                left=[gpu_search("pod", "pod_gpu_power_draw", "Average", "pod")],
+            ),
+            cloudwatch.GraphWidget(
+                title="GPU XID errors per node",
+                width=6,
+                left=[
                     _search(
-                        '{AWS/EC2,AutoScalingGroupName} MetricName="CPUUtilization" '
-                        f'"eks-{watched.gpu_nodegroup_name}"',
-                        "SampleCount",
-                        "GPU nodes reporting",
-                        period=300,
+                        f'{{{XID_NAMESPACE},InstanceId}} MetricName="{XID_METRIC}"',
+                        "Sum",
+                        "XID errors",
                     )
                 ],
             ),
+        )
+        dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms",
                 width=12,

@@ -10,6 +10,7 @@ from typing import Any
 from kiln import naming
 from kiln.contract import COMPONENTS, Component, Outputs
 from kiln_cli.operate import endpoint as ep
+from kiln_cli.operate import gpu_cluster
 from kiln_cli.operate.aws import Aws, OperateError
 from kiln_cli.operate.progress import elapsed
 
@@ -46,6 +47,7 @@ class Report:
     endpoint_title: str = "endpoint"
     jobs: list[tuple[str, str, str, str]] = field(default_factory=list)
     job_prefix: str = ""
+    gpu: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -163,8 +165,19 @@ def _jobs(aws: Aws, report: Report, count: int) -> None:
         report.jobs.append((str(job["TrainingJobName"]), state, when(created), took))
 
 
-def gather(aws: Aws, *, jobs: int = 5) -> Report:
-    """Reads every section; one that fails is recorded in `problems`, the others still shown."""
+def _gpu(kube: gpu_cluster.Kubectl, report: Report) -> None:
+    """GPU capacity from the cluster itself. kubectl reaches it with its own kubeconfig, not
+    the AWS credentials of the other sections: without one the section says so and the
+    command still succeeds."""
+    try:
+        report.gpu.extend(gpu_cluster.capacity(kube).rows())
+    except OperateError as err:
+        report.gpu.append(("unavailable", f"{err} (aws eks update-kubeconfig first)"))
+
+
+def gather(aws: Aws, *, jobs: int = 5, kube: gpu_cluster.Kubectl | None = None) -> Report:
+    """Reads every section; one that fails is recorded in `problems`, the others still shown.
+    With `kube` (kubectl on the cluster), also the GPU capacity in use and queued."""
     account = aws.check_identity()
     report = Report(aws.settings.name, aws.region, account)
     sections: list[tuple[str, Callable[[], None]]] = [
@@ -172,6 +185,8 @@ def gather(aws: Aws, *, jobs: int = 5) -> Report:
         ("endpoint", lambda: _endpoint(aws, report)),
         ("training jobs", lambda: _jobs(aws, report, jobs)),
     ]
+    if kube is not None:
+        sections.append(("GPU capacity", lambda: _gpu(kube, report)))
     for title, read in sections:
         try:
             read()
@@ -199,6 +214,10 @@ def render(report: Report) -> str:
             lines.append(f"  {name:<{name_width}}{state:<24}{created:<22}{took}".rstrip())
     else:
         lines.append("  none")
+    if report.gpu:
+        lines += ["", "GPU capacity (EKS: Karpenter nodes, Kueue queues)"]
+        width = max(len(key) for key, _ in report.gpu) + 2
+        lines += [f"  {key:<{width}}{value}" for key, value in report.gpu]
     if report.problems:
         lines += ["", "could not read:"] + [f"  {problem}" for problem in report.problems]
     return "\n".join(lines) + "\n"

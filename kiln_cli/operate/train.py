@@ -19,13 +19,21 @@ from datetime import UTC, datetime
 from typing import Any, Literal, cast, get_args
 
 from kiln import naming
-from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
+from kiln.contract import (
+    CHECKPOINTS_PREFIX,
+    DO_NOT_DISRUPT,
+    MODELS_PREFIX,
+    QUEUE_LABEL,
+    Outputs,
+)
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.memory_plan import PlanError
 from kiln.settings import Settings
 from kiln_cli import training_job
 from kiln_cli.operate.aws import Aws, AwsError, OperateError, parse_s3_uri
 from kiln_cli.operate.progress import Progress, elapsed, wait_for
+from kiln_policy.guardrails import check_objects
+from platform_constructs.gpu_capacity import queue_name
 
 Platform = Literal["sagemaker", "eks"]
 Capacity = Literal["spot", "on_demand"]
@@ -65,6 +73,7 @@ class TrainOptions:
     capacity: Capacity | None = None
     trainer_args: tuple[str, ...] = ()
     model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
+    team: str | None = None  # EKS: whose namespace, queue and GPU quota (default: the first)
     # EKS: what runs the pods (`kiln_cli.training_job.Operator`, or a retired one, refused).
     operator: str | None = None
 
@@ -446,6 +455,7 @@ def eks_manifests(
     if (problem := training_job.plan_problem(plan, gpus)) is not None:
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
+    namespace, queue = team_queue(settings, options.team)
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -455,20 +465,28 @@ def eks_manifests(
             gpus_per_node=gpus,
             checkpoint_path=f"s3://{artifacts}/{CHECKPOINTS_PREFIX}{job}/",
             output_path=output,
-            namespace=settings.compute.training_namespace,
+            namespace=namespace,
             service_account=settings.compute.trainer_service_account,
             trainer_args=training_job.planned_trainer_args(plan, trainer_args),
             active_deadline_seconds=runtime,
             operator=cast(training_job.Operator, operator),
+            # Kueue admits the run from its team's queue, whole; Karpenter never takes a node
+            # from under its pods (the guardrail below checks both).
+            workload_labels={QUEUE_LABEL: queue},
+            pod_annotations={DO_NOT_DISRUPT: "true"},
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
         raise OperateError(f"cannot render the run: {problems}", exit_code=2) from err
     manifests = training_job.render(spec)
+    violations = check_objects(manifests)
+    if violations:
+        raise OperateError("refused, nothing applied: " + "; ".join(violations), exit_code=2)
     summary = [
         ("job", job),
         ("nodes", f"{spec.nodes} x {instance_type} ({gpus} GPU{'s' if gpus > 1 else ''} each)"),
         ("namespace", f"{spec.namespace} (service account {spec.service_account})"),
+        ("queue", f"{queue} (Kueue; {spec.nodes * gpus} GPUs, admitted all at once)"),
         ("objects", ", ".join(m["kind"] for m in manifests)),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
@@ -481,6 +499,19 @@ def eks_manifests(
     ]
     yaml_text = training_job.to_yaml(manifests)
     return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
+
+
+def team_queue(settings: Settings, team: str | None) -> tuple[str, str]:
+    """(namespace, LocalQueue) of a team; the first configured team by default."""
+    teams = [t.name for t in settings.compute.teams]
+    name = team or teams[0]
+    if name not in teams:
+        raise OperateError(
+            f"--team {name!r} is not a team of {settings.name}; configured: {', '.join(teams)} "
+            "(compute.teams)",
+            exit_code=2,
+        )
+    return settings.compute.team_namespace(name), queue_name(name)
 
 
 def run_with_input(argv: Sequence[str], text: str) -> int:

@@ -218,13 +218,32 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
         (
             {"compute.addons": {"vpc-cni": "v1.20.4-eksbuild.1"}},
             "compute.addons",
-            "missing: coredns, eks-pod-identity-agent, kube-proxy",
+            "missing: amazon-cloudwatch-observability, coredns, eks-pod-identity-agent, kube-proxy",
         ),
         ({"compute.addons.coredns": "latest"}, "compute.addons", "not an EKS add-on version"),
         (
-            {"compute.gpu_nodes.min_size": 3},
-            "compute.gpu_nodes",
+            {"compute.system_nodes.min_size": 3},
+            "compute.system_nodes",
             "min_size <= desired_size <= max_size",
+        ),
+        (
+            {
+                "compute.gpu_nodes.capacity_reservations": [
+                    {"id": "cr-0123456789abcdef0", "tags": {"a": "b"}}
+                ]
+            },
+            "compute.gpu_nodes.capacity_reservations.0",
+            "by id (cr-0123456789abcdef0) or by tags, not both",
+        ),
+        (
+            {"compute.gpu_nodes.capacity_reservations": [{"id": "odcr-1"}]},
+            "compute.gpu_nodes.capacity_reservations.0.id",
+            "should match pattern",
+        ),
+        (
+            {"compute.gpu_nodes.ami_release": "latest"},
+            "compute.gpu_nodes.ami_release",
+            "should match pattern",
         ),
         (
             {"compute.gpu_nodes.capacity": "reserved"},
@@ -253,11 +272,23 @@ def test_serverless_warehouse_needs_three_zones() -> None:
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"compute.gpu_nodes.instance_types": ["g5.2xlarge", "p4d.24xlarge"]}, "mixes types with"),
         (
-            {"compute.gpu_nodes.instance_types": ["p4d.24xlarge", "p5.48xlarge"]},
-            "different interface counts",
+            {"compute.gpu_nodes.instance_types": ["g5.2xlarge", "g5.12xlarge"]},
+            "the g5 sizes listed (g5.2xlarge, g5.12xlarge) have different EFA interface counts",
         ),
+        (
+            {"compute.gpu_nodes.instance_types": ["g5.12xlarge"], "compute.gpu_nodes.max_gpus": 2},
+            "max_gpus: 2 is fewer than one node of the largest listed type has (4)",
+        ),
+        (
+            {"compute.teams": [{"name": "ml", "gpu_quota": 8}]},
+            "compute.teams.ml.gpu_quota: 8 exceeds compute.gpu_nodes.max_gpus (2)",
+        ),
+        (
+            {"compute.teams": [{"name": "ml", "gpu_quota": 1}, {"name": "ml", "gpu_quota": 1}]},
+            "repeats a team name",
+        ),
+        ({"compute.teams": [{"name": "ml", "gpu_quota": 0}]}, "every gpu_quota is 0"),
         ({"compute.gpu_nodes.instance_types": ["x9.huge"]}, "x9.huge not supported; allowed: g5."),
         (
             {"compute.public_endpoint_cidrs": ["203.0.113.0/24"]},

@@ -216,7 +216,11 @@ def test_eks_objects_use_settings_and_stack_outputs(capsys: pytest.CaptureFixtur
     service, job = list(yaml.safe_load_all(captured.out))
     assert service["kind"] == "Service" and job["kind"] == "Job"
     pod = job["spec"]["template"]["spec"]
-    assert job["metadata"]["namespace"] == "training"
+    assert job["metadata"]["namespace"] == "training-research"  # the first team
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research-gpu"
+    assert job["spec"]["template"]["metadata"]["annotations"] == {
+        "karpenter.sh/do-not-disrupt": "true"
+    }
     assert pod["serviceAccountName"] == "trainer"
     container = pod["containers"][0]
     assert container["image"] == compute[Outputs.TRAINING_IMAGE_URI.key]
@@ -290,6 +294,7 @@ def test_eks_trainer_run_is_planned_from_s3_and_applied_with_the_plans_flags(
     argv = [
         "train", "--env", "dev", "--on", "eks", "--name", "llama", "--operator", "trainer",
         "--instance-type", "p5.48xlarge", "--instance-count", "2", "--model", model, "--apply",
+        "--follow-hours", "0",
         "--", "--micro-batch-size", "1", "--seq-len", "4096", "--activation-checkpointing", "true",
     ]  # fmt: skip
     assert main(argv) == 0, cluster.errors
@@ -299,13 +304,17 @@ def test_eks_trainer_run_is_planned_from_s3_and_applied_with_the_plans_flags(
     assert "strategy        fsdp + activation checkpointing" in err
     assert "applied training run kiln-dev-llama-" in out
     assert "objects      TrainingRuntime, TrainJob" in out
-    assert "remove it: kubectl delete trainjob,trainingruntime -n training -l kiln.dev/" in out
+    assert (
+        "remove it: kubectl delete trainjob,trainingruntime -n training-research -l kiln.dev/"
+        in out
+    )
     assert cluster.kinds() == ["TrainingRuntime", "TrainJob"]
     runtime = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainingRuntime")
     job = next(o for (k, _, _), o in cluster.objects.items() if k == "TrainJob")
     assert job["spec"]["trainer"] == {"numNodes": 2, "numProcPerNode": 8}
     assert job["spec"]["activeDeadlineSeconds"] == 24 * 3600
-    assert job["metadata"]["namespace"] == "training"
+    assert job["metadata"]["namespace"] == "training-research"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research-gpu"
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     command = node["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
     trainer = command[command.index("training.train") + 1 :]
@@ -362,10 +371,13 @@ def test_eks_default_objects_apply_and_a_cluster_without_the_trainer_says_so(
     _platform()
     cluster = FakeCluster(installed=())
     _fake_kubectl(monkeypatch, cluster)
-    assert main(["train", "--env", "dev", "--on", "eks", "--apply"]) == 0
+    follow = ["--follow-hours", "0"]  # following a run: tests/kiln_cli/test_gpu_cluster.py
+    assert main(["train", "--env", "dev", "--on", "eks", "--apply", *follow]) == 0
     assert cluster.kinds() == ["Service", "Job"]
-    assert "remove it: kubectl delete job,service -n training -l" in capsys.readouterr().out
-    assert main(["train", "--env", "dev", "--on", "eks", "--operator", "trainer", "--apply"]) == 1
+    out = capsys.readouterr().out
+    assert "remove it: kubectl delete job,service -n training-research -l" in out
+    trainer = ["train", "--env", "dev", "--on", "eks", "--operator", "trainer", "--apply"]
+    assert main([*trainer, *follow]) == 1
     assert cluster.errors == [
         'no matches for kind "TrainingRuntime" in "trainer.kubeflow.org/v1alpha1"'
     ]

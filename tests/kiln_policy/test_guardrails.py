@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from kiln.config import load_settings
+from kiln.contract import GPU_TAINT
 from kiln.settings import Settings
 from kiln_policy.assembly import SynthesizedStack
-from kiln_policy.guardrails import RULES, Violation, check
+from kiln_policy.guardrails import RULES, Violation, check, check_objects
 
 PROD = load_settings("prod")
 DEV = load_settings("dev")
@@ -714,6 +715,104 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
 }
 
 
+NODE_POOL = {
+    "apiVersion": "karpenter.sh/v1",
+    "kind": "NodePool",
+    "metadata": {"name": "gpu-p4d"},
+    "spec": {"template": {"spec": {"taints": [dict(GPU_TAINT)]}}},
+}
+NODE_CLASS = {
+    "apiVersion": "karpenter.k8s.aws/v1",
+    "kind": "EC2NodeClass",
+    "metadata": {"name": "gpu-p4d"},
+    "spec": {"metadataOptions": {"httpTokens": "required", "httpPutResponseHopLimit": 1}},
+}
+TRAINING_JOB = {
+    "apiVersion": "batch/v1",
+    "kind": "Job",
+    "metadata": {
+        "name": "run",
+        "labels": {"kiln.dev/training-job": "run", "kueue.x-k8s.io/queue-name": "ml-gpu"},
+    },
+    "spec": {
+        "template": {
+            "metadata": {"annotations": {"karpenter.sh/do-not-disrupt": "true"}},
+            "spec": {"containers": [{"name": "trainer", "image": "x"}]},
+        }
+    },
+}
+
+
+def objects(*manifests: dict[str, Any]) -> dict[str, Any]:
+    """A deploy-time objects resource. A `TOKEN` string in an object becomes a `Ref`: the
+    property is then an Fn::Join, as when the objects hold deploy-time values."""
+    before, *after = json.dumps(list(manifests)).split("TOKEN")
+    value: Any = before
+    if after:
+        parts: list[Any] = [before]
+        for text in after:
+            parts += [{"Ref": "X"}, text]
+        value = {"Fn::Join": ["", parts]}
+    return {"Type": "Custom::KubernetesObjects", "Properties": {"Manifests": value}}
+
+
+def changed(obj: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of a Kubernetes object with one field set (or removed with None)."""
+    copied = copy.deepcopy(obj)
+    node = copied
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+    return copied
+
+
+CASES["gpu-pools-tainted"] = (
+    PROD,
+    stack({"O": objects(NODE_POOL)}),
+    stack({"O": objects(changed(NODE_POOL, ["spec", "template", "spec", "taints"], []))}),
+)
+CASES["karpenter-imdsv2"] = (
+    PROD,
+    stack({"O": objects(changed(NODE_CLASS, ["spec", "role"], "TOKEN"))}),
+    stack(
+        {
+            "O": objects(
+                changed(NODE_CLASS, ["spec", "metadataOptions", "httpPutResponseHopLimit"], 2)
+            )
+        }
+    ),
+)
+CASES["training-pods-not-disrupted"] = (
+    PROD,
+    stack({"O": objects(TRAINING_JOB)}),
+    stack(
+        {"O": objects(changed(TRAINING_JOB, ["spec", "template", "metadata", "annotations"], {}))}
+    ),
+)
+
+
+def test_kubernetes_object_rules_judge_objects_directly_too() -> None:
+    assert check_objects([NODE_POOL, NODE_CLASS, TRAINING_JOB]) == []
+    unqueued = copy.deepcopy(TRAINING_JOB)
+    del unqueued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    unqueued["spec"]["template"]["metadata"] = {}
+    assert check_objects([unqueued]) == [
+        "[training-pods-not-disrupted] Job run: has no kueue.x-k8s.io/queue-name label: "
+        "Kueue would not queue or gang-admit it",
+        "[training-pods-not-disrupted] Job run: a pod template lacks the annotation "
+        'karpenter.sh/do-not-disrupt: "true"',
+    ]
+    # Not a kiln training run (no kiln.dev/training-job label): not judged.
+    other = copy.deepcopy(unqueued)
+    del other["metadata"]["labels"]["kiln.dev/training-job"]
+    assert check_objects([other]) == []
+    (problem,) = check_objects([changed(NODE_CLASS, ["spec", "metadataOptions"], {})])[:1]
+    assert problem.startswith("[karpenter-imdsv2] EC2NodeClass gpu-p4d: metadataOptions")
+
+
 def test_every_rule_has_its_cases() -> None:
     assert sorted(CASES) == sorted(RULES), "give each new rule a compliant and a failing case"
 
@@ -731,7 +830,7 @@ def test_every_registered_rule_fires_on_its_non_compliant_case(rule_id: str) -> 
 def test_every_rule_says_why_and_what_it_judges(rule_id: str) -> None:
     rule = RULES[rule_id]
     assert rule.id == rule_id and len(rule.reason) > 20
-    assert all(t.startswith("AWS::") for t in rule.resource_types)
+    assert all(t.startswith(("AWS::", "Custom::")) for t in rule.resource_types)
 
 
 def test_violations_name_rule_stack_and_resource() -> None:

@@ -45,8 +45,18 @@ def test_rest_paths() -> None:
     assert ka.object_path(PLUGIN) == (
         "/apis/apps/v1/namespaces/kube-system/daemonsets/nvidia-device-plugin"
     )
-    with pytest.raises(ValueError, match="kind 'Secret' is not one this handler applies"):
-        ka.object_path({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}})
+    pool = {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": "gpu"}}
+    assert ka.object_path(pool) == "/apis/karpenter.sh/v1/nodepools/gpu"
+    queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "LocalQueue",
+        "metadata": {"name": "ml-gpu", "namespace": "training-ml"},
+    }
+    assert ka.object_path(queue) == (
+        "/apis/kueue.x-k8s.io/v1beta2/namespaces/training-ml/localqueues/ml-gpu"
+    )
+    with pytest.raises(ValueError, match="kind 'Pod' is not one this handler applies"):
+        ka.object_path({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "s"}})
 
 
 class Recorder:
@@ -335,3 +345,110 @@ def test_admin_is_dropped_even_when_bootstrapping_fails() -> None:
     with pytest.raises(ka.Forbidden):
         ka.on_event(rbac_event([NAMESPACE]), send=send, eks=eks, sleep=lambda _: None)
     assert [c[0] for c in eks.calls] == ["associate", "disassociate"]
+
+
+# --- bundles and privileged objects (issue 18) -------------------------------------------------
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "nodepools.karpenter.sh"},
+}
+BUNDLED_CONFIG = {
+    "apiVersion": "v1",
+    "kind": "ConfigMap",
+    "metadata": {"name": "cfg", "namespace": "kueue-system"},
+    "data": {"k": "theirs"},
+}
+OUR_CONFIG = {**BUNDLED_CONFIG, "data": {"k": "ours"}}
+CONTROLLER_ROLE = {
+    "apiVersion": "rbac.authorization.k8s.io/v1",
+    "kind": "ClusterRole",
+    "metadata": {"name": "karpenter"},
+}
+POOL = {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": "gpu"}}
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"source": "test", "objects": [CRD, BUNDLED_CONFIG]}))
+    monkeypatch.setattr(ka, "BUNDLES_DIR", tmp_path)
+    return ka.bundle_reference("b.json", tmp_path)
+
+
+def bundle_event(request: str, reference: dict[str, str], old: bool = False) -> dict[str, Any]:
+    props = {
+        "ClusterName": "kiln-dev",
+        "Manifests": json.dumps([OUR_CONFIG, POOL]),
+        "Privileged": json.dumps([CONTROLLER_ROLE]),
+        "Bundles": json.dumps([reference]),
+        "PrincipalArn": "arn:aws:iam::123456789012:role/applier",
+    }
+    result: dict[str, Any] = {"RequestType": request, "ResourceProperties": props}
+    if old:
+        result["OldResourceProperties"] = dict(props)
+    return result
+
+
+def test_bundles_and_privileged_objects_go_in_under_a_moment_of_admin(
+    bundle_dir: dict[str, str],
+) -> None:
+    eks = FakeEks()
+    send = Recorder()
+    admin_during: list[tuple[str, bool]] = []
+    original = send.__call__
+
+    def traced(method: str, path: str, body: bytes | None, ctype: str) -> tuple[int, bytes]:
+        admin_during.append((path.split("?")[0], len(eks.calls) % 2 == 1))
+        return original(method, path, body, ctype)
+
+    ka.on_event(bundle_event("Create", bundle_dir), send=traced, eks=eks, sleep=lambda _: None)
+    assert [c[0] for c in eks.calls] == ["associate", "disassociate"]
+    assert admin_during == [
+        (ka.object_path(CRD), True),
+        # Our ConfigMap takes the bundle's place (same identity), with our data.
+        (ka.object_path(OUR_CONFIG), True),
+        (ka.object_path(CONTROLLER_ROLE), True),
+        # kiln's plain objects after admin is dropped; the override is not applied twice.
+        (ka.object_path(POOL), False),
+    ]
+    config_body = [c[2] for c in send.calls if c[1].startswith(ka.object_path(OUR_CONFIG))]
+    assert config_body == [OUR_CONFIG]
+
+
+def test_unchanged_bundles_are_not_reapplied_and_need_no_admin(
+    bundle_dir: dict[str, str],
+) -> None:
+    eks, send = FakeEks(), Recorder()
+    ka.on_event(bundle_event("Update", bundle_dir, old=True), send=send, eks=eks)
+    assert eks.calls == []
+    assert [c[1].split("?")[0] for c in send.calls] == [
+        ka.object_path(OUR_CONFIG),
+        ka.object_path(POOL),
+    ]
+
+
+def test_objects_are_retried_until_their_crd_or_webhook_serves() -> None:
+    answers = iter(
+        [
+            (404, "the server could not find the requested resource"),
+            (500, 'Internal error occurred: failed calling webhook "vclusterqueue.kb.io"'),
+            (200, "ok"),
+        ]
+    )
+    slept: list[float] = []
+
+    def send(method: str, path: str, body: bytes | None, ctype: str) -> tuple[int, bytes]:
+        status, message = next(answers)
+        return status, json.dumps({"message": message}).encode()
+
+    ka.apply_when_ready(send, POOL, sleep=slept.append)
+    assert slept == [10.0, 10.0]
+    # Any other refusal fails at once with the API server's words.
+    with pytest.raises(RuntimeError, match=r"HTTP 422: spec\.limits: Invalid value"):
+        ka.apply_when_ready(
+            lambda *a: (422, b'{"message": "spec.limits: Invalid value"}'),
+            POOL,
+            sleep=slept.append,
+        )

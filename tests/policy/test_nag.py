@@ -44,7 +44,8 @@ EXPECTED_ACKNOWLEDGED_RULES = {
     "streaming": {*_PROVIDER_FRAMEWORK, "AwsSolutions-KDF1", "AwsSolutions-SF2"},
     "warehouse": _PROVIDER_FRAMEWORK,
     # IAM4 there also covers the EKS cluster and node roles' AWS-managed policies.
-    "compute": _PROVIDER_FRAMEWORK,
+    # Karpenter's interruption queue: SSE-SQS (not KMS) and no dead-letter queue (issue 18).
+    "compute": {*_PROVIDER_FRAMEWORK, "AwsSolutions-SQS3", "NIST.800.53.R5-SQSQueueEncrypted"},
     "observability": set(),
     # With a model artifact (tests/stacks/test_serving.py): the execution role's wildcards.
     "serving": set(),
@@ -66,6 +67,13 @@ ALLOWED_WILDCARDS = [
     r"arn:aws:s3:::kiln-[a-z]+-capture-<AWS::AccountId>-<AWS::Region>/endpoints/kiln-[a-z]+-llm/\*",
     # An uncompressed model: the objects under its own prefix (serving.model_artifact).
     r"arn:<AWS::Partition>:s3:::[a-z0-9][a-z0-9.-]+/([^/*]+/)+\*",
+    # Karpenter's controller: what it launches, tags and deletes (tag-conditioned to this
+    # cluster), the shared images, subnets and groups it launches from, the AMI parameters.
+    r"arn:aws:ec2:us-east-1:\*:(fleet|instance|volume|network-interface|launch-template|"
+    r"spot-instances-request|security-group|subnet|capacity-reservation|placement-group)/\*",
+    r"arn:aws:ec2:us-east-1::(image|snapshot)/\*",
+    r"arn:aws:iam::<AWS::AccountId>:instance-profile/\*",
+    r"arn:aws:ssm:us-east-1::parameter/aws/service/\*",
 ]
 # The actions a `Resource: *` statement may hold: the Service Authorization Reference lists no
 # resource type for them. Each such statement sits in a policy of its own, so that one
@@ -99,6 +107,23 @@ UNSCOPED_ACTIONS: dict[str, dict[str, object]] = {
     "logs:PutResourcePolicy": {},
     "logs:DescribeResourcePolicies": {},
     "logs:DescribeLogGroups": {},
+    # Karpenter's discovery (instance types, offerings, AMIs, reservations), in its region.
+    **{
+        action: {"StringEquals": "aws:RequestedRegion"}
+        for action in (
+            "ec2:DescribeCapacityReservations",
+            "ec2:DescribeImages",
+            "ec2:DescribeInstances",
+            "ec2:DescribeInstanceStatus",
+            "ec2:DescribeInstanceTypeOfferings",
+            "ec2:DescribeInstanceTypes",
+            "ec2:DescribeLaunchTemplates",
+            "ec2:DescribePlacementGroups",
+            "ec2:DescribeSpotPriceHistory",
+        )
+    },
+    "pricing:GetProducts": {},
+    "iam:ListInstanceProfiles": {},
 }
 # The CDK Provider framework's waiter role: the CDK writes Step Functions' log grants on `*`
 # in its generated default policy; they are allowed there and nowhere else.
@@ -113,6 +138,9 @@ ALLOWED_MANAGED_POLICIES = {
     "AmazonEKSWorkerNodePolicy",
     "AmazonEC2ContainerRegistryReadOnly",
     "AmazonEKS_CNI_Policy",
+    # Karpenter's GPU nodes (the pull-only successor of ...ReadOnly) and the CloudWatch agent.
+    "AmazonEC2ContainerRegistryPullOnly",
+    "CloudWatchAgentServerPolicy",
 }
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from aws_cdk.assertions import Match, Template
 
 from kiln.gpu_instances import GPU_INSTANCES
 from kiln.settings import Settings
+from kiln_policy.published_metrics import placeholder_join
 from tests.support import ENVIRONMENTS, Synthesis
 
 
@@ -84,23 +86,62 @@ def test_addons_are_pinned(
     assert pinned == settings_by_env[env].compute.addons
 
 
-def test_gpu_group_is_nvidia_tainted_labelled_and_sized_from_config(
+def cluster_objects(synthesis: Synthesis, env: str) -> dict[str, list[dict[str, Any]]]:
+    """The deploy-time handler's object lists (Manifests, Privileged, Bundles), with every
+    CloudFormation intrinsic replaced by the placeholder TOKEN."""
+    stack = synthesis.stack(env, "compute")
+    (resource,) = stack.resources_of_type("Custom::KubernetesObjects").values()
+    props = resource["Properties"]
+    return {
+        key: json.loads(placeholder_join(props[key]))
+        for key in ("Manifests", "Privileged", "Bundles")
+    }
+
+
+def test_gpu_nodes_come_from_karpenter_pools_not_a_node_group(
     synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
 ) -> None:
-    gpu = settings_by_env[env].compute.gpu_nodes
-    props = groups(synthesis, env)["gpu"]["Properties"]
-    assert props["AmiType"] == "AL2023_x86_64_NVIDIA"
-    assert props["Taints"] == [{"Effect": "NO_SCHEDULE", "Key": "nvidia.com/gpu", "Value": "true"}]
-    assert props["InstanceTypes"] == gpu.instance_types
-    assert props["CapacityType"] == ("SPOT" if gpu.capacity == "spot" else "ON_DEMAND")
-    assert props["ScalingConfig"] == {
-        "MinSize": gpu.min_size,
-        "DesiredSize": gpu.desired_size,
-        "MaxSize": gpu.max_size,
-    }
+    settings = settings_by_env[env]
+    assert set(groups(synthesis, env)) == {"system"}
     system = groups(synthesis, env)["system"]["Properties"]
     assert system["AmiType"] == "AL2023_x86_64_STANDARD" and system["CapacityType"] == "ON_DEMAND"
     assert system["Taints"] == []
+    objects = cluster_objects(synthesis, env)
+    pools = [o for o in objects["Manifests"] if o["kind"] == "NodePool"]
+    assert [p["metadata"]["name"] for p in pools] == [
+        f"gpu-{f}" for f in settings.compute.gpu_families
+    ]
+    for pool in pools:
+        assert pool["spec"]["template"]["spec"]["taints"] == [
+            {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
+        ]
+        assert pool["spec"]["limits"] == {
+            "nvidia.com/gpu": str(settings.compute.gpu_nodes.max_gpus)
+        }
+    # The controller is kiln's (privileged) objects; CRDs and Kueue come as pinned bundles.
+    (deployment,) = [o for o in objects["Privileged"] if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].endswith(f":{settings.compute.karpenter_version}")
+    assert [b["file"] for b in objects["Bundles"]] == [
+        f"karpenter-{settings.compute.karpenter_version}.json",
+        f"kueue-{settings.compute.kueue_version}.json",
+    ]
+    template = compute(synthesis, env)
+    template.has_resource_properties("AWS::EKS::AccessEntry", {"Type": "EC2_LINUX"})
+    template.has_resource_properties(
+        "AWS::EKS::PodIdentityAssociation",
+        {"Namespace": "karpenter", "ServiceAccount": "karpenter"},
+    )
+    template.has_resource_properties(
+        "AWS::SQS::Queue", {"SqsManagedSseEnabled": True, "MessageRetentionPeriod": 300}
+    )
+    rules = synthesis.stack(env, "compute").resources_of_type("AWS::Events::Rule").values()
+    assert sorted(r["Properties"]["EventPattern"]["detail-type"][0] for r in rules) == [
+        "AWS Health Event",
+        "EC2 Instance Rebalance Recommendation",
+        "EC2 Instance State-change Notification",
+        "EC2 Spot Instance Interruption Warning",
+    ]
 
 
 def test_every_node_group_requires_imdsv2_and_encrypts_its_root_volume(
@@ -118,47 +159,43 @@ def test_every_node_group_requires_imdsv2_and_encrypts_its_root_volume(
         }
         (volume,) = data["BlockDeviceMappings"]
         assert volume["Ebs"]["Encrypted"] is True and volume["Ebs"]["VolumeType"] == "gp3"
-    gpu_template = groups(synthesis, env)["gpu"]["Properties"]["LaunchTemplate"]["Id"]["Ref"]
-    gpu_data = templates[gpu_template]["Properties"]["LaunchTemplateData"]
-    volume_gib = gpu_data["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
-    assert volume_gib == settings_by_env[env].compute.gpu_nodes.root_volume_gib
+    for node_class in cluster_objects(synthesis, env)["Manifests"]:
+        if node_class["kind"] != "EC2NodeClass":
+            continue
+        spec = node_class["spec"]
+        assert spec["metadataOptions"]["httpTokens"] == "required"
+        assert spec["metadataOptions"]["httpPutResponseHopLimit"] == 1
+        (volume,) = spec["blockDeviceMappings"]
+        assert volume["ebs"]["encrypted"] is True
+        assert volume["ebs"]["volumeSize"] == (
+            f"{settings_by_env[env].compute.gpu_nodes.root_volume_gib}Gi"
+        )
 
 
 def test_efa_interfaces_and_placement_group_exactly_for_efa_types(
     synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
 ) -> None:
     stack = synthesis.stack(env, "compute")
-    gpu_type = GPU_INSTANCES[settings_by_env[env].compute.gpu_nodes.instance_types[0]]
-    group = groups(synthesis, env)["gpu"]["Properties"]
-    data = stack.resources_of_type("AWS::EC2::LaunchTemplate")[
-        group["LaunchTemplate"]["Id"]["Ref"]
-    ]["Properties"]["LaunchTemplateData"]
+    settings = settings_by_env[env]
     placement = stack.resources_of_type("AWS::EC2::PlacementGroup")
-    if gpu_type.efa_interfaces:
-        interfaces = data["NetworkInterfaces"]
-        assert [
-            (i["NetworkCardIndex"], i["DeviceIndex"], i["InterfaceType"]) for i in interfaces
-        ] == [(c, 0 if c == 0 else 1, "efa") for c in range(gpu_type.efa_interfaces)]
-        (pg_id,) = placement
-        assert placement[pg_id]["Properties"]["Strategy"] == "cluster"
-        assert data["Placement"] == {"GroupName": {"Ref": pg_id}}
-        assert len(group["Subnets"]) == 1  # one zone: a cluster placement group cannot span
-        # ... the configured efa_zone (default: the first zone), read through the import.
-        settings = settings_by_env[env]
-        wanted = settings.compute.gpu_nodes.efa_zone or settings.availability_zones[0]
-        network = synthesis.stack(env, "network")
-        (subnet,) = group["Subnets"]
-        exported = {
-            o["Export"]["Name"]: o["Value"]
-            for o in network.template.get("Outputs", {}).values()
-            if "Export" in o
-        }
-        subnet_id = exported[subnet["Fn::ImportValue"]]["Ref"]
-        assert network.resources[subnet_id]["Properties"]["AvailabilityZone"] == wanted
-    else:
-        assert "NetworkInterfaces" not in data and "Placement" not in data
+    for family, types in settings.compute.gpu_families.items():
+        efa = GPU_INSTANCES[types[0]].efa_interfaces
+        (spec,) = [
+            o["spec"]
+            for o in cluster_objects(synthesis, env)["Manifests"]
+            if o["kind"] == "EC2NodeClass" and o["metadata"]["name"] == f"gpu-{family}"
+        ]
+        if efa:
+            assert [i["networkCardIndex"] for i in spec["networkInterfaces"]] == list(range(efa))
+            (pg_id,) = placement
+            assert placement[pg_id]["Properties"]["Strategy"] == "cluster"
+            assert spec["placementGroupSelector"] == {"name": "TOKEN"}
+            assert len(spec["subnetSelectorTerms"]) == 1  # one zone for the placement group
+        else:
+            assert "networkInterfaces" not in spec and "placementGroupSelector" not in spec
+            assert len(spec["subnetSelectorTerms"]) == len(settings.availability_zones)
+    if not any(GPU_INSTANCES[t].efa_interfaces for t in settings.compute.gpu_nodes.instance_types):
         assert not placement
-        assert len(group["Subnets"]) == len(settings_by_env[env].availability_zones)
 
 
 def test_trainer_identity_is_pod_identity_with_only_its_lake_paths(
@@ -210,11 +247,14 @@ def test_in_cluster_objects_applied_by_a_kubernetes_group_over_the_private_endpo
     synthesis: Synthesis, env: str
 ) -> None:
     stack = synthesis.stack(env, "compute")
-    (objects,) = stack.resources_of_type("Custom::KubernetesObjects").values()
-    manifests = json.loads(objects["Properties"]["Manifests"])
+    manifests = cluster_objects(synthesis, env)["Manifests"]
     names = [m["metadata"]["name"] for m in manifests]
     assert names[:3] == ["training", "trainer", "nvidia-device-plugin"]
-    (entry,) = stack.resources_of_type("AWS::EKS::AccessEntry").values()
+    (entry,) = [
+        e
+        for e in stack.resources_of_type("AWS::EKS::AccessEntry").values()
+        if e["Properties"]["Type"] == "STANDARD"
+    ]
     assert entry["Properties"]["PrincipalArn"]["Fn::GetAtt"][0].startswith("ClusterObjectsRole")
     # A Kubernetes group bound to exactly the kinds it applies, no access policy (issue 17).
     assert entry["Properties"]["KubernetesGroups"] == ["kiln:cluster-objects"]

@@ -157,17 +157,13 @@ def test_alarms_and_widgets_read_the_watched_resources_attributes(
         if isinstance(part, dict)
     ]
     compute = synthesis.stack(env, "compute")
-    (gpu_group,) = [
-        k
-        for k, g in compute.resources_of_type("AWS::EKS::Nodegroup").items()
-        if g["Properties"].get("NodegroupName") == f"kiln-{env}-gpu"
-    ]
+    (eks_cluster,) = compute.resources_of_type("AWS::EKS::Cluster")
     warehouse = synthesis.stack(env, "warehouse")
     (workgroup,) = warehouse.resources_of_type(
         "AWS::RedshiftServerless::Workgroup", "AWS::Redshift::Cluster"
     )
     assert (f"kiln-{env}-streaming", {"Ref": stream_id}) in tokens
-    assert (f"kiln-{env}-compute", {"Fn::GetAtt": [gpu_group, "NodegroupName"]}) in tokens
+    assert (f"kiln-{env}-compute", {"Ref": eks_cluster}) in tokens
     assert (f"kiln-{env}-warehouse", {"Ref": workgroup}) in tokens
 
 
@@ -227,9 +223,37 @@ def test_dashboard_covers_the_loop(synthesis: Synthesis, env: str) -> None:
         "MSK consumer lag",
         "Firehose delivery freshness",
         "Redshift (streaming ingestion)",
-        "GPU node group size",
+        "GPUs requested / in the cluster",
+        "GPU utilization per node",
+        "GPU memory used per node",
+        "GPU power per node",
+        "GPU utilization per training pod",
+        "GPU memory used per training pod",
+        "GPU power per training pod",
+        "GPU XID errors per node",
         "Alarms",
     ):
         assert title in body, title
     # The dimensions SageMaker and Auto Scaling do not publish here are gone.
     assert "Host}" not in body and "GroupInServiceInstances" not in body
+
+
+def test_gpu_alarms_fire_on_xid_errors_and_on_gpus_idle_while_requested(
+    synthesis: Synthesis, env: str
+) -> None:
+    alarms = synthesis.stack(env, "observability").resources_of_type("AWS::CloudWatch::Alarm")
+    (xid,) = [a["Properties"] for k, a in alarms.items() if k.startswith("GpuXidErrors")]
+    assert (xid["Namespace"], xid["MetricName"], xid["Threshold"]) == ("kiln/GPU", "XidErrors", 1)
+    assert "Dimensions" not in xid  # the filter's no-dimension series: any node
+    (idle,) = [a["Properties"] for k, a in alarms.items() if k.startswith("GpusIdleWhileJobRuns")]
+    (expression,) = [m["Expression"] for m in idle["Metrics"] if "Expression" in m]
+    assert expression == "IF(requested > 0 AND busy < 5, 1, 0)"
+    names = {m["MetricStat"]["Metric"]["MetricName"] for m in idle["Metrics"] if "MetricStat" in m}
+    assert names == {"cluster_gpu_request", "node_gpu_utilization"}
+    assert idle["EvaluationPeriods"] * 5 == 30  # half an hour of 5-minute periods
+    # The XID metric comes from the compute stack's filters on the host log group.
+    compute = synthesis.stack(env, "compute")
+    filters = compute.resources_of_type("AWS::Logs::MetricFilter").values()
+    assert sorted(
+        json.dumps(f["Properties"]["MetricTransformations"][0].get("Dimensions")) for f in filters
+    ) == ['[{"Key": "InstanceId", "Value": "$.ec2_instance_id"}]', "null"]

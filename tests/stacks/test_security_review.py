@@ -171,7 +171,8 @@ def test_pod_identity_roles_trust_one_service_account_of_one_cluster(
     synthesis: Synthesis, env: str
 ) -> None:
     trusts = _trust(synthesis, env, "compute", "pods.eks.amazonaws.com")
-    assert len(trusts) == 2  # the trainer and the VPC CNI
+    # The trainer, the VPC CNI, Karpenter's controller and the CloudWatch agent.
+    assert len(trusts) == 4
     accounts = set()
     for trust in trusts:
         equals = trust["Condition"]["StringEquals"]
@@ -180,7 +181,7 @@ def test_pod_identity_roles_trust_one_service_account_of_one_cluster(
         assert "aws:RequestTag/eks-cluster-arn" in equals
         assert "aws:SourceArn" in trust["Condition"]["ArnEquals"]
         assert sorted(trust["Action"]) == ["sts:AssumeRole", "sts:TagSession"]
-    assert accounts == {"trainer", "aws-node"}
+    assert accounts == {"trainer", "aws-node", "karpenter", "cloudwatch-agent"}
 
 
 def test_sagemaker_and_redshift_roles_name_their_source(synthesis: Synthesis, env: str) -> None:
