@@ -153,7 +153,9 @@ class RollbackAlarms(Construct):
 
 
 class GuardedEndpoint(Construct):
-    """Model + EndpointConfig + Endpoint for one model artifact.
+    """Model + EndpointConfig + Endpoint for one model artifact, or one registry version
+    (`model_package`, the ARN of an approved model package; `model_artifact` is then its
+    artifact, which the role may read).
 
     The model runs the `image_uri` container in the private subnets behind a security group
     that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
@@ -196,6 +198,7 @@ class GuardedEndpoint(Construct):
         environment: Mapping[str, str],
         extra_statements: Sequence[iam.PolicyStatement] = (),
         s3_prefix_list_id: str | None = None,
+        model_package: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -281,7 +284,13 @@ class GuardedEndpoint(Construct):
             self,
             "Model",
             execution_role_arn=self.role.role_arn,
+            # A registry version brings its own image and artifact; SageMaker creates the
+            # model only while the version is Approved.
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
+                model_package_name=model_package, environment=dict(environment)
+            )
+            if model_package is not None
+            else sagemaker.CfnModel.ContainerDefinitionProperty(
                 image=image_uri,
                 model_data_url=model_artifact,
                 environment=dict(environment),

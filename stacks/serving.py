@@ -23,8 +23,11 @@ from stacks.base import REPO, KilnStack, image_context, removal_policy
 from stacks.data_lake import lake_bucket
 
 
-def model_version(artifact: str) -> str:
-    """A readable version for events and logs: the artifact's parent folder, e.g. `v7`."""
+def model_version(artifact: str, package: str | None = None) -> str:
+    """A readable version for events and logs: the registry version (`kiln-llm/7`) when the
+    endpoint serves a model package, else the artifact's parent folder, e.g. `v7`."""
+    if package is not None:
+        return package.split(":model-package/", 1)[1]
     parts = artifact.removeprefix("s3://").split("/")
     return parts[-2] if len(parts) > 2 else parts[-1].removesuffix(".tar.gz")
 
@@ -32,7 +35,9 @@ def model_version(artifact: str) -> str:
 class ServingStack(KilnStack):
     """Composes the serving key, the inference image (built on deploy) and, when a model
     artifact is configured, the guarded endpoint that serves it and publishes prediction
-    events to MSK.
+    events to MSK. With `serving.model_package` the endpoint's model is that registry
+    version (its image and artifact come from the package, which SageMaker deploys only
+    while it is Approved).
 
     Attributes: `key`, `image`, `endpoint` (GuardedEndpoint, or None before a model exists).
     """
@@ -86,6 +91,7 @@ class ServingStack(KilnStack):
                 image_uri=self.image.image_uri,
                 image_repository=self.image.repository,
                 model_artifact=serving.model_artifact,
+                model_package=serving.model_package,
                 artifact_key=lake_key,
                 volume_key=self.key,
                 vpc=vpc,
@@ -121,7 +127,9 @@ class ServingStack(KilnStack):
                     else None,
                 ),
                 environment={
-                    ServerEnv.MODEL_VERSION: model_version(serving.model_artifact),
+                    ServerEnv.MODEL_VERSION: model_version(
+                        serving.model_artifact, serving.model_package
+                    ),
                     ServerEnv.ENDPOINT_NAME: name,
                     ServerEnv.EVENTS_CLUSTER_ARN: msk.arn,
                     ServerEnv.EVENTS_TOPIC: topic,
@@ -146,5 +154,7 @@ class ServingStack(KilnStack):
                 )
             )
             CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
+            if serving.model_package is not None:
+                CfnOutput(self, Outputs.MODEL_PACKAGE.key, value=serving.model_package)
         CfnOutput(self, Outputs.ENDPOINT_NAME.key, value=name)
         CfnOutput(self, Outputs.IMAGE_URI.key, value=self.image.image_uri)

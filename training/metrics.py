@@ -1,8 +1,8 @@
 """The run's metrics: JSON lines on stdout from rank 0, one object per event.
 
 Events: `resume`, `start`, `train` (`train_loss`, `lr`, `grad_norm`, `tokens_per_s`), `val`
-(`val_loss`, `val_perplexity`), `checkpoint`, `stopped`, `model`. SageMaker's metric definitions
-match `"name": value` in these lines.
+(`val_loss`, `val_perplexity`), `checkpoint`, `stopped`, `model`, `registered`. SageMaker's
+metric definitions match `"name": value` in these lines.
 """
 
 from __future__ import annotations

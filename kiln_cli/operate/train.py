@@ -18,8 +18,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from kiln import naming
-from kiln.contract import CHECKPOINTS_PREFIX, MODELS_PREFIX, Outputs
+from kiln import naming, registry
+from kiln.contract import (
+    CHECKPOINTS_PREFIX,
+    MODELS_PREFIX,
+    Component,
+    Outputs,
+    TrainerEnv,
+    model_package_group,
+)
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.memory_plan import PlanError
 from kiln.settings import Settings
@@ -65,6 +72,10 @@ class TrainOptions:
     capacity: Capacity | None = None
     trainer_args: tuple[str, ...] = ()
     model: str | None = None  # for the memory plan (EKS), and the trainer when it can read it
+    # Register the finished run in the registry (in the registry's home environment, once the
+    # models stack is deployed); the first of registry.models unless `register_model` names one.
+    register: bool = True
+    register_model: str | None = None
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -251,6 +262,49 @@ def sagemaker_request(
     }
 
 
+def registration_environment(
+    aws: Aws,
+    options: TrainOptions,
+    *,
+    artifact: str,
+    data_uri: str,
+    warn: Callable[[str], None],
+) -> dict[str, str]:
+    """The trainer's $KILN_* variables that make it register its finished run: the group, the
+    registry key, the serving image, the artifact, the data and the code revision. Empty (and a
+    warning saying why) where the run cannot register; the run itself goes ahead."""
+    settings = aws.settings
+    if not options.register:
+        return {}
+    if not settings.registry.home:
+        warn(
+            f"not registering the run: {settings.name} reads the registry of another "
+            "environment; train in the registry's home to register versions"
+        )
+        return {}
+    model = options.register_model or settings.registry.models[0]
+    if model not in settings.registry.models:
+        raise OperateError(
+            f"--register-model {model!r} is not in registry.models "
+            f"({', '.join(settings.registry.models)})",
+            exit_code=2,
+        )
+    if aws.stack(Component.MODELS) is None or aws.stack(Component.SERVING) is None:
+        warn(
+            "not registering the run: deploy the models and serving stacks first "
+            f"(`npx cdk deploy --all -c env={settings.name}`), or pass --no-register"
+        )
+        return {}
+    return {
+        TrainerEnv.MODEL_PACKAGE_GROUP: model_package_group(settings.project, model),
+        TrainerEnv.REGISTRY_KEY_ARN: aws.output(Outputs.REGISTRY_KEY_ARN),
+        TrainerEnv.INFERENCE_IMAGE: aws.output(Outputs.IMAGE_URI),
+        TrainerEnv.MODEL_ARTIFACT: artifact,
+        TrainerEnv.DATA_URI: data_uri,
+        TrainerEnv.CODE_REVISION: registry.git_revision(),
+    }
+
+
 def sagemaker_artifact(request: dict[str, Any]) -> str:
     """Where SageMaker puts the model of `request`'s job."""
     path = request["OutputDataConfig"]["S3OutputPath"]
@@ -310,6 +364,11 @@ def start_sagemaker(
         artifacts_bucket=artifacts,
         options=options,
     )
+    environment = registration_environment(
+        aws, options, artifact=sagemaker_artifact(request), data_uri=train_uri, warn=warn
+    )
+    if environment:
+        request["Environment"] = environment
     if not dry_run:
         try:
             aws.call("sagemaker", "create_training_job", **request)
@@ -333,6 +392,7 @@ def start_sagemaker(
         ),
         ("checkpoints", request["CheckpointConfig"]["S3Uri"]),
         ("model", sagemaker_artifact(request)),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
         ("max runtime", elapsed(request["StoppingCondition"]["MaxRuntimeInSeconds"])),
     ]
     return Started(job, sagemaker_artifact(request), summary, request=request)
@@ -413,6 +473,11 @@ def eks_manifests(
     if (problem := training_job.plan_problem(plan, gpus)) is not None:
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
+    environment = registration_environment(
+        aws, options, artifact=f"{output}model.tar.gz", data_uri=train_uri, warn=warn
+    )
+    # On EKS the trainer uploads the model itself and registers the URI it wrote.
+    environment.pop(TrainerEnv.MODEL_ARTIFACT, None)
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -426,6 +491,7 @@ def eks_manifests(
             service_account=settings.compute.trainer_service_account,
             trainer_args=trainer_args,
             active_deadline_seconds=runtime,
+            env=environment,
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
@@ -437,6 +503,7 @@ def eks_manifests(
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
         (
             "memory",
             f"{plan.total / (1 << 30):.1f} GiB of {plan.capacity / (1 << 30):.1f} per GPU"

@@ -46,6 +46,8 @@ EXPECTED_ACKNOWLEDGED_RULES = {
     # IAM4 there also covers the EKS cluster and node roles' AWS-managed policies.
     "compute": _PROVIDER_FRAMEWORK,
     "observability": set(),
+    # Registry versions' ARNs end in the number SageMaker gives them.
+    "models": {"AwsSolutions-IAM5"},
     # With a model artifact (tests/stacks/test_serving.py): the execution role's wildcards.
     "serving": set(),
 }
@@ -64,6 +66,8 @@ ALLOWED_WILDCARDS = [
     r"arn:(aws|<AWS::Partition>):logs:(us-east-1|<AWS::Region>):<AWS::AccountId>:log-group:"
     r"/aws/sagemaker/(TrainingJobs|Endpoints/kiln-[a-z]+-llm):\*",
     r"arn:aws:s3:::kiln-[a-z]+-capture-<AWS::AccountId>-<AWS::Region>/endpoints/kiln-[a-z]+-llm/\*",
+    # The versions of one registry group (their ARNs end in a number SageMaker gives).
+    r"arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:model-package/kiln-[a-z0-9-]+/\*",
 ]
 # The actions a `Resource: *` statement may hold: the Service Authorization Reference lists no
 # resource type for them. Each such statement sits in a policy of its own, so that one

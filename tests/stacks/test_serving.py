@@ -18,16 +18,22 @@ from kiln_policy.guardrails import check
 from tests.support import ENVIRONMENTS, Synthesis
 
 ARTIFACT = "s3://kiln-{env}-artifacts-123456789012-us-east-1/models/v7/model.tar.gz"
+# Prod serves registry versions only (guardrail prod-serves-approved-packages).
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/7"
 
 
 @pytest.fixture(scope="module", params=["dev", "prod"])
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, SynthesizedStack, Path]:
-    """`-c env=<env> -c modelArtifact=...`, synthesized with the policy gates."""
+    """`-c env=<env> -c modelArtifact=...` (prod: with `-c modelPackage=...`), synthesized with
+    the policy gates."""
     env = str(request.param)
     out = tmp_path_factory.mktemp(f"served-{env}")
-    build_app({"env": env, "modelArtifact": ARTIFACT.format(env=env)}, outdir=str(out)).synth()
+    context = {"env": env, "modelArtifact": ARTIFACT.format(env=env)}
+    if env == "prod":
+        context["modelPackage"] = PACKAGE
+    build_app(context, outdir=str(out)).synth()
     stacks = {s.stack_name: s for s in read_assembly(out)}
     return env, stacks[f"kiln-{env}-serving"], out
 
@@ -95,15 +101,20 @@ def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> 
             ],
         },
     )
+    # Prod's model is the registry version (its image and artifact come with it).
+    source = (
+        {"ModelPackageName": PACKAGE}
+        if env == "prod"
+        else {"Image": Match.any_value(), "ModelDataUrl": ARTIFACT.format(env=env)}
+    )
     template.has_resource_properties(
         "AWS::SageMaker::Model",
         {
             "PrimaryContainer": {
-                "Image": Match.any_value(),
-                "ModelDataUrl": ARTIFACT.format(env=env),
+                **source,
                 "Environment": Match.object_like(
                     {
-                        ServerEnv.MODEL_VERSION: "v7",
+                        ServerEnv.MODEL_VERSION: "kiln-llm/7" if env == "prod" else "v7",
                         ServerEnv.ENDPOINT_NAME: f"kiln-{env}-llm",
                         ServerEnv.EVENTS_TOPIC: "prediction-events",
                         ServerEnv.ALLOW_RAW_TEXT: "false",
