@@ -262,7 +262,7 @@ def test_a_finished_run_registers_a_version_pending_approval(
     (container,) = described["InferenceSpecification"]["Containers"]
     assert container["ModelDataUrl"] == "s3://artifacts/models/job-1/model.tar.gz"
     metadata = described["CustomerMetadataProperties"]
-    val = [e for e in events if e["event"] == "val"][0]
+    val = next(e for e in events if e["event"] == "val")
     assert float(metadata["val_loss"]) == pytest.approx(float(val["val_loss"]), rel=1e-5)
     assert metadata["steps"] == "3" and metadata["code_revision"] == "feedface"
     assert metadata["hp.lr"] == "0.003" and metadata["hp.max_steps"] == "3"
