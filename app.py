@@ -23,6 +23,7 @@ from kiln.config import (
     ConfigError,
     load_delivery,
     load_settings,
+    read_approved_models,
     resolve_environments,
     with_model_artifact,
     with_serving_engine,
@@ -54,19 +55,30 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
         add_pipeline(app, config_dir)
     else:
         # `-c modelArtifact=s3://.../model.tar.gz` (or an uncompressed model's prefix,
-        # `s3://.../model/`) rolls that model out (one environment); `-c servingEngine=lmi`
-        # serves it with the LMI container instead of kiln's.
+        # `s3://.../model/`) rolls that model out (one environment); with `-c modelPackage=<arn>`
+        # it is that registry version's artifact; `-c servingEngine=lmi` serves it with the LMI
+        # container instead of kiln's.
         artifact = app.node.try_get_context("modelArtifact")
+        package = app.node.try_get_context("modelPackage")
         engine = app.node.try_get_context("servingEngine")
         names = resolve_environments(selector, config_dir)
-        if artifact and len(names) != 1:
+        if (artifact or package) and len(names) != 1:
             raise ConfigError(
-                "-c modelArtifact applies to one environment; pick it with -c env=<name>"
+                "-c modelArtifact/-c modelPackage apply to one environment; pick it with "
+                "-c env=<name>"
+            )
+        if package and not artifact:
+            raise ConfigError(
+                "-c modelPackage needs -c modelArtifact=<the package's artifact> "
+                "(`kiln deploy-model --model-package` passes both)"
             )
         for name in names:
             settings = load_settings(name, config_dir)
             if artifact:
-                settings = with_model_artifact(settings, str(artifact))
+                source = "-c modelPackage/-c modelArtifact" if package else "-c modelArtifact"
+                settings = with_model_artifact(
+                    settings, str(artifact), source, str(package) if package else None
+                )
             if engine:
                 settings = with_serving_engine(settings, str(engine))
             add_stage(app, settings)
@@ -92,11 +104,26 @@ def add_pipeline(app: App, config_dir: Path) -> DeliveryStack:
             "config/delivery.yaml: enabled is false; set it to true (with connection_arn) to "
             "synthesize the delivery pipeline"
         )
+    # `-c approvedModels=<file>`: what `kiln models resolve` found approved per environment
+    # (the pipeline's synth step writes it first); an environment it names serves that version.
+    approved_file = app.node.try_get_context("approvedModels")
+    approved = read_approved_models(Path(approved_file)) if approved_file else {}
+    environments = []
+    for name in delivery.environments:
+        settings = load_settings(name, config_dir)
+        if name in approved:
+            settings = with_model_artifact(
+                settings,
+                approved[name]["model_artifact"],
+                f"{approved_file} ({name})",
+                approved[name]["model_package"],
+            )
+        environments.append(settings)
     stack = DeliveryStack(
         app,
         "Delivery",
         delivery=delivery,
-        environments=[load_settings(e, config_dir) for e in delivery.environments],
+        environments=environments,
         make_stage=add_stage,
     )
     Aspects.of(stack).add(WriteNagSuppressionsToCloudFormationAspect())

@@ -211,6 +211,29 @@ def _in_words(problem: Any) -> str:
     return f"{problem['msg']} (got {problem['input']!r})"
 
 
+def read_approved_models(path: Path) -> dict[str, dict[str, str]]:
+    """The file `kiln models resolve` writes for the delivery pipeline: per environment, the
+    latest version approved for it, `{env: {"model_package": arn, "model_artifact": uri}}`."""
+    import json
+
+    shown = _display(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot be read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{shown}: not valid JSON: {err}") from None
+    ok = isinstance(data, dict) and all(
+        isinstance(v, dict) and {"model_package", "model_artifact"} <= set(v) for v in data.values()
+    )
+    if not ok:
+        raise ConfigError(
+            f"{shown}: expected {{env: {{model_package, model_artifact}}}} as `kiln models "
+            "resolve` writes it"
+        )
+    return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in data.items()}
+
+
 def format_validation_error(
     source: str, err: ValidationError, model: type[BaseModel] = Settings
 ) -> str:
@@ -252,11 +275,15 @@ def _one_line(text: str) -> str:
 
 
 def with_model_artifact(
-    settings: Settings, artifact: str, source: str = "-c modelArtifact"
+    settings: Settings,
+    artifact: str,
+    source: str = "-c modelArtifact",
+    package: str | None = None,
 ) -> Settings:
-    """`settings` serving `artifact` instead of the configured model (validated the same way):
-    a model.tar.gz, or an uncompressed model directory's S3 prefix (ending in /)."""
-    return _with_serving(settings, source, model_artifact=artifact)
+    """`settings` serving `artifact` (of registry version `package`, when given) instead of
+    the configured model (validated the same way): a model.tar.gz, or an uncompressed model
+    directory's S3 prefix (ending in /)."""
+    return _with_serving(settings, source, model_artifact=artifact, model_package=package)
 
 
 def with_serving_engine(

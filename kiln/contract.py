@@ -24,6 +24,7 @@ class Component(StrEnum):
     WAREHOUSE = "warehouse"
     COMPUTE = "compute"
     OBSERVABILITY = "observability"
+    MODELS = "models"
     SERVING = "serving"
 
     @property
@@ -82,9 +83,14 @@ class Outputs:
     ON_CALL_TOPIC_ARN = StackOutput(Component.OBSERVABILITY, "OnCallTopicArn")
     DASHBOARD_NAME = StackOutput(Component.OBSERVABILITY, "DashboardName")
 
+    MODEL_PACKAGE_GROUPS = StackOutput(Component.MODELS, "ModelPackageGroups")
+    REGISTRY_ACCOUNT = StackOutput(Component.MODELS, "RegistryAccount")
+    REGISTRY_KEY_ARN = StackOutput(Component.MODELS, "RegistryKeyArn")
+
     ENDPOINT_NAME = StackOutput(Component.SERVING, "EndpointName")
     IMAGE_URI = StackOutput(Component.SERVING, "ImageUri")
     MODEL_ARTIFACT = StackOutput(Component.SERVING, "ModelArtifact")
+    MODEL_PACKAGE = StackOutput(Component.SERVING, "ModelPackage")
 
 
 # --- the data lake ---------------------------------------------------------------------------
@@ -122,6 +128,33 @@ def capture_prefix(endpoint_name: str) -> str:
     return f"endpoints/{endpoint_name}"
 
 
+# --- the model registry ----------------------------------------------------------------------
+
+
+def model_package_group(project: str, model: str) -> str:
+    """The SageMaker model package group of one model name, e.g. `kiln-llm` (one per registry)."""
+    return f"{project}-{model}"
+
+
+class RegistryMetadata:
+    """Keys of a model package version's CustomerMetadataProperties: training writes the run's
+    record; `kiln models approve|reject` writes one approval per environment."""
+
+    VAL_LOSS = "val_loss"
+    VAL_PERPLEXITY = "val_perplexity"
+    TOKENS = "tokens"
+    STEPS = "steps"
+    JOB = "job"
+    DATA = "data"
+    CODE_REVISION = "code_revision"
+    HYPERPARAMETER_PREFIX = "hp."
+    APPROVAL_PREFIX = "approval."  # approval.<env>: "approved by <arn> at <time>: <why>"
+
+    @staticmethod
+    def approval(environment: str) -> str:
+        return f"{RegistryMetadata.APPROVAL_PREFIX}{environment}"
+
+
 # --- Kubernetes: the GPU node group's taint and labels ---------------------------------------
 
 # The compute stack puts them on the nodes; the device plugins and training pods tolerate and
@@ -147,6 +180,13 @@ class TrainerEnv:
     CHECKPOINT_DIR = "KILN_CHECKPOINT_DIR"  # checkpoints, written and resumed (S3 URI or path)
     OUTPUT_DIR = "KILN_OUTPUT_DIR"  # where the final model.tar.gz goes (S3 URI or path)
     JOB_NAME = "KILN_JOB_NAME"  # the run's name (tags metrics and checkpoints)
+    # Registration of the finished run in the model registry (none set: no registration).
+    MODEL_PACKAGE_GROUP = "KILN_MODEL_PACKAGE_GROUP"  # name or ARN of the package group
+    REGISTRY_KEY_ARN = "KILN_REGISTRY_KEY_ARN"  # encrypts the version's record (optional)
+    INFERENCE_IMAGE = "KILN_INFERENCE_IMAGE"  # the image that serves the version
+    MODEL_ARTIFACT = "KILN_MODEL_ARTIFACT"  # SageMaker: the model.tar.gz SageMaker will write
+    CODE_REVISION = "KILN_CODE_REVISION"  # the git commit the run's code came from
+    DATA_URI = "KILN_DATA_URI"  # the data's S3 prefix (SageMaker: what the train channel reads)
 
 
 class ServerEnv:

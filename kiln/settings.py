@@ -473,6 +473,15 @@ def model_artifact_problem(artifact: str) -> str | None:
     )
 
 
+# A versioned model package (a registry version): `.../model-package/<group>/<version>`.
+MODEL_PACKAGE_PATTERN = (
+    r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:model-package/"
+    r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}/\d+$"
+)
+# A model name in the registry: a package group `<project>-<model>` (at most 63 characters).
+MODEL_NAME_PATTERN = r"^[a-z0-9](-?[a-z0-9]){0,39}$"
+
+
 class DeploymentSettings(StrictModel):
     """How a new model version reaches traffic: blue/green with canary, linear or all-at-once
     shifting (the only one a single-instance fleet allows)."""
@@ -532,6 +541,11 @@ class ServingSettings(StrictModel):
     # The model.tar.gz to serve; `-c modelArtifact=s3://...` overrides it at deploy time.
     # Without one, the serving stack holds the role, image and alarms but no endpoint.
     model_artifact: str | None = None
+    # The registry version (model package ARN) the endpoint serves; `model_artifact` is then
+    # that version's artifact (what the execution role may read). `kiln deploy-model
+    # --model-package/--latest-approved` and the delivery pipeline set both
+    # (`-c modelPackage=... -c modelArtifact=...`). Prod serves approved packages only.
+    model_package: str | None = None
     instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     initial_instance_count: int = Field(ge=1, le=100)
     # Percent of requests whose bodies SageMaker captures (prompts and completions: only
@@ -570,6 +584,30 @@ class ServingSettings(StrictModel):
         if problem is not None:
             raise PydanticCustomError("artifact", "{problem}", {"problem": problem})
         return value
+
+    @field_validator("model_package")
+    @classmethod
+    def _package(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(MODEL_PACKAGE_PATTERN, value):
+            raise PydanticCustomError(
+                "artifact",
+                "'{value}' is not the ARN of a model package version; allowed: "
+                "arn:aws:sagemaker:<region>:<account>:model-package/<group>/<version> "
+                "(`kiln models list` shows them)",
+                {"value": value},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _package_has_artifact(self) -> ServingSettings:
+        if self.model_package is not None and self.model_artifact is None:
+            raise PydanticCustomError(
+                "artifact",
+                "model_package is set without model_artifact: give the package's artifact too "
+                "(`kiln models show` prints it), so the endpoint's role may read exactly it",
+                {},
+            )
+        return self
 
     @model_validator(mode="after")
     def _rollout(self) -> ServingSettings:
@@ -733,6 +771,45 @@ class ExperimentTrackingSettings(StrictModel):
     )
 
 
+class RegistrySettings(StrictModel):
+    """The model registry: one SageMaker model package group per model name, created by the
+    models stack of the environment that is its home (`home: true`); the other environments
+    read it, and approve its versions for themselves."""
+
+    # Each name is a package group `<project>-<name>`; training registers its runs there.
+    models: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
+        ["llm"], min_length=1, max_length=20
+    )
+    # This environment's models stack creates the groups (exactly one environment per
+    # registry); the others read them in `account` (null: their own account).
+    home: bool = True
+    account: str | None = Field(None, pattern=r"^\d{12}$")
+    # On the home: the accounts of the environments that read the registry from another
+    # account (the groups' resource policy and the registry key let them read, nothing else).
+    reader_accounts: list[Annotated[str, Field(pattern=r"^\d{12}$")]] = Field([], max_length=20)
+    # When set, readers must also belong to this AWS Organization (aws:PrincipalOrgID).
+    organization_id: str | None = Field(None, pattern=r"^o-[a-z0-9]{10,32}$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RegistrySettings:
+        problems = []
+        if len(set(self.models)) != len(self.models):
+            problems.append(f"registry.models: a name is listed twice: {self.models}")
+        if self.home and self.account is not None:
+            problems.append(
+                "registry.account: names another account's registry, but registry.home is "
+                "true (this environment holds the registry); remove account or set home: false"
+            )
+        if not self.home and self.reader_accounts:
+            problems.append(
+                "registry.reader_accounts: only the registry's home lists its readers; move "
+                "them to the home environment's file"
+            )
+        if problems:
+            raise PydanticCustomError("invariant", "\n  - ".join(problems))
+        return self
+
+
 class ObservabilitySettings(StrictModel):
     """Who hears the alarms."""
 
@@ -769,6 +846,7 @@ class Settings(StrictModel):
     observability: ObservabilitySettings = ObservabilitySettings()
     events: EventSettings = EventSettings()
     experiment_tracking: ExperimentTrackingSettings = ExperimentTrackingSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @field_validator("log_retention_days")
     @classmethod
@@ -1001,6 +1079,18 @@ class Settings(StrictModel):
                 f"--kubernetes-version {self.compute.kubernetes_version})"
             )
         problems += engine_problems(serving, self.region)
+        # CreateModelPackageGroup: a group name is at most 63 characters.
+        for model in self.registry.models:
+            if len(f"{self.project}-{model}") > 63:
+                problems.append(
+                    f"registry.models: {self.project}-{model} exceeds the 63 characters of a "
+                    "model package group name; shorten the model name"
+                )
+        if self.account and self.account in self.registry.reader_accounts:
+            problems.append(
+                f"registry.reader_accounts: {self.account} is this environment's own account; "
+                "list only the other environments' accounts"
+            )
         # Privacy, not AWS: data capture stores request and response bodies (prompts and
         # completions), which only an environment that allows raw text may keep.
         if serving.data_capture_percent > 0 and not self.events.allow_raw_text:

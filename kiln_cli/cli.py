@@ -12,13 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from kiln import registry
 from kiln.config import CONFIG_DIR, ConfigError, available_environments, load_settings
 from kiln.contract import Outputs
 from kiln.settings import Settings, Tier
 from kiln_cli import local, training_job
 
 # The operating commands import boto3 only when they run, so `kiln envs` stays light.
-from kiln_cli.operate import deploy, gpu_cluster, invoke, status, train
+from kiln_cli.operate import deploy, gpu_cluster, invoke, models, status, train
 from kiln_cli.operate.aws import Aws, OperateError, explain
 from kiln_cli.operate.progress import Progress
 from kiln_policy import diagram
@@ -135,6 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model,
         team=args.team,
         operator=args.operator,
+        register=not args.no_register,
+        register_model=args.register_model,
     )
     env = aws.settings.name
     if args.on == "eks":
@@ -205,16 +208,79 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"completed: model {artifact}")
     if billable and seconds and billable < seconds:
         print(f"  managed spot saved {100 * (1 - billable / seconds):.0f}% of the training time")
-    print(f"deploy it: kiln deploy-model --env {env} --artifact {artifact}")
+    if (request.get("Environment") or {}).get("KILN_MODEL_PACKAGE_GROUP"):
+        print(f"registered for approval: kiln models list --env {env}")
+    else:
+        print(f"deploy it: kiln deploy-model --env {env} --artifact {artifact}")
     return 0
 
 
 def cmd_deploy_model(args: argparse.Namespace) -> int:
-    """Rolls a model artifact out through the serving stack and reports the outcome."""
+    """Rolls a model artifact, or a registry version, out through the serving stack and
+    reports the outcome."""
     aws = _aws(args)
-    outcome = deploy.deploy_model(aws, args.artifact, runner=deploy.run_cdk, sleep=time.sleep)
+    if args.artifact is not None:
+        outcome = deploy.deploy_model(aws, args.artifact, runner=deploy.run_cdk, sleep=time.sleep)
+    else:
+        reg = models.Registry(aws)
+        version = (
+            reg.describe(args.model_package)
+            if args.model_package
+            else models.latest_or_explain(reg, args.latest_approved)
+        )
+        outcome = deploy.deploy_version(aws, version, runner=deploy.run_cdk, sleep=time.sleep)
     sys.stdout.write(deploy.render(outcome, aws.settings.name))
     return outcome.exit_code
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry: list, show, approve, reject, register, resolve."""
+    from datetime import UTC, datetime
+
+    if args.models_command == "resolve":
+        config_dir = Path(args.config_dir)
+        names = [n for n in args.environments.split(",") if n]
+        found = models.resolve(
+            [load_settings(n, config_dir) for n in names],
+            lambda settings: Aws(settings, config_dir=config_dir),
+        )
+        models.write_resolved(found, Path(args.out))
+        for name in names:
+            chosen = found.get(name)
+            print(f"{name}: {chosen['model_package'] if chosen else 'no approved version'}")
+        return 0
+    aws = _aws(args)
+    reg = models.Registry(aws)
+    env = aws.settings.name
+    if args.models_command == "list":
+        for index, model in enumerate([args.model] if args.model else reg.models):
+            if index:
+                print()
+            sys.stdout.write(models.render_list(model, reg.versions(model, limit=args.limit)))
+        return 0
+    if args.models_command == "show":
+        sys.stdout.write(models.render_show(reg.describe(args.version)))
+        return 0
+    if args.models_command in ("approve", "reject"):
+        decide = reg.approve if args.models_command == "approve" else reg.reject
+        version = decide(args.version, env, args.reason, now=datetime.now(UTC))
+        verb = "approved" if args.models_command == "approve" else "rejected"
+        print(f"{verb} {version.ref} for {env} ({version.status})")
+        print(f"  {version.approval_description}")
+        if verb == "approved":
+            print(f"deploy it: kiln deploy-model --env {env} --latest-approved {reg.models[0]}")
+        return 0
+    run = registry.RunRecord(
+        job=args.job,
+        artifact=args.artifact,
+        data=args.data or "-",
+        steps=args.steps,
+        tokens=args.tokens,
+        val_loss=args.val_loss,
+    )
+    arn = reg.register(run, args.model or reg.models[0])
+    print(f"registered {arn} (PendingManualApproval)")
+    return 0
 
 
 def _conversation(args: argparse.Namespace) -> list[dict[str, Any]] | None:
@@ -398,6 +464,15 @@ def _add_train(commands: Any) -> None:
     )
     training_job.add_operator_argument(run, prefix="EKS: ")
     run.add_argument(
+        "--no-register",
+        action="store_true",
+        help="do not register the finished run in the model registry",
+    )
+    run.add_argument(
+        "--register-model",
+        help="the registry model (registry.models) the run is a version of (default: the first)",
+    )
+    run.add_argument(
         "--apply",
         action="store_true",
         help="EKS: kubectl apply -f - the objects instead of printing them, then follow the "
@@ -484,6 +559,52 @@ def _add_invoke(commands: Any) -> None:
     call.set_defaults(handler=cmd_invoke)
 
 
+def _add_models(commands: Any) -> None:
+    group = commands.add_parser(
+        "models",
+        help="the model registry: list, show, approve or reject versions per environment",
+        description="One SageMaker model package group per model (registry.models), in the "
+        "registry's home environment. A version is approved for one environment at a time "
+        "(who, from STS, and why are recorded); promotion dev -> staging -> prod is an "
+        "approval in each, and the delivery pipeline deploys the latest approved version.",
+    )
+    sub = group.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    listing = sub.add_parser("list", help="the newest versions, their approvals and metrics")
+    _environment_options(listing)
+    listing.add_argument("--model", help="one model of registry.models (default: all)")
+    listing.add_argument("--limit", type=_positive_int, default=10, help="default: %(default)s")
+    show = sub.add_parser("show", help="one version: artifact, image, metrics, approvals")
+    _environment_options(show)
+    show.add_argument("version", help="<model>/<n> or the version's ARN")
+    for verb, meaning in (
+        ("approve", "approve a version for --env (after the environments before it)"),
+        ("reject", "withdraw or refuse a version for --env"),
+    ):
+        decide = sub.add_parser(verb, help=meaning)
+        _environment_options(decide)
+        decide.add_argument("version", help="<model>/<n> or the version's ARN")
+        decide.add_argument("--reason", required=True, help="why (recorded with who and when)")
+    register = sub.add_parser(
+        "register", help="register an artifact as a version pending approval (by hand)"
+    )
+    _environment_options(register)
+    register.add_argument("--artifact", required=True, help="s3://.../model.tar.gz")
+    register.add_argument("--job", required=True, help="the training run that made it")
+    register.add_argument("--model", help="of registry.models (default: the first)")
+    register.add_argument("--data", help="the data's S3 prefix")
+    register.add_argument("--steps", type=int, default=0)
+    register.add_argument("--tokens", type=int, default=0)
+    register.add_argument("--val-loss", type=float)
+    resolve = sub.add_parser(
+        "resolve",
+        help="write each environment's latest approved version (the pipeline's synth step)",
+    )
+    resolve.add_argument("--environments", required=True, help="comma-separated, e.g. dev,prod")
+    resolve.add_argument("--out", required=True, help="the JSON file `-c approvedModels` reads")
+    resolve.add_argument("--config-dir", default=str(CONFIG_DIR), help="default: %(default)s")
+    group.set_defaults(handler=cmd_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Operate the kiln ML platform.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -529,13 +650,25 @@ def build_parser() -> argparse.ArgumentParser:
         "fired) or failed (exit 1).",
     )
     _environment_options(roll)
-    roll.add_argument(
+    what = roll.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--artifact",
-        required=True,
         help="the model to serve: s3://<bucket>/<key>.tar.gz as training writes it, or an "
-        "uncompressed model directory s3://<bucket>/<prefix>/",
+        "uncompressed model directory s3://<bucket>/<prefix>/ (not in prod: it serves registry "
+        "versions)",
+    )
+    what.add_argument(
+        "--model-package",
+        metavar="VERSION",
+        help="a registry version approved for this environment: its ARN or <model>/<n>",
+    )
+    what.add_argument(
+        "--latest-approved",
+        metavar="MODEL",
+        help="the newest version of MODEL (registry.models) approved for this environment",
     )
     roll.set_defaults(handler=cmd_deploy_model)
+    _add_models(commands)
     resize_cmd = commands.add_parser(
         "change-instance-type",
         help="move the endpoint to serving.instance_type (deregister autoscaling, update, "

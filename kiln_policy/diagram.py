@@ -31,6 +31,7 @@ MAIN_TYPES: dict[str, str] = {
     "AWS::EKS::Nodegroup": "node group",
     "AWS::SageMaker::Endpoint": "SageMaker endpoint",
     "AWS::SageMaker::Model": "SageMaker model",
+    "AWS::SageMaker::ModelPackageGroup": "model registry",
     "AWS::SNS::Topic": "SNS",
     "AWS::CloudWatch::Dashboard": "dashboard",
 }
@@ -50,6 +51,7 @@ _NAME_KEYS = (
     "NodegroupName",
     "EndpointName",
     "DashboardName",
+    "ModelPackageGroupName",
 )
 # Deploy order, except that observability, which watches every other stack, is drawn last.
 _STACK_ORDER: tuple[str, ...] = (

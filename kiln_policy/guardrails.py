@@ -674,3 +674,29 @@ def training_pods_not_disrupted(obj: KubeObject) -> Iterator[str]:
         annotations = template.get("metadata", {}).get("annotations", {})
         if annotations.get(DO_NOT_DISRUPT) != "true":
             yield f'a pod template lacks the annotation {DO_NOT_DISRUPT}: "true"'
+
+
+@resource_rule(
+    "prod-serves-approved-packages", "AWS::SageMaker::Model", applies=lambda s: s.is_prod
+)
+def prod_serves_approved_packages(model: Resource, settings: Settings) -> Iterator[str]:
+    """A prod endpoint's model is a registry version: every container names a
+    `ModelPackageName` and carries no image or model data of its own, so SageMaker creates it
+    only from a version whose ModelApprovalStatus is Approved ("For versioned models, the value
+    of this parameter must be set to Approved to deploy the model", CreateModelPackage,
+    https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_CreateModelPackage.html),
+    and promotion to prod is an approval that leaves a record (who, when, why)."""
+    props = _props(model)
+    containers = [props["PrimaryContainer"]] if "PrimaryContainer" in props else []
+    containers += props.get("Containers", [])
+    if not containers:
+        yield "model without a container"
+    for container in containers:
+        raw = sorted(k for k in ("Image", "ModelDataUrl", "ModelDataSource") if k in container)
+        if not container.get("ModelPackageName"):
+            yield (
+                "container without ModelPackageName: prod serves approved registry versions "
+                "only (kiln deploy-model --model-package or --latest-approved)"
+            )
+        elif raw:
+            yield f"container sets {', '.join(raw)} beside the registry version's own"

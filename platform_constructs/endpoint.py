@@ -195,7 +195,9 @@ class RollbackAlarms(Construct):
 
 
 class GuardedEndpoint(Construct):
-    """Model + EndpointConfig + Endpoint for one model artifact.
+    """Model + EndpointConfig + Endpoint for one model artifact, or one registry version
+    (`model_package`, the ARN of an approved model package; `model_artifact` is then its
+    artifact, which the role may read).
 
     The model runs the `image_uri` container in the private subnets behind a security group
     that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
@@ -240,6 +242,7 @@ class GuardedEndpoint(Construct):
         extra_statements: Sequence[iam.PolicyStatement] = (),
         s3_prefix_list_id: str | None = None,
         kafka_egress: bool = True,
+        model_package: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -337,7 +340,13 @@ class GuardedEndpoint(Construct):
             self,
             "Model",
             execution_role_arn=self.role.role_arn,
-            primary_container=model_container(image_uri, model_artifact, environment),
+            # A registry version brings its own image and artifact; SageMaker creates the
+            # model only while the version is Approved.
+            primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
+                model_package_name=model_package, environment=dict(environment)
+            )
+            if model_package is not None
+            else model_container(image_uri, model_artifact, environment),
             vpc_config=sagemaker.CfnModel.VpcConfigProperty(
                 subnets=subnets,
                 security_group_ids=[self.security_group.security_group_id],

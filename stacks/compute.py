@@ -117,7 +117,8 @@ class ComputeStack(KilnStack):
             directory=str(REPO),
             file="training/Dockerfile",
             platform=ecr_assets.Platform.LINUX_AMD64,
-            **image_context(["kernels", "modeling", "training"]),
+            # The trainer registers its finished runs (kiln/registry.py: standard library only).
+            **image_context(["kernels", "modeling", "training", "kiln/registry.py"]),
         )
         self.trainer_role = self._trainer_identity(settings, cluster, lake_key)
         self.sagemaker_training_role, self.training_security_group = self._sagemaker_training(

@@ -12,6 +12,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from kiln import naming
+from kiln.contract import model_package_group
 from kiln.settings import DeliverySettings, Settings
 from platform_constructs.kms import PlatformKey
 from platform_constructs.nag import acknowledge_generated_policies
@@ -24,10 +25,37 @@ BUILD_ENVIRONMENT = codebuild.BuildEnvironment(
 )
 
 
+# Where the synth step writes what `kiln models resolve` found approved per environment.
+APPROVED_MODELS_FILE = "approved-models.json"
+
+
+def registry_read_statement(stack: Stack, environments: list[Settings]) -> iam.PolicyStatement:
+    """Reading the registry groups the environments serve from (list, describe versions)."""
+    resources = []
+    for settings in environments:
+        account = settings.registry.account or settings.account or stack.account
+        for model in settings.registry.models:
+            group = model_package_group(settings.project, model)
+            prefix = f"arn:aws:sagemaker:{settings.region}:{account}"
+            resources += [
+                f"{prefix}:model-package-group/{group}",
+                f"{prefix}:model-package/{group}/*",
+            ]
+    return iam.PolicyStatement(
+        actions=[
+            "sagemaker:ListModelPackages",
+            "sagemaker:DescribeModelPackage",
+            "sagemaker:DescribeModelPackageGroup",
+        ],
+        resources=sorted(set(resources)),
+    )
+
+
 class DeliveryStack(Stack):
     """The pipeline: source from the repository connection, a synth step that runs the
-    README's test command before `cdk synth`, then one deployment per environment in order,
-    a manual approval before those listed, and a `kiln invoke` smoke test after each that
+    README's test command, finds each environment's latest approved model version
+    (`kiln models resolve`) and runs `cdk synth` with it, then one deployment per environment
+    in order, a manual approval before those listed, and a `kiln invoke` smoke test after each that
     serves a model. Attributes: `pipeline`, `stages` (name -> stage)."""
 
     def __init__(
@@ -81,15 +109,20 @@ class DeliveryStack(Stack):
             self,
             "Pipeline",
             pipeline_name="kiln-delivery",
-            synth=pipelines.ShellStep(
+            synth=pipelines.CodeBuildStep(
                 "TestAndSynth",
                 input=source,
                 commands=[
                     "pyenv global 3.11 || true",
                     "make test",
-                    "npx cdk synth -c env=pipeline",
+                    # Each environment serves the latest version approved for it: promotion
+                    # is an approval in the registry, not an edit of config.
+                    f".venv/bin/kiln models resolve --environments "
+                    f"{','.join(delivery.environments)} --out {APPROVED_MODELS_FILE}",
+                    f"npx cdk synth -c env=pipeline -c approvedModels={APPROVED_MODELS_FILE}",
                 ],
                 primary_output_directory="cdk.out",
+                role_policy_statements=[registry_read_statement(self, environments)],
             ),
             synth_code_build_defaults=pipelines.CodeBuildOptions(
                 build_environment=BUILD_ENVIRONMENT

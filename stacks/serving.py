@@ -26,9 +26,12 @@ from stacks.base import REPO, KilnStack, image_context, removal_policy
 from stacks.data_lake import lake_bucket
 
 
-def model_version(artifact: str) -> str:
-    """A readable version for events and logs: the folder holding the model archive or the
+def model_version(artifact: str, package: str | None = None) -> str:
+    """A readable version for events and logs: the registry version (`kiln-llm/7`) when the
+    endpoint serves a model package, else the folder holding the model archive or the
     uncompressed model directory, e.g. `v7` for `.../v7/model.tar.gz` and `.../v7/model/`."""
+    if package is not None:
+        return package.split(":model-package/", 1)[1]
     parts = artifact.removeprefix("s3://").rstrip("/").split("/")
     return parts[-2] if len(parts) > 2 else parts[-1].removesuffix(".tar.gz")
 
@@ -39,6 +42,8 @@ class ServingStack(KilnStack):
     the guarded endpoint that serves it: with kiln's engine, which publishes prediction events
     to MSK, or with `serving.engine: lmi`, SageMaker's LMI container (vLLM, tensor parallel
     over the instance's GPUs) behind the same rollout, alarms, autoscaling and KMS rules.
+    With `serving.model_package` the endpoint's model is that registry version (its image and
+    artifact come from the package, which SageMaker deploys only while it is Approved).
 
     Attributes: `key`, `image`, `endpoint` (GuardedEndpoint, or None before a model exists).
     """
@@ -97,6 +102,7 @@ class ServingStack(KilnStack):
                 image_uri=container.image_uri,
                 image_repository=container.repository,
                 model_artifact=serving.model_artifact,
+                model_package=serving.model_package,
                 artifact_key=lake_key,
                 volume_key=self.key,
                 vpc=vpc,
@@ -146,6 +152,8 @@ class ServingStack(KilnStack):
                     )
                 )
             CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
+            if serving.model_package is not None:
+                CfnOutput(self, Outputs.MODEL_PACKAGE.key, value=serving.model_package)
         CfnOutput(self, Outputs.ENDPOINT_NAME.key, value=name)
         CfnOutput(self, Outputs.IMAGE_URI.key, value=self.image.image_uri)
 
@@ -156,7 +164,7 @@ class ServingStack(KilnStack):
         serving = settings.serving
         assert serving.model_artifact is not None
         environment = {
-            ServerEnv.MODEL_VERSION: model_version(serving.model_artifact),
+            ServerEnv.MODEL_VERSION: model_version(serving.model_artifact, serving.model_package),
             ServerEnv.ENDPOINT_NAME: name,
             ServerEnv.EVENTS_CLUSTER_ARN: msk.arn,
             ServerEnv.EVENTS_TOPIC: topic,

@@ -11,6 +11,7 @@ from kiln.settings import Settings
 from platform_constructs.aspects import LogGroupRetention
 from stacks.compute import ComputeStack
 from stacks.data_lake import DataLakeStack
+from stacks.models import ModelsStack
 from stacks.network import NetworkStack
 from stacks.observability import ObservabilityStack, Watched
 from stacks.serving import ServingStack
@@ -20,7 +21,7 @@ from stacks.warehouse import WarehouseStack
 
 class KilnStage(Stage):
     """Every stack of one environment. Attributes: `settings`, `network`, `data_lake`,
-    `streaming`, `warehouse`, `compute`, `observability`, `serving`."""
+    `streaming`, `warehouse`, `compute`, `observability`, `models`, `serving`."""
 
     def __init__(self, scope: Construct, *, settings: Settings) -> None:
         super().__init__(
@@ -69,6 +70,13 @@ class KilnStage(Stage):
                 warehouse=self.warehouse.warehouse,
                 gpu=self.compute.gpu_cluster,
             ),
+        )
+        self.models = ModelsStack(
+            self,
+            Component.MODELS.construct_id,
+            settings=settings,
+            # Training on EKS and on SageMaker registers its finished runs.
+            trainer_roles=[self.compute.trainer_role, self.compute.sagemaker_training_role],
         )
         self.serving = ServingStack(
             self,

@@ -13,6 +13,7 @@ import pytest
 
 from app import build_app
 from kiln.config import CONFIG_DIR
+from kiln.contract import COMPONENTS
 from tests.support import REPO
 
 OFFLINE = {
@@ -58,6 +59,7 @@ def test_one_environment_builds_its_stacks_only(tmp_path: Path) -> None:
         "Warehouse",
         "Compute",
         "Observability",
+        "Models",
         "Serving",
     }
     assert {c.node.id for c in prod.node.children if c.node.id in stacks} == stacks
@@ -125,7 +127,7 @@ def test_cdk_cli_synthesizes_every_environment_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for env in ("dev", "staging", "prod"):
         templates = sorted(p.name for p in (out / f"assembly-{env}").glob("*.template.json"))
-        assert len(templates) == 7, templates
+        assert len(templates) == len(COMPONENTS), templates
 
     failing = subprocess.run(
         [str(cdk), "synth", "--quiet", "-c", "env=qa", "--output", str(tmp_path / "bad")],
@@ -149,5 +151,21 @@ def test_model_artifact_from_context_is_validated() -> None:
     )
     assert_clean_failure(
         run_app({"env": "all", "modelArtifact": "s3://bucket/models/v1/model.tar.gz"}),
-        "-c modelArtifact applies to one environment",
+        "-c modelArtifact/-c modelPackage apply to one environment",
+    )
+    package = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/3"
+    assert_clean_failure(
+        run_app({"env": "prod", "modelPackage": package}),
+        "-c modelPackage needs -c modelArtifact",
+    )
+    assert_clean_failure(
+        run_app(
+            {
+                "env": "prod",
+                "modelPackage": "arn:aws:sagemaker:us-east-1:1:model-package/x",
+                "modelArtifact": "s3://bucket/models/v1/model.tar.gz",
+            }
+        ),
+        "serving.model_package: 'arn:aws:sagemaker:us-east-1:1:model-package/x' is not the ARN "
+        "of a model package version",
     )

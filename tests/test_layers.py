@@ -33,7 +33,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Workloads: of the platform, only the contract and the event package.
     "kernels": frozenset(),
     "modeling": frozenset({"kernels", "kiln.contract"}),
-    "training": frozenset({"kernels", "modeling", "kiln.contract"}),
+    # kiln.registry: a finished run registers itself (standard library and the contract only).
+    "training": frozenset({"kernels", "modeling", "kiln.contract", "kiln.registry"}),
     "inference": frozenset({"kernels", "modeling", "training", "kiln.contract", "kiln_events"}),
     "scripts": frozenset({"kiln_events", "kiln.contract"}),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import signal
 import tempfile
@@ -20,6 +21,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from kiln import registry
+from kiln.contract import TrainerEnv
 from modeling.artifact import TARBALL, load_model_dir, read_config, save_model_dir, write_tarball
 from modeling.config import ModelConfig
 from modeling.model import LlamaModel, load_ops
@@ -222,6 +225,13 @@ class Trainer:
         self.planned = False
         self.planned_evaluations = 0
         self.validated_at: int | None = None
+        self.last_val_loss: float | None = None
+        self.artifact: str | None = None  # where export() put model.tar.gz
+        # Checked before training, so that a run asked to register does not learn at its end
+        # that it cannot.
+        self.registry_target = registry.Target.from_environment(
+            getattr(args, "model_package_group", None)
+        )
 
     def _broadcast_from_rank0(self) -> None:
         """Fills every rank's shards from rank 0's full weights (a collective): the meta ranks'
@@ -290,6 +300,8 @@ class Trainer:
             self.save_checkpoint(state)  # a restarted finished job goes straight to the export
         self.export(state)
         self.dist.barrier()
+        if self.dist.is_main:
+            self.register(state)
         return stopped_by
 
     def train(self, state: TrainState) -> str | None:
@@ -428,7 +440,42 @@ class Trainer:
         loss = self.evaluator.evaluate(self.wrapped)
         self.validated_at = state.step
         if loss is not None:
+            self.last_val_loss = loss
             self.metrics.val(state, loss)
+
+    def register(self, state: TrainState) -> None:
+        """Registers the exported model as a registry version pending approval, when a group
+        is named; a failure raises RegistrationError (a TrainError) saying what to fix."""
+        target = self.registry_target
+        if target is None:
+            return
+        args = self.args
+        artifact = os.environ.get(TrainerEnv.MODEL_ARTIFACT) if self.sm else self.artifact
+        if not artifact:
+            raise registry.RegistrationError(
+                f"registering in {target.group} needs the S3 URI SageMaker writes the model "
+                f"to: set ${TrainerEnv.MODEL_ARTIFACT} (`kiln train` sets it)"
+            )
+        run = registry.RunRecord(
+            job=args.job_name,
+            artifact=artifact,
+            data=os.environ.get(TrainerEnv.DATA_URI) or str(args.data),
+            steps=state.step,
+            tokens=state.tokens,
+            val_loss=self.last_val_loss,
+            hyperparameters=registry.hyperparameters(vars(args), getattr(args, "defaults", {})),
+        )
+        try:
+            import boto3
+
+            client = boto3.client("sagemaker", region_name=registry.region_of(target.group))
+        except Exception as err:  # no region configured, most often
+            raise registry.RegistrationError(
+                f"cannot create a SageMaker client to register in {target.group}: {err}; set "
+                "AWS_REGION (or name the group by ARN), or unset the group to skip registration"
+            ) from err
+        arn = registry.register(run, target, client)
+        self.metrics.emit("registered", step=state.step, model_package=arn, group=target.group)
 
     def save_checkpoint(self, state: TrainState) -> None:
         where = self.checkpointer.save(state)
@@ -523,11 +570,13 @@ class Trainer:
                 path = (
                     fields["model_dir"] if model_format == "directory" else store.describe(TARBALL)
                 )
+                self.artifact = path
                 self.metrics.emit("model", step=step, path=path, **fields)
             return
         out = Path(args.output_dir)
         write(out / "model")
         tarball = write_tarball(out / "model", out / TARBALL)
+        self.artifact = str(tarball)
         extra = write_adapter(out / ADAPTER_DIR)
         self.metrics.emit(
             "model", step=step, path=str(tarball), model_dir=str(out / "model"), **_adapter(extra)

@@ -1,7 +1,8 @@
 """The run's metrics: JSON lines on stdout from rank 0, one object per event.
 
 Events: `resume`, `start`, `train` (`train_loss`, `lr`, `grad_norm`, `tokens_per_s`,
-`total_steps`, `eta_s`), `val` (`val_loss`, `val_perplexity`), `checkpoint`, `stopped`, `model`.
+`total_steps`, `eta_s`), `val` (`val_loss`, `val_perplexity`), `checkpoint`, `stopped`, `model`,
+`registered`.
 SageMaker's metric definitions match `"name": value` in these lines. Beside them, at a steady
 interval (`--progress-every` seconds), a person reads the same numbers as one line on stderr:
 `step 120/1800 (7%) | loss 2.314 | 12,345 tok/s | 21s elapsed | ETA 2m39s`.

@@ -2,7 +2,8 @@
 
 Metrics go to stdout as JSON lines (rank 0 only), one object per event: `start`, `train`
 (`train_loss`, `lr`, `grad_norm`, `tokens_per_s`), `val` (`val_loss`, `val_perplexity`),
-`checkpoint`, `model`, `stopped`. Human-readable logs go to stderr.
+`checkpoint`, `model`, `registered` (the registry version, when a model package group is
+named), `stopped`. Human-readable logs go to stderr.
 
 Exit codes: 0 done, 2 bad arguments or data, 143 stopped by SIGTERM after writing a checkpoint
 (non-zero so that a Kubernetes Job or torchrun retries and resumes).
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kiln import registry
 from kiln.contract import TrainerEnv
 from modeling.artifact import ArtifactError
 from modeling.config import PRESETS, ConfigError, ModelConfig
@@ -301,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the exported weights (default: --init-from's, else float32)",
     )
     e.add_argument(
+        "--model-package-group",
+        help=f"register the finished run as a version (pending approval) of this SageMaker "
+        f"model package group, name or ARN (default: ${TrainerEnv.MODEL_PACKAGE_GROUP}; "
+        "neither: no registration)",
+    )
+    e.add_argument(
         "--job-name",
         help=f"run name (default: ${JOB_NAME_ENV}, the SageMaker job name, else kiln-local)",
     )
@@ -331,6 +339,8 @@ def parse_args(
     """Parses the flags and fills the defaults that come from the environment."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    # What the registry compares the run's flags with (it records those that differ).
+    args.defaults = vars(parser.parse_args([]))
     try:
         args.model_config = model_config(args)
     except ConfigError as err:
@@ -430,7 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execv(command[0], command)
     try:
         return run(args, sm)
-    except (DataError, StorageError, ConfigError, ArtifactError, TrainError) as err:
+    except (
+        DataError,
+        StorageError,
+        ConfigError,
+        ArtifactError,
+        TrainError,
+        registry.RegistrationError,
+    ) as err:
         log.error("%s", err)
         print(f"training: error: {err}", file=sys.stderr)
         if sm is not None:

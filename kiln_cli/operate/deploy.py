@@ -59,10 +59,15 @@ class Outcome:
         return EXIT_CODES[self.result]
 
 
-def cdk_deploy_argv(settings: Settings, artifact: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The serving stack's deploy with the new artifact, and nothing else (`--exclusively`)."""
+def cdk_deploy_argv(
+    settings: Settings, artifact: str, config_dir: Path = CONFIG_DIR, package: str | None = None
+) -> list[str]:
+    """The serving stack's deploy with the new artifact (of registry version `package`), and
+    nothing else (`--exclusively`)."""
     argv = ["npx", "cdk", "deploy", cdk_stack_id(settings, Component.SERVING), "--exclusively"]
     argv += ["-c", f"env={settings.name}", "-c", f"modelArtifact={artifact}"]
+    if package is not None:
+        argv += ["-c", f"modelPackage={package}"]
     if config_dir != CONFIG_DIR:
         argv += ["-c", f"configDir={config_dir}"]
     return [*argv, "--require-approval", "never"]
@@ -217,11 +222,22 @@ def deploy_model(
     interval: float = 15.0,
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    package: str | None = None,
 ) -> Outcome:
+    """Deploys `artifact` (the artifact of registry version `package`, when given)."""
     settings = aws.settings
     problem = model_artifact_problem(artifact)
     if problem is not None:
         raise OperateError(f"--artifact {problem}", exit_code=2)
+    if package is None and settings.is_prod:
+        raise OperateError(
+            f"{settings.name} is a prod-tier environment: it serves approved registry versions "
+            f"only; register the artifact (`kiln models register`), approve it for each "
+            f"environment up to {settings.name}, then `kiln deploy-model --env {settings.name} "
+            "--latest-approved <model>`",
+            exit_code=2,
+        )
+    served = package or artifact
     progress = progress or Progress()
     aws.check_identity()
     check_artifact(aws, artifact)
@@ -232,9 +248,9 @@ def deploy_model(
         before is not None
         and before_serving is not None
         and before["EndpointStatus"] == "InService"
-        and before_serving.artifact == artifact
+        and before_serving.identity == served
     ):
-        return Outcome("unchanged", name, artifact, artifact, "InService")
+        return Outcome("unchanged", name, served, served, "InService")
     if before is not None and before["EndpointStatus"] not in ("InService", "Failed"):
         raise OperateError(
             f"endpoint {name} is {before['EndpointStatus']}: wait until the change under way "
@@ -252,10 +268,10 @@ def deploy_model(
         )
         shifting = f"{deployment.traffic} {step}"
     progress.note(
-        f"deploying {artifact} to {name} ({shifting}, "
+        f"deploying {served} to {name} ({shifting}, "
         f"{deployment.wait_minutes} min bake, auto-rollback on alarms)"
     )
-    argv = cdk_deploy_argv(settings, artifact, aws.config_dir)
+    argv = cdk_deploy_argv(settings, artifact, aws.config_dir, package)
     progress.note("running " + " ".join(argv))
     code = runner(argv, REPO)
     progress.note(f"cdk deploy exited {code}")
@@ -281,19 +297,19 @@ def deploy_model(
         sleep=sleep,
     )
     took = progress.clock() - started
-    outcome = Outcome("failed", name, artifact, None, status, took)
+    outcome = Outcome("failed", name, served, None, status, took)
     if status == "absent":
         outcome.reasons.append(
             stack_failure(aws, Component.SERVING, started_at)
             or f"cdk deploy exited {code} and there is no endpoint {name}: see its output above"
         )
         return outcome
-    outcome.serving = ep.serving(aws, after).artifact
+    outcome.serving = ep.serving(aws, after).identity
     if after.get("FailureReason"):
         outcome.reasons.append(f"endpoint: {after['FailureReason']}")
     if status != "InService":
         return _with_cfn_reason(aws, outcome, started_at)
-    if outcome.serving == artifact:
+    if outcome.serving == served:
         outcome.result = "promoted"
         if code != 0:
             outcome.reasons.append(f"cdk deploy exited {code} after the endpoint changed")
@@ -309,6 +325,23 @@ def deploy_model(
             "permissions): see its output above"
         )
     return _with_cfn_reason(aws, outcome, started_at)
+
+
+def deploy_version(aws: Aws, version: Any, **options: Any) -> Outcome:
+    """Deploys a registry version (`kiln_cli.operate.models.Version`) approved for the
+    environment: SageMaker makes the model from the package, which it allows only while the
+    version is Approved."""
+    env = aws.settings.name
+    if not version.approved_for(env):
+        approved = ", ".join(sorted(version.approvals)) or "no environment"
+        raise OperateError(
+            f"{version.ref} is {version.status} and approved for {approved}, not for {env}: "
+            f"approve it first (`kiln models approve {version.ref} --env {env} --reason ...`)",
+            exit_code=2,
+        )
+    if not version.artifact:
+        raise OperateError(f"{version.ref} names no model artifact; register it again")
+    return deploy_model(aws, version.artifact, package=version.arn, **options)
 
 
 def _with_cfn_reason(aws: Aws, outcome: Outcome, since: datetime) -> Outcome:
@@ -338,7 +371,12 @@ def render(outcome: Outcome, settings_name: str) -> str:
     if outcome.result == "rolled back" and not outcome.alarms:
         lines.append("  no rollback alarm fired")
     lines += [f"  {reason}" for reason in outcome.reasons]
-    if outcome.result == "promoted":
+    if outcome.result == "promoted" and ":model-package/" in outcome.artifact:
+        lines.append(
+            "  the delivery pipeline keeps serving it while it is the latest version approved "
+            f"for {settings_name}"
+        )
+    elif outcome.result == "promoted":
         lines.append(
             f"  to keep it, set serving.model_artifact: {outcome.artifact} in "
             f"config/{settings_name}.yaml: a deploy without -c modelArtifact serves the "

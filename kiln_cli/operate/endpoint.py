@@ -20,6 +20,12 @@ class Serving:
     model_name: str | None
     artifact: str | None
     instance_type: str | None
+    package: str | None = None  # the registry version the model was made from, if any
+
+    @property
+    def identity(self) -> str | None:
+        """What is served: the registry version when there is one, else the artifact."""
+        return self.package or self.artifact
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,15 @@ def serving(aws: Aws, endpoint: dict[str, Any]) -> Serving:
     config = aws.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config_name)
     variants = config.get("ProductionVariants") or [{}]
     model_name = variants[0].get("ModelName")
-    artifact = None
+    artifact = package = None
     if model_name:
         model = aws.call("sagemaker", "describe_model", ModelName=model_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
         artifact = container.get("ModelDataUrl") or (
             container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri")
         )
-    return Serving(config_name, model_name, artifact, variants[0].get("InstanceType"))
+        package = container.get("ModelPackageName")
+    return Serving(config_name, model_name, artifact, variants[0].get("InstanceType"), package)
 
 
 def rollback_alarm_names(

@@ -181,7 +181,11 @@ def change_instance_type(
     serving = ep.serving(aws, before)
     if serving.instance_type == wanted:
         return ResizeOutcome("unchanged", name, wanted, wanted, wanted, True)
-    if serving.artifact is None:
+    artifact = serving.artifact
+    if serving.package is not None:
+        # A registry version: its artifact is the one the serving stack was deployed with.
+        artifact = aws.outputs(Component.SERVING).get(Outputs.MODEL_ARTIFACT.key, artifact)
+    if artifact is None:
         raise OperateError(f"endpoint {name} has no model artifact to keep serving")
     scaling = read_scaling(aws, name)
     progress.note(
@@ -193,7 +197,7 @@ def change_instance_type(
     outcome = ResizeOutcome("failed", name, serving.instance_type, None, wanted, False)
     try:
         progress.note("step 2/3: deploy the serving stack with the new instance type")
-        argv = cdk_deploy_argv(settings, serving.artifact, aws.config_dir)
+        argv = cdk_deploy_argv(settings, artifact, aws.config_dir, serving.package)
         progress.note("running " + " ".join(argv))
         code = runner(argv, REPO)
         aws.forget(Component.SERVING)

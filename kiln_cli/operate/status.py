@@ -108,7 +108,11 @@ def _endpoint(aws: Aws, report: Report) -> None:
     if described.get("FailureReason"):
         rows.append(("failure reason", str(described["FailureReason"])))
     current = ep.serving(aws, described)
-    rows.append(("model", current.artifact or "-"))
+    artifact = current.artifact
+    if current.package is not None:
+        artifact = artifact or aws.outputs(Component.SERVING).get(Outputs.MODEL_ARTIFACT.key)
+    rows.append(("model", artifact or "-"))
+    rows.append(("model package", _package_row(aws, current.package)))
     rows.append(("config", f"{current.config_name} (model {current.model_name or '-'})"))
     variants = described.get("ProductionVariants") or []
     rows.append(
@@ -142,6 +146,20 @@ def _endpoint(aws: Aws, report: Report) -> None:
             or "none found",
         )
     )
+
+
+def _package_row(aws: Aws, package: str | None) -> str:
+    """Which registry version the endpoint runs, with its approval state."""
+    if package is None:
+        return "none (a raw artifact, not a registry version)"
+    from kiln_cli.operate.models import Registry
+
+    try:
+        version = Registry(aws).describe(package)
+    except OperateError as err:
+        return f"{package} (cannot read it: {err})"
+    approved = ", ".join(sorted(version.approvals)) or "no environment"
+    return f"{version.ref} ({version.status}, approved for {approved})"
 
 
 def _jobs(aws: Aws, report: Report, count: int) -> None:

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, cast, get_args
 
-from kiln import naming
+from kiln import naming, registry
 from kiln.contract import (
     CHECKPOINTS_PREFIX,
     DO_NOT_DISRUPT,
     MODELS_PREFIX,
     QUEUE_LABEL,
+    Component,
     Outputs,
+    TrainerEnv,
+    model_package_group,
 )
 from kiln.gpu_instances import UnknownInstanceTypeError, lookup
 from kiln.memory_plan import PlanError
@@ -76,6 +79,10 @@ class TrainOptions:
     team: str | None = None  # EKS: whose namespace, queue and GPU quota (default: the first)
     # EKS: what runs the pods (`kiln_cli.training_job.Operator`, or a retired one, refused).
     operator: str | None = None
+    # Register the finished run in the registry (in the registry's home environment, once the
+    # models stack is deployed); the first of registry.models unless `register_model` names one.
+    register: bool = True
+    register_model: str | None = None
 
 
 def job_name(settings: Settings, name: str, now: datetime) -> str:
@@ -270,6 +277,49 @@ def sagemaker_request(
     }
 
 
+def registration_environment(
+    aws: Aws,
+    options: TrainOptions,
+    *,
+    artifact: str,
+    data_uri: str,
+    warn: Callable[[str], None],
+) -> dict[str, str]:
+    """The trainer's $KILN_* variables that make it register its finished run: the group, the
+    registry key, the serving image, the artifact, the data and the code revision. Empty (and a
+    warning saying why) where the run cannot register; the run itself goes ahead."""
+    settings = aws.settings
+    if not options.register:
+        return {}
+    if not settings.registry.home:
+        warn(
+            f"not registering the run: {settings.name} reads the registry of another "
+            "environment; train in the registry's home to register versions"
+        )
+        return {}
+    model = options.register_model or settings.registry.models[0]
+    if model not in settings.registry.models:
+        raise OperateError(
+            f"--register-model {model!r} is not in registry.models "
+            f"({', '.join(settings.registry.models)})",
+            exit_code=2,
+        )
+    if aws.stack(Component.MODELS) is None or aws.stack(Component.SERVING) is None:
+        warn(
+            "not registering the run: deploy the models and serving stacks first "
+            f"(`npx cdk deploy --all -c env={settings.name}`), or pass --no-register"
+        )
+        return {}
+    return {
+        TrainerEnv.MODEL_PACKAGE_GROUP: model_package_group(settings.project, model),
+        TrainerEnv.REGISTRY_KEY_ARN: aws.output(Outputs.REGISTRY_KEY_ARN),
+        TrainerEnv.INFERENCE_IMAGE: aws.output(Outputs.IMAGE_URI),
+        TrainerEnv.MODEL_ARTIFACT: artifact,
+        TrainerEnv.DATA_URI: data_uri,
+        TrainerEnv.CODE_REVISION: registry.git_revision(),
+    }
+
+
 def sagemaker_artifact(request: dict[str, Any]) -> str:
     """Where SageMaker puts the model of `request`'s job."""
     path = request["OutputDataConfig"]["S3OutputPath"]
@@ -330,6 +380,11 @@ def start_sagemaker(
         artifacts_bucket=artifacts,
         options=options,
     )
+    environment = registration_environment(
+        aws, options, artifact=sagemaker_artifact(request), data_uri=train_uri, warn=warn
+    )
+    if environment:
+        request["Environment"] = environment
     if not dry_run:
         try:
             aws.call("sagemaker", "create_training_job", **request)
@@ -353,6 +408,7 @@ def start_sagemaker(
         ),
         ("checkpoints", request["CheckpointConfig"]["S3Uri"]),
         ("model", sagemaker_artifact(request)),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
         ("max runtime", elapsed(request["StoppingCondition"]["MaxRuntimeInSeconds"])),
     ]
     return Started(job, sagemaker_artifact(request), summary, request=request)
@@ -456,6 +512,11 @@ def eks_manifests(
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
     namespace, queue = team_queue(settings, options.team)
+    environment = registration_environment(
+        aws, options, artifact=f"{output}model.tar.gz", data_uri=train_uri, warn=warn
+    )
+    # On EKS the trainer uploads the model itself and registers the URI it wrote.
+    environment.pop(TrainerEnv.MODEL_ARTIFACT, None)
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -474,6 +535,7 @@ def eks_manifests(
             # from under its pods (the guardrail below checks both).
             workload_labels={QUEUE_LABEL: queue},
             pod_annotations={DO_NOT_DISRUPT: "true"},
+            env=environment,
         )
     except training_job.TrainingJobError as err:
         problems = "; ".join(f"{arg}: {message}" for arg, message in err.problems)
@@ -491,6 +553,7 @@ def eks_manifests(
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
         ("model", f"{output}model.tar.gz"),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
         (
             "memory",
             f"{plan.total / (1 << 30):.1f} GiB of {plan.capacity / (1 << 30):.1f} per GPU"

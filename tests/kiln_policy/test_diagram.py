@@ -26,6 +26,7 @@ def test_graph_holds_every_stack_and_the_data_flows(synthesis: Synthesis) -> Non
         "streaming",
         "warehouse",
         "compute",
+        "models",
         "serving",
         "observability",
     ]

@@ -592,6 +592,32 @@ def test_model_image_pinned() -> None:
 
 # One compliant and one non-compliant case per registered rule, judged under `settings`. A rule
 # registered without a case here fails `test_every_rule_has_its_cases`.
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/3"
+PACKAGED_MODEL = {
+    "Type": "AWS::SageMaker::Model",
+    "Properties": {"PrimaryContainer": {"ModelPackageName": PACKAGE, "Environment": {}}},
+}
+RAW_MODEL = {
+    "Type": "AWS::SageMaker::Model",
+    "Properties": {
+        "PrimaryContainer": {
+            "Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/inference:1",
+            "ModelDataUrl": "s3://kiln-prod-artifacts/models/v7/model.tar.gz",
+        }
+    },
+}
+
+
+def test_prod_models_come_from_approved_registry_versions() -> None:
+    (violation,) = run("prod-serves-approved-packages", stack({"M": RAW_MODEL}), PROD)
+    assert "without ModelPackageName" in violation.message
+    mixed = with_props(PACKAGED_MODEL, ["PrimaryContainer", "ModelDataUrl"], "s3://b/m.tar.gz")
+    (violation,) = run("prod-serves-approved-packages", stack({"M": mixed}), PROD)
+    assert violation.message == "container sets ModelDataUrl beside the registry version's own"
+    # Dev may serve any artifact (the rule is prod's).
+    assert run("prod-serves-approved-packages", stack({"M": RAW_MODEL}), DEV) == []
+
+
 CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
     "data-stores-retained": (
         PROD,
@@ -712,6 +738,7 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
             }
         ),
     ),
+    "prod-serves-approved-packages": (PROD, stack({"M": PACKAGED_MODEL}), stack({"M": RAW_MODEL})),
 }
 
 

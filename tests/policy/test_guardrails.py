@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kiln.contract import COMPONENTS
 from kiln.settings import Settings
 from kiln_policy.guardrails import check
 from tests.support import Synthesis
@@ -10,7 +11,7 @@ from tests.support import Synthesis
 def test_every_synthesized_stack_passes(
     synthesis: Synthesis, settings_by_env: dict[str, Settings]
 ) -> None:
-    assert len(synthesis.stacks) == 7 * len(settings_by_env)
+    assert len(synthesis.stacks) == len(COMPONENTS) * len(settings_by_env)
     violations = [
         str(v) for s in synthesis.stacks for v in check(s, settings_by_env[s.environment])
     ]

@@ -47,6 +47,8 @@ EXPECTED_ACKNOWLEDGED_RULES = {
     # Karpenter's interruption queue: SSE-SQS (not KMS) and no dead-letter queue (issue 18).
     "compute": {*_PROVIDER_FRAMEWORK, "AwsSolutions-SQS3", "NIST.800.53.R5-SQSQueueEncrypted"},
     "observability": set(),
+    # Registry versions' ARNs end in the number SageMaker gives them.
+    "models": {"AwsSolutions-IAM5"},
     # With a model artifact (tests/stacks/test_serving.py): the execution role's wildcards.
     "serving": set(),
 }
@@ -74,6 +76,8 @@ ALLOWED_WILDCARDS = [
     r"arn:aws:ec2:us-east-1::(image|snapshot)/\*",
     r"arn:aws:iam::<AWS::AccountId>:instance-profile/\*",
     r"arn:aws:ssm:us-east-1::parameter/aws/service/\*",
+    # The versions of one registry group (their ARNs end in a number SageMaker gives).
+    r"arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:model-package/kiln-[a-z0-9-]+/\*",
 ]
 # The actions a `Resource: *` statement may hold: the Service Authorization Reference lists no
 # resource type for them. Each such statement sits in a policy of its own, so that one

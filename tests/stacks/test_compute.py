@@ -284,7 +284,11 @@ def test_training_image_is_built_on_deploy_for_amd64_from_training_and_kernels(
     if not context.exists():  # nested assemblies keep assets in the root cloud assembly
         context = synthesis.outdir / source["directory"]
     assert sorted(p.name for p in context.iterdir()) == ["kernels", "kiln", "modeling", "training"]
-    assert sorted(p.name for p in (context / "kiln").iterdir()) == ["__init__.py", "contract.py"]
+    assert sorted(p.name for p in (context / "kiln").iterdir()) == [
+        "__init__.py",
+        "contract.py",
+        "registry.py",
+    ]
     assert not list(context.rglob("*.so")) and not list(context.rglob("__pycache__"))
     compute(synthesis, env).has_output("TrainingImageUri", Match.any_value())
 

@@ -31,6 +31,8 @@ SERVED = [
     ("staging", "lmi", ARTIFACT),
     ("prod", "lmi", PREFIX),
 ]
+# Prod serves registry versions only (guardrail prod-serves-approved-packages).
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/7"
 
 
 @pytest.fixture(
@@ -41,11 +43,13 @@ SERVED = [
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, SynthesizedStack, Path]:
-    """`-c env=<env> -c modelArtifact=... -c servingEngine=...`, synthesized with the policy
-    gates (a finding fails the synth)."""
+    """`-c env=<env> -c modelArtifact=... -c servingEngine=...` (prod: with
+    `-c modelPackage=...`), synthesized with the policy gates (a finding fails the synth)."""
     env, engine, artifact = request.param
     out = tmp_path_factory.mktemp(f"served-{env}-{engine}")
     context = {"env": env, "modelArtifact": artifact.format(env=env), "servingEngine": engine}
+    if env == "prod":
+        context["modelPackage"] = PACKAGE
     build_app(context, outdir=str(out)).synth()
     stacks = {s.stack_name: s for s in read_assembly(out)}
     return env, stacks[f"kiln-{env}-serving"], out
@@ -130,15 +134,18 @@ def test_endpoint_follows_config(served: tuple[str, SynthesizedStack, Path]) -> 
     data = {"ModelDataUrl": ARTIFACT.format(env=env)}
     if "ModelDataSource" in container:
         data = {"ModelDataSource": Match.any_value()}
+    # Prod's model is the registry version (its image and artifact come with it).
+    source = (
+        {"ModelPackageName": PACKAGE} if env == "prod" else {"Image": Match.any_value(), **data}
+    )
     template.has_resource_properties(
         "AWS::SageMaker::Model",
         {
             "PrimaryContainer": {
-                "Image": Match.any_value(),
-                **data,
+                **source,
                 "Environment": Match.object_like(
                     {
-                        ServerEnv.MODEL_VERSION: "v7",
+                        ServerEnv.MODEL_VERSION: "kiln-llm/7" if env == "prod" else "v7",
                         ServerEnv.ENDPOINT_NAME: f"kiln-{env}-llm",
                         ServerEnv.EVENTS_TOPIC: "prediction-events",
                         ServerEnv.ALLOW_RAW_TEXT: "false",

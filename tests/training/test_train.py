@@ -296,3 +296,41 @@ def test_the_model_directory_goes_to_s3_uncompressed(
     assert model_prefix_problems(names) == []
     model = parse_events(capsys.readouterr().out)[-1]
     assert model["event"] == "model" and model["path"] == "s3://artifacts/models/job-2/model/"
+
+
+def test_a_finished_run_registers_a_version_pending_approval(
+    corpus: Path,
+    clean_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a model package group named, the run's end registers its S3 artifact with the
+    run's metrics and hyperparameters (kiln/registry.py); without one, nothing is called."""
+    monkeypatch.setenv("KILN_INFERENCE_IMAGE", "123456789012.dkr.ecr.us-east-1.amazonaws.com/s:1")
+    monkeypatch.setenv("KILN_CODE_REVISION", "feedface")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="artifacts")
+        sagemaker = boto3.client("sagemaker", region_name="us-east-1")
+        sagemaker.create_model_package_group(ModelPackageGroupName="kiln-llm")
+        common = [*TINY, "--data", str(corpus), "--max-steps", "3", "--lr", "3e-3"]
+        out = ["--output-dir", "s3://artifacts/models/job-1", "--job-name", "job-1"]
+        assert train.main([*common, *out, "--model-package-group", "kiln-llm"]) == 0
+        (summary,) = sagemaker.list_model_packages(ModelPackageGroupName="kiln-llm")[
+            "ModelPackageSummaryList"
+        ]
+        described = sagemaker.describe_model_package(ModelPackageName=summary["ModelPackageArn"])
+        # A local artifact cannot be registered: the run says so and fails.
+        local = train.main([*common, "--model-package-group", "kiln-llm"])
+    events = parse_events(capsys.readouterr().out)
+    (registered,) = [e for e in events if e["event"] == "registered"]
+    assert registered["model_package"] == summary["ModelPackageArn"]
+    assert described["ModelApprovalStatus"] == "PendingManualApproval"
+    (container,) = described["InferenceSpecification"]["Containers"]
+    assert container["ModelDataUrl"] == "s3://artifacts/models/job-1/model.tar.gz"
+    metadata = described["CustomerMetadataProperties"]
+    val = next(e for e in events if e["event"] == "val")
+    assert float(metadata["val_loss"]) == pytest.approx(float(val["val_loss"]), rel=1e-5)
+    assert metadata["steps"] == "3" and metadata["code_revision"] == "feedface"
+    assert metadata["hp.lr"] == "0.003" and metadata["hp.max_steps"] == "3"
+    assert local == 2

@@ -1,0 +1,78 @@
+"""The models stack: the model registry (package groups, their key) that training registers in
+and that deploys and the delivery pipeline read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Aws, CfnOutput, RemovalPolicy
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from kiln import naming
+from kiln.contract import Component, Outputs, model_package_group
+from kiln.settings import Settings
+from platform_constructs.registry import ModelRegistry, group_arn, read_policy
+from stacks.base import KilnStack
+
+
+def registry_account(settings: Settings) -> str:
+    """The account holding the environment's registry: its own, or `registry.account`."""
+    return settings.registry.account or Aws.ACCOUNT_ID
+
+
+class ModelsStack(KilnStack):
+    """In the registry's home environment: one model package group per `registry.models`
+    name, the registry key, and registration rights for `trainer_roles`. In every environment:
+    a managed policy that reads the registry (for deployers and the pipeline), and outputs
+    naming the groups. Attributes: `registry` (ModelRegistry, or None off the home),
+    `read_policy`, `group_arns`."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        trainer_roles: Sequence[iam.IRole] = (),
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            settings=settings,
+            component=Component.MODELS,
+            description=f"kiln {settings.name}: model registry (package groups, approvals)",
+        )
+        registry = settings.registry
+        names = [model_package_group(settings.project, m) for m in registry.models]
+        account = registry_account(settings)
+        self.registry: ModelRegistry | None = None
+        if registry.home:
+            self.registry = ModelRegistry(
+                self,
+                "Registry",
+                group_names=names,
+                key_alias=naming.kms_alias(settings, "registry"),
+                # Every environment's approvals live here: removing the home's stack must
+                # not take the registry (or the key to its records) with it.
+                removal_policy=RemovalPolicy.RETAIN,
+                reader_accounts=registry.reader_accounts,
+                organization_id=registry.organization_id,
+                description=f"kiln {settings.name}",
+            )
+            self.registry.grant_register(*trainer_roles)
+            CfnOutput(self, Outputs.REGISTRY_KEY_ARN.key, value=self.registry.key.key_arn)
+        self.read_policy = read_policy(
+            self,
+            "RegistryReadPolicy",
+            group_names=names,
+            account=account,
+            description=f"kiln {settings.name}",
+        )
+        if self.registry is not None:
+            # The groups exist before a policy names them (and before a deploy reads them).
+            for group in self.registry.groups.values():
+                self.read_policy.node.add_dependency(group)
+        self.group_arns = [group_arn(name, account=account) for name in names]
+        CfnOutput(self, Outputs.MODEL_PACKAGE_GROUPS.key, value=",".join(self.group_arns))
+        CfnOutput(self, Outputs.REGISTRY_ACCOUNT.key, value=account)

@@ -1,0 +1,230 @@
+"""`kiln models` against moto: a run registers, is approved dev -> staging -> prod (who and why
+from STS), the pipeline's resolve picks each environment's latest approved version, `kiln
+deploy-model --latest-approved` rolls it out and `kiln status` names the version it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from moto import mock_aws
+
+from kiln import registry
+from kiln.contract import Component, Outputs, RegistryMetadata
+from kiln_cli.cli import main
+from kiln_cli.operate import deploy
+from kiln_cli.operate.models import Registry
+from tests.kiln_cli.support import (
+    ACCOUNT,
+    ARTIFACT,
+    NEW_ARTIFACT,
+    client,
+    create_buckets,
+    deploy_stacks,
+    make_aws,
+    put_object,
+)
+
+pytestmark = pytest.mark.usefixtures("stack_outputs")
+GROUP = "kiln-llm"
+IMAGE = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/cdk-hnb659fds-container-assets:abc"
+
+
+def register_run(artifact: str, job: str, val_loss: float) -> str:
+    """What training does at its end (kiln/registry.py), against moto."""
+    run = registry.RunRecord(
+        job=job,
+        artifact=artifact,
+        data="s3://kiln-dev-curated/train/",
+        steps=600,
+        tokens=2_457_600,
+        val_loss=val_loss,
+        hyperparameters=registry.hyperparameters(
+            {"model": "small", "lr": 0.002, "max_steps": 600, "warmup_steps": 20},
+            {"model": "small", "lr": 0.002, "max_steps": 600, "warmup_steps": 50},
+        ),
+    )
+    target = registry.Target(group=GROUP, image=IMAGE, code_revision="0123abc")
+    return registry.register(run, target, client("sagemaker"))
+
+
+def registry_with_two_versions() -> list[str]:
+    client("sagemaker").create_model_package_group(ModelPackageGroupName=GROUP)
+    return [
+        register_run(ARTIFACT, "kiln-dev-train-20251201-000000", 1.8341),
+        register_run(NEW_ARTIFACT, "kiln-dev-train-20251202-000000", 1.7012),
+    ]
+
+
+@mock_aws
+def test_a_registered_run_records_artifact_image_metrics_and_revision() -> None:
+    first, _ = registry_with_two_versions()
+    described = client("sagemaker").describe_model_package(ModelPackageName=first)
+    assert described["ModelApprovalStatus"] == "PendingManualApproval"
+    (container,) = described["InferenceSpecification"]["Containers"]
+    assert container == {"Image": IMAGE, "ModelDataUrl": ARTIFACT}
+    metadata = described["CustomerMetadataProperties"]
+    assert metadata[RegistryMetadata.VAL_LOSS] == "1.8341"
+    assert metadata[RegistryMetadata.VAL_PERPLEXITY] == "6.2595"
+    assert metadata[RegistryMetadata.STEPS] == "600"
+    assert metadata[RegistryMetadata.CODE_REVISION] == "0123abc"
+    # Core hyperparameters always, others only where they differ from the default.
+    assert metadata["hp.lr"] == "0.002" and metadata["hp.warmup_steps"] == "20"
+    assert described["MetadataProperties"]["CommitId"] == "0123abc"
+
+
+@mock_aws
+def test_list_approve_in_order_and_reject(capsys: pytest.CaptureFixture[str]) -> None:
+    deploy_stacks(components=(Component.MODELS,))
+    registry_with_two_versions()
+    assert main(["models", "list", "--env", "dev"]) == 0
+    listed = capsys.readouterr().out
+    print(listed)  # shown with -s: the report quotes it
+    lines = listed.splitlines()
+    assert lines[0].split() == [
+        "version", "status", "approved", "for", "val_loss", "steps", "created", "job",
+    ]  # fmt: skip
+    assert lines[1].split()[:5] == ["kiln-llm/2", "PendingManualApproval", "-", "1.7012", "600"]
+    assert lines[2].split()[0] == "kiln-llm/1"
+
+    # prod before dev and staging is refused: promotion is dev -> staging -> prod.
+    assert main(["models", "approve", "llm/2", "--env", "prod", "--reason", "ship it"]) == 2
+    assert "not approved for dev, staging yet" in capsys.readouterr().err
+
+    assert main(["models", "approve", "llm/2", "--env", "dev", "--reason", "eval 2.1 ok"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("approved kiln-llm/2 for dev (Approved)\n")
+    assert "approved for dev by arn:aws:sts::123456789012:user/moto at " in out
+    assert ": eval 2.1 ok\ndeploy it: kiln deploy-model --env dev --latest-approved llm\n" in out
+    assert main(["models", "approve", "kiln-llm/2", "--env", "staging", "--reason", "soak"]) == 0
+    capsys.readouterr()
+    assert main(["models", "show", "llm/2", "--env", "dev"]) == 0
+    shown = capsys.readouterr().out
+    assert "approval dev" in shown and "approval staging" in shown
+    assert "val_loss" in shown and "hp.lr" in shown and NEW_ARTIFACT in shown
+
+    assert main(["models", "reject", "llm/2", "--env", "staging", "--reason", "p99 regressed"]) == 0
+    capsys.readouterr()
+    version = Registry(make_aws("dev")).describe("llm/2")
+    assert version.status == "Approved" and sorted(version.approvals) == ["dev"]
+    assert "rejected for staging by arn:aws:sts" in version.approval_description
+    assert main(["models", "reject", "llm/2", "--env", "dev", "--reason", "bad data"]) == 0
+    assert Registry(make_aws("dev")).describe("llm/2").status == "Rejected"
+    # The run's record outlives the decisions.
+    assert Registry(make_aws("dev")).describe("llm/2").metadata[RegistryMetadata.STEPS] == "600"
+
+
+@mock_aws
+def test_resolve_writes_each_environments_latest_approved_version(tmp_path: Path) -> None:
+    first, second = registry_with_two_versions()
+    reg = Registry(make_aws("dev"))
+    now = __import__("datetime").datetime(2025, 12, 3, tzinfo=__import__("datetime").UTC)
+    reg.approve("llm/1", "dev", "baseline", now=now)
+    reg.approve("llm/1", "staging", "baseline", now=now)
+    reg.approve("llm/2", "dev", "better loss", now=now)
+    out = tmp_path / "approved.json"
+    assert main(["models", "resolve", "--environments", "dev,staging,prod", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {
+        "dev": {"model_package": second, "model_artifact": NEW_ARTIFACT},
+        "staging": {"model_package": first, "model_artifact": ARTIFACT},
+    }
+
+
+class Runner:
+    """The CDK deploy, faked: records its argv and makes the endpoint serve the package."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Any, cwd: Path) -> int:
+        self.calls.append(list(argv))
+        context = dict(a.split("=", 1) for a in argv if "=" in a)
+        sagemaker = client("sagemaker")
+        sagemaker.create_model(
+            ModelName="kiln-dev-llm-model-p2",
+            ExecutionRoleArn=f"arn:aws:iam::{ACCOUNT}:role/serving",
+            PrimaryContainer={"ModelPackageName": context["modelPackage"]},
+        )
+        sagemaker.create_endpoint_config(
+            EndpointConfigName="kiln-dev-llm-config-p2",
+            ProductionVariants=[
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": "kiln-dev-llm-model-p2",
+                    "InstanceType": "ml.g4dn.xlarge",
+                    "InitialInstanceCount": 1,
+                }
+            ],
+        )
+        sagemaker.create_endpoint(
+            EndpointName="kiln-dev-llm", EndpointConfigName="kiln-dev-llm-config-p2"
+        )
+        return 0
+
+
+@mock_aws
+def test_deploy_latest_approved_then_status_names_the_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    outputs = deploy_stacks(
+        components=(Component.DATA_LAKE, Component.MODELS, Component.OBSERVABILITY),
+    )
+    create_buckets()
+    put_object(NEW_ARTIFACT)
+    _, second = registry_with_two_versions()
+    aws = make_aws("dev")
+    reg = Registry(aws)
+    # Not approved for dev yet: refused before any deploy.
+    with pytest.raises(deploy.OperateError, match="no version of llm is approved for dev"):
+        __import__("kiln_cli.operate.models", fromlist=["x"]).latest_or_explain(reg, "llm")
+    now = __import__("datetime").datetime(2025, 12, 3, tzinfo=__import__("datetime").UTC)
+    version = reg.approve("llm/2", "dev", "better loss", now=now)
+    # The serving stack as the deploy leaves it (its outputs name the version).
+    serving = {
+        **outputs[Component.SERVING],
+        Outputs.MODEL_ARTIFACT.key: NEW_ARTIFACT,
+        Outputs.MODEL_PACKAGE.key: second,
+    }
+    deploy_stacks(components=(Component.SERVING,), extra={Component.SERVING: serving})
+    runner = Runner()
+    outcome = deploy.deploy_version(
+        make_aws("dev"), version, runner=runner, sleep=lambda s: None, interval=0
+    )
+    assert outcome.result == "promoted" and outcome.serving == second
+    (argv,) = runner.calls
+    assert f"modelPackage={second}" in argv and f"modelArtifact={NEW_ARTIFACT}" in argv
+
+    assert main(["status", "--env", "dev"]) == 0
+    shown = capsys.readouterr().out
+    print(shown)  # shown with -s: the report quotes it
+    assert f"  model            {NEW_ARTIFACT}" in shown
+    assert "  model package    kiln-llm/2 (Approved, approved for dev)" in shown
+
+
+@mock_aws
+def test_prod_refuses_a_raw_artifact(capsys: pytest.CaptureFixture[str]) -> None:
+    deploy_stacks("prod", components=(Component.DATA_LAKE, Component.SERVING))
+    assert main(["deploy-model", "--env", "prod", "--artifact", ARTIFACT]) == 2
+    assert "serves approved registry versions only" in capsys.readouterr().err
+
+
+def test_a_run_without_a_group_does_not_register_and_a_misconfigured_one_says_why() -> None:
+    assert registry.Target.from_environment(None, {}) is None
+    with pytest.raises(registry.RegistrationError, match="KILN_INFERENCE_IMAGE"):
+        registry.Target.from_environment(GROUP, {})
+    target = registry.Target(group=GROUP, image=IMAGE)
+    local = registry.RunRecord("job", "runs/job/model.tar.gz", "data/", 1, 1, None)
+    with pytest.raises(registry.RegistrationError, match="needs an S3 artifact"):
+        registry.create_request(local, target)
+
+
+@mock_aws
+def test_registration_into_a_missing_group_says_what_to_deploy() -> None:
+    run = registry.RunRecord("job-1", ARTIFACT, "s3://d/", 10, 100, 2.0)
+    target = registry.Target(group="kiln-nope", image=IMAGE)
+    with pytest.raises(registry.RegistrationError) as err:
+        registry.register(run, target, client("sagemaker"))
+    assert "kiln models register --env <env>" in str(err.value)
+    assert ARTIFACT in str(err.value)
