@@ -139,6 +139,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="torch CPU threads (default: $KILN_THREADS, else torch's choice)",
     )
     p.add_argument(
+        "--weight-dtype",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        default=_env_default(env, ServerEnv.WEIGHT_DTYPE, "auto"),
+        help="the weights as served on CPU: float32, bfloat16, or int8 (per-output-channel "
+        "weight-only quantization at load); auto serves a bfloat16 checkpoint as bfloat16, "
+        "others as float32 (default: $KILN_WEIGHT_DTYPE or auto)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default=_env_default(env, ServerEnv.DEVICE, "auto"),
@@ -209,6 +217,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             device=args.device,
             threads=args.threads,
             max_seq_len=args.max_seq_len,
+            weight_dtype=args.weight_dtype,
         ),
     )
     events = EventPublisher(event_settings)

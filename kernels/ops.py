@@ -190,7 +190,11 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("kiln::panel_linear_out")
     def _panel_linear_out_fake(
-        x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor, scale: Tensor | None = None
+        x: Tensor,
+        weight_panels: Tensor,
+        out_features: int,
+        out: Tensor,
+        scale: Tensor | None = None,
     ) -> None:
         return None
 

@@ -196,9 +196,9 @@ def panel_linear(
     x: Tensor, weight_panels: Tensor, out_features: int, scale: Tensor | None = None
 ) -> Tensor:
     """x @ weight.T (times `scale` per output feature, for int8 panels) with the weight in
-    pack_panels' layout, float32, bfloat16 or int8, the product in float32 (float64 for float64 x). Same values to float
-    tolerance; the compiled op also sums every row the same way whatever the batch (this one
-    need not)."""
+    pack_panels' layout, float32, bfloat16 or int8, the product in float32 (float64 for float64
+    x). Same values to float tolerance; the compiled op also sums every row the same way
+    whatever the batch (this one need not)."""
     xf = _acc(x)
     out = xf @ unpack_panels(weight_panels, out_features).to(xf.dtype).t()
     return out if scale is None else out * scale
