@@ -386,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ct2-batches", type=_csv(int), default=[1, 32])
     p.add_argument("--ct2-compute", type=_csv(str), default=["int8", "float32"])
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for every system (default: all cores)")  # fmt: skip
+    # One thread by default: on a shared machine a second thread's OpenMP barriers wait on a
+    # descheduled thread every op (measured under load average 15: 0.3 tokens/s with two).
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every system (default: 1)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where models are built")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-ctranslate2", action="store_true")
