@@ -1,299 +1,461 @@
-"""Serving benchmark: tokens/s and latency at several concurrencies vs transformers' generate().
+"""Serving benchmark at real model sizes: kiln's decode per weight dtype vs transformers and
+ctranslate2, judged against the machine's memory read bandwidth, all in one run.
 
-`python -m inference.bench` trains a small model with the training code (a short run of
-`training.train`, unless `--model-dir` names a trained one), starts the server on a loopback
-port, drives it with a bounded load generator (a fixed number of requests per concurrency
-level, each with the same max_new_tokens), then runs Hugging Face transformers'
-`LlamaForCausalLM.generate()` on the same model directory (which transformers loads as is), one
-prompt at a time, with the same thread count. It prints one markdown table with the ratios.
+`python -m inference.bench --shape smollm2-360m` builds a random-weight model in a released
+model's shape with `transformers` (its vocabulary too; bfloat16 safetensors, as released models
+are stored) into a cache directory (nothing is downloaded), then, with the same thread count:
+
+- measures the memory read bandwidth (a sum over a 512 MiB buffer, best of five);
+- kiln (`inference.runner.ModelRunner`, the server's model runner, without HTTP) at concurrency
+  1, 8 and 32 for each weight dtype: that many sequences prefilled with a short prompt, then
+  decoded together for `--new-tokens` steps; tokens/s is new tokens over decode time, and at
+  concurrency 1 also as a share of the bandwidth limit: tokens/s x weight bytes read per token /
+  bandwidth;
+- `transformers` `generate()` (float32, greedy, batch 1);
+- ctranslate2 (`bench` extra) converted from the same directory with its transformers converter,
+  compute types int8 and float32, `generate_batch` at batch 1 and 32 (skipped when absent).
+
+`--quality` adds int8's quality on kiln's trained `small` byte model (`--model-dir`, else a short
+training run): perplexity on the training corpus' validation blocks, int8 vs float32, and greedy
+agreement over 32 prompts (matrices quantized per output channel as `--weight-dtype int8` does).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from kiln.contract import TrainerEnv
-
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("KILN_BENCH_CACHE", Path.home() / ".cache" / "kiln-bench"))
 
-# Code-like prompts (the default training corpus is the standard library's source).
-PROMPTS = [
-    "def main():\n    ",
-    "import os\nimport sys\n\n",
-    "class Reader:\n    def __init__(self, path):\n        ",
-    "    for line in lines:\n        if ",
-    "# Copyright",
-    "    return self.",
-    '"""Utilities for',
-    "    except ValueError:\n        ",
-]
+# Released models' shapes (config.json of each, sizes only): random weights, real vocabularies.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+    },
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    # For the smoke test: seconds, not minutes.
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 512,
+    },
+}
+PROMPT_TOKENS = 16
 
 
 @dataclass
-class Level:
-    name: str
-    concurrency: int
-    requests: int
-    tokens: int
-    wall_s: float
-    latencies: list[float]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+class Row:
+    system: str
+    setting: str
+    batch: int
+    tokens_per_s: float
+    weight_bytes: int = 0
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_model(out: Path, steps: int, threads: int) -> Path:
-    """A short run of the training entry point; returns its model directory."""
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_shape(name: str, cache: Path) -> Path:
+    """The model directory of a shape (built once per cache): config, bf16 safetensors, a
+    byte-level tokenizer (the benchmark feeds token ids; the server needs the file)."""
+    directory = cache / name
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    import torch
+    import transformers
+
+    from modeling.tokenizer import ByteTokenizer
+
+    log(f"building {name} with transformers (random weights) into {directory}")
+    cfg = transformers.LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    del model
+    (directory / "tokenizer.json").write_text(json.dumps(ByteTokenizer().to_hf_json()))
+    return directory
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes/s of summing a 512 MiB float32 buffer, best of five (with `threads` threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(128 * 2**20)
+    buf.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def prompts(count: int, vocab: int) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(3, vocab, (count, PROMPT_TOKENS), generator=gen).tolist()
+
+
+def bench_kiln(
+    directory: Path, dtype: str, levels: list[int], new_tokens: int, threads: int
+) -> tuple[list[Row], str]:
+    """kiln's runner at each concurrency: prefill, then `new_tokens` decode steps together."""
+    import torch
+
+    from inference.runner import ModelRunner, memory_line
+
+    slots = max(levels)
+    runner = ModelRunner(
+        directory,
+        slots=slots,
+        threads=threads,
+        max_seq_len=PROMPT_TOKENS + new_tokens + 8,
+        weight_dtype=dtype,
+    )
+    runner.load()
+    line = memory_line(runner.memory, runner.model_info["weight_dtype"])
+    decoder = runner.decoder
+    assert decoder is not None
+    weight_bytes = decoder.weight_bytes()
+    rows = []
+    for c in levels:
+        batch = prompts(c, runner.vocab_size)
+        with torch.inference_mode():
+            last = [int(decoder.prefill(s, torch.tensor(p)).argmax()) for s, p in enumerate(batch)]
+            t0 = time.perf_counter()
+            for step in range(new_tokens):
+                logits = decoder.decode(list(range(c)), [PROMPT_TOKENS + step] * c, last)
+                last = logits.argmax(dim=1).tolist()
+            wall = time.perf_counter() - t0
+        rows.append(Row("kiln", dtype, c, c * new_tokens / wall, weight_bytes))
+        log(f"kiln {dtype} concurrency {c}: {rows[-1].tokens_per_s:.1f} tokens/s")
+    del runner, decoder
+    return rows, line
+
+
+def bench_kiln_process(
+    directory: Path, dtype: str, levels: list[int], new_tokens: int, threads: int
+) -> tuple[list[Row], str]:
+    """`bench_kiln` in a fresh process, so that its memory line is the server's alone."""
     cmd = [
-        sys.executable, "-m", "training.train",
-        "--model", "small",
-        "--max-steps", str(steps),
-        "--warmup-steps", str(max(1, steps // 10)),
-        "--eval-every", "0",
-        "--checkpoint-every", "0",
+        sys.executable, "-m", "inference.bench", "--kiln-worker", str(directory), "--dtypes", dtype,
+        "--concurrency", ",".join(map(str, levels)), "--new-tokens", str(new_tokens),
         "--threads", str(threads),
-        "--output-dir", str(out),
-        "--job-name", "bench",
     ]  # fmt: skip
-    print(f"training: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.PIPE, text=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return [Row(**r) for r in data["rows"]], data["memory"]
+
+
+def bench_transformers(directory: Path, new_tokens: int, threads: int) -> Row:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts(1, model.config.vocab_size))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    return Row("transformers generate()", "float32", 1, n / wall, weight_bytes)
+
+
+def bench_ctranslate2(
+    directory: Path, cache: Path, compute: str, batches: list[int], new_tokens: int, threads: int
+) -> list[Row]:
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    out = cache / f"{directory.name}-ct2-{compute}"
+    if not (out / "model.bin").is_file():
+        log(f"converting {directory.name} for ctranslate2 ({compute})")
+        TransformersConverter(str(directory), low_cpu_mem_usage=True).convert(
+            str(out), quantization=compute, force=True
+        )
+        # The byte tokenizer names 262 ids; the converter writes null for the rest of the
+        # shape's vocabulary, which ctranslate2 then refuses: name them.
+        vocab_file = out / "vocabulary.json"
+        names = json.loads(vocab_file.read_text())
+        names = [t if t is not None else f"<extra_{i}>" for i, t in enumerate(names)]
+        vocab_file.write_text(json.dumps(names))
+        # Nor does it find the tokenizer's bos/eos strings: the config's ids, named.
+        hf_config = json.loads((directory / "config.json").read_text())
+        ct2_config = json.loads((out / "config.json").read_text())
+        for key in ("bos_token", "eos_token", "unk_token"):
+            if not ct2_config.get(key):
+                ct2_config[key] = names[int(hf_config.get(f"{key}_id") or 0)]
+        (out / "config.json").write_text(json.dumps(ct2_config))
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    gen = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+    rows = []
+    for b in batches:
+        batch = [[vocab[i] for i in p] for p in prompts(b, len(vocab))]
+        gen.generate_batch(batch[:1], max_length=2, include_prompt_in_result=False)
+        t0 = time.perf_counter()
+        res = gen.generate_batch(
+            batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+            include_prompt_in_result=False,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        tokens = sum(len(r.sequences_ids[0]) for r in res)
+        rows.append(Row("ctranslate2", compute, b, tokens / wall))
+        log(f"ctranslate2 {compute} batch {b}: {rows[-1].tokens_per_s:.1f} tokens/s")
+    del gen
+    return rows
+
+
+def table(rows: list[Row], bandwidth: float) -> str:
+    """The markdown table: tokens/s, and at batch 1 the share of the bandwidth limit."""
+    lines = [
+        "| system | weights | concurrency | tokens/s | weight bytes/token | x bandwidth limit |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = ""
+        if r.batch == 1 and r.weight_bytes:
+            share = f"{r.tokens_per_s * r.weight_bytes / bandwidth:.2f}"
+        wb = f"{r.weight_bytes / 2**20:.0f} MiB" if r.weight_bytes else ""
+        lines.append(
+            f"| {r.system} | {r.setting} | {r.batch} | {r.tokens_per_s:.1f} | {wb} | {share} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> list[str]:
+    """The issue's target ratios that this run's rows can state."""
+
+    def find(system: str, setting: str, batch: int) -> Row | None:
+        return next(
+            (r for r in rows if (r.system, r.setting, r.batch) == (system, setting, batch)), None
+        )
+
+    out = []
+    ct1, ct32 = find("ctranslate2", "int8", 1), find("ctranslate2", "int8", 32)
+    k1, k32 = find("kiln", "int8", 1), find("kiln", "int8", 32)
+    if ct1 and k1:
+        out.append(f"kiln int8 c1 / ctranslate2 int8 b1: {k1.tokens_per_s / ct1.tokens_per_s:.2f}")
+    if ct32:
+        best = max((r for r in rows if r.system == "kiln" and r.batch == 32), default=None,
+                   key=lambda r: r.tokens_per_s)  # fmt: skip
+        if best:
+            out.append(
+                f"kiln c32 (best: {best.setting}) / ctranslate2 int8 b32: "
+                f"{best.tokens_per_s / ct32.tokens_per_s:.2f}"
+            )
+    if k32:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 quality on the trained small model
+
+
+def train_small(out: Path, steps: int, threads: int) -> Path:
+    from kiln.contract import TrainerEnv
+
+    cmd = [
+        sys.executable, "-m", "training.train", "--model", "small",
+        "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
+        "--eval-every", "0", "--checkpoint-every", "0", "--threads", str(threads),
+        "--output-dir", str(out), "--job-name", "bench",
+    ]  # fmt: skip
+    log(f"training: {' '.join(cmd[2:])}")
     env = {**os.environ, "PYTHONPATH": str(REPO), TrainerEnv.CHECKPOINT_DIR: str(out / "ckpt")}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return out / "model"
 
 
-def post(port: int, prompt: str, max_new_tokens: int) -> tuple[float, int, str]:
-    body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}})
-    t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    try:
-        conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = json.loads(response.read())
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise RuntimeError(f"server answered {response.status}: {data}")
-    return time.perf_counter() - t0, data["usage"]["completion_tokens"], data["generated_text"]
+def quantize_in_place(q: Any) -> Any:
+    """The model with its matrices int8-rounded (per output channel) then widened: the values
+    `--weight-dtype int8` serves."""
+    import torch
+
+    from kernels import reference
+
+    with torch.no_grad():
+        for p in q.parameters():
+            if p.dim() == 2:
+                w, scale = reference.quantize_int8(p)
+                p.copy_(w.float() * scale[:, None])
+    return q
 
 
-def drive(port: int, concurrency: int, requests: int, max_new_tokens: int) -> Level:
-    """`requests` requests, at most `concurrency` in flight, each client sending back to back."""
-    latencies: list[float] = []
-    tokens = 0
-    lock = threading.Lock()
-    counter = iter(range(requests))
+def quality(model_dir: Path, prompts_count: int = 32, new_tokens: int = 32) -> dict[str, float]:
+    import math
 
-    def client() -> None:
-        nonlocal tokens
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            latency, n, _ = post(port, PROMPTS[i % len(PROMPTS)], max_new_tokens)
-            with lock:
-                latencies.append(latency)
-                tokens += n
+    import torch
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for f in [pool.submit(client) for _ in range(concurrency)]:
-            f.result()
-    wall = time.perf_counter() - t0
-    return Level(f"kiln, concurrency {concurrency}", concurrency, requests, tokens, wall, latencies)
+    from modeling.artifact import load_model_dir
+    from modeling.model import lm_loss
+    from training.data import Corpus, open_source, validation_blocks
 
-
-def start_server(model_dir: Path, threads: int, max_batch: int, log: Path) -> tuple[Any, int]:
-    cmd = [
-        sys.executable, "-m", "inference.serve",
-        "--model-dir", str(model_dir),
-        "--host", "127.0.0.1", "--port", "0",
-        "--threads", str(threads),
-        "--max-batch", str(max_batch),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_EVENTS")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
-    handle = log.open("wb")
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=handle)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        text = log.read_text()
-        if "model loaded" in text and "running on http://127.0.0.1:" in text:
-            port = int(text.split("running on http://127.0.0.1:")[1].split()[0])
-            return process, port
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    model, _ = load_model_dir(model_dir, dtype=torch.float32)
+    seq_len = min(256, model.config.max_seq_len - 1)
+    blocks = validation_blocks(Corpus.build(open_source(None)), seq_len=seq_len, max_blocks=32)
+    q = quantize_in_place(load_model_dir(model_dir, dtype=torch.float32)[0])
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, m in (("float32", model), ("int8", q)):
+            losses = [float(lm_loss(m(b[None, :-1]), b[None, 1:])) for b in blocks]
+            out[f"perplexity_{name}"] = math.exp(sum(losses) / len(losses))
+        agree = total = 0
+        for b in blocks[:prompts_count]:
+            ids = {k: b[:16].tolist() for k in ("float32", "int8")}
+            for _ in range(new_tokens):
+                for name, m in (("float32", model), ("int8", q)):
+                    ids[name].append(int(m(torch.tensor([ids[name]]))[0, -1].argmax()))
+            agree += sum(a == c for a, c in zip(ids["float32"][16:], ids["int8"][16:], strict=True))
+            total += new_tokens
+    out["perplexity_ratio"] = out["perplexity_int8"] / out["perplexity_float32"]
+    out["greedy_agreement"] = agree / total
+    out["prompts"] = min(prompts_count, len(blocks))
+    return out
 
 
-class HFBaseline:
-    """transformers' LlamaForCausalLM.generate() on the exported weights, one prompt at a time."""
-
-    def __init__(self, hf_dir: Path, threads: int) -> None:
-        import torch
-        from transformers import LlamaForCausalLM
-
-        from modeling.tokenizer import ByteTokenizer
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.tok = ByteTokenizer()
-        self.model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
-        self.generate(PROMPTS[0], 4)  # warm-up
-
-    def generate(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = self.torch.tensor([self.tok.encode(prompt, add_bos=True)])
-        with self.torch.inference_mode():
-            out = self.model.generate(
-                ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tok.pad_id,
-                eos_token_id=self.tok.eos_id,
-            )
-        return [int(t) for t in out[0, ids.shape[1] :]]
-
-    def run(self, prompts: list[str], max_new_tokens: int) -> tuple[Level, list[str]]:
-        latencies, texts, tokens = [], [], 0
-        t_all = time.perf_counter()
-        for prompt in prompts:
-            t0 = time.perf_counter()
-            new = self.generate(prompt, max_new_tokens)
-            latencies.append(time.perf_counter() - t0)
-            tokens += len(new)
-            texts.append(self.tok.decode(new))
-        wall = time.perf_counter() - t_all
-        name = "transformers generate(), batch 1"
-        return Level(name, 1, len(prompts), tokens, wall, latencies), texts
+# ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Summary:
-    """One row of the table: a run's rounds, their best and median tokens/s, all latencies."""
-
-    name: str
-    concurrency: int
-    rounds: list[Level]
-
-    @property
-    def best(self) -> float:
-        return max(level.tokens_per_s for level in self.rounds)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(level.tokens_per_s for level in self.rounds)
-
-    def percentile(self, q: float) -> float:
-        latencies = sorted(x for level in self.rounds for x in level.latencies)
-        return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [kind(t) for t in text.split(",") if t]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m inference.bench", description=__doc__)
-    p.add_argument("--model-dir", help="a trained kiln model directory (default: train one)")
-    p.add_argument("--train-steps", type=int, default=60, help="steps of the training run")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
-    p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--hf-prompts", type=int, default=4, help="prompts for the baseline")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, ours and the baseline")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                   help="model shape(s) (repeat; default: smollm2-360m)")  # fmt: skip
+    p.add_argument("--dtypes", type=_csv(str), default=["float32", "bfloat16", "int8"])
+    p.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32])
+    p.add_argument("--ct2-batches", type=_csv(int), default=[1, 32])
+    p.add_argument("--ct2-compute", type=_csv(str), default=["int8", "float32"])
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
+    # One thread by default: on a shared machine a second thread's OpenMP barriers wait on a
+    # descheduled thread every op (measured under load average 15: 0.3 tokens/s with two).
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every system (default: 1)")  # fmt: skip
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where models are built")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-ctranslate2", action="store_true")
+    p.add_argument("--quality", action="store_true", help="int8 quality on the small model")
+    p.add_argument("--model-dir", type=Path, help="a trained small model for --quality")
+    p.add_argument("--train-steps", type=int, default=200, help="--quality's training run")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--kiln-worker", type=Path, help=argparse.SUPPRESS)  # one dtype, this process
     args = p.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-
-    work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    model_dir = Path(args.model_dir) if args.model_dir else None
-    if model_dir is None:
-        model_dir = train_model(work / "run", args.train_steps, args.threads)
-    sys.path.insert(0, str(REPO))
-    from training.export_hf import export
-
-    hf_dir = export(model_dir, work / "hf")
-    load_before = os.getloadavg()
-
-    baseline_runner = HFBaseline(hf_dir, args.threads)
-    hf_prompts = PROMPTS[: args.hf_prompts]
-    process, port = start_server(model_dir, args.threads, max(levels), work / "server.log")
-    # Rounds interleave the baseline and every level, so a burst of other work on a shared
-    # machine hits them alike; each row reports its median round.
-    baseline_runs: list[Level] = []
-    runs: dict[int, list[Level]] = {c: [] for c in levels}
-    try:
-        post(port, PROMPTS[0], 8)  # warm the HTTP path
-        bar = tqdm(total=args.rounds * (1 + len(levels)), desc="rounds x (baseline + levels)")
-        for _ in range(args.rounds):
-            level, hf_texts = baseline_runner.run(hf_prompts, args.max_new_tokens)
-            baseline_runs.append(level)
-            bar.update()
-            for c in levels:
-                requests = max(len(hf_prompts), c * args.requests_per_client)
-                runs[c].append(drive(port, c, requests, args.max_new_tokens))
-                bar.update()
-        bar.close()
-        kiln_texts = [post(port, prompt, args.max_new_tokens)[2] for prompt in hf_prompts]
-    finally:
-        process.terminate()
-        process.wait(60)
-    load_after = os.getloadavg()
-    baseline = Summary(baseline_runs[0].name, 1, baseline_runs)
-    ours = {c: Summary(runs[c][0].name, c, runs[c]) for c in levels}
-
-    one = ours[levels[0]] if levels[0] == 1 else None
-    print(
-        f"\nmodel: {model_dir} (small preset); max_new_tokens {args.max_new_tokens}, greedy; "
-        f"{args.threads} torch thread(s); loopback HTTP for kiln, in-process for transformers"
-    )
-    print(f"1-minute load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-          f"on {os.cpu_count()} CPUs; {args.rounds} interleaved rounds, best and median round; "
-          "latency percentiles over all rounds' requests")  # fmt: skip
-    print(
-        "\n| run | requests/round | tokens/s best | tokens/s median | p50 latency s "
-        "| p99 latency s | ratio best | ratio median |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for row in [baseline, *ours.values()]:
-        if row is baseline:
-            ratios = ("1.00x (baseline)", "1.00x (baseline)")
-        elif row.concurrency == 1:
-            ratios = (
-                f"{row.best / baseline.best:.2f}x transformers",
-                f"{row.median / baseline.median:.2f}x transformers",
-            )
-        elif one is not None:
-            ratios = (f"{row.best / one.best:.2f}x kiln c=1", f"{row.median / one.median:.2f}x")
-        else:
-            ratios = ("", "")
-        print(
-            f"| {row.name} | {row.rounds[0].requests} | {row.best:.1f} | {row.median:.1f} | "
-            f"{row.percentile(0.5):.3f} | {row.percentile(0.99):.3f} | {ratios[0]} | {ratios[1]} |"
+    if args.kiln_worker:
+        rows, line = bench_kiln(
+            args.kiln_worker, args.dtypes[0], args.concurrency, args.new_tokens, args.threads
         )
-    same = sum(a == b for a, b in zip(kiln_texts, hf_texts, strict=True))
-    print(
-        f"\ngreedy text identical to transformers' for {same} of {len(hf_texts)} prompts "
-        "(both in float32)"
-    )
+        print(json.dumps({"rows": [r.__dict__ for r in rows], "memory": line}))
+        return 0
+    shapes = args.shape or ["smollm2-360m"]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {"load_average": os.getloadavg(), "threads": args.threads}
+    bandwidth = read_bandwidth(args.threads)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads); "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    results["bandwidth"] = bandwidth
+    for shape in shapes:
+        directory = build_shape(shape, args.cache)
+        rows: list[Row] = []
+        memory = {}
+        for dtype in args.dtypes:
+            kiln_rows, memory[dtype] = bench_kiln_process(
+                directory, dtype, args.concurrency, args.new_tokens, args.threads
+            )
+            rows += kiln_rows
+        if not args.no_transformers:
+            rows.append(bench_transformers(directory, args.new_tokens, args.threads))
+        if not args.no_ctranslate2:
+            try:
+                import ctranslate2  # noqa: F401
+            except ImportError:
+                log("ctranslate2 is not installed (pip install '.[bench]'): skipped")
+            else:
+                for compute in args.ct2_compute:
+                    rows += bench_ctranslate2(
+                        directory, args.cache, compute, args.ct2_batches, args.new_tokens,
+                        args.threads,
+                    )  # fmt: skip
+        print(f"\n## {shape} ({args.new_tokens} new tokens, {args.threads} threads, "
+              f"load average {os.getloadavg()[0]:.1f})\n")  # fmt: skip
+        print(table(rows, bandwidth))
+        for line in ratios(rows):
+            print(f"- {line}")
+        for dtype, line in memory.items():
+            print(f"- memory at start, {dtype}: {line}")
+        results[shape] = {"rows": [r.__dict__ for r in rows], "memory": memory}
+    if args.quality:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = args.model_dir or train_small(Path(tmp), args.train_steps, args.threads)
+            q = quality(model_dir)
+        results["quality"] = q
+        print(
+            f"\nint8 quality (small model): perplexity {q['perplexity_int8']:.3f} vs float32 "
+            f"{q['perplexity_float32']:.3f} (ratio {q['perplexity_ratio']:.4f}); greedy "
+            f"agreement {q['greedy_agreement']:.3f} over {q['prompts']:.0f} prompts"
+        )
+    print(f"\nwall time {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 

@@ -55,6 +55,7 @@ from modeling.linear import (
     row_buckets,
 )
 from modeling.model import Block, InPlaceOps, LlamaModel, Run, load_ops
+from modeling.served import PackedWeight
 
 __all__ = ["ATTENTION_BLOCK", "Decoder", "PanelLinear", "RowLinear", "row_buckets"]
 
@@ -81,8 +82,12 @@ class Decoder:
         buckets: list[int] | None = None,
         blocks: int | None = None,
         block_size: int = 16,
+        packed: dict[nn.Module, PackedWeight] | None = None,
     ) -> None:
         cfg: ModelConfig = model.config
+        # Served weights (`modeling.served`): every matrix packed, float32, bfloat16 or int8,
+        # and computed by panel_linear in prefill and decode alike (no second copy).
+        self.packed = packed
         self.config = cfg
         self.device, self.dtype = device, dtype
         self.slots = slots
@@ -95,7 +100,8 @@ class Decoder:
         if blocks is None:
             blocks = slots * self.blocks_per_seq
         self.cache = KVCache(cfg, blocks=blocks, block_size=block_size, device=device, dtype=dtype)
-        self._ops = InPlaceOps(model, rows=slots)
+        embed = None if packed is None else packed[model.embed_tokens].rows
+        self._ops = InPlaceOps(model, rows=slots, embed_rows=embed)
         self._prefill = CachedPrefill(self.cache, cfg)
         kernels = (
             buckets is None
@@ -103,6 +109,10 @@ class Decoder:
             and dtype == torch.float32
             and self.ops.HAVE_CPU_DECODE_OPS
         )
+        if packed is not None and not kernels:
+            raise ValueError(
+                "packed weights need kiln's CPU kernels, float32 activations and no padded rows"
+            )
         # kiln's paged_decode_attention and panel_linear: each sequence on its own,
         # batch-invariant. On a GPU the attention kernel too (with the CUDA kernels built).
         gpu_kernel = device.type == "cuda" and bool(getattr(self.ops, "HAVE_CUDA_KERNELS", False))
@@ -113,6 +123,7 @@ class Decoder:
             else PaddedDecodeAttention(self.cache, cfg)
         )
         self._build_decode_linears(None if kernels else (buckets or row_buckets(slots)))
+        self._prefill_linear: Any = dense_linear if packed is None else self.decode_linears
 
     def _build_decode_linears(self, buckets: list[int] | None) -> None:
         """Padded RowLinears at `buckets`, or PanelLinears (no padding) for None."""
@@ -120,8 +131,18 @@ class Decoder:
         head = self.model.head
 
         def make(module: nn.Module) -> DecodeLinear:
-            weight = cast(Tensor, module.weight).detach().contiguous()
             bias = getattr(module, "bias", None)
+            if self.packed is not None:
+                w = self.packed[module]
+                return PanelLinear.from_panels(
+                    w.panels,
+                    w.scale,
+                    w.out_features,
+                    self.slots,
+                    reuse_output=module is not head,
+                    bias=bias,
+                )
+            weight = cast(Tensor, module.weight).detach().contiguous()
             if buckets is None:
                 # The head's logits are returned, so they get a new tensor each step.
                 reuse = module is not head
@@ -143,6 +164,8 @@ class Decoder:
         row counts sum differently (the small ones, on some CPUs), drops the smallest until the
         rest agree, down to one row count for every step."""
         while not self.decode_linears.check_invariance():
+            if self.packed is not None:
+                return False  # packed weights have no padded fallback
             if not self.buckets:
                 log.warning("kiln panel_linear is not batch-invariant here: padding row counts")
                 self._build_decode_linears(row_buckets(self.slots))
@@ -166,6 +189,13 @@ class Decoder:
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as served (packed matrices, or the model's parameters)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.packed is None:
+            return params
+        return params + sum(w.nbytes() for w in self.packed.values())
+
     def table(self, table: Table) -> list[int]:
         """A block table as given, or the fixed table of a slot number."""
         if isinstance(table, int):
@@ -180,9 +210,9 @@ class Decoder:
         cover them); returns the last logits [V]."""
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         self._prefill.prepare(self.table(table), start, positions)
-        run = Run(positions, self.rope, self._ops, dense_linear, self._prefill)
+        run = Run(positions, self.rope, self._ops, self._prefill_linear, self._prefill)
         x = self.model.hidden(token_ids.to(self.device), run, self._blocks)
-        return dense_linear(self.model.head, x[-1:])[0].float()
+        return self._prefill_linear(self.model.head, x[-1:])[0].float()
 
     def decode(self, tables: list[Table], positions: list[int], token_ids: list[int]) -> Tensor:
         """One step for B sequences: token_ids [B] at positions [B] into the blocks of tables

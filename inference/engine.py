@@ -55,6 +55,7 @@ class EngineSettings:
     # Context served, at most the model's own: the KV cache is sized for it (a Llama 3.1 config
     # says 131072 tokens, far more cache than most instances hold).
     max_seq_len: int | None = None
+    weight_dtype: str = "auto"  # auto | float32 | bfloat16 | int8 (modeling.served)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Engine:
             max_seq_len=settings.max_seq_len,
             kv_cache_gib=settings.kv_cache_gib,
             block_size=settings.block_size,
+            weight_dtype=settings.weight_dtype,
         )
         self._thread: threading.Thread | None = None
         self._notify: Notify = lambda updates: None

@@ -22,6 +22,7 @@ from modeling.artifact import load_model_dir, read_config
 from modeling.attention import KVCache
 from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
+from modeling.served import load_served, packed_by_module, resolve_weight_dtype
 from modeling.tokenizer import (
     NOT_A_START,
     TOKENIZER_FILE,
@@ -85,6 +86,7 @@ class ModelRunner:
         max_seq_len: int | None = None,
         kv_cache_gib: float | None = None,
         block_size: int = 16,
+        weight_dtype: str = "auto",
     ) -> None:
         self.model_dir = model_dir
         # The KV cache's size; None: what `slots` sequences of max_seq_len need, at most half
@@ -92,6 +94,9 @@ class ModelRunner:
         self.kv_cache_gib = kv_cache_gib
         self.block_size = block_size
         self.cache_blocks = 0
+        # auto | float32 | bfloat16 | int8: the weights as served on CPU (`modeling.served`).
+        self.weight_dtype = weight_dtype
+        self.memory: dict[str, int] = {}
         # Caps a model's context below its max_position_embeddings (the KV cache is sized by it).
         self.max_seq_len_cap = max_seq_len
         self.slots = slots
@@ -130,13 +135,23 @@ class ModelRunner:
             torch.set_num_threads(self.threads)
         device = self._device()
         cfg, raw, tokenizer = read_model_files(self.model_dir, self.max_seq_len_cap)
-        model, _ = load_model_dir(self.model_dir, max_seq_len=self.max_seq_len_cap)
-        # float32 on CPU (bit-exact batching, and fp32 GEMMs are the fast path there); the
-        # saved dtype on GPUs, where bf16/fp16 halve the memory traffic of decode.
+        served = self._served_dtype(device, raw["dtype"])
+        # float32 activations on CPU (bit-exact batching); the saved dtype on GPUs, where
+        # bf16/fp16 halve the memory traffic of decode.
         saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw["dtype"] or "")
         dtype = saved if device.type == "cuda" and saved is not None else torch.float32
-        self.cache_blocks = self._cache_blocks(cfg, device, dtype)
         with torch.inference_mode():
+            if served is not None:
+                # CPU: the matrices packed as served, from the mapped files (modeling.served).
+                model, packed_weights, _ = load_served(
+                    self.model_dir, served, max_seq_len=self.max_seq_len_cap
+                )
+                packed = packed_by_module(model, packed_weights)
+            else:
+                model, _ = load_model_dir(self.model_dir, max_seq_len=self.max_seq_len_cap)
+                packed = None
+            # Sized once the weights are loaded: what memory is left is known then.
+            self.cache_blocks = self._cache_blocks(cfg, device, dtype)
             self.decoder = Decoder(
                 model,
                 slots=self.slots,
@@ -144,6 +159,7 @@ class ModelRunner:
                 dtype=dtype,
                 blocks=self.cache_blocks,
                 block_size=self.block_size,
+                packed=packed,
             )
         del model
         self.tokenizer = tokenizer
@@ -162,6 +178,7 @@ class ModelRunner:
             "config": cfg.to_dict(),
             "model_type": raw["model_type"],
             "dtype": str(dtype).removeprefix("torch."),
+            "weight_dtype": served or str(dtype).removeprefix("torch."),
             "device": str(device),
             "training": raw.get("training", {}),
         }
@@ -174,6 +191,8 @@ class ModelRunner:
             )
         if warmup:
             self._warm_up()
+        self.memory = memory_figures(self.decoder)
+        log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(
             "model loaded from %s in %.2f s: %d layers, hidden %d, %s on %s, batch %d, "
             "KV cache %.1f MiB (%d blocks of %d tokens: %d tokens, %.1f sequences of %d)",
@@ -213,6 +232,26 @@ class ModelRunner:
                 "raise --kv-cache-gib (KILN_KV_CACHE_GIB) or lower --max-seq-len"
             )
         return blocks
+
+    def _served_dtype(self, device: torch.device, stored: str | None) -> str | None:
+        """The packed weight dtype on CPU with kiln's kernels; None for the plain model (GPU, no
+        kernels), which serves float32 or bfloat16/int8 not at all (ModelLoadError says why)."""
+        try:
+            served = resolve_weight_dtype(self.weight_dtype, stored)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
+        from kernels import ops
+
+        if device.type == "cpu" and ops.HAVE_CPU_DECODE_OPS:
+            return served
+        if self.weight_dtype in ("bfloat16", "int8") and device.type == "cpu":
+            raise ModelLoadError(
+                f"--weight-dtype {self.weight_dtype} needs kiln's CPU kernels, which are not "
+                f"loaded: {ops.UNAVAILABLE_REASON}"
+            )
+        if self.weight_dtype == "int8":
+            raise ModelLoadError(f"--weight-dtype int8 is served on CPU only, not {device}")
+        return None
 
     def _warm_up(self) -> None:
         """Runs every code path once: prefill, decode at each padded row count, sampling."""
@@ -356,3 +395,38 @@ def available_memory(device: torch.device) -> int:
     except (OSError, ValueError):
         pass
     return host
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), in bytes (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def memory_figures(decoder: Decoder) -> dict[str, int]:
+    """Weights as served, the KV cache, and the process's resident memory, in bytes."""
+    proc = process_memory()
+    return {
+        "weights": decoder.weight_bytes(),
+        "kv_cache": decoder.cache_bytes(),
+        "rss": proc.get("VmRSS", 0),
+        "peak_rss": proc.get("VmHWM", 0),
+    }
+
+
+def memory_line(m: dict[str, int], weight_dtype: str) -> str:
+    """One line: weights (their dtype), KV cache, RSS now and at peak, in MiB."""
+    mib = 2**20
+    return (
+        f"weights {m['weights'] / mib:.1f} MiB ({weight_dtype}), KV cache "
+        f"{m['kv_cache'] / mib:.1f} MiB, RSS {m['rss'] / mib:.1f} MiB, peak RSS "
+        f"{m['peak_rss'] / mib:.1f} MiB"
+    )

@@ -156,6 +156,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="torch CPU threads (default: $KILN_THREADS, else torch's choice)",
     )
     p.add_argument(
+        "--weight-dtype",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        default=_env_default(env, ServerEnv.WEIGHT_DTYPE, "auto"),
+        help="the weights as served on CPU: float32, bfloat16, or int8 (per-output-channel "
+        "weight-only quantization at load); auto serves a bfloat16 checkpoint as bfloat16, "
+        "others as float32 (default: $KILN_WEIGHT_DTYPE or auto)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default=_env_default(env, ServerEnv.DEVICE, "auto"),
@@ -238,6 +246,7 @@ def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) ->
             max_seq_len=args.max_seq_len,
             kv_cache_gib=args.kv_cache_gib,
             prefill_chunk=args.prefill_chunk,
+            weight_dtype=args.weight_dtype,
         ),
     )
     events = EventPublisher(event_settings)

@@ -192,12 +192,18 @@ if HAVE_EXTENSION:
         return None
 
     @torch.library.register_fake("kiln::panel_linear")
-    def _panel_linear_fake(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
+    def _panel_linear_fake(
+        x: Tensor, weight_panels: Tensor, out_features: int, scale: Tensor | None = None
+    ) -> Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("kiln::panel_linear_out")
     def _panel_linear_out_fake(
-        x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor
+        x: Tensor,
+        weight_panels: Tensor,
+        out_features: int,
+        out: Tensor,
+        scale: Tensor | None = None,
     ) -> None:
         return None
 

@@ -192,14 +192,22 @@ def unpack_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(count * width, k)[:out_features]
 
 
-def panel_linear(x: Tensor, weight_panels: Tensor, out_features: int) -> Tensor:
-    """x @ weight.T with the weight in pack_panels' layout. Same values to float tolerance; the
-    compiled op also sums every row the same way whatever the batch (this one need not)."""
-    return x @ unpack_panels(weight_panels, out_features).t()
+def panel_linear(
+    x: Tensor, weight_panels: Tensor, out_features: int, scale: Tensor | None = None
+) -> Tensor:
+    """x @ weight.T (times `scale` per output feature, for int8 panels) with the weight in
+    pack_panels' layout, float32, bfloat16 or int8, the product in float32 (float64 for float64
+    x). Same values to float tolerance; the compiled op also sums every row the same way
+    whatever the batch (this one need not)."""
+    xf = _acc(x)
+    out = xf @ unpack_panels(weight_panels, out_features).to(xf.dtype).t()
+    return out if scale is None else out * scale
 
 
-def panel_linear_out(x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor) -> None:
-    out.copy_(panel_linear(x, weight_panels, out_features))
+def panel_linear_out(
+    x: Tensor, weight_panels: Tensor, out_features: int, out: Tensor, scale: Tensor | None = None
+) -> None:
+    out.copy_(panel_linear(x, weight_panels, out_features, scale))
 
 
 def decode_attention(

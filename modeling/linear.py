@@ -99,8 +99,9 @@ class RowLinear:
 
 
 class PanelLinear:
-    """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32): batch-
-    invariant by construction at any row count, so nothing is padded."""
+    """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32 activations;
+    float32, bfloat16 or int8 weights): batch-invariant by construction at any row count, so
+    nothing is padded. Served weights (`modeling.served`) come packed: `from_panels`."""
 
     def __init__(
         self,
@@ -111,10 +112,38 @@ class PanelLinear:
         reuse_output: bool,
         bias: Tensor | None = None,
     ) -> None:
-        self.weight, self.bias = weight, bias
+        self._setup(ops.pack_panels(weight), None, weight.shape[0], max_rows, reuse_output, bias)
+
+    @classmethod
+    def from_panels(
+        cls,
+        panels: Tensor,
+        scale: Tensor | None,
+        out_features: int,
+        max_rows: int,
+        *,
+        reuse_output: bool,
+        bias: Tensor | None = None,
+    ) -> PanelLinear:
+        """Over weights already packed (`kernels.reference.pack_panels`), int8 with `scale`."""
+        self = cls.__new__(cls)
+        self._setup(panels, scale, out_features, max_rows, reuse_output, bias)
+        return self
+
+    def _setup(
+        self,
+        panels: Tensor,
+        scale: Tensor | None,
+        out_features: int,
+        max_rows: int,
+        reuse_output: bool,
+        bias: Tensor | None,
+    ) -> None:
+        self.bias = bias
         self.buckets: list[int] = []  # no padded row counts
-        self.out_features = weight.shape[0]
-        self.panels = ops.pack_panels(weight)
+        self.out_features = out_features
+        self.in_features = int(panels.shape[1])
+        self.panels, self.scale = panels, scale
         self.max_rows = max_rows
         # With reuse_output a call returns a view of one buffer that the next call overwrites
         # (the projections inside a step); without, a new tensor (the logits a step returns).
@@ -124,26 +153,27 @@ class PanelLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._out is None or x.shape[0] > self.max_rows:
-            out: Tensor = self._op(x, self.panels, self.out_features)
+            out: Tensor = self._op(x, self.panels, self.out_features, self.scale)
         else:
             out = self._out[: x.shape[0]]
-            self._op_out(x, self.panels, self.out_features, out)
+            self._op_out(x, self.panels, self.out_features, out, self.scale)
         # Added per element after the fixed-order sums: still batch-invariant.
         return out if self.bias is None else out.add_(self.bias)
 
     def check_invariance(self) -> bool:
         """Whether a row's result is bitwise the same at every row count, position and company."""
         rows = sorted({1, 2, 3, 5, 8, 13, self.max_rows} & set(range(1, self.max_rows + 1)))
-        return _same_in_any_batch(self, self.weight, rows)
+        return _same_in_any_batch(self, torch.empty(0, self.in_features), rows)
 
 
 def _same_in_any_batch(linear: Any, weight: Tensor, row_counts: list[int]) -> bool:
     gen = torch.Generator(device="cpu").manual_seed(0)
     k = weight.shape[1]
-    probe = torch.randn(1, k, generator=gen).to(weight)
+    like = weight if weight.is_floating_point() else weight.float()
+    probe = torch.randn(1, k, generator=gen).to(like)
     alone = linear(probe)[0].clone()  # the next call may reuse the output's buffer
     for trial, rows in enumerate(row_counts + row_counts):
-        batch = torch.randn(rows, k, generator=gen).to(weight)
+        batch = torch.randn(rows, k, generator=gen).to(like)
         position = (trial * 7919) % rows
         batch[position] = probe[0]
         if not torch.equal(linear(batch)[position], alone):

@@ -124,17 +124,27 @@ class InPlaceOps:
     """Serving's forms: norms and rotary in place, SwiGLU into a buffer kept for up to `rows`
     rows, the norm and embedding weights read once at load (not through nn.Module attributes)."""
 
-    def __init__(self, model: LlamaModel, *, rows: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        rows: int,
+        embed_rows: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         from kernels import ops
 
         self.ops, self.eps = ops, model.config.rms_norm_eps
+        # Served weights (`modeling.served`) look token rows up in the packed matrix.
+        self._embed_rows = embed_rows
         self.weights: dict[nn.Module, Tensor] = {
             m: m.weight for m in model.modules() if isinstance(m, RMSNorm | nn.Embedding)
         }
-        embed = model.embed_tokens.weight
-        self._act = embed.new_empty(rows, model.config.intermediate_size)
+        norm = model.norm.weight
+        self._act = norm.new_empty(rows, model.config.intermediate_size)
 
     def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
+        if self._embed_rows is not None:
+            return self._embed_rows(input_ids)
         return F.embedding(input_ids, self.weights[embedding])
 
     def add_norm(self, x: Tensor, residual: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:

@@ -56,11 +56,15 @@ TORCH_LIBRARY(kiln, m) {
   // Batch-invariant linear for decode: out [..., out_features] = x [..., K] @ weight.T, each
   // output summed over k in order with one fused multiply-add per step, so that a row's result
   // never depends on how many rows share the call or where it sits. weight_panels is the weight
-  // packed by kernels.reference.pack_panels: [ceil(out_features / 64), K, 64], zero-padded.
-  // CPU, float32, inference only (no autograd).
-  m.def("panel_linear(Tensor x, Tensor weight_panels, int out_features) -> Tensor");
+  // packed by kernels.reference.pack_panels: [ceil(out_features / 64), K, 64], zero-padded,
+  // float32, bfloat16 or int8 (weight-only quantized: then `scale`, float32 [out_features],
+  // multiplies each finished sum). CPU, x and out float32, inference only (no autograd).
   m.def(
-      "panel_linear_out(Tensor x, Tensor weight_panels, int out_features, Tensor(a!) out) -> ()");
+      "panel_linear(Tensor x, Tensor weight_panels, int out_features, Tensor? scale=None) -> "
+      "Tensor");
+  m.def(
+      "panel_linear_out(Tensor x, Tensor weight_panels, int out_features, Tensor(a!) out, "
+      "Tensor? scale=None) -> ()");
 
   // Attention of one new query per sequence over its own KV-cache slot (decode): query
   // [B, Hq, D]; key_cache and value_cache [slots, Hkv, max_len, D] (Hq a multiple of Hkv);

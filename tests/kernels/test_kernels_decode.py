@@ -78,6 +78,49 @@ def test_panel_linear_is_batch_invariant(kops: Any, cpu_variant: str, n_k: tuple
             )
 
 
+def _weights_as(w: Any, wtype: str) -> tuple[Any, Any, Any]:
+    """(panels, scale, the weight they hold in float32) for float32, bfloat16 or int8 weights."""
+    if wtype == "int8":
+        q, scale = ref.quantize_int8(w)
+        return ref.pack_panels(q), scale, q.float() * scale[:, None]
+    cast = w.to(getattr(torch, wtype))
+    return ref.pack_panels(cast), None, cast.float()
+
+
+@pytest.mark.parametrize("wtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("m", [1, 5, 6, 13])
+@pytest.mark.parametrize("n_k", [(1, 1), (100, 33), (130, 1000)], ids=str)
+def test_panel_linear_with_narrow_weights_matches_the_reference(
+    kops: Any, cpu_variant: str, wtype: str, m: int, n_k: tuple[int, int]
+) -> None:
+    """bfloat16 and int8 panels: converted to float32 exactly, summed as float32 panels are."""
+    n, k = n_k
+    x = randn(m, k, seed=1)
+    panels, scale, dense = _weights_as(randn(n, k, seed=2), wtype)
+    got = torch.ops.kiln.panel_linear(x, panels, n, scale)
+    torch.testing.assert_close(got, x @ dense.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, ref.panel_linear(x, panels, n, scale), atol=1e-4, rtol=1e-4)
+    out = torch.empty(m, n)
+    torch.ops.kiln.panel_linear_out(x, panels, n, out, scale)
+    assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("wtype", ["bfloat16", "int8"])
+def test_panel_linear_with_narrow_weights_is_batch_invariant(
+    kops: Any, cpu_variant: str, wtype: str
+) -> None:
+    n, k = 257, 129
+    panels, scale, _ = _weights_as(randn(n, k, seed=5), wtype)
+    probe = randn(1, k, seed=6)
+    alone = torch.ops.kiln.panel_linear(probe, panels, n, scale)[0]
+    for rows in (2, 3, 6, 7, 13, 32):
+        for place in {0, rows // 2, rows - 1}:
+            batch = randn(rows, k, seed=rows)
+            batch[place] = probe[0]
+            got = torch.ops.kiln.panel_linear(batch, panels, n, scale)[place]
+            assert torch.equal(got, alone), (rows, place)
+
+
 # ---------------------------------------------------------------------------------------------
 # decode_attention
 
@@ -286,7 +329,26 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: torch.ops.kiln.panel_linear(
             randn(2, 8).double(), ref.pack_panels(randn(4, 8)).double(), 4
         ),
-        "must be float32",
+        "x must be float32",
+    ),
+    (
+        "panel weight dtype",
+        lambda: torch.ops.kiln.panel_linear(randn(2, 8), ref.pack_panels(randn(4, 8)).half(), 4),
+        "weight_panels must be float32, bfloat16 or int8",
+    ),
+    (
+        "int8 panels without a scale",
+        lambda: torch.ops.kiln.panel_linear(
+            randn(2, 8), ref.pack_panels(ref.quantize_int8(randn(4, 8))[0]), 4
+        ),
+        "int8 weight_panels need a scale",
+    ),
+    (
+        "panel scale shape",
+        lambda: torch.ops.kiln.panel_linear(
+            randn(2, 8), ref.pack_panels(ref.quantize_int8(randn(4, 8))[0]), 4, torch.ones(5)
+        ),
+        r"scale must be float32 \[4\]",
     ),
     (
         "panel layout",

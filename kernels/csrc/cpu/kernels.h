@@ -11,6 +11,9 @@ namespace kiln::cpu {
 
 using kiln::DType;
 
+// The weight type of panel_linear's packed panels.
+enum class PanelType : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
+
 // Every function works on the rows [r0, r1) (tokens for rotary, output columns for int8 linear)
 // so that the caller can split the work across threads. Strides are in elements.
 struct Kernels {
@@ -52,11 +55,14 @@ struct Kernels {
                       const int8_t* w, int64_t sw, const float* scale, const void* bias,
                       void* out, int64_t so);
 
-  // Panels [p0, p1) of out[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N (float32), with w
-  // packed as panels[p][k][j] = w[64 p + j, k] (zero past N). Each output is one chain of fused
-  // multiply-adds over k = 0..K-1 from zero, whatever M and the row's place: batch-invariant.
+  // Panels [p0, p1) of out[m, n] = (sum_k x[m, k] * w[n, k]) (* scale[n]) for m < M, n < N
+  // (x and out float32; w float32, bfloat16 or int8 as `wt` says, converted to float32 exactly),
+  // with w packed as panels[p][k][j] = w[64 p + j, k] (zero past N). Each output is one chain of
+  // fused multiply-adds over k = 0..K-1 from zero, whatever M and the row's place: batch-
+  // invariant. scale (one float32 per output feature, int8 weights) may be null.
   void (*panel_linear)(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
-                       int64_t sx, const float* panels, float* out, int64_t so);
+                       int64_t sx, PanelType wt, const void* panels, const float* scale,
+                       float* out, int64_t so);
 
   // Units [u0, u1) of single-query attention over a KV cache of blocks, a unit being (token t,
   // kv head j) = t * kv_heads + j: for each of the `group` query heads h of kv head j, out[t, h]

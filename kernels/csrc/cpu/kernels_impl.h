@@ -12,6 +12,9 @@
 #endif
 
 #include <cstdint>
+#if defined(__x86_64__)
+#include <immintrin.h>  // the AVX variants' int8 widening (their `#pragma GCC target` enables it)
+#endif
 
 #include "kernels.h"
 
@@ -501,11 +504,61 @@ constexpr int kTileRows = KILN_TILE_ROWS;
 static_assert(kPanelWidth % kTileCols == 0, "a panel must split into whole tiles");
 typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
 
+// The panels' weights as kVec floats: float32 as they are, bfloat16 widened (its bits are a
+// float32's top half, so the conversion is exact), int8 converted (exact; its scale is applied
+// to the finished sum). Each weight type gives the same chain of fused multiply-adds per output.
+typedef int8_t vint8 __attribute__((vector_size(kVec)));
+typedef uint16_t vu16 __attribute__((vector_size(kVec * sizeof(uint16_t))));
+typedef uint32_t vu32 __attribute__((vector_size(kVec * sizeof(uint32_t))));
+typedef int32_t vi32 __attribute__((vector_size(kVec * sizeof(int32_t))));
+
+inline vfloat load_weights(const float* w) {
+  vfloat v;
+  __builtin_memcpy(&v, w, sizeof(v));
+  return v;
+}
+
+inline vfloat load_weights(const uint16_t* w) {
+  vu16 h;
+  __builtin_memcpy(&h, w, sizeof(h));
+  const vu32 bits = __builtin_convertvector(h, vu32) << 16;
+  vfloat v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline vfloat load_weights(const int8_t* w) {
+  // Sign-extend and convert with the variant's instructions: gcc 12 scalarizes the generic
+  // vector conversion of int8 to float (measured 15x slower than float32 panels).
+#if defined(__x86_64__) && KILN_VEC_FLOATS == 16
+  if constexpr (kVec == 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    vfloat v;
+    __builtin_memcpy(&v, &f, sizeof(v));
+    return v;
+  }
+#endif
+#if defined(__x86_64__) && KILN_VEC_FLOATS == 8
+  if constexpr (kVec == 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    vfloat v;
+    __builtin_memcpy(&v, &f, sizeof(v));
+    return v;
+  }
+#endif
+  vint8 b;
+  __builtin_memcpy(&b, w, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, vi32), vfloat);
+}
+
 // R rows x kTileCols columns: w points at the tile's first column in its panel (row stride
-// kPanelWidth); `cols` of the tile's columns are stored (fewer in the last panel).
-template <int R>
-inline void panel_tile(int64_t K, const float* x, int64_t sx, const float* w, float* out,
-                       int64_t so, int64_t cols) {
+// kPanelWidth); `cols` of the tile's columns are stored (fewer in the last panel), each times
+// its scale where scale is not null (int8 weights).
+template <int R, typename W>
+inline void panel_tile(int64_t K, const float* x, int64_t sx, const W* w, const float* scale,
+                       float* out, int64_t so, int64_t cols) {
   vfloat acc[R][kTileVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -513,15 +566,26 @@ inline void panel_tile(int64_t K, const float* x, int64_t sx, const float* w, fl
     for (int j = 0; j < kTileVecs; ++j) acc[r][j] = vfloat{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const float* wk = w + k * kPanelWidth;
+    const W* wk = w + k * kPanelWidth;
     vfloat wv[kTileVecs];
 #pragma GCC unroll 8
-    for (int j = 0; j < kTileVecs; ++j) __builtin_memcpy(&wv[j], wk + j * kVec, sizeof(vfloat));
+    for (int j = 0; j < kTileVecs; ++j) wv[j] = load_weights(wk + j * kVec);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * sx + k];
 #pragma GCC unroll 8
       for (int j = 0; j < kTileVecs; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+  if (scale != nullptr) {
+    vfloat sv[kTileVecs];
+    float padded[kTileCols] = {};
+    for (int64_t c = 0; c < cols; ++c) padded[c] = scale[c];
+    __builtin_memcpy(sv, padded, sizeof(sv));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] *= sv[j];
     }
   }
   if (cols == kTileCols) {
@@ -541,35 +605,54 @@ inline void panel_tile(int64_t K, const float* x, int64_t sx, const float* w, fl
   }
 }
 
-template <int R>
-inline void panel_rows(int64_t M, int64_t K, const float* x, int64_t sx, const float* w,
-                       float* out, int64_t so, int64_t cols) {
+template <int R, typename W>
+inline void panel_rows(int64_t M, int64_t K, const float* x, int64_t sx, const W* w,
+                       const float* scale, float* out, int64_t so, int64_t cols) {
   if constexpr (R > 0) {
     if (M == R) {
-      panel_tile<R>(K, x, sx, w, out, so, cols);
+      panel_tile<R>(K, x, sx, w, scale, out, so, cols);
     } else {
-      panel_rows<R - 1>(M, K, x, sx, w, out, so, cols);
+      panel_rows<R - 1>(M, K, x, sx, w, scale, out, so, cols);
+    }
+  }
+}
+
+template <typename W>
+void panel_linear_t(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
+                    int64_t sx, const W* panels, const float* scale, float* out, int64_t so) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const W* panel = panels + p * K * kPanelWidth;
+    for (int64_t t = 0; t < kPanelWidth; t += kTileCols) {
+      const int64_t n = p * kPanelWidth + t;
+      if (n >= N) break;
+      const int64_t cols = N - n < kTileCols ? N - n : kTileCols;
+      const float* sc = scale != nullptr ? scale + n : nullptr;
+      int64_t m = 0;
+      for (; m + kTileRows <= M; m += kTileRows) {
+        panel_tile<kTileRows>(K, x + m * sx, sx, panel + t, sc, out + m * so + n, so, cols);
+      }
+      if (m < M) {
+        panel_rows<kTileRows - 1>(M - m, K, x + m * sx, sx, panel + t, sc, out + m * so + n,
+                                  so, cols);
+      }
     }
   }
 }
 
 void panel_linear(int64_t p0, int64_t p1, int64_t M, int64_t K, int64_t N, const float* x,
-                  int64_t sx, const float* panels, float* out, int64_t so) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = panels + p * K * kPanelWidth;
-    for (int64_t t = 0; t < kPanelWidth; t += kTileCols) {
-      const int64_t n = p * kPanelWidth + t;
-      if (n >= N) break;
-      const int64_t cols = N - n < kTileCols ? N - n : kTileCols;
-      int64_t m = 0;
-      for (; m + kTileRows <= M; m += kTileRows) {
-        panel_tile<kTileRows>(K, x + m * sx, sx, panel + t, out + m * so + n, so, cols);
-      }
-      if (m < M) {
-        panel_rows<kTileRows - 1>(M - m, K, x + m * sx, sx, panel + t, out + m * so + n, so,
-                                  cols);
-      }
-    }
+                  int64_t sx, PanelType wt, const void* panels, const float* scale, float* out,
+                  int64_t so) {
+  switch (wt) {
+    case PanelType::kFloat32:
+      panel_linear_t(p0, p1, M, K, N, x, sx, static_cast<const float*>(panels), scale, out, so);
+      break;
+    case PanelType::kBFloat16:
+      panel_linear_t(p0, p1, M, K, N, x, sx, static_cast<const uint16_t*>(panels), scale, out,
+                     so);
+      break;
+    case PanelType::kInt8:
+      panel_linear_t(p0, p1, M, K, N, x, sx, static_cast<const int8_t*>(panels), scale, out, so);
+      break;
   }
 }
 

@@ -209,11 +209,17 @@ void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape,
 }
 
 std::vector<int64_t> check_panel_linear(const char* op, const at::Tensor& x,
-                                        const at::Tensor& panels, int64_t out_features) {
+                                        const at::Tensor& panels, int64_t out_features,
+                                        const std::optional<at::Tensor>& scale) {
   constexpr int64_t width = cpu::kPanelWidth;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "kiln::", op,
-              ": x and weight_panels must be float32, got ", x.scalar_type(), " and ",
-              panels.scalar_type());
+  const auto wt = panels.scalar_type();
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "kiln::", op, ": x must be float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar, "kiln::", op,
+              ": weight_panels must be float32, bfloat16 or int8, got ", wt);
+  TORCH_CHECK((wt == at::kChar) == scale.has_value(), "kiln::", op,
+              ": int8 weight_panels need a scale (one float32 per output feature), and only "
+              "int8 ones take it");
   check_device(op, x, c10::DeviceType::CPU);
   check_device(op, panels, c10::DeviceType::CPU);
   TORCH_CHECK(x.dim() >= 1, "kiln::", op, ": x must have at least one dimension");
@@ -226,13 +232,20 @@ std::vector<int64_t> check_panel_linear(const char* op, const at::Tensor& x,
               "kiln::", op, ": ", panels.size(0), " panels hold ", (panels.size(0) - 1) * width + 1,
               " to ", panels.size(0) * width, " output features, got out_features=",
               out_features);
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 1 &&
+                    scale->size(0) == out_features,
+                "kiln::", op, ": scale must be float32 [", out_features, "], got ",
+                scale->scalar_type(), " ", scale->sizes());
+    check_device(op, *scale, c10::DeviceType::CPU);
+  }
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   return shape;
 }
 
 void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
-                       const at::Tensor& out) {
+                       const std::optional<at::Tensor>& scale, const at::Tensor& out) {
   const int64_t K = x.size(-1);
   const int64_t M = K == 0 ? 0 : x.numel() / K;
   if (out.numel() == 0) return;
@@ -242,6 +255,10 @@ void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t ou
   }
   const at::Tensor xc = x.reshape({M, K}).contiguous();
   const at::Tensor pc = panels.contiguous();
+  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const cpu::PanelType wt = panels.scalar_type() == at::kFloat      ? cpu::PanelType::kFloat32
+                            : panels.scalar_type() == at::kBFloat16 ? cpu::PanelType::kBFloat16
+                                                                    : cpu::PanelType::kInt8;
   const Kernels& k = active();
   // Whole panels per task, at least ~256 Ki multiply-adds each: a one-row call on a small
   // weight stays on this thread. Any split gives the same numbers (outputs are independent).
@@ -249,27 +266,29 @@ void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t ou
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
   into_out(out, out.is_contiguous(), [&](const at::Tensor& o) {
     const float* xp = xc.const_data_ptr<float>();
-    const float* wp = pc.const_data_ptr<float>();
+    const void* wp = pc.const_data_ptr();
+    const float* sp = sc.defined() ? sc.const_data_ptr<float>() : nullptr;
     float* op = o.mutable_data_ptr<float>();
     at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
-      k.panel_linear(b, e, M, K, out_features, xp, K, wp, op, out_features);
+      k.panel_linear(b, e, M, K, out_features, xp, K, wt, wp, sp, op, out_features);
     });
   });
 }
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
-  const auto shape = check_panel_linear("panel_linear", x, panels, out_features);
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                        const std::optional<at::Tensor>& scale) {
+  const auto shape = check_panel_linear("panel_linear", x, panels, out_features, scale);
   at::Tensor out = at::empty(shape, x.options());
-  panel_linear_into(x, panels, out_features, out);
+  panel_linear_into(x, panels, out_features, scale, out);
   return out;
 }
 
 void panel_linear_out(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
-                      const at::Tensor& out) {
+                      const at::Tensor& out, const std::optional<at::Tensor>& scale) {
   constexpr const char* op = "panel_linear_out";
-  const auto shape = check_panel_linear(op, x, panels, out_features);
+  const auto shape = check_panel_linear(op, x, panels, out_features, scale);
   check_out(op, out, shape, x);
-  panel_linear_into(x, panels, out_features, out);
+  panel_linear_into(x, panels, out_features, scale, out);
 }
 
 // Returns the longest length (validated), for the scratch size.

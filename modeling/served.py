@@ -1,0 +1,269 @@
+"""Weights as served on CPU: a model directory's matrices read memory-mapped in their own dtype,
+packed once into `panel_linear`'s panels as float32, bfloat16 or int8, never a float32 copy.
+
+`load_served(directory, weight_dtype)` builds the model on the meta device and fills it:
+
+- Every matrix (the projections, the embedding, an untied head) becomes a `PackedWeight`:
+  panels `[ceil(N/64), K, 64]` in the served dtype (`kernels.reference.pack_panels`' layout),
+  plus a float32 scale per output feature for int8 (symmetric, per output channel, weight-only:
+  `kernels.reference.quantize_int8`). The module keeps an empty placeholder. A tied embedding is
+  packed once and serves both the head's projection and the token lookup (`PackedWeight.rows`:
+  an int8 row's scale is its output feature's).
+- Norm weights and biases (small) are loaded as float32 parameters.
+
+The safetensors files are mapped, not read: a tensor is a view of the mapping in its stored
+dtype, converted 4,096 rows at a time into the panels, and its pages are released
+(`madvise(MADV_DONTNEED)`) once packed. So peak memory is the served weights plus one chunk, not
+the file, and a bfloat16 checkpoint served as bfloat16 or int8 never exists in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kernels import reference
+from modeling import hf
+from modeling.artifact import CONFIG_FILE, LEGACY_FORMAT, ArtifactError, read_config
+from modeling.model import LlamaModel, load_ops
+from modeling.rope import rope_table
+
+WeightDtype = Literal["auto", "float32", "bfloat16", "int8"]
+WEIGHT_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "int8")
+PANEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+# Rows converted at a time: bounds the float32 scratch (1,024 x 8,192 x 4 B = 32 MiB at most).
+CHUNK_ROWS = 1024
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def resolve_weight_dtype(requested: str, stored: str | None) -> str:
+    """The served dtype: `requested`, or for "auto" the stored one where panels hold it
+    (bfloat16 as bfloat16; float32 and float16, which widens exactly, as float32)."""
+    if requested not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"weight dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {requested!r}"
+        )
+    if requested != "auto":
+        return requested
+    return "bfloat16" if stored == "bfloat16" else "float32"
+
+
+@dataclass(slots=True)
+class PackedWeight:
+    """One matrix [out_features, in_features] as `panel_linear` reads it."""
+
+    panels: Tensor
+    scale: Tensor | None  # int8: float32 [out_features]
+    out_features: int
+
+    @property
+    def in_features(self) -> int:
+        return int(self.panels.shape[1])
+
+    def nbytes(self) -> int:
+        scale = 0 if self.scale is None else self.scale.numel() * 4
+        return self.panels.numel() * self.panels.element_size() + scale
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` [...] of the matrix as float32 [..., in_features] (the embedding lookup)."""
+        width = reference.PANEL_WIDTH
+        flat = ids.reshape(-1)
+        out = self.panels[flat // width, :, flat % width].float()
+        if self.scale is not None:
+            out.mul_(self.scale[flat].unsqueeze(1))
+        return out.view(*ids.shape, self.in_features)
+
+    def dense(self) -> Tensor:
+        """The float32 matrix (tests and quality checks; not used for serving)."""
+        w = reference.unpack_panels(self.panels, self.out_features).float()
+        return w if self.scale is None else w * self.scale[:, None]
+
+
+class _Mapped:
+    """A safetensors file mapped read-only: its tensors as views, their pages released after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise ArtifactError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+                (n,) = struct.unpack("<Q", head)
+                header = json.loads(f.read(n))
+                # Private and copy-on-write (never written): torch views it without a warning.
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError, struct.error) as err:
+            raise ArtifactError(f"{path}: {type(err).__name__}: {err}") from err
+        self.base = 8 + n
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def tensor(self, name: str) -> Tensor:
+        entry = self.entries[name]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ArtifactError(
+                f"{self.path}: {name} is {entry['dtype']}; kiln serves F32, BF16 or F16 weights"
+            )
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(entry["shape"], dtype=dtype)
+        flat = torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.base + begin)
+        return flat.view(entry["shape"])
+
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process (they stay in the page cache)."""
+        begin, end = self.entries[name]["data_offsets"]
+        start = (self.base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self.map.madvise(mmap.MADV_DONTNEED, start, self.base + end - start)
+
+
+def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
+    """The row-stacked parts as panels of `dtype`, CHUNK_ROWS rows (whole panels) at a time."""
+    n = sum(p.shape[0] for p in parts)
+    k = int(parts[0].shape[1])
+    width = reference.PANEL_WIDTH
+    panels = torch.empty(-(-n // width), k, width, dtype=PANEL_DTYPES[dtype])
+    scale = torch.empty(n, dtype=torch.float32) if dtype == "int8" else None
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.shape[0])
+    for start in range(0, n, CHUNK_ROWS):
+        end = min(n, start + CHUNK_ROWS)
+        pieces = [
+            part[max(start, lo) - lo : min(end, hi) - lo].float()
+            for part, lo, hi in zip(parts, offsets, offsets[1:], strict=False)
+            if lo < end and hi > start
+        ]
+        chunk = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if scale is not None:
+            chunk, scale[start:end] = reference.quantize_int8(chunk)
+        packed = reference.pack_panels(chunk.to(panels.dtype))
+        panels[start // width : start // width + packed.shape[0]] = packed
+    return PackedWeight(panels, scale, n)
+
+
+@contextlib.contextmanager
+def _returning_scratch_to_the_os() -> Iterator[None]:
+    """glibc malloc serves blocks under a threshold that grows to 32 MiB from its heap, and the
+    packed weights allocated between the chunks' scratch pin the freed scratch there: measured
+    here, 200 MB of resident memory for 54 MB of int8 weights. While packing, blocks from 1 MiB
+    are mapped and unmapped on their own; after, the threshold sits at glibc's usual ceiling and
+    what is free is trimmed. Elsewhere (no glibc) nothing changes."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    m_mmap_threshold = -3
+    if mallopt is not None:
+        mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(m_mmap_threshold, 32 << 20)
+            libc.malloc_trim(0)  # type: ignore[union-attr]
+
+
+def load_served(
+    directory: str | Path, weight_dtype: str, *, max_seq_len: int | None = None
+) -> tuple[LlamaModel, dict[str, PackedWeight], dict[str, Any]]:
+    """The model (norms and biases in float32, matrices as empty placeholders), its matrices
+    packed by parameter name, and `read_config`'s info. `weight_dtype`: float32, bfloat16, int8."""
+    if weight_dtype not in PANEL_DTYPES:
+        raise ValueError(f"weight dtype must be float32, bfloat16 or int8, got {weight_dtype!r}")
+    with _returning_scratch_to_the_os():
+        return _load(Path(directory), weight_dtype, max_seq_len)
+
+
+def _load(
+    directory: Path, weight_dtype: str, max_seq_len: int | None
+) -> tuple[LlamaModel, dict[str, PackedWeight], dict[str, Any]]:
+    cfg, info = read_config(directory, max_seq_len=max_seq_len)
+    load_ops("kiln")
+    with torch.device("meta"):
+        model = LlamaModel(cfg, ops="kiln")
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if info["format"] == LEGACY_FORMAT:
+        sources = {name: [name] for name in expected}
+    else:
+        sources = hf.tensor_sources(cfg)
+    files = [_Mapped(directory / name) for name in info["weights"] if _exists(directory / name)]
+    where = {name: f for f in files for name in f.entries}
+    needed = {n for parts in sources.values() for n in parts}
+    missing = sorted(needed - set(where))
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(
+        n for n in set(where) - needed - ignored if not n.endswith(hf.IGNORED_SUFFIXES)
+    )
+    if missing or unexpected:
+        shown = ", ".join(f.path.name for f in files)
+        raise ArtifactError(
+            f"{shown}: the tensors do not match {directory / CONFIG_FILE}: missing "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    packed: dict[str, PackedWeight] = {}
+    state: dict[str, Tensor] = {}
+    for name, part_names in sources.items():
+        parts = [where[p].tensor(p) for p in part_names]
+        rows = sum(p.shape[0] for p in parts)
+        shape = (rows, *parts[0].shape[1:])
+        if shape != tuple(expected[name]) or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+            shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+            raise ArtifactError(
+                f"{where[part_names[0]].path}: {', '.join(part_names)} {shapes} where "
+                f"{directory / CONFIG_FILE} needs {tuple(expected[name])}"
+            )
+        if len(shape) == 2:
+            packed[name] = _pack(parts, weight_dtype)
+            state[name] = torch.empty(0)
+        else:
+            state[name] = (
+                torch.cat(parts).float()
+                if len(parts) > 1
+                else parts[0].to(torch.float32, copy=True)
+            )
+        del parts  # views of the mapping: dropped before it is closed
+        for p in part_names:
+            where[p].release(p)
+    for f in files:
+        f.map.close()
+    # The placeholders have the wrong shape on purpose: the packed matrices replace them.
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    model.rope = rope_table(cfg)
+    return model.eval(), packed, info
+
+
+def _exists(path: Path) -> bool:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    return True
+
+
+def packed_by_module(
+    model: LlamaModel, packed: dict[str, PackedWeight]
+) -> dict[nn.Module, PackedWeight]:
+    """The packed matrices keyed by the module that holds each (the head's is the embedding's
+    when tied)."""
+    out = {}
+    for name, weight in packed.items():
+        module_name = name.removesuffix(".weight")
+        out[model.get_submodule(module_name)] = weight
+    return out
