@@ -157,6 +157,7 @@ _SELF_EXPLAINING = {
     "sizes",
     "addons",
     "principal",
+    "reservation",
     "hours",
     "instance_type",
     "rollout",
@@ -190,6 +191,17 @@ PATTERN_WORDS: dict[str, str] = {
     r"^\d+\.\d+\.(\d+|x)(\.kraft)?$": "a Kafka version MSK offers, e.g. 3.9.x or 3.6.0 "
     "(`aws kafka list-kafka-versions`)",
     r"^v\d+\.\d+\.\d+$": "a release tag like v0.17.0",
+    r"^\d+\.\d+\.\d+$": "a release version like 1.14.1 (no leading v)",
+    r"^v\d{8}$": "an EKS AMI release like v20251110 (the amazon-eks-ami release tag)",
+    r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$": "a team name: up to 40 lower-case letters, digits "
+    "and dashes, starting and ending with a letter or digit",
+    r"^cr-[0-9a-f]{8,17}$": "a capacity reservation id like cr-0123456789abcdef0",
+    r"^[a-z0-9](-?[a-z0-9]){0,39}$": "a model name: up to 40 lower-case letters and digits, "
+    "single dashes between them",
+    r"^o-[a-z0-9]{10,32}$": "an AWS Organization id like o-a1b2c3d4e5",
+    r"^\d+\.\d+(\.\d+)?$": "an MLflow version like 3.0 or 2.16.2",
+    r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun):([01]\d|2[0-3]):[0-5]\d$": "a weekly time like Sun:03:00 "
+    "(day, then 24-hour UTC time)",
     r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$": "owner/repository, e.g. my-org/kiln",
     (  # the delivery pipeline's connection_arn
         r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}"

@@ -163,7 +163,8 @@ RULES += [
         "SageMaker API Reference, ContainerDefinition.ModelDataUrl, S3ModelDataSource.S3DataType",
         {"serving.model_artifact": PREFIX},
         {"serving.model_artifact": PREFIX.rstrip("/")},
-        "is not an S3 URI of a model; allowed: s3://<bucket>/<key>.tar.gz (a model archive",
+        "is neither a .tar.gz archive nor a prefix; allowed: s3://<bucket>/<key>.tar.gz (a model "
+        "archive",
     ),
     (
         "Model data URI at most 1024 characters",

@@ -180,7 +180,7 @@ def test_non_prod_tiers_may_destroy_and_skip_protection() -> None:
         (
             {"serving.model_artifact": "s3://bucket/model.zip"},
             "serving.model_artifact",
-            "is not a .tar.gz archive: a model artifact is s3://<bucket>/<key>.tar.gz",
+            "is neither a .tar.gz archive nor a prefix; allowed: s3://<bucket>/<key>.tar.gz",
         ),
         ({"serving.instance_type": "g5.xlarge"}, "serving.instance_type", "pattern"),
         (

@@ -62,7 +62,12 @@ def _container(stack: SynthesizedStack) -> dict[str, Any]:
 
 
 def _engine(stack: SynthesizedStack) -> str:
-    return "lmi" if "djl-inference" in json.dumps(_container(stack).get("Image")) else "kiln"
+    # A registry version (prod) names no image of its own: LMI's variables tell the engine.
+    container = _container(stack)
+    lmi = "djl-inference" in json.dumps(container.get("Image")) or "HF_MODEL_ID" in container.get(
+        "Environment", {}
+    )
+    return "lmi" if lmi else "kiln"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
@@ -278,7 +283,9 @@ def test_lmi_container_follows_config(served: tuple[str, SynthesizedStack, Path]
         pytest.skip("kiln's engine")
     serving = load_settings(env).serving
     container = _container(stack)
-    assert container["Image"] == lmi.image_uri("us-east-1")
+    # Prod's registry version names its own image (the package's); elsewhere the template does.
+    assert container.get("Image", lmi.image_uri("us-east-1")) == lmi.image_uri("us-east-1")
+    assert ("Image" in container) != ("ModelPackageName" in container)
     assert container["Environment"] == {
         "HF_MODEL_ID": "/opt/ml/model",
         "OPTION_ASYNC_MODE": "true",
@@ -304,6 +311,10 @@ def test_uncompressed_model_data_is_a_prefix_read_least_privilege(
     container = _container(stack)
     text = json.dumps(stack.resources_of_type("AWS::IAM::ManagedPolicy"))
     bucket = f"kiln-{env}-artifacts-123456789012-us-east-1"
+    if "ModelPackageName" in container:
+        # Prod: the registry version brings its data; the template names none of its own.
+        assert not {"ModelDataUrl", "ModelDataSource", "Image"} & set(container)
+        return
     if "ModelDataUrl" in container:
         assert container["ModelDataUrl"] == ARTIFACT.format(env=env)
         assert "ModelDataSource" not in container and "s3:ListBucket" not in text
