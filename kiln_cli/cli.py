@@ -568,7 +568,12 @@ def _add_models(commands: Any) -> None:
         "(who, from STS, and why are recorded); promotion dev -> staging -> prod is an "
         "approval in each, and the delivery pipeline deploys the latest approved version.",
     )
-    sub = group.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    sub = group.add_subparsers(
+        dest="models_command",
+        required=True,
+        metavar="SUBCOMMAND",
+        help="list, show, approve, reject, register or resolve",
+    )
     listing = sub.add_parser("list", help="the newest versions, their approvals and metrics")
     _environment_options(listing)
     listing.add_argument("--model", help="one model of registry.models (default: all)")

@@ -224,9 +224,10 @@ def _load(
         shape = (rows, *parts[0].shape[1:])
         if shape != tuple(expected[name]) or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
             shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+            verb, together = ("is", "") if len(parts) == 1 else ("are", " together")
             raise ArtifactError(
-                f"{where[part_names[0]].path}: {', '.join(part_names)} {shapes} where "
-                f"{directory / CONFIG_FILE} needs {tuple(expected[name])}"
+                f"{where[part_names[0]].path}: {', '.join(part_names)} {verb} {shapes} where "
+                f"{directory / CONFIG_FILE} needs {tuple(expected[name])}{together}"
             )
         if len(shape) == 2:
             packed[name] = _pack(parts, weight_dtype)

@@ -68,7 +68,7 @@ def test_the_readmes_two_commands_install_what_they_run(clone: Path) -> None:
     test = subprocess.run(
         ["make", "-n", "test"], cwd=clone, capture_output=True, text=True, check=True
     ).stdout
-    assert "-e '.[infra,ml,dev]'" in test and "./kernels" in test and "-m pytest" in test
+    assert "-e '.[infra,ml,dev,tracking]'" in test and "./kernels" in test and "-m pytest" in test
     # Installs are not silent: pip shows its progress, each step says what it installs.
     assert "pip install -q -e" not in synth + test
     assert "== installing the infrastructure packages" in synth
