@@ -147,6 +147,23 @@ def hyperparameters(args: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
     }
 
 
+def model_data(artifact: str) -> dict[str, Any]:
+    """A version's model data: a model.tar.gz as `ModelDataUrl`, or an uncompressed model
+    directory's S3 prefix (ending in /) as `ModelDataSource` (S3Prefix, no compression), as
+    CreateModelPackage's ModelPackageContainerDefinition takes them."""
+    if artifact.endswith("/"):
+        return {
+            "ModelDataSource": {
+                "S3DataSource": {
+                    "S3Uri": artifact,
+                    "S3DataType": "S3Prefix",
+                    "CompressionType": "None",
+                }
+            }
+        }
+    return {"ModelDataUrl": artifact}
+
+
 def create_request(run: RunRecord, target: Target) -> dict[str, Any]:
     """The CreateModelPackage request of one run (no AWS call: tests read it as it is)."""
     if not run.artifact.startswith("s3://"):
@@ -172,7 +189,7 @@ def create_request(run: RunRecord, target: Target) -> dict[str, Any]:
             f"{run.job}: {run.steps} steps, {run.tokens} tokens, val_loss {loss}"
         ),
         "InferenceSpecification": {
-            "Containers": [{"Image": target.image, "ModelDataUrl": run.artifact}],
+            "Containers": [{"Image": target.image, **model_data(run.artifact)}],
             "SupportedContentTypes": ["application/json"],
             "SupportedResponseMIMETypes": ["application/json", "text/event-stream"],
         },

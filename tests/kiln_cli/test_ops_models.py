@@ -220,6 +220,24 @@ def test_a_run_without_a_group_does_not_register_and_a_misconfigured_one_says_wh
         registry.create_request(local, target)
 
 
+def test_an_uncompressed_model_registers_as_a_prefix_data_source() -> None:
+    """`--model-format directory` writes `<output>/model/`: the version names that prefix as
+    S3Prefix model data with no compression (an archive stays ModelDataUrl)."""
+    target = registry.Target(group=GROUP, image=IMAGE)
+    prefix = ARTIFACT.removesuffix("model.tar.gz") + "model/"
+    run = registry.RunRecord("job", prefix, "s3://d/", 1, 1, None)
+    (container,) = registry.create_request(run, target)["InferenceSpecification"]["Containers"]
+    assert container == {
+        "Image": IMAGE,
+        "ModelDataSource": {
+            "S3DataSource": {"S3Uri": prefix, "S3DataType": "S3Prefix", "CompressionType": "None"}
+        },
+    }
+    archive = registry.RunRecord("job", ARTIFACT, "s3://d/", 1, 1, None)
+    (container,) = registry.create_request(archive, target)["InferenceSpecification"]["Containers"]
+    assert container == {"Image": IMAGE, "ModelDataUrl": ARTIFACT}
+
+
 @mock_aws
 def test_registration_into_a_missing_group_says_what_to_deploy() -> None:
     run = registry.RunRecord("job-1", ARTIFACT, "s3://d/", 10, 100, 2.0)
