@@ -278,7 +278,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         val_loss=args.val_loss,
     )
-    arn = reg.register(run, args.model or reg.models[0])
+    arn = reg.register(run, args.model or reg.models[0], engine=args.engine)
     print(f"registered {arn} (PendingManualApproval)")
     return 0
 
@@ -599,7 +599,14 @@ def _add_models(commands: Any) -> None:
     register.add_argument("--data", help="the data's S3 prefix")
     register.add_argument("--steps", type=int, default=0)
     register.add_argument("--tokens", type=int, default=0)
-    register.add_argument("--val-loss", type=float)
+    register.add_argument("--val-loss", type=float, help="its validation loss (default: none)")
+    register.add_argument(
+        "--engine",
+        choices=("kiln", "lmi"),
+        default="kiln",
+        help="the server the version carries: kiln's image or the pinned LMI container, as "
+        "serving.engine of the environments it will run in (default: %(default)s)",
+    )
     resolve = sub.add_parser(
         "resolve",
         help="write each environment's latest approved version (the pipeline's synth step)",

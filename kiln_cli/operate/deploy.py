@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
 from kiln.contract import MODELS_PREFIX, Component, Outputs
+from kiln.lmi import LMI_REPOSITORY
 from kiln.settings import Settings, is_model_prefix, model_artifact_problem
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
@@ -341,6 +342,19 @@ def deploy_version(aws: Aws, version: Any, **options: Any) -> Outcome:
         )
     if not version.artifact:
         raise OperateError(f"{version.ref} names no model artifact; register it again")
+    # A version carries its image, and SageMaker starts that image with the engine's variables:
+    # kiln's server under LMI's settings (or the reverse) would fail its health check mid-deploy.
+    engine = aws.settings.serving.engine
+    lmi_image = f"/{LMI_REPOSITORY}:" in (version.image or "")
+    if (engine == "lmi") != lmi_image:
+        made_for = "LMI's" if lmi_image else "kiln's"
+        raise OperateError(
+            f"{env} serves with engine {engine}, but {version.ref} was registered with "
+            f"{made_for} image ({version.image}): register the artifact for this engine "
+            f"(`kiln models register --env <registry home> --engine {engine} --artifact "
+            f"{version.artifact} --job <run>`), approve that version, then deploy it",
+            exit_code=2,
+        )
     return deploy_model(aws, version.artifact, package=version.arn, **options)
 
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kiln import registry
+from kiln import lmi, registry
 from kiln.config import ConfigError, load_delivery, load_settings
 from kiln.contract import Outputs, RegistryMetadata, model_package_group
 from kiln.settings import MODEL_PACKAGE_PATTERN, Settings
@@ -259,9 +259,10 @@ class Registry:
 
     # --- registering by hand ----------------------------------------------------------------
 
-    def register(self, run: registry.RunRecord, model: str) -> str:
+    def register(self, run: registry.RunRecord, model: str, engine: str = "kiln") -> str:
         """Registers an artifact as a version pending approval, as training does at its end
-        (for a run whose own registration failed, or a model trained elsewhere)."""
+        (for a run whose own registration failed, or a model trained elsewhere). `engine`
+        picks the image the version carries: kiln's server or the pinned LMI container."""
         if not self.settings.registry.home:
             raise OperateError(
                 f"{self.settings.name} is not the registry's home: register in the home "
@@ -270,7 +271,9 @@ class Registry:
             )
         target = registry.Target(
             group=self.group(model),
-            image=self.aws.output(Outputs.IMAGE_URI),
+            image=lmi.image_uri(self.settings.region)
+            if engine == "lmi"
+            else self.aws.output(Outputs.IMAGE_URI),
             key_arn=self.aws.output(Outputs.REGISTRY_KEY_ARN),
             code_revision=registry.git_revision(),
         )

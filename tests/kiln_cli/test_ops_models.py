@@ -246,3 +246,40 @@ def test_registration_into_a_missing_group_says_what_to_deploy() -> None:
         registry.register(run, target, client("sagemaker"))
     assert "kiln models register --env <env>" in str(err.value)
     assert ARTIFACT in str(err.value)
+
+
+def test_a_version_registered_for_the_other_engine_is_refused_before_any_deploy() -> None:
+    """A version carries its image: kiln's image on an LMI environment (or the reverse) would
+    start the wrong server with the engine's variables, so the tool refuses it and says how to
+    register the artifact for the engine."""
+    from datetime import UTC, datetime
+
+    from kiln.lmi import image_uri
+    from kiln_cli.operate.models import Version
+
+    aws = make_aws("dev")
+    approved = {f"{RegistryMetadata.APPROVAL_PREFIX}dev": "ok"}
+    version = Version(
+        arn=f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model-package/{GROUP}/3",
+        group=GROUP,
+        number=3,
+        status="Approved",
+        created=datetime(2026, 1, 1, tzinfo=UTC),
+        artifact=ARTIFACT,
+        image=IMAGE,
+        description="",
+        approval_description="",
+        metadata=approved,
+    )
+    serving = aws.settings.serving.model_copy(update={"engine": "lmi"})
+    aws.settings = aws.settings.model_copy(update={"serving": serving})
+    runner = Runner()
+    with pytest.raises(deploy.OperateError, match="registered with kiln's image") as err:
+        deploy.deploy_version(aws, version, runner=runner, sleep=lambda s: None, interval=0)
+    assert "--engine lmi" in str(err.value) and not runner.calls
+    lmi_version = Version(**{**version.__dict__, "image": image_uri("us-east-1")})
+    serving = aws.settings.serving.model_copy(update={"engine": "kiln"})
+    aws.settings = aws.settings.model_copy(update={"serving": serving})
+    with pytest.raises(deploy.OperateError, match="registered with LMI's image"):
+        deploy.deploy_version(aws, lmi_version, runner=runner, sleep=lambda s: None, interval=0)
+    assert not runner.calls
