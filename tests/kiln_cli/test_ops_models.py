@@ -283,3 +283,35 @@ def test_a_version_registered_for_the_other_engine_is_refused_before_any_deploy(
     with pytest.raises(deploy.OperateError, match="registered with LMI's image"):
         deploy.deploy_version(aws, lmi_version, runner=runner, sleep=lambda s: None, interval=0)
     assert not runner.calls
+
+
+def test_a_run_registers_the_image_of_the_home_environments_engine() -> None:
+    """`kiln train` hands the trainer the image its version will carry: kiln's serving image,
+    or the pinned LMI container where the registry's home serves with LMI."""
+    from types import SimpleNamespace
+
+    from kiln.config import load_settings
+    from kiln.contract import TrainerEnv
+    from kiln.lmi import image_uri
+    from kiln_cli.operate.train import TrainOptions, registration_environment
+
+    dev = load_settings("dev")
+    outputs = {Outputs.IMAGE_URI: IMAGE, Outputs.REGISTRY_KEY_ARN: "arn:aws:kms:k"}
+
+    def environment(engine: str) -> dict[str, str]:
+        settings = dev.model_copy(
+            update={"serving": dev.serving.model_copy(update={"engine": engine})}
+        )
+        aws = SimpleNamespace(
+            settings=settings, stack=lambda component: {}, output=lambda o: outputs[o]
+        )
+        return registration_environment(
+            aws,  # type: ignore[arg-type]
+            TrainOptions(on="eks"),
+            artifact=ARTIFACT,
+            data_uri="s3://d/",
+            warn=lambda m: None,
+        )
+
+    assert environment("kiln")[TrainerEnv.INFERENCE_IMAGE] == IMAGE
+    assert environment("lmi")[TrainerEnv.INFERENCE_IMAGE] == image_uri(dev.region)
