@@ -109,6 +109,14 @@ def lake_bucket_output(zone: str) -> StackOutput:
 # serving reads: `checkpoints/<job>/`, and `models/<job>/.../model.tar.gz`.
 CHECKPOINTS_PREFIX = "checkpoints/"
 MODELS_PREFIX = "models/"
+
+
+def is_model_prefix(artifact: str) -> bool:
+    """Whether a model artifact is an uncompressed model directory's S3 prefix (it ends in
+    "/", as S3ModelDataSource's prefixes do) rather than a model.tar.gz."""
+    return artifact.endswith("/")
+
+
 # The MLflow tracking server's artifact store (experiment_tracking), in the artifacts bucket.
 MLFLOW_PREFIX = "mlflow/"
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.contract import RegistryMetadata, TrainerEnv
+from kiln.contract import RegistryMetadata, TrainerEnv, is_model_prefix
 
 PENDING = "PendingManualApproval"
 # CreateModelPackage: CustomerMetadataProperties holds at most 50 entries, keys of at most 128
@@ -151,7 +151,7 @@ def model_data(artifact: str) -> dict[str, Any]:
     """A version's model data: a model.tar.gz as `ModelDataUrl`, or an uncompressed model
     directory's S3 prefix (ending in /) as `ModelDataSource` (S3Prefix, no compression), as
     CreateModelPackage's ModelPackageContainerDefinition takes them."""
-    if artifact.endswith("/"):
+    if is_model_prefix(artifact):
         return {
             "ModelDataSource": {
                 "S3DataSource": {

@@ -435,11 +435,6 @@ MODEL_ARTIFACT_FORMS = (
 )
 
 
-def is_model_prefix(artifact: str) -> bool:
-    """Whether the artifact is an uncompressed model directory's S3 prefix (not an archive)."""
-    return artifact.endswith("/")
-
-
 def model_artifact_problem(artifact: str) -> str | None:
     """Why `artifact` cannot be served, in words, or None: its form, its bucket name and
     SageMaker's length limit."""

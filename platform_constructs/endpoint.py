@@ -23,6 +23,7 @@ from kiln.contract import (
     SAGEMAKER_ENDPOINTS,
     capture_prefix,
     endpoint_scaling_resource_id,
+    is_model_prefix,
 )
 from platform_constructs.nag import unscoped_policies, wildcard_resource
 from platform_constructs.network import https_egress
@@ -75,7 +76,7 @@ def model_read_statements(model_artifact: str) -> list[iam.PolicyStatement]:
     """What SageMaker needs to fetch the model data: the archive object; or, for an
     uncompressed model (an S3 prefix ending in `/`), the objects under that prefix and a
     listing of the bucket limited to it (SageMaker enumerates the prefix's objects)."""
-    if not model_artifact.endswith("/"):
+    if not is_model_prefix(model_artifact):
         return [
             iam.PolicyStatement(actions=["s3:GetObject"], resources=[s3_object_arn(model_artifact)])
         ]
@@ -98,7 +99,7 @@ def model_container(
     """The model's container: a model.tar.gz as `ModelDataUrl` (SageMaker unpacks it into
     /opt/ml/model), or an S3 prefix as uncompressed `ModelDataSource` (S3Prefix, compression
     None: SageMaker copies each object under the prefix to /opt/ml/model/<rest of its key>)."""
-    if not model_artifact.endswith("/"):
+    if not is_model_prefix(model_artifact):
         return sagemaker.CfnModel.ContainerDefinitionProperty(
             image=image_uri, model_data_url=model_artifact, environment=dict(environment)
         )
@@ -331,7 +332,7 @@ class GuardedEndpoint(Construct):
                         "/opt/ml/model; nothing outside the prefix is readable.",
                     )
                 ]
-                if model_artifact.endswith("/")
+                if is_model_prefix(model_artifact)
                 else []
             ),
         )

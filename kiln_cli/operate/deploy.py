@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
-from kiln.contract import MODELS_PREFIX, Component, Outputs
+from kiln.contract import MODELS_PREFIX, Component, Outputs, is_model_prefix
 from kiln.lmi import LMI_REPOSITORY
-from kiln.settings import Settings, is_model_prefix, model_artifact_problem
+from kiln.settings import Settings, model_artifact_problem
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
     ACCESS_DENIED,
