@@ -64,9 +64,13 @@ XID_METRIC = "XidErrors"
 # amazon-cloudwatch-observability-6.2.0, charts/amazon-cloudwatch-observability/values.yaml
 # (containerLogs.fluentBit.config.extraFiles."host-log.conf"; journald since PR #247). The
 # add-on's DCGM exporter carries no XID field (its metricsConfig in the same chart lists no
-# DCGM_FI_DEV_XID_ERRORS), so the journal is the only path. A kernel line also matches the
+# DCGM_FI_DEV_XID_ERRORS), so the journal is the only path. Its DaemonSets tolerate every
+# taint (the chart's root `tolerations: [{operator: Exists}]`), so they run on GPU nodes, and
+# the DCGM exporter's node affinity lists every type in kiln.gpu_instances (checked by hand
+# against chart 6.2.0; re-check when either grows). A kernel line also matches the
 # `host.messages` input (PRIORITY 0-6, facility 0 not excluded), so each XID line arrives
-# twice: the metric counts log lines, two per XID message; the alarm fires on the first.
+# twice: the metric counts log lines, two per XID message; the alarm fires on the first. Not
+# checked on a live node: that AL2023 keeps its journal in /var/log/journal (persistent).
 HOST_LOG_MESSAGE_FIELD = "$.message"
 HOST_LOG_INSTANCE_FIELD = "$.ec2_instance_id"
 # The add-on release whose host-log.conf the two fields were read from; a test stops a version
