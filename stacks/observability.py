@@ -379,8 +379,8 @@ class ObservabilityStack(KilnStack):
             )
 
         def gpus(name: str, label: str) -> cloudwatch.Metric:
-            # Each node reports once a minute under {ClusterName}: the minute's Sum is the
-            # cluster's total.
+            # Each node reports once a minute (the agent's default interval) under
+            # {ClusterName}: the minute's Sum is about the cluster's total.
             return _metric(CONTAINER_INSIGHTS, name, cluster_dim, "Sum", label)
 
         dashboard.add_widgets(
