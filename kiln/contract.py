@@ -9,6 +9,7 @@ inference and training images can carry this file without the rest of kiln.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -177,6 +178,39 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
 # Every object of one training run carries it (kiln_cli.training_job).
 TRAINING_JOB_LABEL = "kiln.dev/training-job"
+
+# --- GPU metrics of a training job (Container Insights) ---------------------------------------
+# The amazon-cloudwatch-observability add-on's CloudWatch agent publishes pod_gpu_* (from its
+# DCGM exporter) under these dimension sets, among others: {ClusterName},
+# {ClusterName, Namespace}, {ClusterName, Namespace, Service}, {ClusterName, Namespace,
+# PodName}, {ClusterName, Namespace, PodName, FullPodName} (aws/amazon-cloudwatch-agent
+# v1.300069.0, the add-on v6.2.0's agent: translator/translate/otel/exporter/awsemf/
+# kubernetes.go, getGPUMetricDeclarations). With enhanced observability on (the add-on's
+# default config) the agent prefers full names, and a pod owned by a Job gets PodName = the
+# Job's name; FullPodName is the pod's own name (opentelemetry-collector-contrib, the amazon-
+# contributing fork: awscontainerinsightreceiver/internal/stores/podstore.go,
+# addPodOwnersAndPodName). Without that preference the agent would cut the Job's name at its
+# first '-' or '.', and a Job whose name ends in '-' and a Unix time in minutes or seconds is
+# taken for a CronJob's and loses that suffix (`cronjob_like_job_name`).
+CONTAINER_INSIGHTS = "ContainerInsights"
+POD_GPU_UTILIZATION = "pod_gpu_utilization"
+GPU_JOB_DIMENSIONS = ("ClusterName", "Namespace", "PodName")
+_UNIX_TIME_SUFFIX = re.compile(r"-\d{7,10}$")
+
+
+def gpu_job_query(function: str, metric: str, cluster: str, namespace: str) -> str:
+    """A Metrics Insights query with one series per training job (PodName) of a namespace."""
+    schema = ", ".join(GPU_JOB_DIMENSIONS)
+    return (
+        f'SELECT {function}({metric}) FROM SCHEMA("{CONTAINER_INSIGHTS}", {schema}) '
+        f"WHERE ClusterName = '{cluster}' AND Namespace = '{namespace}' GROUP BY PodName"
+    )
+
+
+def cronjob_like_job_name(name: str) -> bool:
+    """Whether Container Insights would take a Job of this name for a CronJob's and report
+    its GPU metrics under the name without its last segment (a run of 7 to 10 digits)."""
+    return bool(_UNIX_TIME_SUFFIX.search(name))
 
 
 # --- environment variables -------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
-from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv
+from kiln.contract import GPU_POOL_LABEL, GPU_TAINT, TrainerEnv, cronjob_like_job_name
 from kiln.gpu_instances import GpuInstance, UnknownInstanceTypeError, lookup
 from kiln.memory_plan import (
     Plan,
@@ -362,6 +362,13 @@ class TrainingJobSpec:
             return (
                 f"{name!r} is {len(name)} characters; the pod hostname '{name}{suffix}' "
                 f"must fit in 63, so use at most {room}"
+            )
+        if cronjob_like_job_name(name):
+            return (
+                f"{name!r} ends in '-' and 7 to 10 digits, which Container Insights takes "
+                "for a CronJob's timestamp: the run's GPU metrics would be reported as "
+                f"{name.rsplit('-', 1)[0]!r}; end the name with a letter or with at most "
+                "6 digits"
             )
         return None
 

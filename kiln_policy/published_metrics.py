@@ -23,14 +23,16 @@ REDSHIFT_SERVERLESS = "https://docs.aws.amazon.com/redshift/latest/mgmt/serverle
 EC2 = "https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"
 AUTOSCALING = "https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-metrics.html"
 # Container Insights with enhanced observability (the amazon-cloudwatch-observability add-on,
-# which the compute stack installs):
-# GPU metrics from its DCGM exporter, with the dimension sets of the CloudWatch agent's
-# awsemf exporter declarations (aws/amazon-cloudwatch-agent, translator for containerinsights).
+# which the compute stack installs): GPU metrics from its DCGM exporter and GPU capacity from
+# the kubelet, with exactly the dimension sets the add-on's CloudWatch agent declares to its
+# EMF exporter (aws/amazon-cloudwatch-agent v1.300069.0, the agent of add-on v6.2.0:
+# translator/translate/otel/exporter/awsemf/kubernetes.go, getGPUMetricDeclarations and
+# getNodeMetricDeclarations). There is no cluster_gpu_* metric.
 CONTAINER_INSIGHTS = (
     "https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/"
-    "Container-Insights-metrics-enhanced-EKS.html"
+    "Container-Insights-metrics-enhanced-EKS.html; aws/amazon-cloudwatch-agent v1.300069.0 "
+    "translator/translate/otel/exporter/awsemf/kubernetes.go"
 )
-# kiln's own: metric filters on the Container Insights host log group (platform_constructs.eks).
 KILN_XID = "platform_constructs/eks.py (XID_PATTERN metric filters)"
 
 
@@ -53,6 +55,11 @@ def _rows(
     return [PublishedMetric(namespace, n, dims, source, requires) for n in names.split()]
 
 
+# The DCGM-based GPU series the agent publishes per node, pod and container ('@' is the level).
+_GPU_SERIES = (
+    "@_gpu_utilization @_gpu_memory_utilization @_gpu_memory_total @_gpu_memory_used "
+    "@_gpu_power_draw @_gpu_temperature @_gpu_tensor_core_utilization"
+)
 _ENHANCED = "SageMaker enhanced metrics (the endpoint config's MetricsConfig)"
 _GROUP_METRICS = (
     "group metrics collection on the Auto Scaling group (EnableMetricsCollection), which EKS "
@@ -117,29 +124,35 @@ PUBLISHED: tuple[PublishedMetric, ...] = (
     # EC2 instance metrics aggregated per Auto Scaling group (basic monitoring included).
     *_rows("AWS/EC2", "CPUUtilization StatusCheckFailed", "AutoScalingGroupName", EC2),
     # GPU metrics per node, per pod (a training job's pods) and for the whole cluster.
-    *_rows(
-        "ContainerInsights",
-        "node_gpu_utilization node_gpu_memory_used node_gpu_power_draw",
-        "ClusterName, NodeName, InstanceId",
-        CONTAINER_INSIGHTS,
+    *(
+        row
+        for dims in ("ClusterName", "ClusterName, NodeName, InstanceId")
+        for row in _rows(
+            "ContainerInsights",
+            f"{_GPU_SERIES.replace('@', 'node')} node_gpu_limit node_gpu_usage_total",
+            dims,
+            CONTAINER_INSIGHTS,
+        )
     ),
     *_rows(
         "ContainerInsights",
-        "node_gpu_utilization node_gpu_memory_used node_gpu_power_draw",
-        "ClusterName",
+        _GPU_SERIES.replace("@", "node"),
+        "ClusterName, NodeName, InstanceId, InstanceType, GpuDevice",
         CONTAINER_INSIGHTS,
     ),
-    *_rows(
-        "ContainerInsights",
-        "pod_gpu_utilization pod_gpu_memory_used pod_gpu_power_draw",
-        "ClusterName, Namespace, PodName",
-        CONTAINER_INSIGHTS,
-    ),
-    *_rows(
-        "ContainerInsights",
-        "cluster_gpu_request cluster_gpu_total",
-        "ClusterName",
-        CONTAINER_INSIGHTS,
+    *(
+        row
+        for dims in (
+            "ClusterName",
+            "ClusterName, Namespace",
+            "ClusterName, Namespace, Service",
+            "ClusterName, Namespace, PodName",
+            "ClusterName, Namespace, PodName, FullPodName",
+            "ClusterName, Namespace, PodName, FullPodName, GpuDevice",
+        )
+        for row in _rows(
+            "ContainerInsights", _GPU_SERIES.replace("@", "pod"), dims, CONTAINER_INSIGHTS
+        )
     ),
     *_rows("kiln/GPU", "XidErrors", "InstanceId", KILN_XID),
     *_rows("kiln/GPU", "XidErrors", "", KILN_XID),
@@ -188,6 +201,11 @@ class MetricUse:
 
 
 _SEARCH = re.compile(r"SEARCH\(\s*'\{(?P<schema>[^}]*)\}(?P<terms>[^']*)'")
+# A Metrics Insights query over a schema: `SELECT FN(metric) FROM SCHEMA(namespace, dim, ...)`.
+_SELECT = re.compile(
+    r"SELECT\s+\w+\(\s*\"?(?P<name>[A-Za-z0-9_.\-]+)\"?\s*\)\s+FROM\s+SCHEMA\((?P<schema>[^)]*)\)",
+    re.IGNORECASE,
+)
 _METRIC_NAME = re.compile(r'MetricName\s*=\s*"?(?P<name>[A-Za-z0-9_.\-]+)"?')
 
 
@@ -203,6 +221,19 @@ def search_uses(expression: str, where: str) -> Iterator[MetricUse]:
         yield MetricUse(
             namespace, name.group("name") if name else "?", frozenset(dimensions), where
         )
+
+
+def select_uses(expression: str, where: str) -> Iterator[MetricUse]:
+    """The metric a Metrics Insights `SELECT ... FROM SCHEMA(...)` query reads: SCHEMA names
+    the exact dimension set (a query FROM a bare namespace is not checked)."""
+    for match in _SELECT.finditer(expression):
+        namespace, *dimensions = _schema(match.group("schema"))
+        yield MetricUse(namespace, match.group("name"), frozenset(dimensions), where)
+
+
+def expression_uses(expression: str, where: str) -> Iterator[MetricUse]:
+    yield from search_uses(expression, where)
+    yield from select_uses(expression, where)
 
 
 def placeholder_join(value: Any) -> str:
@@ -234,8 +265,9 @@ def alarm_uses(alarm: dict[str, Any], where: str) -> Iterator[MetricUse]:
                 frozenset(d["Name"] for d in metric.get("Dimensions", [])),
                 where,
             )
-        if isinstance(query.get("Expression"), str):
-            yield from search_uses(query["Expression"], where)
+        expression = query.get("Expression")
+        if expression is not None:
+            yield from expression_uses(placeholder_join(expression), where)
 
 
 def dashboard_uses(dashboard: dict[str, Any], where: str) -> Iterator[MetricUse]:
@@ -247,7 +279,7 @@ def dashboard_uses(dashboard: dict[str, Any], where: str) -> Iterator[MetricUse]
             here = f"{where} widget {title!r}"
             options = entry[-1] if entry and isinstance(entry[-1], dict) else {}
             if "expression" in options:
-                yield from search_uses(options["expression"], here)
+                yield from expression_uses(options["expression"], here)
                 continue
             fields = [e for e in entry if not isinstance(e, dict)]
             namespace, name, *pairs = fields

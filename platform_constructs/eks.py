@@ -54,6 +54,28 @@ CONTAINER_INSIGHTS_LOGS = ("application", "dataplane", "host", "performance")
 XID_PATTERN = "NVRM: Xid"
 XID_NAMESPACE = "kiln/GPU"
 XID_METRIC = "XidErrors"
+# What carries XID errors to CloudWatch: the add-on's Fluent Bit, whose `host-log.conf` reads
+# the node's journal (systemd input, `Path /var/log/journal`, tag `host.dmesg` with
+# `Systemd_Filter _TRANSPORT=kernel`, so AL2023's journald works) and ships each entry to
+# `/aws/containerinsights/<cluster>/host` as JSON. Its filters fix the field names: `aws`
+# (imds_version v2) adds `ec2_instance_id` (and `az`); `modify` renames MESSAGE to `message`,
+# _HOSTNAME to `host`, SYSLOG_IDENTIFIER to `ident`, SYSLOG_PID to `pid` and drops every other
+# key with an upper-case letter. Source: aws-observability/helm-charts, tag
+# amazon-cloudwatch-observability-6.2.0, charts/amazon-cloudwatch-observability/values.yaml
+# (containerLogs.fluentBit.config.extraFiles."host-log.conf"; journald since PR #247). The
+# add-on's DCGM exporter carries no XID field (its metricsConfig in the same chart lists no
+# DCGM_FI_DEV_XID_ERRORS), so the journal is the only path. Its DaemonSets tolerate every
+# taint (the chart's root `tolerations: [{operator: Exists}]`), so they run on GPU nodes, and
+# the DCGM exporter's node affinity lists every type in kiln.gpu_instances (checked by hand
+# against chart 6.2.0; re-check when either grows). A kernel line also matches the
+# `host.messages` input (PRIORITY 0-6, facility 0 not excluded), so each XID line arrives
+# twice: the metric counts log lines, two per XID message; the alarm fires on the first. Not
+# checked on a live node: that AL2023 keeps its journal in /var/log/journal (persistent).
+HOST_LOG_MESSAGE_FIELD = "$.message"
+HOST_LOG_INSTANCE_FIELD = "$.ec2_instance_id"
+# The add-on release whose host-log.conf the two fields were read from; a test stops a version
+# bump until someone re-reads that file for the new release.
+HOST_LOG_VERIFIED_ADDON = "v6.2.0"
 
 
 @dataclass(frozen=True)
@@ -273,15 +295,15 @@ class GpuCluster(Construct):
             }
             for group in self.insights_logs.values():
                 self.addons[CLOUDWATCH_ADDON].node.add_dependency(group)
-            # XID errors from the host (kernel) log: per node for the dashboard, and one
-            # series for the alarm (an alarm needs its dimensions named in advance).
+            # XID errors from the host (kernel) log, see HOST_LOG_MESSAGE_FIELD: per node for
+            # the dashboard, and one series for the alarm (an alarm names its dimensions).
             self.xid_filters = [
                 logs.MetricFilter(
                     self,
                     f"XidErrors{suffix}",
                     log_group=self.insights_logs["host"],
                     filter_pattern=logs.FilterPattern.string_value(
-                        "$.log", "=", f"*{XID_PATTERN}*"
+                        HOST_LOG_MESSAGE_FIELD, "=", f"*{XID_PATTERN}*"
                     ),
                     metric_namespace=XID_NAMESPACE,
                     metric_name=XID_METRIC,
@@ -290,7 +312,7 @@ class GpuCluster(Construct):
                     unit=cloudwatch.Unit.COUNT,
                 )
                 for suffix, dimensions in (
-                    ("PerNode", {"InstanceId": "$.ec2_instance_id"}),
+                    ("PerNode", {"InstanceId": HOST_LOG_INSTANCE_FIELD}),
                     ("", None),
                 )
             ]

@@ -12,7 +12,14 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from kiln import naming
-from kiln.contract import Component, Outputs
+from kiln.contract import (
+    CONTAINER_INSIGHTS,
+    GPU_JOB_DIMENSIONS,
+    POD_GPU_UTILIZATION,
+    Component,
+    Outputs,
+    gpu_job_query,
+)
 from kiln.settings import Settings
 from platform_constructs.eks import XID_METRIC, XID_NAMESPACE, GpuCluster
 from platform_constructs.endpoint import VARIANT, RollbackAlarms, RollbackThresholds
@@ -23,6 +30,14 @@ from platform_constructs.warehouse import ProvisionedWarehouse, ServerlessWareho
 from stacks.base import KilnStack, removal_policy
 
 PERIOD = Duration.minutes(1)
+# The GPU series shown per node and per training job: (what, metric suffix, unit).
+GPU_SERIES = (
+    ("utilization", "utilization", "%"),
+    ("memory used", "memory_used", "MiB"),
+    ("power", "power_draw", "W"),
+)
+# A training job whose GPUs average under this (%) for half an hour is idle.
+IDLE_GPU_PERCENT = 5
 
 
 def _metric(
@@ -180,8 +195,7 @@ class ObservabilityStack(KilnStack):
         CfnOutput(self, Outputs.DASHBOARD_NAME.key, value=self.dashboard.dashboard_name)
 
     def _gpu_alarms(self, settings: Settings, watched: Watched) -> list[cloudwatch.Alarm]:
-        """XID errors on any GPU node, and GPUs that sit idle while pods hold them."""
-        cluster_dim = {"ClusterName": watched.eks_cluster_name}
+        """XID errors on any GPU node, and, per team, a training job whose GPUs sit idle."""
         xid = cloudwatch.Alarm(
             self,
             "GpuXidErrors",
@@ -193,32 +207,37 @@ class ObservabilityStack(KilnStack):
             evaluation_periods=1,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
-        # Idle: pods hold GPUs (a job runs) but the cluster's GPUs average under 5% busy for
-        # 30 minutes: a hung job, a data loader stall, or a run waiting on a lost peer.
-        idle = cloudwatch.Alarm(
-            self,
-            "GpusIdleWhileJobRuns",
-            alarm_description=f"{watched.eks_cluster_name}: GPUs requested by pods have been "
-            "under 5% busy for 30 minutes",
-            metric=cloudwatch.MathExpression(
-                expression="IF(requested > 0 AND busy < 5, 1, 0)",
-                using_metrics={
-                    "requested": _metric(
-                        "ContainerInsights", "cluster_gpu_request", cluster_dim, "Maximum"
-                    ).with_(period=Duration.minutes(5)),
-                    "busy": _metric(
-                        "ContainerInsights", "node_gpu_utilization", cluster_dim, "Average"
-                    ).with_(period=Duration.minutes(5)),
-                },
-                period=Duration.minutes(5),
-                label="GPUs idle while requested",
+        # Idle: a job's GPUs average under 5% busy for 30 minutes (a hung job, a data loader
+        # stall, a run waiting on a lost peer). One multi-time-series Metrics Insights alarm
+        # per team namespace, each job a contributor: Container Insights reports
+        # pod_gpu_utilization only for GPUs allocated to pods, under PodName = the owning
+        # Job's name (see GPU_JOB_SCHEMA), so a series exists exactly while a job holds GPUs
+        # and missing data is no breach.
+        return [
+            xid,
+            *(
+                cloudwatch.Alarm(
+                    self,
+                    f"GpusIdle{''.join(p.title() for p in namespace.split('-'))}",
+                    alarm_description=f"{watched.eks_cluster_name}: a training job in "
+                    f"{namespace} has held GPUs under {IDLE_GPU_PERCENT}% busy for 30 minutes "
+                    "(the contributor names the job)",
+                    metric=cloudwatch.MathExpression(
+                        expression=gpu_job_query(
+                            "AVG", POD_GPU_UTILIZATION, watched.eks_cluster_name, namespace
+                        ),
+                        using_metrics={},
+                        period=Duration.minutes(5),
+                        label=f"GPU % per job in {namespace}",
+                    ),
+                    threshold=IDLE_GPU_PERCENT,
+                    comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                    evaluation_periods=6,
+                    treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                )
+                for namespace in settings.compute.team_namespaces
             ),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=6,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        )
-        return [xid, idle]
+        ]
 
     def _dashboard(
         self, settings: Settings, endpoint: str, watched: Watched, freshness: cloudwatch.Metric
@@ -335,80 +354,59 @@ class ObservabilityStack(KilnStack):
             cloudwatch.GraphWidget(title="Redshift (streaming ingestion)", width=6, left=warehouse),
         )
         eks_cluster = watched.eks_cluster_name
-
-        def gpu_search(level: str, metric: str, statistic: str, label: str) -> cloudwatch.IMetric:
-            dims = {
-                "node": "ClusterName,InstanceId,NodeName",
-                "pod": "ClusterName,Namespace,PodName",
-            }[level]
-            return _search(
-                f'{{ContainerInsights,{dims}}} MetricName="{metric}" ClusterName="{eks_cluster}"',
-                statistic,
-                label,
-            )
-
         cluster_dim = {"ClusterName": eks_cluster}
-        dashboard.add_widgets(
-            cloudwatch.GraphWidget(
-                title="GPUs requested / in the cluster",
+        # Container Insights' dimension sets (kiln.contract, GPU metrics of a training job):
+        # a node is (ClusterName, NodeName, InstanceId); a training job is PodName, which for a
+        # Job's pods is the Job's name.
+        levels = {
+            "node": "ClusterName,NodeName,InstanceId",
+            "training job": ",".join(GPU_JOB_DIMENSIONS),
+        }
+
+        def per(level: str, what: str, metric: str, unit: str) -> cloudwatch.GraphWidget:
+            """One series per node or per training job, found by SEARCH."""
+            return cloudwatch.GraphWidget(
+                title=f"GPU {what} per {level} ({unit})",
                 width=6,
                 left=[
-                    _metric(
-                        "ContainerInsights",
-                        "cluster_gpu_request",
-                        cluster_dim,
-                        "Maximum",
-                        "GPUs requested by pods",
-                    ),
-                    _metric(
-                        "ContainerInsights",
-                        "cluster_gpu_total",
-                        cluster_dim,
-                        "Maximum",
-                        "GPUs on nodes",
-                    ),
+                    _search(
+                        f'{{{CONTAINER_INSIGHTS},{levels[level]}}} MetricName="{metric}" '
+                        f'ClusterName="{eks_cluster}"',
+                        "Average",
+                        level,
+                    )
                 ],
-            ),
-            cloudwatch.GraphWidget(
-                title="GPU utilization per node (%)",
-                width=6,
-                left=[gpu_search("node", "node_gpu_utilization", "Average", "node")],
-            ),
-            cloudwatch.GraphWidget(
-                title="GPU memory used per node (MiB)",
-                width=6,
-                left=[gpu_search("node", "node_gpu_memory_used", "Average", "node")],
-            ),
-            cloudwatch.GraphWidget(
-                title="GPU power per node (W)",
-                width=6,
-                left=[gpu_search("node", "node_gpu_power_draw", "Average", "node")],
-            ),
-        )
+            )
+
+        def gpus(name: str, label: str) -> cloudwatch.Metric:
+            # Each node reports once a minute (the agent's default interval) under
+            # {ClusterName}: the minute's Sum is about the cluster's total.
+            return _metric(CONTAINER_INSIGHTS, name, cluster_dim, "Sum", label)
+
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="GPU utilization per training pod (%)",
+                title="GPUs allocated to pods / on nodes",
                 width=6,
-                left=[gpu_search("pod", "pod_gpu_utilization", "Average", "pod")],
+                left=[
+                    gpus("node_gpu_usage_total", "GPUs allocated to pods"),
+                    gpus("node_gpu_limit", "GPUs on nodes"),
+                ],
+            ),
+            *(per("node", what, f"node_gpu_{metric}", unit) for what, metric, unit in GPU_SERIES),
+        )
+        dashboard.add_widgets(
+            *(
+                per("training job", what, f"pod_gpu_{metric}", unit)
+                for what, metric, unit in GPU_SERIES
             ),
             cloudwatch.GraphWidget(
-                title="GPU memory used per training pod (MiB)",
-                width=6,
-                left=[gpu_search("pod", "pod_gpu_memory_used", "Average", "pod")],
-            ),
-            cloudwatch.GraphWidget(
-                title="GPU power per training pod (W)",
-                width=6,
-                left=[gpu_search("pod", "pod_gpu_power_draw", "Average", "pod")],
-            ),
-            cloudwatch.GraphWidget(
-                title="GPU XID errors per node",
+                title="GPU XID errors per node (kernel log lines)",
                 width=6,
                 left=[
                     _search(
                         f'{{{XID_NAMESPACE},InstanceId}} MetricName="{XID_METRIC}"',
                         "Sum",
-                        "XID errors",
+                        "XID log lines",
                     )
                 ],
             ),

@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kiln.contract import GPU_POOL_LABEL, TRAINING_JOB_LABEL
+from kiln.contract import (
+    CONTAINER_INSIGHTS,
+    GPU_JOB_DIMENSIONS,
+    GPU_POOL_LABEL,
+    POD_GPU_UTILIZATION,
+    TRAINING_JOB_LABEL,
+    cronjob_like_job_name,
+)
 from kiln_cli.operate.aws import Aws, OperateError
 
 GPU = "nvidia.com/gpu"
-# Container Insights (the amazon-cloudwatch-observability add-on): per-pod GPU utilization.
-INSIGHTS = "ContainerInsights"
-POD_GPU_UTILIZATION = "pod_gpu_utilization"
 VISIBILITY = "/apis/visibility.kueue.x-k8s.io/v1beta1"
 
 Run = Callable[[Sequence[str]], tuple[int, str, str]]
@@ -93,31 +97,46 @@ def queue_position(kube: Kubectl, namespace: str, queue: str, workload: str) -> 
     return None
 
 
+def insights_pod_name(pod: dict[str, Any]) -> str:
+    """The PodName Container Insights reports a pod's metrics under, by the add-on's agent's
+    rule with enhanced observability on: a Job's pod gets the Job's name (the JobSet of
+    `--operator trainer` makes one Job per replicated job, `<run>-node-0`), or the CronJob's
+    where the Job's name ends like a CronJob's; a pod no controller owns keeps its own name."""
+    for owner in pod.get("metadata", {}).get("ownerReferences", []):
+        if owner.get("kind") == "Job" and owner.get("name"):
+            name = str(owner["name"])
+            return name.rsplit("-", 1)[0] if cronjob_like_job_name(name) else name
+    return str(pod.get("metadata", {}).get("name", ""))
+
+
 def gpu_utilization(
-    aws: Aws, cluster: str, namespace: str, job: str, now: datetime
+    aws: Aws, cluster: str, namespace: str, pod_names: Sequence[str], now: datetime
 ) -> float | None:
     """The run's average GPU utilization (%) over the last 5 minutes, from Container Insights'
-    pod_gpu_utilization (its PodName is the pods' owner's name: the run's), or None."""
+    pod_gpu_utilization under (ClusterName, Namespace, PodName) for each of the run's PodNames
+    (`insights_pod_name`; kiln.contract, GPU metrics of a training job), or None."""
     answer = aws.call(
         "cloudwatch",
         "get_metric_data",
         MetricDataQueries=[
             {
-                "Id": "util",
+                "Id": f"util{index}",
                 "MetricStat": {
                     "Metric": {
-                        "Namespace": INSIGHTS,
+                        "Namespace": CONTAINER_INSIGHTS,
                         "MetricName": POD_GPU_UTILIZATION,
                         "Dimensions": [
-                            {"Name": "ClusterName", "Value": cluster},
-                            {"Name": "Namespace", "Value": namespace},
-                            {"Name": "PodName", "Value": job},
+                            {"Name": name, "Value": value}
+                            for name, value in zip(
+                                GPU_JOB_DIMENSIONS, (cluster, namespace, pod_name), strict=True
+                            )
                         ],
                     },
                     "Period": 60,
                     "Stat": "Average",
                 },
             }
+            for index, pod_name in enumerate(sorted(set(pod_names)))
         ],
         StartTime=now - timedelta(minutes=5),
         EndTime=now,
@@ -137,6 +156,8 @@ class RunWatch:
     started: datetime
     seen: set[str] = field(default_factory=set)
     position: int | None = -1
+    # The PodNames Container Insights reports the run's running pods under.
+    series: list[str] = field(default_factory=list)
 
     def _once(self, key: str, line: str) -> Iterator[str]:
         if key not in self.seen:
@@ -192,6 +213,7 @@ class RunWatch:
             "pods", namespace=self.namespace, selector=f"{TRAINING_JOB_LABEL}={self.job}"
         )
         running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+        self.series = sorted({insights_pod_name(p) for p in running})
         for pod in pods:
             node = pod.get("spec", {}).get("nodeName")
             if node:
@@ -251,7 +273,7 @@ def follow_run(
         for line in lines:
             emit(f"{now:%H:%M:%S} {line}")
         if state == "running" and (last_util is None or now - last_util >= timedelta(minutes=5)):
-            util = gpu_utilization(aws, cluster, watch.namespace, watch.job, now)
+            util = gpu_utilization(aws, cluster, watch.namespace, watch.series or [watch.job], now)
             last_util = now
             shown = "no samples yet" if util is None else f"{util:.0f}%"
             emit(f"{now:%H:%M:%S} GPU utilization (5 min average): {shown}")

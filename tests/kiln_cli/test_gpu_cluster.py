@@ -179,7 +179,11 @@ class SimulatedCluster:
         name = self.job["metadata"]["name"]
         return [
             {
-                "metadata": {"name": f"{name}-{index}-q8r4t", "namespace": self.namespace},
+                "metadata": {
+                    "name": f"{name}-{index}-q8r4t",
+                    "namespace": self.namespace,
+                    "ownerReferences": [{"kind": "Job", "name": name}],
+                },
                 "spec": {
                     **self.spec["template"]["spec"],
                     "nodeName": f"ip-10-10-{index + 1}-17.ec2.internal",
@@ -364,3 +368,26 @@ def test_unknown_team_is_refused_with_the_configured_ones(
     assert "--team 'infra' is not a team of dev; configured: research, product" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("owners", "expected"),
+    [
+        # kiln's own Job: its name.
+        (
+            [{"kind": "Job", "name": "kiln-dev-llama-20261202-094348"}],
+            "kiln-dev-llama-20261202-094348",
+        ),
+        # --operator trainer: JobSet makes the Job <run>-node-0, which owns the pods.
+        ([{"kind": "Job", "name": "llama-node-0"}], "llama-node-0"),
+        # A Job named like a CronJob's (a Unix time in minutes) loses the suffix.
+        ([{"kind": "Job", "name": "nightly-29416320"}], "nightly"),
+        # No controller: the pod's own name.
+        ([], "llama-0-q8r4t"),
+    ],
+)
+def test_insights_pod_name_follows_the_agents_rule(
+    owners: list[dict[str, str]], expected: str
+) -> None:
+    pod = {"metadata": {"name": "llama-0-q8r4t", "ownerReferences": owners}}
+    assert gpu_cluster.insights_pod_name(pod) == expected

@@ -553,6 +553,7 @@ BAD = [
         "name",
         f"the pod hostname '{LONG[:55]}-node-0-2' must fit in 63, so use at most 54",
     ),
+    ({"name": "nightly-29416320"}, "name", "Container Insights takes for a CronJob's timestamp"),
     ({"namespace": "Training"}, "namespace", "'Training' is not a DNS-1123 label"),
     ({"namespace": "x" * 64}, "namespace", "at most 63 characters"),
     ({"service_account": "trainer!"}, "service_account", "'trainer!' is not a DNS-1123 label"),

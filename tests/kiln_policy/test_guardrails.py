@@ -523,6 +523,46 @@ def test_metrics_published() -> None:
     assert any("published with: DeliveryStreamName" in m for m in messages)
 
 
+def insights_alarm(expression: object) -> dict[str, object]:
+    """A Metrics Insights alarm, its query as CloudFormation carries it (a token inside)."""
+    return {
+        "Type": "AWS::CloudWatch::Alarm",
+        "Properties": {"Metrics": [{"Id": "m", "Expression": expression, "Period": 300}]},
+    }
+
+
+def test_metrics_published_reads_metrics_insights_queries() -> None:
+    """A SELECT ... FROM SCHEMA(...) alarm is checked like any other: SCHEMA names the exact
+    dimension set, and Container Insights publishes no pod GPU metric per Job name alone."""
+    per_job = {
+        "Fn::Join": [
+            "",
+            [
+                'SELECT AVG(pod_gpu_utilization) FROM SCHEMA("ContainerInsights", ClusterName, '
+                "Namespace, PodName) WHERE ClusterName = '",
+                {"Ref": "Cluster"},
+                "' AND Namespace = 'training-a' GROUP BY PodName",
+            ],
+        ]
+    }
+    assert run("metrics-published", stack({"A": insights_alarm(per_job)}), PROD) == []
+    no_namespace = (
+        "SELECT AVG(pod_gpu_utilization) FROM SCHEMA(ContainerInsights, ClusterName, PodName)"
+    )
+    (violation,) = run("metrics-published", stack({"A": insights_alarm(no_namespace)}), PROD)
+    assert (
+        "no ContainerInsights pod_gpu_utilization with dimensions ['ClusterName', 'PodName']"
+        in (violation.message)
+    )
+    # There is no cluster-level GPU request metric: capacity is node_gpu_* summed.
+    (violation,) = run(
+        "metrics-published",
+        stack({"A": alarm("ContainerInsights", "cluster_gpu_request", "ClusterName")}),
+        PROD,
+    )
+    assert "AWS publishes no ContainerInsights cluster_gpu_request" in violation.message
+
+
 LMI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/djl-inference:0.36.0-lmi20.0.0-cu128-v1.0"
 UNCOMPRESSED_MODEL = {
     "Type": "AWS::SageMaker::Model",

@@ -9,6 +9,7 @@ import pytest
 from aws_cdk.assertions import Match, Template
 
 from kiln.settings import Settings
+from kiln_policy.published_metrics import placeholder_join
 from tests.support import ENVIRONMENTS, Synthesis
 
 
@@ -223,13 +224,13 @@ def test_dashboard_covers_the_loop(synthesis: Synthesis, env: str) -> None:
         "MSK consumer lag",
         "Firehose delivery freshness",
         "Redshift (streaming ingestion)",
-        "GPUs requested / in the cluster",
-        "GPU utilization per node",
-        "GPU memory used per node",
-        "GPU power per node",
-        "GPU utilization per training pod",
-        "GPU memory used per training pod",
-        "GPU power per training pod",
+        "GPUs allocated to pods / on nodes",
+        "GPU utilization per node (%)",
+        "GPU memory used per node (MiB)",
+        "GPU power per node (W)",
+        "GPU utilization per training job (%)",
+        "GPU memory used per training job (MiB)",
+        "GPU power per training job (W)",
         "GPU XID errors per node",
         "Alarms",
     ):
@@ -238,22 +239,41 @@ def test_dashboard_covers_the_loop(synthesis: Synthesis, env: str) -> None:
     assert "Host}" not in body and "GroupInServiceInstances" not in body
 
 
-def test_gpu_alarms_fire_on_xid_errors_and_on_gpus_idle_while_requested(
-    synthesis: Synthesis, env: str
+def test_gpu_alarms_fire_on_xid_errors_and_on_each_teams_idle_jobs(
+    synthesis: Synthesis, settings_by_env: dict[str, Settings], env: str
 ) -> None:
     alarms = synthesis.stack(env, "observability").resources_of_type("AWS::CloudWatch::Alarm")
     (xid,) = [a["Properties"] for k, a in alarms.items() if k.startswith("GpuXidErrors")]
     assert (xid["Namespace"], xid["MetricName"], xid["Threshold"]) == ("kiln/GPU", "XidErrors", 1)
     assert "Dimensions" not in xid  # the filter's no-dimension series: any node
-    (idle,) = [a["Properties"] for k, a in alarms.items() if k.startswith("GpusIdleWhileJobRuns")]
-    (expression,) = [m["Expression"] for m in idle["Metrics"] if "Expression" in m]
-    assert expression == "IF(requested > 0 AND busy < 5, 1, 0)"
-    names = {m["MetricStat"]["Metric"]["MetricName"] for m in idle["Metrics"] if "MetricStat" in m}
-    assert names == {"cluster_gpu_request", "node_gpu_utilization"}
-    assert idle["EvaluationPeriods"] * 5 == 30  # half an hour of 5-minute periods
-    # The XID metric comes from the compute stack's filters on the host log group.
+    # The XID metric is exactly what the compute stack's filters on the host log group emit.
     compute = synthesis.stack(env, "compute")
-    filters = compute.resources_of_type("AWS::Logs::MetricFilter").values()
-    assert sorted(
-        json.dumps(f["Properties"]["MetricTransformations"][0].get("Dimensions")) for f in filters
-    ) == ['[{"Key": "InstanceId", "Value": "$.ec2_instance_id"}]', "null"]
+    filters = [
+        f["Properties"] for f in compute.resources_of_type("AWS::Logs::MetricFilter").values()
+    ]
+    assert {
+        (t["MetricNamespace"], t["MetricName"]) for f in filters for t in f["MetricTransformations"]
+    } == {(xid["Namespace"], xid["MetricName"])}
+    assert sorted(json.dumps(f["MetricTransformations"][0].get("Dimensions")) for f in filters) == [
+        '[{"Key": "InstanceId", "Value": "$.ec2_instance_id"}]',
+        "null",
+    ]
+    # One idle alarm per team namespace, each job of the team a contributor.
+    settings = settings_by_env[env]
+    idle = {k: a["Properties"] for k, a in alarms.items() if k.startswith("GpusIdle")}
+    assert len(idle) == len(settings.compute.team_namespaces) >= 1
+    for namespace in settings.compute.team_namespaces:
+        (props,) = [
+            p for p in idle.values() if namespace in placeholder_join(p["AlarmDescription"])
+        ]
+        (query,) = props["Metrics"]
+        expression = placeholder_join(query["Expression"])
+        assert expression == (
+            'SELECT AVG(pod_gpu_utilization) FROM SCHEMA("ContainerInsights", ClusterName, '
+            f"Namespace, PodName) WHERE ClusterName = 'TOKEN' AND Namespace = '{namespace}' "
+            "GROUP BY PodName"
+        )
+        assert query["Period"] == 300 and query["ReturnData"] is True
+        assert props["ComparisonOperator"] == "LessThanThreshold" and props["Threshold"] == 5
+        assert props["EvaluationPeriods"] * 5 == 30  # half an hour of 5-minute periods
+        assert props["TreatMissingData"] == "notBreaching"  # no series: no job holds GPUs
