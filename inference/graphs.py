@@ -105,7 +105,8 @@ class DecodeGraphs:
         def buffer(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=torch.long, device=device)
 
-        self.tokens, self.positions, self.lengths = buffer(max_rows), buffer(max_rows), buffer(max_rows)
+        self.tokens, self.positions = buffer(max_rows), buffer(max_rows)
+        self.lengths = buffer(max_rows)
         self.tables = torch.full((max_rows, width), scratch_block, dtype=torch.long, device=device)
         self.rows = buffer(max_rows * rows_per_seq)
         # The host side of each step's copy: pinned on a GPU, so the copies are asynchronous
@@ -180,7 +181,7 @@ class DecodeGraphs:
         self.positions[:n].copy_(self._host_positions[:n], non_blocking=gpu)
         self.tables[:n].copy_(self._host_tables[:n], non_blocking=gpu)
         if gpu:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(self.device))
             self._copied = event
         return n
@@ -215,7 +216,7 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pad_all()
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(current)
         with torch.cuda.stream(side):
             # Lazy initialisation (cuBLAS handles and workspaces, the allocator's blocks, the

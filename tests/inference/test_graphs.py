@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.decoder import Decoder
+from inference.decoder import Decoder, Table
 from inference.engine import EngineSettings, running_engine
 from inference.graphs import batch_buckets, bucket_for
 from inference.runner import ModelLoadError, ModelRunner
@@ -50,10 +50,10 @@ def model(cfg: ModelConfig = CFG, seed: int = 0) -> LlamaModel:
     return m
 
 
-def scattered_tables(dec: Decoder, lengths: list[int], seed: int) -> list[list[int]]:
+def scattered_tables(dec: Decoder, lengths: list[int], seed: int) -> list[Table]:
     """Block tables covering `lengths` (+ room for 8 more tokens), from shuffled blocks."""
     order = torch.randperm(dec.blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-    tables = []
+    tables: list[Table] = []
     for length in lengths:
         n = -(-(length + 8) // dec.block_size)
         tables.append(order[:n])
@@ -99,7 +99,7 @@ def test_a_step_runs_at_the_smallest_bucket_that_holds_it() -> None:
         assert ran == [1, 2, 4, 4, 8, 8, 8, 8]
 
 
-# -- bitwise the same as unpadded decode ------------------------------------------------------------
+# -- bitwise the same as unpadded decode -----------------------------------------------------------
 
 
 def test_padded_fixed_buffer_decode_is_bitwise_the_unpadded_decode() -> None:
@@ -150,14 +150,14 @@ def test_padded_rows_write_only_the_scratch_block() -> None:
         dec = Decoder(model(), slots=8, device=CPU, dtype=FP32, graphs=True)
         graphs = dec.graphs
         assert graphs is not None and dec.scratch_block == dec.blocks
-        tables = [[5, 9], [12], [30, 31]]
+        tables: list[Table] = [[5, 9], [12], [30, 31]]
         for table in tables:
             dec.prefill(table, torch.arange(12))
         before = [kv.clone() for kv in dec.cache.kv]
         dec.decode(tables, [12, 3, 20], [1, 2, 3])  # 3 rows: bucket 4, one padded row
         for layer, kv in enumerate(dec.cache.kv):
             changed = (kv != before[layer]).any(dim=-1)  # [2, blocks, heads, rows]
-            where = changed.nonzero()[:, [1, 3]].unique(dim=0).tolist()
+            where = torch.unique(changed.nonzero()[:, [1, 3]], dim=0).tolist()
             # Each sequence's block and row of its position, and the scratch block's row 0.
             assert where == [[5, 12], [12, 3], [31, 4], [dec.scratch_block, 0]], layer
         # The padded row: token 0 at position 0, every table entry the scratch block.
@@ -166,7 +166,7 @@ def test_padded_rows_write_only_the_scratch_block() -> None:
         # The real rows' tables are padded with it too past their own blocks.
         assert graphs.tables[1].tolist()[:2] == [12, dec.scratch_block]
         rows = graphs.rows[: 4 * graphs.rows_per_seq].view(4, -1)
-        want = dec.cache.prepare_rows([*tables, [dec.scratch_block]], [12, 3, 20, 0])
+        want = dec.cache.prepare_rows([[5, 9], [12], [30, 31], [dec.blocks]], [12, 3, 20, 0])
         assert torch.equal(rows.flatten(), want)
 
 
@@ -196,7 +196,7 @@ def test_capture_is_cuda_only_and_the_padded_backend_has_no_fixed_buffers() -> N
             Decoder(model(), slots=2, device=CPU, dtype=FP32, buckets=[2], graphs=True)
 
 
-# -- the runner and the engine ----------------------------------------------------------------------
+# -- the runner and the engine ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_a_captured_bf16_step_replays_bitwise_the_eager_step() -> None:
                 at = [p + step for p in lengths[:b]]
                 want = eager.decode(tables, at, tokens)
                 got = graphed.decode(tables, at, tokens)  # replayed
-                n = graphs.load(tables, at, tokens)  # the same step, uncaptured
+                n = graphs.load([graphed.table(t) for t in tables], at, tokens)  # uncaptured
                 uncaptured = graphs.forward(graphs.views(n))[:b]
                 assert got.dtype == want.dtype == torch.float32
                 assert torch.isfinite(got).all()
