@@ -46,11 +46,14 @@ log = logging.getLogger(__name__)
 
 def batch_buckets(max_rows: int) -> list[int]:
     """The batch sizes a decode step is padded to: 1, 2, 4, 8, then every multiple of 8 below
-    `max_rows`, and `max_rows` itself (1, 2, 4, 8, 16, 24, 32 for 32)."""
+    `max_rows` up to 256, of 16 past it, and `max_rows` itself (1, 2, 4, 8, 16, 24, 32 for 32):
+    at most 8 or 16 rows of padding, and few graphs to capture."""
     if max_rows < 1:
         raise ValueError(f"need at least one row, got {max_rows}")
     small = [r for r in (1, 2, 4) if r < max_rows]
-    return [*small, *range(8, max_rows, 8), max_rows]
+    eights = range(8, min(max_rows, 256), 8)
+    sixteens = range(256, max_rows, 16)
+    return [*small, *eights, *sixteens, max_rows]
 
 
 def bucket_for(buckets: list[int], rows: int) -> int:

@@ -11,6 +11,7 @@ Hugging Face Llama answers the same with and without graphs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import re
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference.decoder import Decoder, Table
 from inference.engine import EngineSettings, running_engine
@@ -70,6 +72,9 @@ def test_batch_buckets_are_powers_of_two_then_multiples_of_eight_up_to_the_batch
     assert batch_buckets(3) == [1, 2, 3]
     assert batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    big = batch_buckets(300)
+    assert big[:5] == [1, 2, 4, 8, 16] and big[-5:] == [248, 256, 272, 288, 300]
+    assert all(b - a <= 16 for a, b in itertools.pairwise(big))
     buckets = batch_buckets(32)
     chosen = {rows: bucket_for(buckets, rows) for rows in range(1, 33)}
     assert [chosen[r] for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25, 32)] == [
@@ -168,6 +173,55 @@ def test_padded_rows_write_only_the_scratch_block() -> None:
         rows = graphs.rows[: 4 * graphs.rows_per_seq].view(4, -1)
         want = dec.cache.prepare_rows([[5, 9], [12], [30, 31], [dec.blocks]], [12, 3, 20, 0])
         assert torch.equal(rows.flatten(), want)
+
+
+class OpRecorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Every op a region dispatches, with its tensor arguments' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.ops: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        shapes = tuple(
+            tuple(a.shape) for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)
+        )
+        self.ops.append((str(func.overloadpacket.__name__), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_a_graph_captures_reads_nothing_back_and_never_branches_on_values() -> None:
+    """What `capture` records, run on CPU under a dispatch mode: no op that reads a value to the
+    host (`.item()`, `.tolist()`, `bool()` go through `_local_scalar_dense`) or whose output
+    shape depends on values (`nonzero`...), and the same ops on the same shapes for steps of
+    different sequences, lengths and tables in one bucket."""
+    kernels_built()
+    with torch.inference_mode():
+        dec = Decoder(model(), slots=8, device=CPU, dtype=FP32, graphs=True)
+        graphs = dec.graphs
+        assert graphs is not None
+        for slot in range(6):
+            dec.prefill(slot, torch.arange(3 + 7 * slot))
+        recorded = []
+        steps = (
+            ([0, 1, 2], [3, 10, 17], [1, 2, 3]),
+            ([5, 4, 3, 2], [40, 33, 24, 9], [7, 6, 5, 4]),
+            ([5, 3], [40, 30], [9, 8]),
+        )
+        for tables, positions, tokens in steps:
+            n = graphs.load([dec.table(t) for t in tables], positions, tokens)
+            assert n == bucket_for(graphs.buckets, len(tables))
+            with OpRecorder() as rec:
+                graphs.run(n)
+            recorded.append(rec.ops)
+        assert len(recorded[0]) > 10 * CFG.num_layers
+        names = {name for name, _ in recorded[0]}
+        assert "paged_decode_attention_out" in names and "index_copy_" in names
+        forbidden = {"_local_scalar_dense", "nonzero", "unique", "masked_select", "item"}
+        assert not names & forbidden
+        assert recorded[0] == recorded[1]  # bucket 4, other values: the very same ops
+        # Bucket 2: the same ops, on its own rows.
+        assert [name for name, _ in recorded[2]] == [name for name, _ in recorded[0]]
 
 
 def test_bad_steps_are_refused_on_the_host_before_anything_runs() -> None:
