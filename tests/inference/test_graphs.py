@@ -265,6 +265,8 @@ def test_the_engine_answers_the_same_through_fixed_buffers(graphs_model: Path) -
     prompts = [f"request {i}: tell me about kilns" for i in range(8)]
     params = SamplingParams(max_new_tokens=24)
 
+    preempted: list[int] = []
+
     def answers(settings: EngineSettings) -> list[list[int]]:
         with running_engine(graphs_model, settings) as client:
             done: list[Sequence | None] = [None] * len(prompts)
@@ -280,6 +282,7 @@ def test_the_engine_answers_the_same_through_fixed_buffers(graphs_model: Path) -
             assert client.engine.runner.decoder is not None
             on = client.engine.runner.decoder.graphs is not None
             assert on == bool(settings.cuda_graphs)
+        preempted.append(sum(s.preemptions for s in done if s is not None))
         return [s.tokens for s in done if s is not None]
 
     base = EngineSettings(max_batch=8, warmup=False)
@@ -289,6 +292,7 @@ def test_the_engine_answers_the_same_through_fixed_buffers(graphs_model: Path) -
     block = 2 * CFG.num_layers * CFG.num_kv_heads * 16 * CFG.head_dim * 4 / 2**30
     tight = dataclasses.replace(base, max_batch=4, max_seq_len=64, kv_cache_gib=6.5 * block)
     assert answers(dataclasses.replace(tight, cuda_graphs=True)) == answers(tight)
+    assert preempted[-1] >= 1 and preempted[-2] >= 1  # blocks ran out, sequences recomputed
 
 
 def test_the_gpu_dtype_and_the_graphs_flag_resolve_at_load(
