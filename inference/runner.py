@@ -185,7 +185,7 @@ class ModelRunner:
             "dtype": str(dtype).removeprefix("torch."),
             "weight_dtype": served or str(dtype).removeprefix("torch."),
             "device": str(device),
-            "cuda_graphs": graphs and device.type == "cuda",
+            "cuda_graphs": False,  # decode steps captured (below)
             "training": raw.get("training", {}),
         }
         with torch.inference_mode():
@@ -201,6 +201,7 @@ class ModelRunner:
             # After check_invariance (it may replace the projections the graphs call).
             with torch.inference_mode():
                 self.graphs_captured = self.decoder.capture_graphs()
+            self.model_info["cuda_graphs"] = self.graphs_captured
         self.memory = memory_figures(self.decoder)
         log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(

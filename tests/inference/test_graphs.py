@@ -282,6 +282,7 @@ def test_the_engine_answers_the_same_through_fixed_buffers(graphs_model: Path) -
             assert client.engine.runner.decoder is not None
             on = client.engine.runner.decoder.graphs is not None
             assert on == bool(settings.cuda_graphs)
+            assert client.engine.runner.model_info["cuda_graphs"] is False  # CPU: uncaptured
         preempted.append(sum(s.preemptions for s in done if s is not None))
         return [s.tokens for s in done if s is not None]
 
