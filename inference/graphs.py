@@ -44,6 +44,29 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+# Shared memory a thread block may opt into, by compute capability (CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"), where torch does not report it.
+SHARED_MEMORY_OPTIN = {(7, 0): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99,
+                       (9, 0): 227, (10, 0): 227, (12, 0): 99}  # fmt: skip
+
+
+def attention_shared_bytes(max_seq_len: int, block_size: int) -> int:
+    """Shared memory of kiln's CUDA paged attention kernel at a full-length table: it holds a
+    score per position of the table's capacity (float32, for float32 and 16-bit caches) and 32
+    values for its reductions (`kernels/csrc/cuda/kernels.cu`)."""
+    capacity = -(-max_seq_len // block_size) * block_size
+    return (capacity + 32) * 4
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one thread block may use on `device` (opted in)."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    return SHARED_MEMORY_OPTIN.get((props.major, props.minor), 48) * 1024
+
+
 def batch_buckets(max_rows: int) -> list[int]:
     """The batch sizes a decode step is padded to: 1, 2, 4, 8, then every multiple of 8 below
     `max_rows` up to 256, of 16 past it, and `max_rows` itself (1, 2, 4, 8, 16, 24, 32 for 32):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from inference import sampling
 from inference.decoder import Decoder
+from inference.graphs import attention_shared_bytes, shared_memory_per_block
 from inference.scheduler import Chunk, ScheduledStep
 from inference.sequence import Sequence
 from modeling.artifact import load_model_dir, read_config
@@ -143,7 +144,7 @@ class ModelRunner:
         cfg, raw, tokenizer = read_model_files(self.model_dir, self.max_seq_len_cap)
         served = self._served_dtype(device, raw["dtype"])
         dtype = self._activation_dtype(device, raw["dtype"])
-        graphs = self._fixed_buffers(device)
+        graphs = self._fixed_buffers(device, cfg.max_seq_len)
         with torch.inference_mode():
             if served is not None:
                 # CPU: the matrices packed as served, from the mapped files (modeling.served).
@@ -255,27 +256,45 @@ class ModelRunner:
             return torch.float32 if saved is None else saved
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.weight_dtype]
 
-    def _fixed_buffers(self, device: torch.device) -> bool:
+    def _fixed_buffers(self, device: torch.device, max_seq_len: int) -> bool:
         """Whether decode runs through fixed buffers (and CUDA graphs on a GPU): the flag, by
-        default on for CUDA; it needs kiln's paged attention kernel for the device."""
+        default on for CUDA. It needs kiln's paged attention kernel for the device and, on a
+        GPU, room in a thread block's shared memory for a full-length sequence's scores (the
+        captured step's tables are full-length). Where either is missing, asked for: a
+        ModelLoadError saying what to change; by default: off, with a warning."""
         from kernels import ops
 
         wanted = device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
         if not wanted:
             return False
         kernel = ops.HAVE_CUDA_KERNELS if device.type == "cuda" else ops.HAVE_CPU_DECODE_OPS
-        if kernel:
+        if not kernel:
+            reason = "kiln's paged attention kernel is missing: " + (
+                ops.UNAVAILABLE_REASON or "the extension was built without CUDA kernels"
+            )
+            fix = "build the kernels"
+        elif device.type == "cuda" and not self._scores_fit(device, max_seq_len):
+            need = attention_shared_bytes(max_seq_len, self.block_size)
+            have = shared_memory_per_block(device)
+            longest = (have // 4 - 32) // self.block_size * self.block_size
+            reason = (
+                f"the paged attention kernel holds a sequence's scores in shared memory: a "
+                f"context of {max_seq_len} needs {need // 1024} KiB, {device} has "
+                f"{have // 1024} KiB per block"
+            )
+            fix = f"lower --max-seq-len to {longest} or less"
+        else:
             if device.type != "cuda":
                 log.info("--cuda-graphs on %s: decode runs the fixed buffers, uncaptured", device)
             return True
-        reason = ops.UNAVAILABLE_REASON or "the extension was built without CUDA kernels"
         if self.cuda_graphs:
-            raise ModelLoadError(
-                f"--cuda-graphs needs kiln's paged attention kernel on {device}: {reason} "
-                "(build the kernels, or pass --no-cuda-graphs)"
-            )
-        log.warning("decode CUDA graphs off: kiln's paged attention kernel is missing: %s", reason)
+            raise ModelLoadError(f"--cuda-graphs: {reason} ({fix}, or pass --no-cuda-graphs)")
+        log.warning("decode CUDA graphs off: %s (%s to capture them)", reason, fix)
         return False
+
+    def _scores_fit(self, device: torch.device, max_seq_len: int) -> bool:
+        need = attention_shared_bytes(max_seq_len, self.block_size)
+        return need <= shared_memory_per_block(device)
 
     def _served_dtype(self, device: torch.device, stored: str | None) -> str | None:
         """The packed weight dtype on CPU with kiln's kernels; None for the plain model (GPU, no

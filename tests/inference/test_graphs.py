@@ -15,6 +15,7 @@ import itertools
 import logging
 import re
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +23,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from inference import runner as runner_module
 from inference.decoder import Decoder, Table
 from inference.engine import EngineSettings, running_engine
-from inference.graphs import batch_buckets, bucket_for
+from inference.graphs import (
+    attention_shared_bytes,
+    batch_buckets,
+    bucket_for,
+    shared_memory_per_block,
+)
 from inference.runner import ModelLoadError, ModelRunner
 from inference.sequence import SamplingParams, Sequence
 from modeling.config import ModelConfig
@@ -312,19 +319,43 @@ def test_the_gpu_dtype_and_the_graphs_flag_resolve_at_load(
         runner.weight_dtype = asked
         assert runner._activation_dtype(cuda, "float32") == want
     # Default: on for CUDA with the CUDA kernels, off on CPU; asked for without them: refused.
-    assert runner._fixed_buffers(CPU) is False
+    monkeypatch.setattr(runner_module, "shared_memory_per_block", lambda device: 227 * 1024)
+    assert runner._fixed_buffers(CPU, 2048) is False
     monkeypatch.setattr(ops, "HAVE_CUDA_KERNELS", True)
-    assert runner._fixed_buffers(cuda) is True
+    assert runner._fixed_buffers(cuda, 2048) is True
     monkeypatch.setattr(ops, "HAVE_CUDA_KERNELS", False)
     with caplog.at_level(logging.WARNING, logger="inference.runner"):
-        assert runner._fixed_buffers(cuda) is False
+        assert runner._fixed_buffers(cuda, 2048) is False
     assert "decode CUDA graphs off: kiln's paged attention kernel is missing" in caplog.text
     runner.cuda_graphs = True
-    with pytest.raises(ModelLoadError, match="--cuda-graphs needs kiln's paged attention kernel"):
-        runner._fixed_buffers(cuda)
-    runner.cuda_graphs = False
+    with pytest.raises(ModelLoadError, match="--cuda-graphs: kiln's paged attention kernel"):
+        runner._fixed_buffers(cuda, 2048)
+    # A context whose scores outgrow a thread block's shared memory: no graphs, and what to do.
     monkeypatch.setattr(ops, "HAVE_CUDA_KERNELS", True)
-    assert runner._fixed_buffers(cuda) is False
+    too_long = (
+        "the paged attention kernel holds a sequence's scores in shared memory: a context of "
+        "131072 needs 512 KiB, cuda has 227 KiB per block (lower --max-seq-len to 58080 or less"
+    )
+    with pytest.raises(ModelLoadError, match=re.escape(too_long)):
+        runner._fixed_buffers(cuda, 131072)
+    assert runner._fixed_buffers(cuda, 58080) is True
+    runner.cuda_graphs = None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference.runner"):
+        assert runner._fixed_buffers(cuda, 131072) is False
+    assert "decode CUDA graphs off: " + too_long in caplog.text
+    runner.cuda_graphs = False
+    assert runner._fixed_buffers(cuda, 2048) is False
+
+
+def test_the_attention_kernels_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert attention_shared_bytes(2048, 16) == (2048 + 32) * 4
+    assert attention_shared_bytes(2050, 16) == (2064 + 32) * 4  # whole blocks
+    props = types.SimpleNamespace(major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert shared_memory_per_block(torch.device("cuda")) == 227 * 1024  # by capability
+    props.shared_memory_per_block_optin = 101376
+    assert shared_memory_per_block(torch.device("cuda")) == 101376  # as torch reports it
 
 
 def test_the_flag_and_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
