@@ -180,9 +180,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--weight-dtype",
         choices=("auto", "float32", "bfloat16", "int8"),
         default=_env_default(env, ServerEnv.WEIGHT_DTYPE, "auto"),
-        help="the weights as served on CPU: float32, bfloat16, or int8 (per-output-channel "
-        "weight-only quantization at load); auto serves a bfloat16 checkpoint as bfloat16, "
-        "others as float32 (default: $KILN_WEIGHT_DTYPE or auto)",
+        help="the weights as served: float32, bfloat16, or int8 on CPU (per-output-channel "
+        "weight-only quantization at load); on a GPU float32 or bfloat16, auto keeping the "
+        "checkpoint's; on CPU auto serves a bfloat16 checkpoint as bfloat16, others as float32 "
+        "(default: $KILN_WEIGHT_DTYPE or auto)",
     )
     p.add_argument(
         "--cuda-graphs",
