@@ -28,6 +28,11 @@ blocks [slot * n, (slot + 1) * n), n = max_seq_len / block_size (tests and bench
 the decoder directly, as the cache was before paging).
 
 Prefill (one sequence at a time, its own shapes) needs no such care and uses the fastest kernels.
+
+With `graphs=True` a decode step runs through fixed buffers padded to a batch-size bucket
+(`inference.graphs`), captured as one CUDA graph per bucket on a GPU (`capture_graphs`); the
+cache then has one block more than asked, the scratch block padded rows write to. It needs the
+paged attention kernel (the padded backend's shapes change with the step's lengths).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from inference.graphs import DecodeGraphs, StepBuffers
 from modeling.attention import (
     ATTENTION_BLOCK,
     CachedPrefill,
@@ -83,6 +89,8 @@ class Decoder:
         blocks: int | None = None,
         block_size: int = 16,
         packed: dict[nn.Module, PackedWeight] | None = None,
+        graphs: bool = False,
+        graph_buckets: list[int] | None = None,
     ) -> None:
         cfg: ModelConfig = model.config
         # Served weights (`modeling.served`): every matrix packed, float32, bfloat16 or int8,
@@ -99,7 +107,13 @@ class Decoder:
         self.blocks_per_seq = -(-cfg.max_seq_len // block_size)
         if blocks is None:
             blocks = slots * self.blocks_per_seq
-        self.cache = KVCache(cfg, blocks=blocks, block_size=block_size, device=device, dtype=dtype)
+        self.blocks = blocks  # the block ids a table may name: 0..blocks-1
+        # Fixed-buffer decode pads a step with rows that write one block nobody holds.
+        self.scratch_block: int | None = blocks if graphs else None
+        cache_blocks = blocks + 1 if graphs else blocks
+        self.cache = KVCache(
+            cfg, blocks=cache_blocks, block_size=block_size, device=device, dtype=dtype
+        )
         embed = None if packed is None else packed[model.embed_tokens].rows
         self._ops = InPlaceOps(model, rows=slots, embed_rows=embed)
         self._prefill = CachedPrefill(self.cache, cfg)
@@ -122,12 +136,32 @@ class Decoder:
             if self.attention_kernel
             else PaddedDecodeAttention(self.cache, cfg)
         )
+        self.graphs: DecodeGraphs | None = None
         self._build_decode_linears(None if kernels else (buckets or row_buckets(slots)))
         self._prefill_linear: Any = dense_linear if packed is None else self.decode_linears
+        if graphs:
+            if not isinstance(self._decode, KernelDecodeAttention):
+                raise ValueError(
+                    "fixed-buffer decode (CUDA graphs) needs kiln's paged attention kernel: "
+                    f"the kernels are not built for {device.type} {dtype}"
+                )
+            self.graphs = DecodeGraphs(
+                self._decode_fixed,
+                max_rows=slots,
+                width=self.blocks_per_seq,
+                block_size=block_size,
+                max_seq_len=cfg.max_seq_len,
+                scratch_block=blocks,
+                rows_per_seq=2 * cfg.num_kv_heads,
+                device=device,
+                buckets=graph_buckets,
+            )
 
     def _build_decode_linears(self, buckets: list[int] | None) -> None:
         """Padded RowLinears at `buckets`, or PanelLinears (no padding) for None."""
         self.buckets = [] if buckets is None else buckets
+        if self.graphs is not None:
+            self.graphs.graphs.clear()  # they call the projections being replaced
         head = self.model.head
 
         def make(module: nn.Module) -> DecodeLinear:
@@ -200,8 +234,8 @@ class Decoder:
         """A block table as given, or the fixed table of a slot number."""
         if isinstance(table, int):
             n = self.blocks_per_seq
-            if (table + 1) * n > self.cache.blocks:
-                raise ValueError(f"slot {table} is past the cache's {self.cache.blocks} blocks")
+            if (table + 1) * n > self.blocks:
+                raise ValueError(f"slot {table} is past the cache's {self.blocks} blocks")
             return list(range(table * n, (table + 1) * n))
         return table
 
@@ -217,9 +251,38 @@ class Decoder:
     def decode(self, tables: list[Table], positions: list[int], token_ids: list[int]) -> Tensor:
         """One step for B sequences: token_ids [B] at positions [B] into the blocks of tables
         [B] -> logits [B, V]. A row's result does not depend on the other rows."""
+        if self.graphs is not None:
+            return self.graphs.step([self.table(t) for t in tables], positions, token_ids)
+        return self.decode_eager(tables, positions, token_ids)
+
+    def decode_eager(
+        self, tables: list[Table], positions: list[int], token_ids: list[int]
+    ) -> Tensor:
+        """`decode` at the step's own batch size, its inputs built for this step."""
         positions_t = torch.tensor(positions, device=self.device)
         self._decode.prepare([self.table(t) for t in tables], positions, positions_t)
         linears = self.decode_linears
         run = Run(positions_t, self.rope, self._ops, linears, self._decode)
         x = self.model.hidden(torch.tensor(token_ids, device=self.device), run, self._blocks)
         return linears(self.model.head, x).float()
+
+    def _decode_fixed(self, buf: StepBuffers) -> Tensor:
+        """A decode step over fixed buffers (`inference.graphs`): the lengths and cache rows are
+        computed on the device, so a CUDA graph captures the whole step."""
+        torch.add(buf.positions, 1, out=buf.lengths)
+        self.cache.rows_into(buf.tables, buf.positions, buf.rows)
+        attention = cast(KernelDecodeAttention, self._decode)
+        attention.bind(buf.tables, buf.lengths, buf.rows)
+        linears = self.decode_linears
+        run = Run(buf.positions, self.rope, self._ops, linears, attention)
+        x = self.model.hidden(buf.tokens, run, self._blocks)
+        return linears(self.model.head, x).float()
+
+    def capture_graphs(self) -> bool:
+        """Captures each bucket's decode step as a CUDA graph (after `check_invariance`, which
+        may replace the projections); False where there is nothing to capture (no fixed-buffer
+        decode, or not on CUDA: steps then run the same buffers eagerly)."""
+        if self.graphs is None or self.device.type != "cuda":
+            return False
+        self.graphs.capture()
+        return True

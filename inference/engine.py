@@ -56,6 +56,8 @@ class EngineSettings:
     # says 131072 tokens, far more cache than most instances hold).
     max_seq_len: int | None = None
     weight_dtype: str = "auto"  # auto | float32 | bfloat16 | int8 (modeling.served)
+    # Decode through fixed buffers captured as CUDA graphs (inference.graphs); None: on CUDA.
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Engine:
             kv_cache_gib=settings.kv_cache_gib,
             block_size=settings.block_size,
             weight_dtype=settings.weight_dtype,
+            cuda_graphs=settings.cuda_graphs,
         )
         self._thread: threading.Thread | None = None
         self._notify: Notify = lambda updates: None

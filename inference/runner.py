@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from inference import sampling
 from inference.decoder import Decoder
+from inference.graphs import attention_shared_bytes, shared_memory_per_block
 from inference.scheduler import Chunk, ScheduledStep
 from inference.sequence import Sequence
 from modeling.artifact import load_model_dir, read_config
@@ -87,8 +88,14 @@ class ModelRunner:
         kv_cache_gib: float | None = None,
         block_size: int = 16,
         weight_dtype: str = "auto",
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.model_dir = model_dir
+        # Decode through fixed per-batch-size buffers, captured as CUDA graphs on a GPU
+        # (`inference.graphs`). None: on for CUDA, off on CPU (there True runs the same buffers
+        # without capture: the path the CPU tests check, slower than serving's default).
+        self.cuda_graphs = cuda_graphs
+        self.graphs_captured = False
         # The KV cache's size; None: what `slots` sequences of max_seq_len need, at most half
         # the memory left once the weights are loaded.
         self.kv_cache_gib = kv_cache_gib
@@ -136,10 +143,8 @@ class ModelRunner:
         device = self._device()
         cfg, raw, tokenizer = read_model_files(self.model_dir, self.max_seq_len_cap)
         served = self._served_dtype(device, raw["dtype"])
-        # float32 activations on CPU (bit-exact batching); the saved dtype on GPUs, where
-        # bf16/fp16 halve the memory traffic of decode.
-        saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw["dtype"] or "")
-        dtype = saved if device.type == "cuda" and saved is not None else torch.float32
+        dtype = self._activation_dtype(device, raw["dtype"])
+        graphs = self._fixed_buffers(device, cfg.max_seq_len)
         with torch.inference_mode():
             if served is not None:
                 # CPU: the matrices packed as served, from the mapped files (modeling.served).
@@ -160,6 +165,7 @@ class ModelRunner:
                 blocks=self.cache_blocks,
                 block_size=self.block_size,
                 packed=packed,
+                graphs=graphs,
             )
         del model
         self.tokenizer = tokenizer
@@ -180,6 +186,7 @@ class ModelRunner:
             "dtype": str(dtype).removeprefix("torch."),
             "weight_dtype": served or str(dtype).removeprefix("torch."),
             "device": str(device),
+            "cuda_graphs": False,  # decode steps captured (below)
             "training": raw.get("training", {}),
         }
         with torch.inference_mode():
@@ -191,6 +198,11 @@ class ModelRunner:
             )
         if warmup:
             self._warm_up()
+        if graphs:
+            # After check_invariance (it may replace the projections the graphs call).
+            with torch.inference_mode():
+                self.graphs_captured = self.decoder.capture_graphs()
+            self.model_info["cuda_graphs"] = self.graphs_captured
         self.memory = memory_figures(self.decoder)
         log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(
@@ -232,6 +244,57 @@ class ModelRunner:
                 "raise --kv-cache-gib (KILN_KV_CACHE_GIB) or lower --max-seq-len"
             )
         return blocks
+
+    def _activation_dtype(self, device: torch.device, stored: str | None) -> torch.dtype:
+        """float32 activations on CPU (the packed weights widen to it, bit-exact batching). On
+        a GPU the weights' own dtype, where bf16/fp16 halve the memory traffic of decode: the
+        saved one for auto, else the one asked for."""
+        if device.type != "cuda":
+            return torch.float32
+        if self.weight_dtype == "auto":
+            saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored or "")
+            return torch.float32 if saved is None else saved
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.weight_dtype]
+
+    def _fixed_buffers(self, device: torch.device, max_seq_len: int) -> bool:
+        """Whether decode runs through fixed buffers (and CUDA graphs on a GPU): the flag, by
+        default on for CUDA. It needs kiln's paged attention kernel for the device and, on a
+        GPU, room in a thread block's shared memory for a full-length sequence's scores (the
+        captured step's tables are full-length). Where either is missing, asked for: a
+        ModelLoadError saying what to change; by default: off, with a warning."""
+        from kernels import ops
+
+        wanted = device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
+        if not wanted:
+            return False
+        kernel = ops.HAVE_CUDA_KERNELS if device.type == "cuda" else ops.HAVE_CPU_DECODE_OPS
+        if not kernel:
+            reason = "kiln's paged attention kernel is missing: " + (
+                ops.UNAVAILABLE_REASON or "the extension was built without CUDA kernels"
+            )
+            fix = "build the kernels"
+        elif device.type == "cuda" and not self._scores_fit(device, max_seq_len):
+            need = attention_shared_bytes(max_seq_len, self.block_size)
+            have = shared_memory_per_block(device)
+            longest = (have // 4 - 32) // self.block_size * self.block_size
+            reason = (
+                f"the paged attention kernel holds a sequence's scores in shared memory: a "
+                f"context of {max_seq_len} needs {need // 1024} KiB, {device} has "
+                f"{have // 1024} KiB per block"
+            )
+            fix = f"lower --max-seq-len to {longest} or less"
+        else:
+            if device.type != "cuda":
+                log.info("--cuda-graphs on %s: decode runs the fixed buffers, uncaptured", device)
+            return True
+        if self.cuda_graphs:
+            raise ModelLoadError(f"--cuda-graphs: {reason} ({fix}, or pass --no-cuda-graphs)")
+        log.warning("decode CUDA graphs off: %s (%s to capture them)", reason, fix)
+        return False
+
+    def _scores_fit(self, device: torch.device, max_seq_len: int) -> bool:
+        need = attention_shared_bytes(max_seq_len, self.block_size)
+        return need <= shared_memory_per_block(device)
 
     def _served_dtype(self, device: torch.device, stored: str | None) -> str | None:
         """The packed weight dtype on CPU with kiln's kernels; None for the plain model (GPU, no

@@ -45,6 +45,27 @@ def _env_default(env: Mapping[str, str], name: str, default: Any) -> Any:
     return value if value else default
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A bad environment variable; the message names it and what it takes."""
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A boolean variable (1/true/yes/on, 0/false/no/off, any case); None when unset."""
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise SettingsError(
+        f"{name}={env[name]!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}"
+    )
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="serve", description="kiln's model server (SageMaker container contract)"
@@ -159,9 +180,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--weight-dtype",
         choices=("auto", "float32", "bfloat16", "int8"),
         default=_env_default(env, ServerEnv.WEIGHT_DTYPE, "auto"),
-        help="the weights as served on CPU: float32, bfloat16, or int8 (per-output-channel "
-        "weight-only quantization at load); auto serves a bfloat16 checkpoint as bfloat16, "
-        "others as float32 (default: $KILN_WEIGHT_DTYPE or auto)",
+        help="the weights as served: float32, bfloat16, or int8 on CPU (per-output-channel "
+        "weight-only quantization at load); on a GPU float32 or bfloat16, auto keeping the "
+        "checkpoint's; on CPU auto serves a bfloat16 checkpoint as bfloat16, others as float32 "
+        "(default: $KILN_WEIGHT_DTYPE or auto)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag(env, ServerEnv.CUDA_GRAPHS),
+        help="decode steps through fixed per-batch-size buffers, each captured once as a CUDA "
+        "graph and replayed (default: $KILN_CUDA_GRAPHS, else on with --device cuda; on CPU "
+        "the flag runs the same buffers uncaptured, for testing)",
     )
     p.add_argument(
         "--device",
@@ -206,7 +236,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
         args_list = args_list[1:]
-    args = build_parser(env).parse_args(args_list)
+    try:
+        parser = build_parser(env)
+    except SettingsError as err:
+        print(f"serve: error: {err}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    args = parser.parse_args(args_list)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -247,6 +282,7 @@ def _serve(args: argparse.Namespace, model_dir: Path, env: Mapping[str, str]) ->
             kv_cache_gib=args.kv_cache_gib,
             prefill_chunk=args.prefill_chunk,
             weight_dtype=args.weight_dtype,
+            cuda_graphs=args.cuda_graphs,
         ),
     )
     events = EventPublisher(event_settings)

@@ -11,6 +11,9 @@ Steps, in order, each with its share of a 10-minute budget, all output in one lo
    are used when present, for machines without a package index);
 3. build: the extension for this GPU's architecture only, in place (kernels/_C*.so);
 4. tests: every CUDA test (tests/kernels/test_kernels_cuda.py) and the CUDA compile tests;
+   then serving's CUDA tests (tests/inference/test_graphs.py: decode CUDA graphs replay the eager
+   step bitwise in bf16, a served Llama answers the same with and without them), where the
+   Python has the server's packages (skipped, saying which are missing, where not);
 5. sanitizer: compute-sanitizer memcheck and racecheck over kernels.gpu_sanitize;
 6. bench: kernels.bench --device cuda (ours, eager, torch.compile, a same-traffic copy).
 
@@ -399,6 +402,12 @@ def run_steps(check: Check, args: argparse.Namespace) -> int:
     last = [line for line in out.splitlines() if line.strip()]
     step.status, step.note = ("ok" if code == 0 else "FAILED"), (last[-1] if last else "")
 
+    # 4b. serving on CUDA: decode graphs
+    step = check.step("serving")
+    t0 = time.monotonic()
+    serving_tests(check, python, step)
+    timed(step, t0)
+
     # 5. compute-sanitizer over a small run of every kernel path
     step = check.step("sanitizer")
     t0 = time.monotonic()
@@ -432,6 +441,57 @@ def run_steps(check: Check, args: argparse.Namespace) -> int:
         step.status = "ok" if code == 0 else ("TIMEOUT" if code == 124 else "FAILED")
     timed(step, t0)
     return 0 if all(s.status == "ok" for s in check.steps) else 1
+
+
+SERVING_PACKAGES = (
+    "transformers", "safetensors", "tokenizers", "uvicorn", "starlette", "pydantic", "jinja2",
+)  # fmt: skip
+SERVING_BUDGET_S = 180.0
+
+
+def serving_tests(check: Check, python: str, step: Step) -> None:
+    """tests/inference/test_graphs.py's CUDA tests, when `python` has the server's packages."""
+    probe = (
+        "import importlib.util, json; print(json.dumps([n for n in "
+        f"{list(SERVING_PACKAGES)!r} if importlib.util.find_spec(n) is None]))"
+    )
+    code, out = check.run([python, "-c", probe], 60)
+    try:
+        missing = json.loads(out.strip().splitlines()[-1]) if code == 0 else None
+    except (json.JSONDecodeError, IndexError):
+        missing = None
+    if missing is None:
+        step.status, step.note = "FAILED", "could not probe the Python's packages"
+        return
+    if missing:
+        step.status = "skipped"
+        step.note = f"{python} lacks {', '.join(missing)} (`make install-dev` installs them)"
+        return
+    budget = min(SERVING_BUDGET_S, check.left() - 60)
+    if budget < 60:
+        step.status, step.note = "skipped", "out of time"
+        return
+    code, out = check.run(
+        [
+            python,
+            "-m",
+            "pytest",
+            "tests/inference/test_graphs.py",
+            "--confcutdir=tests/inference",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rfEs",
+        ],
+        budget,
+        env={"KILN_REQUIRE_KERNELS": "1"},
+    )
+    last = [line for line in out.splitlines() if line.strip()]
+    note = last[-1] if last else ""
+    if code == 0 and "skipped" in note:
+        code = 1  # on a GPU machine nothing here may be skipped
+    step.status = "ok" if code == 0 else ("TIMEOUT" if code == 124 else "FAILED")
+    step.note = note
 
 
 def sanitize(check: Check, sanitizer: str, tool: str, python: str) -> bool:

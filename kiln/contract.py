@@ -254,6 +254,7 @@ class ServerEnv:
     KV_CACHE_GIB = "KILN_KV_CACHE_GIB"
     PREFILL_CHUNK = "KILN_PREFILL_CHUNK"
     WEIGHT_DTYPE = "KILN_WEIGHT_DTYPE"
+    CUDA_GRAPHS = "KILN_CUDA_GRAPHS"  # 1/0: decode steps captured as CUDA graphs (on CUDA)
     DEVICE = "KILN_DEVICE"
     LOG_LEVEL = "KILN_LOG_LEVEL"
 

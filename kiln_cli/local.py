@@ -41,6 +41,8 @@ DEFAULT_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n    def pu
 # model code, a test keeps the two lists equal).
 PRESETS = ("tiny", "small", "base", "1b")
 DEFAULT_PRESET = "tiny"
+# The server's --weight-dtype choices (`modeling.served.WEIGHT_DTYPES`; a test keeps them equal).
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "int8")
 # Seconds between progress lines when the output is not a terminal (a log, a pipe, a test).
 PROGRESS_EVERY_S = 10.0
 
@@ -296,8 +298,10 @@ def serve_and_ask(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int | None = None,
+    weight_dtype: str | None = None,
 ) -> None:
-    """Starts the server on a loopback port, asks each prompt, then stops it with SIGTERM."""
+    """Starts the server on a loopback port, asks each prompt, then stops it with SIGTERM.
+    `weight_dtype` goes to the server's --weight-dtype (None: the server's default)."""
     assert run.model_dir is not None
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -313,6 +317,8 @@ def serve_and_ask(
         "--host",
         "127.0.0.1",
     ]
+    if weight_dtype is not None:
+        command += ["--weight-dtype", weight_dtype]
     server = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         say(f"serving on {base}")
@@ -336,6 +342,10 @@ def serve_and_ask(
             if time.monotonic() > deadline:
                 raise LocalError(f"the server was not ready after {startup_timeout:.0f} s")
             time.sleep(0.25)
+        log.flush()
+        memory = _memory_line((run.work_dir / "server.log").read_text(errors="replace"))
+        if memory:
+            say(f"server {memory}")
         parameters: dict[str, Any] = {"max_new_tokens": max_new_tokens}
         if temperature > 0:
             parameters.update(temperature=temperature, top_k=top_k, seed=seed)
@@ -360,6 +370,15 @@ def serve_and_ask(
                 server.wait()
         run.server_exit_code = server.returncode
         log.close()
+
+
+def _memory_line(server_log: str) -> str | None:
+    """The server's `memory: weights ... MiB (dtype), KV cache ...` line, from `memory:` on."""
+    for line in server_log.splitlines():
+        at = line.find("memory: weights ")
+        if at >= 0:
+            return line[at:].strip()
+    return None
 
 
 def show_answer(prompt: str, text: str) -> str:
@@ -511,6 +530,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on the same machine (default: %(default)s)",
     )
     parser.add_argument(
+        "--weight-dtype",
+        choices=WEIGHT_DTYPES,
+        help="the weights as the server holds them: float32, bfloat16, or int8 (per-channel, "
+        "weight-only, quantized at load; CPU); auto serves a bfloat16 checkpoint as bfloat16, "
+        "others as float32 (default: the server's, $KILN_WEIGHT_DTYPE or auto)",
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         help="keep the run (model.tar.gz, logs) here (default: a temporary directory, "
@@ -571,6 +597,7 @@ def run_command(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             seed=args.seed,
+            weight_dtype=args.weight_dtype,
         )
         report(run, say, kept=not temporary)
         return 0 if run.server_exit_code == 0 else 1

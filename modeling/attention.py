@@ -61,7 +61,14 @@ class KVCache:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.keys = [kv[0] for kv in self.kv]
         self.values = [kv[1] for kv in self.kv]
-        self._rows = torch.empty(0, dtype=torch.long, device=device)
+        self.device = torch.device(device)
+        # Per sequence, where its k heads then v heads go relative to its position's row.
+        self._head_rows = torch.tensor(
+            [base + h * block_size
+             for base in (0, blocks * cfg.num_kv_heads * block_size)
+             for h in range(cfg.num_kv_heads)],
+            device=device,
+        )  # fmt: skip
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -75,7 +82,7 @@ class KVCache:
     def span_index(self, table: list[int], start: int, end: int) -> tuple[Tensor, Tensor]:
         """(block, row) of positions start..end of a sequence with this block table."""
         bs = self.block_size
-        device = self._rows.device
+        device = self.device
         positions = torch.arange(start, end)
         blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long)[positions // bs]
         return blocks.to(device), (positions % bs).to(device)
@@ -94,28 +101,38 @@ class KVCache:
         v = self.values[layer][blocks].transpose(0, 1).reshape(shape)[:, :length]
         return k, v
 
-    def prepare_rows(self, tables: list[list[int]], positions: list[int]) -> None:
+    def prepare_rows(self, tables: list[list[int]], positions: list[int]) -> Tensor:
         """Decode: the rows of each layer's cache, viewed as [2 * blocks * Hkv * block_size, D],
         that this step's k and v heads go to, in qkv's order (per sequence: k heads, v heads)."""
         bs = self.block_size
         per_block, values = self.num_kv_heads * bs, self.blocks * self.num_kv_heads * bs
         heads = [h * bs for h in range(self.num_kv_heads)]
-        self._rows = torch.tensor(
+        return torch.tensor(
             [base + t[p // bs] * per_block + h + p % bs
              for t, p in zip(tables, positions, strict=True)
              for base in (0, values) for h in heads],
-            device=self._rows.device,
+            device=self.device,
         )  # fmt: skip
 
-    def write_rows(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Decode: k, v [B, Hkv, D] to the rows `prepare_rows` chose, in one copy.
+    def rows_into(self, tables: Tensor, positions: Tensor, out: Tensor) -> None:
+        """`prepare_rows` on the device, into `out` [B * 2 * Hkv], from block tables [B, W] and
+        positions [B] already there: nothing read back to the host, nothing of a size that
+        depends on the values (a CUDA graph captures it)."""
+        bs = self.block_size
+        block = tables.gather(1, torch.div(positions, bs, rounding_mode="floor").unsqueeze(1))
+        first = block * (self.num_kv_heads * bs) + positions.remainder(bs).unsqueeze(1)  # [B, 1]
+        heads = self._head_rows
+        torch.add(first, heads, out=out.view(-1, heads.shape[0]))
+
+    def write_rows(self, layer: int, k: Tensor, v: Tensor, rows: Tensor) -> None:
+        """Decode: k, v [B, Hkv, D] to the cache rows `rows` (`prepare_rows`), in one copy.
 
         k and v are neighbouring heads of one projection output ([q heads | k heads | v heads]
         per row, rotated in place), so one strided view covers both.
         """
         b, h, d = k.shape
         kv = k.as_strided((b, 2 * h, d), k.stride())
-        self.kv[layer].view(-1, d).index_copy_(0, self._rows, kv.reshape(-1, d))
+        self.kv[layer].view(-1, d).index_copy_(0, rows, kv.reshape(-1, d))
 
 
 def table_tensor(tables: list[list[int]], width: int, device: torch.device) -> Tensor:
@@ -234,18 +251,24 @@ class KernelDecodeAttention:
         self._op = ops.paged_decode_attention_out
         kv = cache.kv[0]
         self._out = torch.empty(rows, cfg.num_heads, cfg.head_dim, device=kv.device, dtype=kv.dtype)
-        self._tables = self._lengths = torch.empty(0, dtype=torch.long)
+        self._tables = self._lengths = self._rows = torch.empty(0, dtype=torch.long)
 
     def prepare(self, tables: list[list[int]], positions: list[int], positions_t: Tensor) -> None:
         cache = self.cache
-        cache.prepare_rows(tables, positions)
+        self._rows = cache.prepare_rows(tables, positions)
         width = -(-(max(positions) + 1) // cache.block_size)
         self._tables = table_tensor(tables, width, positions_t.device)
         self._lengths = positions_t + 1
 
+    def bind(self, tables: Tensor, lengths: Tensor, rows: Tensor) -> None:
+        """Reads the step's block tables [B, W], lengths [B] and cache rows [B * 2 * Hkv] from
+        these device tensors (fixed buffers that `inference.graphs` refills each step) instead
+        of `prepare`'s."""
+        self._tables, self._lengths, self._rows = tables, lengths, rows
+
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         cache = self.cache
-        cache.write_rows(layer, k, v)
+        cache.write_rows(layer, k, v, self._rows)
         out = self._out[: q.shape[0]]
         self._op(
             q, cache.keys[layer], cache.values[layer], self._tables, self._lengths, self.scale, out
@@ -264,11 +287,11 @@ class PaddedDecodeAttention:
         self.num_kv_heads, self.head_dim = cfg.num_kv_heads, cfg.head_dim
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.length = 0
-        self._tables = self._bias = torch.empty(0)
+        self._tables = self._bias = self._rows = torch.empty(0)
 
     def prepare(self, tables: list[list[int]], positions: list[int], positions_t: Tensor) -> None:
         cache, device = self.cache, positions_t.device
-        cache.prepare_rows(tables, positions)
+        self._rows = cache.prepare_rows(tables, positions)
         self.length = length = min(
             cache.max_seq_len, -(-(max(positions) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
         )
@@ -280,7 +303,7 @@ class PaddedDecodeAttention:
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         cache, length, tables = self.cache, self.length, self._tables
-        cache.write_rows(layer, k, v)
+        cache.write_rows(layer, k, v, self._rows)
         b = q.shape[0]
         query = (q * self.scale).view(b, self.num_kv_heads, self.group, self.head_dim)
         shape = (b, self.num_kv_heads, -1, self.head_dim)

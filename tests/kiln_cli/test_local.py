@@ -171,6 +171,41 @@ def test_a_model_directory_you_bring_is_served_and_asked(
     assert "training the" not in out and "validation loss" not in out
 
 
+def test_weight_dtype_reaches_the_server_and_the_memory_line_says_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kiln local --weight-dtype int8` serves int8 weights, and the person sees the server's
+    memory line with the dtype it holds."""
+    pytest.importorskip("torch", reason="the server loads a model")
+    from kernels import ops
+    from tests.modeling.hf_models import build
+
+    if not ops.HAVE_CPU_DECODE_OPS:
+        pytest.skip(f"int8 weights need kiln's CPU kernels: {ops.UNAVAILABLE_REASON}")
+    model = build("llama-3.2-1b", tmp_path / "Llama")
+    argv = ["local", "--model", str(model), "--prompt", "The kiln", "--max-new-tokens", "4"]
+    for dtype, held in (("int8", "(int8)"), ("float32", "(float32)")):
+        code = main([*argv, "--weight-dtype", dtype, "--work-dir", str(tmp_path / dtype)])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        line = next(x for x in out.splitlines() if x.startswith("server memory: weights "))
+        assert held in line and "KV cache" in line and "peak RSS" in line, line
+        assert "--- answer 1 of 1, to 'The kiln'" in out
+        log = (tmp_path / dtype / "server.log").read_text()
+        assert held in log
+
+
+def test_weight_dtype_choices_are_the_servers(capsys: pytest.CaptureFixture[str]) -> None:
+    served = pytest.importorskip("modeling.served")
+    assert local.WEIGHT_DTYPES == served.WEIGHT_DTYPES
+    with pytest.raises(SystemExit) as exit_:
+        main(["local", "--weight-dtype", "int4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --weight-dtype: invalid choice: 'int4'" in err, err
+    assert "'auto', 'float32', 'bfloat16', 'int8'" in err, err
+
+
 def test_a_model_path_that_is_not_there_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["local", "--model", "./no-such-model"])
