@@ -98,11 +98,11 @@ def test_a_sharded_float32_model_with_biases_narrows_to_bfloat16_as_torch_rounds
     assert "layers.0.attn.qkv_proj.bias" in rounded
 
 
-class Copies(TorchDispatchMode):
+class Copies(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Every copy torch makes: (source device, source dtype, destination device, its dtype)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.seen: list[tuple[str, torch.dtype, str, torch.dtype]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
