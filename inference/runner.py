@@ -23,7 +23,12 @@ from modeling.artifact import load_model_dir, read_config
 from modeling.attention import KVCache
 from modeling.chat import ChatTemplate, ChatTemplateError
 from modeling.config import ModelConfig
-from modeling.served import load_served, packed_by_module, resolve_weight_dtype
+from modeling.served import (
+    load_served,
+    load_to_device,
+    packed_by_module,
+    resolve_weight_dtype,
+)
 from modeling.tokenizer import (
     NOT_A_START,
     TOKENIZER_FILE,
@@ -145,6 +150,11 @@ class ModelRunner:
         served = self._served_dtype(device, raw["dtype"])
         dtype = self._activation_dtype(device, raw["dtype"])
         graphs = self._fixed_buffers(device, cfg.max_seq_len)
+        if device.type == "cuda":
+            # The context first (its host memory is not the weights'), then the peaks from here.
+            torch.cuda.mem_get_info(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        before = process_memory().get("VmRSS", 0)
         with torch.inference_mode():
             if served is not None:
                 # CPU: the matrices packed as served, from the mapped files (modeling.served).
@@ -152,6 +162,13 @@ class ModelRunner:
                     self.model_dir, served, max_seq_len=self.max_seq_len_cap
                 )
                 packed = packed_by_module(model, packed_weights)
+            elif device.type != "cpu":
+                # A GPU: tensor by tensor from the mapped files onto the device in the served
+                # dtype; the host never holds the model (modeling.served.load_to_device).
+                model, _ = load_to_device(
+                    self.model_dir, device, dtype, max_seq_len=self.max_seq_len_cap
+                )
+                packed = None
             else:
                 model, _ = load_model_dir(self.model_dir, max_seq_len=self.max_seq_len_cap)
                 packed = None
@@ -203,7 +220,7 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs_captured = self.decoder.capture_graphs()
             self.model_info["cuda_graphs"] = self.graphs_captured
-        self.memory = memory_figures(self.decoder)
+        self.memory = memory_figures(self.decoder, rss_before_weights=before)
         log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(
             "model loaded from %s in %.2f s: %d layers, hidden %d, %s on %s, batch %d, "
@@ -313,7 +330,10 @@ class ModelRunner:
                 f"loaded: {ops.UNAVAILABLE_REASON}"
             )
         if self.weight_dtype == "int8":
-            raise ModelLoadError(f"--weight-dtype int8 is served on CPU only, not {device}")
+            raise ModelLoadError(
+                f"--weight-dtype int8 is served on CPU only, not {device}: pass --weight-dtype "
+                "bfloat16 (or auto, float32) on a GPU, or --device cpu for int8"
+            )
         return None
 
     def _warm_up(self) -> None:
@@ -474,22 +494,60 @@ def process_memory() -> dict[str, int]:
     return out
 
 
-def memory_figures(decoder: Decoder) -> dict[str, int]:
-    """Weights as served, the KV cache, and the process's resident memory, in bytes."""
+def memory_figures(decoder: Decoder, rss_before_weights: int = 0) -> dict[str, int]:
+    """Weights as served, the KV cache, and the process's resident memory (now, at its peak, and
+    before the weights were loaded), in bytes; on a GPU also its memory allocated now and at its
+    peak since the load began (`torch.cuda.max_memory_allocated`)."""
     proc = process_memory()
-    return {
+    out = {
         "weights": decoder.weight_bytes(),
         "kv_cache": decoder.cache_bytes(),
         "rss": proc.get("VmRSS", 0),
         "peak_rss": proc.get("VmHWM", 0),
+        "rss_before_weights": rss_before_weights,
     }
+    if decoder.device.type == "cuda":
+        out["gpu_allocated"] = torch.cuda.memory_allocated(decoder.device)
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(decoder.device)
+    return out
+
+
+# The issue's bound on peak memory: 1.1 x the weights as served + the KV cache + this.
+BOUND_SLACK = 300 * 2**20
+
+
+def memory_bound(m: dict[str, int]) -> tuple[str, int, int]:
+    """What the bound applies to, its measure and the bound: 1.1 x weights + KV cache + 300 MiB
+    against the GPU's peak allocation where the model is on a GPU (the weights and cache live
+    there; the host holds the process and about one tensor while loading), else the peak RSS."""
+    bound = int(1.1 * m["weights"] + m["kv_cache"] + BOUND_SLACK)
+    if "gpu_peak" in m:
+        return "GPU peak allocated", m["gpu_peak"], bound
+    return "peak RSS", m["peak_rss"], bound
 
 
 def memory_line(m: dict[str, int], weight_dtype: str) -> str:
-    """One line: weights (their dtype), KV cache, RSS now and at peak, in MiB."""
+    """One line: weights (their dtype), KV cache, on a GPU its peak allocation, RSS now and at
+    peak, in MiB; then the bound, within or over."""
     mib = 2**20
+    gpu = "gpu_peak" in m
+    where = " on the GPU" if gpu else ""
+    line = (
+        f"weights {m['weights'] / mib:.1f} MiB ({weight_dtype}){where}, KV cache "
+        f"{m['kv_cache'] / mib:.1f} MiB{where}, "
+    )
+    if gpu:
+        line += (
+            f"GPU allocated {m['gpu_allocated'] / mib:.1f} MiB, peak "
+            f"{m['gpu_peak'] / mib:.1f} MiB; host "
+        )
+    line += f"RSS {m['rss'] / mib:.1f} MiB, peak RSS {m['peak_rss'] / mib:.1f} MiB"
+    if m.get("rss_before_weights"):
+        line += f" ({m['rss_before_weights'] / mib:.1f} MiB before the weights)"
+    what, measured, bound = memory_bound(m)
+    over = (measured - bound) / mib
+    verdict = "within" if over <= 0 else f"over by {over:.1f} MiB:"
     return (
-        f"weights {m['weights'] / mib:.1f} MiB ({weight_dtype}), KV cache "
-        f"{m['kv_cache'] / mib:.1f} MiB, RSS {m['rss'] / mib:.1f} MiB, peak RSS "
-        f"{m['peak_rss'] / mib:.1f} MiB"
+        f"{line}; {what} {verdict} 1.1 x weights + KV cache + {BOUND_SLACK // mib} MiB = "
+        f"{bound / mib:.1f} MiB"
     )

@@ -15,6 +15,13 @@ The safetensors files are mapped, not read: a tensor is a view of the mapping in
 dtype, converted 4,096 rows at a time into the panels, and its pages are released
 (`madvise(MADV_DONTNEED)`) once packed. So peak memory is the served weights plus one chunk, not
 the file, and a bfloat16 checkpoint served as bfloat16 or int8 never exists in float32.
+
+`load_to_device(directory, device, dtype)` is the plain model (no panels) for a GPU: each
+parameter allocated on the device in the served dtype and filled from the mapped parts (a fused
+q/k/v or gate/up from its parts, in place), crossing to the device in the stored dtype and
+converted there; each part's pages are released once copied. The host holds about one tensor at a
+time, never the model: an 8B bfloat16 checkpoint (16 GB) loads onto a 24 GB GPU from a 32 GiB host.
+On CPU the same function gives `modeling.artifact.load_model_dir`'s model bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import Tensor, nn
 from kernels import reference
 from modeling import hf
 from modeling.artifact import CONFIG_FILE, LEGACY_FORMAT, ArtifactError, read_config
+from modeling.config import ModelConfig
 from modeling.model import LlamaModel, load_ops
 from modeling.rope import rope_table
 
@@ -189,13 +197,11 @@ def load_served(
         return _load(Path(directory), weight_dtype, max_seq_len)
 
 
-def _load(
-    directory: Path, weight_dtype: str, max_seq_len: int | None
-) -> tuple[LlamaModel, dict[str, PackedWeight], dict[str, Any]]:
-    cfg, info = read_config(directory, max_seq_len=max_seq_len)
-    load_ops("kiln")
-    with torch.device("meta"):
-        model = LlamaModel(cfg, ops="kiln")
+def _mapped_sources(
+    directory: Path, cfg: ModelConfig, info: dict[str, Any], model: LlamaModel
+) -> tuple[dict[str, list[str]], list[_Mapped], dict[str, _Mapped]]:
+    """Each parameter's stored parts (`hf.tensor_sources`), the mapped files and which file holds
+    each part; an ArtifactError naming the files where the tensors do not match the config."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
     if info["format"] == LEGACY_FORMAT:
         sources = {name: [name] for name in expected}
@@ -216,19 +222,43 @@ def _load(
             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
+    return sources, files, where
+
+
+def _stored_parts(
+    directory: Path,
+    part_names: list[str],
+    where: dict[str, _Mapped],
+    expected: torch.Size,
+) -> tuple[list[Tensor], tuple[int, ...]]:
+    """Views of a parameter's parts in the mapping and the stacked shape, checked against the
+    config's (an ArtifactError naming the file and the parts where they differ)."""
+    parts = [where[p].tensor(p) for p in part_names]
+    rows = sum(p.shape[0] for p in parts)
+    shape = (rows, *parts[0].shape[1:])
+    if shape != tuple(expected) or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        verb, together = ("is", "") if len(parts) == 1 else ("are", " together")
+        raise ArtifactError(
+            f"{where[part_names[0]].path}: {', '.join(part_names)} {verb} {shapes} where "
+            f"{directory / CONFIG_FILE} needs {tuple(expected)}{together}"
+        )
+    return parts, shape
+
+
+def _load(
+    directory: Path, weight_dtype: str, max_seq_len: int | None
+) -> tuple[LlamaModel, dict[str, PackedWeight], dict[str, Any]]:
+    cfg, info = read_config(directory, max_seq_len=max_seq_len)
+    load_ops("kiln")
+    with torch.device("meta"):
+        model = LlamaModel(cfg, ops="kiln")
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    sources, files, where = _mapped_sources(directory, cfg, info, model)
     packed: dict[str, PackedWeight] = {}
     state: dict[str, Tensor] = {}
     for name, part_names in sources.items():
-        parts = [where[p].tensor(p) for p in part_names]
-        rows = sum(p.shape[0] for p in parts)
-        shape = (rows, *parts[0].shape[1:])
-        if shape != tuple(expected[name]) or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
-            shapes = ", ".join(str(tuple(p.shape)) for p in parts)
-            verb, together = ("is", "") if len(parts) == 1 else ("are", " together")
-            raise ArtifactError(
-                f"{where[part_names[0]].path}: {', '.join(part_names)} {verb} {shapes} where "
-                f"{directory / CONFIG_FILE} needs {tuple(expected[name])}{together}"
-            )
+        parts, shape = _stored_parts(directory, part_names, where, expected[name])
         if len(shape) == 2:
             packed[name] = _pack(parts, weight_dtype)
             state[name] = torch.empty(0)
@@ -250,6 +280,50 @@ def _load(
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     model.rope = rope_table(cfg)
     return model.eval(), packed, info
+
+
+def load_to_device(
+    directory: str | Path,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    *,
+    max_seq_len: int | None = None,
+) -> tuple[LlamaModel, dict[str, Any]]:
+    """The model (eval mode) with every parameter on `device` in `dtype`, and `read_config`'s
+    info; the rotary table on `device` in float32, as `load_model_dir` makes it."""
+    directory, device = Path(directory), torch.device(device)
+    cfg, info = read_config(directory, max_seq_len=max_seq_len)
+    load_ops("kiln")  # imports the kernels outside the meta-device context
+    with torch.device("meta"):
+        model = LlamaModel(cfg, ops="kiln")
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    sources, files, where = _mapped_sources(directory, cfg, info, model)
+    state: dict[str, Tensor] = {}
+    try:
+        for name, part_names in sources.items():
+            parts, shape = _stored_parts(directory, part_names, where, expected[name])
+            out = torch.empty(shape, dtype=dtype, device=device)
+            start = 0
+            for part, part_name in zip(parts, part_names, strict=True):
+                rows = part.shape[0]
+                if part.dtype != dtype and device.type != "cpu":
+                    # torch converts a host-to-device copy on the host: a float32 copy of a
+                    # bfloat16 tensor there. Across in the stored dtype, converted on the device.
+                    part = part.to(device)
+                out[start : start + rows].copy_(part)  # synchronous: the pages are read now
+                start += rows
+                del part
+                where[part_name].release(part_name)
+            del parts
+            state[name] = out
+    finally:
+        for f in files:
+            # After an error the traceback may still hold views of the mapping.
+            with contextlib.suppress(BufferError):
+                f.map.close()
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope = rope_table(cfg).to(device)
+    return model.eval(), info
 
 
 def _exists(path: Path) -> bool:
