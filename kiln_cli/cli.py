@@ -204,6 +204,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         reason = final.get("FailureReason") or final.get("SecondaryStatus", "")
         raise OperateError(f"training job {started.job} {final['TrainingJobStatus']}: {reason}")
     artifact = final.get("ModelArtifacts", {}).get("S3ModelArtifacts", started.artifact)
+    if request.get("OutputDataConfig", {}).get("CompressionType") == "NONE":
+        # An uncompressed model is the prefix of its files: deployable as S3Prefix model data.
+        artifact = artifact.rstrip("/") + "/"
     billable, seconds = final.get("BillableTimeInSeconds"), final.get("TrainingTimeInSeconds")
     print(f"completed: model {artifact}")
     if billable and seconds and billable < seconds:

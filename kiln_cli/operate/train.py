@@ -51,6 +51,9 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"  # synced with CheckpointConfig.S3Uri
 # Trainer flags kiln sets itself (the channels, where checkpoints and the model go).
 RESERVED_FLAGS = frozenset({"data", "val_data", "checkpoint_dir", "output_dir", "job_name"})
+# The trainer's --model-format values (training/train.py), and how SageMaker writes each: a
+# run that asks for the model directory uncompressed gets OutputDataConfig.CompressionType NONE.
+MODEL_FORMATS = ("tarball", "directory", "both")
 # Room for pod hostnames (`<job>-<index>`, `<job>-worker-<index>`) inside 63 characters.
 MAX_JOB_NAME = 50
 MAX_RUNTIME_HOURS = 28 * 24  # SageMaker's limit on MaxRuntimeInSeconds
@@ -224,6 +227,7 @@ def sagemaker_request(
         raise OperateError("--volume-gib must be at least 1", exit_code=2)
     spot = _capacity(settings, options.capacity) == "spot"
     runtime, wait = _limits(options)
+    uncompressed = model_format(options.trainer_args, "sagemaker") == "directory"
     channels = [("train", train_uri)] + ([("validation", val_uri)] if val_uri else [])
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": runtime}
     if spot and wait is not None:
@@ -252,10 +256,12 @@ def sagemaker_request(
             }
             for channel, uri in channels
         ],
-        # SageMaker writes <path>/<job>/output/model.tar.gz; the bucket's default SSE-KMS (the
-        # lake key) encrypts it, so no KmsKeyId (that would need kms:Encrypt for the role).
+        # SageMaker writes <path>/<job>/output/model.tar.gz, or with CompressionType NONE the
+        # files of /opt/ml/model under <path>/<job>/output/model/; the bucket's default SSE-KMS
+        # (the lake key) encrypts them, so no KmsKeyId (that would need kms:Encrypt for the role).
         "OutputDataConfig": {
-            "S3OutputPath": f"s3://{artifacts_bucket}/{MODELS_PREFIX}".rstrip("/")
+            "S3OutputPath": f"s3://{artifacts_bucket}/{MODELS_PREFIX}".rstrip("/"),
+            **({"CompressionType": "NONE"} if uncompressed else {}),
         },
         "ResourceConfig": {
             "InstanceType": _instance_type(settings, options.instance_type, "sagemaker"),
@@ -275,6 +281,38 @@ def sagemaker_request(
             {"Key": "owner", "Value": settings.owner},
         ],
     }
+
+
+def model_format(trainer_args: Sequence[str], on: Platform) -> str:
+    """The trainer's --model-format of this run (default tarball), checked for `on`.
+
+    SageMaker uploads /opt/ml/model once, either as model.tar.gz (CompressionType GZIP, the
+    default) or file by file (NONE), so `both` has no SageMaker form; on EKS the trainer
+    uploads the model itself and writes either or both."""
+    value = hyperparameters(trainer_args).get("model_format", "tarball")
+    if value not in MODEL_FORMATS:
+        raise OperateError(
+            f"trainer argument --model-format {value!r}: use one of {', '.join(MODEL_FORMATS)}",
+            exit_code=2,
+        )
+    if value == "both" and on == "sagemaker":
+        raise OperateError(
+            "trainer argument --model-format both: SageMaker writes the model either as "
+            "model.tar.gz or uncompressed (OutputDataConfig.CompressionType), not both; use "
+            "tarball, or directory for a large model served from its S3 prefix",
+            exit_code=2,
+        )
+    return value
+
+
+def tracking_environment(aws: Aws) -> dict[str, str]:
+    """$MLFLOW_TRACKING_URI for the run: the environment's MLflow tracking server (the compute
+    stack's TrackingServerArn output) when `experiment_tracking.enabled`; the trainer's
+    `sagemaker-mlflow` plugin signs its requests with the run's own role. A `--tracking-uri`
+    among the trainer arguments still wins (the trainer prefers its flag)."""
+    if not aws.settings.experiment_tracking.enabled:
+        return {}
+    return {TrainerEnv.TRACKING_URI: aws.output(Outputs.TRACKING_SERVER_ARN)}
 
 
 def registration_environment(
@@ -325,9 +363,12 @@ def registration_environment(
 
 
 def sagemaker_artifact(request: dict[str, Any]) -> str:
-    """Where SageMaker puts the model of `request`'s job."""
-    path = request["OutputDataConfig"]["S3OutputPath"]
-    return f"{path}/{request['TrainingJobName']}/output/model.tar.gz"
+    """Where SageMaker puts the model of `request`'s job: its model.tar.gz, or uncompressed
+    (CompressionType NONE) the prefix of the model directory's files, which registers and
+    deploys as S3Prefix model data (kiln.contract.is_model_prefix)."""
+    output = request["OutputDataConfig"]
+    base = f"{output['S3OutputPath']}/{request['TrainingJobName']}/output"
+    return f"{base}/model/" if output.get("CompressionType") == "NONE" else f"{base}/model.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -387,6 +428,7 @@ def start_sagemaker(
     environment = registration_environment(
         aws, options, artifact=sagemaker_artifact(request), data_uri=train_uri, warn=warn
     )
+    environment.update(tracking_environment(aws))
     if environment:
         request["Environment"] = environment
     if not dry_run:
@@ -413,6 +455,7 @@ def start_sagemaker(
         ("checkpoints", request["CheckpointConfig"]["S3Uri"]),
         ("model", sagemaker_artifact(request)),
         ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
         ("max runtime", elapsed(request["StoppingCondition"]["MaxRuntimeInSeconds"])),
     ]
     return Started(job, sagemaker_artifact(request), summary, request=request)
@@ -479,6 +522,7 @@ def eks_manifests(
         raise OperateError(f"--operator {operator!r}: use none or trainer", exit_code=2)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # the same checks as on SageMaker
+    form = model_format(options.trainer_args, "eks")
     runtime, _ = _limits(options)
     image = aws.output(Outputs.TRAINING_IMAGE_URI)
     artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
@@ -516,11 +560,14 @@ def eks_manifests(
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
     namespace, queue = team_queue(settings, options.team)
+    # The trainer writes <output>/model.tar.gz, or the directory under <output>/model/ alone.
+    artifact = f"{output}model/" if form == "directory" else f"{output}model.tar.gz"
     environment = registration_environment(
-        aws, options, artifact=f"{output}model.tar.gz", data_uri=train_uri, warn=warn
+        aws, options, artifact=artifact, data_uri=train_uri, warn=warn
     )
     # On EKS the trainer uploads the model itself and registers the URI it wrote.
     environment.pop(TrainerEnv.MODEL_ARTIFACT, None)
+    environment.update(tracking_environment(aws))
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -556,8 +603,9 @@ def eks_manifests(
         ("objects", ", ".join(m["kind"] for m in manifests)),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
-        ("model", f"{output}model.tar.gz"),
+        ("model", artifact),
         ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
         (
             "memory",
             f"{plan.total / (1 << 30):.1f} GiB of {plan.capacity / (1 << 30):.1f} per GPU"
@@ -565,7 +613,7 @@ def eks_manifests(
         ),
     ]
     yaml_text = training_job.to_yaml(manifests)
-    return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
+    return Started(job, artifact, summary, manifests=yaml_text)
 
 
 def team_queue(settings: Settings, team: str | None) -> tuple[str, str]:
