@@ -121,10 +121,10 @@ def is_model_prefix(artifact: str) -> bool:
 # The MLflow tracking server's artifact store (experiment_tracking), in the artifacts bucket.
 MLFLOW_PREFIX = "mlflow/"
 # What a training run's MLflow client calls on the tracking server (training/tracking.py: find
-# or create the experiment and read it, create the run, log parameters and metrics in batches, set tags,
-# read the run for its artifact location, end it): the training roles get these actions on
-# that one server, no deletes, registry or UI (tests/training/test_tracking_sagemaker.py
-# records the calls).
+# or create the experiment and read it, create the run, log parameters and metrics in batches,
+# set tags, read the run for its artifact location, end it): the training roles get these
+# actions on that one server, no deletes, registry or UI (tests/training/
+# test_tracking_sagemaker.py records the calls).
 MLFLOW_TRAINING_ACTIONS = (
     "sagemaker-mlflow:GetExperimentByName",
     "sagemaker-mlflow:GetExperiment",

@@ -395,3 +395,145 @@ def test_the_retired_operator_and_operator_on_sagemaker_are_refused(
     assert "use --operator trainer" in err
     assert main(["train", "--env", "dev", "--on", "sagemaker", "--operator", "trainer"]) == 2
     assert "--operator applies to --on eks" in capsys.readouterr().err
+
+
+TRACKING_ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:mlflow-tracking-server/kiln-dev-mlflow"
+
+
+def _tracked_aws(env: str = "dev") -> Any:
+    """An environment with `experiment_tracking.enabled` whose compute stack has the server."""
+    deploy_stacks(
+        env,
+        components=(Component.DATA_LAKE, Component.COMPUTE),
+        extra={Component.COMPUTE: {Outputs.TRACKING_SERVER_ARN.key: TRACKING_ARN}},
+    )
+    create_buckets(env=env)
+    put_object(f"s3://kiln-{env}-curated-{ACCOUNT}-{REGION}/train/shard-0.txt")
+    aws = make_aws(env)
+    tracking = aws.settings.experiment_tracking.model_copy(update={"enabled": True})
+    aws.settings = aws.settings.model_copy(update={"experiment_tracking": tracking})
+    return aws
+
+
+def _sent(aws: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    aws.client("sagemaker").meta.events.register(
+        "provide-client-params.sagemaker.CreateTrainingJob",
+        lambda params, **_: sent.append(dict(params)),
+    )
+    return sent
+
+
+@mock_aws
+def test_a_sagemaker_run_gets_the_tracking_server_as_its_tracking_uri() -> None:
+    aws = _tracked_aws()
+    sent = _sent(aws)
+    started = train.start_sagemaker(
+        aws, train.TrainOptions(on="sagemaker", register=False), now=NOW
+    )
+    (request,) = sent
+    assert request["Environment"] == {TrainerEnv.TRACKING_URI: TRACKING_ARN}
+    assert ("tracking", TRACKING_ARN) in started.summary
+
+
+@mock_aws
+def test_an_eks_run_gets_the_tracking_server_as_its_tracking_uri() -> None:
+    aws = _tracked_aws()
+    started = train.eks_manifests(aws, train.TrainOptions(on="eks", register=False), now=NOW)
+    assert started.manifests is not None
+    job = next(m for m in yaml.safe_load_all(started.manifests) if m["kind"] == "Job")
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env[TrainerEnv.TRACKING_URI] == TRACKING_ARN
+
+
+@mock_aws
+def test_without_experiment_tracking_no_tracking_uri_is_set() -> None:
+    _platform()
+    aws = make_aws()
+    started = train.start_sagemaker(
+        aws, train.TrainOptions(on="sagemaker", register=False), now=NOW, dry_run=True
+    )
+    assert started.request is not None and "Environment" not in started.request
+    assert ("tracking", "-") in started.summary
+
+
+@mock_aws
+def test_tracking_enabled_but_the_stack_without_the_server_says_to_redeploy() -> None:
+    _platform()
+    aws = make_aws()
+    tracking = aws.settings.experiment_tracking.model_copy(update={"enabled": True})
+    aws.settings = aws.settings.model_copy(update={"experiment_tracking": tracking})
+    with pytest.raises(OperateError, match="has no output TrackingServerArn"):
+        train.start_sagemaker(aws, train.TrainOptions(on="sagemaker", register=False), now=NOW)
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+
+
+@mock_aws
+def test_a_directory_model_on_sagemaker_is_written_uncompressed_and_registered_as_a_prefix() -> (
+    None
+):
+    _platform()
+    deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    aws = make_aws()
+    sent = _sent(aws)
+    options = train.TrainOptions(on="sagemaker", trainer_args=("--model-format", "directory"))
+    started = train.start_sagemaker(aws, options, now=NOW)
+    (request,) = sent
+    job = "kiln-dev-train-20250501-120000"
+    # CreateTrainingJob's OutputDataConfig.CompressionType: GZIP (default) | NONE.
+    assert request["OutputDataConfig"] == {
+        "S3OutputPath": f"s3://{ARTIFACTS}/models",
+        "CompressionType": "NONE",
+    }
+    prefix = f"s3://{ARTIFACTS}/models/{job}/output/model/"
+    assert started.artifact == prefix
+    # The version the run registers names the prefix: ModelDataSource S3Prefix, uncompressed.
+    assert request["Environment"][TrainerEnv.MODEL_ARTIFACT] == prefix
+    assert request["HyperParameters"] == {"model_format": "directory"}
+    stored = client("sagemaker").describe_training_job(TrainingJobName=job)
+    assert stored["OutputDataConfig"]["S3OutputPath"] == f"s3://{ARTIFACTS}/models"
+
+
+@mock_aws
+def test_a_tarball_model_on_sagemaker_keeps_the_default_compression() -> None:
+    _platform()
+    started = train.start_sagemaker(
+        make_aws(),
+        train.TrainOptions(on="sagemaker", trainer_args=("--model-format=tarball",)),
+        now=NOW,
+        dry_run=True,
+    )
+    assert started.request is not None
+    assert "CompressionType" not in started.request["OutputDataConfig"]
+    assert started.artifact.endswith("/output/model.tar.gz")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("both", "SageMaker writes the model either as model.tar.gz or uncompressed"),
+        ("zip", "--model-format 'zip': use one of tarball, directory, both"),
+    ],
+)
+@mock_aws
+def test_model_formats_sagemaker_cannot_write_are_refused_before_the_job(
+    value: str, message: str
+) -> None:
+    _platform()
+    options = train.TrainOptions(on="sagemaker", trainer_args=("--model-format", value))
+    with pytest.raises(OperateError, match=message):
+        train.start_sagemaker(make_aws(), options, now=NOW)
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+
+
+@mock_aws
+def test_a_directory_model_on_eks_is_named_by_its_prefix() -> None:
+    _platform()
+    options = train.TrainOptions(
+        on="eks", register=False, trainer_args=("--model-format", "directory")
+    )
+    started = train.eks_manifests(make_aws(), options, now=NOW)
+    assert started.artifact == f"s3://{ARTIFACTS}/models/kiln-dev-train-20250501-120000/model/"
+    assert ("model", started.artifact) in started.summary
