@@ -144,3 +144,35 @@ def test_settings_refuse_what_the_api_refuses() -> None:
     for bad in ({"size": "Huge"}, {"weekly_maintenance_window_start": "Sunday 3am"}):
         with pytest.raises(ValidationError):
             Settings.model_validate(minimal_settings(experiment_tracking=bad))
+
+
+def test_without_interface_endpoints_training_reaches_mlflow_through_the_nat(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """An environment that sends AWS traffic through the NAT (`network.interface_endpoints:
+    false`: training's egress is HTTPS anywhere) gets no MLflow endpoint, and the roles' MLflow
+    statement has no endpoint condition it could never meet."""
+    config = tmp_path_factory.mktemp("config")
+    for file in Path("config").glob("*.yaml"):
+        shutil.copy(file, config / file.name)
+    text = (config / "dev.yaml").read_text()
+    assert "  interface_endpoints: true\n" in text
+    text = text.replace("  interface_endpoints: true\n", "  interface_endpoints: false\n")
+    (config / "dev.yaml").write_text(text + "\nexperiment_tracking:\n  enabled: true\n")
+    out = tmp_path_factory.mktemp("nat")
+    build_app({"env": "dev", "configDir": str(config)}, outdir=str(out)).synth()
+    stack = next(s for s in read_assembly(out) if s.stack_name == "kiln-dev-compute")
+    assert stack.resources_of_type("AWS::SageMaker::MlflowTrackingServer")
+    assert not stack.resources_of_type("AWS::EC2::VPCEndpoint")
+    logging = next(
+        p
+        for k, p in stack.resources_of_type("AWS::IAM::ManagedPolicy").items()
+        if "MlflowLogging" in k
+    )
+    (mlflow,) = [
+        s
+        for s in logging["Properties"]["PolicyDocument"]["Statement"]
+        if "sagemaker-mlflow:CreateRun" in s["Action"]
+    ]
+    assert "Condition" not in mlflow
+    assert [str(v) for v in check(stack, load_settings("dev", config))] == []
