@@ -1,6 +1,7 @@
-"""`kiln train`: a training run on SageMaker (CreateTrainingJob) or on the EKS GPU nodes.
+"""`kiln train`: a training run on SageMaker (CreateTrainingJob), on the EKS GPU nodes, or on
+this machine with your AWS credentials (`--on local`).
 
-Both read the dataset from the curated zone and write checkpoints to the artifacts bucket's
+All three read the dataset from the curated zone and write checkpoints to the artifacts bucket's
 `checkpoints/<job>/` and the model to `models/<job>/`, the prefixes the trainer's role may
 write. Trainer arguments (`--flag value` pairs) become SageMaker hyperparameters, or the
 command line of `torchrun ... -m training.train` on EKS.
@@ -38,7 +39,7 @@ from kiln_cli.operate.progress import Progress, elapsed, wait_for
 from kiln_policy.guardrails import check_objects
 from platform_constructs.gpu_capacity import queue_name
 
-Platform = Literal["sagemaker", "eks"]
+Platform = Literal["sagemaker", "eks", "local"]
 Capacity = Literal["spot", "on_demand"]
 
 # The trainer's JSON-lines metrics (training/README.md), as SageMaker metric definitions.
@@ -378,6 +379,8 @@ class Started:
     summary: list[tuple[str, str]]
     request: dict[str, Any] | None = None  # SageMaker
     manifests: str | None = None  # EKS (YAML)
+    command: list[str] | None = None  # local: the trainer's command line ...
+    environment: dict[str, str] | None = None  # ... and what it adds to this environment
 
 
 def _data_uris(
@@ -653,3 +656,62 @@ def apply_manifests(aws: Aws, started: Started, apply: Apply | None = None) -> N
             f"kubectl apply failed (exit {code}): is kubectl pointed at cluster {cluster}? "
             f"(`{kubeconfig}`; your identity needs an access entry on the cluster)"
         )
+
+
+def local_run(
+    aws: Aws,
+    options: TrainOptions,
+    *,
+    now: datetime | None = None,
+    warn: Callable[[str], None] = lambda text: print(f"kiln train: {text}", file=sys.stderr),
+) -> Started:
+    """The trainer's command and variables for a run on this machine with your AWS credentials:
+    the same data, checkpoint and model prefixes as on EKS (the trainer reads and writes S3
+    itself), registration in the registry's home, and the MLflow tracking server."""
+    settings = aws.settings
+    for given, flag in (
+        (options.operator is not None, "--operator"),
+        (options.capacity is not None, "--capacity"),
+        (options.instance_type is not None, "--instance-type"),
+        (options.instance_count != 1, "--instance-count"),
+    ):
+        if given:
+            raise OperateError(f"{flag} applies to --on sagemaker or eks", exit_code=2)
+    job = job_name(settings, options.name, now or datetime.now(UTC))
+    hyperparameters(options.trainer_args)
+    form = model_format(options.trainer_args, "local")
+    artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
+    train_uri, val_uri = _data_uris(aws, options, warn)
+    output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
+    artifact = f"{output}model/" if form == "directory" else f"{output}model.tar.gz"
+    environment = registration_environment(
+        aws, options, artifact=artifact, data_uri=train_uri, warn=warn
+    )
+    environment.pop(TrainerEnv.MODEL_ARTIFACT, None)  # the trainer registers what it wrote
+    environment.update(tracking_environment(aws))
+    environment.update(
+        {
+            TrainerEnv.JOB_NAME: job,
+            TrainerEnv.CHECKPOINT_DIR: f"s3://{artifacts}/{CHECKPOINTS_PREFIX}{job}/",
+            TrainerEnv.OUTPUT_DIR: output,
+        }
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--data",
+        train_uri,
+        *(["--val-data", val_uri] if val_uri else []),
+        *options.trainer_args,
+    ]
+    summary = [
+        ("job", job),
+        ("where", "this machine, with your AWS credentials"),
+        ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
+        ("checkpoints", environment[TrainerEnv.CHECKPOINT_DIR]),
+        ("model", artifact),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
+    ]
+    return Started(job, artifact, summary, command=command, environment=environment)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -537,3 +538,73 @@ def test_a_directory_model_on_eks_is_named_by_its_prefix() -> None:
     started = train.eks_manifests(make_aws(), options, now=NOW)
     assert started.artifact == f"s3://{ARTIFACTS}/models/kiln-dev-train-20250501-120000/model/"
     assert ("model", started.artifact) in started.summary
+
+
+@mock_aws
+def test_a_local_run_reads_and_writes_the_lake_registers_and_tracks() -> None:
+    aws = _tracked_aws()
+    deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    started = train.local_run(
+        aws, train.TrainOptions(on="local", trainer_args=("--max-steps", "3")), now=NOW
+    )
+    job = "kiln-dev-train-20250501-120000"
+    assert started.command is not None and started.environment is not None
+    assert started.command[1:] == [
+        "-m", "training.train", "--data", f"s3://{CURATED}/train/", "--max-steps", "3",
+    ]  # fmt: skip
+    env = started.environment
+    assert env[TrainerEnv.TRACKING_URI] == TRACKING_ARN
+    assert env[TrainerEnv.JOB_NAME] == job
+    assert env[TrainerEnv.CHECKPOINT_DIR] == f"s3://{ARTIFACTS}/{CHECKPOINTS_PREFIX}{job}/"
+    assert env[TrainerEnv.OUTPUT_DIR] == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{job}/"
+    assert env[TrainerEnv.MODEL_PACKAGE_GROUP] == "kiln-llm"
+    assert TrainerEnv.MODEL_ARTIFACT not in env  # the trainer registers what it uploaded
+    assert started.artifact == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{job}/model.tar.gz"
+
+
+@mock_aws
+def test_local_refuses_what_only_the_clusters_take() -> None:
+    _platform()
+    for options, flag in (
+        (train.TrainOptions(on="local", instance_count=2), "--instance-count"),
+        (train.TrainOptions(on="local", capacity="spot"), "--capacity"),
+        (train.TrainOptions(on="local", operator="trainer"), "--operator"),
+    ):
+        with pytest.raises(OperateError, match=f"{flag} applies to --on sagemaker or eks"):
+            train.local_run(make_aws(), options, now=NOW)
+
+
+@mock_aws
+def test_kiln_train_on_local_runs_the_trainer_with_the_runs_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kiln_cli import cli
+
+    _platform()
+    argv = ["train", "--env", "dev", "--on", "local", "--no-register", "--", "--max-steps", "2"]
+    assert main([*argv[:5], "--dry-run", *argv[5:]]) == 0
+    line = capsys.readouterr().out
+    assert f"{TrainerEnv.OUTPUT_DIR}=s3://{ARTIFACTS}/{MODELS_PREFIX}kiln-dev-train-" in line
+    assert line.rstrip().endswith(f"-m training.train --data s3://{CURATED}/train/ --max-steps 2")
+
+    # The real launch, with the trainer swapped for a probe that records what it was given.
+    seen = tmp_path / "seen.json"
+    probe = (
+        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': dict(os.environ)}, "
+        f"open({str(seen)!r}, 'w'))"
+    )
+    real_run = subprocess.run
+
+    def launch(command: list[str], **kwargs: Any) -> Any:
+        assert command[1:3] == ["-m", "training.train"]
+        return real_run([command[0], "-c", probe, *command[3:]], **kwargs)
+
+    monkeypatch.setattr(cli.subprocess, "run", launch)
+    monkeypatch.setattr(cli.local, "missing_workload_packages", list)  # the probe needs none
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training kiln-dev-train-") and "completed: model s3://" in out
+    recorded = json.loads(seen.read_text())
+    assert recorded["argv"] == ["--data", f"s3://{CURATED}/train/", "--max-steps", "2"]
+    assert recorded["env"][TrainerEnv.CHECKPOINT_DIR].startswith(f"s3://{ARTIFACTS}/checkpoints/")
+    assert TrainerEnv.TRACKING_URI not in recorded["env"]  # no experiment tracking in dev
