@@ -180,7 +180,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_here(aws, options, args)
     if args.on == "eks":
         if args.wait or args.dry_run:
-            raise OperateError("--wait and --dry-run apply to --on sagemaker", exit_code=2)
+            raise OperateError(
+                "--wait applies to --on sagemaker, --dry-run to --on sagemaker and local",
+                exit_code=2,
+            )
         aws.check_identity()
         started = train.eks_manifests(aws, options)
         if not args.apply:
