@@ -120,6 +120,21 @@ def is_model_prefix(artifact: str) -> bool:
 
 # The MLflow tracking server's artifact store (experiment_tracking), in the artifacts bucket.
 MLFLOW_PREFIX = "mlflow/"
+# What a training run's MLflow client calls on the tracking server (training/tracking.py: find
+# or create the experiment and read it, create the run, log parameters and metrics in batches,
+# set tags, read the run for its artifact location, end it): the training roles get these
+# actions on that one server, no deletes, registry or UI (tests/training/
+# test_tracking_sagemaker.py records the calls).
+MLFLOW_TRAINING_ACTIONS = (
+    "sagemaker-mlflow:GetExperimentByName",
+    "sagemaker-mlflow:GetExperiment",
+    "sagemaker-mlflow:CreateExperiment",
+    "sagemaker-mlflow:CreateRun",
+    "sagemaker-mlflow:GetRun",
+    "sagemaker-mlflow:LogBatch",
+    "sagemaker-mlflow:SetTag",
+    "sagemaker-mlflow:UpdateRun",
+)
 
 
 def events_prefix(topic: str) -> str:
@@ -229,6 +244,9 @@ class TrainerEnv:
     MODEL_ARTIFACT = "KILN_MODEL_ARTIFACT"  # SageMaker: the model.tar.gz SageMaker will write
     CODE_REVISION = "KILN_CODE_REVISION"  # the git commit the run's code came from
     DATA_URI = "KILN_DATA_URI"  # the data's S3 prefix (SageMaker: what the train channel reads)
+    # MLflow's own variables (experiment tracking): `kiln train` sets the tracking server's ARN.
+    TRACKING_URI = "MLFLOW_TRACKING_URI"
+    EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
 
 
 class ServerEnv:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -118,6 +121,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def _train_here(aws: Aws, options: train.TrainOptions, args: argparse.Namespace) -> int:
+    """`kiln train --on local`: the trainer on this machine, with this shell's AWS credentials
+    (they need what the training roles have, and MLflow's actions when tracking is on)."""
+    if args.wait or args.apply:
+        raise OperateError("--wait and --apply apply to --on sagemaker and eks", exit_code=2)
+    missing = local.missing_workload_packages()
+    if missing and not args.dry_run:
+        raise OperateError(
+            f"this Python lacks the trainer's packages ({', '.join(missing)}): "
+            "pip install -e '.[ml,tracking]'",
+            exit_code=2,
+        )
+    aws.check_identity()
+    started = train.local_run(aws, options)
+    assert started.command is not None and started.environment is not None
+    if args.dry_run:
+        variables = " ".join(f"{k}={shlex.quote(v)}" for k, v in started.environment.items())
+        print(f"{variables} {shlex.join(started.command)}")
+        return 0
+    print(f"training {started.job} on this machine")
+    sys.stdout.write(_rows(started.summary))
+    sys.stdout.flush()
+    environment = {**os.environ, **started.environment}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(local.REPO), environment.get("PYTHONPATH", "")) if p
+    )
+    code = subprocess.run(started.command, cwd=local.REPO, env=environment, check=False)
+    if code.returncode != 0:
+        raise OperateError(f"training {started.job} failed (exit {code.returncode})")
+    print(f"completed: model {started.artifact}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Starts a training run on SageMaker, or renders (and applies) it for EKS."""
     aws = _aws(args)
@@ -140,9 +176,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         register_model=args.register_model,
     )
     env = aws.settings.name
+    if args.on == "local":
+        return _train_here(aws, options, args)
     if args.on == "eks":
         if args.wait or args.dry_run:
-            raise OperateError("--wait and --dry-run apply to --on sagemaker", exit_code=2)
+            raise OperateError(
+                "--wait applies to --on sagemaker, --dry-run to --on sagemaker and local",
+                exit_code=2,
+            )
         aws.check_identity()
         started = train.eks_manifests(aws, options)
         if not args.apply:
@@ -204,6 +245,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         reason = final.get("FailureReason") or final.get("SecondaryStatus", "")
         raise OperateError(f"training job {started.job} {final['TrainingJobStatus']}: {reason}")
     artifact = final.get("ModelArtifacts", {}).get("S3ModelArtifacts", started.artifact)
+    if request.get("OutputDataConfig", {}).get("CompressionType") == "NONE":
+        # An uncompressed model is the prefix of its files: deployable as S3Prefix model data.
+        artifact = artifact.rstrip("/") + "/"
     billable, seconds = final.get("BillableTimeInSeconds"), final.get("TrainingTimeInSeconds")
     print(f"completed: model {artifact}")
     if billable and seconds and billable < seconds:
@@ -401,7 +445,12 @@ def _add_train(commands: Any) -> None:
         "compute and data-lake stacks.",
     )
     _environment_options(run)
-    run.add_argument("--on", required=True, choices=("sagemaker", "eks"), help="where it runs")
+    run.add_argument(
+        "--on",
+        required=True,
+        choices=("sagemaker", "eks", "local"),
+        help="where it runs (local: this machine, with your AWS credentials)",
+    )
     run.add_argument(
         "--name",
         default="train",
@@ -454,7 +503,8 @@ def _add_train(commands: Any) -> None:
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="SageMaker: print the CreateTrainingJob request, start nothing",
+        help="SageMaker: print the CreateTrainingJob request; local: the trainer's command "
+        "line; start nothing",
     )
     run.add_argument(
         "--model",

@@ -531,6 +531,39 @@ def model_data_documented(model: Resource, settings: Settings) -> Iterator[str]:
             yield f"environment variables hold {total} bytes, over {_ENV_MAX_TOTAL_BYTES}"
 
 
+def _is_mlflow_endpoint(service: Any) -> bool:
+    """Whether a VPC endpoint's ServiceName is SageMaker MLflow's
+    (`aws.sagemaker.<region>.experiments`, literal or joined around the region)."""
+    text = json.dumps(service) if not isinstance(service, str) else service
+    return "aws.sagemaker." in text and ".experiments" in text
+
+
+@resource_rule("mlflow-endpoint-private", "AWS::EC2::VPCEndpoint")
+def mlflow_endpoint_private(endpoint: Resource, settings: Settings) -> Iterator[str]:
+    """SageMaker MLflow's interface endpoint serves what the tracking client calls, and only
+    the tracking server: the `sagemaker-mlflow` plugin calls the regional name
+    `https://<region>.experiments.sagemaker.aws`, which resolves to the endpoint only with
+    private DNS (without it, training's HTTPS goes out through the NAT, or nowhere where
+    egress is to the VPC and S3 only); and its policy names tracking servers, not "*" (the
+    SageMaker guide's "Create a VPC Endpoint Policy for SageMaker AI MLflow")."""
+    props = _props(endpoint)
+    if not _is_mlflow_endpoint(props.get("ServiceName")):
+        return
+    if props.get("PrivateDnsEnabled") is not True:
+        yield (
+            "the MLflow endpoint has no private DNS: the tracking client's regional name "
+            "would not resolve to it"
+        )
+    statements = (props.get("PolicyDocument") or {}).get("Statement", [])
+    if not statements:
+        yield "the MLflow endpoint has no policy: any tracking server is reachable through it"
+    for statement in statements:
+        resources = statement.get("Resource")
+        listed = resources if isinstance(resources, list) else [resources]
+        if statement.get("Effect") == "Allow" and "*" in listed:
+            yield "the MLflow endpoint's policy allows Resource * instead of the tracking server"
+
+
 # A tag that names one build: not `latest`, and a tag or digest at all.
 _FLOATING_TAGS = frozenset({"latest"})
 

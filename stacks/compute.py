@@ -141,6 +141,21 @@ class ComputeStack(KilnStack):
                 mlflow_version=tracking.mlflow_version,
                 maintenance_window_start=tracking.weekly_maintenance_window_start,
             )
+            if settings.network.interface_endpoints:
+                # Training reaches AWS through interface endpoints, not the NAT (its egress is
+                # HTTPS to the VPC and S3 only): MLflow gets one too, open to training alone.
+                self.tracking.add_private_endpoint(
+                    vpc=vpc,
+                    subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                    clients={
+                        "SageMaker training": self.training_security_group,
+                        # EKS pods share their node's interfaces: Karpenter's GPU nodes carry
+                        # the cluster security group.
+                        "EKS training pods": ec2.SecurityGroup.from_security_group_id(
+                            self, "ClusterSecurityGroup", cluster.cluster_security_group_id
+                        ),
+                    },
+                )
             self.tracking.grant_logging(self, [self.trainer_role, self.sagemaker_training_role])
             CfnOutput(self, Outputs.TRACKING_SERVER_ARN.key, value=self.tracking.arn)
         applier_role = iam.Role(

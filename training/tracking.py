@@ -24,12 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from kiln.contract import TrainerEnv
 from training.state import TrainError
 
 log = logging.getLogger(__name__)
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+TRACKING_URI_ENV = TrainerEnv.TRACKING_URI
+EXPERIMENT_ENV = TrainerEnv.EXPERIMENT
 DEFAULT_EXPERIMENT = "kiln"
 # Where the code revision comes from when the run has one (set by CI or the image build).
 REVISION_ENV = "KILN_CODE_REVISION"

@@ -1,6 +1,7 @@
-"""`kiln train`: a training run on SageMaker (CreateTrainingJob) or on the EKS GPU nodes.
+"""`kiln train`: a training run on SageMaker (CreateTrainingJob), on the EKS GPU nodes, or on
+this machine with your AWS credentials (`--on local`).
 
-Both read the dataset from the curated zone and write checkpoints to the artifacts bucket's
+All three read the dataset from the curated zone and write checkpoints to the artifacts bucket's
 `checkpoints/<job>/` and the model to `models/<job>/`, the prefixes the trainer's role may
 write. Trainer arguments (`--flag value` pairs) become SageMaker hyperparameters, or the
 command line of `torchrun ... -m training.train` on EKS.
@@ -38,7 +39,7 @@ from kiln_cli.operate.progress import Progress, elapsed, wait_for
 from kiln_policy.guardrails import check_objects
 from platform_constructs.gpu_capacity import queue_name
 
-Platform = Literal["sagemaker", "eks"]
+Platform = Literal["sagemaker", "eks", "local"]
 Capacity = Literal["spot", "on_demand"]
 
 # The trainer's JSON-lines metrics (training/README.md), as SageMaker metric definitions.
@@ -51,6 +52,9 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"  # synced with CheckpointConfig.S3Uri
 # Trainer flags kiln sets itself (the channels, where checkpoints and the model go).
 RESERVED_FLAGS = frozenset({"data", "val_data", "checkpoint_dir", "output_dir", "job_name"})
+# The trainer's --model-format values (training/train.py), and how SageMaker writes each: a
+# run that asks for the model directory uncompressed gets OutputDataConfig.CompressionType NONE.
+MODEL_FORMATS = ("tarball", "directory", "both")
 # Room for pod hostnames (`<job>-<index>`, `<job>-worker-<index>`) inside 63 characters.
 MAX_JOB_NAME = 50
 MAX_RUNTIME_HOURS = 28 * 24  # SageMaker's limit on MaxRuntimeInSeconds
@@ -224,6 +228,7 @@ def sagemaker_request(
         raise OperateError("--volume-gib must be at least 1", exit_code=2)
     spot = _capacity(settings, options.capacity) == "spot"
     runtime, wait = _limits(options)
+    uncompressed = model_format(options.trainer_args, "sagemaker") == "directory"
     channels = [("train", train_uri)] + ([("validation", val_uri)] if val_uri else [])
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": runtime}
     if spot and wait is not None:
@@ -252,10 +257,12 @@ def sagemaker_request(
             }
             for channel, uri in channels
         ],
-        # SageMaker writes <path>/<job>/output/model.tar.gz; the bucket's default SSE-KMS (the
-        # lake key) encrypts it, so no KmsKeyId (that would need kms:Encrypt for the role).
+        # SageMaker writes <path>/<job>/output/model.tar.gz, or with CompressionType NONE the
+        # files of /opt/ml/model under <path>/<job>/output/model/; the bucket's default SSE-KMS
+        # (the lake key) encrypts them, so no KmsKeyId (that would need kms:Encrypt for the role).
         "OutputDataConfig": {
-            "S3OutputPath": f"s3://{artifacts_bucket}/{MODELS_PREFIX}".rstrip("/")
+            "S3OutputPath": f"s3://{artifacts_bucket}/{MODELS_PREFIX}".rstrip("/"),
+            **({"CompressionType": "NONE"} if uncompressed else {}),
         },
         "ResourceConfig": {
             "InstanceType": _instance_type(settings, options.instance_type, "sagemaker"),
@@ -275,6 +282,38 @@ def sagemaker_request(
             {"Key": "owner", "Value": settings.owner},
         ],
     }
+
+
+def model_format(trainer_args: Sequence[str], on: Platform) -> str:
+    """The trainer's --model-format of this run (default tarball), checked for `on`.
+
+    SageMaker uploads /opt/ml/model once, either as model.tar.gz (CompressionType GZIP, the
+    default) or file by file (NONE), so `both` has no SageMaker form; on EKS the trainer
+    uploads the model itself and writes either or both."""
+    value = hyperparameters(trainer_args).get("model_format", "tarball")
+    if value not in MODEL_FORMATS:
+        raise OperateError(
+            f"trainer argument --model-format {value!r}: use one of {', '.join(MODEL_FORMATS)}",
+            exit_code=2,
+        )
+    if value == "both" and on == "sagemaker":
+        raise OperateError(
+            "trainer argument --model-format both: SageMaker writes the model either as "
+            "model.tar.gz or uncompressed (OutputDataConfig.CompressionType), not both; use "
+            "tarball, or directory for a large model served from its S3 prefix",
+            exit_code=2,
+        )
+    return value
+
+
+def tracking_environment(aws: Aws) -> dict[str, str]:
+    """$MLFLOW_TRACKING_URI for the run: the environment's MLflow tracking server (the compute
+    stack's TrackingServerArn output) when `experiment_tracking.enabled`; the trainer's
+    `sagemaker-mlflow` plugin signs its requests with the run's own role. A `--tracking-uri`
+    among the trainer arguments still wins (the trainer prefers its flag)."""
+    if not aws.settings.experiment_tracking.enabled:
+        return {}
+    return {TrainerEnv.TRACKING_URI: aws.output(Outputs.TRACKING_SERVER_ARN)}
 
 
 def registration_environment(
@@ -325,9 +364,12 @@ def registration_environment(
 
 
 def sagemaker_artifact(request: dict[str, Any]) -> str:
-    """Where SageMaker puts the model of `request`'s job."""
-    path = request["OutputDataConfig"]["S3OutputPath"]
-    return f"{path}/{request['TrainingJobName']}/output/model.tar.gz"
+    """Where SageMaker puts the model of `request`'s job: its model.tar.gz, or uncompressed
+    (CompressionType NONE) the prefix of the model directory's files, which registers and
+    deploys as S3Prefix model data (kiln.contract.is_model_prefix)."""
+    output = request["OutputDataConfig"]
+    base = f"{output['S3OutputPath']}/{request['TrainingJobName']}/output"
+    return f"{base}/model/" if output.get("CompressionType") == "NONE" else f"{base}/model.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -337,6 +379,8 @@ class Started:
     summary: list[tuple[str, str]]
     request: dict[str, Any] | None = None  # SageMaker
     manifests: str | None = None  # EKS (YAML)
+    command: list[str] | None = None  # local: the trainer's command line ...
+    environment: dict[str, str] | None = None  # ... and what it adds to this environment
 
 
 def _data_uris(
@@ -387,6 +431,7 @@ def start_sagemaker(
     environment = registration_environment(
         aws, options, artifact=sagemaker_artifact(request), data_uri=train_uri, warn=warn
     )
+    environment.update(tracking_environment(aws))
     if environment:
         request["Environment"] = environment
     if not dry_run:
@@ -413,6 +458,7 @@ def start_sagemaker(
         ("checkpoints", request["CheckpointConfig"]["S3Uri"]),
         ("model", sagemaker_artifact(request)),
         ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
         ("max runtime", elapsed(request["StoppingCondition"]["MaxRuntimeInSeconds"])),
     ]
     return Started(job, sagemaker_artifact(request), summary, request=request)
@@ -479,6 +525,7 @@ def eks_manifests(
         raise OperateError(f"--operator {operator!r}: use none or trainer", exit_code=2)
     job = job_name(settings, options.name, now or datetime.now(UTC))
     hyperparameters(options.trainer_args)  # the same checks as on SageMaker
+    form = model_format(options.trainer_args, "eks")
     runtime, _ = _limits(options)
     image = aws.output(Outputs.TRAINING_IMAGE_URI)
     artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
@@ -516,11 +563,14 @@ def eks_manifests(
         raise OperateError(f"refused, nothing applied: {problem}", exit_code=2)
     output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
     namespace, queue = team_queue(settings, options.team)
+    # The trainer writes <output>/model.tar.gz, or the directory under <output>/model/ alone.
+    artifact = f"{output}model/" if form == "directory" else f"{output}model.tar.gz"
     environment = registration_environment(
-        aws, options, artifact=f"{output}model.tar.gz", data_uri=train_uri, warn=warn
+        aws, options, artifact=artifact, data_uri=train_uri, warn=warn
     )
     # On EKS the trainer uploads the model itself and registers the URI it wrote.
     environment.pop(TrainerEnv.MODEL_ARTIFACT, None)
+    environment.update(tracking_environment(aws))
     try:
         spec = training_job.TrainingJobSpec(
             name=job,
@@ -556,8 +606,9 @@ def eks_manifests(
         ("objects", ", ".join(m["kind"] for m in manifests)),
         ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
         ("checkpoints", spec.checkpoint_path),
-        ("model", f"{output}model.tar.gz"),
+        ("model", artifact),
         ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
         (
             "memory",
             f"{plan.total / (1 << 30):.1f} GiB of {plan.capacity / (1 << 30):.1f} per GPU"
@@ -565,7 +616,7 @@ def eks_manifests(
         ),
     ]
     yaml_text = training_job.to_yaml(manifests)
-    return Started(job, f"{output}model.tar.gz", summary, manifests=yaml_text)
+    return Started(job, artifact, summary, manifests=yaml_text)
 
 
 def team_queue(settings: Settings, team: str | None) -> tuple[str, str]:
@@ -605,3 +656,62 @@ def apply_manifests(aws: Aws, started: Started, apply: Apply | None = None) -> N
             f"kubectl apply failed (exit {code}): is kubectl pointed at cluster {cluster}? "
             f"(`{kubeconfig}`; your identity needs an access entry on the cluster)"
         )
+
+
+def local_run(
+    aws: Aws,
+    options: TrainOptions,
+    *,
+    now: datetime | None = None,
+    warn: Callable[[str], None] = lambda text: print(f"kiln train: {text}", file=sys.stderr),
+) -> Started:
+    """The trainer's command and variables for a run on this machine with your AWS credentials:
+    the same data, checkpoint and model prefixes as on EKS (the trainer reads and writes S3
+    itself), registration in the registry's home, and the MLflow tracking server."""
+    settings = aws.settings
+    for given, flag in (
+        (options.operator is not None, "--operator"),
+        (options.capacity is not None, "--capacity"),
+        (options.instance_type is not None, "--instance-type"),
+        (options.instance_count != 1, "--instance-count"),
+    ):
+        if given:
+            raise OperateError(f"{flag} applies to --on sagemaker or eks", exit_code=2)
+    job = job_name(settings, options.name, now or datetime.now(UTC))
+    hyperparameters(options.trainer_args)
+    form = model_format(options.trainer_args, "local")
+    artifacts = aws.output(Outputs.ARTIFACTS_BUCKET)
+    train_uri, val_uri = _data_uris(aws, options, warn)
+    output = f"s3://{artifacts}/{MODELS_PREFIX}{job}/"
+    artifact = f"{output}model/" if form == "directory" else f"{output}model.tar.gz"
+    environment = registration_environment(
+        aws, options, artifact=artifact, data_uri=train_uri, warn=warn
+    )
+    environment.pop(TrainerEnv.MODEL_ARTIFACT, None)  # the trainer registers what it wrote
+    environment.update(tracking_environment(aws))
+    environment.update(
+        {
+            TrainerEnv.JOB_NAME: job,
+            TrainerEnv.CHECKPOINT_DIR: f"s3://{artifacts}/{CHECKPOINTS_PREFIX}{job}/",
+            TrainerEnv.OUTPUT_DIR: output,
+        }
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--data",
+        train_uri,
+        *(["--val-data", val_uri] if val_uri else []),
+        *options.trainer_args,
+    ]
+    summary = [
+        ("job", job),
+        ("where", "this machine, with your AWS credentials"),
+        ("data", ", ".join(u for u in (train_uri, val_uri) if u)),
+        ("checkpoints", environment[TrainerEnv.CHECKPOINT_DIR]),
+        ("model", artifact),
+        ("registry", environment.get(TrainerEnv.MODEL_PACKAGE_GROUP, "-")),
+        ("tracking", environment.get(TrainerEnv.TRACKING_URI, "-")),
+    ]
+    return Started(job, artifact, summary, command=command, environment=environment)

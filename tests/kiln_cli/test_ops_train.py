@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,215 @@ def test_the_retired_operator_and_operator_on_sagemaker_are_refused(
     assert "use --operator trainer" in err
     assert main(["train", "--env", "dev", "--on", "sagemaker", "--operator", "trainer"]) == 2
     assert "--operator applies to --on eks" in capsys.readouterr().err
+
+
+TRACKING_ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:mlflow-tracking-server/kiln-dev-mlflow"
+
+
+def _tracked_aws(env: str = "dev") -> Any:
+    """An environment with `experiment_tracking.enabled` whose compute stack has the server."""
+    deploy_stacks(
+        env,
+        components=(Component.DATA_LAKE, Component.COMPUTE),
+        extra={Component.COMPUTE: {Outputs.TRACKING_SERVER_ARN.key: TRACKING_ARN}},
+    )
+    create_buckets(env=env)
+    put_object(f"s3://kiln-{env}-curated-{ACCOUNT}-{REGION}/train/shard-0.txt")
+    aws = make_aws(env)
+    tracking = aws.settings.experiment_tracking.model_copy(update={"enabled": True})
+    aws.settings = aws.settings.model_copy(update={"experiment_tracking": tracking})
+    return aws
+
+
+def _sent(aws: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    aws.client("sagemaker").meta.events.register(
+        "provide-client-params.sagemaker.CreateTrainingJob",
+        lambda params, **_: sent.append(dict(params)),
+    )
+    return sent
+
+
+@mock_aws
+def test_a_sagemaker_run_gets_the_tracking_server_as_its_tracking_uri() -> None:
+    aws = _tracked_aws()
+    sent = _sent(aws)
+    started = train.start_sagemaker(
+        aws, train.TrainOptions(on="sagemaker", register=False), now=NOW
+    )
+    (request,) = sent
+    assert request["Environment"] == {TrainerEnv.TRACKING_URI: TRACKING_ARN}
+    assert ("tracking", TRACKING_ARN) in started.summary
+
+
+@mock_aws
+def test_an_eks_run_gets_the_tracking_server_as_its_tracking_uri() -> None:
+    aws = _tracked_aws()
+    started = train.eks_manifests(aws, train.TrainOptions(on="eks", register=False), now=NOW)
+    assert started.manifests is not None
+    job = next(m for m in yaml.safe_load_all(started.manifests) if m["kind"] == "Job")
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env[TrainerEnv.TRACKING_URI] == TRACKING_ARN
+
+
+@mock_aws
+def test_without_experiment_tracking_no_tracking_uri_is_set() -> None:
+    _platform()
+    aws = make_aws()
+    started = train.start_sagemaker(
+        aws, train.TrainOptions(on="sagemaker", register=False), now=NOW, dry_run=True
+    )
+    assert started.request is not None and "Environment" not in started.request
+    assert ("tracking", "-") in started.summary
+
+
+@mock_aws
+def test_tracking_enabled_but_the_stack_without_the_server_says_to_redeploy() -> None:
+    _platform()
+    aws = make_aws()
+    tracking = aws.settings.experiment_tracking.model_copy(update={"enabled": True})
+    aws.settings = aws.settings.model_copy(update={"experiment_tracking": tracking})
+    with pytest.raises(OperateError, match="has no output TrackingServerArn"):
+        train.start_sagemaker(aws, train.TrainOptions(on="sagemaker", register=False), now=NOW)
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+
+
+@mock_aws
+def test_a_directory_model_on_sagemaker_is_written_uncompressed_and_registered_as_a_prefix() -> (
+    None
+):
+    _platform()
+    deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    aws = make_aws()
+    sent = _sent(aws)
+    options = train.TrainOptions(on="sagemaker", trainer_args=("--model-format", "directory"))
+    started = train.start_sagemaker(aws, options, now=NOW)
+    (request,) = sent
+    job = "kiln-dev-train-20250501-120000"
+    # CreateTrainingJob's OutputDataConfig.CompressionType: GZIP (default) | NONE.
+    assert request["OutputDataConfig"] == {
+        "S3OutputPath": f"s3://{ARTIFACTS}/models",
+        "CompressionType": "NONE",
+    }
+    prefix = f"s3://{ARTIFACTS}/models/{job}/output/model/"
+    assert started.artifact == prefix
+    # The version the run registers names the prefix: ModelDataSource S3Prefix, uncompressed.
+    assert request["Environment"][TrainerEnv.MODEL_ARTIFACT] == prefix
+    assert request["HyperParameters"] == {"model_format": "directory"}
+    stored = client("sagemaker").describe_training_job(TrainingJobName=job)
+    assert stored["OutputDataConfig"]["S3OutputPath"] == f"s3://{ARTIFACTS}/models"
+
+
+@mock_aws
+def test_a_tarball_model_on_sagemaker_keeps_the_default_compression() -> None:
+    _platform()
+    started = train.start_sagemaker(
+        make_aws(),
+        train.TrainOptions(on="sagemaker", trainer_args=("--model-format=tarball",)),
+        now=NOW,
+        dry_run=True,
+    )
+    assert started.request is not None
+    assert "CompressionType" not in started.request["OutputDataConfig"]
+    assert started.artifact.endswith("/output/model.tar.gz")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("both", "SageMaker writes the model either as model.tar.gz or uncompressed"),
+        ("zip", "--model-format 'zip': use one of tarball, directory, both"),
+    ],
+)
+@mock_aws
+def test_model_formats_sagemaker_cannot_write_are_refused_before_the_job(
+    value: str, message: str
+) -> None:
+    _platform()
+    options = train.TrainOptions(on="sagemaker", trainer_args=("--model-format", value))
+    with pytest.raises(OperateError, match=message):
+        train.start_sagemaker(make_aws(), options, now=NOW)
+    assert not client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+
+
+@mock_aws
+def test_a_directory_model_on_eks_is_named_by_its_prefix() -> None:
+    _platform()
+    options = train.TrainOptions(
+        on="eks", register=False, trainer_args=("--model-format", "directory")
+    )
+    started = train.eks_manifests(make_aws(), options, now=NOW)
+    assert started.artifact == f"s3://{ARTIFACTS}/models/kiln-dev-train-20250501-120000/model/"
+    assert ("model", started.artifact) in started.summary
+
+
+@mock_aws
+def test_a_local_run_reads_and_writes_the_lake_registers_and_tracks() -> None:
+    aws = _tracked_aws()
+    deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    started = train.local_run(
+        aws, train.TrainOptions(on="local", trainer_args=("--max-steps", "3")), now=NOW
+    )
+    job = "kiln-dev-train-20250501-120000"
+    assert started.command is not None and started.environment is not None
+    assert started.command[1:] == [
+        "-m", "training.train", "--data", f"s3://{CURATED}/train/", "--max-steps", "3",
+    ]  # fmt: skip
+    env = started.environment
+    assert env[TrainerEnv.TRACKING_URI] == TRACKING_ARN
+    assert env[TrainerEnv.JOB_NAME] == job
+    assert env[TrainerEnv.CHECKPOINT_DIR] == f"s3://{ARTIFACTS}/{CHECKPOINTS_PREFIX}{job}/"
+    assert env[TrainerEnv.OUTPUT_DIR] == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{job}/"
+    assert env[TrainerEnv.MODEL_PACKAGE_GROUP] == "kiln-llm"
+    assert TrainerEnv.MODEL_ARTIFACT not in env  # the trainer registers what it uploaded
+    assert started.artifact == f"s3://{ARTIFACTS}/{MODELS_PREFIX}{job}/model.tar.gz"
+
+
+@mock_aws
+def test_local_refuses_what_only_the_clusters_take() -> None:
+    _platform()
+    for options, flag in (
+        (train.TrainOptions(on="local", instance_count=2), "--instance-count"),
+        (train.TrainOptions(on="local", capacity="spot"), "--capacity"),
+        (train.TrainOptions(on="local", operator="trainer"), "--operator"),
+    ):
+        with pytest.raises(OperateError, match=f"{flag} applies to --on sagemaker or eks"):
+            train.local_run(make_aws(), options, now=NOW)
+
+
+@mock_aws
+def test_kiln_train_on_local_runs_the_trainer_with_the_runs_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kiln_cli import cli
+
+    _platform()
+    argv = ["train", "--env", "dev", "--on", "local", "--no-register", "--", "--max-steps", "2"]
+    assert main([*argv[:5], "--dry-run", *argv[5:]]) == 0
+    line = capsys.readouterr().out
+    assert f"{TrainerEnv.OUTPUT_DIR}=s3://{ARTIFACTS}/{MODELS_PREFIX}kiln-dev-train-" in line
+    assert line.rstrip().endswith(f"-m training.train --data s3://{CURATED}/train/ --max-steps 2")
+
+    # The real launch, with the trainer swapped for a probe that records what it was given.
+    seen = tmp_path / "seen.json"
+    probe = (
+        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': dict(os.environ)}, "
+        f"open({str(seen)!r}, 'w'))"
+    )
+    real_run = subprocess.run
+
+    def launch(command: list[str], **kwargs: Any) -> Any:
+        assert command[1:3] == ["-m", "training.train"]
+        return real_run([command[0], "-c", probe, *command[3:]], **kwargs)
+
+    monkeypatch.setattr(cli.subprocess, "run", launch)
+    monkeypatch.setattr(cli.local, "missing_workload_packages", list)  # the probe needs none
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training kiln-dev-train-") and "completed: model s3://" in out
+    recorded = json.loads(seen.read_text())
+    assert recorded["argv"] == ["--data", f"s3://{CURATED}/train/", "--max-steps", "2"]
+    assert recorded["env"][TrainerEnv.CHECKPOINT_DIR].startswith(f"s3://{ARTIFACTS}/checkpoints/")
+    assert TrainerEnv.TRACKING_URI not in recorded["env"]  # no experiment tracking in dev

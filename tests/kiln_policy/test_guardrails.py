@@ -617,6 +617,35 @@ def test_model_data_documented() -> None:
     assert "is not [a-zA-Z_]" in run(rule, stack({"M": badly_named}), PROD)[0].message
 
 
+def test_mlflow_endpoint_private() -> None:
+    rule = "mlflow-endpoint-private"
+    assert run(rule, stack({"E": MLFLOW_ENDPOINT}), DEV) == []
+    # Other services' endpoints are not this rule's business.
+    ecr = with_props(MLFLOW_ENDPOINT, ["ServiceName"], "com.amazonaws.us-east-1.ecr.api")
+    assert run(rule, stack({"E": with_props(ecr, ["PrivateDnsEnabled"], None)}), DEV) == []
+    joined = {"Fn::Join": ["", ["aws.sagemaker.", {"Ref": "AWS::Region"}, ".experiments"]]}
+    for broken, says in (
+        (with_props(MLFLOW_ENDPOINT, ["PrivateDnsEnabled"], None), "no private DNS"),
+        (with_props(MLFLOW_ENDPOINT, ["PolicyDocument"], None), "has no policy"),
+        (
+            with_props(
+                MLFLOW_ENDPOINT,
+                ["PolicyDocument", "Statement"],
+                [{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "*"}],
+            ),
+            "Resource *",
+        ),
+        (
+            with_props(
+                with_props(MLFLOW_ENDPOINT, ["ServiceName"], joined), ["PrivateDnsEnabled"], False
+            ),
+            "no private DNS",
+        ),
+    ):
+        (violation,) = run(rule, stack({"E": broken}), DEV)
+        assert says in violation.message
+
+
 def test_model_image_pinned() -> None:
     rule = "model-image-pinned"
     assert run(rule, stack({"M": UNCOMPRESSED_MODEL, "A": ARCHIVE_MODEL}), PROD) == []
@@ -636,6 +665,24 @@ PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/3"
 PACKAGED_MODEL = {
     "Type": "AWS::SageMaker::Model",
     "Properties": {"PrimaryContainer": {"ModelPackageName": PACKAGE, "Environment": {}}},
+}
+MLFLOW_ENDPOINT = {
+    "Type": "AWS::EC2::VPCEndpoint",
+    "Properties": {
+        "ServiceName": "aws.sagemaker.us-east-1.experiments",
+        "VpcEndpointType": "Interface",
+        "PrivateDnsEnabled": True,
+        "PolicyDocument": {
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": "*"},
+                    "Action": "sagemaker-mlflow:*",
+                    "Resource": {"Fn::GetAtt": ["Server", "TrackingServerArn"]},
+                }
+            ]
+        },
+    },
 }
 RAW_MODEL = {
     "Type": "AWS::SageMaker::Model",
@@ -779,6 +826,11 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
         ),
     ),
     "prod-serves-approved-packages": (PROD, stack({"M": PACKAGED_MODEL}), stack({"M": RAW_MODEL})),
+    "mlflow-endpoint-private": (
+        DEV,
+        stack({"E": MLFLOW_ENDPOINT}),
+        stack({"E": with_props(MLFLOW_ENDPOINT, ["PrivateDnsEnabled"], False)}),
+    ),
 }
 
 

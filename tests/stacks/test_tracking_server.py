@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app import build_app
 from kiln.config import load_settings
+from kiln.contract import MLFLOW_TRAINING_ACTIONS
 from kiln.settings import Settings
 from kiln_policy.assembly import SynthesizedStack, read_assembly
 from kiln_policy.guardrails import check
@@ -69,9 +70,58 @@ def test_roles_reach_the_prefix_and_the_server_only(tracked: tuple[SynthesizedSt
     assert "kms:ViaService" in text
     logging = next(p for k, p in policies.items() if "MlflowLogging" in k)
     statements = logging["Properties"]["PolicyDocument"]["Statement"]
-    mlflow = next(s for s in statements if s["Action"] == "sagemaker-mlflow:*")
+    (mlflow,) = [s for s in statements if "sagemaker-mlflow:CreateRun" in s["Action"]]
+    # The calls a run makes (recorded in tests/training/test_tracking_sagemaker.py), no more.
+    assert sorted(mlflow["Action"]) == sorted(MLFLOW_TRAINING_ACTIONS)
     assert "Fn::GetAtt" in json.dumps(mlflow["Resource"])  # this server's ARN, nothing wider
+    # ... and only through the VPC's MLflow endpoint.
+    (endpoint_id,) = stack.resources_of_type("AWS::EC2::VPCEndpoint")
+    assert mlflow["Condition"] == {"StringEquals": {"aws:SourceVpce": {"Ref": endpoint_id}}}
     assert len(logging["Properties"]["Roles"]) == 2  # EKS pods and SageMaker training jobs
+    assert "sagemaker:CreatePresignedMlflowTrackingServerUrl" not in json.dumps(statements)
+
+
+def test_training_reaches_the_server_through_its_own_interface_endpoint(
+    tracked: tuple[SynthesizedStack, Path],
+) -> None:
+    stack, _ = tracked
+    (endpoint,) = stack.resources_of_type("AWS::EC2::VPCEndpoint").values()
+    props = endpoint["Properties"]
+    assert props["ServiceName"] == "aws.sagemaker.us-east-1.experiments"
+    assert props["VpcEndpointType"] == "Interface" and props["PrivateDnsEnabled"] is True
+    assert len(props["SubnetIds"]) == 3  # the private subnets of every zone training runs in
+    # Its policy: this account's principals, this server's MLflow API.
+    (statement,) = props["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"AWS": "*"} and statement["Action"] == "sagemaker-mlflow:*"
+    assert "Fn::GetAtt" in json.dumps(statement["Resource"])
+    assert statement["Condition"] == {
+        "StringEquals": {"aws:PrincipalAccount": {"Ref": "AWS::AccountId"}}
+    }
+    # Its security group admits HTTPS from the SageMaker training group and the EKS cluster
+    # group (which Karpenter's GPU nodes carry), nothing else.
+    (training,) = [
+        k
+        for k in stack.resources_of_type("AWS::EC2::SecurityGroup")
+        if "TrainingSecurityGroup" in k
+    ]
+    (cluster,) = stack.resources_of_type("AWS::EKS::Cluster")
+    (group_ref,) = props["SecurityGroupIds"]
+    group_id = group_ref["Fn::GetAtt"][0]
+    ingress = stack.template["Resources"][group_id]["Properties"].get("SecurityGroupIngress", [])
+    ingress += [
+        r["Properties"]
+        for r in stack.resources_of_type("AWS::EC2::SecurityGroupIngress").values()
+        if r["Properties"]["GroupId"] == group_ref
+    ]
+    assert sorted(
+        (r["IpProtocol"], r["FromPort"], r["ToPort"], json.dumps(r["SourceSecurityGroupId"]))
+        for r in ingress
+    ) == sorted(
+        [
+            ("tcp", 443, 443, json.dumps({"Fn::GetAtt": [training, "GroupId"]})),
+            ("tcp", 443, 443, json.dumps({"Fn::GetAtt": [cluster, "ClusterSecurityGroupId"]})),
+        ]
+    ) and all("CidrIp" not in r for r in ingress)
 
 
 def test_gates_pass(tracked: tuple[SynthesizedStack, Path]) -> None:
@@ -94,3 +144,35 @@ def test_settings_refuse_what_the_api_refuses() -> None:
     for bad in ({"size": "Huge"}, {"weekly_maintenance_window_start": "Sunday 3am"}):
         with pytest.raises(ValidationError):
             Settings.model_validate(minimal_settings(experiment_tracking=bad))
+
+
+def test_without_interface_endpoints_training_reaches_mlflow_through_the_nat(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """An environment that sends AWS traffic through the NAT (`network.interface_endpoints:
+    false`: training's egress is HTTPS anywhere) gets no MLflow endpoint, and the roles' MLflow
+    statement has no endpoint condition it could never meet."""
+    config = tmp_path_factory.mktemp("config")
+    for file in Path("config").glob("*.yaml"):
+        shutil.copy(file, config / file.name)
+    text = (config / "dev.yaml").read_text()
+    assert "  interface_endpoints: true\n" in text
+    text = text.replace("  interface_endpoints: true\n", "  interface_endpoints: false\n")
+    (config / "dev.yaml").write_text(text + "\nexperiment_tracking:\n  enabled: true\n")
+    out = tmp_path_factory.mktemp("nat")
+    build_app({"env": "dev", "configDir": str(config)}, outdir=str(out)).synth()
+    stack = next(s for s in read_assembly(out) if s.stack_name == "kiln-dev-compute")
+    assert stack.resources_of_type("AWS::SageMaker::MlflowTrackingServer")
+    assert not stack.resources_of_type("AWS::EC2::VPCEndpoint")
+    logging = next(
+        p
+        for k, p in stack.resources_of_type("AWS::IAM::ManagedPolicy").items()
+        if "MlflowLogging" in k
+    )
+    (mlflow,) = [
+        s
+        for s in logging["Properties"]["PolicyDocument"]["Statement"]
+        if "sagemaker-mlflow:CreateRun" in s["Action"]
+    ]
+    assert "Condition" not in mlflow
+    assert [str(v) for v in check(stack, load_settings("dev", config))] == []
