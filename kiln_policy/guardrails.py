@@ -584,6 +584,28 @@ def model_image_pinned(model: Resource, settings: Settings) -> Iterator[str]:
             yield f"image {image} is not pinned to a release tag or digest"
 
 
+@resource_rule("model-specification-of-the-engine", "AWS::SageMaker::Model")
+def model_specification_of_the_engine(model: Resource, settings: Settings) -> Iterator[str]:
+    """A container that picks a registry version's inference specification
+    (`InferenceSpecificationName`, "the inference specification name in the model package
+    version", SageMaker API Reference, ContainerDefinition) names the environment's engine:
+    kiln names a version's additional specifications by the engine whose image they hold, and
+    SageMaker starts that image with this environment's engine variables. It needs a
+    `ModelPackageName` to pick from."""
+    for container in _containers(model):
+        name = container.get("InferenceSpecificationName")
+        if name is None:
+            continue
+        if not container.get("ModelPackageName"):
+            yield f"InferenceSpecificationName {name} without a ModelPackageName to pick from"
+        elif name != settings.serving.engine:
+            yield (
+                f"InferenceSpecificationName {name} is not this environment's engine "
+                f"({settings.serving.engine}): its image would start with "
+                f"{settings.serving.engine}'s variables"
+            )
+
+
 # --- Kubernetes objects ----------------------------------------------------------------------
 # Rules over the Kubernetes objects kiln applies: those in a stack's deploy-time objects
 # (`Custom::KubernetesObjects`), and a training run's objects before `kiln train` applies them

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, CfnOutput, Stack, Validations
+from aws_cdk import Aws, CfnOutput, DefaultStackSynthesizer, Stack, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
@@ -20,6 +20,7 @@ from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
+from platform_constructs.model_sharing import cross_account_model_statements
 from platform_constructs.msk import MskCluster
 from platform_constructs.nag import wildcard_resource
 from stacks.base import REPO, KilnStack, image_context, removal_policy
@@ -103,6 +104,7 @@ class ServingStack(KilnStack):
                 image_repository=container.repository,
                 model_artifact=serving.model_artifact,
                 model_package=serving.model_package,
+                inference_specification=serving.inference_specification,
                 artifact_key=lake_key,
                 volume_key=self.key,
                 vpc=vpc,
@@ -149,6 +151,22 @@ class ServingStack(KilnStack):
                         msk.topic_arn(topic),
                         f"The endpoint publishes prediction events to topic {topic}; the "
                         "wildcard stands only for the cluster's generated uuid.",
+                    )
+                )
+            home = settings.registry.account
+            if serving.model_package is not None and home and home != settings.account:
+                # A version of another account's registry: the role reads its model data and
+                # (kiln's engine) its image there; the home's policies let it (data lake stack;
+                # README, "Registry across accounts").
+                self.endpoint.policy.add_statements(
+                    *cross_account_model_statements(
+                        self,
+                        home_account=home,
+                        artifact=serving.model_artifact,
+                        image_repository_arn=None
+                        if serving.engine == "lmi"
+                        else home_image_repository_arn(self, home),
+                        policy=self.endpoint.policy,
                     )
                 )
             CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
@@ -211,6 +229,18 @@ class ServingStack(KilnStack):
             statements=[],
             publishes_events=False,
         )
+
+
+def home_image_repository_arn(scope: Construct, home_account: str) -> str:
+    """The repository of kiln's inference image in the registry's home: the CDK bootstrap's
+    container assets repository, where the home's serving stack publishes the image a version
+    names (`cdk-<qualifier>-container-assets-<account>-<region>`)."""
+    qualifier = (
+        scope.node.try_get_context("@aws-cdk/core:bootstrapQualifier")
+        or DefaultStackSynthesizer.DEFAULT_QUALIFIER
+    )
+    name = f"cdk-{qualifier}-container-assets-{home_account}-{Aws.REGION}"
+    return f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{home_account}:repository/{name}"
 
 
 @dataclass(frozen=True)

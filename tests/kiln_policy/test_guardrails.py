@@ -684,6 +684,27 @@ MLFLOW_ENDPOINT = {
         },
     },
 }
+SPEC = "InferenceSpecificationName"
+PROD_LMI = PROD.model_copy(update={"serving": PROD.serving.model_copy(update={"engine": "lmi"})})
+
+
+def test_a_model_picks_the_specification_of_its_engine_from_a_package() -> None:
+    """An additional specification is named by its engine: prod on LMI picks `lmi`, prod on
+    kiln's engine the primary (no name); a name without a package, or another engine's, is
+    refused."""
+    rule = "model-specification-of-the-engine"
+    picks_lmi = with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "lmi")
+    assert run(rule, stack({"M": picks_lmi}), PROD_LMI) == []
+    assert run(rule, stack({"M": PACKAGED_MODEL}), PROD) == []
+    (violation,) = run(rule, stack({"M": picks_lmi}), PROD)
+    assert "not this environment's engine (kiln)" in violation.message
+    bare = with_props(RAW_MODEL, ["PrimaryContainer", SPEC], "lmi")
+    (violation,) = run(rule, stack({"M": bare}), PROD_LMI)
+    assert "without a ModelPackageName" in violation.message
+    # The package rule still holds beside it: a named specification is still the version's.
+    assert run("prod-serves-approved-packages", stack({"M": picks_lmi}), PROD_LMI) == []
+
+
 RAW_MODEL = {
     "Type": "AWS::SageMaker::Model",
     "Properties": {
@@ -830,6 +851,11 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
         DEV,
         stack({"E": MLFLOW_ENDPOINT}),
         stack({"E": with_props(MLFLOW_ENDPOINT, ["PrivateDnsEnabled"], False)}),
+    ),
+    "model-specification-of-the-engine": (
+        PROD_LMI,
+        stack({"M": with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "lmi")}),
+        stack({"M": with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "kiln")}),
     ),
 }
 
