@@ -133,6 +133,7 @@ class DataLakeStack(KilnStack):
                 self,
                 "SharedModels",
                 bucket=self.artifacts,
+                bucket_name=lake_bucket_name(settings, "artifacts"),
                 key=self.key,
                 reader_accounts=registry.reader_accounts,
                 project=settings.project,

@@ -12,6 +12,7 @@ from constructs import Construct
 from kiln import naming
 from kiln.contract import Component, Outputs, model_package_group
 from kiln.settings import Settings
+from platform_constructs.model_sharing import ModelImageRepository, model_image_repository_name
 from platform_constructs.registry import ModelRegistry, group_arn, read_policy
 from stacks.base import KilnStack
 
@@ -25,8 +26,10 @@ class ModelsStack(KilnStack):
     """In the registry's home environment: one model package group per `registry.models`
     name, the registry key, and registration rights for `trainer_roles`. In every environment:
     a managed policy that reads the registry (for deployers and the pipeline), and outputs
-    naming the groups. Attributes: `registry` (ModelRegistry, or None off the home),
-    `read_policy`, `group_arns`."""
+    naming the groups. Where other environments read the registry from other accounts, the
+    home also holds the repository its serving stack publishes kiln's image to, which they may
+    pull (`images`). Attributes: `registry` (ModelRegistry, or None off the home),
+    `images` (ModelImageRepository, or None), `read_policy`, `group_arns`."""
 
     def __init__(
         self,
@@ -62,6 +65,16 @@ class ModelsStack(KilnStack):
             )
             self.registry.grant_register(*trainer_roles)
             CfnOutput(self, Outputs.REGISTRY_KEY_ARN.key, value=self.registry.key.key_arn)
+        self.images: ModelImageRepository | None = None
+        if registry.home and registry.reader_accounts:
+            self.images = ModelImageRepository(
+                self,
+                "ModelImages",
+                repository_name=model_image_repository_name(settings.project),
+                reader_accounts=registry.reader_accounts,
+                project=settings.project,
+                organization_id=registry.organization_id,
+            )
         self.read_policy = read_policy(
             self,
             "RegistryReadPolicy",

@@ -20,7 +20,10 @@ from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
-from platform_constructs.model_sharing import cross_account_model_statements
+from platform_constructs.model_sharing import (
+    cross_account_model_statements,
+    model_image_repository_name,
+)
 from platform_constructs.msk import MskCluster
 from platform_constructs.nag import wildcard_resource
 from stacks.base import REPO, KilnStack, image_context, removal_policy
@@ -61,12 +64,22 @@ class ServingStack(KilnStack):
         rollback_alarm_names: Sequence[str],
         s3_prefix_list_id: str | None = None,
     ) -> None:
+        registry = settings.registry
+        shares_images = registry.home and bool(registry.reader_accounts)
         super().__init__(
             scope,
             construct_id,
             settings=settings,
             component=Component.SERVING,
             description=f"kiln {settings.name}: inference image and SageMaker endpoint",
+            # A registry shared with other accounts: the image goes to the models stack's
+            # repository, which they may pull from (the bootstrap's cannot be shared by an
+            # app). The stage deploys the models stack first.
+            synthesizer=DefaultStackSynthesizer(
+                image_assets_repository_name=model_image_repository_name(settings.project)
+            )
+            if shares_images
+            else None,
         )
         serving = settings.serving
         self.key = PlatformKey(
@@ -165,7 +178,7 @@ class ServingStack(KilnStack):
                         artifact=serving.model_artifact,
                         image_repository_arn=None
                         if serving.engine == "lmi"
-                        else home_image_repository_arn(self, home),
+                        else home_image_repository_arn(settings, home),
                         policy=self.endpoint.policy,
                     )
                 )
@@ -231,15 +244,11 @@ class ServingStack(KilnStack):
         )
 
 
-def home_image_repository_arn(scope: Construct, home_account: str) -> str:
-    """The repository of kiln's inference image in the registry's home: the CDK bootstrap's
-    container assets repository, where the home's serving stack publishes the image a version
-    names (`cdk-<qualifier>-container-assets-<account>-<region>`)."""
-    qualifier = (
-        scope.node.try_get_context("@aws-cdk/core:bootstrapQualifier")
-        or DefaultStackSynthesizer.DEFAULT_QUALIFIER
-    )
-    name = f"cdk-{qualifier}-container-assets-{home_account}-{Aws.REGION}"
+def home_image_repository_arn(settings: Settings, home_account: str) -> str:
+    """The repository of kiln's inference image in the registry's home, where its serving
+    stack publishes the image a version names when it shares the registry with other
+    accounts (`ModelImageRepository`)."""
+    name = model_image_repository_name(settings.project)
     return f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{home_account}:repository/{name}"
 
 
