@@ -684,6 +684,43 @@ MLFLOW_ENDPOINT = {
         },
     },
 }
+# The registry home sharing with another account, and an environment reading it.
+DEV_SHARING = DEV.model_copy(
+    update={"registry": DEV.registry.model_copy(update={"reader_accounts": ["222222222222"]})}
+)
+PROD_READING = PROD.model_copy(
+    update={"registry": PROD.registry.model_copy(update={"account": "111111111111"})}
+)
+SHARED_PULL = {
+    "Sid": "OtherEnvironmentsPull",
+    "Effect": "Allow",
+    "Principal": {"AWS": "arn:aws:iam::222222222222:root"},
+    "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+    "Condition": {
+        "Bool": {"aws:SecureTransport": "true"},
+        "ArnLike": {"aws:PrincipalArn": ["arn:aws:iam::222222222222:role/kiln-*"]},
+    },
+}
+SHARED_REPOSITORY = {
+    "Type": "AWS::ECR::Repository",
+    "Properties": {"RepositoryPolicyText": {"Statement": [SHARED_PULL]}},
+}
+HOME_KEY_STATEMENT = {
+    "Sid": "HomeLakeKeyThroughS3",
+    "Effect": "Allow",
+    "Action": "kms:Decrypt",
+    "Resource": "arn:aws:kms:us-east-1:111111111111:key/*",
+    "Condition": {
+        "StringEquals": {
+            "kms:ViaService": "s3.us-east-1.amazonaws.com",
+            "kms:EncryptionContext:aws:s3:arn": "arn:aws:s3:::kiln-dev-artifacts-1-us-east-1",
+        }
+    },
+}
+HOME_KEY_POLICY = {
+    "Type": "AWS::IAM::ManagedPolicy",
+    "Properties": {"PolicyDocument": {"Statement": [HOME_KEY_STATEMENT]}},
+}
 SPEC = "InferenceSpecificationName"
 PROD_LMI = PROD.model_copy(update={"serving": PROD.serving.model_copy(update={"engine": "lmi"})})
 
@@ -851,6 +888,32 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
         DEV,
         stack({"E": MLFLOW_ENDPOINT}),
         stack({"E": with_props(MLFLOW_ENDPOINT, ["PrivateDnsEnabled"], False)}),
+    ),
+    "cross-account-grants-read-only": (
+        DEV_SHARING,
+        stack({"R": SHARED_REPOSITORY}),
+        stack(
+            {
+                "R": with_props(
+                    SHARED_REPOSITORY,
+                    ["RepositoryPolicyText", "Statement"],
+                    [{**SHARED_PULL, "Action": ["ecr:PutImage"]}],
+                )
+            }
+        ),
+    ),
+    "home-key-use-scoped": (
+        PROD_READING,
+        stack({"P": HOME_KEY_POLICY}),
+        stack(
+            {
+                "P": with_props(
+                    HOME_KEY_POLICY,
+                    ["PolicyDocument", "Statement"],
+                    [{k: v for k, v in HOME_KEY_STATEMENT.items() if k != "Condition"}],
+                )
+            }
+        ),
     ),
     "model-specification-of-the-engine": (
         PROD_LMI,
