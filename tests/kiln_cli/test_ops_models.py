@@ -157,10 +157,13 @@ class Runner:
         self.calls.append(list(argv))
         context = dict(a.split("=", 1) for a in argv if "=" in a)
         sagemaker = client("sagemaker")
+        container = {"ModelPackageName": context["modelPackage"]}
+        if "inferenceSpecification" in context:
+            container["InferenceSpecificationName"] = context["inferenceSpecification"]
         sagemaker.create_model(
             ModelName="kiln-dev-llm-model-p2",
             ExecutionRoleArn=f"arn:aws:iam::{ACCOUNT}:role/serving",
-            PrimaryContainer={"ModelPackageName": context["modelPackage"]},
+            PrimaryContainer=container,
         )
         sagemaker.create_endpoint_config(
             EndpointConfigName="kiln-dev-llm-config-p2",
@@ -215,7 +218,10 @@ def test_deploy_latest_approved_then_status_names_the_version(
     shown = capsys.readouterr().out
     print(shown)  # shown with -s: the report quotes it
     assert f"  model            {NEW_ARTIFACT}" in shown
-    assert "  model package    kiln-llm/2 (Approved, approved for dev)" in shown
+    assert (
+        "  model package    kiln-llm/2 (Approved, approved for dev), primary specification (kiln)"
+        in shown
+    )
 
 
 @mock_aws
@@ -313,7 +319,9 @@ def test_a_version_without_the_engines_specification_is_refused_before_any_deplo
 
 
 @mock_aws
-def test_one_version_serves_with_either_engine_by_its_specifications_name() -> None:
+def test_one_version_serves_with_either_engine_by_its_specifications_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Training registers kiln's server as the primary specification and the pinned LMI
     container as the `lmi` one, over the same model data; an environment serving with LMI
     deploys the `lmi` specification (`-c inferenceSpecification=lmi`), one with kiln's engine
@@ -354,6 +362,10 @@ def test_one_version_serves_with_either_engine_by_its_specifications_name() -> N
         )
         (argv,) = runner.calls
         assert [a for a in argv if a.startswith("inferenceSpecification=")] == expected
+        # `kiln status` names the specification the endpoint's model was made from.
+        assert main(["status", "--env", "dev"]) == 0
+        served = "specification lmi (lmi)" if engine == "lmi" else "primary specification (kiln)"
+        assert f"kiln-llm/2 (Approved, approved for dev), {served}\n" in capsys.readouterr().out
         client("sagemaker").delete_endpoint(EndpointName="kiln-dev-llm")
         client("sagemaker").delete_endpoint_config(EndpointConfigName="kiln-dev-llm-config-p2")
         client("sagemaker").delete_model(ModelName="kiln-dev-llm-model-p2")
