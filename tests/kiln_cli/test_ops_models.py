@@ -480,3 +480,34 @@ def test_a_run_registers_kilns_image_as_primary_whatever_the_home_serves_with() 
 
     assert environment("kiln")[TrainerEnv.INFERENCE_IMAGE] == IMAGE
     assert environment("lmi")[TrainerEnv.INFERENCE_IMAGE] == IMAGE
+
+
+@mock_aws
+def test_register_by_hand_holds_both_engines_and_engine_picks_the_primary(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kiln models register` registers kiln's serving image (the serving stack's output) as the
+    primary and LMI's as `lmi`; `--engine lmi` swaps them (LMI primary, kiln's as `kiln`), and
+    an environment on kiln's engine then serves that version's `kiln` specification."""
+    from kiln.lmi import image_uri
+
+    outputs = deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    kiln_image = outputs[Component.SERVING][Outputs.IMAGE_URI.key]
+    client("sagemaker").create_model_package_group(ModelPackageGroupName=GROUP)
+    for engine in ("kiln", "lmi"):
+        argv = ["models", "register", "--env", "dev", "--artifact", ARTIFACT, "--job", "j"]
+        assert main([*argv, "--engine", engine]) == 0
+        assert capsys.readouterr().out.endswith("(PendingManualApproval)\n")
+    kiln_first = Registry(make_aws("dev")).describe("llm/1")
+    assert [(s.name, s.engine, s.image) for s in kiln_first.specifications] == [
+        (None, "kiln", kiln_image),
+        ("lmi", "lmi", image_uri("us-east-1")),
+    ]
+    lmi_first = Registry(make_aws("dev")).describe("llm/2")
+    assert [(s.name, s.engine, s.image) for s in lmi_first.specifications] == [
+        (None, "lmi", image_uri("us-east-1")),
+        ("kiln", "kiln", kiln_image),
+    ]
+    assert lmi_first.specification_for("kiln") == "kiln"
+    assert lmi_first.specification_for("lmi") is None
+    assert all(s.artifact == ARTIFACT for s in lmi_first.specifications)
