@@ -690,14 +690,20 @@ def home_key_use_scoped(policy: Resource, settings: Settings) -> Iterator[str]:
     S3 uses them for the model's bucket: the home lake key's id is generated in the home
     account, so the statement names `key/*` of that account, and `kms:ViaService` plus the
     bucket's encryption context (`kms:EncryptionContext:aws:s3:arn`) are what keep it from
-    every other key and use there."""
+    every other key and use there. Reading the registry's records needs the home's registry
+    key through SageMaker only (`kms:ViaService` sagemaker)."""
     home = settings.registry.account
     for statement in _props(policy).get("PolicyDocument", {}).get("Statement", []):
         text = json.dumps(statement.get("Resource", []))
         if ":kms:" not in text or f":{home}:key/" not in text:
             continue
         equals = statement.get("Condition", {}).get("StringEquals", {})
-        for key in ("kms:ViaService", "kms:EncryptionContext:aws:s3:arn"):
+        # Through S3 (model data): for the model's bucket only. Through SageMaker: the
+        # registry's records, which only SageMaker reads.
+        required = ["kms:ViaService"]
+        if not str(equals.get("kms:ViaService", "")).startswith("sagemaker."):
+            required.append("kms:EncryptionContext:aws:s3:arn")
+        for key in required:
             if key not in equals:
                 yield f"{statement.get('Sid', 'a statement')} uses the home's keys without {key}"
 

@@ -71,6 +71,44 @@ def home(
     return synthesized_home[0]
 
 
+@pytest.fixture(scope="module")
+def reader_models(
+    config: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, SynthesizedStack]:
+    """prod's stacks as configured (no model yet)."""
+    return _synth(tmp_path_factory, {"env": "prod", "configDir": str(config)})[0]
+
+
+def test_a_readers_registry_policy_decrypts_records_with_the_homes_key_through_sagemaker(
+    config: Path, reader_models: dict[str, SynthesizedStack]
+) -> None:
+    """DescribeModelPackage of a version encrypted with the home's registry key: the home's
+    key policy admits this account through SageMaker, and across accounts the caller's own
+    policy must allow it as well."""
+    models = reader_models["kiln-prod-models"]
+    (policy,) = models.resources_of_type("AWS::IAM::ManagedPolicy").values()
+    statements = _statements(policy["Properties"]["PolicyDocument"])
+    key = statements["HomeRegistryKeyThroughSageMaker"]
+    assert key["Action"] == ["kms:Decrypt", "kms:DescribeKey"]
+    assert f":{HOME}:key/*" in json.dumps(key["Resource"])
+    assert key["Condition"] == {
+        "StringEquals": {"kms:ViaService": "sagemaker.us-east-1.amazonaws.com"}
+    }
+    prod = load_settings("prod", config)
+    for stack in reader_models.values():
+        assert [str(v) for v in check(stack, prod)] == [], stack.stack_name
+    # Without kms:ViaService it would open every use of the home's keys: refused.
+    loose = json.loads(json.dumps(policy))
+    for statement in loose["Properties"]["PolicyDocument"]["Statement"]:
+        statement.pop("Condition", None)
+    probe = SynthesizedStack("prod", "p", "kiln-prod-probe", {"Resources": {"P": loose}}, False, {})
+    assert [v.message for v in check(probe, prod, [RULES["home-key-use-scoped"]])] == [
+        "HomeRegistryKeyThroughSageMaker uses the home's keys without kms:ViaService",
+        "HomeRegistryKeyThroughSageMaker uses the home's keys without "
+        "kms:EncryptionContext:aws:s3:arn",
+    ]
+
+
 @pytest.fixture(scope="module", params=["kiln", "lmi"])
 def reader(
     request: pytest.FixtureRequest, config: Path, tmp_path_factory: pytest.TempPathFactory
@@ -364,6 +402,7 @@ def test_nothing_is_shared_when_every_environment_is_in_one_account(
         "kiln-model-images",
         "HomeLakeKeyThroughS3",
         "HomeImageRepository",
+        "HomeRegistryKeyThroughSageMaker",
     ):
         assert marker not in text, marker
     assets = json.loads(
