@@ -259,6 +259,8 @@ def deploy_model(
         and before_serving is not None
         and before["EndpointStatus"] == "InService"
         and before_serving.identity == served
+        # The same version from another engine's specification is a change (engine switch).
+        and before_serving.specification == specification
     ):
         return Outcome("unchanged", name, served, served, "InService")
     if before is not None and before["EndpointStatus"] not in ("InService", "Failed"):

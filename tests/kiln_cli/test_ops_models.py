@@ -182,6 +182,17 @@ class Runner:
         return 0
 
 
+class Recorder:
+    """A CDK deploy that records its argv and changes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Any, cwd: Path) -> int:
+        self.calls.append(list(argv))
+        return 0
+
+
 @mock_aws
 def test_deploy_latest_approved_then_status_names_the_version(
     capsys: pytest.CaptureFixture[str],
@@ -366,6 +377,21 @@ def test_one_version_serves_with_either_engine_by_its_specifications_name(
         assert main(["status", "--env", "dev"]) == 0
         served = "specification lmi (lmi)" if engine == "lmi" else "primary specification (kiln)"
         assert f"kiln-llm/2 (Approved, approved for dev), {served}\n" in capsys.readouterr().out
+        # Deployed again with the same engine: unchanged; the other engine would redeploy.
+        again = deploy.deploy_version(
+            _with_engine(make_aws("dev"), engine), version, runner=runner, interval=0
+        )
+        assert again.result == "unchanged" and len(runner.calls) == 1
+        other = "kiln" if engine == "lmi" else "lmi"
+        recorder = Recorder()
+        deploy.deploy_version(
+            _with_engine(make_aws("dev"), other),
+            version,
+            runner=recorder,
+            sleep=lambda s: None,
+            interval=0,
+        )
+        assert len(recorder.calls) == 1  # not "unchanged": the engine's specification differs
         client("sagemaker").delete_endpoint(EndpointName="kiln-dev-llm")
         client("sagemaker").delete_endpoint_config(EndpointConfigName="kiln-dev-llm-config-p2")
         client("sagemaker").delete_model(ModelName="kiln-dev-llm-model-p2")
