@@ -60,6 +60,8 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
         # container instead of kiln's.
         artifact = app.node.try_get_context("modelArtifact")
         package = app.node.try_get_context("modelPackage")
+        # `-c inferenceSpecification=lmi`: the version's additional specification to serve.
+        specification = app.node.try_get_context("inferenceSpecification")
         engine = app.node.try_get_context("servingEngine")
         names = resolve_environments(selector, config_dir)
         if (artifact or package) and len(names) != 1:
@@ -74,13 +76,17 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
             )
         for name in names:
             settings = load_settings(name, config_dir)
+            if engine:
+                settings = with_serving_engine(settings, str(engine))
             if artifact:
                 source = "-c modelPackage/-c modelArtifact" if package else "-c modelArtifact"
                 settings = with_model_artifact(
-                    settings, str(artifact), source, str(package) if package else None
+                    settings,
+                    str(artifact),
+                    source,
+                    str(package) if package else None,
+                    str(specification) if specification else None,
                 )
-            if engine:
-                settings = with_serving_engine(settings, str(engine))
             add_stage(app, settings)
     # Any unacknowledged finding fails synth; acknowledgements sit on their resources.
     Validations.of(app).add_plugins(AwsSolutionsChecks(app), NIST80053R5Checks(app))
@@ -117,6 +123,7 @@ def add_pipeline(app: App, config_dir: Path) -> DeliveryStack:
                 approved[name]["model_artifact"],
                 f"{approved_file} ({name})",
                 approved[name]["model_package"],
+                approved[name].get("inference_specification"),
             )
         environments.append(settings)
     stack = DeliveryStack(

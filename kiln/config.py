@@ -199,6 +199,8 @@ PATTERN_WORDS: dict[str, str] = {
     r"^[a-z0-9](-?[a-z0-9]){0,39}$": "a model name: up to 40 lower-case letters and digits, "
     "single dashes between them",
     r"^o-[a-z0-9]{10,32}$": "an AWS Organization id like o-a1b2c3d4e5",
+    r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$": "an inference specification's name: up to 63 "
+    "letters and digits, dashes between them (kiln names them by engine: lmi, kiln)",
     r"^\d+\.\d+(\.\d+)?$": "an MLflow version like 3.0 or 2.16.2",
     r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun):([01]\d|2[0-3]):[0-5]\d$": "a weekly time like Sun:03:00 "
     "(day, then 24-hour UTC time)",
@@ -225,7 +227,9 @@ def _in_words(problem: Any) -> str:
 
 def read_approved_models(path: Path) -> dict[str, dict[str, str]]:
     """The file `kiln models resolve` writes for the delivery pipeline: per environment, the
-    latest version approved for it, `{env: {"model_package": arn, "model_artifact": uri}}`."""
+    latest version approved for it, `{env: {"model_package": arn, "model_artifact": uri}}`,
+    with `"inference_specification": name` where the environment's engine serves from an
+    additional specification."""
     import json
 
     shown = _display(path)
@@ -291,11 +295,18 @@ def with_model_artifact(
     artifact: str,
     source: str = "-c modelArtifact",
     package: str | None = None,
+    specification: str | None = None,
 ) -> Settings:
-    """`settings` serving `artifact` (of registry version `package`, when given) instead of
-    the configured model (validated the same way): a model.tar.gz, or an uncompressed model
-    directory's S3 prefix (ending in /)."""
-    return _with_serving(settings, source, model_artifact=artifact, model_package=package)
+    """`settings` serving `artifact` (of registry version `package`, from its inference
+    specification `specification`, when given) instead of the configured model (validated the
+    same way): a model.tar.gz, or an uncompressed model directory's S3 prefix (ending in /)."""
+    return _with_serving(
+        settings,
+        source,
+        model_artifact=artifact,
+        model_package=package,
+        inference_specification=specification,
+    )
 
 
 def with_serving_engine(

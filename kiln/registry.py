@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln import lmi
 from kiln.contract import RegistryMetadata, TrainerEnv, is_model_prefix
 
 PENDING = "PendingManualApproval"
@@ -58,6 +59,21 @@ CORE_HYPERPARAMETERS = (
 )
 
 
+# The engines a version can hold a container for: kiln's server (the primary specification of
+# a run's version) and the pinned LMI container (an additional specification named `lmi`).
+# CreateModel's ContainerDefinition picks an additional one by `InferenceSpecificationName`;
+# without it SageMaker uses the primary (SageMaker API Reference, ContainerDefinition).
+ENGINES = ("kiln", "lmi")
+# AdditionalInferenceSpecifications: 1 to 15 entries, each Name 1-63 characters of
+# [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}, unique within the version (CreateModelPackage).
+MAX_ADDITIONAL_SPECIFICATIONS = 15
+
+
+def engine_of(image: str) -> str:
+    """The engine an image runs: `lmi` for the LMI container's repository, else `kiln`."""
+    return "lmi" if f"/{lmi.LMI_REPOSITORY}:" in image else "kiln"
+
+
 class RegistrationError(ValueError):
     """Registration was asked for and cannot be done; the message says what to change."""
 
@@ -83,6 +99,10 @@ class Target:
     image: str
     key_arn: str | None = None
     code_revision: str = "unknown"
+    # The other engines' images (engine -> image): each becomes an additional inference
+    # specification named by its engine, over the same model data. `register` adds the pinned
+    # LMI image of the group's region when the primary is kiln's and none is given.
+    additional: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_environment(
@@ -164,8 +184,41 @@ def model_data(artifact: str) -> dict[str, Any]:
     return {"ModelDataUrl": artifact}
 
 
+def with_lmi(target: Target, region: str | None) -> Target:
+    """`target` with an `lmi` specification (the pinned LMI image of `region`) beside a kiln
+    primary, so one version serves with either engine; unchanged where it has one, where the
+    primary is LMI's, or where kiln/lmi.py records no LMI registry for the region."""
+    if (
+        region is None
+        or lmi.region_problem(region) is not None
+        or engine_of(target.image) == "lmi"
+        or "lmi" in target.additional
+    ):
+        return target
+    return Target(
+        group=target.group,
+        image=target.image,
+        key_arn=target.key_arn,
+        code_revision=target.code_revision,
+        additional={**target.additional, "lmi": lmi.image_uri(region)},
+    )
+
+
+def specification(name: str, image: str, artifact: str) -> dict[str, Any]:
+    """An additional inference specification: engine `name`'s image over the model data."""
+    return {
+        "Name": name,
+        "Description": f"{name} engine: {image}"[:1024],
+        "Containers": [{"Image": image, **model_data(artifact)}],
+        "SupportedContentTypes": ["application/json"],
+        "SupportedResponseMIMETypes": ["application/json", "text/event-stream"],
+    }
+
+
 def create_request(run: RunRecord, target: Target) -> dict[str, Any]:
-    """The CreateModelPackage request of one run (no AWS call: tests read it as it is)."""
+    """The CreateModelPackage request of one run (no AWS call: tests read it as it is): the
+    primary specification with `target.image`, and one additional specification per engine in
+    `target.additional`, all over the same model data."""
     if not run.artifact.startswith("s3://"):
         raise RegistrationError(
             f"the model is at {run.artifact}, but a registry version needs an S3 artifact: "
@@ -197,6 +250,17 @@ def create_request(run: RunRecord, target: Target) -> dict[str, Any]:
         "MetadataProperties": {"CommitId": target.code_revision, "GeneratedBy": run.job},
         "CustomerMetadataProperties": metadata,
     }
+    primary = engine_of(target.image)
+    for name in target.additional:
+        if name not in ENGINES or name == primary:
+            raise RegistrationError(
+                f"an additional specification is named {name!r}: name it by an engine that "
+                f"is not the primary's ({primary}); engines: {', '.join(ENGINES)}"
+            )
+    if target.additional:
+        request["AdditionalInferenceSpecifications"] = [
+            specification(name, image, run.artifact) for name, image in target.additional.items()
+        ][:MAX_ADDITIONAL_SPECIFICATIONS]
     if target.key_arn:
         request["SecurityConfig"] = {"KmsKeyId": target.key_arn}
     return request
@@ -210,8 +274,10 @@ def region_of(group: str) -> str | None:
 
 def register(run: RunRecord, target: Target, client: Any) -> str:
     """Creates the version with `client` (a boto3 SageMaker client in the group's region);
-    returns its ARN. A failure is a RegistrationError naming the fix."""
-    request = create_request(run, target)
+    returns its ARN. A failure is a RegistrationError naming the fix. A kiln primary gets an
+    `lmi` specification for the client's region beside it (`with_lmi`)."""
+    region = region_of(target.group) or getattr(getattr(client, "meta", None), "region_name", None)
+    request = create_request(run, with_lmi(target, region))
     try:
         response = client.create_model_package(**request)
     except Exception as err:

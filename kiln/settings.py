@@ -541,6 +541,12 @@ class ServingSettings(StrictModel):
     # --model-package/--latest-approved` and the delivery pipeline set both
     # (`-c modelPackage=... -c modelArtifact=...`). Prod serves approved packages only.
     model_package: str | None = None
+    # The version's inference specification that serves it: null for the primary (kiln's
+    # server, as training registers it), else the additional one named by the engine (`lmi`).
+    # CreateModel's ContainerDefinition.InferenceSpecificationName: 1-63 characters of
+    # [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}. `kiln deploy-model` and the pipeline set it
+    # (`-c inferenceSpecification=lmi`) from what the version holds.
+    inference_specification: str | None = Field(None, pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
     instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     initial_instance_count: int = Field(ge=1, le=100)
     # Percent of requests whose bodies SageMaker captures (prompts and completions: only
@@ -592,6 +598,28 @@ class ServingSettings(StrictModel):
                 {"value": value},
             )
         return value
+
+    @model_validator(mode="after")
+    def _specification_of_a_package(self) -> ServingSettings:
+        if self.inference_specification is None:
+            return self
+        if self.model_package is None:
+            raise PydanticCustomError(
+                "artifact",
+                "inference_specification names a registry version's specification, but no "
+                "model_package is set: give the version too (`kiln deploy-model "
+                "--model-package` passes both), or remove inference_specification",
+                {},
+            )
+        if self.inference_specification != self.engine:
+            raise PydanticCustomError(
+                "artifact",
+                "inference_specification '{name}' is not this environment's engine "
+                "({engine}): an additional specification is named by the engine whose image "
+                "it holds; name {engine}, or leave it out to serve the primary specification",
+                {"name": self.inference_specification, "engine": self.engine},
+            )
+        return self
 
     @model_validator(mode="after")
     def _package_has_artifact(self) -> ServingSettings:
@@ -1085,6 +1113,20 @@ class Settings(StrictModel):
             problems.append(
                 f"registry.reader_accounts: {self.account} is this environment's own account; "
                 "list only the other environments' accounts"
+            )
+        # A registry in another account is what turns on the cross-account grants (the
+        # reader's role reads the home's bucket, key and image): it must be another account.
+        home = self.registry.account
+        if home and self.account == home:
+            problems.append(
+                f"registry.account: {home} is this environment's own account; leave it out "
+                "(a registry in the same account needs no cross-account access)"
+            )
+        package = serving.model_package
+        if home and package and package.split(":")[4] != home:
+            problems.append(
+                f"serving.model_package: {package} is not in the registry's account ({home}, "
+                "registry.account); deploy a version of the registry (`kiln models list`)"
             )
         # Privacy, not AWS: data capture stores request and response bodies (prompts and
         # completions), which only an environment that allows raw text may keep.

@@ -278,7 +278,7 @@ def cmd_deploy_model(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """The registry: list, show, approve, reject, register, resolve."""
+    """The registry: list, show, approve, reject, register, add-engine, resolve."""
     from datetime import UTC, datetime
 
     if args.models_command == "resolve":
@@ -313,6 +313,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  {version.approval_description}")
         if verb == "approved":
             print(f"deploy it: kiln deploy-model --env {env} --latest-approved {reg.models[0]}")
+        return 0
+    if args.models_command == "add-engine":
+        version = reg.add_engine(args.version, args.engine)
+        held = ", ".join(f"{s.label}: {s.engine}" for s in version.specifications)
+        print(f"{version.ref} serves with {args.engine} ({held})")
         return 0
     run = registry.RunRecord(
         job=args.job,
@@ -622,7 +627,7 @@ def _add_models(commands: Any) -> None:
         dest="models_command",
         required=True,
         metavar="SUBCOMMAND",
-        help="list, show, approve, reject, register or resolve",
+        help="list, show, approve, reject, register, add-engine or resolve",
     )
     listing = sub.add_parser("list", help="the newest versions, their approvals and metrics")
     _environment_options(listing)
@@ -654,9 +659,17 @@ def _add_models(commands: Any) -> None:
         "--engine",
         choices=("kiln", "lmi"),
         default="kiln",
-        help="the server the version carries: kiln's image or the pinned LMI container, as "
-        "serving.engine of the environments it will run in (default: %(default)s)",
+        help="the server of the version's primary specification: kiln's image or the pinned "
+        "LMI container; the other engine's is an additional specification named by it, so "
+        "the version serves with either (default: %(default)s)",
     )
+    add = sub.add_parser(
+        "add-engine",
+        help="add an engine's specification to a version registered without one",
+    )
+    _environment_options(add)
+    add.add_argument("version", help="<model>/<n> or the version's ARN")
+    add.add_argument("--engine", required=True, choices=("kiln", "lmi"), help="serving.engine")
     resolve = sub.add_parser(
         "resolve",
         help="write each environment's latest approved version (the pipeline's synth step)",

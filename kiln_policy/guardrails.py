@@ -584,6 +584,130 @@ def model_image_pinned(model: Resource, settings: Settings) -> Iterator[str]:
             yield f"image {image} is not pinned to a release tag or digest"
 
 
+@resource_rule("model-specification-of-the-engine", "AWS::SageMaker::Model")
+def model_specification_of_the_engine(model: Resource, settings: Settings) -> Iterator[str]:
+    """A container that picks a registry version's inference specification
+    (`InferenceSpecificationName`, "the inference specification name in the model package
+    version", SageMaker API Reference, ContainerDefinition) names the environment's engine:
+    kiln names a version's additional specifications by the engine whose image they hold, and
+    SageMaker starts that image with this environment's engine variables. It needs a
+    `ModelPackageName` to pick from."""
+    for container in _containers(model):
+        name = container.get("InferenceSpecificationName")
+        if name is None:
+            continue
+        if not container.get("ModelPackageName"):
+            yield f"InferenceSpecificationName {name} without a ModelPackageName to pick from"
+        elif name != settings.serving.engine:
+            yield (
+                f"InferenceSpecificationName {name} is not this environment's engine "
+                f"({settings.serving.engine}): its image would start with "
+                f"{settings.serving.engine}'s variables"
+            )
+
+
+# What another environment's account may be granted on the registry home's resources: reading
+# model data, decrypting it through S3, pulling images (resource-type -> allowed actions).
+_CROSS_ACCOUNT_READS = {
+    "AWS::S3::BucketPolicy": frozenset({"s3:GetObject", "s3:ListBucket"}),
+    "AWS::KMS::Key": frozenset({"kms:Decrypt", "kms:DescribeKey"}),
+    "AWS::ECR::Repository": frozenset(
+        {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
+    ),
+}
+_POLICY_DOCUMENT = {
+    "AWS::S3::BucketPolicy": "PolicyDocument",
+    "AWS::KMS::Key": "KeyPolicy",
+    "AWS::ECR::Repository": "RepositoryPolicyText",
+}
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _foreign_statements(resource: Resource, settings: Settings) -> Iterator[dict[str, Any]]:
+    """The Allow statements of a resource policy whose principals name a reader account."""
+    document = _props(resource).get(_POLICY_DOCUMENT[resource["Type"]], {})
+    for statement in document.get("Statement", []) if isinstance(document, dict) else []:
+        principal = json.dumps(statement.get("Principal", {}))
+        readers = [a for a in settings.registry.reader_accounts if f":{a}:" in principal]
+        if statement.get("Effect") == "Allow" and readers:
+            yield statement
+
+
+@resource_rule(
+    "cross-account-grants-read-only",
+    *sorted(_CROSS_ACCOUNT_READS),
+    applies=lambda s: s.registry.home and bool(s.registry.reader_accounts),
+)
+def cross_account_grants_read_only(resource: Resource, settings: Settings) -> Iterator[str]:
+    """What the registry home grants the other environments' accounts so that they can create
+    models from its versions ("Deploy a Model Version from a Different Account": the image's
+    repository, the model data's bucket, and here the key that encrypts it) is read-only:
+    objects under `models/` only (a listing limited to that prefix), decryption only through
+    S3, image pulls only; over TLS (`aws:SecureTransport`) and from kiln's roles in those
+    accounts (`aws:PrincipalArn`), never the whole account. The registry key's grant to
+    decrypt versions' records through SageMaker stays per account: anyone who may read the
+    registry there (operators, pipelines) reads them."""
+    allowed = _CROSS_ACCOUNT_READS[resource["Type"]]
+    for statement in _foreign_statements(resource, settings):
+        sid = statement.get("Sid", "a statement")
+        actions = set(_listed(statement.get("Action", [])))
+        if not actions <= allowed:
+            yield f"{sid} grants other accounts {', '.join(sorted(actions - allowed))}"
+        conditions = statement.get("Condition", {})
+        if conditions.get("Bool", {}).get("aws:SecureTransport") != "true":
+            yield f"{sid} does not require TLS (aws:SecureTransport)"
+        via = str(conditions.get("StringEquals", {}).get("kms:ViaService", ""))
+        # The registry key decrypts versions' records for whoever reads the registry there
+        # (operators, pipelines: any role), through SageMaker only; model data is for roles.
+        records = resource["Type"] == "AWS::KMS::Key" and via.startswith("sagemaker.")
+        if not records and "aws:PrincipalArn" not in conditions.get("ArnLike", {}):
+            yield f"{sid} names whole accounts: limit it to roles (aws:PrincipalArn)"
+        if resource["Type"] == "AWS::KMS::Key" and "kms:ViaService" not in conditions.get(
+            "StringEquals", {}
+        ):
+            yield f"{sid} lets other accounts use the key directly, not only through S3"
+        if resource["Type"] == "AWS::S3::BucketPolicy":
+            for target in _listed(statement.get("Resource", [])):
+                text = json.dumps(target)
+                # A literal ARN, or a Fn::Join whose last part is the prefix.
+                if "s3:GetObject" in actions and not text.rstrip("]}").endswith('/models/*"'):
+                    yield f"{sid} opens objects outside models/: {text}"
+            prefixes = conditions.get("StringLike", {}).get("s3:prefix")
+            if "s3:ListBucket" in actions and _listed(prefixes) != ["models/*"]:
+                yield f"{sid} lists the bucket beyond models/ (s3:prefix {prefixes})"
+
+
+@resource_rule(
+    "home-key-use-scoped",
+    "AWS::IAM::ManagedPolicy",
+    applies=lambda s: s.registry.account is not None,
+)
+def home_key_use_scoped(policy: Resource, settings: Settings) -> Iterator[str]:
+    """A role reading the registry home's model data may decrypt with the home's keys only as
+    S3 uses them for the model's bucket: the home lake key's id is generated in the home
+    account, so the statement names `key/*` of that account, and `kms:ViaService` plus the
+    bucket's encryption context (`kms:EncryptionContext:aws:s3:arn`) are what keep it from
+    every other key and use there. Reading the registry's records needs the home's registry
+    key through SageMaker only (`kms:ViaService` sagemaker)."""
+    home = settings.registry.account
+    for statement in _props(policy).get("PolicyDocument", {}).get("Statement", []):
+        text = json.dumps(statement.get("Resource", []))
+        if ":kms:" not in text or f":{home}:key/" not in text:
+            continue
+        equals = statement.get("Condition", {}).get("StringEquals", {})
+        # Through S3 (model data): for the model's bucket only. Through SageMaker: the
+        # registry's records, which only SageMaker reads.
+        required = ["kms:ViaService"]
+        if not str(equals.get("kms:ViaService", "")).startswith("sagemaker."):
+            required.append("kms:EncryptionContext:aws:s3:arn")
+        for key in required:
+            if key not in equals:
+                yield f"{statement.get('Sid', 'a statement')} uses the home's keys without {key}"
+
+
 # --- Kubernetes objects ----------------------------------------------------------------------
 # Rules over the Kubernetes objects kiln applies: those in a stack's deploy-time objects
 # (`Custom::KubernetesObjects`), and a training run's objects before `kiln train` applies them

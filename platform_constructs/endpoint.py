@@ -197,8 +197,9 @@ class RollbackAlarms(Construct):
 
 class GuardedEndpoint(Construct):
     """Model + EndpointConfig + Endpoint for one model artifact, or one registry version
-    (`model_package`, the ARN of an approved model package; `model_artifact` is then its
-    artifact, which the role may read).
+    (`model_package`, the ARN of an approved model package, served from its additional
+    inference specification `inference_specification` when given; `model_artifact` is then
+    its artifact, which the role may read).
 
     The model runs the `image_uri` container in the private subnets behind a security group
     that sends only HTTPS to the VPC (interface endpoints) and to S3 (the gateway endpoint's
@@ -244,6 +245,7 @@ class GuardedEndpoint(Construct):
         s3_prefix_list_id: str | None = None,
         kafka_egress: bool = True,
         model_package: str | None = None,
+        inference_specification: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.security_group = ec2.SecurityGroup(
@@ -342,9 +344,12 @@ class GuardedEndpoint(Construct):
             "Model",
             execution_role_arn=self.role.role_arn,
             # A registry version brings its own image and artifact; SageMaker creates the
-            # model only while the version is Approved.
+            # model only while the version is Approved. `inference_specification` picks one of
+            # its additional specifications (the engine's) instead of the primary.
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
-                model_package_name=model_package, environment=dict(environment)
+                model_package_name=model_package,
+                inference_specification_name=inference_specification,
+                environment=dict(environment),
             )
             if model_package is not None
             else model_container(image_uri, model_artifact, environment),

@@ -19,6 +19,10 @@ READ_ACTIONS = (
     "sagemaker:DescribeModelPackage",
     "sagemaker:ListModelPackages",
 )
+# What another account needs to create a model from a version ("Deploy a Model Version from a
+# Different Account", SageMaker Developer Guide: the group's policy grants CreateModel on the
+# versions). Approvals stay in the registry's own account: no UpdateModelPackage.
+DEPLOY_ACTIONS = ("sagemaker:CreateModel",)
 # What a training run needs to register its version.
 REGISTER_ACTIONS = ("sagemaker:CreateModelPackage", "sagemaker:DescribeModelPackageGroup")
 # SageMaker encrypts a version's record with the registry key on the caller's behalf.
@@ -41,8 +45,9 @@ class ModelRegistry(Construct):
     AWS::SageMaker::ModelPackageGroup takes no KMS key (its properties are a name, a
     description, a resource policy and tags); the key applies per version, through
     CreateModelPackage's `SecurityConfig.KmsKeyId`, which training passes. Readers in other
-    accounts get Describe/List on the groups and their versions (over TLS, and only from
-    `organization_id` when given) and may decrypt with the key only through SageMaker.
+    accounts get Describe/List on the groups and their versions and CreateModel on the
+    versions (over TLS, and only from `organization_id` when given) and may decrypt with the
+    key only through SageMaker.
 
     Exposes `key`, `groups` (name -> CfnModelPackageGroup), `register_policy` (attach it to
     the identities that register versions: `grant_register`).
@@ -101,7 +106,14 @@ class ModelRegistry(Construct):
                             actions=list(READ_ACTIONS),
                             resources=[group_arn(name), versions_arn(name)],
                             conditions=conditions,
-                        )
+                        ),
+                        iam.PolicyStatement(
+                            sid="OtherEnvironmentsCreateModels",
+                            principals=readers,
+                            actions=list(DEPLOY_ACTIONS),
+                            resources=[versions_arn(name)],
+                            conditions=conditions,
+                        ),
                     ]
                 ).to_json()
             group = sagemaker.CfnModelPackageGroup(

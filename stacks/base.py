@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Environment, IgnoreMode, RemovalPolicy, Stack
+from aws_cdk import Environment, IgnoreMode, IStackSynthesizer, RemovalPolicy, Stack
 from constructs import Construct
 
 from kiln import naming
@@ -56,6 +56,7 @@ class KilnStack(Stack):
         settings: Settings,
         component: Component,
         description: str,
+        synthesizer: IStackSynthesizer | None = None,
     ) -> None:
         super().__init__(
             scope,
@@ -65,6 +66,7 @@ class KilnStack(Stack):
             description=description,
             termination_protection=settings.termination_protection,
             tags=naming.standard_tags(settings),
+            synthesizer=synthesizer,
         )
         self.settings = settings
 

@@ -10,6 +10,7 @@ from kiln import naming
 from kiln.contract import CHECKPOINTS_PREFIX, Component, Outputs, lake_bucket_output
 from kiln.settings import DataLakeSettings, Settings
 from platform_constructs.kms import PlatformKey
+from platform_constructs.model_sharing import SharedModelArtifacts
 from platform_constructs.secure_bucket import AccessLogsBucket, SecureBucket
 from stacks.base import KilnStack, removal_policy
 
@@ -73,7 +74,9 @@ def lake_bucket(scope: Construct, settings: Settings, zone: str) -> s3.IBucket:
 class DataLakeStack(KilnStack):
     """Composes the data lake key, the access-log bucket and the four zone buckets.
 
-    Attributes: `key`, `access_logs`, and `raw`, `curated`, `artifacts`, `capture` (buckets).
+    Attributes: `key`, `access_logs`, and `raw`, `curated`, `artifacts`, `capture` (buckets),
+    and `shared_models` (SharedModelArtifacts: on the registry's home when other environments
+    read it from other accounts, else None).
     """
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
@@ -121,4 +124,19 @@ class DataLakeStack(KilnStack):
         self.curated = buckets["Curated"]
         self.artifacts = buckets["Artifacts"]
         self.capture = buckets["Capture"]
+        # The registry's versions name model data in this bucket: environments in other
+        # accounts create their models from them, so their roles may read models/ (only).
+        registry = settings.registry
+        self.shared_models: SharedModelArtifacts | None = None
+        if registry.home and registry.reader_accounts:
+            self.shared_models = SharedModelArtifacts(
+                self,
+                "SharedModels",
+                bucket=self.artifacts,
+                bucket_name=lake_bucket_name(settings, "artifacts"),
+                key=self.key,
+                reader_accounts=registry.reader_accounts,
+                project=settings.project,
+                organization_id=registry.organization_id,
+            )
         CfnOutput(self, Outputs.DATA_LAKE_KEY_ARN.key, value=self.key.key_arn)

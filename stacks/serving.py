@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, CfnOutput, Stack, Validations
+from aws_cdk import Aws, CfnOutput, DefaultStackSynthesizer, Stack, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
@@ -20,6 +20,10 @@ from kiln.contract import SERVER_DRAIN_SECONDS, Component, Outputs, ServerEnv
 from kiln.settings import Settings
 from platform_constructs.endpoint import GuardedEndpoint, Scaling, TrafficShifting
 from platform_constructs.kms import PlatformKey
+from platform_constructs.model_sharing import (
+    cross_account_model_statements,
+    model_image_repository_name,
+)
 from platform_constructs.msk import MskCluster
 from platform_constructs.nag import wildcard_resource
 from stacks.base import REPO, KilnStack, image_context, removal_policy
@@ -60,12 +64,22 @@ class ServingStack(KilnStack):
         rollback_alarm_names: Sequence[str],
         s3_prefix_list_id: str | None = None,
     ) -> None:
+        registry = settings.registry
+        shares_images = registry.home and bool(registry.reader_accounts)
         super().__init__(
             scope,
             construct_id,
             settings=settings,
             component=Component.SERVING,
             description=f"kiln {settings.name}: inference image and SageMaker endpoint",
+            # A registry shared with other accounts: the image goes to the models stack's
+            # repository, which they may pull from (the bootstrap's cannot be shared by an
+            # app). The stage deploys the models stack first.
+            synthesizer=DefaultStackSynthesizer(
+                image_assets_repository_name=model_image_repository_name(settings.project)
+            )
+            if shares_images
+            else None,
         )
         serving = settings.serving
         self.key = PlatformKey(
@@ -103,6 +117,7 @@ class ServingStack(KilnStack):
                 image_repository=container.repository,
                 model_artifact=serving.model_artifact,
                 model_package=serving.model_package,
+                inference_specification=serving.inference_specification,
                 artifact_key=lake_key,
                 volume_key=self.key,
                 vpc=vpc,
@@ -149,6 +164,22 @@ class ServingStack(KilnStack):
                         msk.topic_arn(topic),
                         f"The endpoint publishes prediction events to topic {topic}; the "
                         "wildcard stands only for the cluster's generated uuid.",
+                    )
+                )
+            home = settings.registry.account
+            if serving.model_package is not None and home and home != settings.account:
+                # A version of another account's registry: the role reads its model data and
+                # (kiln's engine) its image there; the home's policies let it (data lake stack;
+                # README, "Registry across accounts").
+                self.endpoint.policy.add_statements(
+                    *cross_account_model_statements(
+                        self,
+                        home_account=home,
+                        artifact=serving.model_artifact,
+                        image_repository_arn=None
+                        if serving.engine == "lmi"
+                        else home_image_repository_arn(settings, home),
+                        policy=self.endpoint.policy,
                     )
                 )
             CfnOutput(self, Outputs.MODEL_ARTIFACT.key, value=serving.model_artifact)
@@ -211,6 +242,14 @@ class ServingStack(KilnStack):
             statements=[],
             publishes_events=False,
         )
+
+
+def home_image_repository_arn(settings: Settings, home_account: str) -> str:
+    """The repository of kiln's inference image in the registry's home, where its serving
+    stack publishes the image a version names when it shares the registry with other
+    accounts (`ModelImageRepository`)."""
+    name = model_image_repository_name(settings.project)
+    return f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{home_account}:repository/{name}"
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class KilnStage(Stage):
             rollback_alarm_names=self.observability.rollback_alarms.names,
             s3_prefix_list_id=self.network.s3_prefix_list_id,
         )
+        if self.models.images is not None:
+            # The serving stack publishes its image to the models stack's repository: the CDK
+            # publishes a stack's assets after the stacks it depends on are deployed.
+            self.serving.add_stack_dependency(self.models)
         # The endpoint's deployment names the rollback alarms by their derived names (no
         # cross-stack reference carries the order), and they must exist first.
         self.serving.add_stack_dependency(self.observability)

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from kiln.config import CONFIG_DIR
 from kiln.contract import MODELS_PREFIX, Component, Outputs, is_model_prefix
-from kiln.lmi import LMI_REPOSITORY
 from kiln.settings import Settings, model_artifact_problem
 from kiln_cli.operate import endpoint as ep
 from kiln_cli.operate.aws import (
@@ -31,6 +30,7 @@ from kiln_cli.operate.aws import (
     cdk_stack_id,
     parse_s3_uri,
 )
+from kiln_cli.operate.models import registry_home
 from kiln_cli.operate.progress import Progress, elapsed, wait_for
 
 # The CDK app's directory (cdk.json): the checkout kiln runs from.
@@ -61,14 +61,21 @@ class Outcome:
 
 
 def cdk_deploy_argv(
-    settings: Settings, artifact: str, config_dir: Path = CONFIG_DIR, package: str | None = None
+    settings: Settings,
+    artifact: str,
+    config_dir: Path = CONFIG_DIR,
+    package: str | None = None,
+    specification: str | None = None,
 ) -> list[str]:
-    """The serving stack's deploy with the new artifact (of registry version `package`), and
-    nothing else (`--exclusively`)."""
+    """The serving stack's deploy with the new artifact (of registry version `package`, served
+    from its additional inference specification `specification` when given), and nothing else
+    (`--exclusively`)."""
     argv = ["npx", "cdk", "deploy", cdk_stack_id(settings, Component.SERVING), "--exclusively"]
     argv += ["-c", f"env={settings.name}", "-c", f"modelArtifact={artifact}"]
     if package is not None:
         argv += ["-c", f"modelPackage={package}"]
+    if specification is not None:
+        argv += ["-c", f"inferenceSpecification={specification}"]
     if config_dir != CONFIG_DIR:
         argv += ["-c", f"configDir={config_dir}"]
     return [*argv, "--require-approval", "never"]
@@ -224,8 +231,10 @@ def deploy_model(
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     package: str | None = None,
+    specification: str | None = None,
 ) -> Outcome:
-    """Deploys `artifact` (the artifact of registry version `package`, when given)."""
+    """Deploys `artifact` (the artifact of registry version `package`, when given, served from
+    its inference specification `specification`, or the primary one)."""
     settings = aws.settings
     problem = model_artifact_problem(artifact)
     if problem is not None:
@@ -250,6 +259,8 @@ def deploy_model(
         and before_serving is not None
         and before["EndpointStatus"] == "InService"
         and before_serving.identity == served
+        # The same version from another engine's specification is a change (engine switch).
+        and before_serving.specification == specification
     ):
         return Outcome("unchanged", name, served, served, "InService")
     if before is not None and before["EndpointStatus"] not in ("InService", "Failed"):
@@ -272,7 +283,7 @@ def deploy_model(
         f"deploying {served} to {name} ({shifting}, "
         f"{deployment.wait_minutes} min bake, auto-rollback on alarms)"
     )
-    argv = cdk_deploy_argv(settings, artifact, aws.config_dir, package)
+    argv = cdk_deploy_argv(settings, artifact, aws.config_dir, package, specification)
     progress.note("running " + " ".join(argv))
     code = runner(argv, REPO)
     progress.note(f"cdk deploy exited {code}")
@@ -342,20 +353,15 @@ def deploy_version(aws: Aws, version: Any, **options: Any) -> Outcome:
         )
     if not version.artifact:
         raise OperateError(f"{version.ref} names no model artifact; register it again")
-    # A version carries its image, and SageMaker starts that image with the engine's variables:
-    # kiln's server under LMI's settings (or the reverse) would fail its health check mid-deploy.
-    engine = aws.settings.serving.engine
-    lmi_image = f"/{LMI_REPOSITORY}:" in (version.image or "")
-    if (engine == "lmi") != lmi_image:
-        made_for = "LMI's" if lmi_image else "kiln's"
-        raise OperateError(
-            f"{env} serves with engine {engine}, but {version.ref} was registered with "
-            f"{made_for} image ({version.image}): register the artifact for this engine "
-            f"(`kiln models register --env <registry home> --engine {engine} --artifact "
-            f"{version.artifact} --job <run>`), approve that version, then deploy it",
-            exit_code=2,
-        )
-    return deploy_model(aws, version.artifact, package=version.arn, **options)
+    # A version carries one image per specification, and SageMaker starts the chosen one with
+    # the engine's variables: the environment's engine picks it by name, and a version without
+    # one for the engine is refused before anything is deployed.
+    specification = version.specification_for(
+        aws.settings.serving.engine, home=registry_home(aws.settings, aws.config_dir)
+    )
+    return deploy_model(
+        aws, version.artifact, package=version.arn, specification=specification, **options
+    )
 
 
 def _with_cfn_reason(aws: Aws, outcome: Outcome, since: datetime) -> Outcome:

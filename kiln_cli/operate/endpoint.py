@@ -21,6 +21,8 @@ class Serving:
     artifact: str | None
     instance_type: str | None
     package: str | None = None  # the registry version the model was made from, if any
+    # The version's inference specification it was made from (None: the primary).
+    specification: str | None = None
 
     @property
     def identity(self) -> str | None:
@@ -58,7 +60,7 @@ def serving(aws: Aws, endpoint: dict[str, Any]) -> Serving:
     config = aws.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config_name)
     variants = config.get("ProductionVariants") or [{}]
     model_name = variants[0].get("ModelName")
-    artifact = package = None
+    artifact = package = specification = None
     if model_name:
         model = aws.call("sagemaker", "describe_model", ModelName=model_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
@@ -66,7 +68,10 @@ def serving(aws: Aws, endpoint: dict[str, Any]) -> Serving:
             container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri")
         )
         package = container.get("ModelPackageName")
-    return Serving(config_name, model_name, artifact, variants[0].get("InstanceType"), package)
+        specification = container.get("InferenceSpecificationName")
+    return Serving(
+        config_name, model_name, artifact, variants[0].get("InstanceType"), package, specification
+    )
 
 
 def rollback_alarm_names(

@@ -33,6 +33,24 @@ MAX_VALUE = 256
 
 
 @dataclass(frozen=True)
+class Specification:
+    """One inference specification of a version: the primary (`name` None) or an additional
+    one, named by the engine whose image it holds (kiln/registry.py)."""
+
+    name: str | None
+    image: str | None
+    artifact: str | None
+
+    @property
+    def engine(self) -> str:
+        return registry.engine_of(self.image or "")
+
+    @property
+    def label(self) -> str:
+        return "(primary)" if self.name is None else self.name
+
+
+@dataclass(frozen=True)
 class Version:
     """One model package version as the tool shows it."""
 
@@ -46,6 +64,8 @@ class Version:
     description: str
     approval_description: str
     metadata: dict[str, str] = field(default_factory=dict)
+    # The primary specification first, then the additional ones.
+    specifications: tuple[Specification, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -61,13 +81,42 @@ class Version:
     def approved_for(self, environment: str) -> bool:
         return self.status == APPROVED and environment in self.approvals
 
+    def specification_for(self, engine: str, *, home: str = "<registry home>") -> str | None:
+        """The InferenceSpecificationName that serves this version with `engine`: None for
+        the primary specification when it holds the engine's image, else the additional
+        specification named by the engine. A version without one is refused, with the
+        command that adds it (`home`: the registry's home environment)."""
+        specifications = self.specifications or (Specification(None, self.image, None),)
+        for spec in specifications:
+            if spec.engine == engine and (spec.name is None or spec.name == engine):
+                return spec.name
+        held = ", ".join(f"{s.label}: {s.engine}" for s in specifications)
+        raise OperateError(
+            f"{self.ref} holds no specification for engine {engine} ({held}): SageMaker would "
+            f"start another engine's image with {engine}'s variables. Add one over the same "
+            f"model data (`kiln models add-engine {self.ref} --env {home} --engine {engine}`), "
+            "then deploy it",
+            exit_code=2,
+        )
+
+
+def _artifact(container: dict[str, Any]) -> str | None:
+    artifact = container.get("ModelDataUrl") or (
+        container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri")
+    )
+    return str(artifact) if artifact else None
+
 
 def _version(described: dict[str, Any]) -> Version:
     containers = described.get("InferenceSpecification", {}).get("Containers") or [{}]
     container = containers[0]
-    artifact = container.get("ModelDataUrl") or (
-        container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri")
-    )
+    artifact = _artifact(container)
+    specifications = [Specification(None, container.get("Image"), artifact)]
+    for extra in described.get("AdditionalInferenceSpecifications") or []:
+        first = (extra.get("Containers") or [{}])[0]
+        specifications.append(
+            Specification(str(extra.get("Name")), first.get("Image"), _artifact(first))
+        )
     created = described.get("CreationTime")
     return Version(
         arn=str(described["ModelPackageArn"]),
@@ -82,6 +131,7 @@ def _version(described: dict[str, Any]) -> Version:
         metadata={
             str(k): str(v) for k, v in (described.get("CustomerMetadataProperties") or {}).items()
         },
+        specifications=tuple(specifications),
     )
 
 
@@ -262,20 +312,22 @@ class Registry:
     def register(self, run: registry.RunRecord, model: str, engine: str = "kiln") -> str:
         """Registers an artifact as a version pending approval, as training does at its end
         (for a run whose own registration failed, or a model trained elsewhere). `engine`
-        picks the image the version carries: kiln's server or the pinned LMI container."""
+        picks the primary specification's image (kiln's server or the pinned LMI container);
+        the other engine's is an additional specification named by it."""
         if not self.settings.registry.home:
             raise OperateError(
                 f"{self.settings.name} is not the registry's home: register in the home "
                 "environment (the one whose registry.home is true)",
                 exit_code=2,
             )
+        other = "kiln" if engine == "lmi" else "lmi"
         target = registry.Target(
             group=self.group(model),
-            image=lmi.image_uri(self.settings.region)
-            if engine == "lmi"
-            else self.aws.output(Outputs.IMAGE_URI),
+            image=self.engine_image(engine),
             key_arn=self.aws.output(Outputs.REGISTRY_KEY_ARN),
             code_revision=registry.git_revision(),
+            # The other engine beside it, so the version serves with either.
+            additional={other: self.engine_image(other)},
         )
         try:
             request = registry.create_request(run, target)
@@ -283,6 +335,45 @@ class Registry:
             raise OperateError(str(err), exit_code=2) from err
         response = self.aws.call("sagemaker", "create_model_package", **request)
         return str(response["ModelPackageArn"])
+
+    def engine_image(self, engine: str) -> str:
+        """The image `engine` serves with here: the serving stack's (kiln's server) or the
+        pinned LMI container of the region."""
+        if engine == "lmi":
+            return lmi.image_uri(self.settings.region)
+        return self.aws.output(Outputs.IMAGE_URI)
+
+    def add_engine(self, ref: str, engine: str) -> Version:
+        """Adds an additional specification for `engine` to a version registered without one
+        (UpdateModelPackage, AdditionalInferenceSpecificationsToAdd), over the version's own
+        model data; its approvals stay as they are."""
+        if not self.settings.registry.home:
+            raise OperateError(
+                f"{self.settings.name} is not the registry's home: add engines in the home "
+                "environment (the one whose registry.home is true)",
+                exit_code=2,
+            )
+        version = self.describe(ref)
+        try:
+            version.specification_for(engine)
+            return version  # it serves with the engine already
+        except OperateError:
+            pass
+        if not version.artifact:
+            raise OperateError(f"{version.ref} names no model data to serve; register it again")
+        if len(version.specifications) > registry.MAX_ADDITIONAL_SPECIFICATIONS:
+            raise OperateError(
+                f"{version.ref} already holds {registry.MAX_ADDITIONAL_SPECIFICATIONS} "
+                "additional specifications, SageMaker's limit: register the artifact again"
+            )
+        spec = registry.specification(engine, self.engine_image(engine), version.artifact)
+        self.aws.call(
+            "sagemaker",
+            "update_model_package",
+            ModelPackageArn=version.arn,
+            AdditionalInferenceSpecificationsToAdd=[spec],
+        )
+        return self.describe(version.arn)
 
 
 def latest_or_explain(reg: Registry, model: str) -> Version:
@@ -324,7 +415,31 @@ def resolve(environments: Sequence[Settings], aws_of: Any) -> dict[str, dict[str
                 "model_package": version.arn,
                 "model_artifact": version.artifact,
             }
+            # A version without the engine's specification stops the pipeline here, with the
+            # command that adds it, rather than starting the wrong image.
+            name = version.specification_for(
+                settings.serving.engine, home=home_environment(environments)
+            )
+            if name is not None:
+                found[settings.name]["inference_specification"] = name
     return found
+
+
+def home_environment(environments: Sequence[Settings]) -> str:
+    """The name of the registry's home among `environments` (`<registry home>` if absent)."""
+    return next((s.name for s in environments if s.registry.home), "<registry home>")
+
+
+def registry_home(settings: Settings, config_dir: Path) -> str:
+    """The registry's home environment as seen from `settings` (its own name on the home,
+    else the delivery order's home, else `<registry home>`)."""
+    if settings.registry.home:
+        return settings.name
+    try:
+        names = load_delivery(config_dir).environments
+        return home_environment([load_settings(n, config_dir) for n in names])
+    except ConfigError:
+        return "<registry home>"
 
 
 def write_resolved(found: dict[str, dict[str, str]], out: Path) -> None:
@@ -369,6 +484,10 @@ def render_show(version: Version) -> str:
         ("created", f"{_when(version.created)} UTC" if version.created else "-"),
         ("artifact", version.artifact or "-"),
         ("image", version.image or "-"),
+        *[
+            (f"specification {spec.label}", f"{spec.engine}  {spec.image or '-'}")
+            for spec in version.specifications
+        ],
         ("description", version.description or "-"),
         ("last decision", version.approval_description or "-"),
     ]

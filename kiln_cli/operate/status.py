@@ -112,7 +112,7 @@ def _endpoint(aws: Aws, report: Report) -> None:
     if current.package is not None:
         artifact = artifact or aws.outputs(Component.SERVING).get(Outputs.MODEL_ARTIFACT.key)
     rows.append(("model", artifact or "-"))
-    rows.append(("model package", _package_row(aws, current.package)))
+    rows.append(("model package", _package_row(aws, current.package, current.specification)))
     rows.append(("config", f"{current.config_name} (model {current.model_name or '-'})"))
     variants = described.get("ProductionVariants") or []
     rows.append(
@@ -148,8 +148,9 @@ def _endpoint(aws: Aws, report: Report) -> None:
     )
 
 
-def _package_row(aws: Aws, package: str | None) -> str:
-    """Which registry version the endpoint runs, with its approval state."""
+def _package_row(aws: Aws, package: str | None, specification: str | None = None) -> str:
+    """Which registry version the endpoint runs, with its approval state and the inference
+    specification (engine) it was made from."""
     if package is None:
         return "none (a raw artifact, not a registry version)"
     from kiln_cli.operate.models import Registry
@@ -159,7 +160,11 @@ def _package_row(aws: Aws, package: str | None) -> str:
     except OperateError as err:
         return f"{package} (cannot read it: {err})"
     approved = ", ".join(sorted(version.approvals)) or "no environment"
-    return f"{version.ref} ({version.status}, approved for {approved})"
+    held = {s.name: s.engine for s in version.specifications}
+    spec = f"specification {specification}" if specification else "primary specification"
+    engine = held.get(specification)
+    served = f", {spec} ({engine})" if engine else f", {spec}"
+    return f"{version.ref} ({version.status}, approved for {approved}){served}"
 
 
 def _jobs(aws: Aws, report: Report, count: int) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, cast, get_args
 
-from kiln import lmi, naming, registry
+from kiln import naming, registry
 from kiln.contract import (
     CHECKPOINTS_PREFIX,
     DO_NOT_DISRUPT,
@@ -352,11 +352,10 @@ def registration_environment(
     return {
         TrainerEnv.MODEL_PACKAGE_GROUP: model_package_group(settings.project, model),
         TrainerEnv.REGISTRY_KEY_ARN: aws.output(Outputs.REGISTRY_KEY_ARN),
-        # The version carries the server of the home environment's engine (`kiln deploy-model`
-        # refuses it where another engine serves; `kiln models register --engine` adds one).
-        TrainerEnv.INFERENCE_IMAGE: lmi.image_uri(settings.region)
-        if settings.serving.engine == "lmi"
-        else aws.output(Outputs.IMAGE_URI),
+        # kiln's server is the version's primary specification; the trainer adds the pinned
+        # LMI container as its `lmi` specification (kiln/registry.py), so one version serves
+        # with either engine.
+        TrainerEnv.INFERENCE_IMAGE: aws.output(Outputs.IMAGE_URI),
         TrainerEnv.MODEL_ARTIFACT: artifact,
         TrainerEnv.DATA_URI: data_uri,
         TrainerEnv.CODE_REVISION: registry.git_revision(),

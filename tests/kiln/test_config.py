@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from kiln.config import (
     CONFIG_DIR,
@@ -14,6 +15,7 @@ from kiln.config import (
     load_settings,
     resolve_environments,
 )
+from kiln.settings import Settings
 from tests.support import REPO, minimal_settings
 
 # A valid file: every required field, in YAML (the name comes from the file name).
@@ -233,3 +235,42 @@ def test_with_serving_engine_overrides_and_validates() -> None:
     assert with_serving_engine(prod, "lmi").serving.engine == "lmi"
     with pytest.raises(ConfigError, match="-c servingEngine: invalid configuration"):
         with_serving_engine(prod, "triton")
+
+
+def test_a_packages_specification_is_the_engines_and_needs_the_package() -> None:
+    """`-c inferenceSpecification` names one of a version's additional specifications, named
+    by its engine: it needs the version, and it must be this environment's engine."""
+    from kiln.config import with_model_artifact, with_serving_engine
+
+    artifact = "s3://kiln-prod-artifacts-123456789012-us-east-1/models/v7/model/"
+    package = "arn:aws:sagemaker:us-east-1:123456789012:model-package/kiln-llm/7"
+    prod = with_serving_engine(load_settings("prod"), "lmi")
+    served = with_model_artifact(prod, artifact, "-c modelArtifact", package, "lmi")
+    assert served.serving.inference_specification == "lmi"
+    with pytest.raises(ConfigError, match="no model_package is set"):
+        with_model_artifact(prod, artifact, "-c modelArtifact", None, "lmi")
+    with pytest.raises(ConfigError, match="is not this environment's engine"):
+        with_model_artifact(load_settings("prod"), artifact, "-c modelArtifact", package, "lmi")
+    with pytest.raises(ConfigError, match="inference_specification"):
+        with_model_artifact(prod, artifact, "-c modelArtifact", package, "-lmi")
+
+
+def test_a_registry_in_another_account_is_another_account() -> None:
+    """`registry.account` is what turns on the cross-account grants: it must differ from the
+    environment's own account, and a version deployed must come from it."""
+    prod = load_settings("prod").model_dump()
+    prod.update(account="333333333333")
+    prod["registry"]["account"] = "333333333333"
+    with pytest.raises(ValidationError, match="is this environment's own account"):
+        Settings.model_validate(prod)
+    prod["registry"]["account"] = "111111111111"
+    prod["serving"]["model_artifact"] = "s3://kiln-dev-artifacts-1-us-east-1/models/v7/model/"
+    prod["serving"]["model_package"] = (
+        "arn:aws:sagemaker:us-east-1:222222222222:model-package/kiln-llm/7"
+    )
+    with pytest.raises(ValidationError, match="is not in the registry's account"):
+        Settings.model_validate(prod)
+    prod["serving"]["model_package"] = (
+        "arn:aws:sagemaker:us-east-1:111111111111:model-package/kiln-llm/7"
+    )
+    assert Settings.model_validate(prod).registry.account == "111111111111"

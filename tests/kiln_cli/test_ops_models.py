@@ -130,6 +130,21 @@ def test_resolve_writes_each_environments_latest_approved_version(tmp_path: Path
         "dev": {"model_package": second, "model_artifact": NEW_ARTIFACT},
         "staging": {"model_package": first, "model_artifact": ARTIFACT},
     }
+    # An environment serving with LMI deploys the versions' `lmi` specification.
+    from kiln.config import load_settings
+    from kiln_cli.operate.models import resolve
+
+    staging = load_settings("staging")
+    on_lmi = staging.model_copy(
+        update={"serving": staging.serving.model_copy(update={"engine": "lmi"})}
+    )
+    found = resolve([load_settings("dev"), on_lmi], lambda s: make_aws(s.name))
+    assert found["staging"] == {
+        "model_package": first,
+        "model_artifact": ARTIFACT,
+        "inference_specification": "lmi",
+    }
+    assert "inference_specification" not in found["dev"]
 
 
 class Runner:
@@ -142,10 +157,13 @@ class Runner:
         self.calls.append(list(argv))
         context = dict(a.split("=", 1) for a in argv if "=" in a)
         sagemaker = client("sagemaker")
+        container = {"ModelPackageName": context["modelPackage"]}
+        if "inferenceSpecification" in context:
+            container["InferenceSpecificationName"] = context["inferenceSpecification"]
         sagemaker.create_model(
             ModelName="kiln-dev-llm-model-p2",
             ExecutionRoleArn=f"arn:aws:iam::{ACCOUNT}:role/serving",
-            PrimaryContainer={"ModelPackageName": context["modelPackage"]},
+            PrimaryContainer=container,
         )
         sagemaker.create_endpoint_config(
             EndpointConfigName="kiln-dev-llm-config-p2",
@@ -161,6 +179,17 @@ class Runner:
         sagemaker.create_endpoint(
             EndpointName="kiln-dev-llm", EndpointConfigName="kiln-dev-llm-config-p2"
         )
+        return 0
+
+
+class Recorder:
+    """A CDK deploy that records its argv and changes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Any, cwd: Path) -> int:
+        self.calls.append(list(argv))
         return 0
 
 
@@ -200,7 +229,10 @@ def test_deploy_latest_approved_then_status_names_the_version(
     shown = capsys.readouterr().out
     print(shown)  # shown with -s: the report quotes it
     assert f"  model            {NEW_ARTIFACT}" in shown
-    assert "  model package    kiln-llm/2 (Approved, approved for dev)" in shown
+    assert (
+        "  model package    kiln-llm/2 (Approved, approved for dev), primary specification (kiln)"
+        in shown
+    )
 
 
 @mock_aws
@@ -248,51 +280,210 @@ def test_registration_into_a_missing_group_says_what_to_deploy() -> None:
     assert ARTIFACT in str(err.value)
 
 
-def test_a_version_registered_for_the_other_engine_is_refused_before_any_deploy() -> None:
-    """A version carries its image: kiln's image on an LMI environment (or the reverse) would
-    start the wrong server with the engine's variables, so the tool refuses it and says how to
-    register the artifact for the engine."""
+def _approved_version(specifications: tuple[Any, ...]) -> Any:
     from datetime import UTC, datetime
 
-    from kiln.lmi import image_uri
     from kiln_cli.operate.models import Version
 
-    aws = make_aws("dev")
-    approved = {f"{RegistryMetadata.APPROVAL_PREFIX}dev": "ok"}
-    version = Version(
+    return Version(
         arn=f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model-package/{GROUP}/3",
         group=GROUP,
         number=3,
         status="Approved",
         created=datetime(2026, 1, 1, tzinfo=UTC),
         artifact=ARTIFACT,
-        image=IMAGE,
+        image=specifications[0].image,
         description="",
         approval_description="",
-        metadata=approved,
+        metadata={f"{RegistryMetadata.APPROVAL_PREFIX}dev": "ok"},
+        specifications=specifications,
     )
-    serving = aws.settings.serving.model_copy(update={"engine": "lmi"})
+
+
+def _with_engine(aws: Any, engine: str) -> Any:
+    serving = aws.settings.serving.model_copy(update={"engine": engine})
     aws.settings = aws.settings.model_copy(update={"serving": serving})
+    return aws
+
+
+def test_a_version_without_the_engines_specification_is_refused_before_any_deploy() -> None:
+    """A version registered with one image (before versions held both engines): kiln's image
+    on an LMI environment (or the reverse) would start the wrong server with the engine's
+    variables, so the tool refuses it and gives the command that adds the engine."""
+    from kiln.lmi import image_uri
+    from kiln_cli.operate.models import Specification
+
+    aws = _with_engine(make_aws("dev"), "lmi")
+    kiln_only = _approved_version((Specification(None, IMAGE, ARTIFACT),))
     runner = Runner()
-    with pytest.raises(deploy.OperateError, match="registered with kiln's image") as err:
-        deploy.deploy_version(aws, version, runner=runner, sleep=lambda s: None, interval=0)
-    assert "--engine lmi" in str(err.value) and not runner.calls
-    lmi_version = Version(**{**version.__dict__, "image": image_uri("us-east-1")})
-    serving = aws.settings.serving.model_copy(update={"engine": "kiln"})
-    aws.settings = aws.settings.model_copy(update={"serving": serving})
-    with pytest.raises(deploy.OperateError, match="registered with LMI's image"):
-        deploy.deploy_version(aws, lmi_version, runner=runner, sleep=lambda s: None, interval=0)
+    with pytest.raises(deploy.OperateError, match="holds no specification for engine lmi") as err:
+        deploy.deploy_version(aws, kiln_only, runner=runner, sleep=lambda s: None, interval=0)
+    assert "((primary): kiln)" in str(err.value)
+    assert "`kiln models add-engine kiln-llm/3 --env dev --engine lmi`" in str(err.value)
+    assert not runner.calls
+    lmi_only = _approved_version((Specification(None, image_uri("us-east-1"), ARTIFACT),))
+    with pytest.raises(deploy.OperateError, match="--engine kiln"):
+        deploy.deploy_version(
+            _with_engine(aws, "kiln"), lmi_only, runner=runner, sleep=lambda s: None, interval=0
+        )
     assert not runner.calls
 
 
-def test_a_run_registers_the_image_of_the_home_environments_engine() -> None:
-    """`kiln train` hands the trainer the image its version will carry: kiln's serving image,
-    or the pinned LMI container where the registry's home serves with LMI."""
+@mock_aws
+def test_one_version_serves_with_either_engine_by_its_specifications_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Training registers kiln's server as the primary specification and the pinned LMI
+    container as the `lmi` one, over the same model data; an environment serving with LMI
+    deploys the `lmi` specification (`-c inferenceSpecification=lmi`), one with kiln's engine
+    the primary (no name)."""
+    from kiln.lmi import image_uri
+
+    deploy_stacks(
+        components=(
+            Component.DATA_LAKE,
+            Component.MODELS,
+            Component.OBSERVABILITY,
+            Component.SERVING,
+        )
+    )
+    create_buckets()
+    put_object(NEW_ARTIFACT)
+    _, second = registry_with_two_versions()
+    described = client("sagemaker").describe_model_package(ModelPackageName=second)
+    assert described["InferenceSpecification"]["Containers"] == [
+        {"Image": IMAGE, "ModelDataUrl": NEW_ARTIFACT}
+    ]
+    (extra,) = described["AdditionalInferenceSpecifications"]
+    assert extra["Name"] == "lmi"
+    assert extra["Containers"] == [{"Image": image_uri("us-east-1"), "ModelDataUrl": NEW_ARTIFACT}]
+    now = __import__("datetime").datetime(2025, 12, 3, tzinfo=__import__("datetime").UTC)
+    version = Registry(make_aws("dev")).approve("llm/2", "dev", "ok", now=now)
+    assert [(s.name, s.engine) for s in version.specifications] == [(None, "kiln"), ("lmi", "lmi")]
+    assert version.specification_for("kiln") is None
+    assert version.specification_for("lmi") == "lmi"
+    for engine, expected in (("lmi", ["inferenceSpecification=lmi"]), ("kiln", [])):
+        runner = Runner()
+        deploy.deploy_version(
+            _with_engine(make_aws("dev"), engine),
+            version,
+            runner=runner,
+            sleep=lambda s: None,
+            interval=0,
+        )
+        (argv,) = runner.calls
+        assert [a for a in argv if a.startswith("inferenceSpecification=")] == expected
+        # `kiln status` names the specification the endpoint's model was made from.
+        assert main(["status", "--env", "dev"]) == 0
+        served = "specification lmi (lmi)" if engine == "lmi" else "primary specification (kiln)"
+        assert f"kiln-llm/2 (Approved, approved for dev), {served}\n" in capsys.readouterr().out
+        # Deployed again with the same engine: unchanged; the other engine would redeploy.
+        again = deploy.deploy_version(
+            _with_engine(make_aws("dev"), engine), version, runner=runner, interval=0
+        )
+        assert again.result == "unchanged" and len(runner.calls) == 1
+        other = "kiln" if engine == "lmi" else "lmi"
+        recorder = Recorder()
+        deploy.deploy_version(
+            _with_engine(make_aws("dev"), other),
+            version,
+            runner=recorder,
+            sleep=lambda s: None,
+            interval=0,
+        )
+        assert len(recorder.calls) == 1  # not "unchanged": the engine's specification differs
+        client("sagemaker").delete_endpoint(EndpointName="kiln-dev-llm")
+        client("sagemaker").delete_endpoint_config(EndpointConfigName="kiln-dev-llm-config-p2")
+        client("sagemaker").delete_model(ModelName="kiln-dev-llm-model-p2")
+
+
+@mock_aws
+def test_models_show_lists_the_specifications_and_add_engine_fills_a_missing_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A version registered with kiln's image alone gets an `lmi` specification over its own
+    model data (UpdateModelPackage, AdditionalInferenceSpecificationsToAdd); `kiln models show`
+    lists each specification with its engine and image."""
+    from kiln.lmi import image_uri
+
+    deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    sagemaker = client("sagemaker")
+    sagemaker.create_model_package_group(ModelPackageGroupName=GROUP)
+    run = registry.RunRecord("old-run", ARTIFACT, "s3://d/", 10, 100, 2.0)
+    old = registry.create_request(run, registry.Target(group=GROUP, image=IMAGE))
+    assert "AdditionalInferenceSpecifications" not in old
+    sagemaker.create_model_package(**old)
+    assert main(["models", "add-engine", "llm/1", "--env", "dev", "--engine", "lmi"]) == 0
+    assert capsys.readouterr().out == "kiln-llm/1 serves with lmi ((primary): kiln, lmi: lmi)\n"
+    assert main(["models", "show", "llm/1", "--env", "dev"]) == 0
+    shown = capsys.readouterr().out
+    print(shown)  # shown with -s: the report quotes it
+    assert f"specification (primary)  kiln  {IMAGE}\n" in shown
+    assert f"specification lmi        lmi  {image_uri('us-east-1')}\n" in shown
+    # Again: nothing to add, nothing changes.
+    assert main(["models", "add-engine", "llm/1", "--env", "dev", "--engine", "lmi"]) == 0
+    (extra,) = sagemaker.describe_model_package(
+        ModelPackageName=f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model-package/{GROUP}/1"
+    )["AdditionalInferenceSpecifications"]
+    assert extra["Containers"] == [{"Image": image_uri("us-east-1"), "ModelDataUrl": ARTIFACT}]
+
+
+def test_the_registration_request_is_what_the_sagemaker_api_accepts() -> None:
+    """botocore's Stubber checks the request against the SageMaker API model (names, lengths,
+    patterns of AdditionalInferenceSpecifications): the primary and `lmi` specifications,
+    archive and uncompressed prefix alike; and CreateModel takes InferenceSpecificationName."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from kiln.lmi import image_uri
+
+    sagemaker = boto3.client(
+        "sagemaker", region_name="eu-west-1", aws_access_key_id="a", aws_secret_access_key="b"
+    )
+    target = registry.Target(group=GROUP, image=IMAGE, key_arn="arn:aws:kms:eu-west-1:1:key/k")
+    prefix = ARTIFACT.removesuffix("model.tar.gz") + "model/"
+    for artifact in (ARTIFACT, prefix):
+        run = registry.RunRecord("job", artifact, "s3://d/", 1, 1, 1.5)
+        expected = registry.create_request(run, registry.with_lmi(target, "eu-west-1"))
+        (extra,) = expected["AdditionalInferenceSpecifications"]
+        assert extra["Name"] == "lmi"
+        assert extra["Containers"][0]["Image"] == image_uri("eu-west-1")
+        assert extra["Containers"][0] == {
+            "Image": image_uri("eu-west-1"),
+            **registry.model_data(artifact),
+        }
+        arn = f"arn:aws:sagemaker:eu-west-1:{ACCOUNT}:model-package/{GROUP}/1"
+        with Stubber(sagemaker) as stub:
+            stub.add_response("create_model_package", {"ModelPackageArn": arn}, expected)
+            assert registry.register(run, target, sagemaker) == arn
+            stub.assert_no_pending_responses()
+    with Stubber(sagemaker) as stub:
+        request = {
+            "ModelName": "m",
+            "ExecutionRoleArn": f"arn:aws:iam::{ACCOUNT}:role/serving",
+            "PrimaryContainer": {
+                "ModelPackageName": f"arn:aws:sagemaker:eu-west-1:{ACCOUNT}:model-package/g/1",
+                "InferenceSpecificationName": "lmi",
+            },
+        }
+        stub.add_response(
+            "create_model", {"ModelArn": f"arn:aws:sagemaker:eu-west-1:{ACCOUNT}:model/m"}, request
+        )
+        sagemaker.create_model(**request)
+    # An additional specification is named by an engine other than the primary's.
+    with pytest.raises(registry.RegistrationError, match="name it by an engine"):
+        registry.create_request(run, registry.Target(GROUP, IMAGE, additional={"kiln": IMAGE}))
+    # No LMI registry recorded for the region: the version keeps kiln's specification alone.
+    assert registry.with_lmi(target, "xx-nowhere-1") == target
+
+
+def test_a_run_registers_kilns_image_as_primary_whatever_the_home_serves_with() -> None:
+    """`kiln train` hands the trainer kiln's serving image as the primary specification; the
+    trainer adds LMI's beside it, so the home's engine no longer decides what a version holds."""
     from types import SimpleNamespace
 
     from kiln.config import load_settings
     from kiln.contract import TrainerEnv
-    from kiln.lmi import image_uri
     from kiln_cli.operate.train import TrainOptions, registration_environment
 
     dev = load_settings("dev")
@@ -314,4 +505,35 @@ def test_a_run_registers_the_image_of_the_home_environments_engine() -> None:
         )
 
     assert environment("kiln")[TrainerEnv.INFERENCE_IMAGE] == IMAGE
-    assert environment("lmi")[TrainerEnv.INFERENCE_IMAGE] == image_uri(dev.region)
+    assert environment("lmi")[TrainerEnv.INFERENCE_IMAGE] == IMAGE
+
+
+@mock_aws
+def test_register_by_hand_holds_both_engines_and_engine_picks_the_primary(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kiln models register` registers kiln's serving image (the serving stack's output) as the
+    primary and LMI's as `lmi`; `--engine lmi` swaps them (LMI primary, kiln's as `kiln`), and
+    an environment on kiln's engine then serves that version's `kiln` specification."""
+    from kiln.lmi import image_uri
+
+    outputs = deploy_stacks(components=(Component.MODELS, Component.SERVING))
+    kiln_image = outputs[Component.SERVING][Outputs.IMAGE_URI.key]
+    client("sagemaker").create_model_package_group(ModelPackageGroupName=GROUP)
+    for engine in ("kiln", "lmi"):
+        argv = ["models", "register", "--env", "dev", "--artifact", ARTIFACT, "--job", "j"]
+        assert main([*argv, "--engine", engine]) == 0
+        assert capsys.readouterr().out.endswith("(PendingManualApproval)\n")
+    kiln_first = Registry(make_aws("dev")).describe("llm/1")
+    assert [(s.name, s.engine, s.image) for s in kiln_first.specifications] == [
+        (None, "kiln", kiln_image),
+        ("lmi", "lmi", image_uri("us-east-1")),
+    ]
+    lmi_first = Registry(make_aws("dev")).describe("llm/2")
+    assert [(s.name, s.engine, s.image) for s in lmi_first.specifications] == [
+        (None, "lmi", image_uri("us-east-1")),
+        ("kiln", "kiln", kiln_image),
+    ]
+    assert lmi_first.specification_for("kiln") == "kiln"
+    assert lmi_first.specification_for("lmi") is None
+    assert all(s.artifact == ARTIFACT for s in lmi_first.specifications)

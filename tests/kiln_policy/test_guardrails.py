@@ -684,6 +684,64 @@ MLFLOW_ENDPOINT = {
         },
     },
 }
+# The registry home sharing with another account, and an environment reading it.
+DEV_SHARING = DEV.model_copy(
+    update={"registry": DEV.registry.model_copy(update={"reader_accounts": ["222222222222"]})}
+)
+PROD_READING = PROD.model_copy(
+    update={"registry": PROD.registry.model_copy(update={"account": "111111111111"})}
+)
+SHARED_PULL = {
+    "Sid": "OtherEnvironmentsPull",
+    "Effect": "Allow",
+    "Principal": {"AWS": "arn:aws:iam::222222222222:root"},
+    "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+    "Condition": {
+        "Bool": {"aws:SecureTransport": "true"},
+        "ArnLike": {"aws:PrincipalArn": ["arn:aws:iam::222222222222:role/kiln-*"]},
+    },
+}
+SHARED_REPOSITORY = {
+    "Type": "AWS::ECR::Repository",
+    "Properties": {"RepositoryPolicyText": {"Statement": [SHARED_PULL]}},
+}
+HOME_KEY_STATEMENT = {
+    "Sid": "HomeLakeKeyThroughS3",
+    "Effect": "Allow",
+    "Action": "kms:Decrypt",
+    "Resource": "arn:aws:kms:us-east-1:111111111111:key/*",
+    "Condition": {
+        "StringEquals": {
+            "kms:ViaService": "s3.us-east-1.amazonaws.com",
+            "kms:EncryptionContext:aws:s3:arn": "arn:aws:s3:::kiln-dev-artifacts-1-us-east-1",
+        }
+    },
+}
+HOME_KEY_POLICY = {
+    "Type": "AWS::IAM::ManagedPolicy",
+    "Properties": {"PolicyDocument": {"Statement": [HOME_KEY_STATEMENT]}},
+}
+SPEC = "InferenceSpecificationName"
+PROD_LMI = PROD.model_copy(update={"serving": PROD.serving.model_copy(update={"engine": "lmi"})})
+
+
+def test_a_model_picks_the_specification_of_its_engine_from_a_package() -> None:
+    """An additional specification is named by its engine: prod on LMI picks `lmi`, prod on
+    kiln's engine the primary (no name); a name without a package, or another engine's, is
+    refused."""
+    rule = "model-specification-of-the-engine"
+    picks_lmi = with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "lmi")
+    assert run(rule, stack({"M": picks_lmi}), PROD_LMI) == []
+    assert run(rule, stack({"M": PACKAGED_MODEL}), PROD) == []
+    (violation,) = run(rule, stack({"M": picks_lmi}), PROD)
+    assert "not this environment's engine (kiln)" in violation.message
+    bare = with_props(RAW_MODEL, ["PrimaryContainer", SPEC], "lmi")
+    (violation,) = run(rule, stack({"M": bare}), PROD_LMI)
+    assert "without a ModelPackageName" in violation.message
+    # The package rule still holds beside it: a named specification is still the version's.
+    assert run("prod-serves-approved-packages", stack({"M": picks_lmi}), PROD_LMI) == []
+
+
 RAW_MODEL = {
     "Type": "AWS::SageMaker::Model",
     "Properties": {
@@ -830,6 +888,37 @@ CASES: dict[str, tuple[Settings, SynthesizedStack, SynthesizedStack]] = {
         DEV,
         stack({"E": MLFLOW_ENDPOINT}),
         stack({"E": with_props(MLFLOW_ENDPOINT, ["PrivateDnsEnabled"], False)}),
+    ),
+    "cross-account-grants-read-only": (
+        DEV_SHARING,
+        stack({"R": SHARED_REPOSITORY}),
+        stack(
+            {
+                "R": with_props(
+                    SHARED_REPOSITORY,
+                    ["RepositoryPolicyText", "Statement"],
+                    [{**SHARED_PULL, "Action": ["ecr:PutImage"]}],
+                )
+            }
+        ),
+    ),
+    "home-key-use-scoped": (
+        PROD_READING,
+        stack({"P": HOME_KEY_POLICY}),
+        stack(
+            {
+                "P": with_props(
+                    HOME_KEY_POLICY,
+                    ["PolicyDocument", "Statement"],
+                    [{k: v for k, v in HOME_KEY_STATEMENT.items() if k != "Condition"}],
+                )
+            }
+        ),
+    ),
+    "model-specification-of-the-engine": (
+        PROD_LMI,
+        stack({"M": with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "lmi")}),
+        stack({"M": with_props(PACKAGED_MODEL, ["PrimaryContainer", SPEC], "kiln")}),
     ),
 }
 

@@ -50,7 +50,11 @@ def test_other_accounts_read_over_tls_from_the_organization_only() -> None:
     _, template = registry(reader_accounts=READERS, organization_id="o-abcdefghij")
     groups = template.find_resources("AWS::SageMaker::ModelPackageGroup")
     for group in groups.values():
-        (statement,) = group["Properties"]["ModelPackageGroupPolicy"]["Statement"]
+        statement, deploy = group["Properties"]["ModelPackageGroupPolicy"]["Statement"]
+        # CreateModel on the versions: "Deploy a Model Version from a Different Account".
+        assert deploy["Action"] == "sagemaker:CreateModel"
+        assert deploy["Condition"] == statement["Condition"]
+        assert "model-package-group/" not in json.dumps(deploy["Resource"])
         assert sorted(statement["Action"]) == sorted(READ_ACTIONS)
         assert not any("Create" in a or "Update" in a for a in statement["Action"])
         principals = json.dumps(statement["Principal"])

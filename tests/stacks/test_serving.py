@@ -12,7 +12,7 @@ from aws_cdk.assertions import Match, Template
 from cfnlint.api import ManualArgs, lint
 
 from app import build_app
-from kiln.config import load_settings
+from kiln.config import load_settings, with_serving_engine
 from kiln.contract import ServerEnv
 from kiln_policy.assembly import SynthesizedStack, read_assembly
 from kiln_policy.guardrails import check
@@ -50,6 +50,9 @@ def served(
     context = {"env": env, "modelArtifact": artifact.format(env=env), "servingEngine": engine}
     if env == "prod":
         context["modelPackage"] = PACKAGE
+        if engine == "lmi":
+            # The version's `lmi` specification (what `kiln deploy-model` passes).
+            context["inferenceSpecification"] = "lmi"
     build_app(context, outdir=str(out)).synth()
     stacks = {s.stack_name: s for s in read_assembly(out)}
     return env, stacks[f"kiln-{env}-serving"], out
@@ -234,7 +237,9 @@ def test_execution_role_may_publish_events_to_its_topic_only(
 
 def test_guardrails_and_cfn_lint(served: tuple[str, SynthesizedStack, Path]) -> None:
     env, stack, _ = served
-    assert [str(v) for v in check(stack, load_settings(env))] == []
+    # Judged by the settings it was synthesized with (`-c servingEngine`).
+    settings = with_serving_engine(load_settings(env), _engine(stack))
+    assert [str(v) for v in check(stack, settings)] == []
     matches = lint(json.dumps(stack.template), config=ManualArgs(regions=["us-east-1"]))
     assert not [m for m in matches if m.rule.id.startswith("E")]
 
@@ -283,9 +288,12 @@ def test_lmi_container_follows_config(served: tuple[str, SynthesizedStack, Path]
         pytest.skip("kiln's engine")
     serving = load_settings(env).serving
     container = _container(stack)
-    # Prod's registry version names its own image (the package's); elsewhere the template does.
+    # Prod's registry version names its own image (the package's `lmi` specification);
+    # elsewhere the template does.
     assert container.get("Image", lmi.image_uri("us-east-1")) == lmi.image_uri("us-east-1")
     assert ("Image" in container) != ("ModelPackageName" in container)
+    if "ModelPackageName" in container:
+        assert container["InferenceSpecificationName"] == "lmi"
     assert container["Environment"] == {
         "HF_MODEL_ID": "/opt/ml/model",
         "OPTION_ASYNC_MODE": "true",

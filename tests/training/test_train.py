@@ -328,6 +328,16 @@ def test_a_finished_run_registers_a_version_pending_approval(
     assert described["ModelApprovalStatus"] == "PendingManualApproval"
     (container,) = described["InferenceSpecification"]["Containers"]
     assert container["ModelDataUrl"] == "s3://artifacts/models/job-1/model.tar.gz"
+    # Beside kiln's server, the pinned LMI container of the region, over the same model data.
+    (extra,) = described["AdditionalInferenceSpecifications"]
+    assert extra["Name"] == "lmi"
+    assert extra["Containers"] == [
+        {
+            "Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/djl-inference:"
+            "0.36.0-lmi20.0.0-cu128-v1.0",
+            "ModelDataUrl": container["ModelDataUrl"],
+        }
+    ]
     metadata = described["CustomerMetadataProperties"]
     val = next(e for e in events if e["event"] == "val")
     assert float(metadata["val_loss"]) == pytest.approx(float(val["val_loss"]), rel=1e-5)
