@@ -43,6 +43,8 @@ OP_NAMES = (
     "int8_linear_out",
     "panel_linear",
     "panel_linear_out",
+    "w8a8_linear",
+    "w8a8_linear_out",
     "decode_attention",
     "decode_attention_out",
     "paged_decode_attention",
@@ -204,6 +206,23 @@ if HAVE_EXTENSION:
         out_features: int,
         out: Tensor,
         scale: Tensor | None = None,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("kiln::w8a8_linear")
+    def _w8a8_linear_fake(
+        x: Tensor, weight_panels: Tensor, weight_sums: Tensor, scale: Tensor, out_features: int
+    ) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("kiln::w8a8_linear_out")
+    def _w8a8_linear_out_fake(
+        x: Tensor,
+        weight_panels: Tensor,
+        weight_sums: Tensor,
+        scale: Tensor,
+        out_features: int,
+        out: Tensor,
     ) -> None:
         return None
 
@@ -383,6 +402,9 @@ def _not_cpu_float32(t: Tensor) -> str | None:
 
 panel_linear = _choose("panel_linear", _not_cpu_float32)
 panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
+w8a8_linear = _choose("w8a8_linear", _not_cpu_float32)
+w8a8_linear_out = _choose("w8a8_linear_out", _not_cpu_float32)
+pack_int8_panels = reference.pack_int8_panels
 decode_attention = _choose("decode_attention", _not_cpu_float32)
 decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
 
@@ -411,6 +433,9 @@ def _cdll() -> ctypes.CDLL:
     lib.kiln_cpu_isas_supported.restype = ctypes.c_char_p
     lib.kiln_set_cpu_isa.argtypes = [ctypes.c_char_p]
     lib.kiln_set_cpu_isa.restype = ctypes.c_int
+    lib.kiln_cpu_int8_isa.restype = ctypes.c_char_p
+    lib.kiln_set_int8_vnni.argtypes = [ctypes.c_int]
+    lib.kiln_set_int8_vnni.restype = ctypes.c_int
     lib.kiln_time_decode_call_us.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kiln_time_decode_call_us.restype = ctypes.c_double
     return lib
@@ -443,6 +468,23 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_isa(previous)
+
+
+def cpu_int8_isa() -> str:
+    """The instruction set of w8a8_linear: 'avx512_vnni' (vpdpbusd), or the CPU variant's own
+    ('avx512' and 'avx2': vpmaddubsw; 'generic': plain C++)."""
+    return str(_cdll().kiln_cpu_int8_isa().decode())
+
+
+@contextlib.contextmanager
+def without_int8_vnni() -> Iterator[None]:
+    """Runs the block with w8a8_linear off VNNI (the avx512 variant then uses vpmaddubsw)."""
+    lib = _cdll()
+    was = lib.kiln_set_int8_vnni(0)  # returns whether it was on
+    try:
+        yield
+    finally:
+        lib.kiln_set_int8_vnni(was)
 
 
 def time_decode_call_from_cpp(n: int = 4096, iters: int = 20000) -> float:

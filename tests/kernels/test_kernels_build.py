@@ -145,7 +145,8 @@ def test_cuda_bindings_compile(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variant", "wide", "absent"),
     [
-        ("avx512", "zmm", None),
+        ("avx512", "zmm", "vpdpbusd"),  # no VNNI outside kernels_avx512vnni.cpp
+        ("avx512vnni", "vpdpbusd", None),  # only the W8A8 kernel: int8_kernels()
         ("avx2", "ymm", "zmm"),
         ("generic", "xmm", "ymm"),
     ],
@@ -175,7 +176,8 @@ def test_cpu_variant_objects_are_isolated(
         ["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     exported = [s for s in symbols if s.split()[1] in {"T", "W", "V", "D", "B", "R", "u"}]
-    assert [s.split(maxsplit=2)[2] for s in exported] == [f"kiln::cpu::{variant}::kernels()"]
+    table = "int8_kernels" if variant == "avx512vnni" else "kernels"
+    assert [s.split(maxsplit=2)[2] for s in exported] == [f"kiln::cpu::{variant}::{table}()"]
     if shutil.which("objdump"):
         asm = subprocess.run(
             ["objdump", "-d", str(obj)], capture_output=True, text=True, check=True
