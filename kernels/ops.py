@@ -434,8 +434,8 @@ def _cdll() -> ctypes.CDLL:
     lib.kiln_set_cpu_isa.argtypes = [ctypes.c_char_p]
     lib.kiln_set_cpu_isa.restype = ctypes.c_int
     lib.kiln_cpu_int8_isa.restype = ctypes.c_char_p
-    lib.kiln_set_int8_vnni.argtypes = [ctypes.c_int]
-    lib.kiln_set_int8_vnni.restype = ctypes.c_int
+    lib.kiln_set_int8_level.argtypes = [ctypes.c_int]
+    lib.kiln_set_int8_level.restype = ctypes.c_int
     lib.kiln_time_decode_call_us.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kiln_time_decode_call_us.restype = ctypes.c_double
     return lib
@@ -471,20 +471,26 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 
 
 def cpu_int8_isa() -> str:
-    """The instruction set of w8a8_linear: 'avx512_vnni' (vpdpbusd), or the CPU variant's own
-    ('avx512' and 'avx2': vpmaddubsw; 'generic': plain C++)."""
+    """The instruction set of w8a8_linear: 'amx_int8' (tile dot products), 'avx512_vnni'
+    (vpdpbusd), or the CPU variant's own ('avx512' and 'avx2': vpmaddubsw; 'generic': C++)."""
     return str(_cdll().kiln_cpu_int8_isa().decode())
 
 
+INT8_LEVELS = {"amx_int8": 2, "avx512_vnni": 1, "variant": 0}
+
+
 @contextlib.contextmanager
-def without_int8_vnni() -> Iterator[None]:
-    """Runs the block with w8a8_linear off VNNI (the avx512 variant then uses vpmaddubsw)."""
+def use_int8_isa(name: str) -> Iterator[None]:
+    """Runs the block with w8a8_linear on at most `name` ('amx_int8', 'avx512_vnni', or
+    'variant': the CPU variant's own build), each where the CPU has it."""
+    if name not in INT8_LEVELS:
+        raise ValueError(f"int8 instruction set must be one of {sorted(INT8_LEVELS)}, got {name!r}")
     lib = _cdll()
-    was = lib.kiln_set_int8_vnni(0)  # returns whether it was on
+    previous = lib.kiln_set_int8_level(INT8_LEVELS[name])
     try:
         yield
     finally:
-        lib.kiln_set_int8_vnni(was)
+        lib.kiln_set_int8_level(previous)
 
 
 def time_decode_call_from_cpp(n: int = 4096, iters: int = 20000) -> float:

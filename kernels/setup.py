@@ -35,6 +35,7 @@ if platform.machine() in ("x86_64", "AMD64"):
         f"{CSRC}/cpu/kernels_avx2.cpp",
         f"{CSRC}/cpu/kernels_avx512.cpp",
         f"{CSRC}/cpu/kernels_avx512vnni.cpp",
+        f"{CSRC}/cpu/kernels_amx.cpp",
     ]
 
 # -g0 last: Python's own CFLAGS carry -g, which triples the object size for nothing.

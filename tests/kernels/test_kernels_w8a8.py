@@ -24,22 +24,17 @@ def packed(n: int, k: int, seed: int = 2) -> tuple[Any, Any, Any]:
     return panels, sums, scale
 
 
-@pytest.fixture(params=["avx512_vnni", "avx512", "avx2", "generic"])
+@pytest.fixture(params=["amx_int8", "avx512_vnni", "avx512", "avx2", "generic"])
 def int8_path(request: pytest.FixtureRequest, kops: Any) -> Iterator[str]:
-    """Every CPU variant; for avx512, with VNNI (where the CPU has it) and without."""
+    """Every CPU variant; for avx512, also on AMX and on VNNI where the CPU has them."""
     name = request.param
-    variant = name.removesuffix("_vnni")
+    variant = "avx512" if name in kops.INT8_LEVELS else name
     if variant not in kops.cpu_isas():
         pytest.skip(f"this build or CPU has no {variant} variant (it has {kops.cpu_isas()})")
-    with kops.use_cpu_isa(variant):
-        if name == "avx512_vnni":
-            if kops.cpu_int8_isa() != "avx512_vnni":
-                pytest.skip("this CPU has no avx512_vnni")
-            yield name
-            return
-        with kops.without_int8_vnni():
-            assert kops.cpu_int8_isa() == name
-            yield name
+    with kops.use_cpu_isa(variant), kops.use_int8_isa(name if variant != name else "variant"):
+        if kops.cpu_int8_isa() != name:
+            pytest.skip(f"this CPU has no {name}")
+        yield name
 
 
 def test_pack_int8_panels_round_trips_and_sums() -> None:
@@ -149,9 +144,8 @@ def test_w8a8_linear_is_the_same_on_every_variant(kops: Any) -> None:
     x = randn(9, 333, seed=8)
     results = []
     for isa in kops.cpu_isas():
-        with kops.use_cpu_isa(isa):
-            results.append(torch.ops.kiln.w8a8_linear(x, panels, sums, scale, 200))
-            with kops.without_int8_vnni():
+        for int8 in kops.INT8_LEVELS:
+            with kops.use_cpu_isa(isa), kops.use_int8_isa(int8):
                 results.append(torch.ops.kiln.w8a8_linear(x, panels, sums, scale, 200))
     assert all(torch.equal(r, results[0]) for r in results)
 

@@ -30,6 +30,8 @@ struct Int8Kernels {
   void (*w8a8_panels)(int64_t p0, int64_t p1, int64_t M, int64_t kp, int64_t N,
                       const uint8_t* xq, const float* xscale, const int8_t* panels,
                       const int32_t* wsum, const float* wscale, float* out, int64_t so);
+  // xq must hold M rounded up to a multiple of this many rows (AMX reads 16-row tiles).
+  int64_t row_align;
 };
 
 // Every function works on the rows [r0, r1) (tokens for rotary, output columns for int8 linear)
@@ -114,6 +116,8 @@ namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }
 // The W8A8 linear with AVX-512 VNNI (vpdpbusd), used by the avx512 variant where the CPU has it.
 namespace avx512vnni { const Int8Kernels& int8_kernels(); }
+// The same on AMX tiles (tdpbusd), where the CPU has amx_int8 and the OS grants the tile state.
+namespace amx { const Int8Kernels& int8_kernels(); }
 #endif
 
 }  // namespace kiln::cpu

@@ -15,7 +15,7 @@ namespace {
 #define KILN_INT8_KIND 2
 #include "int8_impl.h"
 
-const Int8Kernels kInt8 = {"avx512_vnni", &quantize_rows_int8, &w8a8_panels};
+const Int8Kernels kInt8 = {"avx512_vnni", &quantize_rows_int8, &w8a8_panels, 1};
 
 }  // namespace
 

@@ -874,7 +874,7 @@ void int8_linear(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const f
 const Kernels kTable = {
     KILN_STR(KILN_ISA), &add_rms_norm, &rms_norm_backward, &silu_and_mul,
     &silu_and_mul_backward, &rotary, &int8_linear, &panel_linear, &decode_attention,
-    {KILN_STR(KILN_ISA), &quantize_rows_int8, &w8a8_panels},
+    {KILN_STR(KILN_ISA), &quantize_rows_int8, &w8a8_panels, 1},
 };
 
 }  // namespace

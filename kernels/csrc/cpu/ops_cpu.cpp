@@ -15,6 +15,12 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "../ops_impl.h"
 #include "kernels.h"
 
@@ -79,8 +85,10 @@ std::atomic<const Kernels*> g_active{best_variant()};
 
 const Kernels& active() { return *g_active.load(std::memory_order_relaxed); }
 
-// The W8A8 linear: the active variant's, except that the avx512 variant takes the VNNI build
-// where the CPU has avx512_vnni (and kiln_set_int8_vnni has not turned it off, for tests).
+// The W8A8 linear: the active variant's, except that the avx512 variant takes the AMX build
+// where the CPU has amx_int8 and Linux grants the tile state, else the VNNI build where the CPU
+// has avx512_vnni. kiln_set_int8_isa picks a lesser one (tests, comparisons). All give the
+// same bits (exact integer sums).
 bool vnni_supported() {
 #if defined(KILN_HAVE_X86_VARIANTS)
   return __builtin_cpu_supports("avx512vnni") && isa_supported(cpu::avx512::kernels());
@@ -89,13 +97,35 @@ bool vnni_supported() {
 #endif
 }
 
-std::atomic<bool> g_int8_vnni{vnni_supported()};
+// AMX: CPUID.(7, 0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), then the kernel's permission for
+// this process to use the tile data state (Linux 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM, 0x1023,
+// XFEATURE_XTILEDATA, 18); without it the first tile instruction faults.
+bool amx_supported() {
+#if defined(KILN_HAVE_X86_VARIANTS) && defined(__linux__)
+  static const bool ok = [] {
+    if (!vnni_supported()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if ((d & (1u << 24)) == 0 || (d & (1u << 25)) == 0) return false;
+    if (std::getenv("KILN_NO_AMX") != nullptr) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// 2: AMX where supported, 1: VNNI where supported, 0: the variant's own.
+std::atomic<int> g_int8_level{2};
 
 const cpu::Int8Kernels& int8_active() {
   const Kernels& k = active();
 #if defined(KILN_HAVE_X86_VARIANTS)
-  if (&k == &cpu::avx512::kernels() && g_int8_vnni.load(std::memory_order_relaxed)) {
-    return cpu::avx512vnni::int8_kernels();
+  if (&k == &cpu::avx512::kernels()) {
+    const int level = g_int8_level.load(std::memory_order_relaxed);
+    if (level >= 2 && amx_supported()) return cpu::amx::int8_kernels();
+    if (level >= 1 && vnni_supported()) return cpu::avx512vnni::int8_kernels();
   }
 #endif
   return k.int8;
@@ -366,7 +396,8 @@ void w8a8_linear_into(const at::Tensor& x, const at::Tensor& panels, const at::T
   // The quantized rows, kept per calling thread across calls: no allocation once grown.
   thread_local std::vector<uint8_t> xq;
   thread_local std::vector<float> xs;
-  if (xq.size() < static_cast<size_t>(M * kp)) xq.resize(M * kp);
+  const int64_t rows = (M + k.row_align - 1) / k.row_align * k.row_align;
+  if (xq.size() < static_cast<size_t>(rows * kp)) xq.resize(rows * kp);
   if (xs.size() < static_cast<size_t>(M)) xs.resize(M);
   uint8_t* qp = xq.data();
   float* sp = xs.data();
@@ -622,9 +653,10 @@ __attribute__((visibility("default"))) const char* kiln_cpu_int8_isa() {
   return kiln::int8_active().name;
 }
 
-// Turns the VNNI build off (0) or back on where the CPU has it; returns whether it was on.
-__attribute__((visibility("default"))) int kiln_set_int8_vnni(int enabled) {
-  return kiln::g_int8_vnni.exchange(enabled != 0 && kiln::vnni_supported()) ? 1 : 0;
+// Caps the W8A8 linear's instruction set: 2 AMX, 1 VNNI, 0 the variant's own (each where the
+// CPU has it). Returns the previous cap.
+__attribute__((visibility("default"))) int kiln_set_int8_level(int level) {
+  return kiln::g_int8_level.exchange(level);
 }
 
 // For the benchmark: microseconds per call of kiln::fused_add_rms_norm_ on one [1, n] float32 row
