@@ -17,7 +17,9 @@ are stored) into a cache directory (nothing is downloaded), then, with the same 
 
 `--quality` adds int8's quality on kiln's trained `small` byte model (`--model-dir`, else a short
 training run): perplexity on the training corpus' validation blocks, int8 vs float32, and greedy
-agreement over 32 prompts (matrices quantized per output channel as `--weight-dtype int8` does).
+agreement over 32 prompts, for int8 as `--weight-dtype int8` serves it (W8A8: matrices quantized
+per output channel, each token's activations per row, kiln's `w8a8_linear`) and, for
+comparison, weight-only int8.
 """
 
 from __future__ import annotations
@@ -324,8 +326,8 @@ def train_small(out: Path, steps: int, threads: int) -> Path:
 
 
 def quantize_in_place(q: Any) -> Any:
-    """The model with its matrices int8-rounded (per output channel) then widened: the values
-    `--weight-dtype int8` serves."""
+    """The model with its matrices int8-rounded (per output channel) then widened: weight-only
+    int8, for comparison."""
     import torch
 
     from kernels import reference
@@ -335,6 +337,32 @@ def quantize_in_place(q: Any) -> Any:
             if p.dim() == 2:
                 w, scale = reference.quantize_int8(p)
                 p.copy_(w.float() * scale[:, None])
+    return q
+
+
+def w8a8_in_place(q: Any) -> Any:
+    """The model computing as `--weight-dtype int8` serves it: every matrix int8 per output
+    channel, every projection through kiln's `w8a8_linear` (each token's activations rounded to
+    int8 per row); the embedding lookup reads the int8-rounded rows."""
+    import torch
+    from torch import nn
+
+    from kernels import ops, reference
+
+    packed = {}
+    with torch.no_grad():
+        for module in q.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                w, scale = reference.quantize_int8(module.weight)
+                packed[module] = (*reference.pack_int8_panels(w), scale, w.shape[0])
+                module.weight.copy_(w.float() * scale[:, None])
+
+    def linear(module: nn.Module, x: Any) -> Any:
+        out = ops.w8a8_linear(x, *packed[module])
+        bias = getattr(module, "bias", None)
+        return out if bias is None else out + bias
+
+    q.linear = linear
     return q
 
 
@@ -350,22 +378,34 @@ def quality(model_dir: Path, prompts_count: int = 32, new_tokens: int = 32) -> d
     model, _ = load_model_dir(model_dir, dtype=torch.float32)
     seq_len = min(256, model.config.max_seq_len - 1)
     blocks = validation_blocks(Corpus.build(open_source(None)), seq_len=seq_len, max_blocks=32)
-    q = quantize_in_place(load_model_dir(model_dir, dtype=torch.float32)[0])
+    models = {
+        "float32": model,
+        "int8": w8a8_in_place(load_model_dir(model_dir, dtype=torch.float32)[0]),
+        "int8_weight_only": quantize_in_place(load_model_dir(model_dir, dtype=torch.float32)[0]),
+    }
     out: dict[str, float] = {}
     with torch.inference_mode():
-        for name, m in (("float32", model), ("int8", q)):
+        for name, m in models.items():
             losses = [float(lm_loss(m(b[None, :-1]), b[None, 1:])) for b in blocks]
             out[f"perplexity_{name}"] = math.exp(sum(losses) / len(losses))
-        agree = total = 0
+        agree = {"int8": 0, "int8_weight_only": 0}
+        total = 0
         for b in blocks[:prompts_count]:
-            ids = {k: b[:16].tolist() for k in ("float32", "int8")}
+            ids = {k: b[:16].tolist() for k in models}
             for _ in range(new_tokens):
-                for name, m in (("float32", model), ("int8", q)):
+                for name, m in models.items():
                     ids[name].append(int(m(torch.tensor([ids[name]]))[0, -1].argmax()))
-            agree += sum(a == c for a, c in zip(ids["float32"][16:], ids["int8"][16:], strict=True))
+            for name in agree:
+                agree[name] += sum(
+                    a == c for a, c in zip(ids["float32"][16:], ids[name][16:], strict=True)
+                )
             total += new_tokens
-    out["perplexity_ratio"] = out["perplexity_int8"] / out["perplexity_float32"]
-    out["greedy_agreement"] = agree / total
+    for name in agree:
+        out[f"perplexity_ratio_{name}" if name != "int8" else "perplexity_ratio"] = (
+            out[f"perplexity_{name}"] / out["perplexity_float32"]
+        )
+        key = "greedy_agreement" if name == "int8" else f"greedy_agreement_{name}"
+        out[key] = agree[name] / total
     out["prompts"] = min(prompts_count, len(blocks))
     return out
 
@@ -451,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nint8 quality (small model): perplexity {q['perplexity_int8']:.3f} vs float32 "
             f"{q['perplexity_float32']:.3f} (ratio {q['perplexity_ratio']:.4f}); greedy "
-            f"agreement {q['greedy_agreement']:.3f} over {q['prompts']:.0f} prompts"
+            f"agreement {q['greedy_agreement']:.3f} over {q['prompts']:.0f} prompts. Weight-only "
+            f"int8 for comparison: perplexity {q['perplexity_int8_weight_only']:.3f} (ratio "
+            f"{q['perplexity_ratio_int8_weight_only']:.4f}), greedy agreement "
+            f"{q['greedy_agreement_int8_weight_only']:.3f}"
         )
     print(f"\nwall time {time.monotonic() - started:.0f} s")
     if args.json:

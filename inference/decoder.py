@@ -175,6 +175,8 @@ class Decoder:
                     self.slots,
                     reuse_output=module is not head,
                     bias=bias,
+                    sums=w.sums,
+                    in_features=w.in_features,
                 )
             weight = cast(Tensor, module.weight).detach().contiguous()
             if buckets is None:

@@ -43,6 +43,8 @@ OP_NAMES = (
     "int8_linear_out",
     "panel_linear",
     "panel_linear_out",
+    "w8a8_linear",
+    "w8a8_linear_out",
     "decode_attention",
     "decode_attention_out",
     "paged_decode_attention",
@@ -204,6 +206,23 @@ if HAVE_EXTENSION:
         out_features: int,
         out: Tensor,
         scale: Tensor | None = None,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("kiln::w8a8_linear")
+    def _w8a8_linear_fake(
+        x: Tensor, weight_panels: Tensor, weight_sums: Tensor, scale: Tensor, out_features: int
+    ) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("kiln::w8a8_linear_out")
+    def _w8a8_linear_out_fake(
+        x: Tensor,
+        weight_panels: Tensor,
+        weight_sums: Tensor,
+        scale: Tensor,
+        out_features: int,
+        out: Tensor,
     ) -> None:
         return None
 
@@ -383,6 +402,9 @@ def _not_cpu_float32(t: Tensor) -> str | None:
 
 panel_linear = _choose("panel_linear", _not_cpu_float32)
 panel_linear_out = _choose("panel_linear_out", _not_cpu_float32)
+w8a8_linear = _choose("w8a8_linear", _not_cpu_float32)
+w8a8_linear_out = _choose("w8a8_linear_out", _not_cpu_float32)
+pack_int8_panels = reference.pack_int8_panels
 decode_attention = _choose("decode_attention", _not_cpu_float32)
 decode_attention_out = _choose("decode_attention_out", _not_cpu_float32)
 
@@ -411,6 +433,9 @@ def _cdll() -> ctypes.CDLL:
     lib.kiln_cpu_isas_supported.restype = ctypes.c_char_p
     lib.kiln_set_cpu_isa.argtypes = [ctypes.c_char_p]
     lib.kiln_set_cpu_isa.restype = ctypes.c_int
+    lib.kiln_cpu_int8_isa.restype = ctypes.c_char_p
+    lib.kiln_set_int8_level.argtypes = [ctypes.c_int]
+    lib.kiln_set_int8_level.restype = ctypes.c_int
     lib.kiln_time_decode_call_us.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kiln_time_decode_call_us.restype = ctypes.c_double
     return lib
@@ -443,6 +468,29 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_isa(previous)
+
+
+def cpu_int8_isa() -> str:
+    """The instruction set of w8a8_linear: 'amx_int8' (tile dot products), 'avx512_vnni'
+    (vpdpbusd), or the CPU variant's own ('avx512' and 'avx2': vpmaddubsw; 'generic': C++)."""
+    return str(_cdll().kiln_cpu_int8_isa().decode())
+
+
+INT8_LEVELS = {"amx_int8": 2, "avx512_vnni": 1, "variant": 0}
+
+
+@contextlib.contextmanager
+def use_int8_isa(name: str) -> Iterator[None]:
+    """Runs the block with w8a8_linear on at most `name` ('amx_int8', 'avx512_vnni', or
+    'variant': the CPU variant's own build), each where the CPU has it."""
+    if name not in INT8_LEVELS:
+        raise ValueError(f"int8 instruction set must be one of {sorted(INT8_LEVELS)}, got {name!r}")
+    lib = _cdll()
+    previous = lib.kiln_set_int8_level(INT8_LEVELS[name])
+    try:
+        yield
+    finally:
+        lib.kiln_set_int8_level(previous)
 
 
 def time_decode_call_from_cpp(n: int = 4096, iters: int = 20000) -> float:

@@ -210,6 +210,69 @@ def panel_linear_out(
     out.copy_(panel_linear(x, weight_panels, out_features, scale))
 
 
+INT8_GROUP = 4  # inputs per group of w8a8_linear's packed weight (one vpdpbusd lane)
+
+
+def pack_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 weight [N, K] (values in [-127, 127], as quantize_int8 makes them) -> (panels
+    [ceil(N / 64), ceil(K / 4), 64, 4] with panels[p, g, j, i] = weight[64 p + j, 4 g + i], zero
+    past N and K; the row sums, int32 [N]): the layout w8a8_linear reads."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    if weight.numel() and int(weight.min()) < -127:
+        raise ValueError("weight must be in [-127, 127] (symmetric int8); it holds -128")
+    n, k = weight.shape
+    count, groups = -(-n // PANEL_WIDTH), -(-k // INT8_GROUP)
+    padded = weight.new_zeros(count * PANEL_WIDTH, groups * INT8_GROUP)
+    padded[:n, :k] = weight
+    panels = padded.view(count, PANEL_WIDTH, groups, INT8_GROUP).permute(0, 2, 1, 3).contiguous()
+    return panels, weight.sum(dim=1, dtype=torch.int32)
+
+
+def unpack_int8_panels(panels: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The int8 weight [out_features, in_features] that pack_int8_panels packed."""
+    count, groups, width, four = panels.shape
+    full = panels.permute(0, 2, 1, 3).reshape(count * width, groups * four)
+    return full[:out_features, :in_features]
+
+
+def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 of float32 x [..., K]: (q int8 [..., K], scale float32 [...]) with
+    q = round_half_even(x * (127 / max|x|)) in [-127, 127] (0 for an all-zero row) and scale =
+    max|x| / 127, each a single float32 operation as the compiled kernels do them."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    # Tensor / tensor: one IEEE division (a Python number over a tensor is computed as a
+    # reciprocal times the number, which can round differently).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, amax / torch.full_like(amax, 127.0)
+
+
+def w8a8_linear(
+    x: Tensor, weight_panels: Tensor, weight_sums: Tensor, scale: Tensor, out_features: int
+) -> Tensor:
+    """x [..., K] quantized per row (quantize_rows_int8), times the int8 weight in
+    pack_int8_panels' layout, summed exactly (float64 holds these integer sums exactly), then
+    float32(sum) * (row scale * scale[n]): bit for bit what the compiled op computes."""
+    del weight_sums  # the compiled op's correction for its unsigned activations
+    q, row_scale = quantize_rows_int8(x)
+    w = unpack_int8_panels(weight_panels, out_features, x.shape[-1])
+    sums = q.double() @ w.double().t()
+    return sums.float() * (row_scale.unsqueeze(-1) * scale)
+
+
+def w8a8_linear_out(
+    x: Tensor,
+    weight_panels: Tensor,
+    weight_sums: Tensor,
+    scale: Tensor,
+    out_features: int,
+    out: Tensor,
+) -> None:
+    out.copy_(w8a8_linear(x, weight_panels, weight_sums, scale, out_features))
+
+
 def decode_attention(
     query: Tensor,
     key_cache: Tensor,

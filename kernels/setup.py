@@ -31,7 +31,12 @@ CPU_SOURCES = [
 # The AVX2 and AVX-512 variants are the same kernels_impl.h under `#pragma GCC target`, so one
 # set of compiler flags serves every file and the generic variant stays runnable on any x86-64.
 if platform.machine() in ("x86_64", "AMD64"):
-    CPU_SOURCES += [f"{CSRC}/cpu/kernels_avx2.cpp", f"{CSRC}/cpu/kernels_avx512.cpp"]
+    CPU_SOURCES += [
+        f"{CSRC}/cpu/kernels_avx2.cpp",
+        f"{CSRC}/cpu/kernels_avx512.cpp",
+        f"{CSRC}/cpu/kernels_avx512vnni.cpp",
+        f"{CSRC}/cpu/kernels_amx.cpp",
+    ]
 
 # -g0 last: Python's own CFLAGS carry -g, which triples the object size for nothing.
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`, and the library then shares

@@ -100,8 +100,10 @@ class RowLinear:
 
 class PanelLinear:
     """`x [B, K] @ weight.T` for decode through kiln's `panel_linear` (CPU, float32 activations;
-    float32, bfloat16 or int8 weights): batch-invariant by construction at any row count, so
-    nothing is padded. Served weights (`modeling.served`) come packed: `from_panels`."""
+    float32, bfloat16 or weight-only int8 weights) or, for int8 weights packed with their row
+    sums, `w8a8_linear` (activations quantized per row, integer products): batch-invariant by
+    construction at any row count, so nothing is padded. Served weights (`modeling.served`)
+    come packed: `from_panels`."""
 
     def __init__(
         self,
@@ -112,7 +114,7 @@ class PanelLinear:
         reuse_output: bool,
         bias: Tensor | None = None,
     ) -> None:
-        self._setup(ops.pack_panels(weight), None, weight.shape[0], max_rows, reuse_output, bias)
+        self._setup(ops.pack_panels(weight), None, None, weight.shape, max_rows, reuse_output, bias)
 
     @classmethod
     def from_panels(
@@ -124,39 +126,61 @@ class PanelLinear:
         *,
         reuse_output: bool,
         bias: Tensor | None = None,
+        sums: Tensor | None = None,
+        in_features: int | None = None,
     ) -> PanelLinear:
-        """Over weights already packed (`kernels.reference.pack_panels`), int8 with `scale`."""
+        """Over weights already packed: `kernels.reference.pack_panels` (int8 weight-only with
+        `scale`), or `pack_int8_panels` with `sums`, `scale` and `in_features` (W8A8)."""
         self = cls.__new__(cls)
-        self._setup(panels, scale, out_features, max_rows, reuse_output, bias)
+        k = int(panels.shape[1]) if in_features is None else in_features
+        self._setup(panels, scale, sums, (out_features, k), max_rows, reuse_output, bias)
         return self
 
     def _setup(
         self,
         panels: Tensor,
         scale: Tensor | None,
-        out_features: int,
+        sums: Tensor | None,
+        shape: tuple[int, int],
         max_rows: int,
         reuse_output: bool,
         bias: Tensor | None,
     ) -> None:
         self.bias = bias
         self.buckets: list[int] = []  # no padded row counts
-        self.out_features = out_features
-        self.in_features = int(panels.shape[1])
-        self.panels, self.scale = panels, scale
+        self.out_features, self.in_features = shape
+        self.panels, self.scale, self.sums = panels, scale, sums
         self.max_rows = max_rows
         # With reuse_output a call returns a view of one buffer that the next call overwrites
         # (the projections inside a step); without, a new tensor (the logits a step returns).
         self._out = torch.empty(max_rows, self.out_features) if reuse_output else None
-        self._op = torch.ops.kiln.panel_linear.default
-        self._op_out = torch.ops.kiln.panel_linear_out.default
+        # The call's arguments after x (and before out), fixed at load: one op call per step.
+        self._args: tuple[Any, ...]
+        if sums is not None:
+            if scale is None:
+                raise ValueError("W8A8 panels need the weight's scale")
+            self._op = torch.ops.kiln.w8a8_linear.default
+            self._op_out = torch.ops.kiln.w8a8_linear_out.default
+            self._args = (panels, sums, scale, self.out_features)
+            self._scale_after_out = False
+        else:
+            self._op = torch.ops.kiln.panel_linear.default
+            self._op_out = torch.ops.kiln.panel_linear_out.default
+            self._args = (panels, self.out_features)
+            self._scale_after_out = True
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self._out is None or x.shape[0] > self.max_rows:
-            out: Tensor = self._op(x, self.panels, self.out_features, self.scale)
+        if self._scale_after_out:  # panel_linear: (x, panels, n, [out,] scale)
+            if self._out is None or x.shape[0] > self.max_rows:
+                out: Tensor = self._op(x, *self._args, self.scale)
+            else:
+                out = self._out[: x.shape[0]]
+                self._op_out(x, *self._args, out, self.scale)
+        elif self._out is None or x.shape[0] > self.max_rows:
+            out = self._op(x, *self._args)
         else:
             out = self._out[: x.shape[0]]
-            self._op_out(x, self.panels, self.out_features, out, self.scale)
+            self._op_out(x, *self._args, out)
         # Added per element after the fixed-order sums: still batch-invariant.
         return out if self.bias is None else out.add_(self.bias)
 

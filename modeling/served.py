@@ -4,9 +4,12 @@ packed once into `panel_linear`'s panels as float32, bfloat16 or int8, never a f
 `load_served(directory, weight_dtype)` builds the model on the meta device and fills it:
 
 - Every matrix (the projections, the embedding, an untied head) becomes a `PackedWeight`:
-  panels `[ceil(N/64), K, 64]` in the served dtype (`kernels.reference.pack_panels`' layout),
-  plus a float32 scale per output feature for int8 (symmetric, per output channel, weight-only:
-  `kernels.reference.quantize_int8`). The module keeps an empty placeholder. A tied embedding is
+  float32 and bfloat16 as panels `[ceil(N/64), K, 64]` (`kernels.reference.pack_panels`' layout,
+  computed by `panel_linear`); int8 quantized symmetrically per output channel
+  (`kernels.reference.quantize_int8`: a float32 scale per output feature) and packed for
+  `w8a8_linear` (`pack_int8_panels`: `[ceil(N/64), ceil(K/4), 64, 4]` and the row sums), which
+  quantizes the activations per row too and multiplies in integers (W8A8, as ctranslate2's int8
+  does). The module keeps an empty placeholder. A tied embedding is
   packed once and serves both the head's projection and the token lookup (`PackedWeight.rows`:
   an int8 row's scale is its output feature's).
 - Norm weights and biases (small) are loaded as float32 parameters.
@@ -69,32 +72,40 @@ def resolve_weight_dtype(requested: str, stored: str | None) -> str:
 
 @dataclass(slots=True)
 class PackedWeight:
-    """One matrix [out_features, in_features] as `panel_linear` reads it."""
+    """One matrix [out_features, in_features] as `panel_linear` (float32, bfloat16) or
+    `w8a8_linear` (int8: with `scale` and `sums`) reads it."""
 
     panels: Tensor
     scale: Tensor | None  # int8: float32 [out_features]
     out_features: int
-
-    @property
-    def in_features(self) -> int:
-        return int(self.panels.shape[1])
+    in_features: int
+    sums: Tensor | None = None  # int8: int32 [out_features], each row's sum
 
     def nbytes(self) -> int:
-        scale = 0 if self.scale is None else self.scale.numel() * 4
-        return self.panels.numel() * self.panels.element_size() + scale
+        extra = sum(t.numel() * 4 for t in (self.scale, self.sums) if t is not None)
+        return self.panels.numel() * self.panels.element_size() + extra
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows `ids` [...] of the matrix as float32 [..., in_features] (the embedding lookup)."""
         width = reference.PANEL_WIDTH
         flat = ids.reshape(-1)
-        out = self.panels[flat // width, :, flat % width].float()
+        if self.sums is None:
+            out = self.panels[flat // width, :, flat % width].float()
+        else:  # [n, ceil(K/4), 4] -> [n, K]
+            picked = self.panels[flat // width, :, flat % width, :]
+            out = picked.reshape(flat.shape[0], -1)[:, : self.in_features].float()
         if self.scale is not None:
             out.mul_(self.scale[flat].unsqueeze(1))
         return out.view(*ids.shape, self.in_features)
 
     def dense(self) -> Tensor:
         """The float32 matrix (tests and quality checks; not used for serving)."""
-        w = reference.unpack_panels(self.panels, self.out_features).float()
+        if self.sums is None:
+            w = reference.unpack_panels(self.panels, self.out_features).float()
+        else:
+            w = reference.unpack_int8_panels(
+                self.panels, self.out_features, self.in_features
+            ).float()
         return w if self.scale is None else w * self.scale[:, None]
 
 
@@ -145,8 +156,14 @@ def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
     n = sum(p.shape[0] for p in parts)
     k = int(parts[0].shape[1])
     width = reference.PANEL_WIDTH
-    panels = torch.empty(-(-n // width), k, width, dtype=PANEL_DTYPES[dtype])
-    scale = torch.empty(n, dtype=torch.float32) if dtype == "int8" else None
+    int8 = dtype == "int8"
+    if int8:
+        groups = -(-k // reference.INT8_GROUP)
+        panels = torch.empty(-(-n // width), groups, width, reference.INT8_GROUP, dtype=torch.int8)
+    else:
+        panels = torch.empty(-(-n // width), k, width, dtype=PANEL_DTYPES[dtype])
+    scale = torch.empty(n, dtype=torch.float32) if int8 else None
+    sums = torch.empty(n, dtype=torch.int32) if int8 else None
     offsets = [0]
     for p in parts:
         offsets.append(offsets[-1] + p.shape[0])
@@ -158,11 +175,13 @@ def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
             if lo < end and hi > start
         ]
         chunk = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if scale is not None:
+        if scale is not None and sums is not None:
             chunk, scale[start:end] = reference.quantize_int8(chunk)
-        packed = reference.pack_panels(chunk.to(panels.dtype))
+            packed, sums[start:end] = reference.pack_int8_panels(chunk)
+        else:
+            packed = reference.pack_panels(chunk.to(panels.dtype))
         panels[start // width : start // width + packed.shape[0]] = packed
-    return PackedWeight(panels, scale, n)
+    return PackedWeight(panels, scale, n, k, sums)
 
 
 @contextlib.contextmanager

@@ -66,6 +66,19 @@ TORCH_LIBRARY(kiln, m) {
       "panel_linear_out(Tensor x, Tensor weight_panels, int out_features, Tensor(a!) out, "
       "Tensor? scale=None) -> ()");
 
+  // W8A8 linear (int8 weights and int8 activations, int32 sums): each row of x [..., K] is
+  // quantized symmetrically on its own (scale max|x| / 127, round half to even), multiplied
+  // exactly in integers by the int8 weight packed by kernels.reference.pack_int8_panels
+  // (weight_panels [ceil(N / 64), ceil(K / 4), 64, 4], weight_sums int32 [N] = its row sums,
+  // values in [-127, 127]), and out = float(sum) * (row scale * scale[n]). Exact sums make a
+  // row's result independent of the batch on every CPU variant. CPU, float32 x and out.
+  m.def(
+      "w8a8_linear(Tensor x, Tensor weight_panels, Tensor weight_sums, Tensor scale, "
+      "int out_features) -> Tensor");
+  m.def(
+      "w8a8_linear_out(Tensor x, Tensor weight_panels, Tensor weight_sums, Tensor scale, "
+      "int out_features, Tensor(a!) out) -> ()");
+
   // Attention of one new query per sequence over its own KV-cache slot (decode): query
   // [B, Hq, D]; key_cache and value_cache [slots, Hkv, max_len, D] (Hq a multiple of Hkv);
   // slots and lengths int64 [B]: sequence b attends to positions < lengths[b] of its slot.

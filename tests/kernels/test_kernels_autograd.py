@@ -22,6 +22,8 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
     """(op name, sample arguments) for every op; float inputs that autograd covers need grad."""
     rot_cache = ref.rope_cache(16, 8)
     wq, scale = ref.quantize_int8(torch.randn(12, 16))
+    w8, w8_scale = ref.quantize_int8(torch.randn(70, 18))
+    w8a8 = (*ref.pack_int8_panels(w8), w8_scale)  # panels, sums, scale
 
     def attention_args() -> tuple:
         kv = (_t(3, 2, 10, 8), _t(3, 2, 10, 8))
@@ -67,6 +69,8 @@ def _opcheck_cases() -> list[tuple[str, Callable[[], tuple]]]:
         ("int8_linear_out", lambda: (_t(2, 16), wq, scale, None, _t(2, 12))),
         ("panel_linear", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70)),
         ("panel_linear_out", lambda: (_t(3, 16), ref.pack_panels(_t(70, 16)), 70, _t(3, 70))),
+        ("w8a8_linear", lambda: (_t(3, 18), *w8a8, 70)),
+        ("w8a8_linear_out", lambda: (_t(3, 18), *w8a8, 70, _t(3, 70))),
         ("decode_attention", attention_args),
         ("decode_attention_out", lambda: (*attention_args(), _t(2, 4, 8))),
         ("paged_decode_attention", paged_attention_args),

@@ -145,7 +145,9 @@ def test_cuda_bindings_compile(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variant", "wide", "absent"),
     [
-        ("avx512", "zmm", None),
+        ("avx512", "zmm", "dpbusd"),  # no VNNI or AMX outside their own objects
+        ("avx512vnni", "vpdpbusd", "tdpbusd"),  # only the W8A8 kernel: int8_kernels()
+        ("amx", "tdpbusd", None),  # the same
         ("avx2", "ymm", "zmm"),
         ("generic", "xmm", "ymm"),
     ],
@@ -175,7 +177,8 @@ def test_cpu_variant_objects_are_isolated(
         ["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     exported = [s for s in symbols if s.split()[1] in {"T", "W", "V", "D", "B", "R", "u"}]
-    assert [s.split(maxsplit=2)[2] for s in exported] == [f"kiln::cpu::{variant}::kernels()"]
+    table = "int8_kernels" if variant in ("avx512vnni", "amx") else "kernels"
+    assert [s.split(maxsplit=2)[2] for s in exported] == [f"kiln::cpu::{variant}::{table}()"]
     if shutil.which("objdump"):
         asm = subprocess.run(
             ["objdump", "-d", str(obj)], capture_output=True, text=True, check=True

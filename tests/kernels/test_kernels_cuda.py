@@ -38,6 +38,8 @@ INT8_TOL = {
 CPU_ONLY_OPS = {
     "panel_linear",
     "panel_linear_out",
+    "w8a8_linear",
+    "w8a8_linear_out",
     "decode_attention",
     "decode_attention_out",
 }

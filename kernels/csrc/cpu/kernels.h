@@ -14,6 +14,26 @@ using kiln::DType;
 // The weight type of panel_linear's packed panels.
 enum class PanelType : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
 
+// The W8A8 (int8 x int8 -> int32) linear of one instruction set (int8_impl.h). Kept apart from
+// Kernels because the AVX-512 variant takes it from its own VNNI build where the CPU has VNNI.
+struct Int8Kernels {
+  const char* name;
+  // Rows [r0, r1) of x (float32, K columns, row stride sx) quantized symmetrically per row into
+  // xq (rows of kp >= K bytes, zero-padded; int8, or uint8 q + 128 where the kernel reads that)
+  // and xscale[r] = max|x[r]| / 127.
+  void (*quantize_rows)(int64_t r0, int64_t r1, int64_t K, int64_t kp, const float* x,
+                        int64_t sx, uint8_t* xq, float* xscale);
+  // Panels [p0, p1) of out[m, n] = float(sum_k q[m, k] * w[n, k]) * (xscale[m] * wscale[n])
+  // for m < M, n < N, from quantize_rows' rows, with w packed as panels[p][k / 4][j][k % 4] =
+  // w[64 p + j, k] (kp / 4 groups) and wsum[n] = sum_k w[n, k]. Exact integer sums: the same
+  // bits on every variant and at every row count.
+  void (*w8a8_panels)(int64_t p0, int64_t p1, int64_t M, int64_t kp, int64_t N,
+                      const uint8_t* xq, const float* xscale, const int8_t* panels,
+                      const int32_t* wsum, const float* wscale, float* out, int64_t so);
+  // xq must hold M rounded up to a multiple of this many rows (AMX reads 16-row tiles).
+  int64_t row_align;
+};
+
 // Every function works on the rows [r0, r1) (tokens for rotary, output columns for int8 linear)
 // so that the caller can split the work across threads. Strides are in elements.
 struct Kernels {
@@ -77,6 +97,9 @@ struct Kernels {
                            int64_t block, const int64_t* tables, int64_t s_table,
                            const int64_t* lengths, float scale, float* scratch,
                            int64_t s_scratch, float* out, int64_t so_tok, int64_t so_head);
+
+  // This variant's W8A8 linear (for AVX-512 without VNNI: AVX2's instructions).
+  Int8Kernels int8;
 };
 
 // Output features per panel of panel_linear's packed weight.
@@ -91,6 +114,10 @@ namespace generic { const Kernels& kernels(); }
 #if defined(KILN_HAVE_X86_VARIANTS)
 namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }
+// The W8A8 linear with AVX-512 VNNI (vpdpbusd), used by the avx512 variant where the CPU has it.
+namespace avx512vnni { const Int8Kernels& int8_kernels(); }
+// The same on AMX tiles (tdpbusd), where the CPU has amx_int8 and the OS grants the tile state.
+namespace amx { const Int8Kernels& int8_kernels(); }
 #endif
 
 }  // namespace kiln::cpu

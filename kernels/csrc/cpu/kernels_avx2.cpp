@@ -7,5 +7,7 @@
 #define KILN_VEC_FLOATS 8
 #define KILN_TILE_VECS 2
 #define KILN_TILE_ROWS 4
+// W8A8: vpmaddubsw with the sign trick (int8_impl.h).
+#define KILN_INT8_KIND 1
 #include "kernels_impl.h"
 #endif

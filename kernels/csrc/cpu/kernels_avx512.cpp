@@ -7,5 +7,7 @@
 #define KILN_VEC_FLOATS 16
 #define KILN_TILE_VECS 4
 #define KILN_TILE_ROWS 6
+// W8A8 without VNNI: AVX2's vpmaddubsw (the VNNI build is kernels_avx512vnni.cpp).
+#define KILN_INT8_KIND 1
 #include "kernels_impl.h"
 #endif

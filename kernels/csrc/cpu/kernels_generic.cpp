@@ -5,4 +5,6 @@
 #define KILN_VEC_FLOATS 4
 #define KILN_TILE_VECS 4
 #define KILN_TILE_ROWS 2
+// W8A8: plain int32 multiply-adds.
+#define KILN_INT8_KIND 0
 #include "kernels_impl.h"

@@ -804,6 +804,11 @@ void decode_attention(int64_t u0, int64_t u1, int64_t kv_heads, int64_t group, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// W8A8 linear
+
+#include "int8_impl.h"
+
+// ---------------------------------------------------------------------------------------------
 // type-erased entry points (the table holds these)
 
 #define KILN_DISPATCH(dt, CALL)                  \
@@ -869,6 +874,7 @@ void int8_linear(DType dt, int64_t n0, int64_t n1, int64_t M, int64_t K, const f
 const Kernels kTable = {
     KILN_STR(KILN_ISA), &add_rms_norm, &rms_norm_backward, &silu_and_mul,
     &silu_and_mul_backward, &rotary, &int8_linear, &panel_linear, &decode_attention,
+    {KILN_STR(KILN_ISA), &quantize_rows_int8, &w8a8_panels, 1},
 };
 
 }  // namespace

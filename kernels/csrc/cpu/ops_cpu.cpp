@@ -15,6 +15,12 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "../ops_impl.h"
 #include "kernels.h"
 
@@ -78,6 +84,52 @@ const Kernels* best_variant() {
 std::atomic<const Kernels*> g_active{best_variant()};
 
 const Kernels& active() { return *g_active.load(std::memory_order_relaxed); }
+
+// The W8A8 linear: the active variant's, except that the avx512 variant takes the AMX build
+// where the CPU has amx_int8 and Linux grants the tile state, else the VNNI build where the CPU
+// has avx512_vnni. kiln_set_int8_isa picks a lesser one (tests, comparisons). All give the
+// same bits (exact integer sums).
+bool vnni_supported() {
+#if defined(KILN_HAVE_X86_VARIANTS)
+  return __builtin_cpu_supports("avx512vnni") && isa_supported(cpu::avx512::kernels());
+#else
+  return false;
+#endif
+}
+
+// AMX: CPUID.(7, 0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), then the kernel's permission for
+// this process to use the tile data state (Linux 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM, 0x1023,
+// XFEATURE_XTILEDATA, 18); without it the first tile instruction faults.
+bool amx_supported() {
+#if defined(KILN_HAVE_X86_VARIANTS) && defined(__linux__)
+  static const bool ok = [] {
+    if (!vnni_supported()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if ((d & (1u << 24)) == 0 || (d & (1u << 25)) == 0) return false;
+    if (std::getenv("KILN_NO_AMX") != nullptr) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// 2: AMX where supported, 1: VNNI where supported, 0: the variant's own.
+std::atomic<int> g_int8_level{2};
+
+const cpu::Int8Kernels& int8_active() {
+  const Kernels& k = active();
+#if defined(KILN_HAVE_X86_VARIANTS)
+  if (&k == &cpu::avx512::kernels()) {
+    const int level = g_int8_level.load(std::memory_order_relaxed);
+    if (level >= 2 && amx_supported()) return cpu::amx::int8_kernels();
+    if (level >= 1 && vnni_supported()) return cpu::avx512vnni::int8_kernels();
+  }
+#endif
+  return k.int8;
+}
 
 // The float32 norm backward runs the AVX2 build when AVX-512 is active: on these CPUs (2 vCPUs,
 // KVM) its AVX-512 build took 13.4 ms against 7.3 ms for AVX2 at [2048, 4096] on two threads
@@ -291,6 +343,100 @@ void panel_linear_out(const at::Tensor& x, const at::Tensor& panels, int64_t out
   panel_linear_into(x, panels, out_features, scale, out);
 }
 
+// W8A8: x quantized per row to int8, int8 panels [P, ceil(K / 4), 64, 4] (pack_int8_panels),
+// exact int32 sums, one float32 scale per row and per output feature.
+std::vector<int64_t> check_w8a8_linear(const char* op, const at::Tensor& x,
+                                       const at::Tensor& panels, const at::Tensor& sums,
+                                       const at::Tensor& scale, int64_t out_features) {
+  constexpr int64_t width = cpu::kPanelWidth;
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "kiln::", op, ": x must be float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(panels.scalar_type() == at::kChar, "kiln::", op,
+              ": weight_panels must be int8, got ", panels.scalar_type());
+  for (const at::Tensor* t : {&x, &panels, &sums, &scale}) check_device(op, *t, c10::DeviceType::CPU);
+  TORCH_CHECK(x.dim() >= 1, "kiln::", op, ": x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  const int64_t groups = (K + 3) / 4;
+  TORCH_CHECK(panels.dim() == 4 && panels.size(1) == groups && panels.size(2) == width &&
+                  panels.size(3) == 4,
+              "kiln::", op, ": weight_panels must be [panels, ", groups, " (ceil(K / 4), K = ",
+              K, " from x), ", width, ", 4] as kernels.reference.pack_int8_panels makes it, got ",
+              panels.sizes());
+  TORCH_CHECK(out_features > (panels.size(0) - 1) * width &&
+                  out_features <= panels.size(0) * width,
+              "kiln::", op, ": ", panels.size(0), " panels hold ", (panels.size(0) - 1) * width + 1,
+              " to ", panels.size(0) * width, " output features, got out_features=",
+              out_features);
+  TORCH_CHECK(sums.scalar_type() == at::kInt && sums.dim() == 1 && sums.size(0) == out_features,
+              "kiln::", op, ": weight_sums must be int32 [", out_features, "], got ",
+              sums.scalar_type(), " ", sums.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == out_features,
+              "kiln::", op, ": scale must be float32 [", out_features, "], got ",
+              scale.scalar_type(), " ", scale.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return shape;
+}
+
+void w8a8_linear_into(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& sums,
+                      const at::Tensor& scale, int64_t out_features, const at::Tensor& out) {
+  const int64_t K = x.size(-1);
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  if (out.numel() == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const int64_t kp = 4 * panels.size(1);
+  const at::Tensor x2 = x.reshape({M, K});
+  const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
+  const at::Tensor pc = panels.contiguous(), sc = sums.contiguous(), wc = scale.contiguous();
+  const cpu::Int8Kernels& k = int8_active();
+  // The quantized rows, kept per calling thread across calls: no allocation once grown.
+  thread_local std::vector<uint8_t> xq;
+  thread_local std::vector<float> xs;
+  const int64_t rows = (M + k.row_align - 1) / k.row_align * k.row_align;
+  if (xq.size() < static_cast<size_t>(rows * kp)) xq.resize(rows * kp);
+  if (xs.size() < static_cast<size_t>(M)) xs.resize(M);
+  uint8_t* qp = xq.data();
+  float* sp = xs.data();
+  const float* xp = xc.const_data_ptr<float>();
+  const int64_t sx = xc.stride(0);
+  at::parallel_for(0, M, grain_rows(K), [&](int64_t b, int64_t e) {
+    k.quantize_rows(b, e, K, kp, xp, sx, qp, sp);
+  });
+  // Whole panels per task, at least ~256 Ki multiply-adds each (outputs are independent, so
+  // any split gives the same numbers).
+  const int64_t per_panel = std::max<int64_t>(1, M * kp * cpu::kPanelWidth);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
+  into_out(out, out.is_contiguous(), [&](const at::Tensor& o) {
+    const int8_t* wp = pc.const_data_ptr<int8_t>();
+    const int32_t* sump = sc.const_data_ptr<int32_t>();
+    const float* wsp = wc.const_data_ptr<float>();
+    float* op = o.mutable_data_ptr<float>();
+    at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
+      k.w8a8_panels(b, e, M, kp, out_features, qp, sp, wp, sump, wsp, op, out_features);
+    });
+  });
+}
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& sums,
+                       const at::Tensor& scale, int64_t out_features) {
+  const auto shape = check_w8a8_linear("w8a8_linear", x, panels, sums, scale, out_features);
+  at::Tensor out = at::empty(shape, x.options());
+  w8a8_linear_into(x, panels, sums, scale, out_features, out);
+  return out;
+}
+
+void w8a8_linear_out(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& sums,
+                     const at::Tensor& scale, int64_t out_features, const at::Tensor& out) {
+  constexpr const char* op = "w8a8_linear_out";
+  const auto shape = check_w8a8_linear(op, x, panels, sums, scale, out_features);
+  check_out(op, out, shape, x);
+  w8a8_linear_into(x, panels, sums, scale, out_features, out);
+}
+
 // Returns the longest length (validated), for the scratch size.
 int64_t check_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& slots,
@@ -467,6 +613,8 @@ TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   kiln::Ops<kiln::CpuBackend>::register_all(m);
   m.impl("panel_linear", &kiln::panel_linear);
   m.impl("panel_linear_out", &kiln::panel_linear_out);
+  m.impl("w8a8_linear", &kiln::w8a8_linear);
+  m.impl("w8a8_linear_out", &kiln::w8a8_linear_out);
   m.impl("decode_attention", &kiln::decode_attention);
   m.impl("decode_attention_out", &kiln::decode_attention_out);
   m.impl("paged_decode_attention", &kiln::paged_decode_attention);
@@ -498,6 +646,17 @@ __attribute__((visibility("default"))) int kiln_set_cpu_isa(const char* name) {
   if (!kiln::isa_supported(*k)) return 2;
   kiln::g_active.store(k, std::memory_order_relaxed);
   return 0;
+}
+
+// The W8A8 linear's instruction set ("avx512_vnni", "avx512", "avx2", "generic").
+__attribute__((visibility("default"))) const char* kiln_cpu_int8_isa() {
+  return kiln::int8_active().name;
+}
+
+// Caps the W8A8 linear's instruction set: 2 AMX, 1 VNNI, 0 the variant's own (each where the
+// CPU has it). Returns the previous cap.
+__attribute__((visibility("default"))) int kiln_set_int8_level(int level) {
+  return kiln::g_int8_level.exchange(level);
 }
 
 // For the benchmark: microseconds per call of kiln::fused_add_rms_norm_ on one [1, n] float32 row
