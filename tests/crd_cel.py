@@ -22,8 +22,11 @@ from typing import Any
 
 import celpy
 import lark
-import re2
+import re2  # type: ignore[import-untyped]  # google-re2 (celpy uses it) ships no stubs
 from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.celparser import CELParseError
+from celpy.evaluation import CELEvalError
 
 # --- Kubernetes' CEL libraries that celpy lacks ----------------------------------------------
 # https://kubernetes.io/docs/reference/using-api/cel/ ("Kubernetes CEL libraries"): the strings
@@ -57,7 +60,7 @@ def cel_find(text: celtypes.StringType, pattern: celtypes.StringType) -> Any:
     try:
         match = re2.search(str(pattern), str(text))
     except re2.error as err:
-        return celpy.CELEvalError("invalid regex", type(err), err.args)
+        return CELEvalError("invalid regex", type(err), err.args)
     return celtypes.StringType(match.group(0) if match else "")
 
 
@@ -71,7 +74,7 @@ def cel_find_all(
     try:
         matches = list(re2.finditer(str(pattern), str(text)))
     except re2.error as err:
-        return celpy.CELEvalError("invalid regex", type(err), err.args)
+        return CELEvalError("invalid regex", type(err), err.args)
     for match in matches:
         if 0 <= n <= len(found):
             break
@@ -107,7 +110,7 @@ class Compiled:
     functions: frozenset[str]
 
 
-def _called(tree: lark.Tree) -> set[str]:
+def _called(tree: lark.Tree[lark.Token]) -> set[str]:
     """The names of the functions and methods a parsed rule calls."""
     names = set()
     for node in tree.iter_subtrees():
@@ -118,7 +121,7 @@ def _called(tree: lark.Tree) -> set[str]:
     return names
 
 
-def _idents(tree: lark.Tree) -> set[str]:
+def _idents(tree: lark.Tree[lark.Token]) -> set[str]:
     return {str(n.children[0]) for n in tree.iter_subtrees() if n.data == "ident"}
 
 
@@ -127,7 +130,7 @@ def compile_rule(rule: str, optional_old_self: bool = False) -> Compiled:
     """The rule compiled (cached: a schema's rules are compiled once per test session)."""
     try:
         tree = _ENV.compile(rule)
-    except celpy.CELParseError as err:
+    except CELParseError as err:
         return Compiled(None, f"celpy cannot parse it: {err}".splitlines()[0], frozenset())
     functions = frozenset(_called(tree))
     if "oldSelf" in _idents(tree):
@@ -254,7 +257,7 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
             elif isinstance(extra, dict):
                 out[celtypes.StringType(name)] = to_cel(item, extra)
             else:
-                out[celtypes.StringType(name)] = celpy.json_to_cel(item)
+                out[celtypes.StringType(name)] = json_to_cel(item)
         return celtypes.MapType(out)
     if isinstance(value, list):
         items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
@@ -266,7 +269,7 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
         return celtypes.DoubleType(value)
     if isinstance(value, str) and schema.get("format") == "date-time":
         return celtypes.TimestampType(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    return celpy.json_to_cel(value)
+    return json_to_cel(value)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ def _message(rule: dict[str, Any], activation: dict[str, Any]) -> str:
         try:
             program = _ENV.program(_ENV.compile(rule["messageExpression"]), KUBERNETES_FUNCTIONS)
             return str(program.evaluate(activation))
-        except celpy.CELEvalError:
+        except CELEvalError:
             pass  # The API server falls back to `message` too.
     return str(rule.get("message") or f"failed rule: {rule['rule']}")
 
@@ -304,11 +307,12 @@ def _evaluate(
                 continue  # transition rules (update only); unsupported ones are in the census
             where = path + rule.get("fieldPath", "") or "<root>"
             evaluated.append(rule["rule"])
+            result: Any
             try:
                 result = compiled.program.evaluate(activation)
-            except celpy.CELEvalError as err:
+            except CELEvalError as err:
                 result = err
-            if isinstance(result, celpy.CELEvalError):
+            if isinstance(result, CELEvalError):
                 # The API server refuses the object too (a missing field, a bad pattern).
                 error = f"(evaluation error: {result.args[0]})"
                 failures.append(f"{where}: Invalid value: {_message(rule, activation)} {error}")
