@@ -276,17 +276,25 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
 
 
 class CELValidationError(ValueError):
-    """What the API server would answer: every failed rule, one per line."""
+    """What the API server would answer: every failed rule (`failures`), with its path."""
 
     def __init__(self, kind: str, name: str, failures: list[str]) -> None:
         self.failures = failures
         super().__init__(f'{kind} "{name}" is invalid: ' + "; ".join(failures))
 
 
+@cache
+def _message_program(expression: str) -> celpy.Runner | None:
+    try:
+        return _ENV.program(_ENV.compile(expression), functions=KUBERNETES_FUNCTIONS)
+    except CELParseError:
+        return None
+
+
 def _message(rule: dict[str, Any], activation: dict[str, Any]) -> str:
-    if "messageExpression" in rule:
+    program = _message_program(rule["messageExpression"]) if "messageExpression" in rule else None
+    if program is not None:
         try:
-            program = _ENV.program(_ENV.compile(rule["messageExpression"]), KUBERNETES_FUNCTIONS)
             return str(program.evaluate(activation))
         except CELEvalError:
             pass  # The API server falls back to `message` too.
@@ -305,7 +313,7 @@ def _evaluate(
             compiled = compile_rule(rule["rule"], bool(rule.get("optionalOldSelf")))
             if compiled.program is None:
                 continue  # transition rules (update only); unsupported ones are in the census
-            where = path + rule.get("fieldPath", "") or "<root>"
+            where = (path + rule.get("fieldPath", "")).lstrip(".") or "<root>"
             evaluated.append(rule["rule"])
             result: Any
             try:

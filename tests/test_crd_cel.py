@@ -137,6 +137,27 @@ def test_an_evaluation_error_refuses_the_object_with_the_rules_message() -> None
         crd_cel.evaluate({"a": {}}, schema)
 
 
+def test_message_expression_and_field_path_name_what_failed() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+        "x-kubernetes-validations": [
+            {
+                "rule": "size(self.items) <= 2",
+                "messageExpression": "'at most 2 items, got ' + string(size(self.items))",
+                "fieldPath": ".items",
+            },
+            {"rule": "self.items.all(i, i != '')"},
+        ],
+    }
+    with pytest.raises(crd_cel.CELValidationError) as err:
+        crd_cel.evaluate({"items": ["a", "", "c"]}, schema)
+    assert err.value.failures == [
+        "items: Invalid value: at most 2 items, got 3",
+        "<root>: Invalid value: failed rule: self.items.all(i, i != '')",
+    ]
+
+
 def test_transition_rules_are_skipped_on_create_and_root_sees_only_name() -> None:
     assert crd_cel.compile_rule("self == oldSelf").skipped == "transition"
     schema = {
