@@ -15,6 +15,7 @@ import kubernetes_validate
 import yaml
 
 from kiln_cli.training_job import TRAINER_RELEASE
+from tests import crd_cel
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 # Used until the environment files pin a cluster version (compute.kubernetes_version).
@@ -83,14 +84,18 @@ def crd_validator(kind: str) -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(_closed(crd(kind)["openAPIV3Schema"]))
 
 
-def validate_custom(obj: dict[str, Any]) -> None:
-    """A custom resource against its pinned CRD, its pod templates against the core Pod."""
+def validate_custom(obj: dict[str, Any]) -> list[str]:
+    """A custom resource against its pinned CRD (its CEL rules evaluated as on create: returns
+    those evaluated, raises crd_cel.CELValidationError naming the failed ones), its pod
+    templates against the core Pod."""
     doc = crd(obj["kind"])
     assert obj["apiVersion"] == f"{doc['group']}/{doc['version']}"
     crd_validator(obj["kind"]).validate(obj)
+    evaluated = crd_cel.evaluate(obj, doc["openAPIV3Schema"])
     if obj["kind"] == "TrainingRuntime":
         for job in obj["spec"]["template"]["spec"]["replicatedJobs"]:
             validate(as_pod(job["template"]["spec"]["template"], f"{obj['metadata']['name']}-0"))
+    return evaluated
 
 
 CORE_KINDS = frozenset({"Service", "Job"})
@@ -123,7 +128,11 @@ class FakeCluster:
                 else:
                     self.errors.append(f'no matches for kind "{kind}" in "{obj["apiVersion"]}"')
                     return 1
-            except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as err:
+            except (
+                kubernetes_validate.ValidationError,
+                jsonschema.ValidationError,
+                crd_cel.CELValidationError,
+            ) as err:
                 self.errors.append(f"{kind}: {err}")
                 return 1
             meta = obj["metadata"]

@@ -6,7 +6,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ from kiln_cli.training_job import (
     render_command,
     to_yaml,
 )
+from tests import crd_cel
 from tests.kiln_cli.kube import (
     TRAINER_SCHEMAS,
     VERSIONS,
-    crd,
+    FakeCluster,
     crd_validator,
     validate,
     validate_custom,
@@ -843,52 +843,103 @@ def test_the_documented_refusal_is_what_the_tool_prints() -> None:
     assert block == expected.splitlines()
 
 
-def _cel_rules(schema: Any, path: str = "") -> set[tuple[str, str]]:
-    """(path, rule) of every CEL rule in a CRD schema that judges a new object (not the
-    `oldSelf` transition rules, which only an update meets)."""
-    found: set[tuple[str, str]] = set()
-    if isinstance(schema, dict):
-        for rule in schema.get("x-kubernetes-validations", []):
-            if "oldSelf" not in rule["rule"]:
-                found.add((path, rule["rule"]))
-        for key, value in schema.items():
-            found |= _cel_rules(value, path if key in ("properties", "items") else f"{path}.{key}")
-    elif isinstance(schema, list):
-        for value in schema:
-            found |= _cel_rules(value, path)
-    return found
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_the_crds_cel_rules_run_on_kilns_trainer_objects(spec: TrainingJobSpec) -> None:
+    """The Trainer CRDs' CEL rules are evaluated (tests/crd_cel.py; a new release's rules are
+    evaluated automatically, tests/test_crd_cel.py fails on one that cannot be) and hold."""
+    runtime, job = render(dataclasses.replace(spec, operator="trainer"))
+    assert set(validate_custom(job)) == {
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "size(self.metadata.name) <= 63",
+        # managedBy is not set: the CRD's default is, before the rules run.
+        "self in ['trainer.kubeflow.org/trainjob-controller', 'kueue.x-k8s.io/multikueue']",
+    }
+    assert set(validate_custom(runtime)) == {
+        "[has(self.torch), has(self.mpi), has(self.jax), has(self.xgboost),has(self.flux)]"
+        ".filter(x, x).size() <= 1",
+        "!(has(self.startupPolicy) && self.startupPolicy.startupPolicyOrder == 'InOrder' && "
+        "self.replicatedJobs.exists(x, has(x.dependsOn)))",
+    }
 
 
-def test_the_crds_cel_rules_that_apply_to_kilns_objects_hold() -> None:
-    """jsonschema does not evaluate CEL: the rules are listed (a new release's new rules fail
-    here until judged) and the ones kiln's objects meet are checked by hand."""
-    rules = {
-        kind: _cel_rules(crd(kind)["openAPIV3Schema"]) for kind in ("TrainJob", "TrainingRuntime")
-    }
-    uri = "self == '' || self.matches('^[A-Za-z][A-Za-z0-9+.-]*://.+$')"
-    managers = "['trainer.kubeflow.org/trainjob-controller', 'kueue.x-k8s.io/multikueue']"
-    assert rules["TrainJob"] == {
-        ("", "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"),
-        ("", "size(self.metadata.name) <= 63"),
-        (".spec.initializer.dataset.storageUri", uri),
-        (".spec.initializer.model.storageUri", uri),
-        (".spec.managedBy", f"self in {managers}"),
-        (".status.trainerStatus", "has(self.lastUpdatedTime)"),
-    }
-    assert {path for path, _ in rules["TrainingRuntime"]} == {
-        ".spec.mlPolicy",
-        ".spec.mlPolicy.flux.numProcPerNode",
-        ".spec.mlPolicy.torch.envInjection.targets.containerNames",
-        ".spec.template.spec",
-        ".spec.template.spec.volumeClaimPolicies",
-    }
-    for spec in SPECS.values():
-        runtime, job = render(dataclasses.replace(spec, operator="trainer"))
-        name = job["metadata"]["name"]
-        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
-        assert set(job["spec"]) <= {"runtimeRef", "trainer", "activeDeadlineSeconds"}
-        policy = runtime["spec"]["mlPolicy"]
-        assert [k for k in ("torch", "mpi", "jax", "xgboost", "flux") if k in policy] == ["torch"]
-        assert "envInjection" not in policy["torch"]
-        jobset = runtime["spec"]["template"]["spec"]
-        assert not {"startupPolicy", "volumeClaimPolicies"} & set(jobset)
+URI_MESSAGE = "storageUri may be empty, or it must be a valid URI (scheme://...)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "where", "message"),
+    [
+        (
+            "TrainJob",
+            ("metadata", "name"),
+            "Llama-Pretrain",
+            "<root>",
+            "metadata.name must match RFC 1035 DNS label format",
+        ),
+        (
+            "TrainJob",
+            ("metadata", "name"),
+            "l" * 64,
+            "<root>",
+            "metadata.name must be no more than 63 characters",
+        ),
+        (
+            "TrainJob",
+            ("spec", "managedBy"),
+            "example.com/controller",
+            "spec.managedBy",
+            "ManagedBy must be trainer.kubeflow.org/trainjob-controller or "
+            "kueue.x-k8s.io/multikueue",
+        ),
+        (
+            "TrainJob",
+            ("spec", "initializer"),
+            {"model": {"storageUri": "team-models/llama-8b"}},
+            "spec.initializer.model.storageUri",
+            URI_MESSAGE,
+        ),
+        (
+            "TrainingRuntime",
+            ("spec", "mlPolicy", "mpi"),
+            {},
+            "spec.mlPolicy",
+            "Only one of the policy can be configured",
+        ),
+        (
+            "TrainingRuntime",
+            ("spec", "mlPolicy", "torch", "envInjection"),
+            {"targets": [{"jobName": "node", "containerNames": ["node"]}]},
+            "spec.mlPolicy.torch.envInjection.targets[0].containerNames",
+            "containerNames must not include the main node container",
+        ),
+        (
+            "TrainingRuntime",
+            ("spec", "template", "spec", "startupPolicy"),
+            {"startupPolicyOrder": "InOrder"},
+            "spec.template.spec",
+            "StartupPolicy and DependsOn APIs are mutually exclusive",
+        ),
+    ],
+)
+def test_a_trainer_object_breaking_a_cel_rule_is_refused_with_its_message(
+    kind: str, path: tuple[Any, ...], value: Any, where: str, message: str
+) -> None:
+    """The evaluation is real: each change passes jsonschema and fails only its CEL rule."""
+    obj = copy.deepcopy(by_kind(render(make(operator="trainer")))[kind])
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    if kind == "TrainingRuntime" and path[-1] == "startupPolicy":
+        # DependsOn on a second replicated job makes InOrder startup contradictory.
+        jobs = obj["spec"]["template"]["spec"]["replicatedJobs"]
+        jobs.append({**copy.deepcopy(jobs[0]), "name": "second"})
+        jobs[1]["dependsOn"] = [{"name": jobs[0]["name"], "status": "Ready"}]
+    crd_validator(kind).validate(obj)
+    with pytest.raises(crd_cel.CELValidationError) as err:
+        validate_custom(obj)
+    (failure,) = err.value.failures
+    assert failure.startswith(f"{where}: Invalid value: {message}"), failure
+    # A cluster with the Trainer installed refuses it the same way.
+    cluster = FakeCluster(objects={("TrainingRuntime", "training", "llama-pretrain"): {}})
+    assert cluster(["kubectl", "apply", "-f", "-"], yaml.safe_dump(obj)) == 1
+    assert cluster.errors == [f"{kind}: {err.value}"]

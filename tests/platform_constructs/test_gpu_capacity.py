@@ -1,7 +1,8 @@
 """Karpenter's and Kueue's objects for every environment: valid against the CRD schemas of the
-vendored releases (unknown fields refused, as a structural schema would silently prune them) and
-Kubernetes' own schemas, and saying what the platform promises (taint, limits, IMDSv2, EFA,
-reservations, quotas, gang admission)."""
+vendored releases (unknown fields refused, as a structural schema would silently prune them, and
+every CEL rule evaluated as the API server does on create) and Kubernetes' own schemas, and
+saying what the platform promises (taint, limits, IMDSv2, EFA, reservations, quotas, gang
+admission)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from kiln.contract import GPU_POOL_LABEL, GPU_TAINT
 from kiln.settings import Settings
 from platform_constructs import gpu_capacity as gc
 from platform_constructs.handlers import kubernetes_apply as ka
+from tests import crd_cel
 from tests.support import ENVIRONMENTS, minimal_settings
 
 BUNDLES = ka.BUNDLES_DIR
@@ -34,7 +36,7 @@ NETWORK = gc.NodeNetwork(
 
 
 @cache
-def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+def crd_sources() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> the openAPIV3Schema of every CRD version in the bundles."""
     schemas = {}
     for path in sorted(BUNDLES.glob("*.json")):
@@ -43,10 +45,14 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
                 continue
             group, kind = obj["spec"]["group"], obj["spec"]["names"]["kind"]
             for version in obj["spec"]["versions"]:
-                schemas[(f"{group}/{version['name']}", kind)] = strict(
-                    version["schema"]["openAPIV3Schema"]
-                )
+                schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
     return schemas
+
+
+@cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """The same, closed to unknown fields (for jsonschema)."""
+    return {key: strict(schema) for key, schema in crd_sources().items()}
 
 
 def strict(schema: Any) -> Any:
@@ -65,7 +71,9 @@ def strict(schema: Any) -> Any:
     return out
 
 
-def validate(obj: dict[str, Any], kubernetes: str) -> None:
+def validate(obj: dict[str, Any], kubernetes: str) -> list[str]:
+    """The object against its schema; a custom resource's CEL rules too (returns those
+    evaluated; raises crd_cel.CELValidationError with the failed rules' messages)."""
     key = (obj["apiVersion"], obj["kind"])
     if key in crd_schemas():
         body = {k: v for k, v in obj.items() if k != "metadata"}
@@ -79,8 +87,9 @@ def validate(obj: dict[str, Any], kubernetes: str) -> None:
                 },
             },
         )
-    else:
-        kubernetes_validate.validate(obj, f"{kubernetes}.0", strict=True)
+        return crd_cel.evaluate(obj, crd_sources()[key])
+    kubernetes_validate.validate(obj, f"{kubernetes}.0", strict=True)
+    return []
 
 
 def rendered(settings: Settings) -> list[dict[str, Any]]:
@@ -102,8 +111,28 @@ def rendered(settings: Settings) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_every_object_of_every_environment_is_valid(env: str) -> None:
     settings = load_settings(env)
+    evaluated: dict[str, set[str]] = {}
     for obj in rendered(settings):
-        validate(obj, settings.compute.kubernetes_version)
+        rules = validate(obj, settings.compute.kubernetes_version)
+        evaluated.setdefault(obj["kind"], set()).update(rules)
+    # The CEL rules really ran on what kiln sets (LocalQueue's only rule is a transition rule).
+    assert {kind for kind, rules in evaluated.items() if rules} == {
+        "EC2NodeClass",
+        "NodePool",
+        "ResourceFlavor",
+        "ClusterQueue",
+    }
+    assert {
+        "self.split('@')[0] in ['al2','al2023','bottlerocket','windows2019','windows2022',"
+        "'windows2025']",
+        "(has(self.role) && !has(self.instanceProfile)) || "
+        "(!has(self.role) && has(self.instanceProfile))",
+    } <= evaluated["EC2NodeClass"]
+    assert 'self != "kubernetes.io/hostname"' in evaluated["NodePool"]
+    taint_effects = "self.all(x, x.effect in ['NoSchedule', 'PreferNoSchedule', 'NoExecute'])"
+    assert taint_effects in evaluated["ResourceFlavor"]
+    flavors = "self.flavors.all(x, size(x.resources) == size(self.coveredResources))"
+    assert flavors in evaluated["ClusterQueue"]
 
 
 def test_the_validator_refuses_a_misspelt_field_and_a_wrong_type() -> None:
@@ -117,6 +146,133 @@ def test_the_validator_refuses_a_misspelt_field_and_a_wrong_type() -> None:
     wrong["spec"]["disruption"]["consolidationPolicy"] = "WhenIdle"
     with pytest.raises(jsonschema.ValidationError, match="WhenIdle"):
         validate(wrong, "1.34")
+
+
+def _set(obj: dict[str, Any], path: str, value: Any) -> None:
+    """Sets obj's field at a dotted path (list indexes as numbers); None deletes it."""
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node: Any = obj
+    for part in parents:
+        node = node[part]
+    if value is None:
+        del node[last]
+    elif isinstance(node, list) and last == len(node):
+        node.append(value)
+    else:
+        node[last] = value
+
+
+# Each breaks one CEL rule of the release and nothing jsonschema checks: (kind, changes to the
+# prod object, the failing field's path, the rule's message).
+BROKEN = [
+    (
+        "NodePool",
+        {"spec.template.spec.requirements.1.key": "karpenter.sh/team"},
+        "spec.template.spec.requirements[1].key",
+        'label domain "karpenter.sh" is restricted',
+    ),
+    (
+        "NodePool",
+        {"spec.template.metadata.labels": {"kubernetes.io/hostname": "node-1"}},
+        "spec.template.metadata.labels",
+        'label "kubernetes.io/hostname" is restricted',
+    ),
+    (
+        "NodePool",
+        {"spec.disruption.budgets.1.schedule": "0 9 * * 1-5"},
+        "spec.disruption.budgets",
+        "'schedule' must be set with 'duration'",
+    ),
+    (
+        "NodePool",
+        {"spec.template.spec.requirements.2": {"key": "karpenter.k8s.aws/instance-gpu-count",
+                                               "operator": "Gt", "values": ["-1"]}},
+        "spec.template.spec.requirements",
+        "requirements operator 'Gt', 'Lt', 'Gte', or 'Lte' must have a single positive integer",
+    ),
+    (
+        "EC2NodeClass",
+        {"spec.tags": {"kubernetes.io/cluster/kiln-prod": "owned"}},
+        "spec.tags",
+        "tag contains a restricted tag matching kubernetes.io/cluster/",
+    ),
+    (
+        "EC2NodeClass",
+        {"spec.amiSelectorTerms": [{"alias": "windows2022@v20250101"}]},
+        "spec.amiSelectorTerms[0].alias",
+        "windows families may only specify version 'latest'",
+    ),
+    (
+        "EC2NodeClass",
+        {"spec.instanceProfile": "kiln-prod-gpu-node"},
+        "spec",
+        "must specify exactly one of ['role', 'instanceProfile']",
+    ),
+    (
+        "EC2NodeClass",
+        {"spec.networkInterfaces.2.networkCardIndex": 1},
+        "spec.networkInterfaces",
+        "networkInterfaces must not have duplicate networkCardIndex and deviceIndex pairs",
+    ),
+    (
+        "ClusterQueue",
+        {"spec.cohortName": None},
+        "spec",
+        "borrowingLimit must be nil when cohort is empty",
+    ),
+    (
+        "ClusterQueue",
+        {"spec.resourceGroups.0.flavors.1": {"name": "gpu-spare",
+                                             "resources": [{"name": "cpu", "nominalQuota": 1}]}},
+        "spec.resourceGroups[0]",
+        "flavors must have the same number of resources as the coveredResources",
+    ),
+    (
+        "ClusterQueue",
+        {"spec.preemption": {"reclaimWithinCohort": "Never",
+                             "borrowWithinCohort": {"policy": "LowerPriority"}}},
+        "spec.preemption",
+        "reclaimWithinCohort=Never and borrowWithinCohort.Policy!=Never",
+    ),
+    (
+        # whenCanBorrow and whenCanPreempt are left to their defaults: the rule sees them only
+        # because defaults are applied first, as the API server does.
+        "ClusterQueue",
+        {"spec.flavorFungibility": {"preference": "BorrowingOverPreemption"}},
+        "spec.flavorFungibility",
+        "preference can only be set when both whenCanBorrow and whenCanPreempt are TryNextFlavor",
+    ),
+    (
+        "ResourceFlavor",
+        {"spec.nodeTaints.0.effect": "Evict"},
+        "spec.nodeTaints",
+        "supported taint effect values: 'NoSchedule', 'PreferNoSchedule', 'NoExecute'",
+    ),
+    (
+        "ResourceFlavor",
+        {"spec.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                               "effect": "NoSchedule", "tolerationSeconds": 60}]},
+        "spec.tolerations",
+        "effect must be 'NoExecute' when 'tolerationSeconds' is set",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "changes", "path", "message"), BROKEN)
+def test_a_broken_object_fails_the_release_cel_rule_with_its_message(
+    kind: str, changes: dict[str, Any], path: str, message: str
+) -> None:
+    """The CEL evaluation is real: each change passes jsonschema and fails only the rule."""
+    obj = copy.deepcopy(next(o for o in rendered(load_settings("prod")) if o["kind"] == kind))
+    for field, value in changes.items():
+        _set(obj, field, value)
+    key = (obj["apiVersion"], kind)
+    jsonschema.validate({k: v for k, v in obj.items() if k != "metadata"}, crd_schemas()[key])
+    with pytest.raises(crd_cel.CELValidationError) as err:
+        validate(obj, "1.34")
+    expected = f"{path}: Invalid value: {message}"
+    (failure,) = err.value.failures
+    assert failure.startswith(expected), failure
 
 
 def test_bundles_are_the_pinned_releases_and_the_handler_can_check_them() -> None:
