@@ -495,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         layers = args.layers or SMOLLM2_360M["num_hidden_layers"]
         print(f"speed: SmolLM2-360M shape ({layers} layers), batch {args.batch} x {args.seq_len}")
         names = [
-            n for n, (_, compiled, fused) in VARIANTS.items()
-            if not (args.no_compile and compiled) and not (args.no_logits_loss and not fused)
+            n for n, (impl, compiled, fused) in VARIANTS.items()
+            if not (args.no_compile and compiled)
+            and not (args.no_logits_loss and impl == "kiln" and not fused)
         ]  # fmt: skip
         speed_args = [*common, "--measure", "speed", "--shape", "smollm2-360m",
                       "--batch", str(args.batch), "--layers", str(args.layers)]  # fmt: skip
