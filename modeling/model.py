@@ -34,7 +34,7 @@ from modeling.attention import (
 )
 from modeling.config import ModelConfig
 from modeling.linear import dense_linear
-from modeling.loss import linear_cross_entropy
+from modeling.loss import TiedGradient, linear_cross_entropy, tied_embedding
 from modeling.rope import rope_table
 
 OpsName = Literal["kiln", "reference"]
@@ -90,7 +90,10 @@ class FunctionalOps:
         self.ops, self.eps = ops, eps
 
     def embed(self, embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
-        out: Tensor = embedding(input_ids)
+        return self.cast_embedding(embedding(input_ids))
+
+    @staticmethod
+    def cast_embedding(out: Tensor) -> Tensor:
         if out.dtype != torch.float32 and torch.is_autocast_enabled(out.device.type):
             # A bf16-stored (frozen) embedding under autocast: the residual stream stays
             # float32, as it is with float32 weights.
@@ -334,15 +337,25 @@ class LlamaModel(Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         run = Run(positions, self.rope, self.training_ops, self.linear, attention)
-        hidden = self.hidden(input_ids, run)
         if targets is None:
-            return run.linear(self.head, hidden)
+            return run.linear(self.head, self.hidden(input_ids, run))
         head = self.head
+        weight = head.weight
+        tied = None
+        if head is self.embed_tokens and weight.requires_grad and torch.is_grad_enabled():
+            # One [V, H] gradient for the tied weight, not the head's, the embedding's and
+            # their sum (`modeling.loss.TiedGradient`).
+            tied = TiedGradient()
+            x = self.training_ops.cast_embedding(tied_embedding(input_ids, weight, tied))
+            hidden = self.layer_stack(x, run)
+        else:
+            hidden = self.hidden(input_ids, run)
         return linear_cross_entropy(
             hidden,
-            head.weight,
+            weight,
             targets,
             bias=getattr(head, "bias", None),  # type: ignore[arg-type]
+            tied=tied,
         )
 
     def hidden(
@@ -355,7 +368,16 @@ class LlamaModel(Module):
         """The final-normed hidden states of `input_ids` [...]: the pass every workload runs.
         `blocks` defaults to the layers themselves; serving passes their bound `forward`s
         (nn.Module's `__call__` checks for hooks, ~1 us a layer per decode step)."""
-        x = run.ops.embed(self.embed_tokens, input_ids)
+        return self.layer_stack(run.ops.embed(self.embed_tokens, input_ids), run, blocks)
+
+    def layer_stack(
+        self,
+        x: Tensor,
+        run: Run,
+        blocks: Iterable[Callable[[Tensor, Tensor | None, Run], tuple[Tensor, Tensor]]]
+        | None = None,
+    ) -> Tensor:
+        """The blocks and the final norm over the embeddings x."""
         residual = None
         for block in self.layers if blocks is None else blocks:
             x, residual = block(x, residual, run)

@@ -1,15 +1,20 @@
 """Training speed and memory against what a team would otherwise run: `python -m training.bench`.
 
-Three measurements, each variant in a fresh child process (its own memory high-water mark, no
-model of another variant resident), printed as one table of ratios:
+Three measurements in child processes, printed as one table of ratios:
 
 1. Speed: a fine-tuning step (forward, backward, AdamW) on a SmolLM2-360M-shaped model (random
    weights from `transformers`, its 49152-token vocabulary) under bf16 autocast where the CPU has
    bf16 instructions: kiln eager (fused loss, and for comparison the loss from full logits) and
    kiln under torch.compile, against `transformers`' `LlamaForCausalLM` step on the same batch.
+   The variants run in one process, their timed steps interleaved round by round (kiln's share
+   one model, its blocks' compiled forms switched on and off), so that a change in the machine's
+   load during the run weighs on all of them alike; `--separate` runs one process per model
+   instead, in `--rounds` alternating rounds (for a model two of which do not fit the memory).
 2. Memory: the peak of that step with a 128k vocabulary (Llama-3.2-1B's width and vocabulary;
-   fewer layers, so that its weights and AdamW states fit this machine): the process's resident
-   high-water mark during one step above what it held before (weights and optimizer states).
+   fewer layers, so that its weights and AdamW states fit this machine), each variant alone in a
+   fresh process: the process's resident high-water mark during one step above what it held
+   before (weights and optimizer states). `--profile-memory` also prints where the peak is, from
+   torch.profiler's allocation events (the allocator's live bytes, by the op that allocated).
 3. FSDP vs DDP: 2 processes under torchrun (gloo), training's own strategies
    (`training.parallel`): step time and, per process, peak memory and the bytes of parameters,
    gradients and optimizer states it holds.
@@ -111,17 +116,41 @@ def build(impl: str, shape: str, layers: int | None) -> torch.nn.Module:
     return model.train()
 
 
+class CompiledBlocks:
+    """A kiln model's blocks compiled in place (as training's --compile does), switchable: the
+    eager and compiled variants step the same model, interleaved."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        compile_blocks(model)
+        self.blocks = list(model.layers)
+        # nn.Module.compile keeps the compiled forward in `_compiled_call_impl`; None is eager.
+        self.compiled = [b._compiled_call_impl for b in self.blocks]
+
+    def use(self, on: bool) -> None:
+        for block, impl in zip(self.blocks, self.compiled, strict=True):
+            block._compiled_call_impl = impl if on else None
+
+
 def make_step(
-    impl: str, compiled: bool, fused: bool, model: torch.nn.Module, batch: torch.Tensor, bf16: bool
+    impl: str,
+    compiled: bool,
+    fused: bool,
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    bf16: bool,
+    *,
+    opt: torch.optim.Optimizer | None = None,
+    blocks: CompiledBlocks | None = None,
 ) -> Callable[[], float]:
-    """One optimizer step on `batch` [B, T]: the loss of predicting each next token."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    """One optimizer step on `batch` [B, T]: the loss of predicting each next token. Variants
+    of one model share its optimizer `opt` and (kiln) its `blocks`' compiled forms."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     targets = F.pad(batch[:, 1:], (0, 1), value=IGNORE)  # transformers shifts its labels alike
     fn: Any = model
     if compiled and impl == "transformers":
         fn = torch.compile(model)
-    elif compiled:
-        compile_blocks(model)  # as training's --compile does
+    elif compiled and blocks is None:
+        blocks = CompiledBlocks(model)
 
     def loss() -> torch.Tensor:
         if impl == "transformers":
@@ -134,6 +163,8 @@ def make_step(
         )
 
     def step() -> float:
+        if blocks is not None:
+            blocks.use(compiled)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
             value = loss()
@@ -178,37 +209,113 @@ def _reset_peak() -> None:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One variant, alone in this process: warm-up steps, then timed steps, or one measured step."""
-    impl, compiled, fused = VARIANTS[args.variant]
+    """Speed: the variants named (separated by |), each warmed up, then `steps` rounds of one
+    timed step each, interleaved (the order rotated every round); kiln's variants share one
+    model. Memory: one variant, warmed up, then one measured step."""
+    names = args.variant.split("|")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variant: {unknown} not among {sorted(VARIANTS)}")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = build(impl, args.shape, args.layers)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(
         0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq_len), generator=gen
     )  # type: ignore[call-overload]
-    step = make_step(impl, compiled, fused, model, batch, args.bf16)
-    start = time.perf_counter()
-    first = step()
-    warm_s = time.perf_counter() - start
-    for _ in range(args.warmup - 1):
-        step()
-    out: dict[str, Any] = {"variant": args.variant, "first_loss": first, "warmup_s": warm_s}
+    models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
+    blocks: CompiledBlocks | None = None
+    steps: dict[str, Callable[[], float]] = {}
+    for name in names:
+        impl, compiled, fused = VARIANTS[name]
+        if impl not in models:
+            model = build(impl, args.shape, args.layers)
+            models[impl] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
+        model, opt = models[impl]
+        # Compiled before any kiln step is made: the eager ones switch the compiled forms off.
+        if (
+            impl == "kiln"
+            and blocks is None
+            and any(VARIANTS[n][:2] == ("kiln", True) for n in names)
+        ):
+            blocks = CompiledBlocks(model)
+        steps[name] = make_step(
+            impl, compiled, fused, model, batch, args.bf16, opt=opt,
+            blocks=blocks if impl == "kiln" else None,
+        )  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        first = step()
+        warm_s = time.perf_counter() - start
+        for _ in range(args.warmup - 1):
+            step()
+        out[name] = {"first_loss": first, "warmup_s": warm_s}
     if args.measure == "memory":
+        (name,) = names
+        if args.profile_memory:
+            out[name]["profile"] = profile_peak(steps[name])
         _settle()
         before = _status("VmRSS")
         _reset_peak()
-        step()
-        out["peak_delta"] = _status("VmHWM") - before
-        out["resident_before"] = before
+        steps[name]()
+        out[name]["peak_delta"] = _status("VmHWM") - before
+        out[name]["resident_before"] = before
         return out
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    out["step_s"] = statistics.median(times)
-    out["tokens"] = args.batch * args.seq_len
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.steps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    for name in names:
+        out[name]["step_s"] = statistics.median(times[name])
+        out[name]["steps_s"] = times[name]
+        out[name]["tokens"] = args.batch * args.seq_len
     return out
+
+
+def profile_peak(step: Callable[[], float]) -> dict[str, Any]:
+    """One step under torch.profiler's memory profiling: the allocator's peak of live bytes
+    above the step's start, the op (and its callers) whose allocation reached it, and the
+    largest allocations live at that moment with the ops that made them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _settle()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocation = torch._C._profiler._EventType.Allocation
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == allocation:
+            events.append(e)
+    events.sort(key=lambda e: e.start_time_ns)
+
+    def where(e: Any) -> str:
+        names: list[str] = []
+        p = e.parent
+        while p is not None and len(names) < 4:
+            names.append(p.name)
+            p = p.parent
+        return " < ".join(names)
+
+    first = events[0].extra_fields
+    base = first.total_allocated - first.alloc_size
+    live: dict[int, tuple[int, str]] = {}
+    peak, at, snapshot = 0, "", {}
+    for e in events:
+        f = e.extra_fields
+        if f.alloc_size > 0:
+            live[f.ptr] = (f.alloc_size, where(e))
+        else:
+            live.pop(f.ptr, None)
+        if f.total_allocated - base > peak:
+            peak, at = f.total_allocated - base, where(e)
+            snapshot = dict(live)
+    largest = sorted(snapshot.values(), reverse=True)[:8]
+    return {"peak": peak, "at": at, "largest": largest}
 
 
 def run_child(extra: list[str], threads: int) -> dict[str, Any]:
@@ -333,10 +440,25 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="speed,memory,dist", help="comma-separated: speed, memory, dist"
     )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument(
+        "--no-logits-loss", action="store_true", help="skip the variant with the unfused loss"
+    )
+    p.add_argument(
+        "--separate",
+        action="store_true",
+        help="speed: one process per model (kiln's variants still interleaved in theirs), in "
+        "--rounds alternating rounds; for models two of which do not fit the memory",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="with --separate: rounds per model")
+    p.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="memory: also print where each step's peak is (torch.profiler allocations)",
+    )
     # the child processes' own flags
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # VARIANTS, separated by |
     p.add_argument(
         "--shape", choices=sorted(SHAPES), default="smollm2-360m", help=argparse.SUPPRESS
     )
@@ -372,31 +494,59 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in parts:
         layers = args.layers or SMOLLM2_360M["num_hidden_layers"]
         print(f"speed: SmolLM2-360M shape ({layers} layers), batch {args.batch} x {args.seq_len}")
-        speed: dict[str, dict[str, Any]] = {}
-        for name in VARIANTS:
-            if args.no_compile and VARIANTS[name][1]:
-                continue
-            speed[name] = r = run_child(
-                [*common, "--variant", name, "--measure", "speed", "--shape", "smollm2-360m",
-                 "--batch", str(args.batch), "--layers", str(args.layers)],
-                args.threads,
-            )  # fmt: skip
-            print(
-                f"  {name:<26} {r['step_s'] * 1e3:9.0f} ms/step  {r['tokens'] / r['step_s']:8.1f} "
-                f"tokens/s  first loss {r['first_loss']:.4f}  (warm-up {r['warmup_s']:.1f} s, "
-                f"load {os.getloadavg()[0]:.2f})",
-                flush=True,
-            )
+        names = [
+            n for n, (impl, compiled, fused) in VARIANTS.items()
+            if not (args.no_compile and compiled)
+            and not (args.no_logits_loss and impl == "kiln" and not fused)
+        ]  # fmt: skip
+        speed_args = [*common, "--measure", "speed", "--shape", "smollm2-360m",
+                      "--batch", str(args.batch), "--layers", str(args.layers)]  # fmt: skip
+        # One process with every variant, or (--separate) one per model, alternating rounds.
+        groups = [names]
+        if args.separate:
+            groups = [
+                [n for n in names if VARIANTS[n][0] == impl] for impl in ("transformers", "kiln")
+            ]
+            groups = [g for g in groups if g] * args.rounds
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        tokens = args.batch * args.seq_len
+        for group in groups:
+            result = run_child([*speed_args, "--variant", "|".join(group)], args.threads)
+            for name in group:
+                r = result[name]
+                runs[name].append(r)
+                print(
+                    f"  {name:<26} {r['step_s'] * 1e3:9.0f} ms/step  "
+                    f"{r['tokens'] / r['step_s']:8.1f} tokens/s  first loss {r['first_loss']:.4f}"
+                    f"  (steps {', '.join(f'{t:.2f}' for t in r['steps_s'])} s; warm-up "
+                    f"{r['warmup_s']:.1f} s, load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
+        # Each variant's fastest timed step over every round: on a machine others load, the
+        # least disturbed one (a step's work is fixed; load only adds to it).
+        speed = {n: min(t for r in rs for t in r["steps_s"]) for n, rs in runs.items()}
+        print(
+            "  fastest steps: "
+            + ", ".join(
+                f"{n} {t * 1e3:.0f} ms ({tokens / t:.1f} tokens/s)" for n, t in speed.items()
+            ),
+            flush=True,
+        )
         base = speed["transformers"]
-        for name, r in speed.items():
+        for name, t in speed.items():
             if name == "transformers":
                 continue
             rows.append(
                 (
                     f"tokens/s, {name} / transformers",
-                    f"{base['step_s'] / r['step_s']:.2f}x",
+                    f"{base / t:.2f}x",
                     ">= 1.5x" if name in ("kiln eager", "kiln compiled") else "",
                 )
+            )
+        if "kiln compiled" in speed and "kiln eager" in speed:
+            ratio = speed["kiln eager"] / speed["kiln compiled"]
+            rows.append(
+                ("tokens/s, kiln compiled / kiln eager (same model)", f"{ratio:.2f}x", "> 1x")
             )
     if "memory" in parts:
         print(
@@ -405,17 +555,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         mem: dict[str, dict[str, Any]] = {}
         for name in ("transformers", "kiln eager"):
-            mem[name] = r = run_child(
+            result = run_child(
                 [*common, "--variant", name, "--measure", "memory", "--shape", "llama-3.2-1b",
                  "--layers", str(args.memory_layers), "--batch", str(args.memory_batch),
-                 "--seq-len", str(args.memory_seq_len), "--warmup", "1"],
+                 "--seq-len", str(args.memory_seq_len), "--warmup", "1",
+                 *(["--profile-memory"] if args.profile_memory else [])],
                 args.threads,
             )  # fmt: skip
+            mem[name] = r = result[name]
             print(
                 f"  {name:<26} step peak {gib(r['peak_delta'])} above {gib(r['resident_before'])}"
                 f" resident (weights, AdamW states)",
                 flush=True,
             )
+            if "profile" in r:
+                prof = r["profile"]
+                print(
+                    f"    allocator peak {gib(prof['peak'])} above the step's start, at "
+                    f"{prof['at']}"
+                )
+                for size, where in prof["largest"]:
+                    print(f"      {gib(size):>10} live, allocated in {where}")
         ratio = mem["kiln eager"]["peak_delta"] / mem["transformers"]["peak_delta"]
         rows.append(
             ("step peak memory at 128k vocab, kiln / transformers", f"{ratio:.2f}x", "<= 0.6x")

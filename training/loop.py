@@ -95,13 +95,26 @@ class Trainer:
         self.init_dir: Path | None = None
         self.chat_template: str | None = None
         self.tokenizer: Tokenizer
+        self.lora = (
+            LoraSpec.parse(args.lora_rank, args.lora_alpha, args.lora_targets)
+            if (args.lora_rank)
+            else None
+        )
+        gib = getattr(args, "device_memory_gib", None)
+        self.device_memory = int(gib * 2**30) if gib else None
         # FSDP over several ranks from a checkpoint: rank 0 alone reads the weights; the others
         # build the model on the meta device (no memory) and receive their shards from rank 0
-        # once the model is sharded (`_broadcast_from_rank0`).
-        self.rank0_load = bool(args.init_from) and dist.world > 1 and args.strategy == "fsdp"
-        self._rank0_state: dict[str, Tensor] | None = None
+        # once the model is sharded (`_broadcast_from_rank0`). `--strategy auto` is resolved
+        # first, from the model's shape, so that it loads this way too when it picks FSDP.
+        self.strategy = args.strategy
         if args.init_from:
             self.init_dir = self._fetch_model(args.init_from)
+            if self.strategy == "auto" and dist.world > 1:
+                self.strategy = self._resolve_auto(read_config(self.init_dir)[0])
+        self.rank0_load = bool(args.init_from) and dist.world > 1 and self.strategy == "fsdp"
+        self._rank0_state: dict[str, Tensor] | None = None
+        if args.init_from:
+            assert self.init_dir is not None
             if self.rank0_load and not dist.is_main:
                 cfg, _ = read_config(self.init_dir)
                 load_ops(args.ops)  # imported outside the meta-device context
@@ -123,11 +136,6 @@ class Trainer:
             raise TrainError(
                 f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens"
             )
-        self.lora = (
-            LoraSpec.parse(args.lora_rank, args.lora_alpha, args.lora_targets)
-            if (args.lora_rank)
-            else None
-        )
         if self.lora is not None:
             lora.attach(self.model, self.lora)
         if self.rank0_load and dist.is_main:
@@ -163,12 +171,13 @@ class Trainer:
         self.precision = Precision.choose(args.precision, dist.device)
         on, off = lora.trainable(list(self.model.parameters()))
         self.parallel: Strategy = choose_strategy(
-            args.strategy,
+            self.strategy,
             dist,
             trainable=on,
             frozen=off,
             bf16=self.precision.bf16,
             activation_checkpointing=args.activation_checkpointing,
+            memory=self.device_memory,
         )
         sharded = isinstance(self.parallel, FullyShard)
         # LoRA under bf16 autocast: the frozen base is stored in bf16 (half its memory), the
@@ -247,6 +256,19 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, self._rank0_state or {}, options=options)
         self._rank0_state = None
+
+    def _resolve_auto(self, cfg: ModelConfig) -> str:
+        """What `--strategy auto` picks for this model (with its adapters), decided from a
+        meta-device copy: no memory, no draws from the random generator."""
+        load_ops(self.args.ops)  # imported outside the meta-device context
+        with torch.device("meta"):
+            probe = LlamaModel(cfg, ops=self.args.ops)
+            if self.lora is not None:
+                lora.attach(probe, self.lora)
+        on, off = lora.trainable(list(probe.parameters()))
+        return choose_strategy(
+            "auto", self.dist, trainable=on, frozen=off, bf16=False, memory=self.device_memory
+        ).name
 
     def _fetch_model(self, location: str) -> Path:
         """A local copy of --init-from (an S3 prefix is downloaded into a temporary directory)."""

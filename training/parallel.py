@@ -252,11 +252,19 @@ def device_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def replica_fits(trainable: int, frozen: int, device: torch.device, headroom: float = 0.7) -> bool:
+def replica_fits(
+    trainable: int,
+    frozen: int,
+    device: torch.device,
+    headroom: float = 0.7,
+    *,
+    memory: int | None = None,
+) -> bool:
     """Whether a full replica's weights, gradients and AdamW states (of the trainable
-    parameters) fit in `headroom` of the device's memory, leaving the rest to activations."""
+    parameters) fit in `headroom` of the device's memory (`memory` bytes where given, else what
+    the device reports), leaving the rest to activations."""
     need = trainable * REPLICA_BYTES_PER_PARAM + frozen * 4
-    return need <= headroom * device_memory(device)
+    return need <= headroom * (memory or device_memory(device))
 
 
 def choose_strategy(
@@ -267,11 +275,13 @@ def choose_strategy(
     frozen: int,
     bf16: bool,
     activation_checkpointing: bool = False,
+    memory: int | None = None,
 ) -> DataParallel | FullyShard:
     """`--strategy`: ddp, fsdp, or auto (FSDP when several ranks share a model whose replica
-    would not fit one device). A single process runs the bare model either way."""
+    would not fit one device of `memory` bytes, by default what it reports). A single process
+    runs the bare model either way."""
     if flag == "auto":
-        fits = replica_fits(trainable, frozen, dist.device)
+        fits = replica_fits(trainable, frozen, dist.device, memory=memory)
         flag = "ddp" if dist.world == 1 or fits else "fsdp"
     if flag == "fsdp" and dist.world > 1:  # alone there is nothing to shard over
         return FullyShard(dist, bf16=bf16, activation_checkpointing=activation_checkpointing)

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sharded per block; auto: fsdp when a replica would not fit one device",
     )
     par.add_argument(
+        "--device-memory-gib",
+        type=_positive(float),
+        help="the memory of one device that --strategy auto plans with (default: what the "
+        "device reports; on CPU the machine's RAM)",
+    )
+    par.add_argument(
         "--activation-checkpointing",
         type=_bool,
         default=False,

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from modeling.config import PRESETS
-from modeling.loss import IGNORE_INDEX, chunk_rows, linear_cross_entropy
+from modeling.loss import (
+    IGNORE_INDEX,
+    TiedGradient,
+    chunk_rows,
+    linear_cross_entropy,
+    tied_embedding,
+)
 from modeling.model import LlamaModel
 
 
@@ -140,3 +148,100 @@ def test_compiled_model_runs_the_fused_loss_eagerly_between_graphs() -> None:
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- tied embedding and head: one weight gradient ------------------------------------------------
+
+
+def tied_inputs(seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(97, 24, generator=g) * 0.3).requires_grad_()
+    ids = torch.randint(0, 97, (2, 19), generator=g)
+    ids[1, 3:6] = ids[0, 0]  # a token met several times: its rows add up
+    t = torch.randint(0, 97, (2, 19), generator=g)
+    t[0, :4] = IGNORE_INDEX
+    mix = torch.randn(24, 24, generator=g) * 0.3  # stands for the blocks between the two
+    return w, ids, t, mix
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("rows", [7, 64])
+def test_a_tied_weight_gets_the_sum_of_the_head_and_embedding_gradients(
+    bf16: bool, rows: int
+) -> None:
+    """tied_embedding + linear_cross_entropy(tied=) against F.embedding + the unfused loss, the
+    loss scaled by 1/2 as gradient accumulation does (an incoming gradient other than 1)."""
+    w, ids, t, mix = tied_inputs()
+    results = []
+    for fused in (True, False):
+        w.grad = None
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            if fused:
+                tied = TiedGradient()
+                x = tied_embedding(ids, w, tied)
+                loss = linear_cross_entropy(torch.tanh(x @ mix), w, t, rows=rows, tied=tied)
+            else:
+                x = F.embedding(ids, w)
+                loss = unfused(torch.tanh(x @ mix), w, t)
+        (loss / 2).backward()
+        results.append((loss.detach(), w.grad))
+    (ours, g_ours), (theirs, g_theirs) = results
+    assert g_ours.dtype == torch.float32  # type: ignore[union-attr]
+    tol = {"rtol": 2e-2, "atol": 2e-4} if bf16 else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(ours, theirs, **tol)
+    torch.testing.assert_close(g_ours, g_theirs, **tol)
+
+
+def test_a_tied_weight_receives_one_gradient_and_backward_allocates_no_second_one() -> None:
+    """Autograd hands the tied weight one gradient (one accumulation, so DDP and FSDP reduce it
+    once), and backward allocates no [V, H] tensor: the loss's forward made the one it gets."""
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=4099, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+    arrivals: list[int] = []  # (a hook that kept the gradient would make autograd copy it)
+    model.embed_tokens.weight.register_post_accumulate_grad_hook(lambda p: arrivals.append(1))
+    loss = model(ids, targets=ids)
+    weight_bytes = cfg.vocab_size * cfg.hidden_size * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    big = [
+        e.name
+        for e in prof.events()
+        if e.cpu_memory_usage > 0 and e.cpu_memory_usage >= weight_bytes and not e.cpu_children
+    ]
+    assert big == []
+    assert arrivals == [1]
+    # The one it gets is the sum: the same as the model's logits path gives.
+    fused = model.embed_tokens.weight.grad.clone()  # type: ignore[union-attr]
+    model.zero_grad()
+    F.cross_entropy(model(ids).view(-1, cfg.vocab_size), ids.view(-1)).backward()
+    torch.testing.assert_close(fused, model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_accumulate_into_the_tied_gradient() -> None:
+    cfg = dataclasses.replace(PRESETS["tiny"], tie_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 17))
+    for a in range(2):
+        (model(ids[2 * a : 2 * a + 2], targets=ids[2 * a : 2 * a + 2]) / 2).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+    model.zero_grad()
+    for a in range(2):
+        part = ids[2 * a : 2 * a + 2]
+        (F.cross_entropy(model(part).view(-1, cfg.vocab_size), part.view(-1)) / 2).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_second_backward_through_a_kept_graph_is_refused() -> None:
+    """Backward scales the saved gradients in place; a retained graph's second backward would
+    use them scaled twice, so autograd's check of saved tensors refuses it."""
+    w, ids, t, mix = tied_inputs()
+    tied = TiedGradient()
+    loss = linear_cross_entropy(torch.tanh(tied_embedding(ids, w, tied) @ mix), w, t, tied=tied)
+    (loss * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss * 0.5).backward()

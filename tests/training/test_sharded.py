@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.training.support import TINY, Run, parse_events, weights
 
@@ -246,3 +247,40 @@ def test_fsdp_from_a_checkpoint_loads_it_on_rank_0_and_broadcasts_the_shards(
     a, b = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picking_fsdp_loads_on_rank_0_and_lora_adapters_are_broadcast_with_the_base(
+    corpus: Path, tmp_path: Path, run_trainer: Callable[..., Run]
+) -> None:
+    """`--strategy auto` resolves before the weights are read (a device of 1 MiB cannot hold a
+    replica: FSDP), so rank 1 builds on meta and receives the base and rank 0's freshly drawn
+    adapters; the two processes then take one process's LoRA steps."""
+    from tests.modeling import hf_models
+
+    base = hf_models.build("llama-3.1-8b", tmp_path / "base")
+    common = [*TINY[2:], "--init-from", str(base), "--data", str(corpus), "--max-steps", "3",
+              "--micro-batch-size", "2", "--lora-rank", "4", "--lora-targets", "all-linear",
+              "--lr", "1e-2", "--output-dir"]  # fmt: skip
+    two = run_trainer(
+        [*common, str(tmp_path / "o2"), "--strategy", "auto", "--device-memory-gib", "0.001",
+         "--checkpoint-dir", str(tmp_path / "ck2")],
+        launcher=TORCHRUN,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    start = two.of("start")[0]
+    assert start["strategy"] == "fsdp" and start["weights_loaded_by"] == "rank 0, broadcast"
+    one = run_trainer(
+        [*common, str(tmp_path / "o1"), "--grad-accum", "2", "--checkpoint-dir",
+         str(tmp_path / "ck1")]
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    for step, loss in one.losses().items():
+        assert two.losses()[step] == pytest.approx(loss, rel=1e-5)
+    for part, name in (("model", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        a = load_file(tmp_path / "o1" / part / name)
+        b = load_file(tmp_path / "o2" / part / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # The adapters moved (B starts at zero), so the broadcast carried trained state, not zeros.
+    assert any(k for k, v in load_file(tmp_path / "o2" / "adapter" / name).items() if v.any())
