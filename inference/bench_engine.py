@@ -2,7 +2,9 @@
 inter-token latency while a long prompt is prefilled in chunks.
 
 `python -m inference.bench_engine --scenario prefix|chunked|all` builds a random-weight model of a
-kiln preset (or takes `--model-dir`), drives the engine in-process (no HTTP: these are the
+kiln preset, or of a released model's shape (`--shape smollm2-360m`, as `inference.bench` builds
+it, with `--weight-dtype int8`: a model whose decode step is bound by reading its weights), or
+takes `--model-dir`, drives the engine in-process (no HTTP: these are the
 engine's own latencies) and prints a markdown table. Each figure is compared within one run:
 
 - prefix: for each trial, a fresh 1,024-token prefix; a request of prefix + question A (cold:
@@ -23,6 +25,7 @@ import itertools
 import os
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -31,11 +34,14 @@ from pathlib import Path
 
 import torch
 
+from inference.bench import DEFAULT_CACHE, SHAPES, build_shape
 from inference.engine import Engine, EngineSettings
 from inference.sequence import SamplingParams, Sequence, Update
+from inference.threads import available_cpus
 from modeling.artifact import save_model_dir
 from modeling.config import PRESETS
 from modeling.model import LlamaModel
+from modeling.served import WEIGHT_DTYPES
 from modeling.tokenizer import ByteTokenizer
 
 WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "on", "by"]
@@ -223,18 +229,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", choices=["prefix", "chunked", "all"], default="all")
     p.add_argument("--model-dir", type=Path, help="a model directory (default: build one)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), help="a released model's shape, not a kiln preset"
+    )
+    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="auto")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=available_cpus())
     p.add_argument("--prefill-chunk", type=int, default=256, help="for the prefix scenario")
     p.add_argument("--chunks", default="64,256,2048", help="prefill chunks, chunked scenario")
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--trials", type=int, default=5)
     args = p.parse_args(argv)
     settings = EngineSettings(
-        max_batch=8, threads=args.threads, prefill_chunk=args.prefill_chunk, max_seq_len=4096
+        max_batch=8,
+        threads=args.threads,
+        prefill_chunk=args.prefill_chunk,
+        max_seq_len=4096,
+        kv_cache_gib=args.kv_cache_gib,
+        weight_dtype=args.weight_dtype,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir or build_model(Path(tmp) / "model", args.preset, 4096)
-        print(f"model: {model_dir if args.model_dir else args.preset}, threads {args.threads}")
+        if args.model_dir:
+            model_dir, name = args.model_dir, str(args.model_dir)
+        elif args.shape:
+            model_dir, name = build_shape(args.shape, DEFAULT_CACHE), f"{args.shape} shape"
+        else:
+            model_dir, name = build_model(Path(tmp) / "model", args.preset, 4096), args.preset
+        print(f"model: {name}, weights {args.weight_dtype}, threads {args.threads}")
         print(f"load average before: {os.getloadavg()[0]:.2f}")
         if args.scenario in ("prefix", "all"):
             r = prefix_ttft(model_dir, settings, trials=args.trials)
@@ -254,12 +275,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.cold_ttft_s / r.uncached_ttft_s:.1f}x |"
             )
         if args.scenario in ("chunked", "all"):
-            rows = [
-                chunked_itl(
+            rows = []
+            for c in args.chunks.split(","):
+                r = chunked_itl(
                     model_dir, replace(settings, prefill_chunk=int(c)), streams=args.streams
                 )
-                for c in args.chunks.split(",")
-            ]
+                print(
+                    f"prefill chunk {c}: p99 gap {r.p99_s * 1e3:.1f} ms, median before "
+                    f"{r.median_s * 1e3:.1f} ms (load average {os.getloadavg()[0]:.1f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(r)
             print(
                 f"\n### {args.streams} streams' inter-token latency during a "
                 f"{rows[0].prompt_tokens}-token prefill\n"

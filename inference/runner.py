@@ -19,6 +19,7 @@ from inference.decoder import Decoder
 from inference.graphs import attention_shared_bytes, shared_memory_per_block
 from inference.scheduler import Chunk, ScheduledStep
 from inference.sequence import Sequence
+from inference.threads import available_cpus
 from modeling.artifact import load_model_dir, read_config
 from modeling.attention import KVCache
 from modeling.chat import ChatTemplate, ChatTemplateError
@@ -143,8 +144,8 @@ class ModelRunner:
 
     def load(self, warmup: bool = True) -> None:
         started = time.monotonic()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        # Default: the CPUs this process may use (affinity, cgroup quota), not the machine's.
+        torch.set_num_threads(self.threads or available_cpus())
         device = self._device()
         cfg, raw, tokenizer = read_model_files(self.model_dir, self.max_seq_len_cap)
         served = self._served_dtype(device, raw["dtype"])

@@ -174,7 +174,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--threads",
         type=positive_int,
         default=_env_default(env, ServerEnv.THREADS, None),
-        help="torch CPU threads (default: $KILN_THREADS, else torch's choice)",
+        help="CPU threads (default: $KILN_THREADS, else the CPUs this process may use: its "
+        "affinity, capped by its cgroup's CPU quota)",
     )
     p.add_argument(
         "--weight-dtype",

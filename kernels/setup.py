@@ -26,6 +26,7 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 CPU_SOURCES = [
     f"{CSRC}/registration.cpp",
     f"{CSRC}/cpu/ops_cpu.cpp",
+    f"{CSRC}/cpu/parallel.cpp",
     f"{CSRC}/cpu/kernels_generic.cpp",
 ]
 # The AVX2 and AVX-512 variants are the same kernels_impl.h under `#pragma GCC target`, so one

@@ -15,9 +15,10 @@ packed once into `panel_linear`'s panels as float32, bfloat16 or int8, never a f
 - Norm weights and biases (small) are loaded as float32 parameters.
 
 The safetensors files are mapped, not read: a tensor is a view of the mapping in its stored
-dtype, converted 4,096 rows at a time into the panels, and its pages are released
-(`madvise(MADV_DONTNEED)`) once packed. So peak memory is the served weights plus one chunk, not
-the file, and a bfloat16 checkpoint served as bfloat16 or int8 never exists in float32.
+dtype, converted about 2^20 elements (whole panels of rows) at a time into the panels, and its
+pages are released (`madvise(MADV_DONTNEED)`) once packed. So peak memory is the served weights
+plus one chunk, not the file, and a bfloat16 checkpoint served as bfloat16 or int8 never exists
+in float32.
 
 `load_to_device(directory, device, dtype)` is the plain model (no panels) for a GPU: each
 parameter allocated on the device in the served dtype and filled from the mapped parts (a fused
@@ -53,8 +54,11 @@ from modeling.rope import rope_table
 WeightDtype = Literal["auto", "float32", "bfloat16", "int8"]
 WEIGHT_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "int8")
 PANEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
-# Rows converted at a time: bounds the float32 scratch (1,024 x 8,192 x 4 B = 32 MiB at most).
-CHUNK_ROWS = 1024
+# Elements converted at a time (whole panels of rows, at least one): bounds the float32 scratch.
+# int8's quantization makes about four temporaries of a chunk's size: at 1,024 rows of 8,192 that
+# was 130 MiB above the weights at the peak of a Llama-3.2-1B load (its memory line 11 MiB over
+# the bound); at 2^20 elements (4 MiB) it is ~20 MiB.
+CHUNK_ELEMENTS = 1 << 20
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -152,10 +156,12 @@ class _Mapped:
 
 
 def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
-    """The row-stacked parts as panels of `dtype`, CHUNK_ROWS rows (whole panels) at a time."""
+    """The row-stacked parts as panels of `dtype`, about CHUNK_ELEMENTS at a time (whole
+    panels of rows)."""
     n = sum(p.shape[0] for p in parts)
     k = int(parts[0].shape[1])
     width = reference.PANEL_WIDTH
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(1, k) // width) * width
     int8 = dtype == "int8"
     if int8:
         groups = -(-k // reference.INT8_GROUP)
@@ -167,8 +173,8 @@ def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
     offsets = [0]
     for p in parts:
         offsets.append(offsets[-1] + p.shape[0])
-    for start in range(0, n, CHUNK_ROWS):
-        end = min(n, start + CHUNK_ROWS)
+    for start in range(0, n, chunk_rows):
+        end = min(n, start + chunk_rows)
         pieces = [
             part[max(start, lo) - lo : min(end, hi) - lo].float()
             for part, lo, hi in zip(parts, offsets, offsets[1:], strict=False)

@@ -1,7 +1,7 @@
 // CPU registration of the kiln ops: the shared tensor-level code (ops_impl.h) over a backend that
-// splits rows across torch's OpenMP threads and calls the kernels of the instruction-set variant
-// chosen at load time. at::parallel_for is an inline `#pragma omp parallel` compiled here with
-// -fopenmp; the library links libgomp by the soname torch already loaded, so both share one pool.
+// splits rows across threads and calls the kernels of the instruction-set variant chosen at load
+// time. The split is kiln's work-claiming pool (parallel.h), not at::parallel_for: OpenMP's
+// static split and barrier stall every op on a thread that another process has descheduled.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/ones.h>
@@ -23,6 +23,7 @@
 
 #include "../ops_impl.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace kiln {
 namespace {
@@ -161,7 +162,7 @@ struct CpuBackend {
                            int64_t sx, const void* res, int64_t sres, void* ro, int64_t sro,
                            const void* w, void* out, int64_t so) {
     const Kernels& k = active();
-    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
       k.add_rms_norm(dt, b, e, n, eps, x, sx, res, sres, ro, sro, w, out, so);
     });
   }
@@ -180,7 +181,7 @@ struct CpuBackend {
     char* base = static_cast<char*>(parts.mutable_data_ptr());
     const int64_t row_bytes = n * parts.element_size();
     const Kernels& k = backward_variant(dt);
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         k.rms_norm_backward(dt, rows * t / tasks, rows * (t + 1) / tasks, n, eps, g, sg, z, sz, w,
                             gres, sgr, gz, sgz, base + t * row_bytes);
@@ -192,7 +193,7 @@ struct CpuBackend {
   static void silu_and_mul(DType dt, int64_t rows, int64_t d, const void* x, int64_t sx,
                            void* out, int64_t so) {
     const Kernels& k = active();
-    at::parallel_for(0, rows, grain_rows(3 * d), [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, rows, grain_rows(3 * d), [&](int64_t b, int64_t e) {
       k.silu_and_mul(dt, b, e, d, x, sx, out, so);
     });
   }
@@ -200,7 +201,7 @@ struct CpuBackend {
   static void silu_and_mul_backward(DType dt, int64_t rows, int64_t d, const void* g, int64_t sg,
                                     const void* x, int64_t sx, void* gx, int64_t sgx) {
     const Kernels& k = active();
-    at::parallel_for(0, rows, grain_rows(5 * d), [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, rows, grain_rows(5 * d), [&](int64_t b, int64_t e) {
       k.silu_and_mul_backward(dt, b, e, d, g, sg, x, sx, gx, sgx);
     });
   }
@@ -215,7 +216,7 @@ struct CpuBackend {
                      int64_t s_cache, bool neox, bool inverse) {
     (void)max_pos;  // checked by check_positions before
     const Kernels& kern = active();
-    at::parallel_for(0, tokens, grain_rows(2 * (nq + nk) * rot), [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, tokens, grain_rows(2 * (nq + nk) * rot), [&](int64_t b, int64_t e) {
       kern.rotary(dt, b, e, positions, q, sq_tok, sq_head, nq, k, sk_tok, sk_head, nk, rot, cache,
                   s_cache, neox, inverse);
     });
@@ -228,7 +229,7 @@ struct CpuBackend {
     const int64_t blocks = (N + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, 4 * K));
     const Kernels& k = active();
-    at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
       k.int8_linear(dt, 4 * b, std::min(N, 4 * e), M, K, x, w, sw, scale, bias, out, so);
     });
   }
@@ -321,7 +322,7 @@ void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t ou
     const void* wp = pc.const_data_ptr();
     const float* sp = sc.defined() ? sc.const_data_ptr<float>() : nullptr;
     float* op = o.mutable_data_ptr<float>();
-    at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
       k.panel_linear(b, e, M, K, out_features, xp, K, wt, wp, sp, op, out_features);
     });
   });
@@ -403,7 +404,7 @@ void w8a8_linear_into(const at::Tensor& x, const at::Tensor& panels, const at::T
   float* sp = xs.data();
   const float* xp = xc.const_data_ptr<float>();
   const int64_t sx = xc.stride(0);
-  at::parallel_for(0, M, grain_rows(K), [&](int64_t b, int64_t e) {
+  cpu::parallel_for(0, M, grain_rows(K), [&](int64_t b, int64_t e) {
     k.quantize_rows(b, e, K, kp, xp, sx, qp, sp);
   });
   // Whole panels per task, at least ~256 Ki multiply-adds each (outputs are independent, so
@@ -415,7 +416,7 @@ void w8a8_linear_into(const at::Tensor& x, const at::Tensor& panels, const at::T
     const int32_t* sump = sc.const_data_ptr<int32_t>();
     const float* wsp = wc.const_data_ptr<float>();
     float* op = o.mutable_data_ptr<float>();
-    at::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, panels.size(0), grain, [&](int64_t b, int64_t e) {
       k.w8a8_panels(b, e, M, kp, out_features, qp, sp, wp, sump, wsp, op, out_features);
     });
   });
@@ -549,7 +550,7 @@ void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   const Kernels& kern = active();
   // The kernel takes any token and head strides; head_dim must be contiguous.
   into_out(out, out.stride(2) == 1, [&](const at::Tensor& o) {
-    at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, units, grain, [&](int64_t b, int64_t e) {
       // Scores, kept per thread across calls: no allocation once it has grown.
       thread_local std::vector<float> scratch;
       const size_t need = static_cast<size_t>((e - b) * group * longest);
