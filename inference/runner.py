@@ -4,6 +4,8 @@ sequences) and samples their tokens."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -221,6 +223,8 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs_captured = self.decoder.capture_graphs()
             self.model_info["cuda_graphs"] = self.graphs_captured
+        # The load's and warm-up's freed scratch back to the OS, where malloc kept it.
+        trim_heap()
         self.memory = memory_figures(self.decoder, rss_before_weights=before)
         log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(
@@ -493,6 +497,17 @@ def process_memory() -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def trim_heap() -> bool:
+    """Returns malloc's free memory to the OS (glibc's `malloc_trim(0)`: free pages anywhere in
+    its heaps, not only at the top); False where the C library has no such call."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def memory_figures(decoder: Decoder, rss_before_weights: int = 0) -> dict[str, int]:
