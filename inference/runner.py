@@ -4,8 +4,6 @@ sequences) and samples their tokens."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -31,6 +29,7 @@ from modeling.served import (
     load_to_device,
     packed_by_module,
     resolve_weight_dtype,
+    returning_scratch_to_the_os,
 )
 from modeling.tokenizer import (
     NOT_A_START,
@@ -209,22 +208,25 @@ class ModelRunner:
             "cuda_graphs": False,  # decode steps captured (below)
             "training": raw.get("training", {}),
         }
-        with torch.inference_mode():
-            self.batch_invariant = self.decoder.check_invariance()
+        # The check's outputs at each row count (the head's: [rows, vocab] float32) and the
+        # warm-up's logits would stay in malloc's heap, fragmented, resident and free (49 MiB for
+        # a 128k vocabulary at 32 rows, measured), and the peak would carry both: large blocks
+        # are mapped and unmapped on their own here, and what is free is trimmed after.
+        with returning_scratch_to_the_os():
+            with torch.inference_mode():
+                self.batch_invariant = self.decoder.check_invariance()
+            if warmup:
+                self._warm_up()
         if not self.batch_invariant:
             log.warning(
                 "decode projections are not batch-invariant on this device: greedy output may "
                 "differ in the last bits between a request alone and in a batch"
             )
-        if warmup:
-            self._warm_up()
         if graphs:
             # After check_invariance (it may replace the projections the graphs call).
             with torch.inference_mode():
                 self.graphs_captured = self.decoder.capture_graphs()
             self.model_info["cuda_graphs"] = self.graphs_captured
-        # The load's and warm-up's freed scratch back to the OS, where malloc kept it.
-        trim_heap()
         self.memory = memory_figures(self.decoder, rss_before_weights=before)
         log.info("memory: %s", memory_line(self.memory, self.model_info["weight_dtype"]))
         log.info(
@@ -497,17 +499,6 @@ def process_memory() -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def trim_heap() -> bool:
-    """Returns malloc's free memory to the OS (glibc's `malloc_trim(0)`: free pages anywhere in
-    its heaps, not only at the top); False where the C library has no such call."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def memory_figures(decoder: Decoder, rss_before_weights: int = 0) -> dict[str, int]:
