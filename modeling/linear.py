@@ -116,7 +116,8 @@ class PanelLinear:
         out: Tensor | None = None,
     ) -> None:
         panels = ops.pack_panels(weight)
-        self._setup(panels, None, None, weight.shape, max_rows, reuse_output, bias, out)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        self._setup(panels, None, None, shape, max_rows, reuse_output, bias, out)
 
     @classmethod
     def from_panels(
