@@ -113,8 +113,11 @@ class PanelLinear:
         *,
         reuse_output: bool,
         bias: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> None:
-        self._setup(ops.pack_panels(weight), None, None, weight.shape, max_rows, reuse_output, bias)
+        panels = ops.pack_panels(weight)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        self._setup(panels, None, None, shape, max_rows, reuse_output, bias, out)
 
     @classmethod
     def from_panels(
@@ -128,12 +131,13 @@ class PanelLinear:
         bias: Tensor | None = None,
         sums: Tensor | None = None,
         in_features: int | None = None,
+        out: Tensor | None = None,
     ) -> PanelLinear:
         """Over weights already packed: `kernels.reference.pack_panels` (int8 weight-only with
         `scale`), or `pack_int8_panels` with `sums`, `scale` and `in_features` (W8A8)."""
         self = cls.__new__(cls)
         k = int(panels.shape[1]) if in_features is None else in_features
-        self._setup(panels, scale, sums, (out_features, k), max_rows, reuse_output, bias)
+        self._setup(panels, scale, sums, (out_features, k), max_rows, reuse_output, bias, out)
         return self
 
     def _setup(
@@ -145,6 +149,7 @@ class PanelLinear:
         max_rows: int,
         reuse_output: bool,
         bias: Tensor | None,
+        out: Tensor | None = None,
     ) -> None:
         self.bias = bias
         self.buckets: list[int] = []  # no padded row counts
@@ -153,7 +158,17 @@ class PanelLinear:
         self.max_rows = max_rows
         # With reuse_output a call returns a view of one buffer that the next call overwrites
         # (the projections inside a step); without, a new tensor (the logits a step returns).
-        self._out = torch.empty(max_rows, self.out_features) if reuse_output else None
+        # `out` [max_rows, out_features]: that buffer given, shared with other projections whose
+        # output is consumed before this one writes (the same projection in every layer).
+        if out is not None and (not reuse_output or tuple(out.shape) != (max_rows, shape[0])):
+            raise ValueError(
+                f"out must be a [{max_rows}, {shape[0]}] buffer, with reuse_output, "
+                f"got {tuple(out.shape)}"
+            )
+        if not reuse_output:
+            self._out = None
+        else:
+            self._out = torch.empty(max_rows, shape[0]) if out is None else out
         # The call's arguments after x (and before out), fixed at load: one op call per step.
         self._args: tuple[Any, ...]
         if sums is not None:

@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import json
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -147,17 +148,28 @@ class _Mapped:
         flat = torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.base + begin)
         return flat.view(entry["shape"])
 
-    def release(self, name: str) -> None:
-        """Drops the tensor's pages from this process (they stay in the page cache)."""
-        begin, end = self.entries[name]["data_offsets"]
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drops the tensor's pages (or those of its `rows` [first, end)) from this process
+        (they stay in the page cache). The mapping is never written, so a page that also holds
+        bytes still to be read is only read again from the page cache."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        if rows is not None:
+            row_bytes = (end - begin) // max(1, int(entry["shape"][0]))
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
         start = (self.base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > begin:
             self.map.madvise(mmap.MADV_DONTNEED, start, self.base + end - start)
 
 
-def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
+def _pack(
+    parts: list[Tensor],
+    dtype: str,
+    done: Callable[[int, int, int], None] | None = None,
+) -> PackedWeight:
     """The row-stacked parts as panels of `dtype`, about CHUNK_ELEMENTS at a time (whole
-    panels of rows)."""
+    panels of rows); `done(part, first_row, end_row)` after each chunk, for the rows of each
+    part it read."""
     n = sum(p.shape[0] for p in parts)
     k = int(parts[0].shape[1])
     width = reference.PANEL_WIDTH
@@ -187,16 +199,23 @@ def _pack(parts: list[Tensor], dtype: str) -> PackedWeight:
         else:
             packed = reference.pack_panels(chunk.to(panels.dtype))
         panels[start // width : start // width + packed.shape[0]] = packed
+        del chunk, packed, pieces
+        if done is not None:
+            for i, (lo, hi) in enumerate(itertools.pairwise(offsets)):
+                if lo < end and hi > start:
+                    done(i, max(start, lo) - lo, min(end, hi) - lo)
     return PackedWeight(panels, scale, n, k, sums)
 
 
 @contextlib.contextmanager
-def _returning_scratch_to_the_os() -> Iterator[None]:
+def returning_scratch_to_the_os() -> Iterator[None]:
     """glibc malloc serves blocks under a threshold that grows to 32 MiB from its heap, and the
     packed weights allocated between the chunks' scratch pin the freed scratch there: measured
     here, 200 MB of resident memory for 54 MB of int8 weights. While packing, blocks from 1 MiB
     are mapped and unmapped on their own; after, the threshold sits at glibc's usual ceiling and
-    what is free is trimmed. Elsewhere (no glibc) nothing changes."""
+    what is free is trimmed. Elsewhere (no glibc) nothing changes. The server's load-time checks
+    and warm-up run inside it too (`inference.runner`): their [rows, vocab] logits fragment the
+    heap the same way."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     mallopt = getattr(libc, "mallopt", None)
@@ -218,7 +237,7 @@ def load_served(
     packed by parameter name, and `read_config`'s info. `weight_dtype`: float32, bfloat16, int8."""
     if weight_dtype not in PANEL_DTYPES:
         raise ValueError(f"weight dtype must be float32, bfloat16 or int8, got {weight_dtype!r}")
-    with _returning_scratch_to_the_os():
+    with returning_scratch_to_the_os():
         return _load(Path(directory), weight_dtype, max_seq_len)
 
 
@@ -285,7 +304,13 @@ def _load(
     for name, part_names in sources.items():
         parts, shape = _stored_parts(directory, part_names, where, expected[name])
         if len(shape) == 2:
-            packed[name] = _pack(parts, weight_dtype)
+            # Each chunk's source rows released once packed: a matrix's mapped pages are not
+            # all resident at once (Llama-3.2-1B's gate/up: 64 MiB of bfloat16, which was the
+            # load's peak above the weights).
+            def done(i: int, lo: int, hi: int, names: list[str] = part_names) -> None:
+                where[names[i]].release(names[i], (lo, hi))
+
+            packed[name] = _pack(parts, weight_dtype, done)
             state[name] = torch.empty(0)
         else:
             state[name] = (
