@@ -3,6 +3,7 @@
     python -m kernels.bench                  # every op, rows 1 / 64 / 2048 of 4096, fp32 and bf16
     python -m kernels.bench --ops fused_add_rms_norm_ --no-compile
     python -m kernels.bench --alloc          # allocating vs `out` forms, glibc malloc vs tcmalloc
+    python -m kernels.bench --weight-dtypes 1  # served projections per weight dtype, 1B shape
     python -m kernels.bench --device cuda    # the CUDA kernels (GPU time from CUDA events)
 
 Each time is the best of five batches, the candidates of a row measured in turn (the machines
@@ -534,6 +535,91 @@ def run_decode_ops(budget: float) -> None:
         )
 
 
+# The Llama-3.2-1B shape's matrices [out, in] as modeling/served.py packs them (q, k, v stacked;
+# gate and up stacked), 16 layers, and its 128,256-token head.
+LLAMA_1B_LAYERS = 16
+LLAMA_1B_WEIGHTS = {
+    "qkv": (3072, 2048),
+    "o": (2048, 2048),
+    "gate_up": (16384, 2048),
+    "down": (2048, 8192),
+    "head": (128256, 2048),
+}
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of summing a 512 MiB float32 buffer, best of five: the measure inference.bench
+    judges decode against (same method, so the shares below compare with its table)."""
+    buf = torch.ones(128 * 2**20)
+    buf.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def _weight_case(n: int, k: int, rows: int, budget: float) -> dict[str, tuple[float, int]]:
+    """(seconds per call, weight bytes read) of each served weight dtype on one matrix."""
+    w, x = torch.randn(n, k), torch.randn(rows, k)
+    f32 = ops.pack_panels(w)
+    bf16 = ops.pack_panels(w.to(torch.bfloat16))
+    q, scale = ops.quantize_int8(w)
+    del w  # the 1B head is 1 GB in float32: keep at most one copy alive besides the panels
+    i8 = ops.pack_panels(q)
+    i8_groups, sums = ops.pack_int8_panels(q)
+    del q
+    panel = torch.ops.kiln.panel_linear.default
+    w8a8 = torch.ops.kiln.w8a8_linear.default
+    cases: dict[str, tuple[Fn, int]] = {
+        "float32": (lambda: panel(x, f32, n), f32.nbytes),
+        "bfloat16": (lambda: panel(x, bf16, n), bf16.nbytes),
+        "int8 panels": (lambda: panel(x, i8, n, scale), i8.nbytes + scale.nbytes),
+        "int8 w8a8": (
+            lambda: w8a8(x, i8_groups, sums, scale, n),
+            i8_groups.nbytes + sums.nbytes + scale.nbytes,
+        ),
+    }
+    t = best_times({c: (fn, None) for c, (fn, _) in cases.items()}, budget)
+    return {c: (t[c], nbytes) for c, (_, nbytes) in cases.items()}
+
+
+def run_weight_dtypes(budget: float, rows: int) -> None:
+    """The served projections alone, per weight dtype, on the 1B shape's matrices: float32,
+    bfloat16 and weight-only int8 panels (panel_linear) and W8A8 (w8a8_linear). Weight bytes
+    over time against the machine's read bandwidth: at one row each should be bound by it."""
+    bandwidth = read_bandwidth()
+    print(
+        f"\n## weight dtypes: x [{rows}, K] @ W.T on the Llama-3.2-1B shape's matrices; read "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s (sum of 512 MiB, {torch.get_num_threads()} "
+        f"threads), load average {os.getloadavg()[0]:.2f}"
+    )
+    print("| W [out, in] | weights | us | weight GB/s | x bandwidth |")
+    print("|---|---|---|---|---|")
+    per_token: dict[str, float] = {}
+    token_bytes: dict[str, int] = {}
+    for name, (n, k) in LLAMA_1B_WEIGHTS.items():
+        count = 1 if name == "head" else LLAMA_1B_LAYERS
+        for c, (seconds, nbytes) in _weight_case(n, k, rows, budget).items():
+            rate = nbytes / seconds
+            print(
+                f"| [{n}, {k}] | {c} | {us(seconds)} | {rate / 1e9:.1f} | {rate / bandwidth:.2f} |",
+                flush=True,
+            )
+            per_token[c] = per_token.get(c, 0.0) + count * seconds
+            token_bytes[c] = token_bytes.get(c, 0) + count * nbytes
+    print(
+        f"\nPer token ({LLAMA_1B_LAYERS} layers + head, projections only; x bandwidth = "
+        "weight bytes per token / time / bandwidth):"
+    )
+    print("| weights | ms | x bandwidth |")
+    print("|---|---|---|")
+    for c, seconds in per_token.items():
+        share = token_bytes[c] / seconds / bandwidth
+        print(f"| {c} | {seconds * 1e3:.1f} | {share:.2f} |")
+
+
 def run_alloc(budget: float) -> str:
     """The allocating functional forms against the `out` forms at [2048, 4096] fp32."""
     x, r = rand(2048, HIDDEN, dt=torch.float32), rand(2048, HIDDEN, dt=torch.float32)
@@ -579,6 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
     parser.add_argument("--alloc", action="store_true", help="only the allocator comparison")
+    parser.add_argument(
+        "--weight-dtypes",
+        type=int,
+        metavar="ROWS",
+        default=None,
+        help="only the served projections per weight dtype at ROWS rows (1B shape, ~2 GB RAM)",
+    )
     parser.add_argument("--alloc-row", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
@@ -605,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{ops.cpu_isa()} (built and supported: {', '.join(isas)}), "
         f"allocator {loaded_allocator()}, load average {load:.2f}"
     )
+    if args.weight_dtypes is not None:
+        run_weight_dtypes(args.budget, args.weight_dtypes)
+        return 0
     if args.alloc:
         print(
             "\n## per-call allocation: functional (new outputs) vs `out` forms, [2048, 4096] fp32"

@@ -105,6 +105,31 @@ def test_panel_linear_with_narrow_weights_matches_the_reference(
     assert torch.equal(out, got)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("n_k", [(1, 3), (31, 17), (100, 33), (130, 64), (257, 129)], ids=str)
+def test_bfloat16_panels_give_the_bits_of_float32_panels_of_the_same_values(
+    kops: Any, cpu_variant: str, m: int, n_k: tuple[int, int]
+) -> None:
+    """bfloat16 panels are widened two vectors at a time, even and odd columns apart, and put
+    back in order once per tile: each output must still be the very chain of multiply-adds that
+    float32 panels holding the same values compute (bit for bit, every column, partial tiles)."""
+    n, k = n_k
+    x = randn(m, k, seed=21)
+    w = randn(n, k, seed=22).bfloat16()
+    got = torch.ops.kiln.panel_linear(x, ref.pack_panels(w), n)
+    want = torch.ops.kiln.panel_linear(x, ref.pack_panels(w.float()), n)
+    assert torch.equal(got, want)
+
+
+def test_opcheck_with_bfloat16_panels(kops: Any) -> None:
+    """Registration with the bfloat16 weights serving uses (the shared opcheck uses float32)."""
+    panels = ref.pack_panels(randn(70, 16, seed=23).bfloat16())
+    torch.library.opcheck(torch.ops.kiln.panel_linear.default, (randn(3, 16, seed=24), panels, 70))
+    out = torch.empty(3, 70)
+    args = (randn(3, 16, seed=24), panels, 70, out)
+    torch.library.opcheck(torch.ops.kiln.panel_linear_out.default, args)
+
+
 @pytest.mark.parametrize("wtype", ["bfloat16", "int8"])
 def test_panel_linear_with_narrow_weights_is_batch_invariant(
     kops: Any, cpu_variant: str, wtype: str

@@ -508,7 +508,6 @@ typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
 // float32's top half, so the conversion is exact), int8 converted (exact; its scale is applied
 // to the finished sum). Each weight type gives the same chain of fused multiply-adds per output.
 typedef int8_t vint8 __attribute__((vector_size(kVec)));
-typedef uint16_t vu16 __attribute__((vector_size(kVec * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kVec * sizeof(uint32_t))));
 typedef int32_t vi32 __attribute__((vector_size(kVec * sizeof(int32_t))));
 
@@ -518,13 +517,47 @@ inline vfloat load_weights(const float* w) {
   return v;
 }
 
-inline vfloat load_weights(const uint16_t* w) {
-  vu16 h;
-  __builtin_memcpy(&h, w, sizeof(h));
-  const vu32 bits = __builtin_convertvector(h, vu32) << 16;
-  vfloat v;
-  __builtin_memcpy(&v, &bits, sizeof(v));
-  return v;
+// 2 kVec bfloat16 weights (columns c .. c + 2 kVec) as two vectors of float32 without any
+// shuffle: read as kVec 32-bit lanes, lane l holds column c + 2l in its low half and c + 2l + 1
+// in its high half (little-endian), so `<< 16` gives the even columns and `& 0xffff0000` the odd
+// ones, both exact. Widening 16 bfloat16 in order is a zero-extension across 128-bit lanes, which
+// gcc 12 emitted as 4 shuffle uops per 16 weights on AVX-512 (vpmovzxwd ymm x2, vextracti128,
+// vinserti64x4): they all compete for the one shuffle port, which bound one-row bf16 panels
+// below the memory bandwidth. Here: one load, one shift, one and per 2 kVec weights.
+inline void load_bf16_pair(const uint16_t* w, vfloat& even, vfloat& odd) {
+  vu32 bits;
+  __builtin_memcpy(&bits, w, sizeof(bits));
+  const vu32 lo = bits << 16;
+  const vu32 hi = bits & 0xffff0000u;
+  __builtin_memcpy(&even, &lo, sizeof(even));
+  __builtin_memcpy(&odd, &hi, sizeof(odd));
+}
+
+// The inverse of load_bf16_pair's de-interleave, on finished sums: even holds columns 0, 2, ..,
+// odd 1, 3, .. of 2 kVec; lo gets columns [0, kVec), hi [kVec, 2 kVec).
+// (Preprocessor branches: a discarded `if constexpr` outside a template is still checked, and
+// the 16-lane indices are out of range for 8 lanes.)
+inline void interleave_pair(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
+#if KILN_VEC_FLOATS == 16
+  lo = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  hi = __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15,
+                               31);
+#elif KILN_VEC_FLOATS == 8
+  lo = __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11);
+  hi = __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+  float e[kVec], o[kVec], a[kVec], b[kVec];
+  __builtin_memcpy(e, &even, sizeof(e));
+  __builtin_memcpy(o, &odd, sizeof(o));
+  for (int m = 0; m < kVec / 2; ++m) {
+    a[2 * m] = e[m];
+    a[2 * m + 1] = o[m];
+    b[2 * m] = e[kVec / 2 + m];
+    b[2 * m + 1] = o[kVec / 2 + m];
+  }
+  __builtin_memcpy(&lo, a, sizeof(lo));
+  __builtin_memcpy(&hi, b, sizeof(hi));
+#endif
 }
 
 inline vfloat load_weights(const int8_t* w) {
@@ -553,6 +586,11 @@ inline vfloat load_weights(const int8_t* w) {
   return __builtin_convertvector(__builtin_convertvector(b, vi32), vfloat);
 }
 
+// bfloat16 panels go through load_bf16_pair (two vectors at a time).
+template <typename W> constexpr bool kSplitBf16 = false;
+template <> constexpr bool kSplitBf16<uint16_t> = true;
+static_assert(kTileVecs % 2 == 0, "bfloat16 panels load tile vectors in pairs");
+
 // R rows x kTileCols columns: w points at the tile's first column in its panel (row stride
 // kPanelWidth); `cols` of the tile's columns are stored (fewer in the last panel), each times
 // its scale where scale is not null (int8 weights).
@@ -568,13 +606,32 @@ inline void panel_tile(int64_t K, const float* x, int64_t sx, const W* w, const 
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * kPanelWidth;
     vfloat wv[kTileVecs];
+    if constexpr (kSplitBf16<W>) {
+      // wv[2i], wv[2i + 1]: the even and odd columns of tile columns [2i kVec, (2i + 2) kVec).
 #pragma GCC unroll 8
-    for (int j = 0; j < kTileVecs; ++j) wv[j] = load_weights(wk + j * kVec);
+      for (int i = 0; i < kTileVecs / 2; ++i) {
+        load_bf16_pair(wk + 2 * i * kVec, wv[2 * i], wv[2 * i + 1]);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVecs; ++j) wv[j] = load_weights(wk + j * kVec);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * sx + k];
 #pragma GCC unroll 8
       for (int j = 0; j < kTileVecs; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+  if constexpr (kSplitBf16<W>) {
+    // Back to column order; each output is still its own chain of multiply-adds over k in
+    // order, so the bits are those of the one-vector widening, at every row count.
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int i = 0; i < kTileVecs / 2; ++i) {
+        interleave_pair(acc[r][2 * i], acc[r][2 * i + 1], acc[r][2 * i], acc[r][2 * i + 1]);
+      }
     }
   }
   if (scale != nullptr) {
