@@ -188,18 +188,14 @@ def build_shape(name: str, cache: Path) -> Path:
 
 
 def read_bandwidth(threads: int) -> float:
-    """Bytes/s of summing a 512 MiB float32 buffer, best of five (with `threads` threads)."""
+    """Bytes/s of summing a 512 MiB float32 buffer, best of five (with `threads` threads):
+    `kernels.bench.read_bandwidth`, so the kernels' shares and this table's compare."""
     import torch
 
+    from kernels.bench import read_bandwidth as summed_bandwidth
+
     torch.set_num_threads(threads)
-    buf = torch.ones(128 * 2**20)
-    buf.sum()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
+    return summed_bandwidth()
 
 
 def prompts(count: int, vocab: int) -> list[list[int]]:

@@ -199,21 +199,32 @@ def test_peak_memory_is_within_the_bound(tmp_path: Path, weight_dtype: str) -> N
         tie_word_embeddings=False,
     )
     directory = tmp_path / "m"
+    m = _memory_in_a_fresh_process(cfg, directory, MEMORY_SCRIPT, weight_dtype)
+    stored = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    assert m["weights"] < stored if weight_dtype == "int8" else m["weights"] >= stored * 0.99
+    bound = 1.1 * m["weights"] + m["kv_cache"] + 400 * 2**20
+    assert 0 < m["peak_rss"] <= bound, (m, bound)
+
+
+def _memory_in_a_fresh_process(
+    cfg: Any, directory: Path, script: str, weight_dtype: str
+) -> dict[str, Any]:
+    """Saves a random-weight model of `cfg` (transformers) with a byte tokenizer into
+    `directory`, runs `script` on it in a fresh Python and returns the JSON it printed last."""
+    import transformers as tf
+
     tf.LlamaForCausalLM(cfg).save_pretrained(directory)
     (directory / "tokenizer.json").write_text(_byte_tokenizer_json())
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(directory), weight_dtype],
+        [sys.executable, "-c", script, str(directory), weight_dtype],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    m: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    stored = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-    assert m["weights"] < stored if weight_dtype == "int8" else m["weights"] >= stored * 0.99
-    bound = 1.1 * m["weights"] + m["kv_cache"] + 400 * 2**20
-    assert 0 < m["peak_rss"] <= bound, (m, bound)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 GROWTH_SCRIPT = """
@@ -257,18 +268,7 @@ def test_load_and_warm_up_add_little_beyond_weights_and_cache(
         max_position_embeddings=512,
         tie_word_embeddings=True,
     )
-    directory = tmp_path / "m"
-    tf.LlamaForCausalLM(cfg).save_pretrained(directory)
-    (directory / "tokenizer.json").write_text(_byte_tokenizer_json())
-    out = subprocess.run(
-        [sys.executable, "-c", GROWTH_SCRIPT, str(directory), weight_dtype],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    m: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    m = _memory_in_a_fresh_process(cfg, tmp_path / "m", GROWTH_SCRIPT, weight_dtype)
     growth = m["peak_rss"] - m["start"]
     logits = 32 * cfg.vocab_size * 4
     allowance = 2 * logits + 64 * 2**20
